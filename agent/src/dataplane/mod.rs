@@ -1,0 +1,490 @@
+//! The eBPF dataplane: loading the embedded object, attaching it to interfaces, and the pinned
+//! maps it shares with userspace. This module is the only code that touches eBPF objects.
+//!
+//! Attachments outlive the process: each XDP link is pinned, so a restart (or a one-shot CLI
+//! command) leaves traffic handled. New objects are pinned only once the attach has worked,
+//! so a refused attach leaves nothing behind.
+
+mod pins;
+mod vips;
+
+use std::{io, os::unix::fs::MetadataExt as _, path::PathBuf};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{MapError, MapInfo, MapType},
+    pin::PinError,
+    programs::{
+        ProgramError, Xdp, XdpMode,
+        links::{FdLink, Link as _, LinkError, PinnedLink},
+        xdp::{XdpLink, XdpLinkId},
+    },
+};
+use lbagent_common::{VipConfig, VipKey, VipStats, XDP_PROGRAM, maps};
+use tracing::{info, warn};
+
+pub use pins::{PinLayout, XdpLinkPin};
+pub use vips::{VipCounters, VipTable};
+
+/// The eBPF object built by `build.rs`, with BTF.
+static EBPF_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lbagent-ebpf.o"));
+
+/// The embedded eBPF object, for tests and benchmarks that load it themselves.
+pub fn object() -> &'static [u8] {
+    EBPF_OBJECT
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DataplaneError {
+    #[error(
+        "no bpf filesystem under {} (needed for pins in {}): mount one with `mount -t bpf bpf /sys/fs/bpf`",
+        mount_point.display(),
+        pin_root.display()
+    )]
+    NoBpffs {
+        pin_root: PathBuf,
+        mount_point: PathBuf,
+    },
+    #[error("interface {name:?} does not exist")]
+    UnknownInterface { name: String },
+    #[error(
+        "interface {iface} already has an XDP program that lbagent did not attach; remove it first (`ip link set dev {iface} xdp off`)"
+    )]
+    ForeignXdpProgram { iface: String },
+    #[error("driver-mode XDP refused on {iface}: {source}")]
+    DriverModeRefused {
+        iface: String,
+        #[source]
+        source: ProgramError,
+    },
+    #[error("lbagent has no XDP program attached to {iface}")]
+    NotAttached { iface: String },
+    #[error(
+        "the dataplane is not loaded (no pinned maps in {}): attach it to an interface first with `lbagent attach IFACE`",
+        dir.display()
+    )]
+    NotLoaded { dir: PathBuf },
+    #[error(
+        "pinned map {} does not match this lbagent's layout ({detail}); remove it with `lbagent detach --all`",
+        path.display()
+    )]
+    IncompatibleMap { path: PathBuf, detail: String },
+    #[error("the address map is full ({capacity} addresses); {address} was not added")]
+    VipMapFull {
+        address: std::net::IpAddr,
+        capacity: u32,
+    },
+    #[error("loading the eBPF object: {0}")]
+    Load(#[from] aya::EbpfError),
+    #[error("eBPF program {XDP_PROGRAM}: {0}")]
+    Program(#[from] ProgramError),
+    #[error("eBPF link: {0}")]
+    Link(#[from] LinkError),
+    #[error("eBPF map {name}: {source}")]
+    Map {
+        name: &'static str,
+        #[source]
+        source: MapError,
+    },
+    #[error("pinning {}: {source}", path.display())]
+    Pin {
+        path: PathBuf,
+        #[source]
+        source: PinError,
+    },
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// How to attach to an interface.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AttachMode {
+    /// Driver (native) mode, falling back to generic mode if the driver refuses.
+    Auto,
+    /// Driver (native) mode only.
+    Driver,
+    /// Generic (skb) mode, which every interface supports.
+    Generic,
+}
+
+/// What an attach did.
+#[derive(Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Attached {
+    pub iface: String,
+    pub ifindex: u32,
+    /// `None` when an existing lbagent link had its program replaced in place (the mode of the
+    /// original attach stays).
+    pub mode: Option<AttachMode>,
+    pub replaced: bool,
+}
+
+/// The maps the object declares, with the layout each must have.
+struct MapSpec {
+    name: &'static str,
+    map_type: MapType,
+    key_size: usize,
+    value_size: usize,
+    max_entries: u32,
+}
+
+const MAP_SPECS: [MapSpec; 2] = [
+    MapSpec {
+        name: maps::VIPS,
+        map_type: MapType::Hash,
+        key_size: size_of::<VipKey>(),
+        value_size: size_of::<VipConfig>(),
+        max_entries: maps::MAX_VIPS,
+    },
+    MapSpec {
+        name: maps::VIP_STATS,
+        map_type: MapType::PerCpuHash,
+        key_size: size_of::<VipKey>(),
+        value_size: size_of::<VipStats>(),
+        max_entries: maps::MAX_VIPS,
+    },
+];
+
+/// Attaches the XDP program to `iface`, reusing the pinned maps if there are any. On an
+/// interface lbagent already serves, the program is swapped atomically inside the existing
+/// link: no packet sees the interface without a program.
+pub fn attach(pins: &PinLayout, iface: &str, mode: AttachMode) -> Result<Attached, DataplaneError> {
+    pins.check_bpffs()?;
+    let link = local_link(iface)?;
+    let ifindex = link.ifindex;
+    let maps_pinned = maps_pinned(pins)?;
+    let mut ebpf = load(pins, maps_pinned)?;
+    let program = xdp_program(&mut ebpf)?;
+
+    let link_pin = pins.xdp_link(link);
+    if link_pin.exists() {
+        let link = XdpLink::try_from(FdLink::from(PinnedLink::from_pin(&link_pin)?))?;
+        program.attach_to_link(link)?;
+        info!(
+            iface,
+            ifindex, "replaced the XDP program in lbagent's existing link"
+        );
+        return Ok(Attached {
+            iface: iface.to_owned(),
+            ifindex,
+            mode: None,
+            replaced: true,
+        });
+    }
+
+    let (link_id, mode) = attach_new(program, iface, ifindex, mode)?;
+    let link = FdLink::try_from(program.take_link(link_id)?)?;
+
+    // Pin the new objects; if any pin fails, remove the ones made so far. Dropping the
+    // unpinned link then detaches the program, so a failure leaves the kernel as it was.
+    let mut made = Rollback::default();
+    create_dir(pins.links_dir(), &mut made)?;
+    if !maps_pinned {
+        for spec in &MAP_SPECS {
+            let path = pins.map(spec.name);
+            let map = ebpf.map(spec.name).ok_or(DataplaneError::Map {
+                name: spec.name,
+                source: MapError::InvalidName {
+                    name: spec.name.to_owned(),
+                },
+            })?;
+            map.pin(&path).map_err(|source| DataplaneError::Pin {
+                path: path.clone(),
+                source,
+            })?;
+            made.paths.push(path);
+        }
+    }
+    link.pin(&link_pin).map_err(|source| DataplaneError::Pin {
+        path: link_pin.clone(),
+        source,
+    })?;
+    made.commit();
+    info!(iface, ifindex, ?mode, "attached XDP program");
+    Ok(Attached {
+        iface: iface.to_owned(),
+        ifindex,
+        mode: Some(mode),
+        replaced: false,
+    })
+}
+
+/// What a detach did.
+#[derive(Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Detached {
+    /// The links removed.
+    pub links: Vec<XdpLinkPin>,
+    /// Whether the maps went too (they go with the last link).
+    pub maps_removed: bool,
+}
+
+/// Detaches lbagent's program from `iface`. When no interface is left, the maps and the pin
+/// directory go too, so nothing of lbagent stays in the kernel.
+pub fn detach(pins: &PinLayout, iface: &str) -> Result<Detached, DataplaneError> {
+    pins.check_bpffs()?;
+    let link = local_link(iface)?;
+    let link_pin = pins.xdp_link(link);
+    if !link_pin.exists() {
+        return Err(DataplaneError::NotAttached {
+            iface: iface.to_owned(),
+        });
+    }
+    unpin_link(&link_pin)?;
+    info!(iface, ifindex = link.ifindex, "detached XDP program");
+    let maps_removed = pins.pinned_xdp_links()?.is_empty() && remove_maps(pins)?;
+    Ok(Detached {
+        links: vec![link],
+        maps_removed,
+    })
+}
+
+/// Detaches every lbagent link, including those of interfaces that no longer exist, and
+/// removes the maps and the pin directories.
+pub fn detach_all(pins: &PinLayout) -> Result<Detached, DataplaneError> {
+    pins.check_bpffs()?;
+    let links = pins.pinned_xdp_links()?;
+    for link in &links {
+        unpin_link(&pins.xdp_link(*link))?;
+        info!(
+            netns = link.netns,
+            ifindex = link.ifindex,
+            "detached XDP program"
+        );
+    }
+    let maps_removed = remove_maps(pins)?;
+    Ok(Detached {
+        links,
+        maps_removed,
+    })
+}
+
+fn load(pins: &PinLayout, reuse_pinned_maps: bool) -> Result<Ebpf, DataplaneError> {
+    let mut loader = EbpfLoader::new();
+    let paths: Vec<_> = MAP_SPECS
+        .iter()
+        .map(|spec| (spec.name, pins.map(spec.name)))
+        .collect();
+    if reuse_pinned_maps {
+        for (name, path) in &paths {
+            loader.map_pin_path(name, path.as_path());
+        }
+    }
+    Ok(loader.load(EBPF_OBJECT)?)
+}
+
+fn xdp_program(ebpf: &mut Ebpf) -> Result<&mut Xdp, DataplaneError> {
+    let program: &mut Xdp = ebpf
+        .program_mut(XDP_PROGRAM)
+        .ok_or_else(|| ProgramError::InvalidName {
+            name: XDP_PROGRAM.to_owned(),
+        })?
+        .try_into()?;
+    program.load()?;
+    Ok(program)
+}
+
+fn attach_new(
+    program: &mut Xdp,
+    iface: &str,
+    ifindex: u32,
+    mode: AttachMode,
+) -> Result<(XdpLinkId, AttachMode), DataplaneError> {
+    let foreign = |err: ProgramError| {
+        if is_busy(&err) {
+            DataplaneError::ForeignXdpProgram {
+                iface: iface.to_owned(),
+            }
+        } else {
+            DataplaneError::Program(err)
+        }
+    };
+    match mode {
+        AttachMode::Generic => program
+            .attach_to_if_index(ifindex, XdpMode::Skb)
+            .map(|id| (id, AttachMode::Generic))
+            .map_err(foreign),
+        AttachMode::Driver => match program.attach_to_if_index(ifindex, XdpMode::Driver) {
+            Ok(id) => Ok((id, AttachMode::Driver)),
+            Err(err) if is_busy(&err) => Err(foreign(err)),
+            Err(source) => Err(DataplaneError::DriverModeRefused {
+                iface: iface.to_owned(),
+                source,
+            }),
+        },
+        AttachMode::Auto => match program.attach_to_if_index(ifindex, XdpMode::Driver) {
+            Ok(id) => Ok((id, AttachMode::Driver)),
+            Err(err) if is_busy(&err) => Err(foreign(err)),
+            Err(err) => {
+                warn!(
+                    iface,
+                    error = %err,
+                    "driver-mode XDP refused; falling back to generic mode"
+                );
+                program
+                    .attach_to_if_index(ifindex, XdpMode::Skb)
+                    .map(|id| (id, AttachMode::Generic))
+                    .map_err(foreign)
+            }
+        },
+    }
+}
+
+/// EBUSY: a program is attached in the same mode; EEXIST: one is attached in the other mode.
+fn is_busy(err: &ProgramError) -> bool {
+    let code = match err {
+        ProgramError::SyscallError(err) => err.io_error.raw_os_error(),
+        _ => None,
+    };
+    matches!(code, Some(libc::EBUSY) | Some(libc::EEXIST))
+}
+
+/// Whether the maps are pinned, after checking that each pinned one has the layout this
+/// program expects (aya reuses a pinned map without looking at it).
+fn maps_pinned(pins: &PinLayout) -> Result<bool, DataplaneError> {
+    let mut pinned = 0;
+    for spec in &MAP_SPECS {
+        let path = pins.map(spec.name);
+        if !path.exists() {
+            continue;
+        }
+        pinned += 1;
+        let info = MapInfo::from_pin(&path).map_err(|source| DataplaneError::Map {
+            name: spec.name,
+            source,
+        })?;
+        let found = (
+            info.map_type().ok(),
+            info.key_size() as usize,
+            info.value_size() as usize,
+            info.max_entries(),
+        );
+        let expected = (
+            Some(spec.map_type),
+            spec.key_size,
+            spec.value_size,
+            spec.max_entries,
+        );
+        if found != expected {
+            return Err(DataplaneError::IncompatibleMap {
+                path,
+                detail: format!(
+                    "type/key/value/entries {:?}/{}/{}/{}, expected {:?}/{}/{}/{}",
+                    found.0,
+                    found.1,
+                    found.2,
+                    found.3,
+                    expected.0,
+                    expected.1,
+                    expected.2,
+                    expected.3
+                ),
+            });
+        }
+    }
+    match pinned {
+        0 => Ok(false),
+        n if n == MAP_SPECS.len() => Ok(true),
+        _ => Err(DataplaneError::IncompatibleMap {
+            path: pins.dir(),
+            detail: "only some of the maps are pinned".to_owned(),
+        }),
+    }
+}
+
+fn unpin_link(path: &std::path::Path) -> Result<(), DataplaneError> {
+    // Closing the last reference after the unpin detaches the program.
+    let link = PinnedLink::from_pin(path)?
+        .unpin()
+        .map_err(|source| DataplaneError::Io {
+            path: path.to_owned(),
+            source,
+        })?;
+    link.detach()?;
+    Ok(())
+}
+
+/// Removes the map pins and every directory lbagent made, keeping any other layout version.
+fn remove_maps(pins: &PinLayout) -> Result<bool, DataplaneError> {
+    let mut removed = false;
+    for spec in &MAP_SPECS {
+        let path = pins.map(spec.name);
+        match std::fs::remove_file(&path) {
+            Ok(()) => removed = true,
+            Err(err) if err.kind() == io::ErrorKind::NotFound => {}
+            Err(source) => return Err(DataplaneError::Io { path, source }),
+        }
+    }
+    for dir in [pins.links_dir(), pins.dir(), pins.root().to_path_buf()] {
+        match std::fs::remove_dir(&dir) {
+            Ok(()) => {}
+            Err(err)
+                if matches!(
+                    err.kind(),
+                    io::ErrorKind::NotFound | io::ErrorKind::DirectoryNotEmpty
+                ) => {}
+            Err(source) => return Err(DataplaneError::Io { path: dir, source }),
+        }
+    }
+    Ok(removed)
+}
+
+/// `iface` in this process's network namespace.
+fn local_link(iface: &str) -> Result<XdpLinkPin, DataplaneError> {
+    let ifindex =
+        nix::net::if_::if_nametoindex(iface).map_err(|_| DataplaneError::UnknownInterface {
+            name: iface.to_owned(),
+        })?;
+    let ns_path = "/proc/self/ns/net";
+    let netns = std::fs::metadata(ns_path)
+        .map_err(|source| DataplaneError::Io {
+            path: ns_path.into(),
+            source,
+        })?
+        .ino();
+    Ok(XdpLinkPin { netns, ifindex })
+}
+
+fn create_dir(path: PathBuf, made: &mut Rollback) -> Result<(), DataplaneError> {
+    let mut missing: Vec<PathBuf> = path
+        .ancestors()
+        .take_while(|dir| !dir.exists())
+        .map(PathBuf::from)
+        .collect();
+    std::fs::create_dir_all(&path).map_err(|source| DataplaneError::Io { path, source })?;
+    // Remove innermost first on rollback.
+    missing.reverse();
+    made.dirs.extend(missing);
+    Ok(())
+}
+
+/// Pins and directories made by an attach in progress; removed unless committed.
+#[derive(Default)]
+struct Rollback {
+    paths: Vec<PathBuf>,
+    dirs: Vec<PathBuf>,
+}
+
+impl Rollback {
+    fn commit(&mut self) {
+        self.paths.clear();
+        self.dirs.clear();
+    }
+}
+
+impl Drop for Rollback {
+    fn drop(&mut self) {
+        for path in self.paths.drain(..) {
+            if let Err(err) = std::fs::remove_file(&path) {
+                warn!(path = %path.display(), %err, "rollback: cannot remove pin");
+            }
+        }
+        for dir in self.dirs.drain(..).rev() {
+            let _ = std::fs::remove_dir(&dir);
+        }
+    }
+}

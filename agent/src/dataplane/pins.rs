@@ -1,0 +1,168 @@
+//! Where lbagent keeps its objects on bpffs.
+//!
+//! ```text
+//! <root>/v<N>/LB_VIPS            maps, named as the eBPF object names them
+//! <root>/v<N>/LB_VIP_STATS
+//! <root>/v<N>/links/xdp_ns<netns inode>_if<ifindex>   one XDP link per interface
+//! ```
+//! `N` is [`PIN_LAYOUT_VERSION`]: a program with another map layout gets another directory
+//! and never opens these maps.
+
+use std::{
+    io,
+    path::{Path, PathBuf},
+};
+
+use lbagent_common::PIN_LAYOUT_VERSION;
+
+use super::DataplaneError;
+
+/// `BPF_FS_MAGIC` from linux/magic.h.
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+#[derive(Clone, Debug)]
+pub struct PinLayout {
+    root: PathBuf,
+}
+
+impl PinLayout {
+    pub const DEFAULT_ROOT: &'static str = "/sys/fs/bpf/lbagent";
+
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        Self { root: root.into() }
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn dir(&self) -> PathBuf {
+        self.root.join(format!("v{PIN_LAYOUT_VERSION}"))
+    }
+
+    pub fn map(&self, name: &str) -> PathBuf {
+        self.dir().join(name)
+    }
+
+    pub fn links_dir(&self) -> PathBuf {
+        self.dir().join("links")
+    }
+
+    /// Named by ifindex, not name, since an interface can be renamed under a live link; and by
+    /// network namespace, since ifindexes repeat across namespaces and bpffs is shared by all.
+    pub fn xdp_link(&self, link: XdpLinkPin) -> PathBuf {
+        self.links_dir()
+            .join(format!("xdp_ns{}_if{}", link.netns, link.ifindex))
+    }
+
+    /// Every pinned XDP link, in any network namespace.
+    pub fn pinned_xdp_links(&self) -> Result<Vec<XdpLinkPin>, DataplaneError> {
+        let dir = self.links_dir();
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(entries) => entries,
+            Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(source) => return Err(DataplaneError::Io { path: dir, source }),
+        };
+        let mut links = Vec::new();
+        for entry in entries {
+            let entry = entry.map_err(|source| DataplaneError::Io {
+                path: dir.clone(),
+                source,
+            })?;
+            let name = entry.file_name();
+            if let Some(link) = name.to_str().and_then(XdpLinkPin::parse) {
+                links.push(link);
+            }
+        }
+        links.sort_unstable();
+        Ok(links)
+    }
+
+    /// Fails unless the pin root is (or would be created) on a bpf filesystem: pins anywhere
+    /// else fail with an obscure EPERM, and a tmpfs would silently lose them.
+    pub fn check_bpffs(&self) -> Result<(), DataplaneError> {
+        let existing = self
+            .root
+            .ancestors()
+            .find(|path| path.exists())
+            .unwrap_or(Path::new("/"));
+        let on_bpffs = nix::sys::statfs::statfs(existing)
+            .map(|fs| fs.filesystem_type().0 as i64 == BPF_FS_MAGIC)
+            .unwrap_or(false);
+        if on_bpffs {
+            Ok(())
+        } else {
+            Err(DataplaneError::NoBpffs {
+                pin_root: self.root.clone(),
+                mount_point: existing.to_path_buf(),
+            })
+        }
+    }
+}
+
+/// Identifies an interface across network namespaces.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
+pub struct XdpLinkPin {
+    /// Inode of the network namespace (as `/proc/self/ns/net` shows it).
+    pub netns: u64,
+    pub ifindex: u32,
+}
+
+impl XdpLinkPin {
+    fn parse(name: &str) -> Option<Self> {
+        let (netns, ifindex) = name.strip_prefix("xdp_ns")?.split_once("_if")?;
+        Some(Self {
+            netns: netns.parse().ok()?,
+            ifindex: ifindex.parse().ok()?,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_are_versioned() {
+        let pins = PinLayout::new("/sys/fs/bpf/lbagent");
+        let version = format!("v{PIN_LAYOUT_VERSION}");
+        assert_eq!(
+            pins.map("LB_VIPS"),
+            Path::new("/sys/fs/bpf/lbagent")
+                .join(&version)
+                .join("LB_VIPS")
+        );
+        let link = XdpLinkPin {
+            netns: 4026531840,
+            ifindex: 7,
+        };
+        let path = pins.xdp_link(link);
+        assert_eq!(
+            path,
+            Path::new("/sys/fs/bpf/lbagent")
+                .join(&version)
+                .join("links/xdp_ns4026531840_if7")
+        );
+        let name = path.file_name().unwrap().to_str().unwrap();
+        assert_eq!(XdpLinkPin::parse(name), Some(link));
+        assert_eq!(XdpLinkPin::parse("xdp_7"), None);
+    }
+
+    #[test]
+    fn a_plain_directory_is_not_bpffs() {
+        let dir = std::env::temp_dir().join(format!("lbagent-pins-{}", std::process::id()));
+        let err = PinLayout::new(dir.join("lbagent"))
+            .check_bpffs()
+            .expect_err("a temp dir is not bpffs");
+        assert!(
+            matches!(&err, DataplaneError::NoBpffs { pin_root, .. } if pin_root.ends_with("lbagent")),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn no_links_directory_means_no_links() {
+        let pins = PinLayout::new("/nonexistent/lbagent");
+        assert_eq!(pins.pinned_xdp_links().unwrap(), Vec::new());
+    }
+}

@@ -1,0 +1,154 @@
+//! Hand-built Ethernet frames for BPF_PROG_TEST_RUN cases.
+
+use std::net::{Ipv4Addr, Ipv6Addr};
+
+pub const ETHERTYPE_IPV4: u16 = 0x0800;
+pub const ETHERTYPE_IPV6: u16 = 0x86dd;
+pub const ETHERTYPE_ARP: u16 = 0x0806;
+pub const ETHERTYPE_8021Q: u16 = 0x8100;
+pub const ETHERTYPE_8021AD: u16 = 0x88a8;
+
+const IPPROTO_UDP: u8 = 17;
+
+/// A frame under construction: Ethernet, then optional VLAN tags, then the L3 payload.
+#[derive(Clone, Debug)]
+pub struct Frame {
+    tags: Vec<(u16, u16)>,
+    ether_type: u16,
+    l3: Vec<u8>,
+}
+
+impl Frame {
+    /// IPv4 + UDP to `dst` port 80, with `payload` bytes of data.
+    pub fn udp4(src: Ipv4Addr, dst: Ipv4Addr, payload: usize) -> Self {
+        let udp = udp(payload);
+        let total = (20 + udp.len()) as u16;
+        let mut ip = vec![0x45, 0];
+        ip.extend_from_slice(&total.to_be_bytes());
+        ip.extend_from_slice(&[0, 1, 0x40, 0, 64, IPPROTO_UDP, 0, 0]);
+        ip.extend_from_slice(&src.octets());
+        ip.extend_from_slice(&dst.octets());
+        let checksum = ipv4_checksum(&ip);
+        ip[10..12].copy_from_slice(&checksum.to_be_bytes());
+        ip.extend_from_slice(&udp);
+        Self {
+            tags: Vec::new(),
+            ether_type: ETHERTYPE_IPV4,
+            l3: ip,
+        }
+    }
+
+    /// IPv6 + UDP to `dst` port 80, with `payload` bytes of data.
+    pub fn udp6(src: Ipv6Addr, dst: Ipv6Addr, payload: usize) -> Self {
+        let udp = udp(payload);
+        let mut ip = vec![0x60, 0, 0, 0];
+        ip.extend_from_slice(&(udp.len() as u16).to_be_bytes());
+        ip.extend_from_slice(&[IPPROTO_UDP, 64]);
+        ip.extend_from_slice(&src.octets());
+        ip.extend_from_slice(&dst.octets());
+        ip.extend_from_slice(&udp);
+        Self {
+            tags: Vec::new(),
+            ether_type: ETHERTYPE_IPV6,
+            l3: ip,
+        }
+    }
+
+    /// An ARP request: neither IPv4 nor IPv6.
+    pub fn arp() -> Self {
+        let mut arp = vec![0, 1, 8, 0, 6, 4, 0, 1];
+        arp.extend_from_slice(&[2, 0, 0, 0, 0, 1, 10, 0, 0, 1]);
+        arp.extend_from_slice(&[0, 0, 0, 0, 0, 0, 10, 0, 0, 2]);
+        Self {
+            tags: Vec::new(),
+            ether_type: ETHERTYPE_ARP,
+            l3: arp,
+        }
+    }
+
+    /// Adds a VLAN tag (outermost first) with the given TPID (0x8100 or 0x88a8).
+    pub fn tagged(mut self, tpid: u16, vlan: u16) -> Self {
+        self.tags.push((tpid, vlan));
+        self
+    }
+
+    /// Offset of the L3 header in the finished frame.
+    pub fn l3_offset(&self) -> usize {
+        14 + 4 * self.tags.len()
+    }
+
+    pub fn bytes(&self) -> Vec<u8> {
+        let mut frame = vec![0x02, 0, 0, 0, 0, 0x02, 0x02, 0, 0, 0, 0, 0x01];
+        let mut next = self.tags.iter();
+        match next.next() {
+            Some((tpid, _)) => frame.extend_from_slice(&tpid.to_be_bytes()),
+            None => frame.extend_from_slice(&self.ether_type.to_be_bytes()),
+        }
+        for (i, (_, vlan)) in self.tags.iter().enumerate() {
+            frame.extend_from_slice(&(vlan & 0x0fff).to_be_bytes());
+            let inner = self
+                .tags
+                .get(i + 1)
+                .map_or(self.ether_type, |(tpid, _)| *tpid);
+            frame.extend_from_slice(&inner.to_be_bytes());
+        }
+        frame.extend_from_slice(&self.l3);
+        frame
+    }
+}
+
+fn udp(payload: usize) -> Vec<u8> {
+    let len = (8 + payload) as u16;
+    let mut udp = Vec::with_capacity(len as usize);
+    udp.extend_from_slice(&40000u16.to_be_bytes());
+    udp.extend_from_slice(&80u16.to_be_bytes());
+    udp.extend_from_slice(&len.to_be_bytes());
+    udp.extend_from_slice(&[0, 0]);
+    udp.resize(len as usize, 0xab);
+    udp
+}
+
+fn ipv4_checksum(header: &[u8]) -> u16 {
+    let mut sum: u32 = header
+        .chunks(2)
+        .map(|pair| u32::from(u16::from_be_bytes([pair[0], pair[1]])))
+        .sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn untagged_ipv4_layout() {
+        let frame = Frame::udp4(
+            Ipv4Addr::new(10, 0, 0, 1),
+            Ipv4Addr::new(203, 0, 113, 10),
+            10,
+        );
+        let bytes = frame.bytes();
+        assert_eq!(bytes.len(), 14 + 20 + 8 + 10);
+        assert_eq!(&bytes[12..14], &[0x08, 0x00]);
+        assert_eq!(&bytes[30..34], &[203, 0, 113, 10]);
+        assert_eq!(ipv4_checksum(&bytes[14..34]), 0, "header checksum verifies");
+    }
+
+    #[test]
+    fn qinq_tags_chain_their_ethertypes() {
+        let frame = Frame::udp6(Ipv6Addr::LOCALHOST, Ipv6Addr::LOCALHOST, 0)
+            .tagged(ETHERTYPE_8021AD, 100)
+            .tagged(ETHERTYPE_8021Q, 200);
+        let bytes = frame.bytes();
+        assert_eq!(frame.l3_offset(), 22);
+        assert_eq!(&bytes[12..14], &[0x88, 0xa8]);
+        assert_eq!(&bytes[14..16], &100u16.to_be_bytes());
+        assert_eq!(&bytes[16..18], &[0x81, 0x00]);
+        assert_eq!(&bytes[18..20], &200u16.to_be_bytes());
+        assert_eq!(&bytes[20..22], &[0x86, 0xdd]);
+        assert_eq!(bytes[22] >> 4, 6);
+    }
+}

@@ -1,0 +1,316 @@
+//! Helpers for lbagent's integration tests: each is written once here and reused.
+//!
+//! Every helper that creates kernel state (namespaces, links, pins) is a guard that removes it
+//! on drop, so a failing test leaves nothing behind; every name carries the process id and a
+//! counter, so two runs (or two tests in one run) never collide.
+
+pub mod frame;
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Command, Output},
+    sync::atomic::{AtomicU32, Ordering},
+};
+
+/// A name no other test, and no concurrent run, uses: `<prefix>-<pid>-<n>`.
+pub fn unique_name(prefix: &str) -> String {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    format!(
+        "{prefix}-{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// These tests drive the real kernel; without root they cannot run, and must not pretend to.
+pub fn require_root() {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "lbagent's integration tests need root (network namespaces, XDP, bpffs); run them as root"
+    );
+}
+
+/// Runs a command and returns its output, panicking with the command line and stderr if it
+/// cannot be started.
+pub fn run(program: &str, args: &[&str]) -> Output {
+    Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|err| panic!("cannot run {program} {args:?}: {err}"))
+}
+
+/// Runs a command that must succeed; returns its stdout.
+pub fn run_ok(program: &str, args: &[&str]) -> String {
+    let output = run(program, args);
+    assert!(
+        output.status.success(),
+        "{program} {args:?} failed ({}): {}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// A network namespace, deleted on drop (which also deletes its interfaces and, with them,
+/// any XDP program attached to them).
+pub struct NetNs {
+    name: String,
+}
+
+impl NetNs {
+    pub fn new(prefix: &str) -> Self {
+        require_root();
+        let name = unique_name(prefix);
+        run_ok("ip", &["netns", "add", &name]);
+        let ns = Self { name };
+        ns.ip(&["link", "set", "lo", "up"]);
+        ns
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// `ip -n <ns> ARGS`, which must succeed.
+    pub fn ip(&self, args: &[&str]) -> String {
+        let mut full = vec!["-n", &self.name];
+        full.extend_from_slice(args);
+        run_ok("ip", &full)
+    }
+
+    /// `ip netns exec <ns> PROGRAM ARGS`.
+    pub fn exec(&self, program: &str, args: &[&str]) -> Output {
+        let mut full = vec!["netns", "exec", &self.name, program];
+        full.extend_from_slice(args);
+        run("ip", &full)
+    }
+
+    /// A command that runs in this namespace's network stack but keeps the host's mount
+    /// namespace. `ip netns exec` remounts /sys, which would hide bpffs and the pins.
+    pub fn command(&self, program: &Path) -> Command {
+        let mut command = Command::new("nsenter");
+        command
+            .arg(format!("--net=/run/netns/{}", self.name))
+            .arg("--")
+            .arg(program);
+        command
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}
+
+/// Two namespaces joined by a veth pair: `client` (eth0, 10.x.0.1, fd00:x::1) and `node`
+/// (eth0, 10.x.0.2, fd00:x::2). The node holds the given VIPs on `lo`, as it would on
+/// kube-lb0, and the client routes them to the node.
+pub struct Pair {
+    pub client: NetNs,
+    pub node: NetNs,
+}
+
+impl Pair {
+    pub const CLIENT_V4: &'static str = "10.200.0.1";
+    pub const NODE_V4: &'static str = "10.200.0.2";
+    pub const CLIENT_V6: &'static str = "fd00:200::1";
+    pub const NODE_V6: &'static str = "fd00:200::2";
+
+    pub fn new(vips: &[&str]) -> Self {
+        let client = NetNs::new("lbt-client");
+        let node = NetNs::new("lbt-node");
+        run_ok(
+            "ip",
+            &[
+                "link",
+                "add",
+                "eth0",
+                "netns",
+                client.name(),
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "eth0",
+                "netns",
+                node.name(),
+            ],
+        );
+        for (ns, v4, v6) in [
+            (&client, Self::CLIENT_V4, Self::CLIENT_V6),
+            (&node, Self::NODE_V4, Self::NODE_V6),
+        ] {
+            ns.exec("sysctl", &["-qw", "net.ipv6.conf.all.accept_dad=0"]);
+            ns.ip(&["addr", "add", &format!("{v4}/24"), "dev", "eth0"]);
+            ns.ip(&["addr", "add", &format!("{v6}/64"), "dev", "eth0", "nodad"]);
+            ns.ip(&["link", "set", "eth0", "up"]);
+        }
+        for vip in vips {
+            let (host, via) = if vip.contains(':') {
+                (format!("{vip}/128"), Self::NODE_V6)
+            } else {
+                (format!("{vip}/32"), Self::NODE_V4)
+            };
+            node.ip(&["addr", "add", &host, "dev", "lo"]);
+            client.ip(&["route", "add", &host, "via", via]);
+        }
+        Self { client, node }
+    }
+}
+
+/// A pin root of its own on bpffs, removed with everything in it on drop. Removing a link's
+/// pin detaches its program once nothing else holds it.
+pub struct PinRoot {
+    path: PathBuf,
+}
+
+impl PinRoot {
+    pub fn new() -> Self {
+        require_root();
+        ensure_bpffs();
+        Self {
+            path: Path::new(BPFFS).join(unique_name("lbagent-test")),
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn pinned_files(&self) -> Vec<PathBuf> {
+        fn walk(dir: &Path, found: &mut Vec<PathBuf>) {
+            let Ok(entries) = std::fs::read_dir(dir) else {
+                return;
+            };
+            for entry in entries.flatten() {
+                let path = entry.path();
+                if path.is_dir() {
+                    walk(&path, found);
+                } else {
+                    found.push(path);
+                }
+            }
+        }
+        let mut found = Vec::new();
+        walk(&self.path, &mut found);
+        found
+    }
+}
+
+impl Default for PinRoot {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for PinRoot {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
+}
+
+pub const BPFFS: &str = "/sys/fs/bpf";
+
+/// Mounts bpffs at /sys/fs/bpf if nothing is mounted there (as `cargo xtask setup` does).
+pub fn ensure_bpffs() {
+    let is_bpffs = nix::sys::statfs::statfs(BPFFS)
+        .map(|fs| fs.filesystem_type().0 as i64 == 0xcafe_4a11)
+        .unwrap_or(false);
+    if !is_bpffs {
+        run_ok("mount", &["-t", "bpf", "bpf", BPFFS]);
+    }
+}
+
+/// The `lbagent` binary of this build: `$LBAGENT_BIN`, or the one next to the test binary's
+/// directory (`target/<profile>/lbagent`).
+pub fn lbagent_bin() -> PathBuf {
+    if let Some(path) = std::env::var_os("LBAGENT_BIN") {
+        return PathBuf::from(path);
+    }
+    let exe = std::env::current_exe().expect("test binary path");
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("test binaries live in target/<profile>/deps");
+    let bin = profile_dir.join("lbagent");
+    assert!(
+        bin.is_file(),
+        "{} is missing: build it first with `cargo build -p lbagent` (`cargo xtask test` does)",
+        bin.display()
+    );
+    bin
+}
+
+/// Output of one `lbagent` run.
+pub struct LbagentRun {
+    pub status: std::process::ExitStatus,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl LbagentRun {
+    pub fn assert_ok(self) -> Self {
+        assert!(
+            self.status.success(),
+            "lbagent failed ({}): {}",
+            self.status,
+            self.stderr
+        );
+        self
+    }
+
+    /// The run failed with exactly one line on stderr, which contains `needle`.
+    pub fn assert_one_line_error(&self, needle: &str) {
+        assert!(
+            !self.status.success(),
+            "expected failure, got {}",
+            self.status
+        );
+        let lines: Vec<_> = self.stderr.lines().collect();
+        assert_eq!(
+            lines.len(),
+            1,
+            "expected one error line, got: {:?}",
+            self.stderr
+        );
+        assert!(
+            lines[0].starts_with("error: ") && lines[0].contains(needle),
+            "error line {:?} does not mention {needle:?}",
+            lines[0]
+        );
+    }
+}
+
+/// Runs `lbagent --pin-root PINS ARGS` inside `ns`.
+pub fn lbagent(ns: &NetNs, pins: &PinRoot, args: &[&str]) -> LbagentRun {
+    let output = ns
+        .command(&lbagent_bin())
+        .arg("--pin-root")
+        .arg(pins.path())
+        .args(args)
+        .output()
+        .expect("run lbagent");
+    LbagentRun {
+        status: output.status,
+        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+    }
+}
+
+/// The XDP program attached to `iface` in `ns`, as `ip -j link` reports it: its name and mode.
+pub fn xdp_on(ns: &NetNs, iface: &str) -> Option<(String, String)> {
+    let json = ns.ip(&["-j", "-d", "link", "show", "dev", iface]);
+    let links: serde_json::Value = serde_json::from_str(&json).expect("ip -j output");
+    let xdp = &links[0]["xdp"];
+    let mode = match xdp["mode"].as_u64()? {
+        1 => "driver",
+        2 => "generic",
+        3 => "offload",
+        _ => "multi",
+    };
+    let name = xdp["prog"]["name"].as_str().unwrap_or_default().to_owned();
+    Some((name, mode.to_owned()))
+}

@@ -1,0 +1,229 @@
+//! The XDP program run through BPF_PROG_TEST_RUN: real verifier, real maps, hand-built frames.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use aya::{
+    Ebpf, EbpfLoader, TestRun as _, TestRunOptions,
+    maps::{HashMap, PerCpuHashMap, PerCpuValues},
+    programs::Xdp,
+};
+use lbagent_common::{VipConfig, VipKey, VipStats, XDP_PROGRAM, maps};
+use lbagent_tests::{
+    frame::{ETHERTYPE_8021AD, ETHERTYPE_8021Q, Frame},
+    require_root,
+};
+
+const XDP_PASS: u32 = 2;
+const CLIENT4: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 1);
+const VIP4: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 10);
+const OTHER4: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 11);
+const CLIENT6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 1);
+const VIP6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0xff, 0, 0, 0, 0, 0x10);
+const OTHER6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0xff, 0, 0, 0, 0, 0x11);
+
+struct Harness {
+    ebpf: Ebpf,
+}
+
+impl Harness {
+    fn new(vips: &[IpAddr]) -> Self {
+        require_root();
+        let mut ebpf = EbpfLoader::new()
+            .load(lbagent::dataplane::object())
+            .expect("load object");
+        let program: &mut Xdp = ebpf
+            .program_mut(XDP_PROGRAM)
+            .expect("program")
+            .try_into()
+            .expect("xdp");
+        program.load().expect("verifier accepts the program");
+        let mut harness = Self { ebpf };
+        for vip in vips {
+            harness.add_vip(*vip);
+        }
+        harness
+    }
+
+    fn add_vip(&mut self, vip: IpAddr) {
+        let key = VipKey::from(vip);
+        let cpus = aya::util::nr_cpus().expect("cpus");
+        let mut stats: PerCpuHashMap<_, VipKey, VipStats> =
+            PerCpuHashMap::try_from(self.ebpf.map_mut(maps::VIP_STATS).expect("stats map"))
+                .expect("per-cpu hash");
+        stats
+            .insert(
+                key,
+                PerCpuValues::try_from(vec![VipStats::default(); cpus]).unwrap(),
+                0,
+            )
+            .expect("insert stats");
+        let mut vips: HashMap<_, VipKey, VipConfig> =
+            HashMap::try_from(self.ebpf.map_mut(maps::VIPS).expect("vips map")).expect("hash");
+        vips.insert(key, VipConfig::default(), 0)
+            .expect("insert vip");
+    }
+
+    /// (packets, bytes) counted for `vip`, over all CPUs.
+    fn stats(&self, vip: IpAddr) -> (u64, u64) {
+        let stats: PerCpuHashMap<_, VipKey, VipStats> =
+            PerCpuHashMap::try_from(self.ebpf.map(maps::VIP_STATS).expect("stats map"))
+                .expect("per-cpu hash");
+        stats
+            .get(&VipKey::from(vip), 0)
+            .map(|values| {
+                values
+                    .iter()
+                    .fold((0, 0), |(p, b), s| (p + s.packets, b + s.bytes))
+            })
+            .expect("stats entry exists")
+    }
+
+    fn try_run(
+        &self,
+        frame: &[u8],
+        out: &mut [u8],
+    ) -> Result<aya::TestRunResult, aya::programs::ProgramError> {
+        let program: &Xdp = self
+            .ebpf
+            .program(XDP_PROGRAM)
+            .expect("program")
+            .try_into()
+            .expect("xdp");
+        program.test_run(TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(out),
+            repeat: 1,
+            ..Default::default()
+        })
+    }
+
+    /// Runs the program once on `frame`, asserting the verdict is PASS and the frame comes
+    /// back unchanged.
+    fn run_pass(&self, frame: &[u8]) {
+        let mut out = vec![0u8; frame.len() + 256];
+        let result = self
+            .try_run(frame, &mut out)
+            .unwrap_or_else(|err| panic!("test run of a {}-byte frame: {err}", frame.len()));
+        assert_eq!(result.return_value, XDP_PASS, "verdict for {frame:02x?}");
+        assert_eq!(
+            &out[..result.data_size_out as usize],
+            frame,
+            "the program must not modify frames"
+        );
+    }
+}
+
+#[test]
+fn ipv4_vip_hit_is_counted_with_frame_length() {
+    let h = Harness::new(&[VIP4.into()]);
+    let frame = Frame::udp4(CLIENT4, VIP4, 100).bytes();
+    h.run_pass(&frame);
+    h.run_pass(&frame);
+    assert_eq!(h.stats(VIP4.into()), (2, 2 * frame.len() as u64));
+}
+
+#[test]
+fn ipv4_miss_passes_uncounted() {
+    let h = Harness::new(&[VIP4.into()]);
+    h.run_pass(&Frame::udp4(CLIENT4, OTHER4, 100).bytes());
+    // The VIP as source (a reply) is not a hit either: only destinations count.
+    h.run_pass(&Frame::udp4(VIP4, CLIENT4, 100).bytes());
+    assert_eq!(h.stats(VIP4.into()), (0, 0));
+}
+
+#[test]
+fn ipv6_vip_hit_and_miss() {
+    let h = Harness::new(&[VIP6.into(), VIP4.into()]);
+    let hit = Frame::udp6(CLIENT6, VIP6, 64).bytes();
+    h.run_pass(&hit);
+    h.run_pass(&Frame::udp6(CLIENT6, OTHER6, 64).bytes());
+    assert_eq!(h.stats(VIP6.into()), (1, hit.len() as u64));
+    assert_eq!(h.stats(VIP4.into()), (0, 0), "families never mix");
+}
+
+#[test]
+fn ipv4_mapped_ipv6_destination_does_not_hit_the_ipv4_vip() {
+    let h = Harness::new(&[VIP4.into()]);
+    h.run_pass(&Frame::udp6(CLIENT6, VIP4.to_ipv6_mapped(), 10).bytes());
+    assert_eq!(h.stats(VIP4.into()), (0, 0));
+}
+
+#[test]
+fn vlan_tagged_frames_are_counted() {
+    let h = Harness::new(&[VIP4.into(), VIP6.into()]);
+    let dot1q = Frame::udp4(CLIENT4, VIP4, 20)
+        .tagged(ETHERTYPE_8021Q, 42)
+        .bytes();
+    let qinq = Frame::udp6(CLIENT6, VIP6, 20)
+        .tagged(ETHERTYPE_8021AD, 7)
+        .tagged(ETHERTYPE_8021Q, 42)
+        .bytes();
+    h.run_pass(&dot1q);
+    h.run_pass(&qinq);
+    assert_eq!(h.stats(VIP4.into()), (1, dot1q.len() as u64));
+    assert_eq!(h.stats(VIP6.into()), (1, qinq.len() as u64));
+}
+
+#[test]
+fn tagged_miss_passes_uncounted() {
+    let h = Harness::new(&[VIP4.into()]);
+    h.run_pass(
+        &Frame::udp4(CLIENT4, OTHER4, 20)
+            .tagged(ETHERTYPE_8021Q, 42)
+            .bytes(),
+    );
+    assert_eq!(h.stats(VIP4.into()), (0, 0));
+}
+
+#[test]
+fn non_ip_frames_pass_untouched() {
+    let h = Harness::new(&[VIP4.into()]);
+    h.run_pass(&Frame::arp().bytes());
+    h.run_pass(&Frame::arp().tagged(ETHERTYPE_8021Q, 5).bytes());
+    assert_eq!(h.stats(VIP4.into()), (0, 0));
+}
+
+/// Every truncation of every frame shape passes; a frame is counted only when the whole IP
+/// header is present.
+#[test]
+fn truncated_frames_pass_and_count_only_with_a_whole_ip_header() {
+    let h = Harness::new(&[VIP4.into(), VIP6.into()]);
+    let cases = [
+        (Frame::udp4(CLIENT4, VIP4, 8), IpAddr::from(VIP4), 20),
+        (Frame::udp6(CLIENT6, VIP6, 8), VIP6.into(), 40),
+        (
+            Frame::udp4(CLIENT4, VIP4, 8).tagged(ETHERTYPE_8021Q, 1),
+            VIP4.into(),
+            20,
+        ),
+        (
+            Frame::udp6(CLIENT6, VIP6, 8)
+                .tagged(ETHERTYPE_8021AD, 1)
+                .tagged(ETHERTYPE_8021Q, 2),
+            VIP6.into(),
+            40,
+        ),
+    ];
+    // Shorter than an Ethernet header, a frame never reaches the program.
+    for len in 0..14 {
+        let frame = vec![0u8; len];
+        assert!(
+            h.try_run(&frame, &mut [0u8; 64]).is_err(),
+            "kernel ran a {len}-byte frame"
+        );
+    }
+    for (frame, vip, ip_header) in cases {
+        let full = frame.bytes();
+        let whole_header = frame.l3_offset() + ip_header;
+        for len in 14..=full.len() {
+            let before = h.stats(vip);
+            h.run_pass(&full[..len]);
+            let after = h.stats(vip);
+            if len >= whole_header {
+                assert_eq!(after, (before.0 + 1, before.1 + len as u64), "len {len}");
+            } else {
+                assert_eq!(after, before, "len {len} must not be counted");
+            }
+        }
+    }
+}
