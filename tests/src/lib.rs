@@ -217,7 +217,7 @@ pub const BPFFS: &str = "/sys/fs/bpf";
 /// Mounts bpffs at /sys/fs/bpf if nothing is mounted there (as `cargo xtask setup` does).
 pub fn ensure_bpffs() {
     let is_bpffs = nix::sys::statfs::statfs(BPFFS)
-        .map(|fs| fs.filesystem_type().0 as i64 == 0xcafe_4a11)
+        .map(|fs| fs.filesystem_type() == nix::sys::statfs::BPF_FS_MAGIC)
         .unwrap_or(false);
     if !is_bpffs {
         run_ok("mount", &["-t", "bpf", "bpf", BPFFS]);
@@ -300,8 +300,17 @@ pub fn lbagent(ns: &NetNs, pins: &PinRoot, args: &[&str]) -> LbagentRun {
     }
 }
 
-/// The XDP program attached to `iface` in `ns`, as `ip -j link` reports it: its name and mode.
-pub fn xdp_on(ns: &NetNs, iface: &str) -> Option<(String, String)> {
+/// An XDP program attached to an interface, as `ip -j link` reports it.
+#[derive(Debug, PartialEq, Eq)]
+pub struct XdpInfo {
+    pub id: u64,
+    pub name: String,
+    /// "driver", "generic", "offload" or "multi".
+    pub mode: String,
+}
+
+/// The XDP program attached to `iface` in `ns`, if any.
+pub fn xdp_on(ns: &NetNs, iface: &str) -> Option<XdpInfo> {
     let json = ns.ip(&["-j", "-d", "link", "show", "dev", iface]);
     let links: serde_json::Value = serde_json::from_str(&json).expect("ip -j output");
     let xdp = &links[0]["xdp"];
@@ -311,6 +320,9 @@ pub fn xdp_on(ns: &NetNs, iface: &str) -> Option<(String, String)> {
         3 => "offload",
         _ => "multi",
     };
-    let name = xdp["prog"]["name"].as_str().unwrap_or_default().to_owned();
-    Some((name, mode.to_owned()))
+    Some(XdpInfo {
+        id: xdp["prog"]["id"].as_u64().unwrap_or_default(),
+        name: xdp["prog"]["name"].as_str().unwrap_or_default().to_owned(),
+        mode: mode.to_owned(),
+    })
 }

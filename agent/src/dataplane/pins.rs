@@ -17,9 +17,6 @@ use lbagent_common::PIN_LAYOUT_VERSION;
 
 use super::DataplaneError;
 
-/// `BPF_FS_MAGIC` from linux/magic.h.
-const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
-
 #[derive(Clone, Debug)]
 pub struct PinLayout {
     root: PathBuf,
@@ -87,7 +84,7 @@ impl PinLayout {
             .find(|path| path.exists())
             .unwrap_or(Path::new("/"));
         let on_bpffs = nix::sys::statfs::statfs(existing)
-            .map(|fs| fs.filesystem_type().0 as i64 == BPF_FS_MAGIC)
+            .map(|fs| fs.filesystem_type() == nix::sys::statfs::BPF_FS_MAGIC)
             .unwrap_or(false);
         if on_bpffs {
             Ok(())
