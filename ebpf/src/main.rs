@@ -3,8 +3,10 @@
 //! Every frame is passed on unchanged; frames addressed to a load-balancer address are also
 //! counted. A frame the parser cannot read (truncated, not IP) is never dropped: it is not ours
 //! to judge.
-#![no_std]
-#![no_main]
+// Host builds (`cargo test --workspace`) compile this crate too; only the bpf target gets
+// the programs' no_std runtime.
+#![cfg_attr(target_arch = "bpf", no_std)]
+#![cfg_attr(target_arch = "bpf", no_main)]
 
 use aya_ebpf::{
     bindings::xdp_action::XDP_PASS,
@@ -45,10 +47,10 @@ fn try_lbagent_xdp(ctx: &XdpContext) -> Result<u32, ()> {
     };
     // SAFETY: the reference is only tested for presence and dropped at once; no entry is
     // written through it.
-    if unsafe { LB_VIPS.get(&key) }.is_none() {
+    if unsafe { LB_VIPS.get(key) }.is_none() {
         return Ok(XDP_PASS);
     }
-    if let Some(stats) = LB_VIP_STATS.get_ptr_mut(&key) {
+    if let Some(stats) = LB_VIP_STATS.get_ptr_mut(key) {
         let len = (ctx.data_end() - ctx.data()) as u64;
         // SAFETY: per-CPU value, so this CPU is its only writer while the program runs.
         unsafe {
@@ -99,12 +101,15 @@ fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Result<*const T, ()> {
     Ok((start + offset) as *const T)
 }
 
-#[cfg(not(test))]
+#[cfg(target_arch = "bpf")]
 #[panic_handler]
 fn panic(_info: &core::panic::PanicInfo) -> ! {
     // The verifier rejects any program that could reach this; it exists to satisfy no_std.
     loop {}
 }
+
+#[cfg(not(target_arch = "bpf"))]
+fn main() {}
 
 #[unsafe(link_section = "license")]
 #[unsafe(no_mangle)]
