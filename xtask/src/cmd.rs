@@ -1,0 +1,70 @@
+//! Running other programs, with their command line in every error.
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+};
+
+use anyhow::{Context as _, Result, bail};
+
+/// The workspace root (xtask lives one level below it).
+pub fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask/ lives in the workspace")
+        .to_path_buf()
+}
+
+/// Runs `cargo ARGS` in the workspace with the toolchain that runs xtask, output shown.
+pub fn cargo(args: &[&str]) -> Result<()> {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut command = Command::new(cargo);
+    command.current_dir(workspace()).args(args);
+    status(&mut command)
+}
+
+/// Runs a command with output shown; fails naming the command if it fails.
+pub fn status(command: &mut Command) -> Result<()> {
+    let status = command
+        .status()
+        .with_context(|| format!("cannot run {command:?}"))?;
+    if !status.success() {
+        bail!("{command:?} failed ({status})");
+    }
+    Ok(())
+}
+
+/// Runs a command quietly; returns its stdout, or fails with its stderr.
+pub fn output(command: &mut Command) -> Result<String> {
+    let output = command
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("cannot run {command:?}"))?;
+    if !output.status.success() {
+        bail!(
+            "{command:?} failed ({}): {}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
+/// Whether a command runs and exits 0 (nothing printed).
+pub fn succeeds(command: &mut Command) -> bool {
+    command
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+pub fn require_root(task: &str) -> Result<()> {
+    if !nix::unistd::geteuid().is_root() {
+        bail!(
+            "`cargo xtask {task}` needs root (it installs packages and drives the kernel): run `sudo -E env PATH=\"$PATH\" cargo xtask {task}`"
+        );
+    }
+    Ok(())
+}
