@@ -2,12 +2,16 @@
 
 use std::{io::Write, net::IpAddr, path::PathBuf};
 
-use anyhow::Result;
+use anyhow::{Context as _, Result};
 use clap::{Parser, Subcommand, ValueEnum};
+use tracing_subscriber::EnvFilter;
 
 use crate::{
     address,
+    config::{self, Config},
     dataplane::{self, AttachMode, PinLayout, VipCounters, VipTable},
+    sinks::addresses::AddressSink,
+    status::{self, AddressState},
 };
 
 #[derive(Debug, Parser)]
@@ -17,9 +21,9 @@ pub struct Cli {
     #[arg(long, global = true, env = "LBAGENT_PIN_ROOT", default_value = PinLayout::DEFAULT_ROOT)]
     pub pin_root: PathBuf,
 
-    /// Log format (logs go to stderr).
-    #[arg(long, global = true, env = "LBAGENT_LOG_FORMAT", value_enum, default_value_t = LogFormat::Human)]
-    pub log_format: LogFormat,
+    /// Log format (logs go to stderr); overrides the config file's `log.format`.
+    #[arg(long, global = true, env = "LBAGENT_LOG_FORMAT", value_enum)]
+    pub log_format: Option<LogFormat>,
 
     #[command(subcommand)]
     pub command: Command,
@@ -39,6 +43,35 @@ pub enum Output {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Run the agent: keep the node's load-balancer addresses as the services say.
+    Run {
+        #[arg(
+            long,
+            env = "LBAGENT_CONFIG",
+            default_value = "/etc/lbagent/lbagent.yaml"
+        )]
+        config: PathBuf,
+        /// This node's name; overrides the config file's `node.name`.
+        #[arg(long, env = "NODE_NAME")]
+        node_name: Option<String>,
+    },
+    /// Remove everything lbagent created: the load-balancer interface with its addresses,
+    /// and the dataplane's programs and pins.
+    Cleanup {
+        /// Read the interface and status file from this config file.
+        #[arg(long, env = "LBAGENT_CONFIG")]
+        config: Option<PathBuf>,
+        /// The load-balancer interface, when there is no config file.
+        #[arg(long, default_value = config::DEFAULT_INTERFACE, conflicts_with = "config")]
+        interface: String,
+    },
+    /// Show what the running agent holds and why (from its status file).
+    Status {
+        #[arg(long, default_value = config::DEFAULT_STATUS_PATH)]
+        status_file: PathBuf,
+        #[arg(short, long, value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
     /// Attach the XDP program to an interface (replacing lbagent's own program in place).
     Attach {
         iface: String,
@@ -81,7 +114,88 @@ pub enum VipCommand {
 
 pub fn run(cli: Cli, out: &mut impl Write) -> Result<()> {
     let pins = PinLayout::new(&cli.pin_root);
+    // One-shot commands print their result on stdout; their logs only say what needs attention.
+    let quiet = "warn";
     match cli.command {
+        Command::Run { config, node_name } => {
+            let config = Config::load(&config, node_name.as_deref())?;
+            init_logging(cli.log_format.or(config.log_format), "info");
+            runtime()?.block_on(crate::daemon::run(config))?;
+        }
+        Command::Cleanup { config, interface } => {
+            init_logging(cli.log_format, quiet);
+            let (interface, status_path) = match config {
+                Some(path) => {
+                    let config = Config::load(&path, None)?;
+                    (
+                        config.addresses.interface,
+                        PathBuf::from(config.status_path),
+                    )
+                }
+                None => (interface, PathBuf::from(config::DEFAULT_STATUS_PATH)),
+            };
+            let deleted = runtime()?
+                .block_on(async { AddressSink::connect(&interface)?.delete_link().await })?;
+            writeln!(
+                out,
+                "{interface}: {}",
+                if deleted {
+                    "deleted, with its addresses"
+                } else {
+                    "not present"
+                }
+            )?;
+            if pins.check_bpffs().is_ok() {
+                let detached = dataplane::detach_all(&pins)?;
+                writeln!(
+                    out,
+                    "dataplane: {} link(s) detached{}",
+                    detached.links.len(),
+                    if detached.maps_removed {
+                        ", maps removed"
+                    } else {
+                        ""
+                    }
+                )?;
+            }
+            match std::fs::remove_file(&status_path) {
+                Ok(()) => writeln!(out, "{}: removed", status_path.display())?,
+                Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
+                Err(err) => {
+                    return Err(err).with_context(|| format!("removing {}", status_path.display()));
+                }
+            }
+        }
+        Command::Status {
+            status_file,
+            output,
+        } => {
+            init_logging(cli.log_format, quiet);
+            let status = status::read(&status_file).with_context(|| {
+                "cannot read the agent's status (is `lbagent run` running with this status file?)"
+            })?;
+            match output {
+                Output::Json => {
+                    serde_json::to_writer_pretty(&mut *out, &status)?;
+                    writeln!(out)?;
+                }
+                Output::Table => write_status_table(out, &status)?,
+            }
+        }
+        command => {
+            init_logging(cli.log_format, quiet);
+            run_dataplane_command(command, &pins, out)?;
+        }
+    }
+    Ok(())
+}
+
+fn run_dataplane_command(command: Command, pins: &PinLayout, out: &mut impl Write) -> Result<()> {
+    let pins = pins.clone();
+    match command {
+        Command::Run { .. } | Command::Cleanup { .. } | Command::Status { .. } => {
+            unreachable!("handled by run()")
+        }
         Command::Attach { iface, mode } => {
             let attached = dataplane::attach(&pins, &iface, mode)?;
             match attached.mode {
@@ -149,6 +263,71 @@ pub fn run(cli: Cli, out: &mut impl Write) -> Result<()> {
                 }
             }
         }
+    }
+    Ok(())
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    // One thread: the agent waits on the kernel, it does not compute.
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+}
+
+/// Logs go to stderr; `LBAGENT_LOG` (a tracing filter such as `debug`) overrides the level.
+pub fn init_logging(format: Option<LogFormat>, default_level: &str) {
+    let filter =
+        EnvFilter::try_from_env("LBAGENT_LOG").unwrap_or_else(|_| EnvFilter::new(default_level));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = match format.unwrap_or(LogFormat::Human) {
+        LogFormat::Human => builder.with_target(false).try_init(),
+        LogFormat::Json => builder.json().try_init(),
+    };
+}
+
+fn write_status_table(out: &mut impl Write, status: &status::Status) -> std::io::Result<()> {
+    writeln!(
+        out,
+        "node {}  interface {}  reconciles {} (last: {}, {:.1} ms)",
+        status.node,
+        status.interface,
+        status.reconciles,
+        status.last_reconcile.trigger,
+        status.last_reconcile.duration_ms
+    )?;
+    let width = status
+        .addresses
+        .iter()
+        .map(|a| a.address.to_string().len())
+        .chain(["ADDRESS".len()])
+        .max()
+        .unwrap_or(0);
+    writeln!(out, "{:<width$}  {:<11}  SERVICES", "ADDRESS", "STATE")?;
+    for address in &status.addresses {
+        let state = match address.state {
+            AddressState::Virtual => "virtual".to_owned(),
+            AddressState::Local => format!(
+                "local ({})",
+                address.prefix.map(|p| p.to_string()).unwrap_or_default()
+            ),
+            AddressState::Unsupported => "unsupported (no IPv6)".to_owned(),
+        };
+        writeln!(
+            out,
+            "{:<width$}  {:<11}  {}",
+            address.address.to_string(),
+            state,
+            address.services.join(",")
+        )?;
+    }
+    for rejected in &status.rejected {
+        writeln!(out, "rejected {}: {}", rejected.service, rejected.reason)?;
+    }
+    for err in &status.errors {
+        writeln!(out, "error: {err}")?;
     }
     Ok(())
 }

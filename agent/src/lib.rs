@@ -1,9 +1,21 @@
 //! lbagent: makes Kubernetes LoadBalancer addresses reachable and fast on every node.
 //!
 //! Data flows one way: sources produce the desired state, a reconciler diffs it against what
-//! the kernel holds, and sinks apply it. This crate grows into that shape; today it holds the
-//! eBPF dataplane and the command line that drives it.
+//! the kernel holds, and sinks apply it:
+//!
+//! ```text
+//! sources::file ─► desired::SourceUpdate ─► reconcile (plan: a pure diff) ─► sinks::addresses
+//! ```
+//!
+//! `dataplane` holds the eBPF side, driven from the command line until it joins the sinks.
 
 pub mod address;
 pub mod cli;
+pub mod config;
+pub mod daemon;
 pub mod dataplane;
+pub mod desired;
+pub mod reconcile;
+pub mod sinks;
+pub mod sources;
+pub mod status;

@@ -1,0 +1,334 @@
+//! lbagent's configuration file (YAML), validated on load. Every error names the field, the
+//! value, and what is allowed.
+//!
+//! ```yaml
+//! node:
+//!   name: node-a                 # default: --node-name, $NODE_NAME, then the host name
+//! source:
+//!   file:
+//!     path: services.yaml        # relative to this file
+//! addresses:
+//!   interface: kube-lb0
+//!   resyncInterval: 30s
+//! status:
+//!   path: /run/lbagent/status.json
+//! log:
+//!   format: human                # or json
+//! ```
+
+use std::{
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use serde::Deserialize;
+
+use crate::cli::LogFormat;
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Config {
+    pub node_name: String,
+    pub source: Source,
+    pub addresses: AddressesConfig,
+    pub status_path: PathBuf,
+    pub log_format: Option<LogFormat>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Source {
+    File { path: PathBuf },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AddressesConfig {
+    pub interface: String,
+    pub resync_interval: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{}: {source}", path.display())]
+    Parse {
+        path: PathBuf,
+        source: serde_yaml::Error,
+    },
+    #[error("{}: {field}: {value:?} is not allowed ({allowed})", path.display())]
+    Invalid {
+        path: PathBuf,
+        field: &'static str,
+        value: String,
+        allowed: &'static str,
+    },
+}
+
+pub const DEFAULT_INTERFACE: &str = "kube-lb0";
+pub const DEFAULT_STATUS_PATH: &str = "/run/lbagent/status.json";
+const MIN_RESYNC: Duration = Duration::from_secs(1);
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawConfig {
+    #[serde(default)]
+    node: RawNode,
+    source: RawSource,
+    #[serde(default)]
+    addresses: RawAddresses,
+    #[serde(default)]
+    status: RawStatus,
+    #[serde(default)]
+    log: RawLog,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawNode {
+    name: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawSource {
+    file: Option<RawFileSource>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawFileSource {
+    path: PathBuf,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawAddresses {
+    interface: Option<String>,
+    resync_interval: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawStatus {
+    path: Option<PathBuf>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawLog {
+    format: Option<String>,
+}
+
+impl Config {
+    /// Loads and validates `path`; `node_name` (from a flag or the environment) overrides the
+    /// file's.
+    pub fn load(path: &Path, node_name: Option<&str>) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(&text, path, node_name)
+    }
+
+    pub fn parse(text: &str, path: &Path, node_name: Option<&str>) -> Result<Self, ConfigError> {
+        let raw: RawConfig = serde_yaml::from_str(text).map_err(|source| ConfigError::Parse {
+            path: path.to_owned(),
+            source,
+        })?;
+        let invalid = |field, value: &str, allowed| ConfigError::Invalid {
+            path: path.to_owned(),
+            field,
+            value: value.to_owned(),
+            allowed,
+        };
+
+        let node_name = match node_name.map(str::to_owned).or(raw.node.name) {
+            Some(name) if is_dns_label_ish(&name) => name,
+            Some(name) => {
+                return Err(invalid(
+                    "node.name",
+                    &name,
+                    "1-253 characters: lowercase letters, digits, '-' and '.'",
+                ));
+            }
+            None => hostname(),
+        };
+
+        let base = path.parent().unwrap_or(Path::new("."));
+        let source = match raw.source.file {
+            Some(file) if file.path.as_os_str().is_empty() => {
+                return Err(invalid(
+                    "source.file.path",
+                    "",
+                    "a path to the services file",
+                ));
+            }
+            Some(file) => Source::File {
+                path: base.join(file.path),
+            },
+            None => return Err(invalid("source", "{}", "exactly one source: file")),
+        };
+
+        let interface = raw
+            .addresses
+            .interface
+            .unwrap_or_else(|| DEFAULT_INTERFACE.to_owned());
+        if !is_interface_name(&interface) {
+            return Err(invalid(
+                "addresses.interface",
+                &interface,
+                "1-15 characters, none of them '/', ':' or whitespace",
+            ));
+        }
+        let resync_interval = match raw.addresses.resync_interval {
+            None => Duration::from_secs(30),
+            Some(text) => match humantime::parse_duration(&text) {
+                Ok(interval) if interval >= MIN_RESYNC => interval,
+                _ => {
+                    return Err(invalid(
+                        "addresses.resyncInterval",
+                        &text,
+                        "a duration of 1s or more, such as 30s or 5m",
+                    ));
+                }
+            },
+        };
+
+        let log_format = match raw.log.format.as_deref() {
+            None => None,
+            Some("human") => Some(LogFormat::Human),
+            Some("json") => Some(LogFormat::Json),
+            Some(other) => return Err(invalid("log.format", other, "human or json")),
+        };
+
+        Ok(Self {
+            node_name,
+            source,
+            addresses: AddressesConfig {
+                interface,
+                resync_interval,
+            },
+            status_path: raw
+                .status
+                .path
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_STATUS_PATH)),
+            log_format,
+        })
+    }
+}
+
+/// What the kernel accepts as an interface name (IFNAMSIZ, no separators).
+pub fn is_interface_name(name: &str) -> bool {
+    (1..=15).contains(&name.len())
+        && name != "."
+        && name != ".."
+        && !name
+            .chars()
+            .any(|c| c == '/' || c == ':' || c.is_whitespace() || c.is_control())
+}
+
+fn is_dns_label_ish(name: &str) -> bool {
+    (1..=253).contains(&name.len())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.')
+}
+
+fn hostname() -> String {
+    nix::unistd::gethostname()
+        .ok()
+        .and_then(|name| name.into_string().ok())
+        .unwrap_or_else(|| "localhost".to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, Path::new("/etc/lbagent/lbagent.yaml"), None)
+    }
+
+    #[test]
+    fn minimal_config_gets_defaults() {
+        let config =
+            parse("node: {name: node-a}\nsource: {file: {path: services.yaml}}\n").unwrap();
+        assert_eq!(config.node_name, "node-a");
+        assert_eq!(
+            config.source,
+            Source::File {
+                path: "/etc/lbagent/services.yaml".into()
+            }
+        );
+        assert_eq!(config.addresses.interface, "kube-lb0");
+        assert_eq!(config.addresses.resync_interval, Duration::from_secs(30));
+        assert_eq!(config.status_path, Path::new(DEFAULT_STATUS_PATH));
+        assert_eq!(config.log_format, None);
+    }
+
+    #[test]
+    fn flag_overrides_node_name() {
+        let config = Config::parse(
+            "node: {name: from-file}\nsource: {file: {path: /s.yaml}}\n",
+            Path::new("c.yaml"),
+            Some("from-flag"),
+        )
+        .unwrap();
+        assert_eq!(config.node_name, "from-flag");
+    }
+
+    #[test]
+    fn invalid_values_name_field_value_and_what_is_allowed() {
+        for (text, expected) in [
+            (
+                "source: {file: {path: s}}\naddresses: {interface: kube lb0}",
+                r#"addresses.interface: "kube lb0" is not allowed (1-15 characters"#,
+            ),
+            (
+                "source: {file: {path: s}}\naddresses: {interface: a-name-far-too-long}",
+                r#"addresses.interface: "a-name-far-too-long""#,
+            ),
+            (
+                "source: {file: {path: s}}\naddresses: {resyncInterval: 10ms}",
+                r#"addresses.resyncInterval: "10ms" is not allowed (a duration of 1s or more"#,
+            ),
+            (
+                "source: {file: {path: s}}\naddresses: {resyncInterval: soon}",
+                r#"addresses.resyncInterval: "soon""#,
+            ),
+            (
+                "source: {file: {path: s}}\nlog: {format: xml}",
+                r#"log.format: "xml" is not allowed (human or json)"#,
+            ),
+            (
+                "source: {file: {path: s}}\nnode: {name: Node_A}",
+                r#"node.name: "Node_A" is not allowed"#,
+            ),
+            (
+                "source: {}",
+                r#"source: "{}" is not allowed (exactly one source: file)"#,
+            ),
+        ] {
+            let err = parse(text).unwrap_err().to_string();
+            assert!(err.contains(expected), "{text:?}: {err}");
+            assert!(err.starts_with("/etc/lbagent/lbagent.yaml: "), "{err}");
+        }
+    }
+
+    #[test]
+    fn unknown_fields_are_named_with_the_allowed_ones() {
+        let err = parse("source: {file: {path: s}}\naddresses: {resync: 5s}")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("unknown field `resync`"), "{err}");
+        assert!(err.contains("resyncInterval"), "{err}");
+    }
+
+    #[test]
+    fn a_missing_source_is_named() {
+        let err = parse("node: {name: a}").unwrap_err().to_string();
+        assert!(err.contains("missing field `source`"), "{err}");
+    }
+}

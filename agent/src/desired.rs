@@ -1,0 +1,159 @@
+//! The desired state: what the Services say this node should serve. Plain data, no handles,
+//! so the reconciler's diff is a pure function of it.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt,
+    net::IpAddr,
+};
+
+use ipnet::IpNet;
+use serde::Serialize;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum Protocol {
+    Tcp,
+    Udp,
+    Sctp,
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Tcp => "TCP",
+            Self::Udp => "UDP",
+            Self::Sctp => "SCTP",
+        })
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub struct PortSpec {
+    pub port: u16,
+    pub protocol: Protocol,
+}
+
+/// `externalTrafficPolicy`: with `Local`, a node holds the address only while it has a ready
+/// endpoint; sources that know endpoints leave such a service out when it has none here.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+pub enum TrafficPolicy {
+    #[default]
+    Cluster,
+    Local,
+}
+
+/// A service a source could not use, and why (logged, and shown by `lbagent status`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct Rejected {
+    pub service: String,
+    pub reason: String,
+}
+
+/// What a source hands the reconciler each time its view changes.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SourceUpdate {
+    pub desired: Desired,
+    pub rejected: Vec<Rejected>,
+}
+
+/// One load-balancer Service as a source reports it, already validated.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Service {
+    /// `namespace/name` for Kubernetes, the entry's name for the file source.
+    pub name: String,
+    pub addresses: Vec<IpAddr>,
+    pub ports: Vec<PortSpec>,
+    /// Empty means every source may connect.
+    pub source_ranges: Vec<IpNet>,
+    pub traffic_policy: TrafficPolicy,
+}
+
+/// What one service asks of one address.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct ServicePolicy {
+    pub ports: BTreeSet<PortSpec>,
+    pub source_ranges: BTreeSet<IpNet>,
+    pub traffic_policy: TrafficPolicy,
+}
+
+/// Everything asked of one address, by service name. An address shared by several services
+/// has several entries, and stays as long as any is left.
+pub type AddressIntent = BTreeMap<String, ServicePolicy>;
+
+/// The desired state of the node: every address with the services that want it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Desired {
+    pub addresses: BTreeMap<IpAddr, AddressIntent>,
+}
+
+impl Desired {
+    pub fn from_services<'a>(services: impl IntoIterator<Item = &'a Service>) -> Self {
+        let mut addresses: BTreeMap<IpAddr, AddressIntent> = BTreeMap::new();
+        for service in services {
+            for address in &service.addresses {
+                let policy = addresses
+                    .entry(*address)
+                    .or_default()
+                    .entry(service.name.clone())
+                    .or_default();
+                policy.ports.extend(service.ports.iter().copied());
+                policy
+                    .source_ranges
+                    .extend(service.source_ranges.iter().copied());
+                policy.traffic_policy = service.traffic_policy;
+            }
+        }
+        Self { addresses }
+    }
+
+    /// Names of the services that want `address`, comma-separated, for log lines.
+    pub fn services_of(&self, address: &IpAddr) -> String {
+        self.addresses
+            .get(address)
+            .map(|intent| intent.keys().cloned().collect::<Vec<_>>().join(","))
+            .unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn service(name: &str, addresses: &[&str], ports: &[u16]) -> Service {
+        Service {
+            name: name.to_owned(),
+            addresses: addresses.iter().map(|a| a.parse().unwrap()).collect(),
+            ports: ports
+                .iter()
+                .map(|port| PortSpec {
+                    port: *port,
+                    protocol: Protocol::Tcp,
+                })
+                .collect(),
+            source_ranges: Vec::new(),
+            traffic_policy: TrafficPolicy::Cluster,
+        }
+    }
+
+    #[test]
+    fn shared_address_keeps_every_service() {
+        let desired = Desired::from_services(&[
+            service("web", &["203.0.113.10"], &[80]),
+            service("api", &["203.0.113.10", "2001:db8::10"], &[443]),
+        ]);
+        let shared = &desired.addresses[&"203.0.113.10".parse().unwrap()];
+        assert_eq!(shared.keys().collect::<Vec<_>>(), ["api", "web"]);
+        assert_eq!(shared["web"].ports.iter().next().unwrap().port, 80);
+        assert_eq!(desired.addresses.len(), 2);
+        assert_eq!(
+            desired.services_of(&"203.0.113.10".parse().unwrap()),
+            "api,web"
+        );
+    }
+
+    #[test]
+    fn no_services_no_addresses() {
+        assert!(Desired::from_services(&[]).addresses.is_empty());
+    }
+}

@@ -1,0 +1,413 @@
+//! The address sink: the load-balancer interface (kube-lb0) and the addresses on it, through
+//! rtnetlink. The only code that changes them.
+
+use std::{
+    collections::BTreeSet,
+    net::IpAddr,
+    sync::atomic::{AtomicBool, Ordering},
+};
+
+use futures::{StreamExt as _, TryStreamExt as _, stream};
+use ipnet::IpNet;
+use rtnetlink::{
+    Handle, LinkMessageBuilder, LinkUnspec, MulticastGroup,
+    packet_core::NetlinkPayload,
+    packet_route::{
+        RouteNetlinkMessage,
+        address::{AddressAttribute, AddressFlags, AddressHeaderFlags, AddressMessage},
+        link::{InfoKind, LinkAttribute, LinkFlags, LinkMessage},
+    },
+};
+use tokio::sync::mpsc;
+use tracing::{debug, warn};
+
+use crate::reconcile::plan::{LinkState, Observed, Plan};
+
+/// How many address requests are in flight at once: enough to keep the kernel busy, few
+/// enough to stay well inside the socket's receive buffer for the acks.
+const IN_FLIGHT: usize = 128;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AddressError {
+    #[error("cannot open a netlink socket: {0}")]
+    Socket(#[source] std::io::Error),
+    #[error("listing {what}: {source}")]
+    Dump {
+        what: &'static str,
+        #[source]
+        source: rtnetlink::Error,
+    },
+    #[error("creating {interface}: {source}")]
+    CreateLink {
+        interface: String,
+        #[source]
+        source: rtnetlink::Error,
+    },
+    #[error("{interface} vanished while it was being set up")]
+    LinkVanished { interface: String },
+    #[error("bringing {interface} up: {source}")]
+    SetUp {
+        interface: String,
+        #[source]
+        source: rtnetlink::Error,
+    },
+    #[error("{verb} {prefix} on {interface}: {source}")]
+    Address {
+        verb: &'static str,
+        prefix: IpNet,
+        interface: String,
+        #[source]
+        source: rtnetlink::Error,
+    },
+    #[error("deleting {interface}: {source}")]
+    DeleteLink {
+        interface: String,
+        #[source]
+        source: rtnetlink::Error,
+    },
+}
+
+/// What an apply did, for logs and status.
+#[derive(Debug, Default)]
+pub struct Applied {
+    pub created_link: Option<&'static str>,
+    pub added: usize,
+    pub removed: usize,
+    /// Changes that failed; the next reconcile tries them again.
+    pub errors: Vec<AddressError>,
+}
+
+pub struct AddressSink {
+    handle: Handle,
+    interface: String,
+    /// Set once the kernel refused `dummy`, so the fallback is warned about once.
+    no_dummy: AtomicBool,
+}
+
+impl AddressSink {
+    /// Opens a netlink connection; must run inside a tokio runtime.
+    pub fn connect(interface: &str) -> Result<Self, AddressError> {
+        let (connection, handle, _) = rtnetlink::new_connection().map_err(AddressError::Socket)?;
+        tokio::spawn(connection);
+        Ok(Self {
+            handle,
+            interface: interface.to_owned(),
+            no_dummy: AtomicBool::new(false),
+        })
+    }
+
+    pub fn interface(&self) -> &str {
+        &self.interface
+    }
+
+    /// Subscribes to link and address changes; each message that could matter to the plan
+    /// (any address change, or a change to the interface) sends `()` on the returned channel.
+    pub fn changes(&self) -> Result<mpsc::Receiver<()>, AddressError> {
+        let (connection, _, mut messages) = rtnetlink::new_multicast_connection(&[
+            MulticastGroup::Link,
+            MulticastGroup::Ipv4Ifaddr,
+            MulticastGroup::Ipv6Ifaddr,
+        ])
+        .map_err(AddressError::Socket)?;
+        tokio::spawn(connection);
+        let (tx, rx) = mpsc::channel(1);
+        let interface = self.interface.clone();
+        tokio::spawn(async move {
+            while let Some((message, _)) = messages.next().await {
+                let relevant = match message.payload {
+                    NetlinkPayload::InnerMessage(
+                        RouteNetlinkMessage::NewAddress(_) | RouteNetlinkMessage::DelAddress(_),
+                    ) => true,
+                    NetlinkPayload::InnerMessage(
+                        RouteNetlinkMessage::NewLink(link) | RouteNetlinkMessage::DelLink(link),
+                    ) => link_name(&link) == Some(interface.as_str()),
+                    _ => false,
+                };
+                // A full channel already holds a wake-up: nothing is lost by dropping this one.
+                if relevant && tx.try_send(()).is_err() && tx.is_closed() {
+                    return;
+                }
+            }
+        });
+        Ok(rx)
+    }
+
+    pub async fn observe(&self) -> Result<Observed, AddressError> {
+        let links: Vec<LinkMessage> = self
+            .handle
+            .link()
+            .get()
+            .execute()
+            .try_collect()
+            .await
+            .map_err(|source| AddressError::Dump {
+                what: "links",
+                source,
+            })?;
+        let link = links
+            .iter()
+            .find(|link| link_name(link) == Some(self.interface.as_str()))
+            .map(|link| LinkState {
+                index: link.header.index,
+                up: link.header.flags.contains(LinkFlags::Up),
+            });
+
+        let mut observed = Observed {
+            link,
+            ipv6: ipv6_enabled(),
+            ..Observed::default()
+        };
+        let mut addresses = self.handle.address().get().execute();
+        while let Some(message) =
+            addresses
+                .try_next()
+                .await
+                .map_err(|source| AddressError::Dump {
+                    what: "addresses",
+                    source,
+                })?
+        {
+            let Some(net) = address_of(&message) else {
+                continue;
+            };
+            if Some(message.header.index) == link.map(|l| l.index) {
+                if !is_ipv6_link_local(&net.addr()) {
+                    observed.addresses.insert(net);
+                }
+            } else if !is_ipv6_link_local(&net.addr()) {
+                observed.node_prefixes.push(net.trunc());
+            }
+        }
+        observed.node_prefixes.sort_unstable();
+        observed.node_prefixes.dedup();
+        Ok(observed)
+    }
+
+    /// Applies `plan`. Address changes are independent: one that fails is reported and the
+    /// rest still go in. Failing to create the interface stops the apply.
+    pub async fn apply(&self, plan: &Plan, observed: &Observed) -> Result<Applied, AddressError> {
+        let mut applied = Applied::default();
+        let index = if plan.create_link {
+            let kind = self.create_link().await?;
+            applied.created_link = Some(kind);
+            self.link_index().await?
+        } else {
+            let link = observed.link.ok_or_else(|| AddressError::LinkVanished {
+                interface: self.interface.clone(),
+            })?;
+            if plan.set_up {
+                self.handle
+                    .link()
+                    .set(LinkUnspec::new_with_index(link.index).up().build())
+                    .execute()
+                    .await
+                    .map_err(|source| AddressError::SetUp {
+                        interface: self.interface.clone(),
+                        source,
+                    })?;
+            }
+            link.index
+        };
+
+        let removals = plan.remove.iter().map(|net| self.remove(index, *net));
+        let additions = plan.add.iter().map(|net| self.add(index, *net));
+        let results: Vec<_> = stream::iter(
+            removals
+                .map(futures::future::Either::Left)
+                .chain(additions.map(futures::future::Either::Right)),
+        )
+        .buffer_unordered(IN_FLIGHT)
+        .collect()
+        .await;
+        for result in results {
+            match result {
+                Ok(Change::Added) => applied.added += 1,
+                Ok(Change::Removed) => applied.removed += 1,
+                Err(err) => applied.errors.push(err),
+            }
+        }
+        Ok(applied)
+    }
+
+    /// Deletes the interface and with it every address on it. `false` if it did not exist.
+    pub async fn delete_link(&self) -> Result<bool, AddressError> {
+        let observed = self.observe().await?;
+        let Some(link) = observed.link else {
+            return Ok(false);
+        };
+        self.handle
+            .link()
+            .del(link.index)
+            .execute()
+            .await
+            .map_err(|source| AddressError::DeleteLink {
+                interface: self.interface.clone(),
+                source,
+            })?;
+        Ok(true)
+    }
+
+    /// Creates the interface, up. Prefers `dummy`; a kernel built without it gets `ifb`,
+    /// which routes the same way (NOARP, no IPv6 DAD, up with carrier).
+    async fn create_link(&self) -> Result<&'static str, AddressError> {
+        let build = |kind| {
+            LinkMessageBuilder::<LinkUnspec>::new_with_info_kind(kind)
+                .name(self.interface.clone())
+                .up()
+                .build()
+        };
+        if !self.no_dummy.load(Ordering::Relaxed) {
+            match self
+                .handle
+                .link()
+                .add(build(InfoKind::Dummy))
+                .execute()
+                .await
+            {
+                Ok(()) => return Ok("dummy"),
+                Err(err) if errno(&err) == Some(libc::EOPNOTSUPP) => {
+                    self.no_dummy.store(true, Ordering::Relaxed);
+                    warn!(
+                        interface = %self.interface,
+                        "this kernel has no dummy interfaces (CONFIG_DUMMY); using ifb, which routes the same"
+                    );
+                }
+                Err(source) => {
+                    return Err(AddressError::CreateLink {
+                        interface: self.interface.clone(),
+                        source,
+                    });
+                }
+            }
+        }
+        self.handle
+            .link()
+            .add(build(InfoKind::Ifb))
+            .execute()
+            .await
+            .map_err(|source| AddressError::CreateLink {
+                interface: self.interface.clone(),
+                source,
+            })?;
+        Ok("ifb")
+    }
+
+    async fn link_index(&self) -> Result<u32, AddressError> {
+        let mut links = self
+            .handle
+            .link()
+            .get()
+            .match_name(self.interface.clone())
+            .execute();
+        match links.try_next().await {
+            Ok(Some(link)) => Ok(link.header.index),
+            _ => Err(AddressError::LinkVanished {
+                interface: self.interface.clone(),
+            }),
+        }
+    }
+
+    async fn add(&self, index: u32, net: IpNet) -> Result<Change, AddressError> {
+        let mut request = self
+            .handle
+            .address()
+            .add(index, net.addr(), net.prefix_len());
+        if net.addr().is_ipv6() {
+            // The address is ours alone: duplicate address detection would only delay it.
+            let message = request.message_mut();
+            message.header.flags |= AddressHeaderFlags::Nodad;
+            message
+                .attributes
+                .push(AddressAttribute::Flags(AddressFlags::Nodad));
+        }
+        match request.execute().await {
+            Ok(()) => Ok(Change::Added),
+            // Already there (someone was faster): the goal is met.
+            Err(err) if errno(&err) == Some(libc::EEXIST) => Ok(Change::Added),
+            Err(source) => Err(AddressError::Address {
+                verb: "adding",
+                prefix: net,
+                interface: self.interface.clone(),
+                source,
+            }),
+        }
+    }
+
+    async fn remove(&self, index: u32, net: IpNet) -> Result<Change, AddressError> {
+        let mut message = AddressMessage::default();
+        message.header.index = index;
+        message.header.prefix_len = net.prefix_len();
+        message.header.family = match net {
+            IpNet::V4(_) => rtnetlink::packet_route::AddressFamily::Inet,
+            IpNet::V6(_) => rtnetlink::packet_route::AddressFamily::Inet6,
+        };
+        message.attributes.push(AddressAttribute::Local(net.addr()));
+        message
+            .attributes
+            .push(AddressAttribute::Address(net.addr()));
+        match self.handle.address().del(message).execute().await {
+            Ok(()) => Ok(Change::Removed),
+            // Already gone: the goal is met.
+            Err(err) if errno(&err) == Some(libc::EADDRNOTAVAIL) => {
+                debug!(%net, "address was already gone");
+                Ok(Change::Removed)
+            }
+            Err(source) => Err(AddressError::Address {
+                verb: "removing",
+                prefix: net,
+                interface: self.interface.clone(),
+                source,
+            }),
+        }
+    }
+}
+
+enum Change {
+    Added,
+    Removed,
+}
+
+fn link_name(link: &LinkMessage) -> Option<&str> {
+    link.attributes.iter().find_map(|attr| match attr {
+        LinkAttribute::IfName(name) => Some(name.as_str()),
+        _ => None,
+    })
+}
+
+/// The interface's own address with its prefix length. For IPv4, IFA_LOCAL is the local
+/// address (IFA_ADDRESS is the peer on point-to-point links).
+fn address_of(message: &AddressMessage) -> Option<IpNet> {
+    let local = message.attributes.iter().find_map(|attr| match attr {
+        AddressAttribute::Local(ip) => Some(*ip),
+        _ => None,
+    });
+    let address = message.attributes.iter().find_map(|attr| match attr {
+        AddressAttribute::Address(ip) => Some(*ip),
+        _ => None,
+    });
+    IpNet::new(local.or(address)?, message.header.prefix_len).ok()
+}
+
+fn is_ipv6_link_local(ip: &IpAddr) -> bool {
+    matches!(ip, IpAddr::V6(v6) if v6.is_unicast_link_local())
+}
+
+/// Whether this network namespace has IPv6: the module may be absent (`ipv6.disable=1`) or
+/// switched off by sysctl.
+fn ipv6_enabled() -> bool {
+    std::fs::read_to_string("/proc/sys/net/ipv6/conf/all/disable_ipv6")
+        .is_ok_and(|value| value.trim() == "0")
+}
+
+/// The errno of a netlink error reply, positive.
+fn errno(err: &rtnetlink::Error) -> Option<i32> {
+    match err {
+        rtnetlink::Error::NetlinkError(message) => message.code.map(|code| -code.get()),
+        _ => None,
+    }
+}
+
+/// Addresses of `observed` (for tests and status).
+pub fn held(observed: &Observed) -> BTreeSet<IpAddr> {
+    observed.addresses.iter().map(IpNet::addr).collect()
+}

@@ -1,0 +1,3 @@
+//! Sinks: each owns one kind of kernel or daemon state and is the only code that changes it.
+
+pub mod addresses;

@@ -1,0 +1,480 @@
+//! The `file` source: a YAML list of services, followed with inotify.
+//!
+//! ```yaml
+//! services:
+//!   - name: web
+//!     addresses: [203.0.113.10, 2001:db8:ff::10]
+//!     ports:
+//!       - {port: 80, protocol: TCP}     # TCP (default), UDP or SCTP
+//!     sourceRanges: [198.51.100.0/24]   # optional; empty allows every source
+//!     externalTrafficPolicy: Cluster    # optional; Cluster or Local
+//! ```
+//!
+//! An entry that fails validation is rejected with a reason naming the service and the value;
+//! the others are still served. A file that does not parse at all changes nothing: the last
+//! good state stays in force.
+
+use std::{
+    collections::BTreeSet,
+    net::IpAddr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use futures::StreamExt as _;
+use inotify::{Inotify, WatchMask};
+use ipnet::IpNet;
+use serde::Deserialize;
+use tokio::sync::watch;
+use tracing::{error, info, warn};
+
+use crate::{
+    address,
+    desired::{Desired, PortSpec, Protocol, Rejected, Service, SourceUpdate, TrafficPolicy},
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum FileError {
+    #[error("cannot read {}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{}: {reason}", path.display())]
+    Parse { path: PathBuf, reason: String },
+    #[error("watching {}: {source}", path.display())]
+    Watch {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFile {
+    services: Vec<serde_yaml::Value>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawService {
+    name: String,
+    #[serde(default)]
+    addresses: Vec<String>,
+    #[serde(default)]
+    ports: Vec<RawPort>,
+    #[serde(default)]
+    source_ranges: Vec<String>,
+    external_traffic_policy: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPort {
+    port: i64,
+    protocol: Option<String>,
+}
+
+/// Parses a services file. `Err` only when the file as a whole is unusable.
+pub fn parse(text: &str, path: &Path) -> Result<SourceUpdate, FileError> {
+    let parse_error = |reason: String| FileError::Parse {
+        path: path.to_owned(),
+        reason,
+    };
+    if text.trim().is_empty() {
+        // A half-written file must not withdraw every address.
+        return Err(parse_error(
+            "the file is empty (write `services: []` for no services)".to_owned(),
+        ));
+    }
+    let raw: RawFile = serde_yaml::from_str(text).map_err(|err| parse_error(err.to_string()))?;
+
+    let mut services = Vec::new();
+    let mut rejected = Vec::new();
+    let mut names = BTreeSet::new();
+    for (index, value) in raw.services.into_iter().enumerate() {
+        let fallback_name = value
+            .get("name")
+            .and_then(serde_yaml::Value::as_str)
+            .map_or_else(|| format!("services[{index}]"), str::to_owned);
+        let result = serde_yaml::from_value::<RawService>(value)
+            .map_err(|err| format!("services[{index}]: {err}"))
+            .and_then(|raw| validate(raw, index));
+        match result {
+            Ok(service) if !names.insert(service.name.clone()) => rejected.push(Rejected {
+                service: service.name.clone(),
+                reason: format!(
+                    "services[{index}]: name {:?} is used by an earlier entry",
+                    service.name
+                ),
+            }),
+            Ok(service) => services.push(service),
+            Err(reason) => rejected.push(Rejected {
+                service: fallback_name,
+                reason,
+            }),
+        }
+    }
+    Ok(SourceUpdate {
+        desired: Desired::from_services(&services),
+        rejected,
+    })
+}
+
+fn validate(raw: RawService, index: usize) -> Result<Service, String> {
+    let at = |field: &str| format!("services[{index}] {:?}: {field}", raw.name);
+    if raw.name.trim().is_empty() || raw.name.chars().any(char::is_control) {
+        return Err(format!(
+            "services[{index}]: name {:?} must be a non-empty printable name",
+            raw.name
+        ));
+    }
+    let mut addresses: Vec<IpAddr> = Vec::new();
+    for (i, text) in raw.addresses.iter().enumerate() {
+        let address = address::parse_host(text)
+            .map_err(|err| format!("{}: {err}", at(&format!("addresses[{i}]"))))?;
+        if !addresses.contains(&address) {
+            addresses.push(address);
+        }
+    }
+    let mut ports = Vec::new();
+    for (i, port) in raw.ports.iter().enumerate() {
+        let field = at(&format!("ports[{i}]"));
+        let number = u16::try_from(port.port)
+            .ok()
+            .filter(|p| *p != 0)
+            .ok_or_else(|| format!("{field}: port {} is not allowed (1-65535)", port.port))?;
+        let protocol = match port
+            .protocol
+            .as_deref()
+            .map(str::to_ascii_uppercase)
+            .as_deref()
+        {
+            None | Some("TCP") => Protocol::Tcp,
+            Some("UDP") => Protocol::Udp,
+            Some("SCTP") => Protocol::Sctp,
+            Some(_) => {
+                return Err(format!(
+                    "{field}: protocol {:?} is not allowed (TCP, UDP or SCTP)",
+                    port.protocol.as_deref().unwrap_or_default()
+                ));
+            }
+        };
+        ports.push(PortSpec {
+            port: number,
+            protocol,
+        });
+    }
+    let mut source_ranges = Vec::new();
+    for (i, text) in raw.source_ranges.iter().enumerate() {
+        let range: IpNet = text
+            .parse()
+            .or_else(|_| text.parse::<IpAddr>().map(IpNet::from))
+            .map_err(|_| {
+                format!(
+                    "{}: {text:?} is not a CIDR range such as 10.0.0.0/8",
+                    at(&format!("sourceRanges[{i}]"))
+                )
+            })?;
+        source_ranges.push(range.trunc());
+    }
+    let traffic_policy = match raw.external_traffic_policy.as_deref() {
+        None | Some("Cluster") => TrafficPolicy::Cluster,
+        Some("Local") => TrafficPolicy::Local,
+        Some(other) => {
+            return Err(format!(
+                "{}: {other:?} is not allowed (Cluster or Local)",
+                at("externalTrafficPolicy")
+            ));
+        }
+    };
+    Ok(Service {
+        name: raw.name,
+        addresses,
+        ports,
+        source_ranges,
+        traffic_policy,
+    })
+}
+
+/// Reads and parses the file now.
+pub fn load(path: &Path) -> Result<SourceUpdate, FileError> {
+    let text = std::fs::read_to_string(path).map_err(|source| FileError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    parse(&text, path)
+}
+
+/// Publishes the file's services, then follows every change to it until the receiver goes.
+///
+/// Watches the directory, not the file: editors replace files, and a projected ConfigMap
+/// swaps a `..data` symlink, neither of which a watch on the old file would see. When the
+/// path is a symlink, the directory of its target is watched too.
+pub async fn watch(
+    path: PathBuf,
+    updates: watch::Sender<Option<SourceUpdate>>,
+) -> Result<(), FileError> {
+    let watch_err = |source| FileError::Watch {
+        path: path.clone(),
+        source,
+    };
+    let inotify = Inotify::init().map_err(watch_err)?;
+    let mask = WatchMask::CREATE
+        | WatchMask::MOVED_TO
+        | WatchMask::MOVED_FROM
+        | WatchMask::CLOSE_WRITE
+        | WatchMask::DELETE
+        | WatchMask::ATTRIB;
+    let mut watched = BTreeSet::new();
+    let mut events = inotify.into_event_stream([0u8; 4096]).map_err(watch_err)?;
+    let mut last: Option<String> = None;
+    loop {
+        for dir in directories_of(&path) {
+            if !watched.contains(&dir) {
+                events
+                    .watches()
+                    .add(&dir, mask)
+                    .map_err(|source| FileError::Watch {
+                        path: dir.clone(),
+                        source,
+                    })?;
+                watched.insert(dir);
+            }
+        }
+        publish_if_changed(&path, &mut last, &updates);
+        if updates.is_closed() {
+            return Ok(());
+        }
+        // Wait for a change, then let a burst of events (a ConfigMap swap is several) settle.
+        match events.next().await {
+            Some(Ok(_)) => {}
+            Some(Err(source)) => return Err(watch_err(source)),
+            None => return Ok(()),
+        }
+        while let Ok(Some(_)) = tokio::time::timeout(Duration::from_millis(5), events.next()).await
+        {
+        }
+    }
+}
+
+/// The directories whose entries decide what `path` reads: its own, and its target's.
+fn directories_of(path: &Path) -> Vec<PathBuf> {
+    let parent = |p: &Path| {
+        p.parent()
+            .filter(|dir| !dir.as_os_str().is_empty())
+            .map_or_else(|| PathBuf::from("."), Path::to_path_buf)
+    };
+    let mut dirs = vec![parent(path)];
+    if let Ok(target) = std::fs::canonicalize(path) {
+        let dir = parent(&target);
+        if !dirs.contains(&dir) {
+            dirs.push(dir);
+        }
+    }
+    dirs
+}
+
+fn publish_if_changed(
+    path: &Path,
+    last: &mut Option<String>,
+    updates: &watch::Sender<Option<SourceUpdate>>,
+) {
+    let text = match std::fs::read_to_string(path) {
+        Ok(text) => text,
+        Err(err) => {
+            if last.is_some() {
+                error!(path = %path.display(), %err, "cannot read the services file; keeping the last good state");
+            }
+            return;
+        }
+    };
+    if last.as_ref() == Some(&text) {
+        return;
+    }
+    *last = Some(text.clone());
+    match parse(&text, path) {
+        Ok(update) => {
+            for rejected in &update.rejected {
+                warn!(service = %rejected.service, reason = %rejected.reason, "service rejected");
+            }
+            info!(
+                path = %path.display(),
+                addresses = update.desired.addresses.len(),
+                rejected = update.rejected.len(),
+                "services file loaded"
+            );
+            updates.send_replace(Some(update));
+        }
+        Err(err) => error!("{err}; keeping the last good state"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse_ok(text: &str) -> SourceUpdate {
+        parse(text, Path::new("services.yaml")).unwrap()
+    }
+
+    #[test]
+    fn a_full_entry_parses() {
+        let update = parse_ok(
+            "services:\n- name: web\n  addresses: [203.0.113.10, 2001:db8::10/128]\n  ports: [{port: 80}, {port: 53, protocol: udp}]\n  sourceRanges: [198.51.100.7/24, 10.1.2.3]\n  externalTrafficPolicy: Local\n",
+        );
+        assert!(update.rejected.is_empty(), "{:?}", update.rejected);
+        let web = &update.desired.addresses[&"203.0.113.10".parse().unwrap()]["web"];
+        assert_eq!(
+            web.ports
+                .iter()
+                .map(|p| (p.port, p.protocol))
+                .collect::<Vec<_>>(),
+            [(53, Protocol::Udp), (80, Protocol::Tcp)]
+        );
+        assert_eq!(
+            web.source_ranges
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>(),
+            ["10.1.2.3/32", "198.51.100.0/24"]
+        );
+        assert_eq!(web.traffic_policy, TrafficPolicy::Local);
+        assert_eq!(update.desired.addresses.len(), 2);
+    }
+
+    #[test]
+    fn a_bad_entry_is_rejected_naming_service_and_value_and_the_rest_is_served() {
+        let update = parse_ok(
+            "services:
+- {name: good, addresses: [203.0.113.10]}
+- {name: bad-address, addresses: [203.0.113.300]}
+- {name: network, addresses: [203.0.113.0/24]}
+- {name: good, addresses: [203.0.113.11]}
+- {name: bad-port, addresses: [203.0.113.12], ports: [{port: 70000}]}
+- {name: bad-proto, addresses: [203.0.113.13], ports: [{port: 80, protocol: ICMP}]}
+- {name: bad-range, addresses: [203.0.113.14], sourceRanges: [10.0.0.0/33]}
+- {name: bad-policy, addresses: [203.0.113.15], externalTrafficPolicy: Nearest}
+- {name: typo, adresses: [203.0.113.16]}
+- {addresses: [203.0.113.17]}
+- {name: also-good, addresses: [203.0.113.18]}
+",
+        );
+        assert_eq!(
+            update
+                .desired
+                .addresses
+                .keys()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>(),
+            ["203.0.113.10", "203.0.113.18"]
+        );
+        let reasons: Vec<(&str, &str)> = update
+            .rejected
+            .iter()
+            .map(|r| (r.service.as_str(), r.reason.as_str()))
+            .collect();
+        let expect = [
+            (
+                "bad-address",
+                "\"203.0.113.300\": not an IPv4 or IPv6 address",
+            ),
+            (
+                "network",
+                "\"203.0.113.0/24\": a load-balancer address is a single host",
+            ),
+            ("good", "name \"good\" is used by an earlier entry"),
+            ("bad-port", "port 70000 is not allowed (1-65535)"),
+            (
+                "bad-proto",
+                "protocol \"ICMP\" is not allowed (TCP, UDP or SCTP)",
+            ),
+            ("bad-range", "\"10.0.0.0/33\" is not a CIDR range"),
+            (
+                "bad-policy",
+                "\"Nearest\" is not allowed (Cluster or Local)",
+            ),
+            ("typo", "unknown field `adresses`"),
+            ("services[9]", "missing field `name`"),
+        ];
+        assert_eq!(reasons.len(), expect.len(), "{reasons:#?}");
+        for ((service, reason), (want_service, want_reason)) in reasons.iter().zip(expect) {
+            assert_eq!(*service, want_service);
+            assert!(reason.contains(want_reason), "{service}: {reason}");
+        }
+        assert!(
+            update.rejected[0]
+                .reason
+                .starts_with("services[1] \"bad-address\": addresses[0]: ")
+        );
+    }
+
+    #[test]
+    fn an_unparseable_or_empty_file_is_an_error() {
+        for text in ["", "  \n", "services: [", "services: 5", "servics: []"] {
+            assert!(parse(text, Path::new("s.yaml")).is_err(), "{text:?}");
+        }
+        assert!(parse_ok("services: []").desired.addresses.is_empty());
+    }
+
+    #[tokio::test]
+    async fn follows_a_configmap_style_symlink_swap() {
+        let dir = std::env::temp_dir().join(format!("lbagent-file-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("..v1")).unwrap();
+        std::fs::create_dir_all(dir.join("..v2")).unwrap();
+        std::fs::write(
+            dir.join("..v1/services.yaml"),
+            "services: [{name: a, addresses: [203.0.113.1]}]",
+        )
+        .unwrap();
+        std::fs::write(
+            dir.join("..v2/services.yaml"),
+            "services: [{name: b, addresses: [203.0.113.2]}]",
+        )
+        .unwrap();
+        std::os::unix::fs::symlink("..v1", dir.join("..data")).unwrap();
+        std::os::unix::fs::symlink("..data/services.yaml", dir.join("services.yaml")).unwrap();
+
+        let (tx, mut rx) = watch::channel(None);
+        let task = tokio::spawn(watch(dir.join("services.yaml"), tx));
+        let addresses = |rx: &watch::Receiver<Option<SourceUpdate>>| {
+            rx.borrow().as_ref().map(|u| {
+                u.desired
+                    .addresses
+                    .keys()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+            })
+        };
+        tokio::time::timeout(Duration::from_secs(2), rx.wait_for(Option::is_some))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(addresses(&rx), Some(vec!["203.0.113.1".to_owned()]));
+
+        // What the kubelet does: a new ..data symlink renamed over the old one.
+        std::os::unix::fs::symlink("..v2", dir.join("..data_tmp")).unwrap();
+        std::fs::rename(dir.join("..data_tmp"), dir.join("..data")).unwrap();
+        let started = std::time::Instant::now();
+        tokio::time::timeout(Duration::from_secs(2), rx.changed())
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(
+            started.elapsed() < Duration::from_millis(100),
+            "{:?}",
+            started.elapsed()
+        );
+        assert_eq!(addresses(&rx), Some(vec!["203.0.113.2".to_owned()]));
+
+        // A broken file keeps the last good state.
+        std::fs::write(dir.join("..v2/services.yaml"), "services: [").unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(addresses(&rx), Some(vec!["203.0.113.2".to_owned()]));
+
+        drop(rx);
+        task.abort();
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
