@@ -127,10 +127,7 @@ pub fn run(cli: Cli, out: &mut impl Write) -> Result<()> {
             let (interface, status_path) = match config {
                 Some(path) => {
                     let config = Config::load(&path, None)?;
-                    (
-                        config.addresses.interface,
-                        PathBuf::from(config.status_path),
-                    )
+                    (config.addresses.interface, config.status_path)
                 }
                 None => (interface, PathBuf::from(config::DEFAULT_STATUS_PATH)),
             };
@@ -305,21 +302,34 @@ fn write_status_table(out: &mut impl Write, status: &status::Status) -> std::io:
         .chain(["ADDRESS".len()])
         .max()
         .unwrap_or(0);
-    writeln!(out, "{:<width$}  {:<11}  SERVICES", "ADDRESS", "STATE")?;
-    for address in &status.addresses {
-        let state = match address.state {
+    let states: Vec<String> = status
+        .addresses
+        .iter()
+        .map(|address| match address.state {
             AddressState::Virtual => "virtual".to_owned(),
             AddressState::Local => format!(
                 "local ({})",
                 address.prefix.map(|p| p.to_string()).unwrap_or_default()
             ),
             AddressState::Unsupported => "unsupported (no IPv6)".to_owned(),
-        };
+        })
+        .collect();
+    let state_width = states
+        .iter()
+        .map(String::len)
+        .chain(["STATE".len()])
+        .max()
+        .unwrap_or(0);
+    writeln!(
+        out,
+        "{:<width$}  {:<state_width$}  SERVICES",
+        "ADDRESS", "STATE"
+    )?;
+    for (address, state) in status.addresses.iter().zip(&states) {
         writeln!(
             out,
-            "{:<width$}  {:<11}  {}",
+            "{:<width$}  {state:<state_width$}  {}",
             address.address.to_string(),
-            state,
             address.services.join(",")
         )?;
     }

@@ -326,3 +326,157 @@ pub fn xdp_on(ns: &NetNs, iface: &str) -> Option<XdpInfo> {
         mode: mode.to_owned(),
     })
 }
+
+/// A directory of its own under the system temp dir, removed on drop.
+pub struct TempDir {
+    path: PathBuf,
+}
+
+impl TempDir {
+    pub fn new(prefix: &str) -> Self {
+        let path = std::env::temp_dir().join(unique_name(prefix));
+        std::fs::create_dir_all(&path).expect("create temp dir");
+        Self { path }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Writes `name` by renaming a complete temporary file over it, as tools that update
+    /// files safely do.
+    pub fn write(&self, name: &str, text: &str) -> PathBuf {
+        let path = self.path.join(name);
+        let tmp = self.path.join(format!(".{name}.tmp"));
+        std::fs::write(&tmp, text).expect("write temp file");
+        std::fs::rename(&tmp, &path).expect("rename into place");
+        path
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
+}
+
+/// Polls `condition` every 10 ms until it holds or `timeout` passes; returns whether it held.
+pub fn wait_until(timeout: std::time::Duration, mut condition: impl FnMut() -> bool) -> bool {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        if condition() {
+            return true;
+        }
+        if std::time::Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
+
+/// A running `lbagent run`, inside a namespace, logging to a file. Killed on drop.
+pub struct Agent {
+    child: std::process::Child,
+    log: PathBuf,
+}
+
+impl Agent {
+    pub fn start(ns: &NetNs, config: &Path, log: PathBuf) -> Self {
+        let file = std::fs::File::create(&log).expect("create log file");
+        let child = ns
+            .command(&lbagent_bin())
+            .args(["run", "--config"])
+            .arg(config)
+            .env("LBAGENT_LOG", "info")
+            .stdout(file.try_clone().expect("log fd"))
+            .stderr(file)
+            .spawn()
+            .expect("start lbagent run");
+        Self { child, log }
+    }
+
+    /// Sends SIGTERM and waits for the exit status.
+    pub fn stop(mut self) -> std::process::ExitStatus {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
+        self.child.wait().expect("wait for lbagent")
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Whether it has exited, with its status.
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().expect("try_wait")
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The addresses on `iface` in `ns` as `addr/prefix`, IPv6 link-local excluded; empty if the
+/// interface does not exist.
+pub fn addresses_on(ns: &NetNs, iface: &str) -> std::collections::BTreeSet<String> {
+    let output = run("ip", &["-n", ns.name(), "-j", "addr", "show", "dev", iface]);
+    if !output.status.success() {
+        return Default::default();
+    }
+    let links: serde_json::Value = serde_json::from_slice(&output.stdout).expect("ip -j addr");
+    links[0]["addr_info"]
+        .as_array()
+        .map(|infos| {
+            infos
+                .iter()
+                .filter(|info| info["scope"] != "link")
+                .map(|info| format!("{}/{}", info["local"].as_str().unwrap(), info["prefixlen"]))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// `ip monitor address link` in a namespace, for asserting that nothing changed.
+pub struct Monitor {
+    child: Option<std::process::Child>,
+}
+
+impl Monitor {
+    pub fn start(ns: &NetNs) -> Self {
+        let child = Command::new("ip")
+            .args(["-n", ns.name(), "monitor", "address", "link"])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("start ip monitor");
+        // ip monitor subscribes right after it starts; give it that moment.
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        Self { child: Some(child) }
+    }
+
+    /// Stops the monitor and returns every event line it printed.
+    pub fn stop(mut self) -> Vec<String> {
+        let mut child = self.child.take().expect("running");
+        let _ = child.kill();
+        let output = child.wait_with_output().expect("monitor output");
+        String::from_utf8_lossy(&output.stdout)
+            .lines()
+            .map(str::to_owned)
+            .collect()
+    }
+}
+
+impl Drop for Monitor {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}

@@ -2,7 +2,6 @@
 //! rtnetlink. The only code that changes them.
 
 use std::{
-    collections::BTreeSet,
     net::IpAddr,
     sync::atomic::{AtomicBool, Ordering},
 };
@@ -35,13 +34,13 @@ pub enum AddressError {
     Dump {
         what: &'static str,
         #[source]
-        source: rtnetlink::Error,
+        source: Box<rtnetlink::Error>,
     },
     #[error("creating {interface}: {source}")]
     CreateLink {
         interface: String,
         #[source]
-        source: rtnetlink::Error,
+        source: Box<rtnetlink::Error>,
     },
     #[error("{interface} vanished while it was being set up")]
     LinkVanished { interface: String },
@@ -49,7 +48,7 @@ pub enum AddressError {
     SetUp {
         interface: String,
         #[source]
-        source: rtnetlink::Error,
+        source: Box<rtnetlink::Error>,
     },
     #[error("{verb} {prefix} on {interface}: {source}")]
     Address {
@@ -57,13 +56,13 @@ pub enum AddressError {
         prefix: IpNet,
         interface: String,
         #[source]
-        source: rtnetlink::Error,
+        source: Box<rtnetlink::Error>,
     },
     #[error("deleting {interface}: {source}")]
     DeleteLink {
         interface: String,
         #[source]
-        source: rtnetlink::Error,
+        source: Box<rtnetlink::Error>,
     },
 }
 
@@ -133,25 +132,10 @@ impl AddressSink {
     }
 
     pub async fn observe(&self) -> Result<Observed, AddressError> {
-        let links: Vec<LinkMessage> = self
-            .handle
-            .link()
-            .get()
-            .execute()
-            .try_collect()
-            .await
-            .map_err(|source| AddressError::Dump {
-                what: "links",
-                source,
-            })?;
-        let link = links
-            .iter()
-            .find(|link| link_name(link) == Some(self.interface.as_str()))
-            .map(|link| LinkState {
-                index: link.header.index,
-                up: link.header.flags.contains(LinkFlags::Up),
-            });
-
+        let link = self.link().await?.map(|link| LinkState {
+            index: link.header.index,
+            up: link.header.flags.contains(LinkFlags::Up),
+        });
         let mut observed = Observed {
             link,
             ipv6: ipv6_enabled(),
@@ -164,7 +148,7 @@ impl AddressSink {
                 .await
                 .map_err(|source| AddressError::Dump {
                     what: "addresses",
-                    source,
+                    source: Box::new(source),
                 })?
         {
             let Some(net) = address_of(&message) else {
@@ -203,7 +187,7 @@ impl AddressSink {
                     .await
                     .map_err(|source| AddressError::SetUp {
                         interface: self.interface.clone(),
-                        source,
+                        source: Box::new(source),
                     })?;
             }
             link.index
@@ -242,7 +226,7 @@ impl AddressSink {
             .await
             .map_err(|source| AddressError::DeleteLink {
                 interface: self.interface.clone(),
-                source,
+                source: Box::new(source),
             })?;
         Ok(true)
     }
@@ -275,7 +259,7 @@ impl AddressSink {
                 Err(source) => {
                     return Err(AddressError::CreateLink {
                         interface: self.interface.clone(),
-                        source,
+                        source: Box::new(source),
                     });
                 }
             }
@@ -287,12 +271,22 @@ impl AddressSink {
             .await
             .map_err(|source| AddressError::CreateLink {
                 interface: self.interface.clone(),
-                source,
+                source: Box::new(source),
             })?;
         Ok("ifb")
     }
 
     async fn link_index(&self) -> Result<u32, AddressError> {
+        match self.link().await? {
+            Some(link) => Ok(link.header.index),
+            None => Err(AddressError::LinkVanished {
+                interface: self.interface.clone(),
+            }),
+        }
+    }
+
+    /// The interface, asked for by name: cheaper than listing every link on a busy node.
+    async fn link(&self) -> Result<Option<LinkMessage>, AddressError> {
         let mut links = self
             .handle
             .link()
@@ -300,9 +294,11 @@ impl AddressSink {
             .match_name(self.interface.clone())
             .execute();
         match links.try_next().await {
-            Ok(Some(link)) => Ok(link.header.index),
-            _ => Err(AddressError::LinkVanished {
-                interface: self.interface.clone(),
+            Ok(link) => Ok(link),
+            Err(err) if errno(&err) == Some(libc::ENODEV) => Ok(None),
+            Err(source) => Err(AddressError::Dump {
+                what: "links",
+                source: Box::new(source),
             }),
         }
     }
@@ -328,7 +324,7 @@ impl AddressSink {
                 verb: "adding",
                 prefix: net,
                 interface: self.interface.clone(),
-                source,
+                source: Box::new(source),
             }),
         }
     }
@@ -356,7 +352,7 @@ impl AddressSink {
                 verb: "removing",
                 prefix: net,
                 interface: self.interface.clone(),
-                source,
+                source: Box::new(source),
             }),
         }
     }
@@ -405,9 +401,4 @@ fn errno(err: &rtnetlink::Error) -> Option<i32> {
         rtnetlink::Error::NetlinkError(message) => message.code.map(|code| -code.get()),
         _ => None,
     }
-}
-
-/// Addresses of `observed` (for tests and status).
-pub fn held(observed: &Observed) -> BTreeSet<IpAddr> {
-    observed.addresses.iter().map(IpNet::addr).collect()
 }
