@@ -278,6 +278,7 @@ pub fn init_logging(format: Option<LogFormat>, default_level: &str) {
         EnvFilter::try_from_env("LBAGENT_LOG").unwrap_or_else(|_| EnvFilter::new(default_level));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     let _ = match format.unwrap_or(LogFormat::Human) {
         LogFormat::Human => builder.with_target(false).try_init(),

@@ -98,6 +98,26 @@ fn services_added_changed_and_removed_follow_the_file() {
         &["-n", node.ns.name(), "-d", "-j", "link", "show", "kube-lb0"],
     );
     assert!(kind.contains("\"UP\""), "kube-lb0 is up: {kind}");
+    // A VIP is a host: the kernel gets a local route for it and nothing else.
+    let local_table = run_ok(
+        "ip",
+        &[
+            "-n",
+            node.ns.name(),
+            "route",
+            "show",
+            "table",
+            "local",
+            "dev",
+            "kube-lb0",
+        ],
+    );
+    let vip_routes: Vec<&str> = local_table.lines().filter(|l| l.contains(V4)).collect();
+    assert_eq!(vip_routes.len(), 1, "{local_table}");
+    assert!(
+        vip_routes[0].starts_with(&format!("local {V4} ")),
+        "{local_table}"
+    );
 
     // Change: the v6 address goes, a new v4 address comes.
     node.services("services:\n- {name: web, addresses: [203.0.113.10, 203.0.113.11]}\n");

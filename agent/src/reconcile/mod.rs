@@ -19,7 +19,7 @@ use tracing::{error, info, warn};
 
 use crate::{
     desired::SourceUpdate,
-    sinks::addresses::AddressSink,
+    sinks::addresses::{AddressError, AddressSink},
     status::{AddressState, AddressStatus, LastReconcile, Status, StatusWriter},
 };
 
@@ -136,6 +136,8 @@ impl Reconciler {
 
         let mut errors = Vec::new();
         let mut link_index = observed.link.map(|l| l.index);
+        let mut virtual_addresses: BTreeSet<IpNet> =
+            plan.virtual_addresses(&observed).copied().collect();
         let (mut added, mut removed) = (0, 0);
         if !plan.changes_nothing() {
             match self.sink.apply(&plan, &observed).await {
@@ -145,21 +147,28 @@ impl Reconciler {
                     }
                     added = applied.added;
                     removed = applied.removed;
-                    errors.extend(applied.errors.iter().map(ToString::to_string));
+                    link_index = Some(applied.link_index);
+                    for err in &applied.errors {
+                        // What failed is not what lbagent left: the retry is not a repair.
+                        if let AddressError::Address { verb, prefix, .. } = err {
+                            if *verb == "adding" {
+                                virtual_addresses.remove(prefix);
+                            } else {
+                                virtual_addresses.insert(*prefix);
+                            }
+                        }
+                        errors.push(err.to_string());
+                    }
                 }
-                Err(err) => errors.push(err.to_string()),
-            }
-            // Read back what the kernel now holds: that is what later changes are judged by.
-            match self.sink.observe().await {
-                Ok(now) => link_index = now.link.map(|l| l.index).or(link_index),
-                Err(err) => errors.push(err.to_string()),
+                Err(err) => {
+                    link_index = None;
+                    errors.push(err.to_string());
+                }
             }
         }
         for err in &errors {
             error!(%interface, %err, "reconcile step failed; will retry");
         }
-        let virtual_addresses: BTreeSet<IpNet> =
-            plan.virtual_addresses(&observed).copied().collect();
         self.expected = link_index.map(|link_index| Expected {
             link_index,
             addresses: virtual_addresses.clone(),

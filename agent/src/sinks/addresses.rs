@@ -70,6 +70,8 @@ pub enum AddressError {
 #[derive(Debug, Default)]
 pub struct Applied {
     pub created_link: Option<&'static str>,
+    /// The interface the addresses went to.
+    pub link_index: u32,
     pub added: usize,
     pub removed: usize,
     /// Changes that failed; the next reconcile tries them again.
@@ -171,7 +173,7 @@ impl AddressSink {
     /// rest still go in. Failing to create the interface stops the apply.
     pub async fn apply(&self, plan: &Plan, observed: &Observed) -> Result<Applied, AddressError> {
         let mut applied = Applied::default();
-        let index = if plan.create_link {
+        applied.link_index = if plan.create_link {
             let kind = self.create_link().await?;
             applied.created_link = Some(kind);
             self.link_index().await?
@@ -192,6 +194,7 @@ impl AddressSink {
             }
             link.index
         };
+        let index = applied.link_index;
 
         let removals = plan.remove.iter().map(|net| self.remove(index, *net));
         let additions = plan.add.iter().map(|net| self.add(index, *net));
@@ -308,6 +311,13 @@ impl AddressSink {
             .handle
             .address()
             .add(index, net.addr(), net.prefix_len());
+        // rtnetlink's builder makes a /32 its own broadcast address, which installs a
+        // `broadcast` route for the VIP beside its `local` one. A VIP is a host, never a
+        // broadcast address.
+        request
+            .message_mut()
+            .attributes
+            .retain(|attr| !matches!(attr, AddressAttribute::Broadcast(_)));
         if net.addr().is_ipv6() {
             // The address is ours alone: duplicate address detection would only delay it.
             let message = request.message_mut();
