@@ -1,5 +1,6 @@
 //! lbagent's developer tasks. `cargo xtask --help` lists them.
 
+mod bench;
 mod build_ebpf;
 mod cmd;
 mod demo;
@@ -25,6 +26,17 @@ enum Task {
     Test,
     /// Set up, then show lbagent counting real traffic between two network namespaces (as root).
     Demo,
+    /// Measure against a baseline run alongside, and print a table (as root).
+    Bench {
+        #[arg(value_enum)]
+        what: Bench,
+    },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum Bench {
+    /// 10,000 addresses onto kube-lb0 against `ip -batch`; resync time, syscalls, RSS.
+    Addresses,
 }
 
 fn main() -> Result<()> {
@@ -38,6 +50,12 @@ fn main() -> Result<()> {
         Task::Demo => {
             setup::run()?;
             demo::run()
+        }
+        Task::Bench { what } => {
+            setup::run()?;
+            match what {
+                Bench::Addresses => bench::addresses(),
+            }
         }
     }
 }

@@ -20,6 +20,7 @@ const APT_PACKAGES: &[&str] = &[
     "iputils-ping", // traffic in tests and the demo
     "ethtool",      // veth offload settings in dataplane benchmarks
     "util-linux",   // nsenter, mount
+    "strace",       // syscall counts in benchmarks
 ];
 
 const BPF_LINKER_VERSION: &str = "^0.13";
