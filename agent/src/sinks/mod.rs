@@ -1,3 +1,4 @@
 //! Sinks: each owns one kind of kernel or daemon state and is the only code that changes it.
 
 pub mod addresses;
+pub mod routing;
