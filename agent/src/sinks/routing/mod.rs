@@ -3,5 +3,6 @@
 //! it also runs and supervises BIRD. Address changes never reach this sink: BIRD's direct
 //! protocol follows kube-lb0 by itself.
 
+pub mod control;
 pub mod model;
 pub mod render;
