@@ -10,7 +10,14 @@ use crate::{
     address,
     config::{self, Config},
     dataplane::{self, AttachMode, PinLayout, VipCounters, VipTable},
-    sinks::addresses::AddressSink,
+    sinks::{
+        addresses::AddressSink,
+        routing::{
+            self, BirdPaths, RoutingStatus,
+            model::{IfaceName, Mode},
+            render::{Scope, render},
+        },
+    },
     status::{self, AddressState},
 };
 
@@ -65,6 +72,11 @@ pub enum Command {
         #[arg(long, default_value = config::DEFAULT_INTERFACE, conflicts_with = "config")]
         interface: String,
     },
+    /// BIRD as lbagent configures it.
+    Bird {
+        #[command(subcommand)]
+        command: BirdCommand,
+    },
     /// Show what the running agent holds and why (from its status file).
     Status {
         #[arg(long, default_value = config::DEFAULT_STATUS_PATH)]
@@ -99,6 +111,23 @@ pub enum Command {
 }
 
 #[derive(Debug, Subcommand)]
+pub enum BirdCommand {
+    /// Print the BIRD config lbagent renders from its config file.
+    Render {
+        #[arg(
+            long,
+            env = "LBAGENT_CONFIG",
+            default_value = "/etc/lbagent/lbagent.yaml"
+        )]
+        config: PathBuf,
+        /// Router id to render with when the config sets none (default: the node's first
+        /// global IPv4 address).
+        #[arg(long)]
+        router_id: Option<std::net::Ipv4Addr>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
 pub enum VipCommand {
     /// Add addresses (IPv4 or IPv6, optionally as /32 or /128).
     Add {
@@ -118,19 +147,74 @@ pub fn run(cli: Cli, out: &mut impl Write) -> Result<()> {
     let quiet = "warn";
     match cli.command {
         Command::Run { config, node_name } => {
-            let config = Config::load(&config, node_name.as_deref())?;
-            init_logging(cli.log_format.or(config.log_format), "info");
-            runtime()?.block_on(crate::daemon::run(config))?;
+            let loaded = Config::load(&config, node_name.as_deref())?;
+            init_logging(cli.log_format.or(loaded.log_format), "info");
+            runtime()?.block_on(crate::daemon::run(config, node_name, loaded))?;
+        }
+        Command::Bird {
+            command: BirdCommand::Render { config, router_id },
+        } => {
+            init_logging(cli.log_format, quiet);
+            let loaded = Config::load(&config, None)?;
+            let routing = loaded
+                .routing
+                .as_ref()
+                .context("the config has no routing section")?;
+            let interface = IfaceName::new(&loaded.addresses.interface, "addresses.interface")
+                .map_err(|err| {
+                    anyhow::anyhow!(
+                        "{}: {} is not allowed ({})",
+                        err.field,
+                        err.value,
+                        err.allowed
+                    )
+                })?;
+            let router_id = match routing.router_id.or(router_id) {
+                Some(id) => id,
+                None => runtime()?
+                    .block_on(async { AddressSink::connect(&loaded.addresses.interface)?.node_ipv4().await })?
+                    .context("routing.routerId: this node has no IPv4 address to default to; set one or pass --router-id")?,
+            };
+            let scope = match routing.mode {
+                Mode::Managed { .. } => Scope::WholeConfig,
+                Mode::External { .. } => Scope::Include,
+            };
+            write!(out, "{}", render(routing, router_id, &interface, scope))?;
         }
         Command::Cleanup { config, interface } => {
             init_logging(cli.log_format, quiet);
-            let (interface, status_path) = match config {
+            let (interface, status_path, bird) = match config {
                 Some(path) => {
                     let config = Config::load(&path, None)?;
-                    (config.addresses.interface, config.status_path)
+                    let bird = match config.routing.map(|r| r.mode) {
+                        Some(Mode::Managed { state_dir, .. }) => Some(state_dir),
+                        _ => None,
+                    };
+                    (config.addresses.interface, config.status_path, bird)
                 }
-                None => (interface, PathBuf::from(config::DEFAULT_STATUS_PATH)),
+                None => (
+                    interface,
+                    PathBuf::from(config::DEFAULT_STATUS_PATH),
+                    Some(PathBuf::from(routing::model::DEFAULT_STATE_DIR)),
+                ),
             };
+            if let Some(state_dir) = bird {
+                // `down`, not a graceful restart: peers must withdraw the routes now.
+                let paths = BirdPaths::new(&state_dir);
+                let stopped = runtime()?.block_on(routing::down(&paths.socket))?;
+                if stopped {
+                    writeln!(out, "BIRD: shut down (peers withdraw the routes)")?;
+                }
+                match std::fs::remove_dir_all(&state_dir) {
+                    Ok(()) => writeln!(out, "{}: removed", state_dir.display())?,
+                    Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(err) => {
+                        return Err(err)
+                            .with_context(|| format!("removing {}", state_dir.display()));
+                    }
+                }
+            }
+            let _ = std::fs::remove_file(routing::status_path(&status_path));
             let deleted = runtime()?
                 .block_on(async { AddressSink::connect(&interface)?.delete_link().await })?;
             writeln!(
@@ -178,6 +262,20 @@ pub fn run(cli: Cli, out: &mut impl Write) -> Result<()> {
                 }
                 Output::Table => write_status_table(out, &status)?,
             }
+            if let Ok(text) = std::fs::read(routing::status_path(&status_file))
+                && let Ok(routing) = serde_json::from_slice::<RoutingStatus>(&text)
+            {
+                match output {
+                    Output::Json => {
+                        serde_json::to_writer_pretty(
+                            &mut *out,
+                            &serde_json::json!({ "routing": routing }),
+                        )?;
+                        writeln!(out)?;
+                    }
+                    Output::Table => write_routing_table(out, &routing)?,
+                }
+            }
         }
         command => {
             init_logging(cli.log_format, quiet);
@@ -190,7 +288,10 @@ pub fn run(cli: Cli, out: &mut impl Write) -> Result<()> {
 fn run_dataplane_command(command: Command, pins: &PinLayout, out: &mut impl Write) -> Result<()> {
     let pins = pins.clone();
     match command {
-        Command::Run { .. } | Command::Cleanup { .. } | Command::Status { .. } => {
+        Command::Run { .. }
+        | Command::Cleanup { .. }
+        | Command::Status { .. }
+        | Command::Bird { .. } => {
             unreachable!("handled by run()")
         }
         Command::Attach { iface, mode } => {
@@ -339,6 +440,37 @@ fn write_status_table(out: &mut impl Write, status: &status::Status) -> std::io:
     }
     for err in &status.errors {
         writeln!(out, "error: {err}")?;
+    }
+    Ok(())
+}
+
+fn write_routing_table(out: &mut impl Write, routing: &RoutingStatus) -> std::io::Result<()> {
+    writeln!(
+        out,
+        "\nrouting: {} BIRD, {} (restarts: {})",
+        routing.mode, routing.bird, routing.restarts
+    )?;
+    if let Some(reload) = &routing.last_reload {
+        writeln!(out, "last reload: {reload}")?;
+    }
+    let width = routing
+        .protocols
+        .iter()
+        .map(|p| p.name.len())
+        .chain(["PROTOCOL".len()])
+        .max()
+        .unwrap_or(0);
+    writeln!(
+        out,
+        "{:<width$}  {:<8}  {:<6}  {:<13}  INFO",
+        "PROTOCOL", "KIND", "STATE", "SINCE"
+    )?;
+    for p in &routing.protocols {
+        writeln!(
+            out,
+            "{:<width$}  {:<8}  {:<6}  {:<13}  {}",
+            p.name, p.proto, p.state, p.since, p.info
+        )?;
     }
     Ok(())
 }

@@ -23,7 +23,10 @@ use std::{
 
 use serde::Deserialize;
 
-use crate::cli::LogFormat;
+use crate::{
+    cli::LogFormat,
+    sinks::routing::model::{RawRouting, RoutingConfig},
+};
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Config {
@@ -32,6 +35,8 @@ pub struct Config {
     pub addresses: AddressesConfig,
     pub status_path: PathBuf,
     pub log_format: Option<LogFormat>,
+    /// `None`: lbagent advertises nothing itself (no `routing:` section).
+    pub routing: Option<RoutingConfig>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -64,6 +69,15 @@ pub enum ConfigError {
         value: String,
         allowed: &'static str,
     },
+    /// A field deep in a list, named by its path (`routing.bgp[1].asn`); the value is already
+    /// quoted where it was text.
+    #[error("{}: {field}: {value} is not allowed ({allowed})", path.display())]
+    InvalidAt {
+        path: PathBuf,
+        field: String,
+        value: String,
+        allowed: &'static str,
+    },
 }
 
 pub const DEFAULT_INTERFACE: &str = "kube-lb0";
@@ -82,6 +96,7 @@ struct RawConfig {
     status: RawStatus,
     #[serde(default)]
     log: RawLog,
+    routing: Option<RawRouting>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -203,7 +218,19 @@ impl Config {
             Some(other) => return Err(invalid("log.format", other, "human or json")),
         };
 
+        let routing = raw
+            .routing
+            .map(RawRouting::validate)
+            .transpose()
+            .map_err(|err| ConfigError::InvalidAt {
+                path: path.to_owned(),
+                field: err.field,
+                value: err.value,
+                allowed: err.allowed,
+            })?;
+
         Ok(Self {
+            routing,
             node_name,
             source,
             addresses: AddressesConfig {
@@ -324,6 +351,19 @@ mod tests {
             .to_string();
         assert!(err.contains("unknown field `resync`"), "{err}");
         assert!(err.contains("resyncInterval"), "{err}");
+    }
+
+    #[test]
+    fn routing_errors_name_the_field_path() {
+        let err = parse("source: {file: {path: s}}\nrouting: {bgp: [{neighbor: 10.0.0.1, asn: 70000000000, localAsn: 1}]}")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.ends_with(
+                "routing.bgp[0].asn: 70000000000 is not allowed (an AS number, 1-4294967295)"
+            ),
+            "{err}"
+        );
     }
 
     #[test]

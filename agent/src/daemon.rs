@@ -1,21 +1,32 @@
-//! `lbagent run`: wires the source, the reconciler and the sinks together.
+//! `lbagent run`: wires the source, the reconciler and the sinks together, and follows the
+//! config file so that routing changes apply without a restart.
+
+use std::{ops::ControlFlow, path::PathBuf, time::Duration};
 
 use anyhow::{Context as _, Result};
 use tokio::{
     signal::unix::{SignalKind, signal},
     sync::{mpsc, watch},
 };
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 use crate::{
     config::{Config, Source},
     reconcile::{Inputs, Reconciler},
-    sinks::addresses::AddressSink,
+    sinks::{
+        addresses::AddressSink,
+        routing::{
+            self, BirdPaths, Stop,
+            model::{IfaceName, Mode, RoutingConfig},
+            render::{Scope, render},
+        },
+    },
     sources,
     status::StatusWriter,
+    watch::FileEvent,
 };
 
-pub async fn run(config: Config) -> Result<()> {
+pub async fn run(config_path: PathBuf, node_name: Option<String>, config: Config) -> Result<()> {
     let interface = config.addresses.interface.clone();
     let sink = AddressSink::connect(&interface)?;
     let kernel_changes = sink.changes()?;
@@ -27,9 +38,27 @@ pub async fn run(config: Config) -> Result<()> {
         %interface,
         source = %path.display(),
         resync = %humantime::format_duration(config.addresses.resync_interval),
+        routing = config.routing.as_ref().map_or("none", |r| match r.mode {
+            Mode::Managed { .. } => "managed BIRD",
+            Mode::External { .. } => "external BIRD",
+        }),
         "lbagent starting"
     );
     let mut source = tokio::spawn(sources::file::watch(path.clone(), updates_tx));
+
+    let (stop_tx, stop_rx) = watch::channel(Stop::No);
+    let routing = match &config.routing {
+        Some(routing_config) => {
+            Some(start_routing(&sink, routing_config, &interface, &config, stop_rx).await?)
+        }
+        None => None,
+    };
+    tokio::spawn(follow_config(
+        config_path,
+        node_name,
+        config.clone(),
+        routing.as_ref().map(|r| r.renderer.clone()),
+    ));
 
     let (resync_tx, resync_now) = mpsc::channel(1);
     let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
@@ -52,24 +81,167 @@ pub async fn run(config: Config) -> Result<()> {
         resync_interval: config.addresses.resync_interval,
         resync_now,
     };
-    tokio::select! {
-        () = reconciler.run(inputs) => {}
+    let result = tokio::select! {
+        () = reconciler.run(inputs) => Ok(()),
         result = &mut source => {
             let err = match result {
-                Ok(Ok(())) => return Ok(()),
+                Ok(Ok(())) => anyhow::anyhow!("ended"),
                 Ok(Err(err)) => anyhow::Error::new(err),
                 Err(join) => anyhow::Error::new(join),
             };
             error!(%err, "the services source stopped");
-            return Err(err.context("the services source stopped"));
+            Err(err.context("the services source stopped"))
         }
         _ = term.recv() => stopping("SIGTERM"),
         _ = int.recv() => stopping("SIGINT"),
+    };
+    if let Some(routing) = routing {
+        // A planned stop: BIRD restarts gracefully, so peers keep the routes meanwhile.
+        let _ = stop_tx.send(Stop::Graceful);
+        if tokio::time::timeout(Duration::from_secs(15), routing.task)
+            .await
+            .is_err()
+        {
+            warn!("BIRD did not stop within 15 s");
+        }
     }
-    Ok(())
+    result
 }
 
 /// Addresses stay: a restart must not withdraw routes. `lbagent cleanup` removes them.
-fn stopping(signal: &str) {
+fn stopping(signal: &str) -> Result<()> {
     info!("{signal}: stopping; addresses stay in place (`lbagent cleanup` removes them)");
+    Ok(())
+}
+
+/// Renders routing configs for one interface and router id, and hands them to BIRD.
+#[derive(Clone)]
+struct Renderer {
+    router_id_default: Option<std::net::Ipv4Addr>,
+    interface: IfaceName,
+    configs: watch::Sender<String>,
+}
+
+impl Renderer {
+    fn render(&self, config: &RoutingConfig) -> Option<String> {
+        let router_id = config.router_id.or(self.router_id_default)?;
+        let scope = match config.mode {
+            Mode::Managed { .. } => Scope::WholeConfig,
+            Mode::External { .. } => Scope::Include,
+        };
+        Some(render(config, router_id, &self.interface, scope))
+    }
+}
+
+struct Routing {
+    renderer: Renderer,
+    task: tokio::task::JoinHandle<()>,
+}
+
+async fn start_routing(
+    sink: &AddressSink,
+    routing_config: &RoutingConfig,
+    interface: &str,
+    config: &Config,
+    stop: watch::Receiver<Stop>,
+) -> Result<Routing> {
+    let router_id_default = sink.node_ipv4().await?;
+    if routing_config.router_id.is_none() && router_id_default.is_none() {
+        anyhow::bail!("routing.routerId: this node has no IPv4 address to default to; set one");
+    }
+    let interface = IfaceName::new(interface, "addresses.interface").map_err(|err| {
+        anyhow::anyhow!(
+            "{}: {} is not allowed ({})",
+            err.field,
+            err.value,
+            err.allowed
+        )
+    })?;
+    let (tx, rx) = watch::channel(String::new());
+    let renderer = Renderer {
+        router_id_default,
+        interface,
+        configs: tx,
+    };
+    let text = renderer
+        .render(routing_config)
+        .context("routing.routerId")?;
+    renderer.configs.send_replace(text);
+    let status_file = routing::status_path(&config.status_path);
+    let task = match routing_config.mode.clone() {
+        Mode::Managed { binary, state_dir } => {
+            if let Err(err) = routing::check_installed(&binary) {
+                return Err(err.into());
+            }
+            tokio::spawn(async move {
+                if let Err(err) =
+                    routing::run_managed(binary, BirdPaths::new(&state_dir), rx, stop, status_file)
+                        .await
+                {
+                    error!(%err, "routing stopped");
+                }
+            })
+        }
+        Mode::External { include, socket } => {
+            tokio::spawn(routing::run_external(include, socket, rx, status_file))
+        }
+    };
+    Ok(Routing { renderer, task })
+}
+
+/// Follows lbagent's own config file. A routing change is rendered and applied to BIRD at
+/// once; a file that fails validation changes nothing and says so; changes that need a
+/// restart are named.
+async fn follow_config(
+    path: PathBuf,
+    node_name: Option<String>,
+    mut current: Config,
+    renderer: Option<Renderer>,
+) {
+    let result = crate::watch::follow(&path, |event| {
+        let text = match event {
+            FileEvent::Changed(text) => text,
+            FileEvent::Unreadable(err) => {
+                error!(path = %path.display(), %err, "cannot read the config file; keeping the running config");
+                return ControlFlow::Continue(());
+            }
+        };
+        let next = match Config::parse(&text, &path, node_name.as_deref()) {
+            Ok(next) => next,
+            Err(err) => {
+                error!("{err}; keeping the running config");
+                return ControlFlow::Continue(());
+            }
+        };
+        if next == current {
+            return ControlFlow::Continue(());
+        }
+        match (&renderer, &next.routing) {
+            (Some(renderer), Some(routing)) if Some(routing) != current.routing.as_ref() => {
+                let same_mode = current
+                    .routing
+                    .as_ref()
+                    .is_some_and(|r| r.mode == routing.mode);
+                if !same_mode {
+                    warn!("routing.mode, its BIRD binary or paths changed: restart lbagent to apply it");
+                } else if let Some(text) = renderer.render(routing) {
+                    info!("routing config changed; reconfiguring BIRD");
+                    renderer.configs.send_replace(text);
+                }
+            }
+            (None, Some(_)) | (Some(_), None) => warn!("a routing section was added or removed: restart lbagent to apply it"),
+            _ => {}
+        }
+        let mut rest_now = next.clone();
+        rest_now.routing = current.routing.clone();
+        if rest_now != current {
+            warn!("config changes outside `routing` take effect when lbagent restarts");
+        }
+        current = next;
+        ControlFlow::Continue(())
+    })
+    .await;
+    if let Err(err) = result {
+        error!(%err, "no longer following the config file");
+    }
 }

@@ -19,3 +19,4 @@ pub mod reconcile;
 pub mod sinks;
 pub mod sources;
 pub mod status;
+pub mod watch;

@@ -169,6 +169,35 @@ impl AddressSink {
         Ok(observed)
     }
 
+    /// The node's first global IPv4 address outside the load-balancer interface and `lo`, by
+    /// interface index: the default BIRD router id.
+    pub async fn node_ipv4(&self) -> Result<Option<std::net::Ipv4Addr>, AddressError> {
+        let lb = self.link().await?.map(|l| l.header.index);
+        let messages: Vec<AddressMessage> = self
+            .handle
+            .address()
+            .get()
+            .execute()
+            .try_collect()
+            .await
+            .map_err(|source| AddressError::Dump {
+                what: "addresses",
+                source: Box::new(source),
+            })?;
+        let mut candidates: Vec<(u32, std::net::Ipv4Addr)> = messages
+            .iter()
+            .filter(|m| Some(m.header.index) != lb)
+            .filter_map(|m| match address_of(m)?.addr() {
+                IpAddr::V4(v4) if !v4.is_loopback() && !v4.is_link_local() => {
+                    Some((m.header.index, v4))
+                }
+                _ => None,
+            })
+            .collect();
+        candidates.sort_unstable();
+        Ok(candidates.first().map(|(_, v4)| *v4))
+    }
+
     /// Applies `plan`. Address changes are independent: one that fails is reported and the
     /// rest still go in. Failing to create the interface stops the apply.
     pub async fn apply(&self, plan: &Plan, observed: &Observed) -> Result<Applied, AddressError> {

@@ -17,12 +17,10 @@
 use std::{
     collections::BTreeSet,
     net::IpAddr,
+    ops::ControlFlow,
     path::{Path, PathBuf},
-    time::Duration,
 };
 
-use futures::StreamExt as _;
-use inotify::{Inotify, WatchMask};
 use ipnet::IpNet;
 use serde::Deserialize;
 use tokio::sync::watch;
@@ -31,6 +29,7 @@ use tracing::{error, info, warn};
 use crate::{
     address,
     desired::{Desired, PortSpec, Protocol, Rejected, Service, SourceUpdate, TrafficPolicy},
+    watch::FileEvent,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -42,11 +41,6 @@ pub enum FileError {
     },
     #[error("{}: {reason}", path.display())]
     Parse { path: PathBuf, reason: String },
-    #[error("watching {}: {source}", path.display())]
-    Watch {
-        path: PathBuf,
-        source: std::io::Error,
-    },
 }
 
 #[derive(Deserialize)]
@@ -207,111 +201,40 @@ pub fn load(path: &Path) -> Result<SourceUpdate, FileError> {
 }
 
 /// Publishes the file's services, then follows every change to it until the receiver goes.
-///
-/// Watches the directory, not the file: editors replace files, and a projected ConfigMap
-/// swaps a `..data` symlink, neither of which a watch on the old file would see. When the
-/// path is a symlink, the directory of its target is watched too.
 pub async fn watch(
     path: PathBuf,
     updates: watch::Sender<Option<SourceUpdate>>,
-) -> Result<(), FileError> {
-    let watch_err = |source| FileError::Watch {
-        path: path.clone(),
-        source,
-    };
-    let inotify = Inotify::init().map_err(watch_err)?;
-    let mask = WatchMask::CREATE
-        | WatchMask::MOVED_TO
-        | WatchMask::MOVED_FROM
-        | WatchMask::CLOSE_WRITE
-        | WatchMask::DELETE
-        | WatchMask::ATTRIB;
-    let mut watched = BTreeSet::new();
-    let mut events = inotify.into_event_stream([0u8; 4096]).map_err(watch_err)?;
-    let mut last: Option<String> = None;
-    loop {
-        for dir in directories_of(&path) {
-            if !watched.contains(&dir) {
-                events
-                    .watches()
-                    .add(&dir, mask)
-                    .map_err(|source| FileError::Watch {
-                        path: dir.clone(),
-                        source,
-                    })?;
-                watched.insert(dir);
-            }
-        }
-        publish_if_changed(&path, &mut last, &updates);
-        if updates.is_closed() {
-            return Ok(());
-        }
-        // Wait for a change, then let a burst of events (a ConfigMap swap is several) settle.
-        match events.next().await {
-            Some(Ok(_)) => {}
-            Some(Err(source)) => return Err(watch_err(source)),
-            None => return Ok(()),
-        }
-        while let Ok(Some(_)) = tokio::time::timeout(Duration::from_millis(5), events.next()).await
-        {
-        }
-    }
-}
-
-/// The directories whose entries decide what `path` reads: its own, and its target's.
-fn directories_of(path: &Path) -> Vec<PathBuf> {
-    let parent = |p: &Path| {
-        p.parent()
-            .filter(|dir| !dir.as_os_str().is_empty())
-            .map_or_else(|| PathBuf::from("."), Path::to_path_buf)
-    };
-    let mut dirs = vec![parent(path)];
-    if let Ok(target) = std::fs::canonicalize(path) {
-        let dir = parent(&target);
-        if !dirs.contains(&dir) {
-            dirs.push(dir);
-        }
-    }
-    dirs
-}
-
-fn publish_if_changed(
-    path: &Path,
-    last: &mut Option<String>,
-    updates: &watch::Sender<Option<SourceUpdate>>,
-) {
-    let text = match std::fs::read_to_string(path) {
-        Ok(text) => text,
-        Err(err) => {
-            if last.is_some() {
+) -> Result<(), crate::watch::WatchError> {
+    crate::watch::follow(&path, |event| {
+        match event {
+            FileEvent::Changed(text) => match parse(&text, &path) {
+                Ok(update) => {
+                    for rejected in &update.rejected {
+                        warn!(service = %rejected.service, reason = %rejected.reason, "service rejected");
+                    }
+                    info!(
+                        path = %path.display(),
+                        addresses = update.desired.addresses.len(),
+                        rejected = update.rejected.len(),
+                        "services file loaded"
+                    );
+                    updates.send_replace(Some(update));
+                }
+                Err(err) => error!("{err}; keeping the last good state"),
+            },
+            FileEvent::Unreadable(err) => {
                 error!(path = %path.display(), %err, "cannot read the services file; keeping the last good state");
             }
-            return;
         }
-    };
-    if last.as_ref() == Some(&text) {
-        return;
-    }
-    *last = Some(text.clone());
-    match parse(&text, path) {
-        Ok(update) => {
-            for rejected in &update.rejected {
-                warn!(service = %rejected.service, reason = %rejected.reason, "service rejected");
-            }
-            info!(
-                path = %path.display(),
-                addresses = update.desired.addresses.len(),
-                rejected = update.rejected.len(),
-                "services file loaded"
-            );
-            updates.send_replace(Some(update));
-        }
-        Err(err) => error!("{err}; keeping the last good state"),
-    }
+        if updates.is_closed() { ControlFlow::Break(()) } else { ControlFlow::Continue(()) }
+    })
+    .await
 }
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
 
     fn parse_ok(text: &str) -> SourceUpdate {

@@ -6,3 +6,540 @@
 pub mod control;
 pub mod model;
 pub mod render;
+
+use std::{
+    path::{Path, PathBuf},
+    process::Stdio,
+    time::{Duration, Instant},
+};
+
+use serde::{Deserialize, Serialize};
+use tokio::{
+    io::{AsyncBufReadExt as _, BufReader},
+    process::{Child, Command},
+    sync::watch,
+};
+use tracing::{debug, error, info, warn};
+
+use self::control::{Control, ControlError, ProtocolStatus, parse_protocols};
+
+#[derive(Debug, thiserror::Error)]
+pub enum RoutingError {
+    #[error("{binary} is not installed or not on PATH: install bird2, or set routing.bird")]
+    NoBird { binary: String },
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Control(#[from] ControlError),
+    #[error("BIRD rejected the config: {0}")]
+    Rejected(String),
+}
+
+/// How lbagent stops its BIRD.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stop {
+    /// Still running.
+    No,
+    /// A planned restart: `graceful restart`, so peers keep the routes until BIRD is back.
+    Graceful,
+    /// Uninstall or drain: `down`, so peers withdraw the routes at once.
+    Down,
+}
+
+/// Where a managed BIRD keeps its files.
+#[derive(Clone, Debug)]
+pub struct BirdPaths {
+    pub dir: PathBuf,
+    pub config: PathBuf,
+    pub next: PathBuf,
+    pub socket: PathBuf,
+    pub pid: PathBuf,
+    /// Present once a BGP session has been established: the next BIRD starts with `-R`, so
+    /// that peers holding its routes through a graceful restart see the restart bit.
+    pub announced: PathBuf,
+}
+
+impl BirdPaths {
+    pub fn new(dir: &Path) -> Self {
+        Self {
+            dir: dir.to_owned(),
+            config: dir.join("bird.conf"),
+            next: dir.join("bird.conf.next"),
+            socket: dir.join("bird.ctl"),
+            pid: dir.join("bird.pid"),
+            announced: dir.join("announced"),
+        }
+    }
+}
+
+/// What `lbagent status` shows about routing.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RoutingStatus {
+    pub mode: String,
+    pub bird: String,
+    pub restarts: u64,
+    pub last_reload: Option<String>,
+    pub protocols: Vec<ProtocolStatus>,
+}
+
+/// The routing status file, next to the agent's status file.
+pub fn status_path(agent_status: &Path) -> PathBuf {
+    agent_status.with_file_name("routing.json")
+}
+
+const FIRST_BACKOFF: Duration = Duration::from_secs(1);
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// A BIRD that ran this long is healthy again: the next failure restarts it after 1 s.
+const STABLE: Duration = Duration::from_secs(60);
+const POLL: Duration = Duration::from_secs(2);
+
+/// Runs BIRD as a child, applies every new config it is given, restarts it with exponential
+/// backoff when it exits, and stops it as `stop` says.
+pub async fn run_managed(
+    binary: PathBuf,
+    paths: BirdPaths,
+    mut configs: watch::Receiver<String>,
+    mut stop: watch::Receiver<Stop>,
+    status_file: PathBuf,
+) -> Result<(), RoutingError> {
+    which(&binary)?;
+    std::fs::create_dir_all(&paths.dir).map_err(|source| RoutingError::Io {
+        path: paths.dir.clone(),
+        source,
+    })?;
+    let mut status = RoutingStatus {
+        mode: "managed".into(),
+        bird: "starting".into(),
+        ..Default::default()
+    };
+    let mut backoff = FIRST_BACKOFF;
+    loop {
+        let text = configs.borrow_and_update().clone();
+        if let Err(err) = check_file(&binary, &paths, &text).await {
+            error!(%err, "not starting BIRD until the routing config is fixed");
+            status.bird = "waiting for a valid config".into();
+            status.last_reload = Some(err.to_string());
+            write_status(&status_file, &status);
+            tokio::select! {
+                _ = configs.changed() => continue,
+                _ = stop.changed() => return Ok(()),
+            }
+        }
+        let recovering = paths.announced.exists();
+        let mut child = spawn(&binary, &paths, recovering)?;
+        let started = Instant::now();
+        info!(pid = child.id(), recovering, "BIRD started");
+        status.bird = "running".into();
+
+        let exit = supervise(
+            &mut child,
+            &paths,
+            &mut configs,
+            &mut stop,
+            &mut status,
+            &status_file,
+        )
+        .await;
+        match exit {
+            Supervised::Stopped => return Ok(()),
+            Supervised::Exited(why) => {
+                status.restarts += 1;
+                if started.elapsed() > STABLE {
+                    backoff = FIRST_BACKOFF;
+                }
+                error!(%why, restart_in = ?backoff, "BIRD exited; restarting it");
+                status.bird = format!("restarting ({why})");
+                write_status(&status_file, &status);
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = stop.changed() => return Ok(()),
+                }
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+            }
+        }
+    }
+}
+
+enum Supervised {
+    Stopped,
+    Exited(String),
+}
+
+async fn supervise(
+    child: &mut Child,
+    paths: &BirdPaths,
+    configs: &mut watch::Receiver<String>,
+    stop: &mut watch::Receiver<Stop>,
+    status: &mut RoutingStatus,
+    status_file: &Path,
+) -> Supervised {
+    let mut control = match wait_for_socket(child, &paths.socket).await {
+        Ok(control) => control,
+        Err(why) => return Supervised::Exited(why),
+    };
+    let mut poll = tokio::time::interval(POLL);
+    loop {
+        tokio::select! {
+            exit = child.wait() => {
+                return Supervised::Exited(match exit {
+                    Ok(status) => status.to_string(),
+                    Err(err) => err.to_string(),
+                });
+            }
+            changed = configs.changed() => {
+                if changed.is_err() {
+                    continue;
+                }
+                let text = configs.borrow_and_update().clone();
+                let outcome = reload(&mut control, &paths.next, &paths.config, &text).await;
+                status.last_reload = Some(match &outcome {
+                    Ok(message) => {
+                        info!(bird = %message, "BIRD reconfigured");
+                        message.clone()
+                    }
+                    Err(err) => {
+                        error!(%err, "new routing config not applied; BIRD keeps running the previous one");
+                        err.to_string()
+                    }
+                });
+                refresh(&mut control, paths, status, status_file).await;
+            }
+            _ = poll.tick() => refresh(&mut control, paths, status, status_file).await,
+            _ = stop.changed() => {
+                let how = *stop.borrow();
+                let command = if how == Stop::Down { "down" } else { "graceful restart" };
+                match control.command(command).await {
+                    Ok(reply) => info!(command, bird = %reply.message(), "stopping BIRD"),
+                    Err(err) => warn!(command, %err, "cannot ask BIRD to stop; killing it"),
+                }
+                if tokio::time::timeout(Duration::from_secs(10), child.wait()).await.is_err() {
+                    let _ = child.kill().await;
+                }
+                if how == Stop::Down {
+                    let _ = std::fs::remove_file(&paths.announced);
+                }
+                status.bird = "stopped".into();
+                write_status(status_file, status);
+                return Supervised::Stopped;
+            }
+        }
+    }
+}
+
+/// Reads `show protocols` into the status, and marks a managed BIRD as having announced once
+/// any BGP session is up.
+async fn refresh(
+    control: &mut Control,
+    paths: &BirdPaths,
+    status: &mut RoutingStatus,
+    status_file: &Path,
+) {
+    match control.command("show protocols").await {
+        Ok(reply) => {
+            status.protocols = parse_protocols(&reply);
+            let announced = status
+                .protocols
+                .iter()
+                .any(|p| p.proto == "BGP" && p.state == "up");
+            if announced && !paths.announced.exists() {
+                let _ = std::fs::write(&paths.announced, b"");
+            }
+        }
+        Err(err) => warn!(%err, "cannot read BIRD's protocols"),
+    }
+    write_status(status_file, status);
+}
+
+/// The safe reload cycle: write the new config beside the live one, have BIRD check it,
+/// rename it into place, then `configure`. A config BIRD rejects never replaces the live one.
+pub async fn reload(
+    control: &mut Control,
+    next: &Path,
+    live: &Path,
+    text: &str,
+) -> Result<String, RoutingError> {
+    write(next, text)?;
+    let check = control
+        .command(&format!("configure check \"{}\"", next.display()))
+        .await?;
+    if check.is_error() {
+        let _ = std::fs::remove_file(next);
+        return Err(RoutingError::Rejected(check.message().to_owned()));
+    }
+    std::fs::rename(next, live).map_err(|source| RoutingError::Io {
+        path: live.to_owned(),
+        source,
+    })?;
+    let reply = control.command("configure").await?;
+    if reply.is_error() {
+        return Err(RoutingError::Rejected(reply.message().to_owned()));
+    }
+    Ok(reply.message().to_owned())
+}
+
+/// External mode: the operator's BIRD includes `include`. Writes it and reloads; if BIRD
+/// rejects the result, the previous include is put back.
+pub async fn apply_external(
+    include: &Path,
+    socket: &Path,
+    text: &str,
+) -> Result<String, RoutingError> {
+    let previous = std::fs::read_to_string(include).ok();
+    write(include, text)?;
+    let mut control = Control::connect(socket).await?;
+    let check = control.command("configure check").await?;
+    if check.is_error() {
+        match &previous {
+            Some(previous) => write(include, previous)?,
+            None => {
+                let _ = std::fs::remove_file(include);
+            }
+        }
+        return Err(RoutingError::Rejected(check.message().to_owned()));
+    }
+    let reply = control.command("configure").await?;
+    if reply.is_error() {
+        return Err(RoutingError::Rejected(reply.message().to_owned()));
+    }
+    Ok(reply.message().to_owned())
+}
+
+/// External mode: applies the include at start and on every change.
+pub async fn run_external(
+    include: PathBuf,
+    socket: PathBuf,
+    mut configs: watch::Receiver<String>,
+    status_file: PathBuf,
+) {
+    let mut status = RoutingStatus {
+        mode: "external".into(),
+        bird: "operator's".into(),
+        ..Default::default()
+    };
+    loop {
+        let text = configs.borrow_and_update().clone();
+        status.last_reload = Some(match apply_external(&include, &socket, &text).await {
+            Ok(message) => {
+                info!(bird = %message, include = %include.display(), "BIRD reconfigured");
+                message
+            }
+            Err(err) => {
+                error!(%err, "routing config not applied to the external BIRD");
+                err.to_string()
+            }
+        });
+        if let Ok(mut control) = Control::connect(&socket).await
+            && let Ok(reply) = control.command("show protocols").await
+        {
+            status.protocols = parse_protocols(&reply);
+        }
+        write_status(&status_file, &status);
+        if configs.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Fails, naming the binary, when BIRD is not installed.
+pub fn check_installed(binary: &Path) -> Result<(), RoutingError> {
+    which(binary)
+}
+
+/// Asks a BIRD to shut down (`down`): peers withdraw the routes at once.
+pub async fn down(socket: &Path) -> Result<bool, RoutingError> {
+    if !socket.exists() {
+        return Ok(false);
+    }
+    match Control::connect(socket).await {
+        Ok(mut control) => {
+            control.command("down").await?;
+            Ok(true)
+        }
+        // A socket without a BIRD behind it (BIRD was killed): nothing to stop.
+        Err(ControlError::Connect { .. }) => Ok(false),
+        Err(err) => Err(err.into()),
+    }
+}
+
+/// Before BIRD runs there is no socket to check through: `bird -p` parses the file.
+async fn check_file(binary: &Path, paths: &BirdPaths, text: &str) -> Result<(), RoutingError> {
+    write(&paths.config, text)?;
+    let output = Command::new(binary)
+        .args(["-p", "-c"])
+        .arg(&paths.config)
+        .output()
+        .await
+        .map_err(|source| RoutingError::Io {
+            path: binary.to_owned(),
+            source,
+        })?;
+    if output.status.success() {
+        Ok(())
+    } else {
+        Err(RoutingError::Rejected(
+            String::from_utf8_lossy(&output.stderr).trim().to_owned(),
+        ))
+    }
+}
+
+fn spawn(binary: &Path, paths: &BirdPaths, recovering: bool) -> Result<Child, RoutingError> {
+    // setpriv makes the kernel kill BIRD when lbagent dies (PR_SET_PDEATHSIG), so an
+    // orphaned BIRD can never hold the socket against the next lbagent.
+    let mut command = Command::new("setpriv");
+    command
+        .args(["--pdeathsig", "KILL", "--"])
+        .arg(binary)
+        .arg("-f")
+        .arg("-c")
+        .arg(&paths.config)
+        .arg("-s")
+        .arg(&paths.socket)
+        .arg("-P")
+        .arg(&paths.pid);
+    if recovering {
+        command.arg("-R");
+    }
+    let mut child = command
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|source| RoutingError::Io {
+            path: binary.to_owned(),
+            source,
+        })?;
+    if let Some(stderr) = child.stderr.take() {
+        tokio::spawn(async move {
+            let mut lines = BufReader::new(stderr).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                log_bird_line(&line);
+            }
+        });
+    }
+    Ok(child)
+}
+
+/// BIRD's stderr lines (`2026-11-23 20:30:00.123 <INFO> message`) as lbagent log events.
+fn log_bird_line(line: &str) {
+    let (level, message) = bird_level(line);
+    match level {
+        "ERR" | "BUG" => error!(target: "bird", "{message}"),
+        "WARN" => warn!(target: "bird", "{message}"),
+        "TRACE" | "DBG" => debug!(target: "bird", "{message}"),
+        _ => info!(target: "bird", "{message}"),
+    }
+}
+
+/// Splits a BIRD log line into its level and message; a line without a level is INFO.
+fn bird_level(line: &str) -> (&str, &str) {
+    line.split_once(" <")
+        .and_then(|(_, rest)| rest.split_once("> "))
+        .filter(|(level, _)| !level.is_empty() && level.chars().all(|c| c.is_ascii_uppercase()))
+        .unwrap_or(("INFO", line))
+}
+
+async fn wait_for_socket(child: &mut Child, socket: &Path) -> Result<Control, String> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Err(format!("exited during start-up ({status})"));
+        }
+        match Control::connect(socket).await {
+            Ok(control) => return Ok(control),
+            Err(_) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(20)).await
+            }
+            Err(err) => {
+                let _ = child.kill().await;
+                return Err(format!("its control socket never answered: {err}"));
+            }
+        }
+    }
+}
+
+fn which(binary: &Path) -> Result<(), RoutingError> {
+    let found = if binary.components().count() > 1 {
+        binary.is_file()
+    } else {
+        std::env::var_os("PATH")
+            .is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join(binary).is_file()))
+    };
+    if found {
+        Ok(())
+    } else {
+        Err(RoutingError::NoBird {
+            binary: binary.display().to_string(),
+        })
+    }
+}
+
+fn write(path: &Path, text: &str) -> Result<(), RoutingError> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    std::fs::write(&tmp, text)
+        .and_then(|()| std::fs::rename(&tmp, path))
+        .map_err(|source| RoutingError::Io {
+            path: path.to_owned(),
+            source,
+        })
+}
+
+fn write_status(path: &Path, status: &RoutingStatus) {
+    let result = serde_json::to_vec_pretty(status)
+        .map_err(std::io::Error::other)
+        .and_then(|json| {
+            if let Some(dir) = path.parent() {
+                std::fs::create_dir_all(dir)?;
+            }
+            let mut tmp = path.as_os_str().to_owned();
+            tmp.push(".tmp");
+            std::fs::write(&tmp, json)?;
+            std::fs::rename(&tmp, path)
+        });
+    if let Err(err) = result {
+        warn!(path = %path.display(), %err, "cannot write the routing status");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bird_log_lines_split_into_level_and_message() {
+        assert_eq!(
+            bird_level("2026-11-23 20:30:00.123 <WARN> rtr: Connect delayed by 1 seconds"),
+            ("WARN", "rtr: Connect delayed by 1 seconds")
+        );
+        assert_eq!(
+            bird_level("bird: I found another BIRD running."),
+            ("INFO", "bird: I found another BIRD running.")
+        );
+        // A '<' inside the message is not a level.
+        assert_eq!(
+            bird_level("no level: a <b> c"),
+            ("INFO", "no level: a <b> c")
+        );
+    }
+
+    #[test]
+    fn a_missing_bird_is_named() {
+        let err = which(Path::new("/nonexistent/bird")).unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("/nonexistent/bird is not installed"),
+            "{err}"
+        );
+        let err = which(Path::new("no-such-bird-binary")).unwrap_err();
+        assert!(err.to_string().contains("no-such-bird-binary"), "{err}");
+        assert!(
+            which(Path::new("bird")).is_ok(),
+            "bird2 is installed (cargo xtask setup)"
+        );
+    }
+}

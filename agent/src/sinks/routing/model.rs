@@ -414,7 +414,7 @@ impl RawRouting {
                     .map(|(j, f)| family(f, &at(&format!("families[{j}]"))))
                     .collect::<Result<_, _>>()?,
             };
-            bgp.push(BgpNeighbor {
+            let neighbor = BgpNeighbor {
                 name,
                 address,
                 port: number(
@@ -478,7 +478,17 @@ impl RawRouting {
                 bfd: raw.bfd,
                 graceful_restart: raw.graceful_restart.unwrap_or(true),
                 families,
-            });
+            };
+            if let Some(keepalive) = neighbor.keepalive_time
+                && keepalive > neighbor.hold_time
+            {
+                return Err(FieldError::new(
+                    at("keepaliveTime"),
+                    format!("\"{}s\"", keepalive.as_secs()),
+                    "at most holdTime",
+                ));
+            }
+            bgp.push(neighbor);
         }
 
         let mut ospf = Vec::new();
@@ -685,6 +695,11 @@ mod tests {
                 "bgp: [{neighbor: 10.0.0.1, asn: 1, localAsn: 2, holdTime: 2s}]",
                 "routing.bgp[0].holdTime",
                 "\"2s\"",
+            ),
+            (
+                "bgp: [{neighbor: 10.0.0.1, asn: 1, localAsn: 2, holdTime: 9s, keepaliveTime: 20s}]",
+                "routing.bgp[0].keepaliveTime",
+                "\"20s\"",
             ),
             (
                 "bgp: [{neighbor: 10.0.0.1, asn: 1, localAsn: 2, name: \"x; protocol\"}]",
