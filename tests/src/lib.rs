@@ -5,6 +5,7 @@
 //! counter, so two runs (or two tests in one run) never collide.
 
 pub mod frame;
+pub mod routers;
 
 use std::{
     path::{Path, PathBuf},

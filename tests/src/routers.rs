@@ -1,0 +1,288 @@
+//! Routers for the routing tests: a fabric of namespaces on one bridge, and real FRR and BIRD
+//! daemons with explicit paths for every file, stopped by guards.
+
+use std::{
+    process::{Child, Command},
+    time::Duration,
+};
+
+use crate::{NetNs, TempDir, run_ok, wait_until};
+
+/// A router namespace with a bridge `br0` (10.0.0.1/24, fd00::1/64), and nodes whose `eth0`
+/// (10.0.0.1N/24, fd00::1N/64) is a port of that bridge.
+pub struct Fabric {
+    pub router: NetNs,
+    pub nodes: Vec<NetNs>,
+}
+
+impl Fabric {
+    pub const ROUTER_V4: &'static str = "10.0.0.1";
+    pub const ROUTER_V6: &'static str = "fd00::1";
+
+    pub fn new(nodes: usize) -> Self {
+        let router = NetNs::new("lbt-rtr");
+        for sysctl in [
+            "net.ipv4.ip_forward=1",
+            "net.ipv6.conf.all.forwarding=1",
+            "net.ipv6.conf.all.accept_dad=0",
+            "net.ipv6.conf.default.accept_dad=0",
+            "net.ipv4.fib_multipath_hash_policy=1",
+            "net.ipv6.fib_multipath_hash_policy=1",
+        ] {
+            router.exec("sysctl", &["-qw", sysctl]);
+        }
+        router.ip(&["link", "add", "br0", "type", "bridge"]);
+        router.ip(&["link", "set", "br0", "up"]);
+        router.ip(&["addr", "add", "10.0.0.1/24", "dev", "br0"]);
+        router.ip(&["addr", "add", "fd00::1/64", "dev", "br0", "nodad"]);
+        let mut fabric = Self {
+            router,
+            nodes: Vec::new(),
+        };
+        for _ in 0..nodes {
+            fabric.add_node();
+        }
+        fabric
+    }
+
+    fn add_node(&mut self) {
+        let k = self.nodes.len() + 1;
+        let node = NetNs::new("lbt-node");
+        node.exec("sysctl", &["-qw", "net.ipv6.conf.all.accept_dad=0"]);
+        node.exec("sysctl", &["-qw", "net.ipv6.conf.default.accept_dad=0"]);
+        let port = format!("v{k}");
+        run_ok(
+            "ip",
+            &[
+                "link",
+                "add",
+                "eth0",
+                "netns",
+                node.name(),
+                "type",
+                "veth",
+                "peer",
+                "name",
+                &port,
+                "netns",
+                self.router.name(),
+            ],
+        );
+        self.router
+            .ip(&["link", "set", &port, "master", "br0", "up"]);
+        node.ip(&["link", "set", "eth0", "up"]);
+        node.ip(&[
+            "addr",
+            "add",
+            &format!("{}/24", Self::node_v4(k)),
+            "dev",
+            "eth0",
+        ]);
+        node.ip(&[
+            "addr",
+            "add",
+            &format!("{}/64", Self::node_v6(k)),
+            "dev",
+            "eth0",
+            "nodad",
+        ]);
+        node.ip(&["route", "add", "default", "via", Self::ROUTER_V4]);
+        node.ip(&["-6", "route", "add", "default", "via", Self::ROUTER_V6]);
+        self.nodes.push(node);
+    }
+
+    /// The IPv4 address of node `k` (1-based).
+    pub fn node_v4(k: usize) -> String {
+        format!("10.0.0.{}", 10 + k)
+    }
+
+    pub fn node_v6(k: usize) -> String {
+        format!("fd00::{}", 10 + k)
+    }
+}
+
+/// The next hops the router's kernel has for `prefix`: gateways, in order; empty if no route.
+pub fn next_hops(ns: &NetNs, prefix: &str) -> Vec<String> {
+    let family = if prefix.contains(':') { "-6" } else { "-4" };
+    let out = run_ok(
+        "ip",
+        &["-n", ns.name(), family, "-j", "route", "show", prefix],
+    );
+    let routes: serde_json::Value = serde_json::from_str(&out).expect("ip -j route");
+    let Some(route) = routes.as_array().and_then(|r| r.first()) else {
+        return Vec::new();
+    };
+    let mut hops: Vec<String> = match route["nexthops"].as_array() {
+        Some(hops) => hops
+            .iter()
+            .map(|h| h["gateway"].as_str().unwrap_or_default().to_owned())
+            .collect(),
+        None => vec![route["gateway"].as_str().unwrap_or_default().to_owned()],
+    };
+    hops.sort();
+    hops
+}
+
+/// zebra and bgpd in a namespace, every path under a directory of their own.
+pub struct Frr {
+    dir: TempDir,
+    zebra: Child,
+    bgpd: Child,
+}
+
+impl Frr {
+    /// Starts zebra, then bgpd with `bgpd_conf`. `listen`: whether bgpd accepts connections
+    /// (a router does; a node that only dials out does not).
+    pub fn start(ns: &NetNs, bgpd_conf: &str, listen: bool) -> Self {
+        let dir = TempDir::new("lbt-frr");
+        std::fs::write(
+            dir.path().join("zebra.conf"),
+            format!("hostname {}\n", ns.name()),
+        )
+        .unwrap();
+        std::fs::write(dir.path().join("bgpd.conf"), bgpd_conf).unwrap();
+        // The daemons drop to the frr user and write their pid files and sockets here.
+        run_ok("chown", &["frr:frr", dir.path().to_str().unwrap()]);
+        let path = |name: &str| dir.path().join(name).to_str().unwrap().to_owned();
+        let daemon = |name: &str, extra: &[&str]| {
+            let mut command = Command::new("ip");
+            command
+                .args(["netns", "exec", ns.name(), &format!("/usr/lib/frr/{name}")])
+                .args(["-f", &path(&format!("{name}.conf"))])
+                .args(["-i", &path(&format!("{name}.pid"))])
+                .args(["-z", &path("zserv.api")])
+                .args(["--vty_socket", &path("")])
+                .args([
+                    "-P",
+                    "0",
+                    "--log",
+                    &format!("file:{}", path(&format!("{name}.log"))),
+                ])
+                .args(extra)
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null());
+            command
+                .spawn()
+                .expect("start an FRR daemon (is frr installed?)")
+        };
+        let zebra = daemon("zebra", &[]);
+        assert!(
+            wait_until(Duration::from_secs(10), || dir
+                .path()
+                .join("zserv.api")
+                .exists()),
+            "zebra did not start"
+        );
+        let bgpd = daemon("bgpd", if listen { &[] } else { &["-p", "0"] });
+        let frr = Self { dir, zebra, bgpd };
+        assert!(
+            wait_until(Duration::from_secs(10), || frr
+                .dir
+                .path()
+                .join("bgpd.vty")
+                .exists()),
+            "bgpd did not start"
+        );
+        frr
+    }
+
+    /// Runs one vtysh command against this instance.
+    pub fn vtysh(&self, command: &str) -> String {
+        run_ok(
+            "vtysh",
+            &[
+                "-H",
+                "/dev/null",
+                "--vty_socket",
+                self.dir.path().to_str().unwrap(),
+                "-c",
+                command,
+            ],
+        )
+    }
+}
+
+impl Drop for Frr {
+    fn drop(&mut self) {
+        for child in [&mut self.bgpd, &mut self.zebra] {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(child.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+            if !wait_until(Duration::from_secs(3), || {
+                child.try_wait().ok().flatten().is_some()
+            }) {
+                let _ = child.kill();
+            }
+            let _ = child.wait();
+        }
+    }
+}
+
+/// The upstream router's bgpd.conf: passive dynamic neighbours from the fabric, ECMP.
+pub const FRR_ROUTER: &str = "frr defaults traditional
+router bgp 64500
+ bgp router-id 10.0.0.1
+ no bgp ebgp-requires-policy
+ no bgp default ipv4-unicast
+ bgp bestpath as-path multipath-relax
+ coalesce-time 0
+ neighbor NODES4 peer-group
+ neighbor NODES4 remote-as external
+ neighbor NODES4 timers 1 3
+ neighbor NODES6 peer-group
+ neighbor NODES6 remote-as external
+ neighbor NODES6 timers 1 3
+ bgp listen range 10.0.0.0/24 peer-group NODES4
+ bgp listen range fd00::/64 peer-group NODES6
+ address-family ipv4 unicast
+  maximum-paths 8
+  neighbor NODES4 activate
+ exit-address-family
+ address-family ipv6 unicast
+  maximum-paths 8
+  neighbor NODES6 activate
+ exit-address-family
+";
+
+/// A BIRD (not lbagent's) as a router, with its own config, socket and log.
+pub struct BirdRouter {
+    dir: TempDir,
+    child: Child,
+}
+
+impl BirdRouter {
+    pub fn start(ns: &NetNs, config: &str) -> Self {
+        let dir = TempDir::new("lbt-bird");
+        let conf = dir.path().join("bird.conf");
+        std::fs::write(&conf, config).unwrap();
+        let socket = dir.path().join("bird.ctl");
+        let log = std::fs::File::create(dir.path().join("bird.log")).unwrap();
+        let child = Command::new("ip")
+            .args(["netns", "exec", ns.name(), "bird", "-f", "-c"])
+            .arg(&conf)
+            .arg("-s")
+            .arg(&socket)
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("start bird");
+        assert!(
+            wait_until(Duration::from_secs(10), || socket.exists()),
+            "router BIRD did not start: {}",
+            std::fs::read_to_string(dir.path().join("bird.log")).unwrap_or_default()
+        );
+        Self { dir, child }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("bird.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for BirdRouter {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -1,0 +1,500 @@
+//! Routing with real daemons: nodes running `lbagent run` with a managed BIRD advertise
+//! kube-lb0's addresses to an upstream router running FRR (BGP) or BIRD (OSPF, RIP), whose
+//! kernel installs them.
+
+use std::time::{Duration, Instant};
+
+use lbagent_tests::{
+    Agent, NetNs, TempDir,
+    routers::{BirdRouter, FRR_ROUTER, Fabric, Frr, next_hops},
+    run_ok, wait_until,
+};
+
+const V4: &str = "203.0.113.10";
+const V6: &str = "2001:db8:ff::10";
+
+const BGP: &str = "  bgp:
+    - {name: up4, neighbor: 10.0.0.1, asn: 64500, localAsn: 64512, holdTime: 9s, keepaliveTime: 1s, connectRetryTime: 1s}
+    - {name: up6, neighbor: \"fd00::1\", asn: 64500, localAsn: 64512, holdTime: 9s, keepaliveTime: 1s, connectRetryTime: 1s}
+";
+
+/// `lbagent run` on one node of the fabric, with its files in a directory of its own.
+struct Node {
+    dir: TempDir,
+    agent: Option<Agent>,
+}
+
+impl Node {
+    /// `routing`: the body of the `routing:` section, or `None` for no routing.
+    fn start(ns: &NetNs, services: &str, routing: Option<&str>) -> Self {
+        let dir = TempDir::new("lbt-route");
+        let node = Self { dir, agent: None };
+        node.write(services, routing);
+        let agent = Agent::start(
+            ns,
+            &node.dir.path().join("lbagent.yaml"),
+            node.dir.path().join("agent.log"),
+        );
+        Self {
+            agent: Some(agent),
+            ..node
+        }
+    }
+
+    fn write(&self, services: &str, routing: Option<&str>) {
+        self.dir.write("services.yaml", services);
+        self.write_config(routing);
+    }
+
+    fn write_config(&self, routing: Option<&str>) {
+        let routing = routing.map_or_else(String::new, |body| {
+            format!(
+                "routing:\n  stateDir: {}\n{body}",
+                self.dir.path().join("bird").display()
+            )
+        });
+        self.dir.write(
+            "lbagent.yaml",
+            &format!(
+                "source: {{file: {{path: services.yaml}}}}\nstatus: {{path: {}}}\n{routing}",
+                self.dir.path().join("status.json").display()
+            ),
+        );
+    }
+
+    fn log(&self) -> String {
+        self.agent.as_ref().map(Agent::log).unwrap_or_default()
+    }
+
+    fn routing(&self) -> serde_json::Value {
+        std::fs::read_to_string(self.dir.path().join("routing.json"))
+            .ok()
+            .and_then(|text| serde_json::from_str(&text).ok())
+            .unwrap_or_default()
+    }
+
+    /// The `show protocols` row of `name`, as lbagent last read it.
+    fn protocol(&self, name: &str) -> serde_json::Value {
+        self.routing()["protocols"]
+            .as_array()
+            .and_then(|rows| rows.iter().find(|row| row["name"] == name).cloned())
+            .unwrap_or_default()
+    }
+
+    fn wait_established(&self, names: &[&str]) {
+        assert!(
+            wait_until(Duration::from_secs(20), || names
+                .iter()
+                .all(|name| self.protocol(name)["info"] == "Established")),
+            "sessions {names:?} not established: {:#}\n{}",
+            self.routing(),
+            self.log()
+        );
+    }
+
+    fn bird_pid(&self) -> i32 {
+        std::fs::read_to_string(self.dir.path().join("bird/bird.pid"))
+            .expect("bird.pid")
+            .trim()
+            .parse()
+            .expect("pid")
+    }
+}
+
+fn services(addresses: &[&str]) -> String {
+    format!(
+        "services:\n- {{name: web, addresses: [{}]}}\n",
+        addresses.join(", ")
+    )
+}
+
+fn wait_hops(router: &NetNs, prefix: &str, expected: usize, what: &str, logs: impl Fn() -> String) {
+    assert!(
+        wait_until(Duration::from_secs(20), || next_hops(router, prefix).len()
+            == expected),
+        "{what}: router has {:?} for {prefix}, expected {expected} next hops\n{}",
+        next_hops(router, prefix),
+        logs()
+    );
+}
+
+#[test]
+fn two_nodes_are_ecmp_next_hops_over_bgp_and_a_withdrawal_takes_one_away() {
+    let fabric = Fabric::new(2);
+    let _frr = Frr::start(&fabric.router, FRR_ROUTER, true);
+    let nodes: Vec<Node> = fabric
+        .nodes
+        .iter()
+        .map(|ns| Node::start(ns, &services(&[V4, V6]), Some(BGP)))
+        .collect();
+    let logs = || {
+        nodes
+            .iter()
+            .map(Node::log)
+            .collect::<Vec<_>>()
+            .join("\n---\n")
+    };
+    wait_hops(&fabric.router, &format!("{V4}/32"), 2, "IPv4 ECMP", logs);
+    wait_hops(&fabric.router, &format!("{V6}/128"), 2, "IPv6 ECMP", logs);
+    assert_eq!(
+        next_hops(&fabric.router, &format!("{V4}/32")),
+        [Fabric::node_v4(1), Fabric::node_v4(2)]
+    );
+    // The router id defaulted to each node's address.
+    assert!(nodes[0].dir.path().join("bird/bird.conf").exists());
+    let conf = std::fs::read_to_string(nodes[0].dir.path().join("bird/bird.conf")).unwrap();
+    assert!(
+        conf.contains(&format!("router id {};", Fabric::node_v4(1))),
+        "{conf}"
+    );
+
+    // Traffic from the router reaches the address on the nodes.
+    for vip in [V4, V6] {
+        let ping = fabric
+            .router
+            .exec("ping", &["-c", "2", "-i", "0.2", "-W", "2", vip]);
+        assert!(
+            ping.status.success(),
+            "ping {vip}: {}",
+            String::from_utf8_lossy(&ping.stdout)
+        );
+    }
+
+    // Removing the service on node 1 takes only node 1's next hop away, within a second.
+    nodes[0].dir.write("services.yaml", "services: []\n");
+    let started = Instant::now();
+    assert!(
+        wait_until(Duration::from_secs(5), || next_hops(
+            &fabric.router,
+            &format!("{V4}/32")
+        ) == [Fabric::node_v4(2)]),
+        "{:?}",
+        next_hops(&fabric.router, &format!("{V4}/32"))
+    );
+    let withdrawn = started.elapsed();
+    assert!(
+        withdrawn < Duration::from_secs(1),
+        "withdrawal took {withdrawn:?}"
+    );
+    wait_hops(
+        &fabric.router,
+        &format!("{V6}/128"),
+        1,
+        "IPv6 withdrawal",
+        logs,
+    );
+    // And BIRD was never reloaded for it: address changes reach BIRD through netlink.
+    assert!(
+        !nodes[0].log().contains("reconfiguring BIRD"),
+        "{}",
+        nodes[0].log()
+    );
+}
+
+#[test]
+fn a_filter_change_reloads_without_resetting_sessions_and_a_hold_time_change_restarts_one() {
+    let fabric = Fabric::new(1);
+    let frr = Frr::start(&fabric.router, FRR_ROUTER, true);
+    let node = Node::start(&fabric.nodes[0], &services(&[V4, V6]), Some(BGP));
+    node.wait_established(&["up4", "up6"]);
+    wait_hops(&fabric.router, &format!("{V4}/32"), 1, "route", || {
+        node.log()
+    });
+    let since = |name: &str| {
+        node.protocol(name)["since"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned()
+    };
+    let (up4, up6) = (since("up4"), since("up6"));
+
+    // A community is a filter change: BIRD reloads the channels, the sessions stay.
+    node.write_config(Some(&format!(
+        "  export: {{communities: [\"64512:100\"]}}\n{BGP}"
+    )));
+    assert!(
+        wait_until(Duration::from_secs(5), || node.routing()["lastReload"]
+            == "Reconfigured"),
+        "{:#}\n{}",
+        node.routing(),
+        node.log()
+    );
+    assert!(
+        wait_until(Duration::from_secs(10), || frr
+            .vtysh(&format!("show bgp ipv4 unicast {V4}/32"))
+            .contains("Community: 64512:100")),
+        "{}",
+        frr.vtysh(&format!("show bgp ipv4 unicast {V4}/32"))
+    );
+    std::thread::sleep(Duration::from_millis(2500));
+    assert_eq!(
+        (since("up4"), since("up6")),
+        (up4.clone(), up6.clone()),
+        "a session was reset"
+    );
+
+    // A hold time is a session parameter: only that session restarts.
+    node.write_config(Some(&format!(
+        "  export: {{communities: [\"64512:100\"]}}\n{}",
+        BGP.replacen("holdTime: 9s", "holdTime: 12s", 1)
+    )));
+    assert!(
+        wait_until(Duration::from_secs(15), || since("up4") != up4
+            && node.protocol("up4")["info"] == "Established"),
+        "up4 did not restart: {:#}",
+        node.routing()
+    );
+    assert_eq!(since("up6"), up6, "up6 must not restart");
+}
+
+#[test]
+fn a_config_bird_rejects_leaves_the_running_one_in_place() {
+    let fabric = Fabric::new(1);
+    let _frr = Frr::start(&fabric.router, FRR_ROUTER, true);
+    let node = Node::start(&fabric.nodes[0], &services(&[V4]), Some(BGP));
+    node.wait_established(&["up4"]);
+    let live = std::fs::read_to_string(node.dir.path().join("bird/bird.conf")).unwrap();
+    let since = node.protocol("up4")["since"].clone();
+
+    // lbagent accepts the name; BIRD does not (`ipv4` is one of its keywords).
+    node.write_config(Some(&BGP.replacen("name: up4", "name: ipv4", 1)));
+    assert!(
+        wait_until(Duration::from_secs(5), || node.routing()["lastReload"]
+            .as_str()
+            .is_some_and(|r| r.contains("syntax error"))),
+        "{:#}\n{}",
+        node.routing(),
+        node.log()
+    );
+    assert!(
+        node.log().contains("BIRD keeps running the previous one"),
+        "{}",
+        node.log()
+    );
+    assert_eq!(
+        std::fs::read_to_string(node.dir.path().join("bird/bird.conf")).unwrap(),
+        live
+    );
+    std::thread::sleep(Duration::from_millis(2500));
+    assert_eq!(node.protocol("up4")["since"], since);
+    assert_eq!(
+        next_hops(&fabric.router, &format!("{V4}/32")),
+        [Fabric::node_v4(1)]
+    );
+}
+
+#[test]
+fn a_killed_bird_is_restarted_and_the_router_keeps_forwarding_meanwhile() {
+    let fabric = Fabric::new(1);
+    let _frr = Frr::start(&fabric.router, FRR_ROUTER, true);
+    let node = Node::start(&fabric.nodes[0], &services(&[V4]), Some(BGP));
+    node.wait_established(&["up4"]);
+    wait_hops(&fabric.router, &format!("{V4}/32"), 1, "route", || {
+        node.log()
+    });
+    // Graceful restart needs the session to have been up once: lbagent marks it.
+    assert!(wait_until(Duration::from_secs(5), || node
+        .dir
+        .path()
+        .join("bird/announced")
+        .exists()));
+
+    let pid = node.bird_pid();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(4);
+    while Instant::now() < deadline {
+        assert_eq!(
+            next_hops(&fabric.router, &format!("{V4}/32")),
+            [Fabric::node_v4(1)],
+            "the router lost the route while BIRD was down"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        wait_until(Duration::from_secs(15), || node.routing()["restarts"] == 1
+            && node.protocol("up4")["info"] == "Established"),
+        "{:#}\n{}",
+        node.routing(),
+        node.log()
+    );
+    assert_ne!(node.bird_pid(), pid);
+    assert!(
+        node.log().contains("recovering=true"),
+        "restarted without -R:\n{}",
+        node.log()
+    );
+}
+
+#[test]
+fn frr_on_the_node_redistributes_kube_lb0_as_lbagent_keeps_it() {
+    let fabric = Fabric::new(1);
+    let _router = Frr::start(&fabric.router, FRR_ROUTER, true);
+    // lbagent only keeps kube-lb0; the node's own FRR advertises it (the README's recipe).
+    let node = Node::start(&fabric.nodes[0], &services(&[V4, V6]), None);
+    let _node_frr = Frr::start(
+        &fabric.nodes[0],
+        "frr defaults traditional
+route-map KUBE-LB permit 10
+ match interface kube-lb0
+ set origin igp
+route-map KUBE-LB deny 20
+route-map NONE deny 10
+router bgp 64512
+ bgp router-id 10.0.0.11
+ no bgp ebgp-requires-policy
+ no bgp default ipv4-unicast
+ coalesce-time 0
+ neighbor 10.0.0.1 remote-as 64500
+ neighbor 10.0.0.1 timers connect 1
+ neighbor fd00::1 remote-as 64500
+ neighbor fd00::1 timers connect 1
+ address-family ipv4 unicast
+  redistribute connected route-map KUBE-LB
+  neighbor 10.0.0.1 activate
+  neighbor 10.0.0.1 route-map NONE in
+ exit-address-family
+ address-family ipv6 unicast
+  redistribute connected route-map KUBE-LB
+  neighbor fd00::1 activate
+  neighbor fd00::1 route-map NONE in
+ exit-address-family
+",
+        false,
+    );
+    wait_hops(
+        &fabric.router,
+        &format!("{V4}/32"),
+        1,
+        "FRR node IPv4",
+        || node.log(),
+    );
+    wait_hops(
+        &fabric.router,
+        &format!("{V6}/128"),
+        1,
+        "FRR node IPv6",
+        || node.log(),
+    );
+    // Only kube-lb0's host routes: not the node's own subnet.
+    let table = run_ok(
+        "ip",
+        &["-n", fabric.router.name(), "route", "show", "proto", "bgp"],
+    );
+    assert_eq!(table.lines().count(), 1, "{table}");
+
+    node.dir.write("services.yaml", "services: []\n");
+    wait_hops(
+        &fabric.router,
+        &format!("{V4}/32"),
+        0,
+        "FRR node withdrawal",
+        || node.log(),
+    );
+}
+
+#[test]
+fn a_missing_bird_stops_the_start_with_one_line() {
+    let fabric = Fabric::new(1);
+    let dir = TempDir::new("lbt-nobird");
+    dir.write("services.yaml", &services(&[V4]));
+    dir.write(
+        "lbagent.yaml",
+        &format!(
+            "source: {{file: {{path: services.yaml}}}}\nstatus: {{path: {}}}\nrouting:\n  bird: /nonexistent/bird\n{BGP}",
+            dir.path().join("status.json").display()
+        ),
+    );
+    let mut agent = Agent::start(
+        &fabric.nodes[0],
+        &dir.path().join("lbagent.yaml"),
+        dir.path().join("log"),
+    );
+    assert!(wait_until(Duration::from_secs(5), || agent
+        .exited()
+        .is_some()));
+    assert!(!agent.exited().unwrap().success());
+    let errors: Vec<String> = agent
+        .log()
+        .lines()
+        .filter(|l| l.starts_with("error:"))
+        .map(str::to_owned)
+        .collect();
+    assert_eq!(errors.len(), 1, "{}", agent.log());
+    assert!(
+        errors[0].contains("/nonexistent/bird is not installed or not on PATH"),
+        "{errors:?}"
+    );
+}
+
+const BIRD_ROUTER_OSPF: &str = "log stderr all;
+router id 10.0.0.1;
+protocol device { scan time 2; }
+protocol kernel k4 { ipv4 { import none; export where source ~ [ RTS_OSPF_EXT2, RTS_OSPF ] && net ~ [ 203.0.113.0/24+ ]; }; }
+protocol kernel k6 { ipv6 { import none; export where source ~ [ RTS_OSPF_EXT2, RTS_OSPF ] && net ~ [ 2001:db8:ff::/64+ ]; }; }
+protocol ospf v2 o4 { ecmp yes; merge external yes; ipv4 { import all; export none; };
+  area 0 { interface \"br0\" { type broadcast; hello 1; dead 4; wait 2; priority 10; }; }; }
+protocol ospf v3 o6 { ecmp yes; merge external yes; ipv6 { import all; export none; };
+  area 0 { interface \"br0\" { type broadcast; hello 1; dead 4; wait 2; priority 10; }; }; }
+";
+
+#[test]
+fn a_bird_router_learns_the_addresses_over_ospf_v2_and_v3() {
+    let fabric = Fabric::new(2);
+    let router = BirdRouter::start(&fabric.router, BIRD_ROUTER_OSPF);
+    let routing = "  ospf:
+    - {name: o4, family: ipv4, area: 0, interfaces: [{name: eth0, type: broadcast, hello: 1, dead: 4}]}
+    - {name: o6, family: ipv6, area: \"0.0.0.0\", interfaces: [{name: eth0, type: broadcast, hello: 1, dead: 4}]}
+";
+    let nodes: Vec<Node> = fabric
+        .nodes
+        .iter()
+        .map(|ns| Node::start(ns, &services(&[V4, V6]), Some(routing)))
+        .collect();
+    let logs = || {
+        format!(
+            "{}\n---\n{}",
+            router.log(),
+            nodes
+                .iter()
+                .map(Node::log)
+                .collect::<Vec<_>>()
+                .join("\n---\n")
+        )
+    };
+    wait_hops(&fabric.router, &format!("{V4}/32"), 2, "OSPFv2 ECMP", logs);
+    wait_hops(&fabric.router, &format!("{V6}/128"), 2, "OSPFv3 ECMP", logs);
+}
+
+#[test]
+fn a_bird_router_learns_the_addresses_over_rip_and_ripng() {
+    let fabric = Fabric::new(1);
+    let router = BirdRouter::start(
+        &fabric.router,
+        "log stderr all;
+router id 10.0.0.1;
+protocol device { scan time 2; }
+protocol kernel k4 { ipv4 { import none; export where source = RTS_RIP; }; }
+protocol kernel k6 { ipv6 { import none; export where source = RTS_RIP; }; }
+protocol rip r4 { ecmp yes; ipv4 { import all; export none; }; interface \"br0\" { update time 5; timeout time 15; }; }
+protocol rip ng r6 { ecmp yes; ipv6 { import all; export none; }; interface \"br0\" { update time 5; timeout time 15; }; }
+",
+    );
+    let node = Node::start(
+        &fabric.nodes[0],
+        &services(&[V4, V6]),
+        Some(
+            "  rip:\n    - {name: r4, family: ipv4, interfaces: [eth0], updateTime: 5}\n    - {name: r6, family: ipv6, interfaces: [eth0], updateTime: 5}\n",
+        ),
+    );
+    let logs = || format!("{}\n---\n{}", router.log(), node.log());
+    wait_hops(&fabric.router, &format!("{V4}/32"), 1, "RIP", logs);
+    wait_hops(&fabric.router, &format!("{V6}/128"), 1, "RIPng", logs);
+    assert_eq!(
+        next_hops(&fabric.router, &format!("{V4}/32")),
+        [Fabric::node_v4(1)]
+    );
+}
