@@ -278,6 +278,10 @@ impl BirdRouter {
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("bird.log")).unwrap_or_default()
     }
+
+    pub fn socket(&self) -> std::path::PathBuf {
+        self.dir.path().join("bird.ctl")
+    }
 }
 
 impl Drop for BirdRouter {

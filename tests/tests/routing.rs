@@ -498,3 +498,137 @@ protocol rip ng r6 { ecmp yes; ipv6 { import all; export none; }; interface \"br
         [Fabric::node_v4(1)]
     );
 }
+
+#[test]
+fn restarting_lbagent_keeps_the_route_and_cleanup_withdraws_it() {
+    let fabric = Fabric::new(1);
+    let _frr = Frr::start(&fabric.router, FRR_ROUTER, true);
+    let mut node = Node::start(&fabric.nodes[0], &services(&[V4]), Some(BGP));
+    node.wait_established(&["up4"]);
+    wait_hops(&fabric.router, &format!("{V4}/32"), 1, "route", || {
+        node.log()
+    });
+    assert!(wait_until(Duration::from_secs(5), || node
+        .dir
+        .path()
+        .join("bird/announced")
+        .exists()));
+
+    // A planned restart: SIGTERM makes BIRD restart gracefully; the peer keeps the route.
+    let old = node.agent.take().expect("running");
+    let status = old.stop();
+    assert!(status.success(), "{status}");
+    for _ in 0..50 {
+        assert_eq!(
+            next_hops(&fabric.router, &format!("{V4}/32")),
+            [Fabric::node_v4(1)],
+            "route lost while lbagent was stopped"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let agent = Agent::start(
+        &fabric.nodes[0],
+        &node.dir.path().join("lbagent.yaml"),
+        node.dir.path().join("agent2.log"),
+    );
+    node.agent = Some(agent);
+    assert!(
+        wait_until(Duration::from_secs(10), || node
+            .log()
+            .contains("recovering=true")),
+        "BIRD not restarted with -R:\n{}",
+        node.log()
+    );
+    node.wait_established(&["up4"]);
+    assert_eq!(
+        next_hops(&fabric.router, &format!("{V4}/32")),
+        [Fabric::node_v4(1)]
+    );
+
+    // Uninstall: cleanup shuts BIRD down (peers withdraw at once) and removes kube-lb0.
+    let cleanup = fabric.nodes[0]
+        .command(&lbagent_tests::lbagent_bin())
+        .args([
+            "--pin-root",
+            "/sys/fs/bpf/lbagent-test-none",
+            "cleanup",
+            "--config",
+        ])
+        .arg(node.dir.path().join("lbagent.yaml"))
+        .output()
+        .unwrap();
+    assert!(
+        cleanup.status.success(),
+        "{}",
+        String::from_utf8_lossy(&cleanup.stderr)
+    );
+    assert!(String::from_utf8_lossy(&cleanup.stdout).contains("BIRD: shut down"));
+    let started = Instant::now();
+    assert!(
+        wait_until(Duration::from_secs(3), || next_hops(
+            &fabric.router,
+            &format!("{V4}/32")
+        )
+        .is_empty()),
+        "the router kept the route after cleanup"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "withdrawal took {:?}",
+        started.elapsed()
+    );
+    assert!(!node.dir.path().join("bird").exists());
+    // The running agent does not bring BIRD back against the cleanup.
+    assert!(
+        wait_until(Duration::from_secs(3), || node
+            .log()
+            .contains("BIRD was shut down from outside lbagent")),
+        "{}",
+        node.log()
+    );
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(next_hops(&fabric.router, &format!("{V4}/32")).is_empty());
+}
+
+#[test]
+fn external_mode_writes_an_include_and_reloads_the_operators_bird() {
+    let fabric = Fabric::new(1);
+    let _frr = Frr::start(&fabric.router, FRR_ROUTER, true);
+    // The operator's BIRD (as a CNI would run it), including lbagent's file.
+    let dir = TempDir::new("lbt-ext");
+    let include = dir.path().join("lbagent.conf");
+    std::fs::write(&include, "").unwrap();
+    let operator = BirdRouter::start(
+        &fabric.nodes[0],
+        &format!(
+            "log stderr all;\nrouter id 10.0.0.11;\nprotocol device {{ scan time 2; }}\ninclude \"{}\";\n",
+            include.display()
+        ),
+    );
+    let socket = operator_socket(&operator);
+    let node = Node::start(
+        &fabric.nodes[0],
+        &services(&[V4]),
+        Some(&format!(
+            "  mode: external\n  include: {}\n  socket: {}\n  bgp:\n    - {{name: up4, neighbor: 10.0.0.1, asn: 64500, localAsn: 64512, holdTime: 9s, keepaliveTime: 1s, connectRetryTime: 1s}}\n",
+            include.display(),
+            socket
+        )),
+    );
+    wait_hops(
+        &fabric.router,
+        &format!("{V4}/32"),
+        1,
+        "external BIRD",
+        || format!("{}\n{}", node.log(), operator.log()),
+    );
+    let written = std::fs::read_to_string(&include).unwrap();
+    assert!(
+        written.contains("protocol bgp up4") && !written.contains("router id"),
+        "{written}"
+    );
+}
+
+fn operator_socket(router: &BirdRouter) -> String {
+    router.socket().display().to_string()
+}

@@ -146,8 +146,24 @@ pub async fn run_managed(
         .await;
         match exit {
             Supervised::Stopped => return Ok(()),
+            Supervised::ShutDown => {
+                // Someone asked BIRD to stop (`lbagent cleanup`, `birdc down`): restarting it
+                // would fight them. A new routing config starts it again.
+                warn!(
+                    "BIRD was shut down from outside lbagent; not restarting it until the routing config changes"
+                );
+                status.protocols.clear();
+                status.bird = "shut down from outside lbagent".into();
+                write_status(&status_file, &status);
+                tokio::select! {
+                    _ = configs.changed() => continue,
+                    _ = stop.changed() => return Ok(()),
+                }
+            }
             Supervised::Exited(why) => {
                 status.restarts += 1;
+                // Its sessions went with it: never show a dead BIRD's state as current.
+                status.protocols.clear();
                 if started.elapsed() > STABLE {
                     backoff = FIRST_BACKOFF;
                 }
@@ -165,7 +181,11 @@ pub async fn run_managed(
 }
 
 enum Supervised {
+    /// lbagent stopped it.
     Stopped,
+    /// It exited cleanly on someone else's request.
+    ShutDown,
+    /// It crashed or was killed.
     Exited(String),
 }
 
@@ -185,10 +205,11 @@ async fn supervise(
     loop {
         tokio::select! {
             exit = child.wait() => {
-                return Supervised::Exited(match exit {
-                    Ok(status) => status.to_string(),
-                    Err(err) => err.to_string(),
-                });
+                return match exit {
+                    Ok(status) if status.success() => Supervised::ShutDown,
+                    Ok(status) => Supervised::Exited(status.to_string()),
+                    Err(err) => Supervised::Exited(err.to_string()),
+                };
             }
             changed = configs.changed() => {
                 if changed.is_err() {
@@ -223,6 +244,7 @@ async fn supervise(
                     let _ = std::fs::remove_file(&paths.announced);
                 }
                 status.bird = "stopped".into();
+                status.protocols.clear();
                 write_status(status_file, status);
                 return Supervised::Stopped;
             }
