@@ -187,7 +187,7 @@ pub fn run(cli: Cli, out: &mut impl Write) -> Result<()> {
                 Some(path) => {
                     let config = Config::load(&path, None)?;
                     let bird = match config.routing.map(|r| r.mode) {
-                        Some(Mode::Managed { state_dir, .. }) => Some(state_dir),
+                        Some(Mode::Managed { binary, state_dir }) => Some((binary, state_dir)),
                         _ => None,
                     };
                     (config.addresses.interface, config.status_path, bird)
@@ -195,15 +195,43 @@ pub fn run(cli: Cli, out: &mut impl Write) -> Result<()> {
                 None => (
                     interface,
                     PathBuf::from(config::DEFAULT_STATUS_PATH),
-                    Some(PathBuf::from(routing::model::DEFAULT_STATE_DIR)),
+                    Some((
+                        PathBuf::from("bird"),
+                        PathBuf::from(routing::model::DEFAULT_STATE_DIR),
+                    )),
                 ),
             };
-            if let Some(state_dir) = bird {
-                // `down`, not a graceful restart: peers must withdraw the routes now.
+            let runtime = runtime()?;
+            // `down`, not a graceful restart: peers must withdraw the routes now.
+            let bird_was_running = match &bird {
+                Some((_, state_dir)) => {
+                    runtime.block_on(routing::down(&BirdPaths::new(state_dir).socket))?
+                }
+                None => false,
+            };
+            if bird_was_running {
+                writeln!(out, "BIRD: shut down (peers withdraw the routes)")?;
+            }
+            let deleted = runtime
+                .block_on(async { AddressSink::connect(&interface)?.delete_link().await })?;
+            writeln!(
+                out,
+                "{interface}: {}",
+                if deleted {
+                    "deleted, with its addresses"
+                } else {
+                    "not present"
+                }
+            )?;
+            if let Some((binary, state_dir)) = bird {
                 let paths = BirdPaths::new(&state_dir);
-                let stopped = runtime()?.block_on(routing::down(&paths.socket))?;
-                if stopped {
-                    writeln!(out, "BIRD: shut down (peers withdraw the routes)")?;
+                if !bird_was_running
+                    && runtime.block_on(routing::withdraw_stale(&binary, &paths))?
+                {
+                    writeln!(
+                        out,
+                        "BIRD: restarted without graceful restart and shut down, so peers drop the routes they kept"
+                    )?;
                 }
                 match std::fs::remove_dir_all(&state_dir) {
                     Ok(()) => writeln!(out, "{}: removed", state_dir.display())?,
@@ -215,17 +243,6 @@ pub fn run(cli: Cli, out: &mut impl Write) -> Result<()> {
                 }
             }
             let _ = std::fs::remove_file(routing::status_path(&status_path));
-            let deleted = runtime()?
-                .block_on(async { AddressSink::connect(&interface)?.delete_link().await })?;
-            writeln!(
-                out,
-                "{interface}: {}",
-                if deleted {
-                    "deleted, with its addresses"
-                } else {
-                    "not present"
-                }
-            )?;
             if pins.check_bpffs().is_ok() {
                 let detached = dataplane::detach_all(&pins)?;
                 writeln!(

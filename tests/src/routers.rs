@@ -219,31 +219,9 @@ impl Drop for Frr {
     }
 }
 
-/// The upstream router's bgpd.conf: passive dynamic neighbours from the fabric, ECMP.
-pub const FRR_ROUTER: &str = "frr defaults traditional
-router bgp 64500
- bgp router-id 10.0.0.1
- no bgp ebgp-requires-policy
- no bgp default ipv4-unicast
- bgp bestpath as-path multipath-relax
- coalesce-time 0
- neighbor NODES4 peer-group
- neighbor NODES4 remote-as external
- neighbor NODES4 timers 1 3
- neighbor NODES6 peer-group
- neighbor NODES6 remote-as external
- neighbor NODES6 timers 1 3
- bgp listen range 10.0.0.0/24 peer-group NODES4
- bgp listen range fd00::/64 peer-group NODES6
- address-family ipv4 unicast
-  maximum-paths 8
-  neighbor NODES4 activate
- exit-address-family
- address-family ipv6 unicast
-  maximum-paths 8
-  neighbor NODES6 activate
- exit-address-family
-";
+/// The upstream router's bgpd.conf: passive dynamic neighbours from the fabric, ECMP. Shared
+/// with `cargo xtask bench routing`.
+pub const FRR_ROUTER: &str = include_str!("../fixtures/frr-router-bgpd.conf");
 
 /// A BIRD (not lbagent's) as a router, with its own config, socket and log.
 pub struct BirdRouter {

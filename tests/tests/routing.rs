@@ -632,3 +632,67 @@ fn external_mode_writes_an_include_and_reloads_the_operators_bird() {
 fn operator_socket(router: &BirdRouter) -> String {
     router.socket().display().to_string()
 }
+
+#[test]
+fn cleanup_after_a_graceful_stop_still_makes_the_router_withdraw() {
+    let fabric = Fabric::new(1);
+    let _frr = Frr::start(&fabric.router, FRR_ROUTER, true);
+    let mut node = Node::start(&fabric.nodes[0], &services(&[V4]), Some(BGP));
+    node.wait_established(&["up4"]);
+    wait_hops(&fabric.router, &format!("{V4}/32"), 1, "route", || {
+        node.log()
+    });
+    assert!(wait_until(Duration::from_secs(5), || node
+        .dir
+        .path()
+        .join("bird/announced")
+        .exists()));
+
+    // The uninstall order of a DaemonSet: the pod stops (graceful restart: the router keeps
+    // the route as stale), then cleanup runs with no BIRD left to send `down` to.
+    assert!(node.agent.take().expect("running").stop().success());
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        next_hops(&fabric.router, &format!("{V4}/32")),
+        [Fabric::node_v4(1)]
+    );
+    let cleanup = fabric.nodes[0]
+        .command(&lbagent_tests::lbagent_bin())
+        .args([
+            "--pin-root",
+            "/sys/fs/bpf/lbagent-test-none",
+            "cleanup",
+            "--config",
+        ])
+        .arg(node.dir.path().join("lbagent.yaml"))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&cleanup.stdout);
+    assert!(
+        cleanup.status.success(),
+        "{}",
+        String::from_utf8_lossy(&cleanup.stderr)
+    );
+    assert!(
+        stdout.contains("peers drop the routes they kept"),
+        "{stdout}"
+    );
+    assert!(
+        wait_until(Duration::from_secs(5), || next_hops(
+            &fabric.router,
+            &format!("{V4}/32")
+        )
+        .is_empty()),
+        "the router still has the route well inside its 120 s restart time"
+    );
+    assert!(pgrep_bird_in(&node).is_empty(), "a BIRD was left running");
+}
+
+/// BIRD processes whose command line names this node's state directory.
+fn pgrep_bird_in(node: &Node) -> String {
+    let out = lbagent_tests::run(
+        "pgrep",
+        &["-f", &format!("bird -f -c {}", node.dir.path().display())],
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}

@@ -179,7 +179,7 @@ fn median_f64(mut values: Vec<f64>) -> f64 {
     }
 }
 
-fn target_dir() -> PathBuf {
+pub(crate) fn target_dir() -> PathBuf {
     std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| cmd::workspace().join("target"))

@@ -1,6 +1,7 @@
 //! lbagent's developer tasks. `cargo xtask --help` lists them.
 
 mod bench;
+mod bench_routing;
 mod build_ebpf;
 mod cmd;
 mod demo;
@@ -37,6 +38,8 @@ enum Task {
 enum Bench {
     /// 10,000 addresses onto kube-lb0 against `ip -batch`; resync time, syscalls, RSS.
     Addresses,
+    /// Address changes reaching an FRR router through BIRD; a bulk add against `ip -batch`.
+    Routing,
 }
 
 fn main() -> Result<()> {
@@ -55,6 +58,7 @@ fn main() -> Result<()> {
             setup::run()?;
             match what {
                 Bench::Addresses => bench::addresses(),
+                Bench::Routing => bench_routing::run(),
             }
         }
     }

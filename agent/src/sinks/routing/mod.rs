@@ -387,6 +387,45 @@ pub async fn down(socket: &Path) -> Result<bool, RoutingError> {
     }
 }
 
+/// After a graceful stop, peers hold lbagent's routes as stale until their restart timer runs
+/// out (FRR: 120 s). To withdraw them now, BIRD starts once more without `-R`: a peer that
+/// sees a session come back without the restart bit flushes what it kept, and with kube-lb0
+/// gone there is nothing to announce. Then `down`. Returns whether anything had to be done.
+pub async fn withdraw_stale(binary: &Path, paths: &BirdPaths) -> Result<bool, RoutingError> {
+    if !paths.announced.exists() || !paths.config.exists() {
+        return Ok(false);
+    }
+    which(binary)?;
+    let mut child = spawn(binary, paths, false)?;
+    let mut control = match wait_for_socket(&mut child, &paths.socket).await {
+        Ok(control) => control,
+        Err(why) => return Err(RoutingError::Rejected(why)),
+    };
+    // Until every BGP session is up (each flush happens as its session opens), at most 15 s.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while Instant::now() < deadline {
+        let reply = control.command("show protocols").await?;
+        let protocols = parse_protocols(&reply);
+        if protocols
+            .iter()
+            .filter(|p| p.proto == "BGP")
+            .all(|p| p.state == "up")
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    control.command("down").await?;
+    if tokio::time::timeout(Duration::from_secs(10), child.wait())
+        .await
+        .is_err()
+    {
+        let _ = child.kill().await;
+    }
+    let _ = std::fs::remove_file(&paths.announced);
+    Ok(true)
+}
+
 /// Before BIRD runs there is no socket to check through: `bird -p` parses the file.
 async fn check_file(binary: &Path, paths: &BirdPaths, text: &str) -> Result<(), RoutingError> {
     write(&paths.config, text)?;
