@@ -281,6 +281,24 @@ fn a_config_bird_rejects_leaves_the_running_one_in_place() {
         next_hops(&fabric.router, &format!("{V4}/32")),
         [Fabric::node_v4(1)]
     );
+
+    // A value lbagent itself rejects never reaches BIRD: the field is named, nothing written.
+    node.write_config(Some(&BGP.replacen("asn: 64500", "asn: 0", 1)));
+    assert!(
+        wait_until(Duration::from_secs(5), || {
+            node.log().contains(
+            "routing.bgp[0].asn: 0 is not allowed (an AS number, 1-4294967295); keeping the running config"
+        )
+        }),
+        "{}",
+        node.log()
+    );
+    assert_eq!(
+        std::fs::read_to_string(node.dir.path().join("bird/bird.conf")).unwrap(),
+        live
+    );
+    assert!(!node.dir.path().join("bird/bird.conf.next").exists());
+    assert_eq!(node.protocol("up4")["since"], since);
 }
 
 #[test]
