@@ -10,7 +10,7 @@ use core::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 /// Version of the layout of the pinned maps. Pins live in `<pin root>/v<N>/`, so a new layout
 /// never opens a map written by an older program. Bump it whenever a key or value changes.
-pub const PIN_LAYOUT_VERSION: u32 = 1;
+pub const PIN_LAYOUT_VERSION: u32 = 2;
 
 /// Name of the XDP ingress program (the kernel keeps the first 15 bytes).
 pub const XDP_PROGRAM: &str = "lbagent_xdp";
@@ -19,10 +19,35 @@ pub const XDP_PROGRAM: &str = "lbagent_xdp";
 pub mod maps {
     /// `VipKey -> VipConfig`: the load-balancer addresses the dataplane handles.
     pub const VIPS: &str = "LB_VIPS";
-    /// `VipKey -> VipStats`, per CPU: traffic seen for each address.
+    /// `VipKey -> VipStats`, per CPU: traffic seen for each address, and drops by reason.
     pub const VIP_STATS: &str = "LB_VIP_STATS";
-    /// Capacity of both maps.
+    /// `PortKey -> PortPolicy`: the ports and protocols each address serves.
+    pub const PORTS: &str = "LB_PORTS";
+    /// `PortKey -> PortStats`, per CPU: traffic to each served port.
+    pub const PORT_STATS: &str = "LB_PORT_STATS";
+    /// LPM trie `RangeKeyV4 -> u8`: the source ranges of each range set, IPv4.
+    pub const RANGES_V4: &str = "LB_RANGES_V4";
+    /// LPM trie `RangeKeyV6 -> u8`: the source ranges of each range set, IPv6.
+    pub const RANGES_V6: &str = "LB_RANGES_V6";
+    /// Capacity of the address maps.
     pub const MAX_VIPS: u32 = 16_384;
+    /// Capacity of the port maps.
+    pub const MAX_PORTS: u32 = 65_536;
+    /// Capacity of each range trie.
+    pub const MAX_RANGES: u32 = 65_536;
+}
+
+/// `VipConfig::flags`: only the ports and protocols in `LB_PORTS` pass (plus ICMP echo and the
+/// ICMP errors path-MTU discovery needs); everything else to the address is dropped.
+pub const VIP_ENFORCE: u32 = 1;
+
+/// IP protocol numbers the program knows.
+pub mod proto {
+    pub const ICMP: u8 = 1;
+    pub const TCP: u8 = 6;
+    pub const UDP: u8 = 17;
+    pub const ICMPV6: u8 = 58;
+    pub const SCTP: u8 = 132;
 }
 
 /// Address family tag of a [`VipKey`].
@@ -90,29 +115,108 @@ impl From<IpAddr> for VipKey {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct VipConfig {
-    /// Policy flags. None are defined yet: port and source-range policy will live here, and a
-    /// zero value means "count only, pass everything".
+    /// [`VIP_ENFORCE`], or 0: count only, pass everything.
     pub flags: u32,
+    /// Range set that the source of a non-first IP fragment (which carries no ports) must be
+    /// in; 0: any source. Userspace sets the union of the address's services' ranges.
+    pub fragment_ranges: u32,
 }
 
-/// Traffic seen for one address on one CPU. `bytes` counts whole frames, link header included.
+/// Traffic seen for one address on one CPU. Bytes count whole frames, link header included.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct VipStats {
+    /// Frames received for the address (XDP), dropped ones included.
     pub packets: u64,
     pub bytes: u64,
+    /// Frames sent from the address (tc egress).
+    pub tx_packets: u64,
+    pub tx_bytes: u64,
+    /// Drops by reason: a port or protocol the address does not serve...
+    pub drop_port: u64,
+    /// ...a source outside the service's `loadBalancerSourceRanges`...
+    pub drop_source: u64,
+    /// ...an IP protocol other than TCP, UDP, SCTP and ICMP...
+    pub drop_protocol: u64,
+    /// ...an ICMP type other than echo and the path-MTU errors...
+    pub drop_icmp: u64,
+    /// ...or transport headers cut short, which cannot be judged.
+    pub drop_malformed: u64,
+}
+
+/// An (address, protocol, port) as a map key. `port` is in host byte order (the program
+/// swaps it once when it parses the header); `addr` in network byte order as in [`VipKey`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PortKey {
+    pub family: u8,
+    pub protocol: u8,
+    pub port: u16,
+    pub addr: [u8; 16],
+}
+
+impl PortKey {
+    pub fn new(vip: VipKey, protocol: u8, port: u16) -> Self {
+        Self {
+            family: vip.family,
+            protocol,
+            port,
+            addr: vip.addr,
+        }
+    }
+}
+
+/// What one served port asks.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PortPolicy {
+    /// Range set the source must be in; 0: any source.
+    pub ranges: u32,
+}
+
+/// Traffic to one served port on one CPU.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PortStats {
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+/// Data of an IPv4 source-range trie key: the range set, then the address. The set comes
+/// first and in network byte order so that the trie matches it as the first 32 bits: a key
+/// for prefix `p` of set `s` has prefix length `32 + p`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RangeKeyV4 {
+    pub set: [u8; 4],
+    pub addr: [u8; 4],
+}
+
+/// As [`RangeKeyV4`], for IPv6.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RangeKeyV6 {
+    pub set: [u8; 4],
+    pub addr: [u8; 16],
 }
 
 const _: () = {
     assert!(core::mem::size_of::<VipKey>() == 20);
     assert!(core::mem::align_of::<VipKey>() == 1);
-    assert!(core::mem::size_of::<VipConfig>() == 4);
-    assert!(core::mem::size_of::<VipStats>() == 16);
+    assert!(core::mem::size_of::<VipConfig>() == 8);
+    assert!(core::mem::size_of::<VipStats>() == 72);
+    assert!(core::mem::size_of::<PortKey>() == 20);
+    assert!(core::mem::size_of::<PortPolicy>() == 4);
+    assert!(core::mem::size_of::<PortStats>() == 16);
+    assert!(core::mem::size_of::<RangeKeyV4>() == 8);
+    assert!(core::mem::size_of::<RangeKeyV6>() == 20);
 };
 
 #[cfg(feature = "user")]
 mod pod {
-    use super::{VipConfig, VipKey, VipStats};
+    use super::{
+        PortKey, PortPolicy, PortStats, RangeKeyV4, RangeKeyV6, VipConfig, VipKey, VipStats,
+    };
 
     // SAFETY: repr(C), built only from integers and byte arrays, no implicit padding (the
     // size assertions above pin the layout), so every bit pattern is a valid value.
@@ -121,6 +225,16 @@ mod pod {
     unsafe impl aya::Pod for VipConfig {}
     // SAFETY: as above.
     unsafe impl aya::Pod for VipStats {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for PortKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for PortPolicy {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for PortStats {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for RangeKeyV4 {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for RangeKeyV6 {}
 }
 
 #[cfg(test)]

@@ -18,19 +18,104 @@ pub struct Frame {
     l3: Vec<u8>,
 }
 
+/// IPv4 header details beyond the addresses.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Ipv4Options {
+    /// 32-bit words of options (IHL = 5 + this).
+    pub option_words: u8,
+    /// Fragment offset in 8-byte units.
+    pub fragment_offset: u16,
+    pub more_fragments: bool,
+}
+
+/// An IPv6 extension header.
+#[derive(Clone, Copy, Debug)]
+pub enum Ext {
+    HopByHop,
+    Routing,
+    DestOpts,
+    /// Offset in 8-byte units.
+    Fragment {
+        offset: u16,
+        more: bool,
+    },
+}
+
+/// A TCP header (20 bytes, SYN) to `port`.
+pub fn tcp(port: u16) -> Vec<u8> {
+    let mut h = vec![0x9c, 0x40];
+    h.extend_from_slice(&port.to_be_bytes());
+    h.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 0, 0x50, 0x02, 0xff, 0xff, 0, 0, 0, 0]);
+    h
+}
+
+/// A UDP header to `port` with `payload` bytes of data.
+pub fn udp(port: u16, payload: usize) -> Vec<u8> {
+    let len = (8 + payload) as u16;
+    let mut h = vec![0x9c, 0x40];
+    h.extend_from_slice(&port.to_be_bytes());
+    h.extend_from_slice(&len.to_be_bytes());
+    h.extend_from_slice(&[0, 0]);
+    h.resize(len as usize, 0xab);
+    h
+}
+
+/// An SCTP common header (12 bytes) to `port`.
+pub fn sctp(port: u16) -> Vec<u8> {
+    let mut h = vec![0x9c, 0x40];
+    h.extend_from_slice(&port.to_be_bytes());
+    h.extend_from_slice(&[0; 8]);
+    h
+}
+
+/// An ICMP or ICMPv6 header (8 bytes).
+pub fn icmp(kind: u8, code: u8) -> Vec<u8> {
+    vec![kind, code, 0, 0, 0, 1, 0, 1]
+}
+
 impl Frame {
     /// IPv4 + UDP to `dst` port 80, with `payload` bytes of data.
     pub fn udp4(src: Ipv4Addr, dst: Ipv4Addr, payload: usize) -> Self {
-        let udp = udp(payload);
-        let total = (20 + udp.len()) as u16;
-        let mut ip = vec![0x45, 0];
+        Self::ipv4(
+            src,
+            dst,
+            IPPROTO_UDP,
+            &udp(80, payload),
+            Ipv4Options::default(),
+        )
+    }
+
+    /// IPv6 + UDP to `dst` port 80, with `payload` bytes of data.
+    pub fn udp6(src: Ipv6Addr, dst: Ipv6Addr, payload: usize) -> Self {
+        Self::ipv6(src, dst, &[], IPPROTO_UDP, &udp(80, payload))
+    }
+
+    /// IPv4 carrying `l4` as `protocol`.
+    pub fn ipv4(
+        src: Ipv4Addr,
+        dst: Ipv4Addr,
+        protocol: u8,
+        l4: &[u8],
+        options: Ipv4Options,
+    ) -> Self {
+        let header_len = 20 + 4 * usize::from(options.option_words);
+        let total = (header_len + l4.len()) as u16;
+        let mut flags = options.fragment_offset & 0x1fff;
+        if options.more_fragments {
+            flags |= 0x2000;
+        }
+        let mut ip = vec![0x40 | (5 + options.option_words), 0];
         ip.extend_from_slice(&total.to_be_bytes());
-        ip.extend_from_slice(&[0, 1, 0x40, 0, 64, IPPROTO_UDP, 0, 0]);
+        ip.extend_from_slice(&[0, 1]);
+        ip.extend_from_slice(&flags.to_be_bytes());
+        ip.extend_from_slice(&[64, protocol, 0, 0]);
         ip.extend_from_slice(&src.octets());
         ip.extend_from_slice(&dst.octets());
+        // Options: NOPs.
+        ip.resize(header_len, 1);
         let checksum = ipv4_checksum(&ip);
         ip[10..12].copy_from_slice(&checksum.to_be_bytes());
-        ip.extend_from_slice(&udp);
+        ip.extend_from_slice(l4);
         Self {
             tags: Vec::new(),
             ether_type: ETHERTYPE_IPV4,
@@ -38,15 +123,37 @@ impl Frame {
         }
     }
 
-    /// IPv6 + UDP to `dst` port 80, with `payload` bytes of data.
-    pub fn udp6(src: Ipv6Addr, dst: Ipv6Addr, payload: usize) -> Self {
-        let udp = udp(payload);
+    /// IPv6 with extension headers `ext` in order, then `l4` as `protocol`.
+    pub fn ipv6(src: Ipv6Addr, dst: Ipv6Addr, ext: &[Ext], protocol: u8, l4: &[u8]) -> Self {
+        let number = |e: &Ext| match e {
+            Ext::HopByHop => 0u8,
+            Ext::Routing => 43,
+            Ext::DestOpts => 60,
+            Ext::Fragment { .. } => 44,
+        };
+        let mut chain = Vec::new();
+        for (i, e) in ext.iter().enumerate() {
+            let next = ext.get(i + 1).map_or(protocol, number);
+            match e {
+                Ext::Fragment { offset, more } => {
+                    let field = (offset << 3) | u16::from(*more);
+                    chain.extend_from_slice(&[next, 0]);
+                    chain.extend_from_slice(&field.to_be_bytes());
+                    chain.extend_from_slice(&[0, 0, 0, 7]);
+                }
+                // 8 bytes: next header, length 0 (one unit), then padding options.
+                _ => chain.extend_from_slice(&[next, 0, 1, 4, 0, 0, 0, 0]),
+            }
+        }
+        let first = ext.first().map_or(protocol, number);
+        let payload_len = (chain.len() + l4.len()) as u16;
         let mut ip = vec![0x60, 0, 0, 0];
-        ip.extend_from_slice(&(udp.len() as u16).to_be_bytes());
-        ip.extend_from_slice(&[IPPROTO_UDP, 64]);
+        ip.extend_from_slice(&payload_len.to_be_bytes());
+        ip.extend_from_slice(&[first, 64]);
         ip.extend_from_slice(&src.octets());
         ip.extend_from_slice(&dst.octets());
-        ip.extend_from_slice(&udp);
+        ip.extend_from_slice(&chain);
+        ip.extend_from_slice(l4);
         Self {
             tags: Vec::new(),
             ether_type: ETHERTYPE_IPV6,
@@ -95,17 +202,6 @@ impl Frame {
         frame.extend_from_slice(&self.l3);
         frame
     }
-}
-
-fn udp(payload: usize) -> Vec<u8> {
-    let len = (8 + payload) as u16;
-    let mut udp = Vec::with_capacity(len as usize);
-    udp.extend_from_slice(&40000u16.to_be_bytes());
-    udp.extend_from_slice(&80u16.to_be_bytes());
-    udp.extend_from_slice(&len.to_be_bytes());
-    udp.extend_from_slice(&[0, 0]);
-    udp.resize(len as usize, 0xab);
-    udp
 }
 
 fn ipv4_checksum(header: &[u8]) -> u16 {

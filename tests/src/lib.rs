@@ -6,6 +6,7 @@
 
 pub mod frame;
 pub mod routers;
+pub mod testrun;
 
 use std::{
     path::{Path, PathBuf},

@@ -3,6 +3,8 @@
 
 use std::{collections::BTreeMap, io::Write as _, net::IpAddr};
 
+use lbagent_common::{PIN_LAYOUT_VERSION, maps};
+
 use lbagent_tests::{LbagentRun, NetNs, Pair, PinRoot, lbagent, run_ok, unique_name, xdp_on};
 
 const VIP4: &str = "203.0.113.10";
@@ -45,7 +47,10 @@ fn cli_counters(node: &NetNs, pins: &PinRoot) -> BTreeMap<IpAddr, (u64, u64)> {
 /// `bpftool -j map dump pinned .../LB_VIP_STATS` as address -> (packets, bytes), read from
 /// the BTF-formatted (named) fields, summed over CPUs.
 fn bpftool_counters(pins: &PinRoot) -> BTreeMap<IpAddr, (u64, u64)> {
-    let path = pins.path().join("v1/LB_VIP_STATS");
+    let path = pins
+        .path()
+        .join(format!("v{PIN_LAYOUT_VERSION}"))
+        .join(maps::VIP_STATS);
     let dump = run_ok(
         "bpftool",
         &["-j", "map", "dump", "pinned", path.to_str().unwrap()],

@@ -2,18 +2,11 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use aya::{
-    Ebpf, EbpfLoader, TestRun as _, TestRunOptions,
-    maps::{HashMap, PerCpuHashMap, PerCpuValues},
-    programs::Xdp,
-};
-use lbagent_common::{VipConfig, VipKey, VipStats, XDP_PROGRAM, maps};
 use lbagent_tests::{
     frame::{ETHERTYPE_8021AD, ETHERTYPE_8021Q, Frame},
-    require_root,
+    testrun::Harness,
 };
 
-const XDP_PASS: u32 = 2;
 const CLIENT4: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 1);
 const VIP4: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 10);
 const OTHER4: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 11);
@@ -21,61 +14,24 @@ const CLIENT6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 1);
 const VIP6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0xff, 0, 0, 0, 0, 0x10);
 const OTHER6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0xff, 0, 0, 0, 0, 0x11);
 
-struct Harness {
-    ebpf: Ebpf,
-}
+/// A harness with count-only addresses.
+struct H(Harness);
 
-impl Harness {
+impl H {
     fn new(vips: &[IpAddr]) -> Self {
-        require_root();
-        let mut ebpf = EbpfLoader::new()
-            .load(lbagent::dataplane::object())
-            .expect("load object");
-        let program: &mut Xdp = ebpf
-            .program_mut(XDP_PROGRAM)
-            .expect("program")
-            .try_into()
-            .expect("xdp");
-        program.load().expect("verifier accepts the program");
-        let mut harness = Self { ebpf };
+        let mut harness = Harness::new();
         for vip in vips {
-            harness.add_vip(*vip);
+            harness.count_only(*vip);
         }
-        harness
+        Self(harness)
     }
 
-    fn add_vip(&mut self, vip: IpAddr) {
-        let key = VipKey::from(vip);
-        let cpus = aya::util::nr_cpus().expect("cpus");
-        let mut stats: PerCpuHashMap<_, VipKey, VipStats> =
-            PerCpuHashMap::try_from(self.ebpf.map_mut(maps::VIP_STATS).expect("stats map"))
-                .expect("per-cpu hash");
-        stats
-            .insert(
-                key,
-                PerCpuValues::try_from(vec![VipStats::default(); cpus]).unwrap(),
-                0,
-            )
-            .expect("insert stats");
-        let mut vips: HashMap<_, VipKey, VipConfig> =
-            HashMap::try_from(self.ebpf.map_mut(maps::VIPS).expect("vips map")).expect("hash");
-        vips.insert(key, VipConfig::default(), 0)
-            .expect("insert vip");
-    }
-
-    /// (packets, bytes) counted for `vip`, over all CPUs.
     fn stats(&self, vip: IpAddr) -> (u64, u64) {
-        let stats: PerCpuHashMap<_, VipKey, VipStats> =
-            PerCpuHashMap::try_from(self.ebpf.map(maps::VIP_STATS).expect("stats map"))
-                .expect("per-cpu hash");
-        stats
-            .get(&VipKey::from(vip), 0)
-            .map(|values| {
-                values
-                    .iter()
-                    .fold((0, 0), |(p, b), s| (p + s.packets, b + s.bytes))
-            })
-            .expect("stats entry exists")
+        self.0.counted(vip)
+    }
+
+    fn run_pass(&self, frame: &[u8]) {
+        self.0.run_pass(frame);
     }
 
     fn try_run(
@@ -83,39 +39,13 @@ impl Harness {
         frame: &[u8],
         out: &mut [u8],
     ) -> Result<aya::TestRunResult, aya::programs::ProgramError> {
-        let program: &Xdp = self
-            .ebpf
-            .program(XDP_PROGRAM)
-            .expect("program")
-            .try_into()
-            .expect("xdp");
-        program.test_run(TestRunOptions {
-            data_in: Some(frame),
-            data_out: Some(out),
-            repeat: 1,
-            ..Default::default()
-        })
-    }
-
-    /// Runs the program once on `frame`, asserting the verdict is PASS and the frame comes
-    /// back unchanged.
-    fn run_pass(&self, frame: &[u8]) {
-        let mut out = vec![0u8; frame.len() + 256];
-        let result = self
-            .try_run(frame, &mut out)
-            .unwrap_or_else(|err| panic!("test run of a {}-byte frame: {err}", frame.len()));
-        assert_eq!(result.return_value, XDP_PASS, "verdict for {frame:02x?}");
-        assert_eq!(
-            &out[..result.data_size_out as usize],
-            frame,
-            "the program must not modify frames"
-        );
+        self.0.try_run(frame, out)
     }
 }
 
 #[test]
 fn ipv4_vip_hit_is_counted_with_frame_length() {
-    let h = Harness::new(&[VIP4.into()]);
+    let h = H::new(&[VIP4.into()]);
     let frame = Frame::udp4(CLIENT4, VIP4, 100).bytes();
     h.run_pass(&frame);
     h.run_pass(&frame);
@@ -124,7 +54,7 @@ fn ipv4_vip_hit_is_counted_with_frame_length() {
 
 #[test]
 fn ipv4_miss_passes_uncounted() {
-    let h = Harness::new(&[VIP4.into()]);
+    let h = H::new(&[VIP4.into()]);
     h.run_pass(&Frame::udp4(CLIENT4, OTHER4, 100).bytes());
     // The VIP as source (a reply) is not a hit either: only destinations count.
     h.run_pass(&Frame::udp4(VIP4, CLIENT4, 100).bytes());
@@ -133,7 +63,7 @@ fn ipv4_miss_passes_uncounted() {
 
 #[test]
 fn ipv6_vip_hit_and_miss() {
-    let h = Harness::new(&[VIP6.into(), VIP4.into()]);
+    let h = H::new(&[VIP6.into(), VIP4.into()]);
     let hit = Frame::udp6(CLIENT6, VIP6, 64).bytes();
     h.run_pass(&hit);
     h.run_pass(&Frame::udp6(CLIENT6, OTHER6, 64).bytes());
@@ -143,14 +73,14 @@ fn ipv6_vip_hit_and_miss() {
 
 #[test]
 fn ipv4_mapped_ipv6_destination_does_not_hit_the_ipv4_vip() {
-    let h = Harness::new(&[VIP4.into()]);
+    let h = H::new(&[VIP4.into()]);
     h.run_pass(&Frame::udp6(CLIENT6, VIP4.to_ipv6_mapped(), 10).bytes());
     assert_eq!(h.stats(VIP4.into()), (0, 0));
 }
 
 #[test]
 fn vlan_tagged_frames_are_counted() {
-    let h = Harness::new(&[VIP4.into(), VIP6.into()]);
+    let h = H::new(&[VIP4.into(), VIP6.into()]);
     let dot1q = Frame::udp4(CLIENT4, VIP4, 20)
         .tagged(ETHERTYPE_8021Q, 42)
         .bytes();
@@ -166,7 +96,7 @@ fn vlan_tagged_frames_are_counted() {
 
 #[test]
 fn tagged_miss_passes_uncounted() {
-    let h = Harness::new(&[VIP4.into()]);
+    let h = H::new(&[VIP4.into()]);
     h.run_pass(
         &Frame::udp4(CLIENT4, OTHER4, 20)
             .tagged(ETHERTYPE_8021Q, 42)
@@ -177,7 +107,7 @@ fn tagged_miss_passes_uncounted() {
 
 #[test]
 fn non_ip_frames_pass_untouched() {
-    let h = Harness::new(&[VIP4.into()]);
+    let h = H::new(&[VIP4.into()]);
     h.run_pass(&Frame::arp().bytes());
     h.run_pass(&Frame::arp().tagged(ETHERTYPE_8021Q, 5).bytes());
     assert_eq!(h.stats(VIP4.into()), (0, 0));
@@ -187,7 +117,7 @@ fn non_ip_frames_pass_untouched() {
 /// header is present.
 #[test]
 fn truncated_frames_pass_and_count_only_with_a_whole_ip_header() {
-    let h = Harness::new(&[VIP4.into(), VIP6.into()]);
+    let h = H::new(&[VIP4.into(), VIP6.into()]);
     let cases = [
         (Frame::udp4(CLIENT4, VIP4, 8), IpAddr::from(VIP4), 20),
         (Frame::udp6(CLIENT6, VIP6, 8), VIP6.into(), 40),

@@ -70,7 +70,10 @@ pub fn run() -> Result<()> {
     show(&mut agent(&["counters"]))?;
     show(&mut agent(&["counters", "-o", "json"]))?;
 
-    let stats = lab.pin_root.join("v1/LB_VIP_STATS");
+    let stats = lab
+        .pin_root
+        .join(format!("v{}", lbagent_common::PIN_LAYOUT_VERSION))
+        .join(lbagent_common::maps::VIP_STATS);
     step(&format!(
         "bpftool map dump pinned {}: the same counters per CPU, with named fields from BTF",
         stats.display()

@@ -20,7 +20,10 @@ use aya::{
         xdp::{XdpLink, XdpLinkId},
     },
 };
-use lbagent_common::{VipConfig, VipKey, VipStats, XDP_PROGRAM, maps};
+use lbagent_common::{
+    PortKey, PortPolicy, PortStats, RangeKeyV4, RangeKeyV6, VipConfig, VipKey, VipStats,
+    XDP_PROGRAM, maps,
+};
 use tracing::{info, warn};
 
 pub use pins::{PinLayout, XdpLinkPin};
@@ -133,7 +136,7 @@ struct MapSpec {
     max_entries: u32,
 }
 
-const MAP_SPECS: [MapSpec; 2] = [
+const MAP_SPECS: [MapSpec; 6] = [
     MapSpec {
         name: maps::VIPS,
         map_type: MapType::Hash,
@@ -147,6 +150,35 @@ const MAP_SPECS: [MapSpec; 2] = [
         key_size: size_of::<VipKey>(),
         value_size: size_of::<VipStats>(),
         max_entries: maps::MAX_VIPS,
+    },
+    MapSpec {
+        name: maps::PORTS,
+        map_type: MapType::Hash,
+        key_size: size_of::<PortKey>(),
+        value_size: size_of::<PortPolicy>(),
+        max_entries: maps::MAX_PORTS,
+    },
+    MapSpec {
+        name: maps::PORT_STATS,
+        map_type: MapType::PerCpuHash,
+        key_size: size_of::<PortKey>(),
+        value_size: size_of::<PortStats>(),
+        max_entries: maps::MAX_PORTS,
+    },
+    MapSpec {
+        name: maps::RANGES_V4,
+        map_type: MapType::LpmTrie,
+        // The kernel's key is the 4-byte prefix length and the data.
+        key_size: 4 + size_of::<RangeKeyV4>(),
+        value_size: 1,
+        max_entries: maps::MAX_RANGES,
+    },
+    MapSpec {
+        name: maps::RANGES_V6,
+        map_type: MapType::LpmTrie,
+        key_size: 4 + size_of::<RangeKeyV6>(),
+        value_size: 1,
+        max_entries: maps::MAX_RANGES,
     },
 ];
 
