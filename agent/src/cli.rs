@@ -535,11 +535,13 @@ mod tests {
                 address: "203.0.113.10".parse().unwrap(),
                 packets: 3,
                 bytes: 294,
+                drops: Default::default(),
             },
             VipCounters {
                 address: "2001:db8:ff::10".parse().unwrap(),
                 packets: 12,
                 bytes: 1_500,
+                drops: Default::default(),
             },
         ];
         let mut out = Vec::new();

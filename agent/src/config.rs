@@ -37,6 +37,16 @@ pub struct Config {
     pub log_format: Option<LogFormat>,
     /// `None`: lbagent advertises nothing itself (no `routing:` section).
     pub routing: Option<RoutingConfig>,
+    /// `None`: no eBPF dataplane (no `dataplane:` section).
+    pub dataplane: Option<DataplaneConfig>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DataplaneConfig {
+    /// Interfaces the XDP program is attached to: those that carry the LB traffic.
+    pub interfaces: Vec<String>,
+    pub mode: crate::dataplane::AttachMode,
+    pub pin_root: PathBuf,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -97,6 +107,16 @@ struct RawConfig {
     #[serde(default)]
     log: RawLog,
     routing: Option<RawRouting>,
+    dataplane: Option<RawDataplane>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawDataplane {
+    #[serde(default)]
+    interfaces: Vec<String>,
+    mode: Option<String>,
+    pin_root: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -229,7 +249,45 @@ impl Config {
                 allowed: err.allowed,
             })?;
 
+        let dataplane = match raw.dataplane {
+            None => None,
+            Some(raw) => {
+                if raw.interfaces.is_empty() {
+                    return Err(invalid(
+                        "dataplane.interfaces",
+                        "[]",
+                        "the interfaces that carry LB traffic, such as [eth0]",
+                    ));
+                }
+                for name in &raw.interfaces {
+                    if !is_interface_name(name) {
+                        return Err(invalid(
+                            "dataplane.interfaces",
+                            name,
+                            "interface names: 1-15 characters, none of them '/', ':' or whitespace",
+                        ));
+                    }
+                }
+                let mode = match raw.mode.as_deref() {
+                    None | Some("auto") => crate::dataplane::AttachMode::Auto,
+                    Some("driver") => crate::dataplane::AttachMode::Driver,
+                    Some("generic") => crate::dataplane::AttachMode::Generic,
+                    Some(other) => {
+                        return Err(invalid("dataplane.mode", other, "auto, driver or generic"));
+                    }
+                };
+                Some(DataplaneConfig {
+                    interfaces: raw.interfaces,
+                    mode,
+                    pin_root: raw.pin_root.unwrap_or_else(|| {
+                        PathBuf::from(crate::dataplane::PinLayout::DEFAULT_ROOT)
+                    }),
+                })
+            }
+        };
+
         Ok(Self {
+            dataplane,
             routing,
             node_name,
             source,
@@ -364,6 +422,35 @@ mod tests {
             ),
             "{err}"
         );
+    }
+
+    #[test]
+    fn dataplane_settings_are_validated() {
+        let config =
+            parse("source: {file: {path: s}}\ndataplane: {interfaces: [eth0], mode: generic}")
+                .unwrap();
+        let dataplane = config.dataplane.unwrap();
+        assert_eq!(dataplane.interfaces, ["eth0"]);
+        assert_eq!(dataplane.mode, crate::dataplane::AttachMode::Generic);
+        for (text, expected) in [
+            (
+                "dataplane: {interfaces: []}",
+                "dataplane.interfaces: \"[]\" is not allowed",
+            ),
+            (
+                "dataplane: {interfaces: [\"eth 0\"]}",
+                "dataplane.interfaces: \"eth 0\" is not allowed",
+            ),
+            (
+                "dataplane: {interfaces: [eth0], mode: fast}",
+                "dataplane.mode: \"fast\" is not allowed (auto, driver or generic)",
+            ),
+        ] {
+            let err = parse(&format!("source: {{file: {{path: s}}}}\n{text}"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(expected), "{text}: {err}");
+        }
     }
 
     #[test]

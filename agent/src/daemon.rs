@@ -12,7 +12,9 @@ use tracing::{error, info, warn};
 
 use crate::{
     config::{Config, Source},
+    dataplane::{self, PinLayout},
     reconcile::{Inputs, Reconciler},
+    sinks::dataplane::DataplaneSink,
     sinks::{
         addresses::AddressSink,
         routing::{
@@ -70,11 +72,16 @@ pub async fn run(config_path: PathBuf, node_name: Option<String>, config: Config
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
 
-    let reconciler = Reconciler::new(
+    let mut reconciler = Reconciler::new(
         sink,
         StatusWriter::new(&config.status_path),
         config.node_name.clone(),
     );
+    if let Some(dataplane) = &config.dataplane
+        && let Some(maps) = start_dataplane(dataplane)
+    {
+        reconciler = reconciler.with_dataplane(maps);
+    }
     let inputs = Inputs {
         updates,
         kernel_changes,
@@ -106,6 +113,36 @@ pub async fn run(config_path: PathBuf, node_name: Option<String>, config: Config
         }
     }
     result
+}
+
+/// Attaches the XDP program to each configured interface (replacing lbagent's own program in
+/// place after a restart) and opens the policy maps. An interface that refuses is named and
+/// skipped: the rest of the agent keeps working.
+fn start_dataplane(config: &crate::config::DataplaneConfig) -> Option<DataplaneSink> {
+    let pins = PinLayout::new(&config.pin_root);
+    let mut attached = 0;
+    for iface in &config.interfaces {
+        match dataplane::attach(&pins, iface, config.mode) {
+            Ok(done) => {
+                attached += 1;
+                info!(%iface, mode = ?done.mode, replaced = done.replaced, "XDP program attached");
+            }
+            Err(err) => {
+                error!(%iface, %err, "XDP program not attached to this interface; continuing without it")
+            }
+        }
+    }
+    if attached == 0 {
+        error!("no interface took the XDP program: the dataplane is off");
+        return None;
+    }
+    match DataplaneSink::open(&pins) {
+        Ok(sink) => Some(sink),
+        Err(err) => {
+            error!(%err, "cannot open the dataplane's maps: the dataplane is off");
+            None
+        }
+    }
 }
 
 /// Addresses stay: a restart must not withdraw routes. `lbagent cleanup` removes them.

@@ -482,3 +482,136 @@ impl Drop for Monitor {
         }
     }
 }
+
+/// Runs `f` on a thread inside `ns`'s network stack and returns its result.
+pub fn in_netns<T: Send + 'static>(ns: &NetNs, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let path = format!("/run/netns/{}", ns.name());
+    std::thread::spawn(move || {
+        let file = std::fs::File::open(&path).expect("open netns");
+        nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+        f()
+    })
+    .join()
+    .expect("netns thread")
+}
+
+/// A TCP server and a UDP echo server on one address and port inside a namespace; each
+/// connection or datagram is answered with "ok". Stopped on drop.
+pub struct Servers {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Servers {
+    pub fn start(ns: &NetNs, tcp: &[std::net::SocketAddr], udp: &[std::net::SocketAddr]) -> Self {
+        use std::{io::Write as _, sync::atomic::Ordering};
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let mut threads = Vec::new();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let path = format!("/run/netns/{}", ns.name());
+        for (addr, is_tcp) in tcp
+            .iter()
+            .map(|a| (*a, true))
+            .chain(udp.iter().map(|a| (*a, false)))
+        {
+            let stop = stop.clone();
+            let path = path.clone();
+            let ready = ready_tx.clone();
+            threads.push(std::thread::spawn(move || {
+                let file = std::fs::File::open(&path).expect("open netns");
+                nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+                // The address may still be on its way onto kube-lb0.
+                let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+                if is_tcp {
+                    let listener = loop {
+                        match std::net::TcpListener::bind(addr) {
+                            Ok(l) => break l,
+                            Err(_) if std::time::Instant::now() < deadline => {
+                                std::thread::sleep(std::time::Duration::from_millis(20))
+                            }
+                            Err(err) => panic!("bind {addr}: {err}"),
+                        }
+                    };
+                    listener.set_nonblocking(true).unwrap();
+                    ready.send(()).unwrap();
+                    while !stop.load(Ordering::Relaxed) {
+                        match listener.accept() {
+                            Ok((mut stream, _)) => {
+                                let _ = stream.write_all(b"ok");
+                            }
+                            Err(_) => std::thread::sleep(std::time::Duration::from_millis(5)),
+                        }
+                    }
+                } else {
+                    let socket = loop {
+                        match std::net::UdpSocket::bind(addr) {
+                            Ok(s) => break s,
+                            Err(_) if std::time::Instant::now() < deadline => {
+                                std::thread::sleep(std::time::Duration::from_millis(20))
+                            }
+                            Err(err) => panic!("bind {addr}: {err}"),
+                        }
+                    };
+                    socket
+                        .set_read_timeout(Some(std::time::Duration::from_millis(50)))
+                        .unwrap();
+                    ready.send(()).unwrap();
+                    let mut buf = [0u8; 64];
+                    while !stop.load(Ordering::Relaxed) {
+                        if let Ok((_, from)) = socket.recv_from(&mut buf) {
+                            let _ = socket.send_to(b"ok", from);
+                        }
+                    }
+                }
+            }));
+        }
+        for _ in 0..threads.len() {
+            ready_rx
+                .recv_timeout(std::time::Duration::from_secs(10))
+                .expect("servers did not start");
+        }
+        Self { stop, threads }
+    }
+}
+
+impl Drop for Servers {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        for thread in self.threads.drain(..) {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// From inside `ns`: whether a TCP connection to `addr` gets the server's "ok" within 1 s.
+pub fn tcp_ok(ns: &NetNs, addr: std::net::SocketAddr) -> bool {
+    in_netns(ns, move || {
+        use std::io::Read as _;
+        let Ok(mut stream) =
+            std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(1))
+        else {
+            return false;
+        };
+        let _ = stream.set_read_timeout(Some(std::time::Duration::from_secs(1)));
+        let mut reply = [0u8; 2];
+        stream.read_exact(&mut reply).is_ok() && &reply == b"ok"
+    })
+}
+
+/// From inside `ns`: whether a UDP datagram to `addr` is answered "ok" within 1 s.
+pub fn udp_ok(ns: &NetNs, addr: std::net::SocketAddr) -> bool {
+    in_netns(ns, move || {
+        let bind = if addr.is_ipv4() {
+            "0.0.0.0:0"
+        } else {
+            "[::]:0"
+        };
+        let socket = std::net::UdpSocket::bind(bind).expect("bind");
+        socket
+            .set_read_timeout(Some(std::time::Duration::from_secs(1)))
+            .unwrap();
+        let _ = socket.send_to(b"hi", addr);
+        let mut reply = [0u8; 2];
+        matches!(socket.recv_from(&mut reply), Ok((2, _))) && &reply == b"ok"
+    })
+}

@@ -13,6 +13,17 @@ pub struct VipCounters {
     pub address: IpAddr,
     pub packets: u64,
     pub bytes: u64,
+    /// Drops by reason.
+    pub drops: Drops,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Drops {
+    pub port: u64,
+    pub source: u64,
+    pub protocol: u64,
+    pub icmp: u64,
+    pub malformed: u64,
 }
 
 /// Handle on the pinned maps of a loaded dataplane.
@@ -86,18 +97,28 @@ impl VipTable {
         for key in self.vips.keys() {
             let key = key.map_err(map_err(maps::VIPS))?;
             let Some(address) = key.ip() else { continue };
-            let (packets, bytes) = match self.stats.get(&key, 0) {
-                Ok(per_cpu) => per_cpu
-                    .iter()
-                    .fold((0, 0), |(p, b), s| (p + s.packets, b + s.bytes)),
-                Err(MapError::KeyNotFound) => (0, 0),
-                Err(err) => return Err(map_err(maps::VIP_STATS)(err)),
-            };
-            counters.push(VipCounters {
+            let mut total = VipCounters {
                 address,
-                packets,
-                bytes,
-            });
+                packets: 0,
+                bytes: 0,
+                drops: Drops::default(),
+            };
+            match self.stats.get(&key, 0) {
+                Ok(per_cpu) => {
+                    for s in per_cpu.iter() {
+                        total.packets += s.packets;
+                        total.bytes += s.bytes;
+                        total.drops.port += s.drop_port;
+                        total.drops.source += s.drop_source;
+                        total.drops.protocol += s.drop_protocol;
+                        total.drops.icmp += s.drop_icmp;
+                        total.drops.malformed += s.drop_malformed;
+                    }
+                }
+                Err(MapError::KeyNotFound) => {}
+                Err(err) => return Err(map_err(maps::VIP_STATS)(err)),
+            }
+            counters.push(total);
         }
         counters.sort_by_key(|c| c.address);
         Ok(counters)

@@ -19,7 +19,10 @@ use tracing::{error, info, warn};
 
 use crate::{
     desired::SourceUpdate,
-    sinks::addresses::{AddressError, AddressSink},
+    sinks::{
+        addresses::{AddressError, AddressSink},
+        dataplane::DataplaneSink,
+    },
     status::{AddressState, AddressStatus, LastReconcile, Status, StatusWriter},
 };
 
@@ -61,6 +64,8 @@ struct Expected {
 
 pub struct Reconciler {
     sink: AddressSink,
+    /// The policy maps, when the eBPF dataplane is on.
+    dataplane: Option<DataplaneSink>,
     status: StatusWriter,
     node: String,
     expected: Option<Expected>,
@@ -78,11 +83,18 @@ impl Reconciler {
     pub fn new(sink: AddressSink, status: StatusWriter, node: String) -> Self {
         Self {
             sink,
+            dataplane: None,
             status,
             node,
             expected: None,
             reconciles: 0,
         }
+    }
+
+    /// Keeps the dataplane's policy maps as the desired state says, after the addresses.
+    pub fn with_dataplane(mut self, dataplane: DataplaneSink) -> Self {
+        self.dataplane = Some(dataplane);
+        self
     }
 
     /// Runs until every input is gone.
@@ -164,6 +176,29 @@ impl Reconciler {
                     link_index = None;
                     errors.push(err.to_string());
                 }
+            }
+        }
+        if let Some(dataplane) = &mut self.dataplane {
+            let wanted = crate::sinks::dataplane::entries(&update.desired, |address| {
+                !plan.unsupported.contains(address)
+            });
+            let result = dataplane.observe().and_then(|observed| {
+                let changes = crate::sinks::dataplane::diff(&wanted, &observed);
+                if !changes.is_empty() {
+                    info!(
+                        vips = changes.set_vips.len(),
+                        ports = changes.set_ports.len(),
+                        removed_ports = changes.remove_ports.len(),
+                        removed_vips = changes.remove_vips.len(),
+                        ranges = changes.add_ranges.len(),
+                        "updating the dataplane's policy maps"
+                    );
+                    dataplane.apply(&changes)?;
+                }
+                Ok(())
+            });
+            if let Err(err) = result {
+                errors.push(err.to_string());
             }
         }
         for err in &errors {

@@ -1,4 +1,5 @@
 //! Sinks: each owns one kind of kernel or daemon state and is the only code that changes it.
 
 pub mod addresses;
+pub mod dataplane;
 pub mod routing;

@@ -1,0 +1,133 @@
+//! `lbagent run` with the dataplane on: the services file's ports and source ranges become
+//! XDP policy, and real TCP and UDP traffic between namespaces shows it.
+
+use std::{net::SocketAddr, time::Duration};
+
+use lbagent_tests::{Agent, Pair, PinRoot, Servers, TempDir, lbagent, tcp_ok, udp_ok, wait_until};
+
+const VIP4: &str = "203.0.113.10";
+
+fn addr(port: u16) -> SocketAddr {
+    format!("{VIP4}:{port}").parse().unwrap()
+}
+
+struct Node {
+    pair: Pair,
+    pins: PinRoot,
+    dir: TempDir,
+    agent: Agent,
+}
+
+impl Node {
+    fn start(services: &str) -> Self {
+        // The node's VIP is not on lo here: lbagent puts it on kube-lb0.
+        let pair = Pair::new(&[]);
+        pair.client
+            .ip(&["route", "add", &format!("{VIP4}/32"), "via", Pair::NODE_V4]);
+        let pins = PinRoot::new();
+        let dir = TempDir::new("lbt-dp");
+        dir.write("services.yaml", services);
+        dir.write(
+            "lbagent.yaml",
+            &format!(
+                "source: {{file: {{path: services.yaml}}}}\nstatus: {{path: {}}}\ndataplane: {{interfaces: [eth0], pinRoot: {}}}\n",
+                dir.path().join("status.json").display(),
+                pins.path().display()
+            ),
+        );
+        let agent = Agent::start(
+            &pair.node,
+            &dir.path().join("lbagent.yaml"),
+            dir.path().join("agent.log"),
+        );
+        Self {
+            pair,
+            pins,
+            dir,
+            agent,
+        }
+    }
+
+    fn drops(&self) -> serde_json::Value {
+        let run = lbagent(&self.pair.node, &self.pins, &["counters", "-o", "json"]);
+        let json: serde_json::Value = serde_json::from_str(&run.stdout).unwrap_or_default();
+        json["vips"]
+            .as_array()
+            .and_then(|v| v.iter().find(|c| c["address"] == VIP4).cloned())
+            .map(|c| c["drops"].clone())
+            .unwrap_or_default()
+    }
+}
+
+#[test]
+fn served_ports_pass_others_are_dropped_and_source_ranges_follow_the_file() {
+    let node = Node::start(&format!(
+        "services:\n- {{name: web, addresses: [{VIP4}], ports: [{{port: 8080}}, {{port: 5353, protocol: UDP}}]}}\n"
+    ));
+    // Port 9090 has a listener too: only the dataplane can stop a connection to it.
+    let _servers = Servers::start(
+        &node.pair.node,
+        &[addr(8080), addr(9090)],
+        &[addr(5353), addr(5354)],
+    );
+    assert!(
+        wait_until(Duration::from_secs(5), || node
+            .agent
+            .log()
+            .contains("updating the dataplane's policy maps")),
+        "{}",
+        node.agent.log()
+    );
+
+    assert!(
+        tcp_ok(&node.pair.client, addr(8080)),
+        "served TCP port blocked\n{}",
+        node.agent.log()
+    );
+    assert!(
+        udp_ok(&node.pair.client, addr(5353)),
+        "served UDP port blocked"
+    );
+    assert!(
+        !tcp_ok(&node.pair.client, addr(9090)),
+        "unserved TCP port passed"
+    );
+    assert!(
+        !udp_ok(&node.pair.client, addr(5354)),
+        "unserved UDP port passed"
+    );
+    let drops = node.drops();
+    assert!(drops["port"].as_u64().unwrap_or(0) >= 2, "{drops}");
+    assert_eq!(drops["source"], 0);
+
+    // Source ranges that leave the client out: its connection is dropped, by source.
+    node.dir.write(
+        "services.yaml",
+        &format!("services:\n- {{name: web, addresses: [{VIP4}], ports: [{{port: 8080}}], sourceRanges: [192.0.2.0/24]}}\n"),
+    );
+    assert!(
+        wait_until(Duration::from_secs(3), || !tcp_ok(
+            &node.pair.client,
+            addr(8080)
+        )),
+        "a client outside the ranges still connects"
+    );
+    assert!(
+        node.drops()["source"].as_u64().unwrap_or(0) >= 1,
+        "{}",
+        node.drops()
+    );
+
+    // And ranges that include it: back in.
+    node.dir.write(
+        "services.yaml",
+        &format!("services:\n- {{name: web, addresses: [{VIP4}], ports: [{{port: 8080}}], sourceRanges: [10.200.0.0/24]}}\n"),
+    );
+    assert!(
+        wait_until(Duration::from_secs(3), || tcp_ok(
+            &node.pair.client,
+            addr(8080)
+        )),
+        "a client inside the ranges cannot connect"
+    );
+}
