@@ -183,9 +183,14 @@ pub fn run(cli: Cli, out: &mut impl Write) -> Result<()> {
         }
         Command::Cleanup { config, interface } => {
             init_logging(cli.log_format, quiet);
+            let mut pins = pins;
             let (interface, status_path, bird) = match config {
                 Some(path) => {
                     let config = Config::load(&path, None)?;
+                    // The config's pin root wins over the default of --pin-root.
+                    if let Some(dataplane) = &config.dataplane {
+                        pins = PinLayout::new(&dataplane.pin_root);
+                    }
                     let bird = match config.routing.map(|r| r.mode) {
                         Some(Mode::Managed { binary, state_dir }) => Some((binary, state_dir)),
                         _ => None,

@@ -130,4 +130,35 @@ fn served_ports_pass_others_are_dropped_and_source_ranges_follow_the_file() {
         )),
         "a client inside the ranges cannot connect"
     );
+
+    // Cleanup with the config alone finds the dataplane's pins and removes everything.
+    let Node {
+        pair,
+        pins,
+        dir,
+        agent,
+    } = node;
+    assert!(agent.stop().success());
+    assert!(
+        lbagent_tests::xdp_on(&pair.node, "eth0").is_some(),
+        "SIGTERM must leave the program attached"
+    );
+    let out = pair
+        .node
+        .command(&lbagent_tests::lbagent_bin())
+        .args(["cleanup", "--config"])
+        .arg(dir.path().join("lbagent.yaml"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(lbagent_tests::xdp_on(&pair.node, "eth0"), None);
+    assert!(
+        !pins.path().exists(),
+        "pins left: {:?}",
+        pins.pinned_files()
+    );
 }
