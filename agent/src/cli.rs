@@ -540,12 +540,16 @@ mod tests {
                 address: "203.0.113.10".parse().unwrap(),
                 packets: 3,
                 bytes: 294,
+                tx_packets: 0,
+                tx_bytes: 0,
                 drops: Default::default(),
             },
             VipCounters {
                 address: "2001:db8:ff::10".parse().unwrap(),
                 packets: 12,
                 bytes: 1_500,
+                tx_packets: 0,
+                tx_bytes: 0,
                 drops: Default::default(),
             },
         ];

@@ -15,6 +15,9 @@ pub const PIN_LAYOUT_VERSION: u32 = 2;
 /// Name of the XDP ingress program (the kernel keeps the first 15 bytes).
 pub const XDP_PROGRAM: &str = "lbagent_xdp";
 
+/// Name of the tc egress program, which counts what leaves from LB addresses.
+pub const TC_EGRESS_PROGRAM: &str = "lbagent_egress";
+
 /// Map names, as the eBPF object declares them and as they are pinned.
 pub mod maps {
     /// `VipKey -> VipConfig`: the load-balancer addresses the dataplane handles.

@@ -17,7 +17,9 @@
 use aya_ebpf::{
     bindings::xdp_action::{XDP_DROP, XDP_PASS},
     btf_maps::{HashMap, LpmTrie, PerCpuHashMap, lpm_trie::Key},
+    macros::classifier,
     macros::{btf_map, xdp},
+    programs::TcContext,
     programs::XdpContext,
 };
 use lbagent_common::{
@@ -386,6 +388,45 @@ fn transport(ctx: &XdpContext, offset: usize, protocol: u8, icmp: u8) -> Transpo
     } else {
         Transport::only(OTHER)
     }
+}
+
+/// TC_ACT_UNSPEC: this program only counts; the next one (or the default) decides.
+const TC_NEXT: i32 = -1;
+
+/// Counts frames leaving from an LB address (the replies), into the address's `tx_*`.
+#[classifier]
+pub fn lbagent_egress(ctx: TcContext) -> i32 {
+    let _ = count_egress(&ctx);
+    TC_NEXT
+}
+
+#[inline(always)]
+fn count_egress(ctx: &TcContext) -> Result<(), ()> {
+    // bpf_skb_load_bytes: works whether or not the headers are in the linear part.
+    let mut ether_type: u16 = ctx.load(12).map_err(|_| ())?;
+    let mut offset = EthHdr::LEN;
+    for _ in 0..MAX_VLAN_TAGS {
+        if ether_type != EtherType::Ieee8021q as u16 && ether_type != EtherType::Ieee8021ad as u16 {
+            break;
+        }
+        ether_type = ctx.load(offset + 2).map_err(|_| ())?;
+        offset += VlanHdr::LEN;
+    }
+    let source = if ether_type == EtherType::Ipv4 as u16 {
+        VipKey::v4(ctx.load(offset + 12).map_err(|_| ())?)
+    } else if ether_type == EtherType::Ipv6 as u16 {
+        VipKey::v6(ctx.load(offset + 8).map_err(|_| ())?)
+    } else {
+        return Ok(());
+    };
+    if let Some(stats) = LB_VIP_STATS.get_ptr_mut(source) {
+        // SAFETY: per-CPU value, so this CPU is its only writer while the program runs.
+        unsafe {
+            (*stats).tx_packets += 1;
+            (*stats).tx_bytes += u64::from(ctx.len());
+        }
+    }
+    Ok(())
 }
 
 /// The one bounds check every header read goes through.

@@ -119,6 +119,23 @@ fn traffic_to_vips_is_counted_by_lbagent_and_bpftool_and_detach_leaves_nothing()
     ]);
     assert_eq!(cli_counters(&pair.node, &pins), expected);
     assert_eq!(bpftool_counters(&pins), expected);
+    // Every echo request got a reply, which left from the VIP through the tc egress counter.
+    let json: serde_json::Value = serde_json::from_str(
+        &lbagent(&pair.node, &pins, &["counters", "-o", "json"])
+            .assert_ok()
+            .stdout,
+    )
+    .unwrap();
+    let v4 = json["vips"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["address"] == VIP4)
+        .unwrap();
+    assert_eq!(
+        (v4["tx_packets"].as_u64(), v4["tx_bytes"].as_u64()),
+        (Some(5), Some(5 * PING4_FRAME))
+    );
 
     let table = lbagent(&pair.node, &pins, &["counters"]).assert_ok().stdout;
     let row = table

@@ -15,14 +15,15 @@ use aya::{
     maps::{MapError, MapInfo, MapType},
     pin::PinError,
     programs::{
-        ProgramError, Xdp, XdpMode,
+        ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode,
         links::{FdLink, Link as _, LinkError, PinnedLink},
+        tc::SchedClassifierLink,
         xdp::{XdpLink, XdpLinkId},
     },
 };
 use lbagent_common::{
-    PortKey, PortPolicy, PortStats, RangeKeyV4, RangeKeyV6, VipConfig, VipKey, VipStats,
-    XDP_PROGRAM, maps,
+    PortKey, PortPolicy, PortStats, RangeKeyV4, RangeKeyV6, TC_EGRESS_PROGRAM, VipConfig, VipKey,
+    VipStats, XDP_PROGRAM, maps,
 };
 use tracing::{info, warn};
 
@@ -182,9 +183,9 @@ const MAP_SPECS: [MapSpec; 6] = [
     },
 ];
 
-/// Attaches the XDP program to `iface`, reusing the pinned maps if there are any. On an
-/// interface lbagent already serves, the program is swapped atomically inside the existing
-/// link: no packet sees the interface without a program.
+/// Attaches the XDP program to `iface`, reusing the pinned maps if there are any, and the tc
+/// egress counter beside it. On an interface lbagent already serves, each program is
+/// swapped atomically inside its existing link: no packet sees the interface without one.
 pub fn attach(pins: &PinLayout, iface: &str, mode: AttachMode) -> Result<Attached, DataplaneError> {
     pins.check_bpffs()?;
     let link = local_link(iface)?;
@@ -195,12 +196,13 @@ pub fn attach(pins: &PinLayout, iface: &str, mode: AttachMode) -> Result<Attache
 
     let link_pin = pins.xdp_link(link);
     if link_pin.exists() {
-        let link = XdpLink::try_from(FdLink::from(PinnedLink::from_pin(&link_pin)?))?;
-        program.attach_to_link(link)?;
+        let existing = XdpLink::try_from(FdLink::from(PinnedLink::from_pin(&link_pin)?))?;
+        program.attach_to_link(existing)?;
         info!(
             iface,
             ifindex, "replaced the XDP program in lbagent's existing link"
         );
+        attach_egress(&mut ebpf, pins, iface, link, &mut Rollback::default());
         return Ok(Attached {
             iface: iface.to_owned(),
             ifindex,
@@ -210,7 +212,7 @@ pub fn attach(pins: &PinLayout, iface: &str, mode: AttachMode) -> Result<Attache
     }
 
     let (link_id, mode) = attach_new(program, iface, ifindex, mode)?;
-    let link = FdLink::try_from(program.take_link(link_id)?)?;
+    let xdp_link = FdLink::try_from(program.take_link(link_id)?)?;
 
     // Pin the new objects; if any pin fails, remove the ones made so far. Dropping the
     // unpinned link then detaches the program, so a failure leaves the kernel as it was.
@@ -232,10 +234,14 @@ pub fn attach(pins: &PinLayout, iface: &str, mode: AttachMode) -> Result<Attache
             made.paths.push(path);
         }
     }
-    link.pin(&link_pin).map_err(|source| DataplaneError::Pin {
-        path: link_pin.clone(),
-        source,
-    })?;
+    xdp_link
+        .pin(&link_pin)
+        .map_err(|source| DataplaneError::Pin {
+            path: link_pin.clone(),
+            source,
+        })?;
+    made.paths.push(link_pin.clone());
+    attach_egress(&mut ebpf, pins, iface, link, &mut made);
     made.commit();
     info!(iface, ifindex, ?mode, "attached XDP program");
     Ok(Attached {
@@ -244,6 +250,50 @@ pub fn attach(pins: &PinLayout, iface: &str, mode: AttachMode) -> Result<Attache
         mode: Some(mode),
         replaced: false,
     })
+}
+
+/// Attaches (or, after a restart, swaps in place) the tc egress counter next to the XDP
+/// program. Best effort: an interface that refuses it keeps its XDP program, and the log
+/// names the interface and what is lost (egress counters).
+fn attach_egress(
+    ebpf: &mut Ebpf,
+    pins: &PinLayout,
+    iface: &str,
+    link: XdpLinkPin,
+    made: &mut Rollback,
+) {
+    let mut attach = || -> Result<bool, DataplaneError> {
+        let program: &mut SchedClassifier = ebpf
+            .program_mut(TC_EGRESS_PROGRAM)
+            .ok_or_else(|| ProgramError::InvalidName {
+                name: TC_EGRESS_PROGRAM.to_owned(),
+            })?
+            .try_into()?;
+        program.load()?;
+        let pin = pins.tc_link(link);
+        if pin.exists() {
+            let existing =
+                SchedClassifierLink::try_from(FdLink::from(PinnedLink::from_pin(&pin)?))?;
+            program.attach_to_link(existing)?;
+            return Ok(true);
+        }
+        let id = program.attach(iface, TcAttachType::Egress)?;
+        let tc_link = FdLink::try_from(program.take_link(id)?)?;
+        tc_link.pin(&pin).map_err(|source| DataplaneError::Pin {
+            path: pin.clone(),
+            source,
+        })?;
+        made.paths.push(pin);
+        Ok(false)
+    };
+    match attach() {
+        Ok(replaced) => info!(iface, replaced, "tc egress counter attached"),
+        Err(err) => warn!(
+            iface,
+            %err,
+            "tc egress counter not attached: replies from LB addresses go uncounted here"
+        ),
+    }
 }
 
 /// What a detach did.
@@ -267,6 +317,10 @@ pub fn detach(pins: &PinLayout, iface: &str) -> Result<Detached, DataplaneError>
         });
     }
     unpin_link(&link_pin)?;
+    let tc_pin = pins.tc_link(link);
+    if tc_pin.exists() {
+        unpin_link(&tc_pin)?;
+    }
     info!(iface, ifindex = link.ifindex, "detached XDP program");
     let maps_removed = pins.pinned_xdp_links()?.is_empty() && remove_maps(pins)?;
     Ok(Detached {
@@ -287,6 +341,9 @@ pub fn detach_all(pins: &PinLayout) -> Result<Detached, DataplaneError> {
             ifindex = link.ifindex,
             "detached XDP program"
         );
+    }
+    for link in pins.pinned_tc_links()? {
+        unpin_link(&pins.tc_link(link))?;
     }
     let maps_removed = remove_maps(pins)?;
     Ok(Detached {

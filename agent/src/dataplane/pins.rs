@@ -52,8 +52,23 @@ impl PinLayout {
             .join(format!("xdp_ns{}_if{}", link.netns, link.ifindex))
     }
 
+    /// The tc egress link of the same interface.
+    pub fn tc_link(&self, link: XdpLinkPin) -> PathBuf {
+        self.links_dir()
+            .join(format!("tc_ns{}_if{}", link.netns, link.ifindex))
+    }
+
     /// Every pinned XDP link, in any network namespace.
     pub fn pinned_xdp_links(&self) -> Result<Vec<XdpLinkPin>, DataplaneError> {
+        self.pinned_links("xdp_ns")
+    }
+
+    /// Every pinned tc egress link, in any network namespace.
+    pub fn pinned_tc_links(&self) -> Result<Vec<XdpLinkPin>, DataplaneError> {
+        self.pinned_links("tc_ns")
+    }
+
+    fn pinned_links(&self, prefix: &str) -> Result<Vec<XdpLinkPin>, DataplaneError> {
         let dir = self.links_dir();
         let entries = match std::fs::read_dir(&dir) {
             Ok(entries) => entries,
@@ -67,7 +82,7 @@ impl PinLayout {
                 source,
             })?;
             let name = entry.file_name();
-            if let Some(link) = name.to_str().and_then(XdpLinkPin::parse) {
+            if let Some(link) = name.to_str().and_then(|n| XdpLinkPin::parse(n, prefix)) {
                 links.push(link);
             }
         }
@@ -106,8 +121,8 @@ pub struct XdpLinkPin {
 }
 
 impl XdpLinkPin {
-    fn parse(name: &str) -> Option<Self> {
-        let (netns, ifindex) = name.strip_prefix("xdp_ns")?.split_once("_if")?;
+    fn parse(name: &str, prefix: &str) -> Option<Self> {
+        let (netns, ifindex) = name.strip_prefix(prefix)?.split_once("_if")?;
         Some(Self {
             netns: netns.parse().ok()?,
             ifindex: ifindex.parse().ok()?,
@@ -141,8 +156,12 @@ mod tests {
                 .join("links/xdp_ns4026531840_if7")
         );
         let name = path.file_name().unwrap().to_str().unwrap();
-        assert_eq!(XdpLinkPin::parse(name), Some(link));
-        assert_eq!(XdpLinkPin::parse("xdp_7"), None);
+        assert_eq!(XdpLinkPin::parse(name, "xdp_ns"), Some(link));
+        assert_eq!(XdpLinkPin::parse("xdp_7", "xdp_ns"), None);
+        assert_eq!(
+            pins.tc_link(link).file_name().unwrap(),
+            "tc_ns4026531840_if7"
+        );
     }
 
     #[test]

@@ -13,6 +13,9 @@ pub struct VipCounters {
     pub address: IpAddr,
     pub packets: u64,
     pub bytes: u64,
+    /// Sent from the address (replies), counted by the tc egress program.
+    pub tx_packets: u64,
+    pub tx_bytes: u64,
     /// Drops by reason.
     pub drops: Drops,
 }
@@ -101,6 +104,8 @@ impl VipTable {
                 address,
                 packets: 0,
                 bytes: 0,
+                tx_packets: 0,
+                tx_bytes: 0,
                 drops: Drops::default(),
             };
             match self.stats.get(&key, 0) {
@@ -108,6 +113,8 @@ impl VipTable {
                     for s in per_cpu.iter() {
                         total.packets += s.packets;
                         total.bytes += s.bytes;
+                        total.tx_packets += s.tx_packets;
+                        total.tx_bytes += s.tx_bytes;
                         total.drops.port += s.drop_port;
                         total.drops.source += s.drop_source;
                         total.drops.protocol += s.drop_protocol;
