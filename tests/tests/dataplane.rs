@@ -162,3 +162,73 @@ fn served_ports_pass_others_are_dropped_and_source_ranges_follow_the_file() {
         pins.pinned_files()
     );
 }
+
+#[test]
+fn a_killed_agent_leaves_the_dataplane_counting_and_a_new_one_adopts_it_without_loss() {
+    let mut node = Node::start(&format!(
+        "services:\n- {{name: web, addresses: [{VIP4}], ports: [{{port: 8080}}]}}\n"
+    ));
+    assert!(
+        wait_until(Duration::from_secs(5), || node
+            .agent
+            .log()
+            .contains("updating the dataplane's policy maps")),
+        "{}",
+        node.agent.log()
+    );
+    let program = lbagent_tests::xdp_on(&node.pair.node, "eth0").expect("attached");
+
+    // 300 pings at 10 ms while the agent is SIGKILLed and a new one starts.
+    let client = node.pair.client.name().to_owned();
+    let pings = std::thread::spawn(move || {
+        lbagent_tests::run(
+            "ip",
+            &[
+                "netns", "exec", &client, "ping", "-c", "300", "-i", "0.01", "-W", "1", "-q", VIP4,
+            ],
+        )
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    // SIGKILL, as a crash or an OOM kill would; then, a moment later, a new agent.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(node.agent.pid() as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let dead = std::mem::replace(
+        &mut node.agent,
+        Agent::start(
+            &node.pair.node,
+            &node.dir.path().join("lbagent.yaml"),
+            node.dir.path().join("agent2.log"),
+        ),
+    );
+    drop(dead);
+    let output = pings.join().unwrap();
+    let summary = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        summary.contains("300 packets transmitted, 300 received"),
+        "{summary}"
+    );
+    assert!(
+        wait_until(Duration::from_secs(5), || node
+            .agent
+            .log()
+            .contains("replaced the XDP program")),
+        "the new agent did not adopt the pinned program:\n{}",
+        node.agent.log()
+    );
+    let adopted = lbagent_tests::xdp_on(&node.pair.node, "eth0").expect("still attached");
+    assert_ne!(
+        adopted.id, program.id,
+        "the new agent swaps in its own program"
+    );
+
+    // Every request was counted in, every reply out, across the kill.
+    let run = lbagent(&node.pair.node, &node.pins, &["counters", "-o", "json"]);
+    let json: serde_json::Value = serde_json::from_str(&run.stdout).unwrap();
+    let vip = &json["vips"][0];
+    assert_eq!(vip["packets"], 300, "{json}");
+    assert_eq!(vip["tx_packets"], 300, "{json}");
+}
