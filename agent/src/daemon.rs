@@ -12,7 +12,7 @@ use tracing::{error, info, warn};
 
 use crate::{
     config::{Config, Source},
-    dataplane::{self, PinLayout},
+    dataplane::{self, DataplaneError, PinLayout},
     reconcile::{Inputs, Reconciler},
     sinks::dataplane::DataplaneSink,
     sinks::{
@@ -122,7 +122,17 @@ fn start_dataplane(config: &crate::config::DataplaneConfig) -> Option<DataplaneS
     let pins = PinLayout::new(&config.pin_root);
     let mut attached = 0;
     for iface in &config.interfaces {
-        match dataplane::attach(&pins, iface, config.mode) {
+        let mut result = dataplane::attach(&pins, iface, config.mode);
+        if let Err(DataplaneError::IncompatibleMap { path, detail }) = &result {
+            // Never reuse a map this program would misread: start the dataplane afresh.
+            // Its counters are lost; the policy maps are refilled by the next reconcile.
+            warn!(path = %path.display(), %detail, "pinned map has another layout; replacing the dataplane's pins");
+            if let Err(err) = dataplane::detach_all(&pins) {
+                error!(%err, "cannot remove the incompatible pins");
+            }
+            result = dataplane::attach(&pins, iface, config.mode);
+        }
+        match result {
             Ok(done) => {
                 attached += 1;
                 info!(%iface, mode = ?done.mode, replaced = done.replaced, "XDP program attached");

@@ -20,6 +20,11 @@ struct Node {
 
 impl Node {
     fn start(services: &str) -> Self {
+        Self::start_with(services, |_| {})
+    }
+
+    /// As `start`, with `before` run on the pin root before the agent starts.
+    fn start_with(services: &str, before: impl FnOnce(&PinRoot)) -> Self {
         // The node's VIP is not on lo here: lbagent puts it on kube-lb0.
         let pair = Pair::new(&[]);
         pair.client
@@ -35,6 +40,7 @@ impl Node {
                 pins.path().display()
             ),
         );
+        before(&pins);
         let agent = Agent::start(
             &pair.node,
             &dir.path().join("lbagent.yaml"),
@@ -231,4 +237,71 @@ fn a_killed_agent_leaves_the_dataplane_counting_and_a_new_one_adopts_it_without_
     let vip = &json["vips"][0];
     assert_eq!(vip["packets"], 300, "{json}");
     assert_eq!(vip["tx_packets"], 300, "{json}");
+}
+
+#[test]
+fn a_pinned_map_with_another_layout_is_replaced_not_reused() {
+    let node = Node::start_with(
+        &format!("services:\n- {{name: web, addresses: [{VIP4}], ports: [{{port: 8080}}]}}\n"),
+        |pins| {
+            // LB_VIPS as layout v1 had it (4-byte values), where v2 expects 8.
+            let dir = pins
+                .path()
+                .join(format!("v{}", lbagent_common::PIN_LAYOUT_VERSION));
+            std::fs::create_dir_all(&dir).unwrap();
+            lbagent_tests::run_ok(
+                "bpftool",
+                &[
+                    "map",
+                    "create",
+                    dir.join("LB_VIPS").to_str().unwrap(),
+                    "type",
+                    "hash",
+                    "key",
+                    "20",
+                    "value",
+                    "4",
+                    "entries",
+                    "16",
+                    "name",
+                    "LB_VIPS",
+                ],
+            );
+        },
+    );
+    let _servers = Servers::start(&node.pair.node, &[addr(8080), addr(9090)], &[]);
+    assert!(
+        wait_until(Duration::from_secs(5), || node.agent.log().contains(
+            "pinned map has another layout; replacing the dataplane's pins"
+        )),
+        "{}",
+        node.agent.log()
+    );
+    assert!(
+        wait_until(Duration::from_secs(5), || tcp_ok(
+            &node.pair.client,
+            addr(8080)
+        )),
+        "{}",
+        node.agent.log()
+    );
+    assert!(
+        !tcp_ok(&node.pair.client, addr(9090)),
+        "the policy is enforced by the new maps"
+    );
+    let info = lbagent_tests::run_ok(
+        "bpftool",
+        &[
+            "-j",
+            "map",
+            "show",
+            "pinned",
+            node.pins
+                .path()
+                .join(format!("v{}/LB_VIPS", lbagent_common::PIN_LAYOUT_VERSION))
+                .to_str()
+                .unwrap(),
+        ],
+    );
+    assert!(info.contains("\"bytes_value\":8"), "{info}");
 }
