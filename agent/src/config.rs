@@ -43,7 +43,8 @@ pub struct Config {
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DataplaneConfig {
-    /// Interfaces the XDP program is attached to: those that carry the LB traffic.
+    /// Interfaces the XDP program is attached to: those that carry the LB traffic. Empty:
+    /// the interfaces of the node's default routes, found at start.
     pub interfaces: Vec<String>,
     pub mode: crate::dataplane::AttachMode,
     pub pin_root: PathBuf,
@@ -252,13 +253,6 @@ impl Config {
         let dataplane = match raw.dataplane {
             None => None,
             Some(raw) => {
-                if raw.interfaces.is_empty() {
-                    return Err(invalid(
-                        "dataplane.interfaces",
-                        "[]",
-                        "the interfaces that carry LB traffic, such as [eth0]",
-                    ));
-                }
                 for name in &raw.interfaces {
                     if !is_interface_name(name) {
                         return Err(invalid(
@@ -433,10 +427,6 @@ mod tests {
         assert_eq!(dataplane.interfaces, ["eth0"]);
         assert_eq!(dataplane.mode, crate::dataplane::AttachMode::Generic);
         for (text, expected) in [
-            (
-                "dataplane: {interfaces: []}",
-                "dataplane.interfaces: \"[]\" is not allowed",
-            ),
             (
                 "dataplane: {interfaces: [\"eth 0\"]}",
                 "dataplane.interfaces: \"eth 0\" is not allowed",

@@ -77,10 +77,14 @@ pub async fn run(config_path: PathBuf, node_name: Option<String>, config: Config
         StatusWriter::new(&config.status_path),
         config.node_name.clone(),
     );
-    if let Some(dataplane) = &config.dataplane
-        && let Some(maps) = start_dataplane(dataplane)
-    {
-        reconciler = reconciler.with_dataplane(maps);
+    if let Some(dataplane) = &config.dataplane {
+        let mut dataplane = dataplane.clone();
+        if dataplane.interfaces.is_empty() {
+            dataplane.interfaces = default_route_interfaces(&interface).await;
+        }
+        if let Some(maps) = start_dataplane(&dataplane) {
+            reconciler = reconciler.with_dataplane(maps);
+        }
     }
     let inputs = Inputs {
         updates,
@@ -113,6 +117,30 @@ pub async fn run(config_path: PathBuf, node_name: Option<String>, config: Config
         }
     }
     result
+}
+
+/// The interfaces of the node's default routes, for a dataplane section that names none.
+async fn default_route_interfaces(lb_interface: &str) -> Vec<String> {
+    let found = match AddressSink::connect(lb_interface) {
+        Ok(sink) => sink.default_route_interfaces().await,
+        Err(err) => Err(err),
+    };
+    match found {
+        Ok(names) if !names.is_empty() => {
+            info!(interfaces = ?names, "dataplane: using the interfaces of the default routes");
+            names
+        }
+        Ok(_) => {
+            error!(
+                "dataplane: no interface named in the config and no default route to find one by"
+            );
+            Vec::new()
+        }
+        Err(err) => {
+            error!(%err, "dataplane: cannot find the default routes' interfaces");
+            Vec::new()
+        }
+    }
 }
 
 /// Attaches the XDP program to each configured interface (replacing lbagent's own program in

@@ -27,6 +27,9 @@ impl Node {
     fn start_with(services: &str, before: impl FnOnce(&PinRoot)) -> Self {
         // The node's VIP is not on lo here: lbagent puts it on kube-lb0.
         let pair = Pair::new(&[]);
+        // No interface in the config: the dataplane takes the default route's, eth0.
+        pair.node
+            .ip(&["route", "add", "default", "via", Pair::CLIENT_V4]);
         pair.client
             .ip(&["route", "add", &format!("{VIP4}/32"), "via", Pair::NODE_V4]);
         let pins = PinRoot::new();
@@ -35,7 +38,7 @@ impl Node {
         dir.write(
             "lbagent.yaml",
             &format!(
-                "source: {{file: {{path: services.yaml}}}}\nstatus: {{path: {}}}\ndataplane: {{interfaces: [eth0], pinRoot: {}}}\n",
+                "source: {{file: {{path: services.yaml}}}}\nstatus: {{path: {}}}\ndataplane: {{pinRoot: {}}}\n",
                 dir.path().join("status.json").display(),
                 pins.path().display()
             ),
@@ -85,6 +88,11 @@ fn served_ports_pass_others_are_dropped_and_source_ranges_follow_the_file() {
         node.agent.log()
     );
 
+    let log = node.agent.log();
+    assert!(
+        log.contains("using the interfaces of the default routes interfaces=[\"eth0\"]"),
+        "{log}"
+    );
     assert!(
         tcp_ok(&node.pair.client, addr(8080)),
         "served TCP port blocked\n{}",

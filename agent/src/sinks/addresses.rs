@@ -15,12 +15,16 @@ use rtnetlink::{
         RouteNetlinkMessage,
         address::{AddressAttribute, AddressFlags, AddressHeaderFlags, AddressMessage},
         link::{InfoKind, LinkAttribute, LinkFlags, LinkMessage},
+        route::{RouteAttribute, RouteMessage},
     },
 };
 use tokio::sync::mpsc;
 use tracing::{debug, warn};
 
 use crate::reconcile::plan::{LinkState, Observed, Plan};
+
+/// RT_TABLE_MAIN.
+const MAIN_TABLE: u8 = 254;
 
 /// How many address requests are in flight at once: enough to keep the kernel busy, few
 /// enough to stay well inside the socket's receive buffer for the acks.
@@ -196,6 +200,54 @@ impl AddressSink {
             .collect();
         candidates.sort_unstable();
         Ok(candidates.first().map(|(_, v4)| *v4))
+    }
+
+    /// The interfaces that carry the node's default routes (IPv4 and IPv6, main table): the
+    /// ones LB traffic arrives on when the config names none.
+    pub async fn default_route_interfaces(&self) -> Result<Vec<String>, AddressError> {
+        let mut indexes = std::collections::BTreeSet::new();
+        for query in [
+            rtnetlink::RouteMessageBuilder::<std::net::Ipv4Addr>::new().build(),
+            rtnetlink::RouteMessageBuilder::<std::net::Ipv6Addr>::new().build(),
+        ] {
+            let routes: Vec<RouteMessage> = self
+                .handle
+                .route()
+                .get(query)
+                .execute()
+                .try_collect()
+                .await
+                .map_err(|source| AddressError::Dump {
+                    what: "routes",
+                    source: Box::new(source),
+                })?;
+            for route in routes {
+                if route.header.destination_prefix_length != 0 || route.header.table != MAIN_TABLE {
+                    continue;
+                }
+                for attribute in &route.attributes {
+                    match attribute {
+                        RouteAttribute::Oif(index) => {
+                            indexes.insert(*index);
+                        }
+                        RouteAttribute::MultiPath(hops) => {
+                            indexes.extend(hops.iter().map(|hop| hop.interface_index));
+                        }
+                        _ => {}
+                    }
+                }
+            }
+        }
+        let mut names = Vec::new();
+        for index in indexes {
+            let mut links = self.handle.link().get().match_index(index).execute();
+            if let Ok(Some(link)) = links.try_next().await
+                && let Some(name) = link_name(&link)
+            {
+                names.push(name.to_owned());
+            }
+        }
+        Ok(names)
     }
 
     /// Applies `plan`. Address changes are independent: one that fails is reported and the
