@@ -109,7 +109,19 @@ struct Packet {
     vip: VipKey,
     /// Source address, network byte order; IPv4 in the first four bytes.
     source: [u8; 16],
-    transport: Transport,
+    /// Where the transport header is, read only once the address turns out to be an LB one:
+    /// other traffic pays for the IP header and one lookup, nothing more.
+    pending: Pending,
+}
+
+#[derive(Clone, Copy)]
+struct Pending {
+    offset: usize,
+    /// IPv4: the protocol; IPv6: the first next-header.
+    protocol: u8,
+    /// `LATER_FRAGMENT` or `TRUNCATED` when the IPv4 header already decides; else 0.
+    decided: u8,
+    v6: bool,
 }
 
 #[derive(Clone, Copy)]
@@ -145,7 +157,8 @@ fn try_lbagent_xdp(ctx: &XdpContext) -> Result<u32, ()> {
             (*stats).bytes += len;
         }
     }
-    match judge(&packet, &config, len) {
+    let transport = resolve(ctx, packet.pending);
+    match judge(&packet, transport, &config, len) {
         Ok(()) => Ok(XDP_PASS),
         Err(reason) => {
             if let Some(stats) = stats {
@@ -166,9 +179,8 @@ fn try_lbagent_xdp(ctx: &XdpContext) -> Result<u32, ()> {
 }
 
 #[inline(always)]
-fn judge(packet: &Packet, config: &VipConfig, len: u64) -> Result<(), Drop> {
+fn judge(packet: &Packet, transport: Transport, config: &VipConfig, len: u64) -> Result<(), Drop> {
     let enforce = config.flags & VIP_ENFORCE != 0;
-    let transport = packet.transport;
     match transport.class {
         PORTS => {
             let key = PortKey::new(packet.vip, transport.protocol, transport.port);
@@ -284,71 +296,91 @@ fn parse(ctx: &XdpContext) -> Result<Option<Packet>, ()> {
         };
         let header_len = usize::from(vihl & 0x0f) * 4;
         let fragment_offset = u16::from_be_bytes(frags) & 0x1fff;
-        let transport = if header_len < Ipv4Hdr::LEN {
-            Transport::only(TRUNCATED)
+        let decided = if header_len < Ipv4Hdr::LEN {
+            TRUNCATED
         } else if fragment_offset != 0 {
-            Transport::only(LATER_FRAGMENT)
+            LATER_FRAGMENT
         } else {
-            transport(ctx, offset + header_len, protocol, proto::ICMP)
+            0
+        };
+        let pending = Pending {
+            offset: offset + header_len,
+            protocol,
+            decided,
+            v6: false,
         };
         let mut src = [0u8; 16];
         src[..4].copy_from_slice(&source);
         Ok(Some(Packet {
             vip: VipKey::v4(destination),
             source: src,
-            transport,
+            pending,
         }))
     } else if ether_type == EtherType::Ipv6 as u16 {
         let ip: *const Ipv6Hdr = ptr_at(ctx, offset)?;
         // SAFETY: bounds checked by ptr_at.
-        let (mut next, source, destination) =
+        let (next, source, destination) =
             unsafe { ((*ip).next_hdr, (*ip).src_addr, (*ip).dst_addr) };
-        let mut offset = offset + Ipv6Hdr::LEN;
-        let mut transport_found = None;
-        for _ in 0..MAX_EXTENSION_HEADERS {
-            match next {
-                IPV6_HOP_BY_HOP | IPV6_ROUTING | IPV6_DEST_OPTS | IPV6_AUTH => {
-                    let current = next;
-                    let Ok(header) = ptr_at::<[u8; 2]>(ctx, offset) else {
-                        transport_found = Some(Transport::only(TRUNCATED));
-                        break;
-                    };
-                    // SAFETY: bounds checked by ptr_at.
-                    let [following, len] = unsafe { *header };
-                    next = following;
-                    offset += if current == IPV6_AUTH {
-                        (usize::from(len) + 2) * 4
-                    } else {
-                        (usize::from(len) + 1) * 8
-                    };
-                }
-                IPV6_FRAGMENT => {
-                    let Ok(header) = ptr_at::<[u8; 8]>(ctx, offset) else {
-                        transport_found = Some(Transport::only(TRUNCATED));
-                        break;
-                    };
-                    // SAFETY: bounds checked by ptr_at.
-                    let header = unsafe { *header };
-                    next = header[0];
-                    offset += 8;
-                    if u16::from_be_bytes([header[2], header[3]]) >> 3 != 0 {
-                        transport_found = Some(Transport::only(LATER_FRAGMENT));
-                        break;
-                    }
-                }
-                _ => break,
-            }
-        }
-        let transport =
-            transport_found.unwrap_or_else(|| transport(ctx, offset, next, proto::ICMPV6));
+        let pending = Pending {
+            offset: offset + Ipv6Hdr::LEN,
+            protocol: next,
+            decided: 0,
+            v6: true,
+        };
         Ok(Some(Packet {
             vip: VipKey::v6(destination),
             source,
-            transport,
+            pending,
         }))
     } else {
         Ok(None)
     }
+}
+
+/// The transport of an LB packet: IPv4 reads it at once; IPv6 walks the extension headers
+/// first.
+#[inline(always)]
+fn resolve(ctx: &XdpContext, pending: Pending) -> Transport {
+    if pending.decided != 0 {
+        return Transport::only(pending.decided);
+    }
+    if !pending.v6 {
+        return transport(ctx, pending.offset, pending.protocol, proto::ICMP);
+    }
+    let mut next = pending.protocol;
+    let mut offset = pending.offset;
+    for _ in 0..MAX_EXTENSION_HEADERS {
+        match next {
+            IPV6_HOP_BY_HOP | IPV6_ROUTING | IPV6_DEST_OPTS | IPV6_AUTH => {
+                let current = next;
+                let Ok(header) = ptr_at::<[u8; 2]>(ctx, offset) else {
+                    return Transport::only(TRUNCATED);
+                };
+                // SAFETY: bounds checked by ptr_at.
+                let [following, len] = unsafe { *header };
+                next = following;
+                offset += if current == IPV6_AUTH {
+                    (usize::from(len) + 2) * 4
+                } else {
+                    (usize::from(len) + 1) * 8
+                };
+            }
+            IPV6_FRAGMENT => {
+                let Ok(header) = ptr_at::<[u8; 8]>(ctx, offset) else {
+                    return Transport::only(TRUNCATED);
+                };
+                // SAFETY: bounds checked by ptr_at.
+                let header = unsafe { *header };
+                next = header[0];
+                offset += 8;
+                if u16::from_be_bytes([header[2], header[3]]) >> 3 != 0 {
+                    return Transport::only(LATER_FRAGMENT);
+                }
+            }
+            _ => break,
+        }
+    }
+    transport(ctx, offset, next, proto::ICMPV6)
 }
 
 /// The transport header at `offset`: ports for TCP, UDP and SCTP (all three keep the
@@ -388,6 +420,13 @@ fn transport(ctx: &XdpContext, offset: usize, protocol: u8, icmp: u8) -> Transpo
     } else {
         Transport::only(OTHER)
     }
+}
+
+/// The benchmarks' baseline: the cheapest program the same toolchain builds. The agent never
+/// attaches it.
+#[xdp]
+pub fn lbagent_pass(_ctx: XdpContext) -> u32 {
+    XDP_PASS
 }
 
 /// TC_ACT_UNSPEC: this program only counts; the next one (or the default) decides.

@@ -1,6 +1,7 @@
 //! lbagent's developer tasks. `cargo xtask --help` lists them.
 
 mod bench;
+mod bench_dataplane;
 mod bench_routing;
 mod build_ebpf;
 mod cmd;
@@ -40,6 +41,8 @@ enum Bench {
     Addresses,
     /// Address changes reaching an FRR router through BIRD; a bulk add against `ip -batch`.
     Routing,
+    /// The XDP program's per-packet cost against a trivial XDP_PASS program; verifier counts.
+    Dataplane,
 }
 
 fn main() -> Result<()> {
@@ -59,6 +62,7 @@ fn main() -> Result<()> {
             match what {
                 Bench::Addresses => bench::addresses(),
                 Bench::Routing => bench_routing::run(),
+                Bench::Dataplane => bench_dataplane::run(),
             }
         }
     }
