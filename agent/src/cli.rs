@@ -15,7 +15,7 @@ use crate::{
         routing::{
             self, BirdPaths, RoutingStatus,
             model::{IfaceName, Mode},
-            render::{Scope, render},
+            render::render_for_mode,
         },
     },
     status::{self, AddressState},
@@ -160,26 +160,14 @@ pub fn run(cli: Cli, out: &mut impl Write) -> Result<()> {
                 .routing
                 .as_ref()
                 .context("the config has no routing section")?;
-            let interface = IfaceName::new(&loaded.addresses.interface, "addresses.interface")
-                .map_err(|err| {
-                    anyhow::anyhow!(
-                        "{}: {} is not allowed ({})",
-                        err.field,
-                        err.value,
-                        err.allowed
-                    )
-                })?;
+            let interface = IfaceName::new(&loaded.addresses.interface, "addresses.interface")?;
             let router_id = match routing.router_id.or(router_id) {
                 Some(id) => id,
                 None => runtime()?
                     .block_on(async { AddressSink::connect(&loaded.addresses.interface)?.node_ipv4().await })?
                     .context("routing.routerId: this node has no IPv4 address to default to; set one or pass --router-id")?,
             };
-            let scope = match routing.mode {
-                Mode::Managed { .. } => Scope::WholeConfig,
-                Mode::External { .. } => Scope::Include,
-            };
-            write!(out, "{}", render(routing, router_id, &interface, scope))?;
+            write!(out, "{}", render_for_mode(routing, router_id, &interface))?;
         }
         Command::Cleanup { config, interface } => {
             init_logging(cli.log_format, quiet);

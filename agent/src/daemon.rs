@@ -20,7 +20,7 @@ use crate::{
         routing::{
             self, BirdPaths, Stop,
             model::{IfaceName, Mode, RoutingConfig},
-            render::{Scope, render},
+            render::render_for_mode,
         },
     },
     sources,
@@ -200,11 +200,7 @@ struct Renderer {
 impl Renderer {
     fn render(&self, config: &RoutingConfig) -> Option<String> {
         let router_id = config.router_id.or(self.router_id_default)?;
-        let scope = match config.mode {
-            Mode::Managed { .. } => Scope::WholeConfig,
-            Mode::External { .. } => Scope::Include,
-        };
-        Some(render(config, router_id, &self.interface, scope))
+        Some(render_for_mode(config, router_id, &self.interface))
     }
 }
 
@@ -224,14 +220,7 @@ async fn start_routing(
     if routing_config.router_id.is_none() && router_id_default.is_none() {
         anyhow::bail!("routing.routerId: this node has no IPv4 address to default to; set one");
     }
-    let interface = IfaceName::new(interface, "addresses.interface").map_err(|err| {
-        anyhow::anyhow!(
-            "{}: {} is not allowed ({})",
-            err.field,
-            err.value,
-            err.allowed
-        )
-    })?;
+    let interface = IfaceName::new(interface, "addresses.interface")?;
     let (tx, rx) = watch::channel(String::new());
     let renderer = Renderer {
         router_id_default,

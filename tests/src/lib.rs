@@ -615,3 +615,26 @@ pub fn udp_ok(ns: &NetNs, addr: std::net::SocketAddr) -> bool {
         matches!(socket.recv_from(&mut reply), Ok((2, _))) && &reply == b"ok"
     })
 }
+
+/// `lbagent cleanup --config CONFIG` inside `ns`, which must succeed; returns its stdout.
+/// Without a dataplane section the config names no pin root, so a test-only one is passed:
+/// a test must never touch the host's /sys/fs/bpf/lbagent.
+pub fn lbagent_cleanup(ns: &NetNs, config: &Path) -> String {
+    let out = ns
+        .command(&lbagent_bin())
+        .args([
+            "--pin-root",
+            "/sys/fs/bpf/lbagent-test-none",
+            "cleanup",
+            "--config",
+        ])
+        .arg(config)
+        .output()
+        .expect("run lbagent cleanup");
+    assert!(
+        out.status.success(),
+        "lbagent cleanup failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}

@@ -385,24 +385,7 @@ fn cleanup_removes_the_interface_and_the_status_file() {
     node.expect(&[&format!("{V4}/32")], &agent);
     assert!(agent.stop().success());
     let config = node.dir.path().join("lbagent.yaml");
-    let out = node
-        .ns
-        .command(&lbagent_tests::lbagent_bin())
-        .args([
-            "--pin-root",
-            "/sys/fs/bpf/lbagent-test-none",
-            "cleanup",
-            "--config",
-        ])
-        .arg(&config)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(String::from_utf8_lossy(&out.stdout).contains("kube-lb0: deleted"));
+    assert!(lbagent_tests::lbagent_cleanup(&node.ns, &config).contains("kube-lb0: deleted"));
     assert!(
         !run("ip", &["-n", node.ns.name(), "link", "show", "kube-lb0"])
             .status

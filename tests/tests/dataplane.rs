@@ -157,18 +157,7 @@ fn served_ports_pass_others_are_dropped_and_source_ranges_follow_the_file() {
         lbagent_tests::xdp_on(&pair.node, "eth0").is_some(),
         "SIGTERM must leave the program attached"
     );
-    let out = pair
-        .node
-        .command(&lbagent_tests::lbagent_bin())
-        .args(["cleanup", "--config"])
-        .arg(dir.path().join("lbagent.yaml"))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    lbagent_tests::lbagent_cleanup(&pair.node, &dir.path().join("lbagent.yaml"));
     assert_eq!(lbagent_tests::xdp_on(&pair.node, "eth0"), None);
     assert!(
         !pins.path().exists(),

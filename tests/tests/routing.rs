@@ -564,23 +564,9 @@ fn restarting_lbagent_keeps_the_route_and_cleanup_withdraws_it() {
     );
 
     // Uninstall: cleanup shuts BIRD down (peers withdraw at once) and removes kube-lb0.
-    let cleanup = fabric.nodes[0]
-        .command(&lbagent_tests::lbagent_bin())
-        .args([
-            "--pin-root",
-            "/sys/fs/bpf/lbagent-test-none",
-            "cleanup",
-            "--config",
-        ])
-        .arg(node.dir.path().join("lbagent.yaml"))
-        .output()
-        .unwrap();
-    assert!(
-        cleanup.status.success(),
-        "{}",
-        String::from_utf8_lossy(&cleanup.stderr)
-    );
-    assert!(String::from_utf8_lossy(&cleanup.stdout).contains("BIRD: shut down"));
+    let stdout =
+        lbagent_tests::lbagent_cleanup(&fabric.nodes[0], &node.dir.path().join("lbagent.yaml"));
+    assert!(stdout.contains("BIRD: shut down"), "{stdout}");
     let started = Instant::now();
     assert!(
         wait_until(Duration::from_secs(3), || next_hops(
@@ -674,23 +660,8 @@ fn cleanup_after_a_graceful_stop_still_makes_the_router_withdraw() {
         next_hops(&fabric.router, &format!("{V4}/32")),
         [Fabric::node_v4(1)]
     );
-    let cleanup = fabric.nodes[0]
-        .command(&lbagent_tests::lbagent_bin())
-        .args([
-            "--pin-root",
-            "/sys/fs/bpf/lbagent-test-none",
-            "cleanup",
-            "--config",
-        ])
-        .arg(node.dir.path().join("lbagent.yaml"))
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&cleanup.stdout);
-    assert!(
-        cleanup.status.success(),
-        "{}",
-        String::from_utf8_lossy(&cleanup.stderr)
-    );
+    let stdout =
+        lbagent_tests::lbagent_cleanup(&fabric.nodes[0], &node.dir.path().join("lbagent.yaml"));
     assert!(
         stdout.contains("peers drop the routes they kept"),
         "{stdout}"

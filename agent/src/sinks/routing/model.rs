@@ -13,7 +13,8 @@ use ipnet::IpNet;
 use serde::Deserialize;
 
 /// A validation failure: the field (as a path in the config), the value, and what is allowed.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {value} is not allowed ({allowed})")]
 pub struct FieldError {
     pub field: String,
     pub value: String,

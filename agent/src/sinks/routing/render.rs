@@ -26,6 +26,20 @@ pub enum Scope {
     Include,
 }
 
+/// The config for `config`'s mode: BIRD's whole config when lbagent runs BIRD, an include
+/// for the operator's BIRD otherwise.
+pub fn render_for_mode(
+    config: &RoutingConfig,
+    router_id: Ipv4Addr,
+    interface: &IfaceName,
+) -> String {
+    let scope = match config.mode {
+        super::model::Mode::Managed { .. } => Scope::WholeConfig,
+        super::model::Mode::External { .. } => Scope::Include,
+    };
+    render(config, router_id, interface, scope)
+}
+
 pub fn render(
     config: &RoutingConfig,
     router_id: Ipv4Addr,
