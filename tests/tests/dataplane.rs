@@ -57,6 +57,18 @@ impl Node {
         }
     }
 
+    /// Waits for the first reconcile to fill the policy maps.
+    fn wait_policy(&self) {
+        assert!(
+            wait_until(Duration::from_secs(5), || self
+                .agent
+                .log()
+                .contains("updating the dataplane's policy maps")),
+            "{}",
+            self.agent.log()
+        );
+    }
+
     fn drops(&self) -> serde_json::Value {
         let run = lbagent(&self.pair.node, &self.pins, &["counters", "-o", "json"]);
         let json: serde_json::Value = serde_json::from_str(&run.stdout).unwrap_or_default();
@@ -79,14 +91,7 @@ fn served_ports_pass_others_are_dropped_and_source_ranges_follow_the_file() {
         &[addr(8080), addr(9090)],
         &[addr(5353), addr(5354)],
     );
-    assert!(
-        wait_until(Duration::from_secs(5), || node
-            .agent
-            .log()
-            .contains("updating the dataplane's policy maps")),
-        "{}",
-        node.agent.log()
-    );
+    node.wait_policy();
 
     let log = node.agent.log();
     assert!(
@@ -171,14 +176,7 @@ fn a_killed_agent_leaves_the_dataplane_counting_and_a_new_one_adopts_it_without_
     let mut node = Node::start(&format!(
         "services:\n- {{name: web, addresses: [{VIP4}], ports: [{{port: 8080}}]}}\n"
     ));
-    assert!(
-        wait_until(Duration::from_secs(5), || node
-            .agent
-            .log()
-            .contains("updating the dataplane's policy maps")),
-        "{}",
-        node.agent.log()
-    );
+    node.wait_policy();
     let program = lbagent_tests::xdp_on(&node.pair.node, "eth0").expect("attached");
 
     // 300 pings at 10 ms while the agent is SIGKILLed and a new one starts.

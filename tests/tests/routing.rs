@@ -517,11 +517,12 @@ protocol rip ng r6 { ecmp yes; ipv6 { import all; export none; }; interface \"br
     );
 }
 
-#[test]
-fn restarting_lbagent_keeps_the_route_and_cleanup_withdraws_it() {
+/// One node whose BGP session to an FRR router is up, whose route the router has, and whose
+/// BIRD is marked as having announced (so the next one starts with -R).
+fn announced_node() -> (Fabric, Frr, Node) {
     let fabric = Fabric::new(1);
-    let _frr = Frr::start(&fabric.router, FRR_ROUTER, true);
-    let mut node = Node::start(&fabric.nodes[0], &services(&[V4]), Some(BGP));
+    let frr = Frr::start(&fabric.router, FRR_ROUTER, true);
+    let node = Node::start(&fabric.nodes[0], &services(&[V4]), Some(BGP));
     node.wait_established(&["up4"]);
     wait_hops(&fabric.router, &format!("{V4}/32"), 1, "route", || {
         node.log()
@@ -531,6 +532,12 @@ fn restarting_lbagent_keeps_the_route_and_cleanup_withdraws_it() {
         .path()
         .join("bird/announced")
         .exists()));
+    (fabric, frr, node)
+}
+
+#[test]
+fn restarting_lbagent_keeps_the_route_and_cleanup_withdraws_it() {
+    let (fabric, _frr, mut node) = announced_node();
 
     // A planned restart: SIGTERM makes BIRD restart gracefully; the peer keeps the route.
     let old = node.agent.take().expect("running");
@@ -639,18 +646,7 @@ fn operator_socket(router: &BirdRouter) -> String {
 
 #[test]
 fn cleanup_after_a_graceful_stop_still_makes_the_router_withdraw() {
-    let fabric = Fabric::new(1);
-    let _frr = Frr::start(&fabric.router, FRR_ROUTER, true);
-    let mut node = Node::start(&fabric.nodes[0], &services(&[V4]), Some(BGP));
-    node.wait_established(&["up4"]);
-    wait_hops(&fabric.router, &format!("{V4}/32"), 1, "route", || {
-        node.log()
-    });
-    assert!(wait_until(Duration::from_secs(5), || node
-        .dir
-        .path()
-        .join("bird/announced")
-        .exists()));
+    let (fabric, _frr, mut node) = announced_node();
 
     // The uninstall order of a DaemonSet: the pod stops (graceful restart: the router keeps
     // the route as stale), then cleanup runs with no BIRD left to send `down` to.
