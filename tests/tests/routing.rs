@@ -303,19 +303,8 @@ fn a_config_bird_rejects_leaves_the_running_one_in_place() {
 
 #[test]
 fn a_killed_bird_is_restarted_and_the_router_keeps_forwarding_meanwhile() {
-    let fabric = Fabric::new(1);
-    let _frr = Frr::start(&fabric.router, FRR_ROUTER, true);
-    let node = Node::start(&fabric.nodes[0], &services(&[V4]), Some(BGP));
-    node.wait_established(&["up4"]);
-    wait_hops(&fabric.router, &format!("{V4}/32"), 1, "route", || {
-        node.log()
-    });
     // Graceful restart needs the session to have been up once: lbagent marks it.
-    assert!(wait_until(Duration::from_secs(5), || node
-        .dir
-        .path()
-        .join("bird/announced")
-        .exists()));
+    let (fabric, _frr, node) = announced_node();
 
     let pid = node.bird_pid();
     nix::sys::signal::kill(
