@@ -4,9 +4,12 @@
 //! ```yaml
 //! node:
 //!   name: node-a                 # default: --node-name, $NODE_NAME, then the host name
-//! source:
+//! source:                       # exactly one of file and kubernetes
 //!   file:
 //!     path: services.yaml        # relative to this file
+//!   # kubernetes:
+//!   #   loadBalancerClass: purelb.io/purelb  # default: Services without a class
+//!   #   kubeconfig: /path        # default: $KUBECONFIG, ~/.kube/config, then in-cluster
 //! addresses:
 //!   interface: kube-lb0
 //!   resyncInterval: 30s
@@ -14,9 +17,12 @@
 //!   path: /run/lbagent/status.json
 //! log:
 //!   format: human                # or json
+//! http:
+//!   address: 0.0.0.0:9658        # /metrics, /healthz, /readyz; default: not served
 //! ```
 
 use std::{
+    net::SocketAddr,
     path::{Path, PathBuf},
     time::Duration,
 };
@@ -39,6 +45,8 @@ pub struct Config {
     pub routing: Option<RoutingConfig>,
     /// `None`: no eBPF dataplane (no `dataplane:` section).
     pub dataplane: Option<DataplaneConfig>,
+    /// Where `/metrics`, `/healthz` and `/readyz` are served; `None`: not served.
+    pub http_address: Option<SocketAddr>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -53,6 +61,16 @@ pub struct DataplaneConfig {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Source {
     File { path: PathBuf },
+    Kubernetes(KubernetesSource),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KubernetesSource {
+    /// Serve only Services of this `spec.loadBalancerClass`; `None`: only those without one,
+    /// as the cluster's default load-balancer implementation does.
+    pub load_balancer_class: Option<String>,
+    /// `None`: `$KUBECONFIG`, `~/.kube/config`, then the in-cluster service account.
+    pub kubeconfig: Option<PathBuf>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -109,6 +127,13 @@ struct RawConfig {
     log: RawLog,
     routing: Option<RawRouting>,
     dataplane: Option<RawDataplane>,
+    http: Option<RawHttp>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawHttp {
+    address: String,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -130,6 +155,14 @@ struct RawNode {
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 struct RawSource {
     file: Option<RawFileSource>,
+    kubernetes: Option<RawKubernetesSource>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawKubernetesSource {
+    load_balancer_class: Option<String>,
+    kubeconfig: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -193,18 +226,61 @@ impl Config {
         };
 
         let base = path.parent().unwrap_or(Path::new("."));
-        let source = match raw.source.file {
-            Some(file) if file.path.as_os_str().is_empty() => {
+        let source = match (raw.source.file, raw.source.kubernetes) {
+            (Some(file), None) if file.path.as_os_str().is_empty() => {
                 return Err(invalid(
                     "source.file.path",
                     "",
                     "a path to the services file",
                 ));
             }
-            Some(file) => Source::File {
+            (Some(file), None) => Source::File {
                 path: base.join(file.path),
             },
-            None => return Err(invalid("source", "{}", "exactly one source: file")),
+            (None, Some(kube)) => {
+                if let Some(class) = &kube.load_balancer_class
+                    && !is_qualified_name(class)
+                {
+                    return Err(invalid(
+                        "source.kubernetes.loadBalancerClass",
+                        class,
+                        "a label-style name such as example.com/lb: at most 316 characters of \
+                         letters, digits, '-', '_', '.' and one '/'",
+                    ));
+                }
+                Source::Kubernetes(KubernetesSource {
+                    load_balancer_class: kube.load_balancer_class,
+                    kubeconfig: kube.kubeconfig.map(|path| base.join(path)),
+                })
+            }
+            (Some(_), Some(_)) => {
+                return Err(invalid(
+                    "source",
+                    "file and kubernetes",
+                    "exactly one source: file or kubernetes",
+                ));
+            }
+            (None, None) => {
+                return Err(invalid(
+                    "source",
+                    "{}",
+                    "exactly one source: file or kubernetes",
+                ));
+            }
+        };
+
+        let http_address = match raw.http {
+            None => None,
+            Some(http) => match http.address.parse::<SocketAddr>() {
+                Ok(address) => Some(address),
+                Err(_) => {
+                    return Err(invalid(
+                        "http.address",
+                        &http.address,
+                        "an address and port such as 0.0.0.0:9658 or [::]:9658",
+                    ));
+                }
+            },
         };
 
         let interface = raw
@@ -282,6 +358,7 @@ impl Config {
 
         Ok(Self {
             dataplane,
+            http_address,
             routing,
             node_name,
             source,
@@ -306,6 +383,18 @@ pub fn is_interface_name(name: &str) -> bool {
         && !name
             .chars()
             .any(|c| c == '/' || c == ':' || c.is_whitespace() || c.is_control())
+}
+
+/// A Kubernetes qualified name with an optional prefix, as `loadBalancerClass` takes.
+fn is_qualified_name(name: &str) -> bool {
+    let (prefix, local) = name.rsplit_once('/').unwrap_or(("", name));
+    let local_ok = (1..=63).contains(&local.len())
+        && local
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        && local.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && local.ends_with(|c: char| c.is_ascii_alphanumeric());
+    local_ok && (prefix.is_empty() || (prefix.len() <= 253 && is_dns_label_ish(prefix)))
 }
 
 fn is_dns_label_ish(name: &str) -> bool {
@@ -387,7 +476,19 @@ mod tests {
             ),
             (
                 "source: {}",
-                r#"source: "{}" is not allowed (exactly one source: file)"#,
+                r#"source: "{}" is not allowed (exactly one source: file or kubernetes)"#,
+            ),
+            (
+                "source: {file: {path: s}, kubernetes: {}}",
+                r#"source: "file and kubernetes" is not allowed"#,
+            ),
+            (
+                "source: {kubernetes: {loadBalancerClass: \"a b\"}}",
+                r#"source.kubernetes.loadBalancerClass: "a b" is not allowed"#,
+            ),
+            (
+                "source: {file: {path: s}}\nhttp: {address: 9658}",
+                r#"http.address: "9658" is not allowed (an address and port"#,
             ),
         ] {
             let err = parse(text).unwrap_err().to_string();
@@ -416,6 +517,26 @@ mod tests {
             ),
             "{err}"
         );
+    }
+
+    #[test]
+    fn kubernetes_source_and_http_address() {
+        let config = parse(
+            "source: {kubernetes: {loadBalancerClass: purelb.io/purelb, kubeconfig: kc}}\n\
+             http: {address: \"[::]:9658\"}",
+        )
+        .unwrap();
+        assert_eq!(
+            config.source,
+            Source::Kubernetes(KubernetesSource {
+                load_balancer_class: Some("purelb.io/purelb".into()),
+                kubeconfig: Some("/etc/lbagent/kc".into()),
+            })
+        );
+        assert_eq!(config.http_address, Some("[::]:9658".parse().unwrap()));
+        assert!(is_qualified_name("lb"));
+        assert!(!is_qualified_name("-lb"));
+        assert!(!is_qualified_name("Example.com/lb"));
     }
 
     #[test]

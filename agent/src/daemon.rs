@@ -34,11 +34,14 @@ pub async fn run(config_path: PathBuf, node_name: Option<String>, config: Config
     let kernel_changes = sink.changes()?;
 
     let (updates_tx, updates) = watch::channel(None);
-    let Source::File { path } = &config.source;
+    let source_name = match &config.source {
+        Source::File { path } => path.display().to_string(),
+        Source::Kubernetes(_) => "kubernetes".to_owned(),
+    };
     info!(
         node = %config.node_name,
         %interface,
-        source = %path.display(),
+        source = %source_name,
         resync = %humantime::format_duration(config.addresses.resync_interval),
         routing = config.routing.as_ref().map_or("none", |r| match r.mode {
             Mode::Managed { .. } => "managed BIRD",
@@ -46,7 +49,6 @@ pub async fn run(config_path: PathBuf, node_name: Option<String>, config: Config
         }),
         "lbagent starting"
     );
-    let mut source = tokio::spawn(sources::file::watch(path.clone(), updates_tx));
 
     let (stop_tx, stop_rx) = watch::channel(Stop::No);
     let routing = match &config.routing {
@@ -86,6 +88,21 @@ pub async fn run(config_path: PathBuf, node_name: Option<String>, config: Config
             reconciler = reconciler.with_dataplane(maps);
         }
     }
+    let mut source = match &config.source {
+        Source::File { path } => {
+            let watching = sources::file::watch(path.clone(), updates_tx);
+            tokio::spawn(async move { watching.await.map_err(anyhow::Error::new) })
+        }
+        Source::Kubernetes(kubernetes) => {
+            let watching = sources::kubernetes::watch(
+                kubernetes.clone(),
+                config.node_name.clone(),
+                updates_tx,
+                reconciler.applied(),
+            );
+            tokio::spawn(async move { watching.await.map_err(anyhow::Error::new) })
+        }
+    };
     let inputs = Inputs {
         updates,
         kernel_changes,
@@ -97,7 +114,7 @@ pub async fn run(config_path: PathBuf, node_name: Option<String>, config: Config
         result = &mut source => {
             let err = match result {
                 Ok(Ok(())) => anyhow::anyhow!("ended"),
-                Ok(Err(err)) => anyhow::Error::new(err),
+                Ok(Err(err)) => err,
                 Err(join) => anyhow::Error::new(join),
             };
             error!(%err, "the services source stopped");

@@ -28,6 +28,32 @@ impl fmt::Display for Protocol {
     }
 }
 
+impl Protocol {
+    /// As Kubernetes writes it, case-insensitively; `None` (unset) is TCP.
+    pub fn parse(text: Option<&str>) -> Option<Self> {
+        match text.map(str::to_ascii_uppercase).as_deref() {
+            None | Some("TCP") => Some(Self::Tcp),
+            Some("UDP") => Some(Self::Udp),
+            Some("SCTP") => Some(Self::Sctp),
+            Some(_) => None,
+        }
+    }
+}
+
+/// A port number as sources carry it (signed and wide); 0 is not a port.
+pub fn port_number(port: i64) -> Option<u16> {
+    u16::try_from(port).ok().filter(|p| *p != 0)
+}
+
+/// A source range: a CIDR (host bits cleared, as Kubernetes does) or a single address.
+pub fn source_range(text: &str) -> Option<IpNet> {
+    let text = text.trim();
+    text.parse::<IpNet>()
+        .or_else(|_| text.parse::<IpAddr>().map(IpNet::from))
+        .ok()
+        .map(|range| range.trunc())
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 pub struct PortSpec {
     pub port: u16,

@@ -70,6 +70,8 @@ pub struct Reconciler {
     node: String,
     expected: Option<Expected>,
     reconciles: u64,
+    /// Every status written also goes here, for those who act on what was applied.
+    applied: watch::Sender<Option<Status>>,
 }
 
 pub struct Inputs {
@@ -88,7 +90,13 @@ impl Reconciler {
             node,
             expected: None,
             reconciles: 0,
+            applied: watch::Sender::new(None),
         }
+    }
+
+    /// What each reconcile applied, as the status file says it.
+    pub fn applied(&self) -> watch::Receiver<Option<Status>> {
+        self.applied.subscribe()
     }
 
     /// Keeps the dataplane's policy maps as the desired state says, after the addresses.
@@ -253,12 +261,14 @@ impl Reconciler {
             },
             addresses,
             rejected: update.rejected.clone(),
-            errors: errors.clone(),
+            errors,
         };
+        let failed = !status.errors.is_empty();
         if let Err(err) = self.status.write(&status) {
             warn!(%err, "cannot write the status file");
         }
-        !errors.is_empty()
+        self.applied.send_replace(Some(status));
+        failed
     }
 
     /// Logs what the plan will do; changes that undo someone else's are repairs. Returns

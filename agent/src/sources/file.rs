@@ -21,14 +21,13 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use ipnet::IpNet;
 use serde::Deserialize;
 use tokio::sync::watch;
 use tracing::{error, info, warn};
 
 use crate::{
     address,
-    desired::{Desired, PortSpec, Protocol, Rejected, Service, SourceUpdate, TrafficPolicy},
+    desired::{self, Desired, PortSpec, Protocol, Rejected, Service, SourceUpdate, TrafficPolicy},
     watch::FileEvent,
 };
 
@@ -134,26 +133,14 @@ fn validate(raw: RawService, index: usize) -> Result<Service, String> {
     let mut ports = Vec::new();
     for (i, port) in raw.ports.iter().enumerate() {
         let field = at(&format!("ports[{i}]"));
-        let number = u16::try_from(port.port)
-            .ok()
-            .filter(|p| *p != 0)
+        let number = desired::port_number(port.port)
             .ok_or_else(|| format!("{field}: port {} is not allowed (1-65535)", port.port))?;
-        let protocol = match port
-            .protocol
-            .as_deref()
-            .map(str::to_ascii_uppercase)
-            .as_deref()
-        {
-            None | Some("TCP") => Protocol::Tcp,
-            Some("UDP") => Protocol::Udp,
-            Some("SCTP") => Protocol::Sctp,
-            Some(_) => {
-                return Err(format!(
-                    "{field}: protocol {:?} is not allowed (TCP, UDP or SCTP)",
-                    port.protocol.as_deref().unwrap_or_default()
-                ));
-            }
-        };
+        let protocol = Protocol::parse(port.protocol.as_deref()).ok_or_else(|| {
+            format!(
+                "{field}: protocol {:?} is not allowed (TCP, UDP or SCTP)",
+                port.protocol.as_deref().unwrap_or_default()
+            )
+        })?;
         ports.push(PortSpec {
             port: number,
             protocol,
@@ -161,16 +148,13 @@ fn validate(raw: RawService, index: usize) -> Result<Service, String> {
     }
     let mut source_ranges = Vec::new();
     for (i, text) in raw.source_ranges.iter().enumerate() {
-        let range: IpNet = text
-            .parse()
-            .or_else(|_| text.parse::<IpAddr>().map(IpNet::from))
-            .map_err(|_| {
-                format!(
-                    "{}: {text:?} is not a CIDR range such as 10.0.0.0/8",
-                    at(&format!("sourceRanges[{i}]"))
-                )
-            })?;
-        source_ranges.push(range.trunc());
+        let range = desired::source_range(text).ok_or_else(|| {
+            format!(
+                "{}: {text:?} is not a CIDR range such as 10.0.0.0/8",
+                at(&format!("sourceRanges[{i}]"))
+            )
+        })?;
+        source_ranges.push(range);
     }
     let traffic_policy = match raw.external_traffic_policy.as_deref() {
         None | Some("Cluster") => TrafficPolicy::Cluster,

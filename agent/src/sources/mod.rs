@@ -2,3 +2,4 @@
 //! [`SourceUpdate`](crate::desired::SourceUpdate)s and the reconciler takes it from there.
 
 pub mod file;
+pub mod kubernetes;

@@ -1,0 +1,560 @@
+//! The `kubernetes` source: Services of type LoadBalancer, their EndpointSlices and this node's
+//! Node, through kube-rs watchers, translated into the desired state by [`translate`].
+//!
+//! Nothing is published until all three have been listed completely, and a relist (after a
+//! 410 Gone or a reconnect) replaces a cache only once it is complete: a partial view must never
+//! withdraw an address. While the API server is unreachable the last state stays in force and
+//! the watchers reconnect with backoff.
+//!
+//! The source also records Events on Services: `Announced` once the reconciler holds their
+//! addresses, `NotAnnounced` with the reason when it cannot, and `Withdrawn`.
+
+pub mod translate;
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+    path::PathBuf,
+};
+
+use futures::{StreamExt as _, stream::BoxStream};
+use k8s_openapi::api::{
+    core::v1::{Node, ObjectReference, Service},
+    discovery::v1::EndpointSlice,
+};
+use kube::{
+    Api, Client, Resource,
+    config::{KubeConfigOptions, Kubeconfig},
+    runtime::{
+        WatchStreamExt as _,
+        events::{Event, EventType, Recorder, Reporter},
+        watcher,
+    },
+};
+use tokio::sync::{mpsc, watch};
+use tracing::{debug, info, warn};
+
+use self::translate::{Selection, Translation};
+use crate::{
+    config::KubernetesSource,
+    desired::SourceUpdate,
+    status::{AddressState, Status},
+};
+
+/// One kind of call lbagent makes to the API server; the deployment's ClusterRole grants
+/// exactly these (a test checks it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ApiAccess {
+    /// `""` is the core group.
+    pub group: &'static str,
+    pub resource: &'static str,
+    pub verbs: &'static [&'static str],
+}
+
+pub const API_ACCESS: &[ApiAccess] = &[
+    ApiAccess {
+        group: "",
+        resource: "services",
+        verbs: &["list", "watch"],
+    },
+    ApiAccess {
+        group: "discovery.k8s.io",
+        resource: "endpointslices",
+        verbs: &["list", "watch"],
+    },
+    ApiAccess {
+        group: "",
+        resource: "nodes",
+        verbs: &["list", "watch"],
+    },
+    // kube's Recorder creates an Event, then patches it into a series when it repeats.
+    ApiAccess {
+        group: "events.k8s.io",
+        resource: "events",
+        verbs: &["create", "patch"],
+    },
+];
+
+/// The name lbagent reports Events under.
+const CONTROLLER: &str = "lbagent";
+/// Events waiting to be published; beyond this (API server gone) newer ones are dropped.
+const EVENT_QUEUE: usize = 256;
+
+#[derive(Debug, thiserror::Error)]
+pub enum KubernetesError {
+    #[error("cannot use the kubeconfig {}: {source}", path.display())]
+    Kubeconfig {
+        path: PathBuf,
+        source: kube::config::KubeconfigError,
+    },
+    #[error("cannot find a Kubernetes configuration (no kubeconfig, not in a cluster): {0}")]
+    Infer(#[from] kube::config::InferConfigError),
+    #[error("cannot create the Kubernetes client: {0}")]
+    Client(#[from] kube::Error),
+}
+
+pub async fn client(config: &KubernetesSource) -> Result<Client, KubernetesError> {
+    let config = match &config.kubeconfig {
+        Some(path) => {
+            let invalid = |source| KubernetesError::Kubeconfig {
+                path: path.clone(),
+                source,
+            };
+            let kubeconfig = Kubeconfig::read_from(path).map_err(invalid)?;
+            kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+                .await
+                .map_err(invalid)?
+        }
+        None => kube::Config::infer().await?,
+    };
+    Ok(Client::try_from(config)?)
+}
+
+/// Follows the cluster and publishes the desired state until `updates` has no receiver.
+/// `status` is what the reconciler last applied, for the Events.
+pub async fn watch(
+    config: KubernetesSource,
+    node_name: String,
+    updates: watch::Sender<Option<SourceUpdate>>,
+    mut status: watch::Receiver<Option<Status>>,
+) -> Result<(), KubernetesError> {
+    let client = client(&config).await?;
+    let selection = Selection {
+        node_name: node_name.clone(),
+        load_balancer_class: config.load_balancer_class.clone(),
+    };
+    info!(
+        node = %node_name,
+        class = selection.load_balancer_class.as_deref().unwrap_or("(none)"),
+        "watching Services, EndpointSlices and this node's Node"
+    );
+    let mut changes = changes(&client, &node_name);
+    let (events, queue) = mpsc::channel(EVENT_QUEUE);
+    tokio::spawn(publish_events(
+        Recorder::new(
+            client,
+            Reporter {
+                controller: CONTROLLER.into(),
+                instance: Some(node_name.clone()),
+            },
+        ),
+        queue,
+    ));
+    let mut cluster = Cluster::default();
+    let mut announcer = Announcer::new(node_name, events);
+    let mut failing = false;
+    loop {
+        tokio::select! {
+            change = changes.next() => match change {
+                None => return Ok(()),
+                Some(Err(err)) => {
+                    // The backoff paces these; the last state stays in force meanwhile.
+                    warn!(%err, "Kubernetes watch failed; keeping the last state and retrying");
+                    failing = true;
+                }
+                Some(Ok(change)) => {
+                    if failing {
+                        info!("Kubernetes watch is back");
+                        failing = false;
+                    }
+                    if cluster.apply(change)
+                        && let Some(translation) = cluster.translate(&selection)
+                    {
+                        announcer.source_changed(&cluster, &translation);
+                        publish(&updates, translation.update);
+                    }
+                }
+            },
+            changed = status.changed() => {
+                if changed.is_err() {
+                    return Ok(());
+                }
+                let status = status.borrow_and_update().clone();
+                if let Some(status) = status {
+                    announcer.applied(&cluster, &status);
+                }
+            }
+            () = updates.closed() => return Ok(()),
+        }
+    }
+}
+
+fn publish(updates: &watch::Sender<Option<SourceUpdate>>, update: SourceUpdate) {
+    updates.send_if_modified(|current| {
+        if current.as_ref() == Some(&update) {
+            return false;
+        }
+        info!(
+            addresses = update.desired.addresses.len(),
+            rejected = update.rejected.len(),
+            "Kubernetes state changed"
+        );
+        *current = Some(update);
+        true
+    });
+}
+
+enum Change {
+    Service(Box<watcher::Event<Service>>),
+    Slice(Box<watcher::Event<EndpointSlice>>),
+    Node(Box<watcher::Event<Node>>),
+}
+
+fn changes(client: &Client, node_name: &str) -> BoxStream<'static, Result<Change, watcher::Error>> {
+    let services = watcher(
+        Api::<Service>::all(client.clone()),
+        watcher::Config::default(),
+    )
+    .default_backoff()
+    .map(|event| event.map(|event| Change::Service(Box::new(event))));
+    // Only slices that belong to a Service matter for `externalTrafficPolicy: Local`.
+    let slices = watcher(
+        Api::<EndpointSlice>::all(client.clone()),
+        watcher::Config::default().labels(translate::SERVICE_NAME_LABEL),
+    )
+    .default_backoff()
+    .map(|event| event.map(|event| Change::Slice(Box::new(event))));
+    let nodes = watcher(
+        Api::<Node>::all(client.clone()),
+        watcher::Config::default().fields(&format!("metadata.name={node_name}")),
+    )
+    .default_backoff()
+    .map(|event| event.map(|event| Change::Node(Box::new(event))));
+    futures::stream::select_all([services.boxed(), slices.boxed(), nodes.boxed()]).boxed()
+}
+
+/// One resource's objects: the last complete list plus the watch since. A relist builds a
+/// new map beside it and swaps it in only when the list is complete.
+struct Cache<K> {
+    objects: BTreeMap<String, K>,
+    relisting: Option<BTreeMap<String, K>>,
+    listed: bool,
+}
+
+impl<K> Default for Cache<K> {
+    fn default() -> Self {
+        Self {
+            objects: BTreeMap::new(),
+            relisting: None,
+            listed: false,
+        }
+    }
+}
+
+impl<K: Resource> Cache<K> {
+    /// Whether the objects in force changed.
+    fn apply(&mut self, event: watcher::Event<K>) -> bool {
+        match event {
+            watcher::Event::Init => {
+                self.relisting = Some(BTreeMap::new());
+                false
+            }
+            watcher::Event::InitApply(object) => {
+                if let Some(relisting) = &mut self.relisting {
+                    relisting.insert(key(&object), object);
+                }
+                false
+            }
+            watcher::Event::InitDone => {
+                if let Some(relisted) = self.relisting.take() {
+                    self.objects = relisted;
+                }
+                self.listed = true;
+                true
+            }
+            watcher::Event::Apply(object) => {
+                self.objects.insert(key(&object), object);
+                true
+            }
+            watcher::Event::Delete(object) => self.objects.remove(&key(&object)).is_some(),
+        }
+    }
+}
+
+fn key<K: Resource>(object: &K) -> String {
+    format!(
+        "{}/{}",
+        object.meta().namespace.as_deref().unwrap_or_default(),
+        object.meta().name.as_deref().unwrap_or_default()
+    )
+}
+
+#[derive(Default)]
+struct Cluster {
+    services: Cache<Service>,
+    slices: Cache<EndpointSlice>,
+    nodes: Cache<Node>,
+    warned_missing_node: bool,
+}
+
+impl Cluster {
+    fn apply(&mut self, change: Change) -> bool {
+        match change {
+            Change::Service(event) => self.services.apply(*event),
+            Change::Slice(event) => self.slices.apply(*event),
+            Change::Node(event) => self.nodes.apply(*event),
+        }
+    }
+
+    /// The desired state, once every resource has been listed completely.
+    fn translate(&mut self, selection: &Selection) -> Option<Translation> {
+        if !(self.services.listed && self.slices.listed && self.nodes.listed) {
+            return None;
+        }
+        let node = self.nodes.objects.values().next();
+        if node.is_none() && !self.warned_missing_node {
+            warn!(node = %selection.node_name, "no Node of this name; is --node-name right? Serving as if it had no labels");
+        }
+        self.warned_missing_node = node.is_none();
+        let slices: Vec<&EndpointSlice> = self.slices.objects.values().collect();
+        Some(translate::translate(
+            self.services.objects.values(),
+            &slices,
+            node,
+            selection,
+        ))
+    }
+
+    fn service(&self, name: &str) -> Option<&Service> {
+        self.services.objects.get(name)
+    }
+}
+
+/// What each Service was last told, so an Event goes out only when that changes.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct Told {
+    announced: BTreeSet<IpAddr>,
+    not_announced: Option<String>,
+}
+
+/// Turns the source's verdicts and the reconciler's results into Events and log lines.
+struct Announcer {
+    node: String,
+    told: BTreeMap<String, Told>,
+    /// The latest source verdicts: rejected services and why, Local services without endpoints.
+    rejected: BTreeMap<String, String>,
+    withdrawn_reason: BTreeMap<String, String>,
+    excluded: bool,
+    events: mpsc::Sender<(ObjectReference, Event)>,
+}
+
+impl Announcer {
+    fn new(node: String, events: mpsc::Sender<(ObjectReference, Event)>) -> Self {
+        Self {
+            node,
+            told: BTreeMap::new(),
+            rejected: BTreeMap::new(),
+            withdrawn_reason: BTreeMap::new(),
+            excluded: false,
+            events,
+        }
+    }
+
+    fn source_changed(&mut self, cluster: &Cluster, translation: &Translation) {
+        if translation.excluded != self.excluded {
+            if translation.excluded {
+                warn!(node = %self.node, label = translate::EXCLUDE_LABEL, "this node is excluded from load balancers: withdrawing every address");
+            } else {
+                info!(node = %self.node, "this node is no longer excluded from load balancers");
+            }
+            self.excluded = translation.excluded;
+        }
+        let rejected: BTreeMap<String, String> = translation
+            .update
+            .rejected
+            .iter()
+            .map(|r| (r.service.clone(), r.reason.clone()))
+            .collect();
+        for (service, reason) in &rejected {
+            if self.rejected.get(service) != Some(reason) {
+                warn!(%service, %reason, "Service skipped");
+            }
+            self.tell(
+                cluster,
+                service,
+                Told {
+                    announced: BTreeSet::new(),
+                    not_announced: Some(reason.clone()),
+                },
+            );
+        }
+        self.rejected = rejected;
+        let mut withdrawn_reason = BTreeMap::new();
+        for service in &translation.no_local_endpoint {
+            if !self.withdrawn_reason.contains_key(service) {
+                info!(%service, node = %self.node, "externalTrafficPolicy: Local and no ready endpoint on this node: not holding its addresses");
+            }
+            withdrawn_reason.insert(
+                service.clone(),
+                format!("no ready endpoint on node {}", self.node),
+            );
+        }
+        if translation.excluded {
+            for told in self.told.keys() {
+                withdrawn_reason.insert(
+                    told.clone(),
+                    format!(
+                        "node {} has the label {}",
+                        self.node,
+                        translate::EXCLUDE_LABEL
+                    ),
+                );
+            }
+        }
+        self.withdrawn_reason = withdrawn_reason;
+    }
+
+    /// After a reconcile: which addresses this node now holds for which Service.
+    fn applied(&mut self, cluster: &Cluster, status: &Status) {
+        let mut now: BTreeMap<String, Told> = BTreeMap::new();
+        for address in &status.addresses {
+            for service in &address.services {
+                let told = now.entry(service.clone()).or_default();
+                match address.state {
+                    AddressState::Virtual | AddressState::Local => {
+                        told.announced.insert(address.address);
+                    }
+                    AddressState::Unsupported => {
+                        told.not_announced = Some(format!(
+                            "{}: node {} has no IPv6",
+                            address.address, self.node
+                        ));
+                    }
+                }
+            }
+        }
+        let before: Vec<String> = self.told.keys().cloned().collect();
+        for service in before {
+            if !now.contains_key(&service) && !self.rejected.contains_key(&service) {
+                self.tell(cluster, &service, Told::default());
+            }
+        }
+        for (service, told) in now {
+            self.tell(cluster, &service, told);
+        }
+    }
+
+    fn tell(&mut self, cluster: &Cluster, service: &str, told: Told) {
+        let before = self.told.get(service).cloned().unwrap_or_default();
+        if before == told {
+            return;
+        }
+        let mut events = Vec::new();
+        let new: Vec<String> = told
+            .announced
+            .difference(&before.announced)
+            .map(ToString::to_string)
+            .collect();
+        if !new.is_empty() {
+            events.push(Event {
+                type_: EventType::Normal,
+                reason: "Announced".into(),
+                note: Some(format!("{} held by node {}", new.join(", "), self.node)),
+                action: "Announce".into(),
+                secondary: None,
+            });
+        }
+        let gone: Vec<String> = before
+            .announced
+            .difference(&told.announced)
+            .map(ToString::to_string)
+            .collect();
+        if !gone.is_empty() {
+            let why = self
+                .withdrawn_reason
+                .get(service)
+                .map_or_else(String::new, |reason| format!(": {reason}"));
+            events.push(Event {
+                type_: EventType::Normal,
+                reason: "Withdrawn".into(),
+                note: Some(format!(
+                    "{} no longer held by node {}{why}",
+                    gone.join(", "),
+                    self.node
+                )),
+                action: "Withdraw".into(),
+                secondary: None,
+            });
+        }
+        if let Some(reason) = &told.not_announced
+            && before.not_announced.as_ref() != Some(reason)
+        {
+            events.push(Event {
+                type_: EventType::Warning,
+                reason: "NotAnnounced".into(),
+                note: Some(reason.clone()),
+                action: "Announce".into(),
+                secondary: None,
+            });
+        }
+        if told == Told::default() {
+            self.told.remove(service);
+        } else {
+            self.told.insert(service.to_owned(), told);
+        }
+        // A Service that is gone has nothing to attach an Event to.
+        let Some(object) = cluster.service(service) else {
+            return;
+        };
+        let reference = object.object_ref(&());
+        for event in events {
+            if self.events.try_send((reference.clone(), event)).is_err() {
+                debug!(%service, "Event queue full; dropping an Event");
+            }
+        }
+    }
+}
+
+async fn publish_events(recorder: Recorder, mut queue: mpsc::Receiver<(ObjectReference, Event)>) {
+    while let Some((reference, event)) = queue.recv().await {
+        if let Err(err) = recorder.publish(&event, &reference).await {
+            warn!(
+                service = %format!("{}/{}", reference.namespace.unwrap_or_default(), reference.name.unwrap_or_default()),
+                reason = %event.reason,
+                %err,
+                "cannot record an Event"
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use k8s_openapi::api::core::v1::Service;
+    use serde_json::json;
+
+    use super::*;
+
+    fn service(name: &str, version: &str) -> Service {
+        serde_json::from_value(json!({
+            "apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": name, "namespace": "ns", "resourceVersion": version},
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn a_relist_replaces_the_cache_only_when_complete() {
+        let mut cache = Cache::default();
+        assert!(!cache.apply(watcher::Event::Init));
+        assert!(!cache.apply(watcher::Event::InitApply(service("a", "1"))));
+        assert!(!cache.listed);
+        assert!(cache.apply(watcher::Event::InitDone));
+        assert!(cache.apply(watcher::Event::Apply(service("b", "2"))));
+        assert_eq!(cache.objects.len(), 2);
+
+        // A relist that breaks off after its first page leaves what was in force...
+        cache.apply(watcher::Event::Init);
+        cache.apply(watcher::Event::InitApply(service("a", "3")));
+        assert_eq!(cache.objects.len(), 2);
+        // ...and the watcher's next attempt starts over; only its InitDone swaps.
+        cache.apply(watcher::Event::Init);
+        cache.apply(watcher::Event::InitApply(service("c", "4")));
+        assert_eq!(cache.objects.len(), 2);
+        assert!(cache.apply(watcher::Event::InitDone));
+        assert_eq!(cache.objects.keys().collect::<Vec<_>>(), ["ns/c"]);
+        assert!(cache.apply(watcher::Event::Delete(service("c", "5"))));
+        assert!(!cache.apply(watcher::Event::Delete(service("c", "5"))));
+        assert!(cache.objects.is_empty());
+    }
+}
