@@ -197,33 +197,59 @@ pub struct ProtocolStatus {
     pub since: String,
     /// BGP's session state (`Established`, `Active`, ...) or an error; may hold spaces.
     pub info: String,
+    /// Routes exported over all channels; only `show protocols all` tells, and only for a
+    /// channel that is up.
+    #[serde(default)]
+    pub exported: u64,
 }
 
-/// Parses the 1002 rows of a `show protocols` reply.
+/// Parses a `show protocols` or `show protocols all` reply: a 1002 row per protocol, then
+/// (with `all`) 1006 lines of details, of which only the channels' `Routes:` counts are used.
 pub fn parse_protocols(reply: &Reply) -> Vec<ProtocolStatus> {
-    reply
-        .lines_with(1002)
-        .filter_map(|line| {
-            let mut rest = line.text.as_str();
-            let mut field = || {
-                rest = rest.trim_start();
-                let end = rest.find(char::is_whitespace).unwrap_or(rest.len());
-                let (word, tail) = rest.split_at(end);
-                rest = tail;
-                (!word.is_empty()).then(|| word.to_owned())
-            };
-            let (name, proto, table, state, since) =
-                (field()?, field()?, field()?, field()?, field()?);
-            Some(ProtocolStatus {
-                name,
-                proto,
-                table,
-                state,
-                since,
-                info: rest.trim().to_owned(),
-            })
-        })
-        .collect()
+    let mut protocols: Vec<ProtocolStatus> = Vec::new();
+    for line in &reply.lines {
+        match line.code {
+            1002 => protocols.extend(parse_protocol_row(line)),
+            1006 => {
+                let exported = line
+                    .text
+                    .trim()
+                    .strip_prefix("Routes:")
+                    .and_then(|counts| {
+                        counts
+                            .split(',')
+                            .find_map(|c| c.trim().strip_suffix(" exported"))
+                    })
+                    .and_then(|n| n.trim().parse::<u64>().ok());
+                if let (Some(exported), Some(protocol)) = (exported, protocols.last_mut()) {
+                    protocol.exported += exported;
+                }
+            }
+            _ => {}
+        }
+    }
+    protocols
+}
+
+fn parse_protocol_row(line: &ReplyLine) -> Option<ProtocolStatus> {
+    let mut rest = line.text.as_str();
+    let mut field = || {
+        rest = rest.trim_start();
+        let end = rest.find(char::is_whitespace).unwrap_or(rest.len());
+        let (word, tail) = rest.split_at(end);
+        rest = tail;
+        (!word.is_empty()).then(|| word.to_owned())
+    };
+    let (name, proto, table, state, since) = (field()?, field()?, field()?, field()?, field()?);
+    Some(ProtocolStatus {
+        name,
+        proto,
+        table,
+        state,
+        since,
+        info: rest.trim().to_owned(),
+        exported: 0,
+    })
 }
 
 #[cfg(test)]
@@ -282,6 +308,56 @@ rtr        BGP        ---        start  01:49:05.314  Received: Invalid network 
         assert_eq!(protocols[2].proto, "BGP");
         assert_eq!(protocols[2].state, "start");
         assert_eq!(protocols[2].info, "Received: Invalid network field");
+    }
+
+    #[test]
+    fn sums_exported_routes_over_channels_from_show_protocols_all() {
+        // Captured from BIRD 2.0.12, trimmed: a Static protocol with one channel up, and two
+        // BGP sessions (one down, so its channels report no counts).
+        let transcript = [
+            "2002-Name       Proto      Table      State  Since         Info",
+            "1002-s4         Static     master4    up     21:49:00.670  ",
+            "1006-  Channel ipv4",
+            "     State:          UP",
+            "     Routes:         1 imported, 0 exported, 1 preferred",
+            " ",
+            "1002-peer1      BGP        ---        up     21:49:00.670  Established   ",
+            "1006-  BGP state:          Established",
+            "   Channel ipv4",
+            "     Routes:         0 imported, 3 exported, 0 preferred",
+            "   Channel ipv6",
+            "     Routes:         0 imported, 2 exported, 0 preferred",
+            " ",
+            "1002-peer2      BGP        ---        start  21:49:00.670  Idle          ",
+            "1006-  BGP state:          Idle",
+            "   Channel ipv4",
+            "     State:          DOWN",
+            " ",
+            "0000 ",
+            "",
+        ]
+        .join("\n");
+        let replies = Framer::default().push(transcript.as_bytes()).unwrap();
+        let protocols = parse_protocols(&replies[0]);
+        let summary: Vec<_> = protocols
+            .iter()
+            .map(|p| {
+                (
+                    p.name.as_str(),
+                    p.state.as_str(),
+                    p.info.as_str(),
+                    p.exported,
+                )
+            })
+            .collect();
+        assert_eq!(
+            summary,
+            [
+                ("s4", "up", "", 0),
+                ("peer1", "up", "Established", 5),
+                ("peer2", "start", "Idle", 0)
+            ]
+        );
     }
 
     #[test]

@@ -252,7 +252,7 @@ async fn supervise(
     }
 }
 
-/// Reads `show protocols` into the status, and marks a managed BIRD as having announced once
+/// Reads `show protocols all` into the status, and marks a managed BIRD as having announced once
 /// any BGP session is up.
 async fn refresh(
     control: &mut Control,
@@ -260,7 +260,7 @@ async fn refresh(
     status: &mut RoutingStatus,
     status_file: &Path,
 ) {
-    match control.command("show protocols").await {
+    match control.command("show protocols all").await {
         Ok(reply) => {
             status.protocols = parse_protocols(&reply);
             let announced = status
