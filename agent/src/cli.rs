@@ -385,8 +385,10 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
 
 /// Logs go to stderr; `LBAGENT_LOG` (a tracing filter such as `debug`) overrides the level.
 pub fn init_logging(format: Option<LogFormat>, default_level: &str) {
-    let filter =
-        EnvFilter::try_from_env("LBAGENT_LOG").unwrap_or_else(|_| EnvFilter::new(default_level));
+    // netlink-packet-route warns on every link message from a kernel newer than it knows
+    // (IFLA_INET6_CONF grew); nothing an operator can act on.
+    let filter = EnvFilter::try_from_env("LBAGENT_LOG")
+        .unwrap_or_else(|_| EnvFilter::new(format!("{default_level},netlink_packet_route=error")));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))

@@ -88,6 +88,22 @@ pub async fn run(config_path: PathBuf, node_name: Option<String>, config: Config
             reconciler = reconciler.with_dataplane(maps);
         }
     }
+    if let Some(address) = config.http_address {
+        let metrics = crate::metrics::ReconcileMetrics::default();
+        reconciler = reconciler.with_metrics(metrics.clone());
+        let registry = crate::metrics::registry(
+            &metrics,
+            crate::metrics::Sources {
+                status: reconciler.applied(),
+                pins: config.dataplane.as_ref().map(|d| d.pin_root.clone()),
+                routing_status: config
+                    .routing
+                    .as_ref()
+                    .map(|_| routing::status_path(&config.status_path)),
+            },
+        );
+        crate::http::serve(address, registry, reconciler.applied()).await?;
+    }
     let mut source = match &config.source {
         Source::File { path } => {
             let watching = sources::file::watch(path.clone(), updates_tx);

@@ -15,6 +15,8 @@ pub mod config;
 pub mod daemon;
 pub mod dataplane;
 pub mod desired;
+pub mod http;
+pub mod metrics;
 pub mod reconcile;
 pub mod sinks;
 pub mod sources;

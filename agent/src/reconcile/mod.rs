@@ -19,6 +19,7 @@ use tracing::{error, info, warn};
 
 use crate::{
     desired::SourceUpdate,
+    metrics::{ReconcileMetrics, TriggerLabel},
     sinks::{
         addresses::{AddressError, AddressSink},
         dataplane::DataplaneSink,
@@ -41,6 +42,19 @@ pub enum Trigger {
     Resync,
     Signal,
     Retry,
+}
+
+impl Trigger {
+    /// The short name metrics use.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Desired => "desired",
+            Self::Kernel => "kernel",
+            Self::Resync => "resync",
+            Self::Signal => "signal",
+            Self::Retry => "retry",
+        }
+    }
 }
 
 impl fmt::Display for Trigger {
@@ -72,6 +86,7 @@ pub struct Reconciler {
     reconciles: u64,
     /// Every status written also goes here, for those who act on what was applied.
     applied: watch::Sender<Option<Status>>,
+    metrics: ReconcileMetrics,
 }
 
 pub struct Inputs {
@@ -91,7 +106,14 @@ impl Reconciler {
             expected: None,
             reconciles: 0,
             applied: watch::Sender::new(None),
+            metrics: ReconcileMetrics::default(),
         }
+    }
+
+    /// Counts every run into `metrics` (shared with the registry that exports them).
+    pub fn with_metrics(mut self, metrics: ReconcileMetrics) -> Self {
+        self.metrics = metrics;
+        self
     }
 
     /// What each reconcile applied, as the status file says it.
@@ -264,6 +286,16 @@ impl Reconciler {
             errors,
         };
         let failed = !status.errors.is_empty();
+        self.metrics
+            .runs
+            .get_or_create(&TriggerLabel {
+                trigger: trigger.label().to_owned(),
+            })
+            .inc();
+        self.metrics.duration.observe(elapsed.as_secs_f64());
+        if failed {
+            self.metrics.failures.inc();
+        }
         if let Err(err) = self.status.write(&status) {
             warn!(%err, "cannot write the status file");
         }

@@ -1,0 +1,281 @@
+//! Prometheus metrics, all under `lbagent_`. Counters the kernel keeps (the pinned maps) and
+//! state other tasks already publish (the reconciler's status, BIRD's protocols) are read at
+//! scrape time, so a scrape always sees the same figures as `lbagent counters` and
+//! `lbagent status`; only the reconciler's own runs are counted as they happen.
+
+use std::{path::PathBuf, sync::Arc};
+
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric},
+    metrics::{
+        MetricType,
+        counter::{ConstCounter, Counter},
+        family::Family,
+        gauge::ConstGauge,
+        histogram::{Histogram, exponential_buckets},
+        info::Info,
+    },
+    registry::Registry,
+};
+use tokio::sync::watch;
+
+use crate::{
+    dataplane::{PinLayout, VipCounters, VipTable},
+    sinks::routing::RoutingStatus,
+    status::{AddressState, Status},
+};
+
+pub const PREFIX: &str = "lbagent";
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TriggerLabel {
+    pub trigger: String,
+}
+
+/// What the reconciler counts itself. Cheap to clone: the metrics are shared.
+#[derive(Clone, Debug)]
+pub struct ReconcileMetrics {
+    pub runs: Family<TriggerLabel, Counter>,
+    pub failures: Counter,
+    pub duration: Histogram,
+}
+
+impl Default for ReconcileMetrics {
+    fn default() -> Self {
+        Self {
+            runs: Family::default(),
+            failures: Counter::default(),
+            // 0.5 ms to about 4 s: a resync of a few addresses to a cold start of 10,000.
+            duration: Histogram::new(exponential_buckets(0.0005, 2.0, 14)),
+        }
+    }
+}
+
+/// Where the scrape-time collectors read from.
+pub struct Sources {
+    pub status: watch::Receiver<Option<Status>>,
+    /// The dataplane's pin root, when the dataplane is on.
+    pub pins: Option<PathBuf>,
+    /// The routing status file, when lbagent runs BIRD or feeds one.
+    pub routing_status: Option<PathBuf>,
+}
+
+pub fn registry(reconcile: &ReconcileMetrics, sources: Sources) -> Registry {
+    let mut registry = Registry::with_prefix(PREFIX);
+    registry.register(
+        "build",
+        "lbagent's version",
+        Info::new(vec![("version", env!("CARGO_PKG_VERSION"))]),
+    );
+    registry.register(
+        "reconciles",
+        "Reconcile runs, by what triggered them",
+        reconcile.runs.clone(),
+    );
+    registry.register(
+        "reconcile_failures",
+        "Reconcile runs in which a step failed (and was retried)",
+        reconcile.failures.clone(),
+    );
+    registry.register_with_unit(
+        "reconcile_duration",
+        "How long a reconcile run took",
+        prometheus_client::registry::Unit::Seconds,
+        reconcile.duration.clone(),
+    );
+    registry.register_collector(Box::new(StateCollector(Arc::new(sources))));
+    registry
+}
+
+#[derive(Debug)]
+struct StateCollector(Arc<Sources>);
+
+impl std::fmt::Debug for Sources {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sources")
+            .field("pins", &self.pins)
+            .field("routing_status", &self.routing_status)
+            .finish_non_exhaustive()
+    }
+}
+
+type Labels = Vec<(&'static str, String)>;
+
+/// One metric without labels.
+fn single<M: EncodeMetric>(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    value: M,
+) -> Result<(), std::fmt::Error> {
+    value.encode(encoder.encode_descriptor(name, help, None, value.metric_type())?)
+}
+
+/// One metric with its labelled values.
+fn family<M: EncodeMetric>(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    metric_type: MetricType,
+    values: impl IntoIterator<Item = (Labels, M)>,
+) -> Result<(), std::fmt::Error> {
+    let mut metric = encoder.encode_descriptor(name, help, None, metric_type)?;
+    for (labels, value) in values {
+        value.encode(metric.encode_family(&labels)?)?;
+    }
+    Ok(())
+}
+
+impl Collector for StateCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let sources = &self.0;
+        let status = sources.status.borrow().clone();
+        if let Some(status) = &status {
+            let held = |state: AddressState| {
+                status.addresses.iter().filter(|a| a.state == state).count() as i64
+            };
+            family(
+                &mut encoder,
+                "addresses",
+                "Load-balancer addresses the node holds: virtual (on the interface), local (in a node subnet), unsupported (a family the node lacks)",
+                MetricType::Gauge,
+                [
+                    ("virtual", held(AddressState::Virtual)),
+                    ("local", held(AddressState::Local)),
+                    ("unsupported", held(AddressState::Unsupported)),
+                ]
+                .map(|(state, n)| (vec![("state", state.to_owned())], ConstGauge::new(n))),
+            )?;
+            single(
+                &mut encoder,
+                "services_rejected",
+                "Services the source skipped because of what they hold (see lbagent status)",
+                ConstGauge::new(status.rejected.len() as i64),
+            )?;
+        }
+        if let Some(root) = &sources.pins {
+            // A dataplane not loaded yet has no counters; that is not a scrape error.
+            if let Ok(counters) = VipTable::open(&PinLayout::new(root)).and_then(|t| t.counters()) {
+                let per = |value: fn(&VipCounters) -> u64| {
+                    counters
+                        .iter()
+                        .map(move |c| {
+                            (
+                                vec![("address", c.address.to_string())],
+                                ConstCounter::new(value(c)),
+                            )
+                        })
+                        .collect::<Vec<_>>()
+                };
+                family(
+                    &mut encoder,
+                    "dataplane_received_packets",
+                    "Packets to a load-balancer address seen by the XDP program",
+                    MetricType::Counter,
+                    per(|c| c.packets),
+                )?;
+                family(
+                    &mut encoder,
+                    "dataplane_received_bytes",
+                    "Bytes to a load-balancer address seen by the XDP program",
+                    MetricType::Counter,
+                    per(|c| c.bytes),
+                )?;
+                family(
+                    &mut encoder,
+                    "dataplane_sent_packets",
+                    "Packets from a load-balancer address seen by the tc egress program",
+                    MetricType::Counter,
+                    per(|c| c.tx_packets),
+                )?;
+                family(
+                    &mut encoder,
+                    "dataplane_sent_bytes",
+                    "Bytes from a load-balancer address seen by the tc egress program",
+                    MetricType::Counter,
+                    per(|c| c.tx_bytes),
+                )?;
+                let drops = counters.iter().flat_map(|c| {
+                    let d = &c.drops;
+                    [
+                        ("port", d.port),
+                        ("source", d.source),
+                        ("protocol", d.protocol),
+                        ("icmp", d.icmp),
+                        ("malformed", d.malformed),
+                    ]
+                    .map(|(reason, n)| {
+                        (
+                            vec![
+                                ("address", c.address.to_string()),
+                                ("reason", reason.to_owned()),
+                            ],
+                            ConstCounter::new(n),
+                        )
+                    })
+                });
+                family(
+                    &mut encoder,
+                    "dataplane_dropped_packets",
+                    "Packets to a load-balancer address dropped by the XDP program, by reason",
+                    MetricType::Counter,
+                    drops.collect::<Vec<_>>(),
+                )?;
+            }
+        }
+        if let Some(path) = &sources.routing_status
+            && let Ok(text) = std::fs::read(path)
+            && let Ok(routing) = serde_json::from_slice::<RoutingStatus>(&text)
+        {
+            let label = |p: &crate::sinks::routing::control::ProtocolStatus| {
+                vec![("name", p.name.clone()), ("protocol", p.proto.clone())]
+            };
+            let routing_protocols = routing
+                .protocols
+                .iter()
+                .filter(|p| matches!(p.proto.as_str(), "BGP" | "OSPF" | "RIP"));
+            family(
+                &mut encoder,
+                "routing_session_up",
+                "1 while a BGP session is established or an OSPF/RIP protocol is up, per neighbour",
+                MetricType::Gauge,
+                routing_protocols
+                    .clone()
+                    .map(|p| {
+                        let up = p.state == "up"
+                            && (p.proto != "BGP" || p.info.starts_with("Established"));
+                        (label(p), ConstGauge::new(i64::from(up)))
+                    })
+                    .collect::<Vec<_>>(),
+            )?;
+            family(
+                &mut encoder,
+                "routing_routes_exported",
+                "Routes BIRD exports to the neighbour",
+                MetricType::Gauge,
+                routing_protocols
+                    .map(|p| {
+                        (
+                            label(p),
+                            ConstGauge::new(i64::try_from(p.exported).unwrap_or(i64::MAX)),
+                        )
+                    })
+                    .collect::<Vec<_>>(),
+            )?;
+            single(
+                &mut encoder,
+                "bird_restarts",
+                "Times lbagent restarted its BIRD",
+                ConstCounter::new(routing.restarts),
+            )?;
+        }
+        Ok(())
+    }
+}
+
+pub fn encode(registry: &Registry) -> Result<String, std::fmt::Error> {
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, registry)?;
+    Ok(text)
+}
