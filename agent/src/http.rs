@@ -24,10 +24,10 @@ use tracing::{error, info};
 use crate::status::Status;
 
 #[derive(Debug, thiserror::Error)]
-#[error("cannot serve HTTP on {address}: {source}")]
+#[error("cannot serve HTTP on {address}: {reason}")]
 pub struct HttpError {
     pub address: SocketAddr,
-    pub source: std::io::Error,
+    pub reason: std::io::Error,
 }
 
 struct Shared {
@@ -44,7 +44,7 @@ pub async fn serve(
 ) -> Result<tokio::task::JoinHandle<()>, HttpError> {
     let listener = tokio::net::TcpListener::bind(address)
         .await
-        .map_err(|source| HttpError { address, source })?;
+        .map_err(|reason| HttpError { address, reason })?;
     let shared = Arc::new(Shared {
         registry,
         applied,

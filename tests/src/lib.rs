@@ -638,3 +638,34 @@ pub fn lbagent_cleanup(ns: &NetNs, config: &Path) -> String {
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
+
+/// From inside `ns`: GET `path` from `addr` over HTTP/1.1; the status code and the body.
+pub fn http_get(ns: &NetNs, addr: std::net::SocketAddr, path: &str) -> Option<(u16, String)> {
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    in_netns(ns, move || {
+        use std::io::{Read as _, Write as _};
+        let mut stream =
+            std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(1)).ok()?;
+        stream
+            .set_read_timeout(Some(std::time::Duration::from_secs(5)))
+            .ok()?;
+        stream.write_all(request.as_bytes()).ok()?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response).ok()?;
+        let (head, body) = response.split_once("\r\n\r\n")?;
+        let code = head.split_whitespace().nth(1)?.parse().ok()?;
+        Some((code, body.to_owned()))
+    })
+}
+
+/// The value of the sample `name{labels}` (labels exactly as exposed) in Prometheus text;
+/// `name` also finds `name{}`, which prometheus-client writes for a collected metric.
+pub fn metric(text: &str, sample: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|line| {
+            let rest = line.strip_prefix(sample)?;
+            rest.strip_prefix(' ')
+                .or_else(|| rest.strip_prefix("{} ").filter(|_| !sample.ends_with('}')))
+        })
+        .and_then(|value| value.trim().parse().ok())
+}
