@@ -4,6 +4,7 @@
 //! on drop, so a failing test leaves nothing behind; every name carries the process id and a
 //! counter, so two runs (or two tests in one run) never collide.
 
+pub mod apiserver;
 pub mod frame;
 pub mod routers;
 pub mod testrun;
