@@ -150,7 +150,9 @@ impl ApiServer {
     /// Creates or replaces an object (a namespaced one without a namespace goes to "default"),
     /// as `kubectl apply` would; watches see ADDED or MODIFIED. Returns the stored object.
     pub fn apply(&self, object: Value) -> Value {
-        let api_version = object["apiVersion"].as_str().expect("object has apiVersion");
+        let api_version = object["apiVersion"]
+            .as_str()
+            .expect("object has apiVersion");
         let kind = object["kind"].as_str().expect("object has kind");
         let resource = resource_index(api_version, kind);
         let name = object["metadata"]["name"]
@@ -200,7 +202,11 @@ impl ApiServer {
             namespace.unwrap_or_default().to_owned(),
             name.to_owned(),
         );
-        self.shared.store().objects.get(&key).map(|s| s.object.clone())
+        self.shared
+            .store()
+            .objects
+            .get(&key)
+            .map(|s| s.object.clone())
     }
 
     /// Every stored object of a kind, in the order they were created.
@@ -268,7 +274,9 @@ impl ApiServer {
 
     /// Sends a BOOKMARK now on every open watch that allows bookmarks.
     pub fn bookmark(&self) {
-        self.shared.bookmarks.send_modify(|generation| *generation += 1);
+        self.shared
+            .bookmarks
+            .send_modify(|generation| *generation += 1);
     }
 
     /// The next list that needs more than one page serves `pages` pages, then answers the
@@ -306,7 +314,9 @@ struct Running {
 
 impl Running {
     fn start(listener: TcpListener, shared: Arc<Shared>) -> Self {
-        listener.set_nonblocking(true).expect("non-blocking listener");
+        listener
+            .set_nonblocking(true)
+            .expect("non-blocking listener");
         let (stop, stopped) = oneshot::channel::<()>();
         let thread = std::thread::spawn(move || {
             let runtime = tokio::runtime::Builder::new_current_thread()
@@ -314,8 +324,7 @@ impl Running {
                 .build()
                 .expect("test API server runtime");
             runtime.block_on(async move {
-                let listener =
-                    tokio::net::TcpListener::from_std(listener).expect("tokio listener");
+                let listener = tokio::net::TcpListener::from_std(listener).expect("tokio listener");
                 let app = Router::new().fallback(handle).with_state(shared);
                 tokio::select! {
                     result = axum::serve(listener, app) => result.expect("serve"),
@@ -403,7 +412,9 @@ impl Store {
         }
         if !object.is_object() || !(object["metadata"].is_object() || object["metadata"].is_null())
         {
-            return Err(Status::bad_request("the object or its metadata is not a JSON object"));
+            return Err(Status::bad_request(
+                "the object or its metadata is not a JSON object",
+            ));
         }
         object["apiVersion"] = spec.api_version.into();
         object["kind"] = spec.kind.into();
@@ -463,7 +474,13 @@ impl Store {
         Some(object)
     }
 
-    fn record(&mut self, resource: usize, kind: ChangeType, object: Value, previous: Option<Value>) {
+    fn record(
+        &mut self,
+        resource: usize,
+        kind: ChangeType,
+        object: Value,
+        previous: Option<Value>,
+    ) {
         if self.history.len() == HISTORY
             && let Some(oldest) = self.history.pop_front()
         {
@@ -524,7 +541,9 @@ impl Default for Shared {
 
 impl Shared {
     fn store(&self) -> MutexGuard<'_, Store> {
-        self.store.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.store
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     fn mutate<T>(&self, change: impl FnOnce(&mut Store) -> T) -> T {
@@ -588,7 +607,12 @@ impl IntoResponse for Status {
 }
 
 fn json_response(code: StatusCode, body: &Value) -> Response {
-    (code, [(header::CONTENT_TYPE, "application/json")], body.to_string()).into_response()
+    (
+        code,
+        [(header::CONTENT_TYPE, "application/json")],
+        body.to_string(),
+    )
+        .into_response()
 }
 
 /// What a request's path names: a collection, or one object in it.
@@ -706,7 +730,9 @@ async fn route(
         }
         (Method::PUT, Some(name)) => {
             let object = parse_body(body, &namespace)?;
-            let expected = object["metadata"]["resourceVersion"].as_str().map(str::to_owned);
+            let expected = object["metadata"]["resourceVersion"]
+                .as_str()
+                .map(str::to_owned);
             let key = (target.resource, namespace, name);
             let replaced = shared.mutate(|store| {
                 if !store.objects.contains_key(&key) {
@@ -730,7 +756,9 @@ async fn route(
             }
             let patch: Value = serde_json::from_slice(body)
                 .map_err(|err| Status::bad_request(format!("patch body: {err}")))?;
-            let expected = patch["metadata"]["resourceVersion"].as_str().map(str::to_owned);
+            let expected = patch["metadata"]["resourceVersion"]
+                .as_str()
+                .map(str::to_owned);
             let key = (target.resource, namespace, name);
             let patched = shared.mutate(|store| {
                 let Some(stored) = store.objects.get(&key) else {
@@ -898,7 +926,10 @@ fn check_list_version(store: &Store, params: &HashMap<String, String>) -> Result
         return Err(Status::new(
             504,
             "Timeout",
-            format!("Too large resource version: {version}, current: {}", store.revision),
+            format!(
+                "Too large resource version: {version}, current: {}",
+                store.revision
+            ),
         ));
     }
     Ok(())
@@ -970,7 +1001,9 @@ impl Filter {
                 LabelRequirement::Equals(k, v) => label(k) == Some(v),
                 LabelRequirement::NotEquals(k, v) => label(k) != Some(v),
                 LabelRequirement::In(k, vs) => label(k).is_some_and(|l| vs.iter().any(|v| v == l)),
-                LabelRequirement::NotIn(k, vs) => !label(k).is_some_and(|l| vs.iter().any(|v| v == l)),
+                LabelRequirement::NotIn(k, vs) => {
+                    !label(k).is_some_and(|l| vs.iter().any(|v| v == l))
+                }
                 LabelRequirement::Exists(k) => label(k).is_some(),
                 LabelRequirement::NotExists(k) => label(k).is_none(),
             })
@@ -1186,7 +1219,9 @@ async fn stream_watch(shared: Arc<Shared>, request: WatchRequest, lines: mpsc::S
                 }
             }
             if request.initial_events_end {
-                let _ = lines.send(bookmark_line(&request.filter, revision, true)).await;
+                let _ = lines
+                    .send(bookmark_line(&request.filter, revision, true))
+                    .await;
             }
             revision
         }
@@ -1217,7 +1252,9 @@ async fn stream_watch(shared: Arc<Shared>, request: WatchRequest, lines: mpsc::S
             _ = lines.closed() => return,
         };
         if bookmark && request.bookmarks {
-            let _ = lines.send(bookmark_line(&request.filter, sent, false)).await;
+            let _ = lines
+                .send(bookmark_line(&request.filter, sent, false))
+                .await;
         }
     }
 }

@@ -1,0 +1,361 @@
+//! `lbagent run` with the Kubernetes source: the real kube-rs client in the real binary,
+//! against the in-process API server (real list/watch protocol), on a real kube-lb0 in a
+//! network namespace. The API server listens inside the node's namespace, as a cluster's
+//! would be reachable from the node.
+
+use std::{collections::BTreeSet, sync::Arc, time::Duration};
+
+use lbagent_tests::{
+    Agent, Monitor, NetNs, TempDir, addresses_on, apiserver::ApiServer, in_netns, wait_until,
+};
+use serde_json::{Value, json};
+
+const NODE: &str = "node-a";
+
+struct Cluster {
+    ns: NetNs,
+    server: Arc<ApiServer>,
+    _dir: TempDir,
+    agent: Agent,
+}
+
+impl Cluster {
+    fn start() -> Self {
+        let ns = NetNs::new("lbt-kube");
+        ns.ip(&["link", "set", "lo", "up"]);
+        let server = Arc::new(in_netns(&ns, ApiServer::start));
+        server.apply(node(json!({})));
+        let dir = TempDir::new("lbt-kube");
+        server.write_kubeconfig(&dir.path().join("kubeconfig"));
+        dir.write(
+            "lbagent.yaml",
+            &format!(
+                "node: {{name: {NODE}}}\nsource: {{kubernetes: {{kubeconfig: kubeconfig}}}}\n\
+                 status: {{path: {}}}\n",
+                dir.path().join("status.json").display()
+            ),
+        );
+        let agent = Agent::start(
+            &ns,
+            &dir.path().join("lbagent.yaml"),
+            dir.path().join("agent.log"),
+        );
+        Self {
+            ns,
+            server,
+            _dir: dir,
+            agent,
+        }
+    }
+
+    fn held(&self) -> BTreeSet<String> {
+        addresses_on(&self.ns, "kube-lb0")
+    }
+
+    fn wait_held(&self, expected: &[&str]) {
+        let expected: BTreeSet<String> = expected.iter().map(|a| format!("{a}/32")).collect();
+        assert!(
+            wait_until(Duration::from_secs(10), || self.held() == expected),
+            "want {expected:?}, have {:?}\n{}",
+            self.held(),
+            self.agent.log()
+        );
+    }
+
+    /// Events recorded on `service` with `reason`, their notes.
+    fn events(&self, service: &str, reason: &str) -> Vec<String> {
+        self.server
+            .events()
+            .into_iter()
+            .filter(|e| e["regarding"]["name"] == service && e["reason"] == reason)
+            .map(|e| e["note"].as_str().unwrap_or_default().to_owned())
+            .collect()
+    }
+
+    fn wait_event(&self, service: &str, reason: &str, needle: &str) {
+        assert!(
+            wait_until(Duration::from_secs(10), || self
+                .events(service, reason)
+                .iter()
+                .any(|note| note.contains(needle))),
+            "no {reason} Event on {service} with {needle:?}: {:#?}\n{}",
+            self.server.events(),
+            self.agent.log()
+        );
+    }
+
+    /// Runs `f` on the server inside the node's namespace (a restart binds a new socket).
+    fn in_ns(&self, f: impl FnOnce(&ApiServer) + Send + 'static) {
+        let server = self.server.clone();
+        in_netns(&self.ns, move || f(&server));
+    }
+}
+
+fn node(labels: Value) -> Value {
+    json!({
+        "apiVersion": "v1", "kind": "Node",
+        "metadata": {"name": NODE, "labels": labels},
+    })
+}
+
+fn service(name: &str, ips: &[&str], patch: Value) -> Value {
+    let mut object = json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": name, "namespace": "shop"},
+        "spec": {
+            "type": "LoadBalancer",
+            "ipFamilies": ["IPv4"],
+            "externalTrafficPolicy": "Cluster",
+            "ports": [{"name": "http", "port": 80, "protocol": "TCP", "targetPort": 8080}],
+        },
+        "status": {"loadBalancer": {"ingress": ips.iter().map(|ip| json!({"ip": ip, "ipMode": "VIP"})).collect::<Vec<_>>()}},
+    });
+    merge(&mut object, patch);
+    object
+}
+
+fn merge(target: &mut Value, patch: Value) {
+    match (target, patch) {
+        (Value::Object(target), Value::Object(patch)) => {
+            for (key, value) in patch {
+                merge(target.entry(key).or_insert(Value::Null), value);
+            }
+        }
+        (target, patch) => *target = patch,
+    }
+}
+
+fn slice(service: &str, node_name: &str, conditions: Value) -> Value {
+    json!({
+        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": {"name": format!("{service}-x1"), "namespace": "shop",
+                     "labels": {"kubernetes.io/service-name": service}},
+        "addressType": "IPv4",
+        "endpoints": [{"addresses": ["10.244.0.5"], "nodeName": node_name, "conditions": conditions}],
+        "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+    })
+}
+
+#[test]
+fn services_appear_change_and_go_with_events() {
+    let cluster = Cluster::start();
+    cluster
+        .server
+        .apply(service("web", &["203.0.113.10"], json!({})));
+    cluster.server.apply(service(
+        "internal",
+        &["10.96.5.5"],
+        json!({"spec": {"type": "ClusterIP"}}),
+    ));
+    cluster.wait_held(&["203.0.113.10"]);
+    cluster.wait_event(
+        "web",
+        "Announced",
+        &format!("203.0.113.10 held by node {NODE}"),
+    );
+
+    cluster
+        .server
+        .apply(service("web", &["203.0.113.11"], json!({})));
+    cluster.wait_held(&["203.0.113.11"]);
+    cluster.wait_event("web", "Withdrawn", "203.0.113.10 no longer held");
+
+    cluster
+        .server
+        .apply(service("api", &["203.0.113.20"], json!({})));
+    cluster.wait_held(&["203.0.113.11", "203.0.113.20"]);
+    cluster.server.delete("v1", "Service", Some("shop"), "web");
+    cluster.wait_held(&["203.0.113.20"]);
+
+    // The agent asked only for what its ClusterRole grants.
+    for request in cluster.server.request_log() {
+        let allowed = match request.method.as_str() {
+            "GET" => {
+                request.path.ends_with("/services")
+                    || request.path.ends_with("/endpointslices")
+                    || request.path.ends_with("/nodes")
+            }
+            "POST" | "PATCH" => request.path.contains("/apis/events.k8s.io/v1/"),
+            _ => false,
+        };
+        assert!(allowed, "unexpected API call {request:?}");
+    }
+}
+
+#[test]
+fn garbage_in_a_service_skips_it_with_an_event() {
+    let cluster = Cluster::start();
+    cluster
+        .server
+        .apply(service("bad", &["203.0.113.300"], json!({})));
+    cluster.server.apply(service(
+        "bad-port",
+        &["203.0.113.31"],
+        json!({"spec": {"ports": [{"port": 80, "protocol": "ICMP"}]}}),
+    ));
+    cluster
+        .server
+        .apply(service("good", &["203.0.113.30"], json!({})));
+    cluster.wait_held(&["203.0.113.30"]);
+    cluster.wait_event(
+        "bad",
+        "NotAnnounced",
+        "status.loadBalancer.ingress[0].ip: invalid address \"203.0.113.300\"",
+    );
+    cluster.wait_event(
+        "bad-port",
+        "NotAnnounced",
+        "spec.ports[0].protocol: \"ICMP\" is not allowed",
+    );
+    assert!(cluster.agent.log().contains("Service skipped"));
+    // Fixed, it is served.
+    cluster
+        .server
+        .apply(service("bad", &["203.0.113.32"], json!({})));
+    cluster.wait_held(&["203.0.113.30", "203.0.113.32"]);
+}
+
+#[test]
+fn local_traffic_policy_follows_endpoints_on_this_node() {
+    let cluster = Cluster::start();
+    let local = json!({"spec": {"externalTrafficPolicy": "Local"}});
+    cluster
+        .server
+        .apply(service("web", &["203.0.113.40"], local.clone()));
+    cluster
+        .server
+        .apply(service("other", &["203.0.113.41"], json!({})));
+    cluster.wait_held(&["203.0.113.41"]);
+
+    cluster
+        .server
+        .apply(slice("web", "node-b", json!({"ready": true})));
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        cluster.held().len(),
+        1,
+        "an endpoint elsewhere does not count"
+    );
+
+    cluster.server.apply(slice(
+        "web",
+        NODE,
+        json!({"ready": true, "serving": true, "terminating": false}),
+    ));
+    cluster.wait_held(&["203.0.113.40", "203.0.113.41"]);
+
+    // Terminating: serving but not ready; no new traffic should come here.
+    cluster.server.apply(slice(
+        "web",
+        NODE,
+        json!({"ready": false, "serving": true, "terminating": true}),
+    ));
+    cluster.wait_held(&["203.0.113.41"]);
+    cluster.wait_event(
+        "web",
+        "Withdrawn",
+        &format!("no ready endpoint on node {NODE}"),
+    );
+}
+
+#[test]
+fn the_exclusion_label_withdraws_everything_and_back() {
+    let cluster = Cluster::start();
+    cluster
+        .server
+        .apply(service("web", &["203.0.113.50"], json!({})));
+    cluster.wait_held(&["203.0.113.50"]);
+    cluster.server.apply(node(
+        json!({"node.kubernetes.io/exclude-from-external-load-balancers": "true"}),
+    ));
+    cluster.wait_held(&[]);
+    assert!(cluster.agent.log().contains("excluded from load balancers"));
+    cluster.server.apply(node(json!({})));
+    cluster.wait_held(&["203.0.113.50"]);
+}
+
+#[test]
+fn state_holds_while_the_api_server_is_gone_and_relists_converge() {
+    let cluster = Cluster::start();
+    cluster
+        .server
+        .apply(service("web", &["203.0.113.60"], json!({})));
+    cluster.wait_held(&["203.0.113.60"]);
+
+    // Killed: nothing changes on the node, and the agent keeps running.
+    let monitor = Monitor::start(&cluster.ns);
+    cluster.in_ns(|server| server.stop());
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(
+        cluster.agent.log().contains("Kubernetes watch failed"),
+        "{}",
+        cluster.agent.log()
+    );
+    assert_eq!(cluster.held().len(), 1);
+    // Changed while the agent could not see it: picked up after the restart.
+    cluster
+        .server
+        .apply(service("api", &["203.0.113.61"], json!({})));
+    cluster.in_ns(|server| server.restart());
+    cluster.wait_held(&["203.0.113.60", "203.0.113.61"]);
+    let events = monitor.stop();
+    assert!(
+        !events.iter().any(|e| e.starts_with("Deleted")),
+        "an address was withdrawn while the API server was away: {events:?}"
+    );
+
+    // 410 Gone: history compacted and watches dropped, so the watcher must relist.
+    let watches = cluster.server.watch_count();
+    cluster.server.compact();
+    cluster.server.delete("v1", "Service", Some("shop"), "api");
+    cluster.server.compact();
+    cluster.server.drop_watches();
+    cluster.wait_held(&["203.0.113.60"]);
+    assert!(cluster.server.watch_count() > watches);
+}
+
+#[test]
+fn a_relist_that_fails_half_way_withdraws_nothing() {
+    let cluster = Cluster::start();
+    // More Services than kube's list page (500), so a list takes two pages.
+    for i in 0..520 {
+        cluster.server.apply(service(
+            &format!("svc-{i:03}"),
+            &[&format!("203.0.{}.{}", 114 + i / 250, 1 + i % 250)],
+            json!({}),
+        ));
+    }
+    assert!(
+        wait_until(Duration::from_secs(20), || cluster.held().len() == 520),
+        "{} held\n{}",
+        cluster.held().len(),
+        cluster.agent.log()
+    );
+    let monitor = Monitor::start(&cluster.ns);
+    let lists = |server: &ApiServer| {
+        server
+            .request_log()
+            .iter()
+            .filter(|r| r.path.ends_with("/services") && !r.is_watch())
+            .count()
+    };
+    let before = lists(&cluster.server);
+    cluster.server.fail_list_after_pages(1);
+    cluster.server.compact();
+    cluster.server.drop_watches();
+    // The watcher relists: page one, a failed page two, then a whole list again.
+    assert!(
+        wait_until(Duration::from_secs(20), || lists(&cluster.server)
+            >= before + 3),
+        "{:#?}",
+        cluster.server.request_log()
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(cluster.held().len(), 520);
+    let events = monitor.stop();
+    assert!(
+        !events.iter().any(|e| e.starts_with("Deleted")),
+        "a partial relist withdrew addresses: {:?}",
+        &events[..events.len().min(10)]
+    );
+}
