@@ -5,12 +5,14 @@
 use std::time::{Duration, Instant};
 
 use lbagent_tests::{
-    Agent, NetNs, TempDir,
+    Agent, NetNs, TempDir, http_get, metric,
     routers::{BirdRouter, FRR_ROUTER, Fabric, Frr, next_hops},
     run_ok, wait_until,
 };
 
 const V4: &str = "203.0.113.10";
+/// Inside each node's namespace, so every node can use the same.
+const METRICS: &str = "127.0.0.1:9658";
 const V6: &str = "2001:db8:ff::10";
 
 const BGP: &str = "  bgp:
@@ -56,7 +58,8 @@ impl Node {
         self.dir.write(
             "lbagent.yaml",
             &format!(
-                "source: {{file: {{path: services.yaml}}}}\nstatus: {{path: {}}}\n{routing}",
+                "source: {{file: {{path: services.yaml}}}}\nstatus: {{path: {}}}\n\
+                 http: {{address: \"{METRICS}\"}}\n{routing}",
                 self.dir.path().join("status.json").display()
             ),
         );
@@ -669,4 +672,41 @@ fn pgrep_bird_in(node: &Node) -> String {
         &["-f", &format!("bird -f -c {}", node.dir.path().display())],
     );
     String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+#[test]
+fn metrics_show_each_session_and_the_routes_it_exports() {
+    let (fabric, frr, node) = announced_node();
+    let scrape = || {
+        http_get(&fabric.nodes[0], METRICS.parse().unwrap(), "/metrics")
+            .map(|(_, body)| body)
+            .unwrap_or_default()
+    };
+    let up4 = |name: &str| format!("lbagent_routing_{name}{{name=\"up4\",protocol=\"BGP\"}}");
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            let text = scrape();
+            metric(&text, &up4("session_up")) == Some(1.0)
+                && metric(&text, &up4("routes_exported")) == Some(1.0)
+        }),
+        "{}\n{}",
+        scrape(),
+        node.log()
+    );
+    assert_eq!(metric(&scrape(), "lbagent_bird_restarts_total"), Some(0.0));
+    assert_eq!(
+        metric(&scrape(), "lbagent_addresses{state=\"virtual\"}"),
+        Some(1.0)
+    );
+
+    // The router goes away: the session is down within BIRD's next look.
+    drop(frr);
+    assert!(
+        wait_until(Duration::from_secs(15), || metric(
+            &scrape(),
+            &up4("session_up")
+        ) == Some(0.0)),
+        "{}",
+        scrape()
+    );
 }
