@@ -9,7 +9,8 @@ use tracing_subscriber::EnvFilter;
 use crate::{
     address,
     config::{self, Config},
-    dataplane::{self, AttachMode, PinLayout, VipCounters, VipTable},
+    dataplane::{self, AttachMode, PinLayout, VipCounters, VipTable, inspect::Attachment},
+    rates::{self, SortBy},
     sinks::{
         addresses::AddressSink,
         routing::{
@@ -107,6 +108,17 @@ pub enum Command {
     Counters {
         #[arg(short, long, value_enum, default_value_t = Output::Table)]
         output: Output,
+        /// Refresh in place with rates, until interrupted (JSON: one line per refresh).
+        #[arg(short, long)]
+        watch: bool,
+        /// Time between refreshes.
+        #[arg(long, default_value = "1s", value_parser = humantime::parse_duration, requires = "watch")]
+        interval: std::time::Duration,
+        #[arg(long, value_enum, default_value_t = SortBy::Rate, requires = "watch")]
+        sort: SortBy,
+        /// Stop after this many refreshes.
+        #[arg(long, requires = "watch")]
+        count: Option<u64>,
     },
 }
 
@@ -262,29 +274,30 @@ pub fn run(cli: Cli, out: &mut impl Write) -> Result<()> {
             output,
         } => {
             init_logging(cli.log_format, quiet);
-            let status = status::read(&status_file).with_context(|| {
+            let agent = status::read(&status_file).with_context(|| {
                 "cannot read the agent's status (is `lbagent run` running with this status file?)"
             })?;
+            let routing = std::fs::read(routing::status_path(&status_file))
+                .ok()
+                .and_then(|text| serde_json::from_slice::<RoutingStatus>(&text).ok());
+            // No pins (no dataplane section, or another pin root) is not an error here.
+            let dataplane = if pins.check_bpffs().is_ok() {
+                runtime()?.block_on(dataplane::inspect::attachments(&pins))?
+            } else {
+                Vec::new()
+            };
+            let report = StatusReport {
+                degraded: degraded(&agent, routing.as_ref(), &dataplane),
+                agent,
+                routing,
+                dataplane,
+            };
             match output {
                 Output::Json => {
-                    serde_json::to_writer_pretty(&mut *out, &status)?;
+                    serde_json::to_writer_pretty(&mut *out, &report)?;
                     writeln!(out)?;
                 }
-                Output::Table => write_status_table(out, &status)?,
-            }
-            if let Ok(text) = std::fs::read(routing::status_path(&status_file))
-                && let Ok(routing) = serde_json::from_slice::<RoutingStatus>(&text)
-            {
-                match output {
-                    Output::Json => {
-                        serde_json::to_writer_pretty(
-                            &mut *out,
-                            &serde_json::json!({ "routing": routing }),
-                        )?;
-                        writeln!(out)?;
-                    }
-                    Output::Table => write_routing_table(out, &routing)?,
-                }
+                Output::Table => write_status_report(out, &report)?,
             }
         }
         command => {
@@ -358,7 +371,14 @@ fn run_dataplane_command(command: Command, pins: &PinLayout, out: &mut impl Writ
                 writeln!(out, "{address} {}", if changed { verb } else { unchanged })?;
             }
         }
-        Command::Counters { output } => {
+        Command::Counters {
+            output,
+            watch: true,
+            interval,
+            sort,
+            count,
+        } => watch_counters(&pins, out, output, interval, sort, count)?,
+        Command::Counters { output, .. } => {
             let counters = VipTable::open(&pins)?.counters()?;
             match output {
                 Output::Table => write_counters_table(out, &counters)?,
@@ -373,6 +393,61 @@ fn run_dataplane_command(command: Command, pins: &PinLayout, out: &mut impl Writ
         }
     }
     Ok(())
+}
+
+fn watch_counters(
+    pins: &PinLayout,
+    out: &mut impl Write,
+    output: Output,
+    interval: std::time::Duration,
+    sort: SortBy,
+    count: Option<u64>,
+) -> Result<()> {
+    let table = VipTable::open(pins)?;
+    let in_place = std::io::IsTerminal::is_terminal(&std::io::stdout()) && output == Output::Table;
+    let mut before: Option<(std::time::Instant, Vec<VipCounters>)> = None;
+    let mut refreshes = 0;
+    loop {
+        let now = table.counters()?;
+        let read_at = std::time::Instant::now();
+        let rows = rates::rows(
+            before.as_ref().map(|(_, counters)| counters.as_slice()),
+            &now,
+            before
+                .as_ref()
+                .map_or(std::time::Duration::ZERO, |(at, _)| read_at - *at),
+            sort,
+        );
+        match output {
+            Output::Json => {
+                serde_json::to_writer(&mut *out, &serde_json::json!({ "vips": rows }))?;
+                writeln!(out)?;
+            }
+            Output::Table => {
+                if in_place {
+                    // Home and clear: the table is redrawn where it was.
+                    write!(out, "\x1b[H\x1b[2J")?;
+                }
+                writeln!(
+                    out,
+                    "every {}, sorted by {}; Ctrl-C to stop",
+                    humantime::format_duration(interval),
+                    format!("{sort:?}").to_lowercase()
+                )?;
+                rates::write_table(out, &rows)?;
+                if !in_place {
+                    writeln!(out)?;
+                }
+            }
+        }
+        out.flush()?;
+        refreshes += 1;
+        if count.is_some_and(|count| refreshes >= count) {
+            return Ok(());
+        }
+        before = Some((read_at, now));
+        std::thread::sleep(interval);
+    }
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime> {
@@ -397,6 +472,104 @@ pub fn init_logging(format: Option<LogFormat>, default_level: &str) {
         LogFormat::Human => builder.with_target(false).try_init(),
         LogFormat::Json => builder.json().try_init(),
     };
+}
+
+/// `lbagent status`: the agent's status file, BIRD's protocols, the attached programs, and
+/// the list of what needs attention.
+#[derive(Debug, serde::Serialize)]
+struct StatusReport {
+    #[serde(flatten)]
+    agent: status::Status,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    routing: Option<RoutingStatus>,
+    dataplane: Vec<Attachment>,
+    degraded: Vec<String>,
+}
+
+fn degraded(
+    agent: &status::Status,
+    routing: Option<&RoutingStatus>,
+    dataplane: &[Attachment],
+) -> Vec<String> {
+    let mut degraded: Vec<String> = agent
+        .errors
+        .iter()
+        .map(|err| format!("reconcile: {err}"))
+        .collect();
+    degraded.extend(
+        agent
+            .rejected
+            .iter()
+            .map(|r| format!("service {} rejected: {}", r.service, r.reason)),
+    );
+    degraded.extend(
+        agent
+            .addresses
+            .iter()
+            .filter(|a| a.state == AddressState::Unsupported)
+            .map(|a| format!("{}: not held, this node has no IPv6", a.address)),
+    );
+    if let Some(routing) = routing {
+        if routing.bird != "running" && routing.mode == "managed" {
+            degraded.push(format!("BIRD: {}", routing.bird));
+        }
+        for p in &routing.protocols {
+            let down = match p.proto.as_str() {
+                "BGP" => !p.info.starts_with("Established"),
+                "OSPF" | "RIP" => p.state != "up",
+                _ => false,
+            };
+            if down {
+                degraded.push(format!("{} {}: {} {}", p.proto, p.name, p.state, p.info));
+            }
+        }
+    }
+    for attachment in dataplane {
+        let name = attachment
+            .interface
+            .clone()
+            .unwrap_or_else(|| format!("ifindex {} (gone)", attachment.ifindex));
+        if attachment.xdp == "none" {
+            degraded.push(format!("{name}: link pinned, but no XDP program attached"));
+        } else if !attachment.egress {
+            degraded.push(format!("{name}: no tc egress counter (tx counters stay 0)"));
+        }
+    }
+    degraded
+}
+
+fn write_status_report(out: &mut impl Write, report: &StatusReport) -> std::io::Result<()> {
+    write_status_table(out, &report.agent)?;
+    if let Some(routing) = &report.routing {
+        write_routing_table(out, routing)?;
+    }
+    if !report.dataplane.is_empty() {
+        writeln!(out, "\ndataplane:")?;
+        writeln!(
+            out,
+            "{:<16}  {:<8}  {:<8}  EGRESS",
+            "INTERFACE", "IFINDEX", "XDP"
+        )?;
+        for a in &report.dataplane {
+            writeln!(
+                out,
+                "{:<16}  {:<8}  {:<8}  {}",
+                a.interface.as_deref().unwrap_or("(gone)"),
+                a.ifindex,
+                a.xdp,
+                if a.egress { "tc" } else { "-" }
+            )?;
+        }
+    }
+    if report.degraded.is_empty() {
+        writeln!(out, "\nnothing degraded")?;
+    } else {
+        writeln!(out, "\ndegraded:")?;
+        for line in &report.degraded {
+            writeln!(out, "  {line}")?;
+        }
+    }
+    Ok(())
 }
 
 fn write_status_table(out: &mut impl Write, status: &status::Status) -> std::io::Result<()> {
@@ -446,12 +619,6 @@ fn write_status_table(out: &mut impl Write, status: &status::Status) -> std::io:
             address.address.to_string(),
             address.services.join(",")
         )?;
-    }
-    for rejected in &status.rejected {
-        writeln!(out, "rejected {}: {}", rejected.service, rejected.reason)?;
-    }
-    for err in &status.errors {
-        writeln!(out, "error: {err}")?;
     }
     Ok(())
 }

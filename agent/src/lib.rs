@@ -17,6 +17,7 @@ pub mod dataplane;
 pub mod desired;
 pub mod http;
 pub mod metrics;
+pub mod rates;
 pub mod reconcile;
 pub mod sinks;
 pub mod sources;

@@ -5,6 +5,7 @@
 //! command) leaves traffic handled. New objects are pinned only once the attach has worked,
 //! so a refused attach leaves nothing behind.
 
+pub mod inspect;
 mod pins;
 mod vips;
 

@@ -1,0 +1,224 @@
+//! `lbagent status` and `lbagent counters --watch` against a running agent: what they print
+//! must be what the kernel holds and the traffic sent.
+
+use std::{net::SocketAddr, time::Duration};
+
+use lbagent_tests::{
+    Agent, Pair, PinRoot, Servers, TempDir, addresses_on, lbagent, udp_ok, wait_until, xdp_on,
+};
+
+const VIP4: &str = "203.0.113.10";
+
+struct Node {
+    pair: Pair,
+    pins: PinRoot,
+    dir: TempDir,
+    agent: Agent,
+}
+
+fn start(services: &str) -> Node {
+    let pair = Pair::new(&[]);
+    pair.node
+        .ip(&["route", "add", "default", "via", Pair::CLIENT_V4]);
+    pair.client
+        .ip(&["route", "add", &format!("{VIP4}/32"), "via", Pair::NODE_V4]);
+    let pins = PinRoot::new();
+    let dir = TempDir::new("lbt-status");
+    dir.write("services.yaml", services);
+    dir.write(
+        "lbagent.yaml",
+        &format!(
+            "source: {{file: {{path: services.yaml}}}}\nstatus: {{path: {}}}\ndataplane: {{pinRoot: {}}}\n",
+            dir.path().join("status.json").display(),
+            pins.path().display()
+        ),
+    );
+    let agent = Agent::start(
+        &pair.node,
+        &dir.path().join("lbagent.yaml"),
+        dir.path().join("agent.log"),
+    );
+    Node {
+        pair,
+        pins,
+        dir,
+        agent,
+    }
+}
+
+impl Node {
+    fn status(&self) -> serde_json::Value {
+        let status_file = self.dir.path().join("status.json");
+        let run = lbagent(
+            &self.pair.node,
+            &self.pins,
+            &[
+                "status",
+                "--status-file",
+                status_file.to_str().unwrap(),
+                "-o",
+                "json",
+            ],
+        );
+        serde_json::from_str(&run.stdout).unwrap_or_default()
+    }
+}
+
+#[test]
+fn status_shows_what_the_kernel_holds_and_what_is_degraded() {
+    let node = start(&format!(
+        "services:\n- name: web\n  addresses: [{VIP4}]\n  ports: [{{port: 80}}]\n"
+    ));
+    assert!(
+        wait_until(Duration::from_secs(5), || node.status()["dataplane"]
+            .as_array()
+            .is_some_and(|a| !a.is_empty())
+            && node.status()["addresses"]
+                .as_array()
+                .is_some_and(|a| !a.is_empty())),
+        "{:#}\n{}",
+        node.status(),
+        node.agent.log()
+    );
+    let status = node.status();
+    let shown: Vec<String> = status["addresses"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|a| a["state"] == "virtual")
+        .map(|a| format!("{}/32", a["address"].as_str().unwrap()))
+        .collect();
+    let held: Vec<String> = addresses_on(&node.pair.node, "kube-lb0")
+        .into_iter()
+        .collect();
+    assert_eq!(shown, held);
+    let eth0 = &status["dataplane"][0];
+    assert_eq!(eth0["interface"], "eth0", "{status:#}");
+    let kernel = xdp_on(&node.pair.node, "eth0").expect("XDP on eth0");
+    assert_eq!(eth0["xdp"], kernel.mode.as_str(), "{status:#}");
+    assert_eq!(eth0["egress"], true, "{status:#}");
+    assert_eq!(status["degraded"], serde_json::json!([]), "{status:#}");
+
+    // The table says the same, and that nothing is degraded.
+    let status_file = node.dir.path().join("status.json");
+    let table = lbagent(
+        &node.pair.node,
+        &node.pins,
+        &["status", "--status-file", status_file.to_str().unwrap()],
+    )
+    .assert_ok()
+    .stdout;
+    assert!(
+        table
+            .lines()
+            .any(|l| l.starts_with("eth0 ") && l.contains(&kernel.mode) && l.ends_with("tc")),
+        "{table}"
+    );
+    assert!(table.contains("nothing degraded"), "{table}");
+
+    // A rejected service is degraded, named with its reason.
+    node.dir.write(
+        "services.yaml",
+        &format!(
+            "services:\n- name: web\n  addresses: [{VIP4}]\n  ports: [{{port: 80}}]\n- name: bad\n  addresses: [203.0.113.0/24]\n"
+        ),
+    );
+    assert!(
+        wait_until(Duration::from_secs(5), || node.status()["degraded"]
+            .as_array()
+            .is_some_and(|d| d.iter().any(|line| line.as_str().is_some_and(
+                |l| l.starts_with("service bad rejected: ") && l.contains("203.0.113.0/24")
+            )))),
+        "{:#}",
+        node.status()
+    );
+}
+
+#[test]
+fn status_without_an_agent_says_so() {
+    let pair = Pair::new(&[]);
+    let pins = PinRoot::new();
+    lbagent(
+        &pair.node,
+        &pins,
+        &[
+            "status",
+            "--status-file",
+            "/nonexistent/lbagent/status.json",
+        ],
+    )
+    .assert_one_line_error("is `lbagent run` running with this status file?");
+}
+
+#[test]
+fn counters_watch_shows_rates_of_the_traffic_sent() {
+    let node = start(&format!(
+        "services:\n- name: dns\n  addresses: [{VIP4}]\n  ports: [{{port: 5353, protocol: UDP}}]\n"
+    ));
+    let target: SocketAddr = format!("{VIP4}:5353").parse().unwrap();
+    assert!(
+        wait_until(Duration::from_secs(5), || addresses_on(
+            &node.pair.node,
+            "kube-lb0"
+        )
+        .contains(&format!("{VIP4}/32"))),
+        "{}",
+        node.agent.log()
+    );
+    let _servers = Servers::start(&node.pair.node, &[], &[target]);
+    // Traffic during the watch: 20 datagrams over about a second, between its two reads.
+    let run = std::thread::scope(|scope| {
+        scope.spawn(|| {
+            std::thread::sleep(Duration::from_millis(300));
+            for _ in 0..20 {
+                assert!(udp_ok(&node.pair.client, target));
+                std::thread::sleep(Duration::from_millis(40));
+            }
+        });
+        lbagent(
+            &node.pair.node,
+            &node.pins,
+            &[
+                "counters",
+                "--watch",
+                "--interval",
+                "2s",
+                "--count",
+                "2",
+                "-o",
+                "json",
+            ],
+        )
+        .assert_ok()
+    });
+    let frames: Vec<serde_json::Value> = run
+        .stdout
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect();
+    assert_eq!(frames.len(), 2, "{}", run.stdout);
+    let first = &frames[0]["vips"][0];
+    assert_eq!(first["address"], VIP4);
+    assert!(
+        first["rx_pps"].is_null(),
+        "no rate on the first read: {first}"
+    );
+    let second = &frames[1]["vips"][0];
+    let sent = second["packets"].as_u64().unwrap() - first["packets"].as_u64().unwrap();
+    let rate = second["rx_pps"].as_f64().unwrap();
+    // The rate is what arrived between the reads over the time between them (about 2 s).
+    assert!(sent > 0, "{}", run.stdout);
+    assert!(
+        (rate * 2.0 - sent as f64).abs() <= sent as f64 * 0.2 + 1.0,
+        "rate {rate}/s for {sent} packets in ~2 s: {}",
+        run.stdout
+    );
+
+    let bad = lbagent(
+        &node.pair.node,
+        &node.pins,
+        &["counters", "--interval", "1s"],
+    );
+    assert!(!bad.status.success());
+    assert!(bad.stderr.contains("--watch"), "{}", bad.stderr);
+}
