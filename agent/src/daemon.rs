@@ -249,7 +249,17 @@ async fn start_routing(
     config: &Config,
     stop: watch::Receiver<Stop>,
 ) -> Result<Routing> {
-    let router_id_default = sink.node_ipv4().await?;
+    // In a cluster the downward API gives HOST_IP: the address the routers know the node by.
+    let router_id_default = match std::env::var("HOST_IP").ok().map(|ip| (ip.parse(), ip)) {
+        Some((Ok(ip), _)) => Some(ip),
+        Some((Err(_), text)) => {
+            if text.parse::<std::net::Ipv6Addr>().is_err() {
+                warn!(host_ip = %text, "HOST_IP is not an IP address; ignoring it");
+            }
+            sink.node_ipv4().await?
+        }
+        None => sink.node_ipv4().await?,
+    };
     if routing_config.router_id.is_none() && router_id_default.is_none() {
         anyhow::bail!("routing.routerId: this node has no IPv4 address to default to; set one");
     }

@@ -385,11 +385,17 @@ pub struct Agent {
 
 impl Agent {
     pub fn start(ns: &NetNs, config: &Path, log: PathBuf) -> Self {
+        Self::start_with_env(ns, config, log, &[])
+    }
+
+    /// As `start`, with these environment variables set (as a DaemonSet's downward API does).
+    pub fn start_with_env(ns: &NetNs, config: &Path, log: PathBuf, env: &[(&str, &str)]) -> Self {
         let file = std::fs::File::create(&log).expect("create log file");
         let child = ns
             .command(&lbagent_bin())
             .args(["run", "--config"])
             .arg(config)
+            .envs(env.iter().copied())
             .env("LBAGENT_LOG", "info")
             .stdout(file.try_clone().expect("log fd"))
             .stderr(file)

@@ -710,3 +710,28 @@ fn metrics_show_each_session_and_the_routes_it_exports() {
         scrape()
     );
 }
+
+#[test]
+fn host_ip_from_the_downward_api_is_the_default_router_id() {
+    let fabric = Fabric::new(1);
+    let node = Node {
+        dir: TempDir::new("lbt-route"),
+        agent: None,
+    };
+    node.write(&services(&[V4]), Some(BGP));
+    let agent = Agent::start_with_env(
+        &fabric.nodes[0],
+        &node.dir.path().join("lbagent.yaml"),
+        node.dir.path().join("agent.log"),
+        &[("HOST_IP", "192.0.2.77")],
+    );
+    let rendered =
+        || std::fs::read_to_string(node.dir.path().join("bird/bird.conf")).unwrap_or_default();
+    assert!(
+        wait_until(Duration::from_secs(10), || rendered()
+            .contains("router id 192.0.2.77;")),
+        "{}\n{}",
+        rendered(),
+        agent.log()
+    );
+}
