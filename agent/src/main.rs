@@ -9,9 +9,25 @@ fn main() -> ExitCode {
     match cli::run(cli, &mut stdout) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
-            // One line, the whole cause chain: "context: cause: root cause".
-            eprintln!("error: {err:#}");
+            eprintln!("error: {}", one_line(&err));
             ExitCode::FAILURE
         }
     }
+}
+
+/// "context: cause: root cause" on one line. Library errors already end with the cause they
+/// wrap, so a cause whose text the line already ends with is not repeated.
+fn one_line(err: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in err.chain() {
+        let text = cause.to_string();
+        if line.ends_with(&text) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&text);
+    }
+    line
 }
