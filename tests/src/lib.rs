@@ -676,3 +676,50 @@ pub fn metric(text: &str, sample: &str) -> Option<f64> {
         })
         .and_then(|value| value.trim().parse().ok())
 }
+
+/// A node running `lbagent run` from a services file with the dataplane on: the node's
+/// default route (and so the dataplane) goes out eth0, and the client routes `vip` to it.
+pub struct ServedNode {
+    pub pair: Pair,
+    pub pins: PinRoot,
+    pub dir: TempDir,
+    pub agent: Agent,
+}
+
+impl ServedNode {
+    /// `extra_config`: more top-level sections of lbagent.yaml, each line ending in `\n`.
+    pub fn start(vip: &str, services: &str, extra_config: &str) -> Self {
+        let pair = Pair::new(&[]);
+        pair.node
+            .ip(&["route", "add", "default", "via", Pair::CLIENT_V4]);
+        pair.client
+            .ip(&["route", "add", &format!("{vip}/32"), "via", Pair::NODE_V4]);
+        let pins = PinRoot::new();
+        let dir = TempDir::new("lbt-served");
+        dir.write("services.yaml", services);
+        dir.write(
+            "lbagent.yaml",
+            &format!(
+                "source: {{file: {{path: services.yaml}}}}\nstatus: {{path: {}}}\n\
+                 dataplane: {{pinRoot: {}}}\n{extra_config}",
+                dir.path().join("status.json").display(),
+                pins.path().display()
+            ),
+        );
+        let agent = Agent::start(
+            &pair.node,
+            &dir.path().join("lbagent.yaml"),
+            dir.path().join("agent.log"),
+        );
+        Self {
+            pair,
+            pins,
+            dir,
+            agent,
+        }
+    }
+
+    pub fn status_file(&self) -> PathBuf {
+        self.dir.path().join("status.json")
+    }
+}

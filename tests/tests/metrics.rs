@@ -4,7 +4,7 @@
 use std::{net::SocketAddr, time::Duration};
 
 use lbagent_tests::{
-    Agent, Pair, PinRoot, Servers, TempDir, http_get, in_netns, metric, udp_ok, wait_until,
+    Agent, Pair, ServedNode, Servers, TempDir, http_get, in_netns, metric, udp_ok, wait_until,
 };
 
 const VIP4: &str = "203.0.113.10";
@@ -14,54 +14,18 @@ fn http() -> SocketAddr {
     HTTP.parse().unwrap()
 }
 
-struct Node {
-    pair: Pair,
-    _pins: PinRoot,
-    dir: TempDir,
-    agent: Agent,
+fn start(services: &str) -> ServedNode {
+    ServedNode::start(VIP4, services, &format!("http: {{address: \"{HTTP}\"}}\n"))
 }
 
-fn start(services: &str) -> Node {
-    let pair = Pair::new(&[]);
-    pair.node
-        .ip(&["route", "add", "default", "via", Pair::CLIENT_V4]);
-    pair.client
-        .ip(&["route", "add", &format!("{VIP4}/32"), "via", Pair::NODE_V4]);
-    let pins = PinRoot::new();
-    let dir = TempDir::new("lbt-metrics");
-    dir.write("services.yaml", services);
-    dir.write(
-        "lbagent.yaml",
-        &format!(
-            "source: {{file: {{path: services.yaml}}}}\nstatus: {{path: {}}}\n\
-             dataplane: {{pinRoot: {}}}\nhttp: {{address: \"{HTTP}\"}}\n",
-            dir.path().join("status.json").display(),
-            pins.path().display()
-        ),
-    );
-    let agent = Agent::start(
-        &pair.node,
-        &dir.path().join("lbagent.yaml"),
-        dir.path().join("agent.log"),
-    );
-    Node {
-        pair,
-        _pins: pins,
-        dir,
-        agent,
-    }
+fn get(node: &ServedNode, path: &str) -> Option<(u16, String)> {
+    http_get(&node.pair.node, http(), path)
 }
 
-impl Node {
-    fn get(&self, path: &str) -> Option<(u16, String)> {
-        http_get(&self.pair.node, http(), path)
-    }
-
-    fn scrape(&self) -> String {
-        match self.get("/metrics") {
-            Some((200, body)) => body,
-            other => panic!("/metrics: {other:?}\n{}", self.agent.log()),
-        }
+fn scrape(node: &ServedNode) -> String {
+    match get(node, "/metrics") {
+        Some((200, body)) => body,
+        other => panic!("/metrics: {other:?}\n{}", node.agent.log()),
     }
 }
 
@@ -71,13 +35,12 @@ fn metrics_count_the_traffic_sent_and_dropped() {
         "services:\n- name: dns\n  addresses: [{VIP4}]\n  ports: [{{port: 5353, protocol: UDP}}]\n"
     ));
     assert!(
-        wait_until(Duration::from_secs(5), || node
-            .get("/readyz")
+        wait_until(Duration::from_secs(5), || get(&node, "/readyz")
             .is_some_and(|(code, _)| code == 200)),
         "{}",
         node.agent.log()
     );
-    assert_eq!(node.get("/healthz").map(|r| r.0), Some(200));
+    assert_eq!(get(&node, "/healthz").map(|r| r.0), Some(200));
 
     let allowed: SocketAddr = format!("{VIP4}:5353").parse().unwrap();
     let _servers = Servers::start(&node.pair.node, &[], &[allowed]);
@@ -94,7 +57,7 @@ fn metrics_count_the_traffic_sent_and_dropped() {
     });
 
     let address = format!("{{address=\"{VIP4}\"}}");
-    let text = node.scrape();
+    let text = scrape(&node);
     let value = |sample: &str| metric(&text, sample);
     // Every datagram is 2 bytes of payload in UDP/IPv4/Ethernet: 14 + 20 + 8 + 2 = 44.
     assert_eq!(
@@ -166,11 +129,11 @@ fn metrics_count_the_traffic_sent_and_dropped() {
     );
     assert!(
         wait_until(Duration::from_secs(5), || metric(
-            &node.scrape(),
+            &scrape(&node),
             "lbagent_services_rejected"
         ) == Some(1.0)),
         "{}",
-        node.scrape()
+        scrape(&node)
     );
 }
 
@@ -179,11 +142,11 @@ fn not_ready_until_the_source_gave_a_first_complete_state() {
     // An empty file is not a state (it could be half written): nothing is applied yet.
     let node = start("");
     assert!(
-        wait_until(Duration::from_secs(5), || node.get("/healthz").is_some()),
+        wait_until(Duration::from_secs(5), || get(&node, "/healthz").is_some()),
         "{}",
         node.agent.log()
     );
-    let (code, body) = node.get("/readyz").unwrap();
+    let (code, body) = get(&node, "/readyz").unwrap();
     assert_eq!(code, 503, "{body}");
     assert!(body.contains("waiting for the source"), "{body}");
     node.dir.write(
@@ -191,8 +154,7 @@ fn not_ready_until_the_source_gave_a_first_complete_state() {
         &format!("services:\n- name: web\n  addresses: [{VIP4}]\n  ports: [{{port: 80}}]\n"),
     );
     assert!(
-        wait_until(Duration::from_secs(5), || node
-            .get("/readyz")
+        wait_until(Duration::from_secs(5), || get(&node, "/readyz")
             .is_some_and(|(code, _)| code == 200)),
         "{}",
         node.agent.log()

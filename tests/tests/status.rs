@@ -4,64 +4,29 @@
 use std::{net::SocketAddr, time::Duration};
 
 use lbagent_tests::{
-    Agent, Pair, PinRoot, Servers, TempDir, addresses_on, lbagent, udp_ok, wait_until, xdp_on,
+    Pair, PinRoot, ServedNode, Servers, addresses_on, lbagent, udp_ok, wait_until, xdp_on,
 };
 
 const VIP4: &str = "203.0.113.10";
 
-struct Node {
-    pair: Pair,
-    pins: PinRoot,
-    dir: TempDir,
-    agent: Agent,
+fn start(services: &str) -> ServedNode {
+    ServedNode::start(VIP4, services, "")
 }
 
-fn start(services: &str) -> Node {
-    let pair = Pair::new(&[]);
-    pair.node
-        .ip(&["route", "add", "default", "via", Pair::CLIENT_V4]);
-    pair.client
-        .ip(&["route", "add", &format!("{VIP4}/32"), "via", Pair::NODE_V4]);
-    let pins = PinRoot::new();
-    let dir = TempDir::new("lbt-status");
-    dir.write("services.yaml", services);
-    dir.write(
-        "lbagent.yaml",
-        &format!(
-            "source: {{file: {{path: services.yaml}}}}\nstatus: {{path: {}}}\ndataplane: {{pinRoot: {}}}\n",
-            dir.path().join("status.json").display(),
-            pins.path().display()
-        ),
+fn status_json(node: &ServedNode) -> serde_json::Value {
+    let status_file = node.status_file();
+    let run = lbagent(
+        &node.pair.node,
+        &node.pins,
+        &[
+            "status",
+            "--status-file",
+            status_file.to_str().unwrap(),
+            "-o",
+            "json",
+        ],
     );
-    let agent = Agent::start(
-        &pair.node,
-        &dir.path().join("lbagent.yaml"),
-        dir.path().join("agent.log"),
-    );
-    Node {
-        pair,
-        pins,
-        dir,
-        agent,
-    }
-}
-
-impl Node {
-    fn status(&self) -> serde_json::Value {
-        let status_file = self.dir.path().join("status.json");
-        let run = lbagent(
-            &self.pair.node,
-            &self.pins,
-            &[
-                "status",
-                "--status-file",
-                status_file.to_str().unwrap(),
-                "-o",
-                "json",
-            ],
-        );
-        serde_json::from_str(&run.stdout).unwrap_or_default()
-    }
+    serde_json::from_str(&run.stdout).unwrap_or_default()
 }
 
 #[test]
@@ -70,17 +35,17 @@ fn status_shows_what_the_kernel_holds_and_what_is_degraded() {
         "services:\n- name: web\n  addresses: [{VIP4}]\n  ports: [{{port: 80}}]\n"
     ));
     assert!(
-        wait_until(Duration::from_secs(5), || node.status()["dataplane"]
+        wait_until(Duration::from_secs(5), || status_json(&node)["dataplane"]
             .as_array()
             .is_some_and(|a| !a.is_empty())
-            && node.status()["addresses"]
+            && status_json(&node)["addresses"]
                 .as_array()
                 .is_some_and(|a| !a.is_empty())),
         "{:#}\n{}",
-        node.status(),
+        status_json(&node),
         node.agent.log()
     );
-    let status = node.status();
+    let status = status_json(&node);
     let shown: Vec<String> = status["addresses"]
         .as_array()
         .unwrap()
@@ -124,13 +89,13 @@ fn status_shows_what_the_kernel_holds_and_what_is_degraded() {
         ),
     );
     assert!(
-        wait_until(Duration::from_secs(5), || node.status()["degraded"]
+        wait_until(Duration::from_secs(5), || status_json(&node)["degraded"]
             .as_array()
             .is_some_and(|d| d.iter().any(|line| line.as_str().is_some_and(
                 |l| l.starts_with("service bad rejected: ") && l.contains("203.0.113.0/24")
             )))),
         "{:#}",
-        node.status()
+        status_json(&node)
     );
 }
 
