@@ -21,7 +21,7 @@ use kube::{
         watcher,
     },
 };
-use lbagent_tests::{TempDir, apiserver::ApiServer};
+use lbagent_tests::{NetNs, TempDir, apiserver::ApiServer, in_netns};
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 use tokio::{sync::mpsc, task::JoinHandle, time::timeout};
@@ -463,6 +463,19 @@ async fn lists_are_paginated_from_one_snapshot() {
         .collect();
     let expected: Vec<_> = (0..7).map(|i| format!("a/s{i}@1")).collect();
     assert_eq!(all, expected);
+
+    // A continuation can be asked for again, until a compaction.
+    let again = ListParams::default().limit(3).continue_token(&token);
+    let page = services.list(&again).await.expect("the second page again");
+    let items: Vec<_> = page.items.iter().map(describe).collect();
+    assert_eq!(items, expected[3..6]);
+    server.compact();
+    match services.list(&again).await {
+        Err(kube::Error::Api(status)) => {
+            assert_eq!((status.code, status.reason.as_str()), (410, "Expired"));
+        }
+        other => panic!("expected 410 for a continuation across a compaction: {other:?}"),
+    }
 
     // A new list sees the changes.
     let fresh = services.list(&ListParams::default()).await.expect("list");
@@ -1022,4 +1035,48 @@ async fn state_is_kept_across_restarts() {
         .collect();
     assert_eq!(by_name.get("web").map(String::as_str), Some("a/web@1"));
     assert_eq!(listed.metadata.resource_version.as_deref(), Some("1"));
+}
+
+/// lbagent runs in a network namespace of its own in the tests: a server started there is
+/// what it reaches at 127.0.0.1, before and after a restart.
+#[test]
+fn a_server_in_a_namespace_serves_clients_inside_it() {
+    let ns = NetNs::new("lbt-api");
+    let server = ApiServer::start_in(&ns);
+    server.apply(versioned_service("a", "web", "1"));
+    let dir = TempDir::new("apiserver-kubeconfig");
+    let path = dir.path().join("kubeconfig");
+    server.write_kubeconfig(&path);
+    let list_inside = || {
+        let path = path.clone();
+        in_netns(&ns, move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            runtime.block_on(async move {
+                let kubeconfig = Kubeconfig::read_from(&path).expect("kubeconfig");
+                let options = KubeConfigOptions::default();
+                let config = Config::from_custom_kubeconfig(kubeconfig, &options)
+                    .await
+                    .expect("config");
+                let client = Client::try_from(config).expect("client");
+                let listed = Api::<Service>::all(client)
+                    .list(&ListParams::default())
+                    .await;
+                listed
+                    .expect("list from inside the namespace")
+                    .items
+                    .iter()
+                    .map(describe)
+                    .collect::<Vec<_>>()
+            })
+        })
+    };
+    assert_eq!(list_inside(), ["a/web@1"]);
+    server.stop();
+    server.apply(versioned_service("a", "web", "2"));
+    server.restart();
+    assert_eq!(list_inside(), ["a/web@2"]);
+    assert_eq!(server.request_log().len(), 2);
 }

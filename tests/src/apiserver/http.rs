@@ -321,7 +321,6 @@ fn list(
             (id, 0)
         }
     };
-    let pending_fault = store.fail_list_after_pages;
     let Some(snapshot) = store.snapshots.get_mut(&id) else {
         return Err(Status::expired(
             "The provided continue parameter is too old to display a consistent list result. \
@@ -333,12 +332,11 @@ fn list(
     } else {
         (offset + limit).min(snapshot.items.len())
     };
-    if snapshot.pages_served == 0 && end < snapshot.items.len() && pending_fault.is_some() {
-        snapshot.fail_after_pages = pending_fault;
-        store.fail_list_after_pages = None;
+    if snapshot.pages_served == 0 && end < snapshot.items.len() {
+        snapshot.fail_after_pages = store.fail_list_after_pages.take();
     }
     if snapshot.fail_after_pages == Some(snapshot.pages_served) {
-        store.snapshots.remove(&id);
+        snapshot.fail_after_pages = None;
         return Err(Status::new(500, "InternalError", "injected list failure"));
     }
     snapshot.pages_served += 1;
@@ -348,7 +346,8 @@ fn list(
     if remaining > 0 {
         metadata["continue"] = format!("{id}.{end}").into();
         metadata["remainingItemCount"] = remaining.into();
-    } else {
+    } else if offset == 0 {
+        // A list that fit on one page has no continuation to serve.
         store.snapshots.remove(&id);
     }
     let spec = &RESOURCES[filter.resource];

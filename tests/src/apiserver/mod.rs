@@ -1,5 +1,6 @@
 //! An in-process Kubernetes API server for tests: the real list/watch wire protocol over plain
-//! HTTP on 127.0.0.1, so the real kube-rs client (in a test or in a spawned lbagent) talks to it.
+//! HTTP on 127.0.0.1 (of the test's network namespace, or of a given one), so the real kube-rs
+//! client, in a test or in a spawned lbagent, talks to it.
 //!
 //! It serves core v1 Services, Nodes and Events, discovery.k8s.io/v1 EndpointSlices and
 //! events.k8s.io/v1 Events, stored as JSON. Every change takes the next value of one global
@@ -16,7 +17,7 @@ mod watches;
 use std::{
     collections::HashMap,
     net::{SocketAddr, TcpListener},
-    path::Path,
+    path::{Path, PathBuf},
     sync::{
         Arc, Mutex, MutexGuard,
         atomic::{AtomicUsize, Ordering},
@@ -29,6 +30,7 @@ use axum::{Router, extract::Query, http::Uri};
 use serde_json::Value;
 use tokio::sync::{oneshot, watch};
 
+use crate::NetNs;
 use store::Store;
 
 /// A resource this server serves: its API version, plural (the path segment) and kind.
@@ -40,43 +42,48 @@ struct Resource {
 }
 
 const RESOURCES: &[Resource] = &[
-    Resource {
-        api_version: "v1",
-        plural: "services",
-        kind: "Service",
-        namespaced: true,
-    },
-    Resource {
-        api_version: "v1",
-        plural: "nodes",
-        kind: "Node",
-        namespaced: false,
-    },
-    Resource {
-        api_version: "v1",
-        plural: "events",
-        kind: "Event",
-        namespaced: true,
-    },
-    Resource {
-        api_version: "discovery.k8s.io/v1",
-        plural: "endpointslices",
-        kind: "EndpointSlice",
-        namespaced: true,
-    },
-    Resource {
-        api_version: "events.k8s.io/v1",
-        plural: "events",
-        kind: "Event",
-        namespaced: true,
-    },
+    Resource::new("v1", "services", "Service", true),
+    Resource::new("v1", "nodes", "Node", false),
+    Resource::new("v1", "events", "Event", true),
+    Resource::new(
+        "discovery.k8s.io/v1",
+        "endpointslices",
+        "EndpointSlice",
+        true,
+    ),
+    Resource::new("events.k8s.io/v1", "events", "Event", true),
 ];
+
+impl Resource {
+    const fn new(
+        api_version: &'static str,
+        plural: &'static str,
+        kind: &'static str,
+        namespaced: bool,
+    ) -> Self {
+        Self {
+            api_version,
+            plural,
+            kind,
+            namespaced,
+        }
+    }
+}
 
 fn resource_index(api_version: &str, kind: &str) -> usize {
     RESOURCES
         .iter()
         .position(|r| r.api_version == api_version && r.kind == kind)
         .unwrap_or_else(|| panic!("the test API server does not serve {api_version} {kind}"))
+}
+
+fn key(api_version: &str, kind: &str, namespace: Option<&str>, name: &str) -> store::Key {
+    let resource = resource_index(api_version, kind);
+    (
+        resource,
+        namespace.unwrap_or_default().to_owned(),
+        name.to_owned(),
+    )
 }
 
 /// One request the server received, for asserting reconnects and the calls RBAC must allow.
@@ -107,19 +114,33 @@ impl RequestRecord {
 pub struct ApiServer {
     shared: Arc<Shared>,
     addr: SocketAddr,
+    /// The network namespace it listens in, if not the test's own.
+    netns: Option<PathBuf>,
     running: Mutex<Option<Running>>,
 }
 
 impl ApiServer {
     /// Starts serving on 127.0.0.1 at a port of its own, on a thread and runtime of its own.
     pub fn start() -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").expect("bind the test API server");
+        Self::start_listening(None)
+    }
+
+    /// Starts serving on 127.0.0.1 inside `ns`, for an lbagent run there (the test's own
+    /// 127.0.0.1 is out of its reach). Only the control methods reach it from outside.
+    pub fn start_in(ns: &NetNs) -> Self {
+        Self::start_listening(Some(Path::new("/run/netns").join(ns.name())))
+    }
+
+    fn start_listening(netns: Option<PathBuf>) -> Self {
+        let any_port = SocketAddr::from(([127, 0, 0, 1], 0));
+        let listener = bind(netns.as_deref(), any_port).expect("bind the test API server");
         let addr = listener.local_addr().expect("local address");
         let shared = Arc::new(Shared::default());
         let running = Running::start(listener, shared.clone());
         Self {
             shared,
             addr,
+            netns,
             running: Mutex::new(Some(running)),
         }
     }
@@ -175,11 +196,7 @@ impl ApiServer {
         namespace: Option<&str>,
         name: &str,
     ) -> Option<Value> {
-        let key = (
-            resource_index(api_version, kind),
-            namespace.unwrap_or_default().to_owned(),
-            name.to_owned(),
-        );
+        let key = key(api_version, kind, namespace, name);
         self.shared.mutate(|store| store.remove(&key))
     }
 
@@ -190,16 +207,9 @@ impl ApiServer {
         namespace: Option<&str>,
         name: &str,
     ) -> Option<Value> {
-        let key = (
-            resource_index(api_version, kind),
-            namespace.unwrap_or_default().to_owned(),
-            name.to_owned(),
-        );
-        self.shared
-            .store()
-            .objects
-            .get(&key)
-            .map(|s| s.object.clone())
+        let key = key(api_version, kind, namespace, name);
+        let store = self.shared.store();
+        store.objects.get(&key).map(|stored| stored.object.clone())
     }
 
     /// Every stored object of a kind, in the order they were created.
@@ -251,7 +261,7 @@ impl ApiServer {
         self.stop();
         let listener = (0..100)
             .find_map(|_| {
-                TcpListener::bind(self.addr)
+                bind(self.netns.as_deref(), self.addr)
                     .inspect_err(|_| std::thread::sleep(Duration::from_millis(20)))
                     .ok()
             })
@@ -297,6 +307,22 @@ impl Drop for ApiServer {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// Binds in `netns` if given. The socket stays in the namespace it was created in, whichever
+/// thread serves it later.
+fn bind(netns: Option<&Path>, addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let Some(netns) = netns else {
+        return TcpListener::bind(addr);
+    };
+    let netns = netns.to_owned();
+    std::thread::spawn(move || {
+        let file = std::fs::File::open(&netns)?;
+        nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET)?;
+        TcpListener::bind(addr)
+    })
+    .join()
+    .expect("bind thread")
 }
 
 /// The serving thread: a current-thread runtime whose drop closes every connection at once.

@@ -33,7 +33,8 @@ pub(super) struct Change {
     pub(super) previous: Option<Value>,
 }
 
-/// A paginated list in progress: later pages come from the state of the first.
+/// A paginated list: later pages come from the state of the first, as long as the real API
+/// server's continue tokens last (until compaction).
 pub(super) struct Snapshot {
     pub(super) revision: u64,
     pub(super) items: Vec<Value>,
@@ -64,7 +65,11 @@ impl Store {
     ) -> Result<Value, Status> {
         let (resource, namespace, name) = &key;
         let spec = &RESOURCES[*resource];
-        let previous = self.objects.get(&key).map(|s| s.object.clone());
+        let revision = self.revision + 1;
+        let (previous, created) = match self.objects.get(&key) {
+            Some(stored) => (Some(stored.object.clone()), stored.created),
+            None => (None, revision),
+        };
         if let (Some(expected), Some(current)) = (expected_version, &previous)
             && current["metadata"]["resourceVersion"] != expected
         {
@@ -90,12 +95,15 @@ impl Store {
         if spec.namespaced {
             object["metadata"]["namespace"] = namespace.as_str().into();
         }
-        let revision = self.revision + 1;
         let (uid, created_at, version) = match &previous {
             Some(old) => {
                 let old = &old["metadata"];
-                let fields = ["uid", "creationTimestamp", "resourceVersion"];
-                fields.map(|field| old[field].clone()).into()
+                let field = |name: &str| old[name].clone();
+                (
+                    field("uid"),
+                    field("creationTimestamp"),
+                    field("resourceVersion"),
+                )
             }
             None => (
                 format!("00000000-0000-4000-8000-{revision:012x}").into(),
@@ -113,10 +121,6 @@ impl Store {
         }
         object["metadata"]["resourceVersion"] = revision.to_string().into();
         self.revision = revision;
-        let created = match self.objects.get(&key) {
-            Some(stored) => stored.created,
-            None => revision,
-        };
         self.objects.insert(
             key.clone(),
             Stored {
