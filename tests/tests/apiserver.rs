@@ -2,7 +2,11 @@
 //! 410 Gone, a killed and restarted server, failing lists, bookmarks, and the event Recorder.
 //! These need no root: everything is on 127.0.0.1 in this process.
 
-use std::{collections::BTreeMap, fmt::Debug, time::Duration};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt::Debug,
+    time::Duration,
+};
 
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::{
@@ -304,6 +308,17 @@ async fn services_endpointslices_and_a_field_selected_node_are_listed_and_watche
             "{log:?}"
         );
     }
+    let rules: BTreeSet<_> = log.iter().filter_map(|r| r.rbac()).collect();
+    let expected = [
+        ("", "nodes", "list"),
+        ("", "nodes", "watch"),
+        ("", "services", "list"),
+        ("", "services", "watch"),
+        ("discovery.k8s.io", "endpointslices", "list"),
+        ("discovery.k8s.io", "endpointslices", "watch"),
+    ]
+    .map(|(group, resource, verb)| (group.to_owned(), resource.to_owned(), verb));
+    assert_eq!(rules, expected.into_iter().collect());
     let node_watch = log
         .iter()
         .find(|r| r.path == "/api/v1/nodes" && r.is_watch());
@@ -878,6 +893,20 @@ async fn the_recorders_events_are_created_then_patched_as_a_series() {
             ("POST".into(), events_path.into(), 201),
         ]
     );
+
+    // What RBAC must allow for all that (the ClusterRole test compares the same way).
+    let rules: BTreeSet<_> = server
+        .request_log()
+        .iter()
+        .map(|r| r.rbac().expect("a served resource"))
+        .collect();
+    let expected = [
+        ("", "services", "get"),
+        ("events.k8s.io", "events", "create"),
+        ("events.k8s.io", "events", "patch"),
+    ]
+    .map(|(group, resource, verb)| (group.to_owned(), resource.to_owned(), verb));
+    assert_eq!(rules, expected.into_iter().collect());
 
     // And they can be read back through the API.
     let listed = Api::<EventsEvent>::namespaced(client, "a")

@@ -76,13 +76,13 @@ pub(super) fn json_response(code: StatusCode, body: &Value) -> Response {
 }
 
 /// What a request's path names: a collection, or one object in it.
-struct Target {
-    resource: usize,
-    namespace: Option<String>,
-    name: Option<String>,
+pub(super) struct Target {
+    pub(super) resource: usize,
+    pub(super) namespace: Option<String>,
+    pub(super) name: Option<String>,
 }
 
-fn parse_path(path: &str) -> Option<Target> {
+pub(super) fn parse_path(path: &str) -> Option<Target> {
     let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
     let (api_version, rest) = match segments.as_slice() {
         ["api", "v1", rest @ ..] => ("v1".to_owned(), rest),

@@ -106,7 +106,29 @@ impl RequestRecord {
     }
 
     pub fn is_watch(&self) -> bool {
-        self.param("watch").as_deref() == Some("true")
+        matches!(self.param("watch").as_deref(), Some("true" | "1"))
+    }
+
+    /// What a ClusterRole must allow for this request: (API group, `""` for core; resource;
+    /// verb). `None` for a path that names no resource this server serves.
+    pub fn rbac(&self) -> Option<(String, String, &'static str)> {
+        let target = http::parse_path(&self.path)?;
+        let resource = &RESOURCES[target.resource];
+        let verb = match (self.method.as_str(), target.name.is_some()) {
+            ("GET", false) if self.is_watch() => "watch",
+            ("GET", false) => "list",
+            ("GET", true) => "get",
+            ("POST", false) => "create",
+            ("PUT", true) => "update",
+            ("PATCH", true) => "patch",
+            ("DELETE", true) => "delete",
+            _ => return None,
+        };
+        let group = match resource.api_version.split_once('/') {
+            Some((group, _)) => group,
+            None => "",
+        };
+        Some((group.to_owned(), resource.plural.to_owned(), verb))
     }
 }
 
