@@ -11,7 +11,14 @@ pub(super) struct Filter {
     pub(super) resource: usize,
     namespace: Option<String>,
     labels: Vec<LabelRequirement>,
-    fields: Vec<(String, bool, String)>,
+    fields: Vec<FieldRequirement>,
+}
+
+/// `field=value` (`equal`) or `field!=value`, on metadata.name or metadata.namespace.
+struct FieldRequirement {
+    field: String,
+    equal: bool,
+    value: String,
 }
 
 enum LabelRequirement {
@@ -53,12 +60,12 @@ impl Filter {
         {
             return false;
         }
-        let fields_match = self.fields.iter().all(|(field, equal, value)| {
-            let actual = match field.as_str() {
+        let fields_match = self.fields.iter().all(|requirement| {
+            let actual = match requirement.field.as_str() {
                 "metadata.name" => metadata["name"].as_str(),
                 _ => metadata["namespace"].as_str(),
             };
-            (actual.unwrap_or_default() == value) == *equal
+            (actual.unwrap_or_default() == requirement.value) == requirement.equal
         });
         let label = |key: &str| metadata["labels"][key].as_str();
         fields_match
@@ -129,7 +136,7 @@ fn parse_label_selector(selector: &str) -> Result<Vec<LabelRequirement>, String>
 }
 
 /// `metadata.name` and `metadata.namespace` with `=`, `==` or `!=`, joined by commas.
-fn parse_field_selector(selector: &str) -> Result<Vec<(String, bool, String)>, Status> {
+fn parse_field_selector(selector: &str) -> Result<Vec<FieldRequirement>, Status> {
     selector
         .split(',')
         .filter(|term| !term.trim().is_empty())
@@ -149,7 +156,11 @@ fn parse_field_selector(selector: &str) -> Result<Vec<(String, bool, String)>, S
                     "field label not supported: {field}"
                 )));
             }
-            Ok((field.to_owned(), equal, value.trim().to_owned()))
+            Ok(FieldRequirement {
+                field: field.to_owned(),
+                equal,
+                value: value.trim().to_owned(),
+            })
         })
         .collect()
 }

@@ -174,7 +174,8 @@ async fn stream_watch(shared: Arc<Shared>, request: WatchRequest, lines: mpsc::S
                         return;
                     }
                 }
-                sent = reached;
+                // A watch from a version still to come waits for it.
+                sent = sent.max(reached);
             }
             Err(gone) => {
                 let _ = lines.send(gone).await;
