@@ -16,19 +16,21 @@ mod watches;
 
 use std::{
     collections::HashMap,
-    net::{SocketAddr, TcpListener},
+    net::SocketAddr,
     path::{Path, PathBuf},
     sync::{
         Arc, Mutex, MutexGuard,
         atomic::{AtomicUsize, Ordering},
     },
     thread::JoinHandle,
-    time::Duration,
 };
 
 use axum::{Router, extract::Query, http::Uri};
 use serde_json::Value;
-use tokio::sync::{oneshot, watch};
+use tokio::{
+    net::TcpSocket,
+    sync::{oneshot, watch},
+};
 
 use crate::NetNs;
 use store::Store;
@@ -138,6 +140,9 @@ pub struct ApiServer {
     addr: SocketAddr,
     /// The network namespace it listens in, if not the test's own.
     netns: Option<PathBuf>,
+    /// Bound but not listening: while stopped, connections are refused and no other socket
+    /// is given the port, so a restart gets it back.
+    _port: TcpSocket,
     running: Mutex<Option<Running>>,
 }
 
@@ -155,14 +160,16 @@ impl ApiServer {
 
     fn start_listening(netns: Option<PathBuf>) -> Self {
         let any_port = SocketAddr::from(([127, 0, 0, 1], 0));
-        let listener = bind(netns.as_deref(), any_port).expect("bind the test API server");
-        let addr = listener.local_addr().expect("local address");
+        let port = bound_socket(netns.as_deref(), any_port).expect("reserve a port");
+        let addr = port.local_addr().expect("local address");
+        let listener = bound_socket(netns.as_deref(), addr).expect("bind the test API server");
         let shared = Arc::new(Shared::default());
         let running = Running::start(listener, shared.clone());
         Self {
             shared,
             addr,
             netns,
+            _port: port,
             running: Mutex::new(Some(running)),
         }
     }
@@ -281,13 +288,8 @@ impl ApiServer {
     /// Serves again on the same port, with the state it had.
     pub fn restart(&self) {
         self.stop();
-        let listener = (0..100)
-            .find_map(|_| {
-                bind(self.netns.as_deref(), self.addr)
-                    .inspect_err(|_| std::thread::sleep(Duration::from_millis(20)))
-                    .ok()
-            })
-            .unwrap_or_else(|| panic!("rebind the test API server on {}", self.addr));
+        let listener = bound_socket(self.netns.as_deref(), self.addr)
+            .unwrap_or_else(|err| panic!("rebind the test API server on {}: {err}", self.addr));
         *self.running.lock().expect("running lock") =
             Some(Running::start(listener, self.shared.clone()));
     }
@@ -331,17 +333,25 @@ impl Drop for ApiServer {
     }
 }
 
-/// Binds in `netns` if given. The socket stays in the namespace it was created in, whichever
-/// thread serves it later.
-fn bind(netns: Option<&Path>, addr: SocketAddr) -> std::io::Result<TcpListener> {
+/// A socket bound to `addr` (in `netns` if given: a socket stays in the namespace it was created
+/// in, whichever thread serves it later). SO_REUSEPORT lets the listener share the port with
+/// the socket that keeps it reserved.
+fn bound_socket(netns: Option<&Path>, addr: SocketAddr) -> std::io::Result<TcpSocket> {
+    let bind = move || {
+        let socket = TcpSocket::new_v4()?;
+        socket.set_reuseaddr(true)?;
+        socket.set_reuseport(true)?;
+        socket.bind(addr)?;
+        Ok(socket)
+    };
     let Some(netns) = netns else {
-        return TcpListener::bind(addr);
+        return bind();
     };
     let netns = netns.to_owned();
     std::thread::spawn(move || {
         let file = std::fs::File::open(&netns)?;
         nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET)?;
-        TcpListener::bind(addr)
+        bind()
     })
     .join()
     .expect("bind thread")
@@ -354,10 +364,7 @@ struct Running {
 }
 
 impl Running {
-    fn start(listener: TcpListener, shared: Arc<Shared>) -> Self {
-        listener
-            .set_nonblocking(true)
-            .expect("non-blocking listener");
+    fn start(socket: TcpSocket, shared: Arc<Shared>) -> Self {
         let (stop, stopped) = oneshot::channel::<()>();
         let thread = std::thread::spawn(move || {
             let runtime = tokio::runtime::Builder::new_current_thread()
@@ -365,7 +372,7 @@ impl Running {
                 .build()
                 .expect("test API server runtime");
             runtime.block_on(async move {
-                let listener = tokio::net::TcpListener::from_std(listener).expect("tokio listener");
+                let listener = socket.listen(1024).expect("listen");
                 let app = Router::new().fallback(http::handle).with_state(shared);
                 tokio::select! {
                     result = axum::serve(listener, app) => result.expect("serve"),
