@@ -5,8 +5,9 @@
 
 use std::{collections::BTreeSet, sync::Arc, time::Duration};
 
+use lbagent::sources::kubernetes::API_ACCESS;
 use lbagent_tests::{
-    Agent, Monitor, NetNs, TempDir, addresses_on, apiserver::ApiServer, in_netns, wait_until,
+    Agent, Monitor, NetNs, TempDir, addresses_on, apiserver::ApiServer, wait_until,
 };
 use serde_json::{Value, json};
 
@@ -23,7 +24,7 @@ impl Cluster {
     fn start() -> Self {
         let ns = NetNs::new("lbt-kube");
         ns.ip(&["link", "set", "lo", "up"]);
-        let server = Arc::new(in_netns(&ns, ApiServer::start));
+        let server = Arc::new(ApiServer::start_in(&ns));
         server.apply(node(json!({})));
         let dir = TempDir::new("lbt-kube");
         server.write_kubeconfig(&dir.path().join("kubeconfig"));
@@ -82,12 +83,6 @@ impl Cluster {
             self.server.events(),
             self.agent.log()
         );
-    }
-
-    /// Runs `f` on the server inside the node's namespace (a restart binds a new socket).
-    fn in_ns(&self, f: impl FnOnce(&ApiServer) + Send + 'static) {
-        let server = self.server.clone();
-        in_netns(&self.ns, move || f(&server));
     }
 }
 
@@ -167,18 +162,17 @@ fn services_appear_change_and_go_with_events() {
     cluster.server.delete("v1", "Service", Some("shop"), "web");
     cluster.wait_held(&["203.0.113.20"]);
 
-    // The agent asked only for what its ClusterRole grants.
+    // Every call the agent made is in API_ACCESS, which the deployment's ClusterRole grants.
     for request in cluster.server.request_log() {
-        let allowed = match request.method.as_str() {
-            "GET" => {
-                request.path.ends_with("/services")
-                    || request.path.ends_with("/endpointslices")
-                    || request.path.ends_with("/nodes")
-            }
-            "POST" | "PATCH" => request.path.contains("/apis/events.k8s.io/v1/"),
-            _ => false,
-        };
-        assert!(allowed, "unexpected API call {request:?}");
+        let (group, resource, verb) = request
+            .rbac()
+            .unwrap_or_else(|| panic!("not an API call: {request:?}"));
+        assert!(
+            API_ACCESS
+                .iter()
+                .any(|a| a.group == group && a.resource == resource && a.verbs.contains(&verb)),
+            "{verb} {group}/{resource} is not in API_ACCESS: {request:?}"
+        );
     }
 }
 
@@ -284,7 +278,7 @@ fn state_holds_while_the_api_server_is_gone_and_relists_converge() {
 
     // Killed: nothing changes on the node, and the agent keeps running.
     let monitor = Monitor::start(&cluster.ns);
-    cluster.in_ns(|server| server.stop());
+    cluster.server.stop();
     std::thread::sleep(Duration::from_secs(3));
     assert!(
         cluster.agent.log().contains("Kubernetes watch failed"),
@@ -296,7 +290,7 @@ fn state_holds_while_the_api_server_is_gone_and_relists_converge() {
     cluster
         .server
         .apply(service("api", &["203.0.113.61"], json!({})));
-    cluster.in_ns(|server| server.restart());
+    cluster.server.restart();
     cluster.wait_held(&["203.0.113.60", "203.0.113.61"]);
     let events = monitor.stop();
     assert!(
