@@ -35,7 +35,7 @@ fn deploy_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy")
 }
 
-/// The objects of one kustomization, by kind, each with the file it came from.
+/// The objects of one kustomization, by kind.
 #[derive(Default)]
 struct Objects {
     namespaces: Vec<Namespace>,
@@ -687,9 +687,11 @@ impl Drop for Running {
     }
 }
 
-/// `setpriv` arguments that give a root process exactly the container's capabilities, as the
-/// runtime does: the bounding set limits what root gets at exec.
-fn as_container(daemon_set: &DaemonSet) -> Vec<String> {
+/// A command for `ns` that runs a program as the DaemonSet's container would: root, with only
+/// the container's capabilities (the bounding set limits what root gets at exec), no privilege
+/// escalation, and, with readOnlyRootFilesystem, a read-only root in a mount namespace of its
+/// own where only `writable` (standing in for the hostPath mounts) can be written.
+fn like_the_container(ns: &NetNs, daemon_set: &DaemonSet, writable: &Path) -> Command {
     let security = container(daemon_set)
         .security_context
         .as_ref()
@@ -702,20 +704,32 @@ fn as_container(daemon_set: &DaemonSet) -> Vec<String> {
         .iter()
         .map(|cap| format!("+{}", cap.to_lowercase()))
         .collect();
-    let mut args = vec![
-        format!("--bounding-set=-all,{}", added.join(",")),
-        "--inh-caps=-all".to_owned(),
-    ];
+    let read_only = if security.read_only_root_filesystem == Some(true) {
+        "mount -o remount,bind,ro /"
+    } else {
+        "true"
+    };
+    let mut command = ns.command(Path::new("unshare"));
+    command
+        .args(["--mount", "--propagation", "private", "--", "sh", "-c"])
+        .arg(format!(
+            "mount --bind \"$1\" \"$1\" && {read_only} && shift && exec setpriv \"$@\""
+        ))
+        .arg("sh")
+        .arg(writable)
+        .arg(format!("--bounding-set=-all,{}", added.join(",")))
+        .arg("--inh-caps=-all");
     if security.allow_privilege_escalation == Some(false) {
-        args.push("--no-new-privs".to_owned());
+        command.arg("--no-new-privs");
     }
-    args
+    command.arg("--");
+    command
 }
 
-/// The ConfigMap's config with the routing example on, run with the DaemonSet's
-/// capabilities: kube-lb0, XDP, the pinned maps, BIRD and the HTTP endpoint all work. The file
-/// source stands in for the API server; then `lbagent cleanup`, with the cleanup DaemonSet's
-/// capabilities, removes it all.
+/// The ConfigMap's config with the routing example on, run as the DaemonSet's container:
+/// kube-lb0, XDP, the pinned maps, BIRD and the HTTP endpoint all work. The file source stands
+/// in for the API server. Then `lbagent cleanup`, run as the cleanup DaemonSet's container,
+/// removes it all.
 #[test]
 fn the_daemonsets_capabilities_are_enough_to_run_and_clean_up() {
     let objects = Objects::agent();
@@ -761,9 +775,7 @@ fn the_daemonsets_capabilities_are_enough_to_run_and_clean_up() {
     let log = dir.path().join("agent.log");
     let log_file = std::fs::File::create(&log).expect("log file");
     let agent = Running(
-        ns.command(Path::new("setpriv"))
-            .args(as_container(objects.daemon_set()))
-            .arg("--")
+        like_the_container(&ns, objects.daemon_set(), dir.path())
             .arg(lbagent_bin())
             .arg("run")
             .arg("--config")
@@ -771,7 +783,7 @@ fn the_daemonsets_capabilities_are_enough_to_run_and_clean_up() {
             .stdout(Stdio::null())
             .stderr(log_file)
             .spawn()
-            .expect("start lbagent under setpriv"),
+            .expect("start lbagent as the container would run it"),
     );
     let agent_log = || std::fs::read_to_string(&log).unwrap_or_default();
 
@@ -808,19 +820,17 @@ fn the_daemonsets_capabilities_are_enough_to_run_and_clean_up() {
     );
     drop(agent);
 
-    let cleaned = ns
-        .command(Path::new("setpriv"))
-        .args(as_container(Objects::only(
-            &cleanup.daemon_sets,
-            "DaemonSet",
-        )))
-        .arg("--")
-        .arg(lbagent_bin())
-        .arg("cleanup")
-        .arg("--config")
-        .arg(&config_path)
-        .output()
-        .expect("run lbagent cleanup under setpriv");
+    let cleaned = like_the_container(
+        &ns,
+        Objects::only(&cleanup.daemon_sets, "DaemonSet"),
+        dir.path(),
+    )
+    .arg(lbagent_bin())
+    .arg("cleanup")
+    .arg("--config")
+    .arg(&config_path)
+    .output()
+    .expect("run lbagent cleanup as the container would");
     assert!(
         cleaned.status.success(),
         "cleanup failed: {}",
