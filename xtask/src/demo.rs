@@ -11,11 +11,13 @@ use std::{
     io::Write as _,
     path::{Path, PathBuf},
     process::Command,
+    sync::atomic::{AtomicBool, Ordering},
     time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, Result, bail};
 use lab::{CLIENT, Host, Lab, NODES, OUTSIDER, ROUTER, wait_until};
+use nix::sys::signal::{SigSet, Signal};
 use traffic::{GAME, Target, WEB, write_services};
 
 use crate::cmd;
@@ -51,10 +53,17 @@ pub fn run() -> Result<()> {
         .map_or(lbagent.clone(), Path::to_path_buf);
 
     let started = Instant::now();
+    let id = std::process::id();
+    remove_on_ctrl_c(id)?;
     let mut lab = Lab::build()?;
-    let id = lab.id();
     let result = Demo::new(&mut lab, lbagent).and_then(Demo::run);
     if result.is_err() {
+        if INTERRUPTED.load(Ordering::SeqCst) {
+            // The step failed because Ctrl-C took the lab away: that thread exits.
+            loop {
+                std::thread::park();
+            }
+        }
         lab.print_logs();
     }
     drop(lab);
@@ -64,6 +73,26 @@ pub fn run() -> Result<()> {
         "Done in {:.0} s. Next: README.md (configuration, status, metrics) and `lbagent --help`.",
         started.elapsed().as_secs_f64()
     ));
+    Ok(())
+}
+
+/// Ctrl-C signals the whole process group. Blocked from here on, in this process and so in
+/// every child it starts (which inherit the mask), it reaches only a thread that removes
+/// the run's namespaces, pins and files by name, then exits.
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+fn remove_on_ctrl_c(id: u32) -> Result<()> {
+    let mut sigint = SigSet::empty();
+    sigint.add(Signal::SIGINT);
+    sigint.thread_block()?;
+    std::thread::spawn(move || {
+        if sigint.wait().is_ok() {
+            INTERRUPTED.store(true, Ordering::SeqCst);
+            eprintln!("\ninterrupted: removing the demo's namespaces, pins and files");
+            lab::remove_all(id);
+            std::process::exit(130);
+        }
+    });
     Ok(())
 }
 
@@ -476,19 +505,14 @@ fn next_hops(ns: &str, address: &str) -> Vec<String> {
     }
 }
 
-/// After the lab is dropped: no namespace, pin root, file or process of this run is left.
+/// After the lab is dropped: no namespace or pin root of this run is left.
 fn leftovers(id: u32) -> Result<()> {
-    let prefix = format!("lbdemo-{id}-");
     let namespaces = cmd::output(Command::new("ip").args(["netns", "list"]))?;
     let left: Vec<&str> = namespaces
         .lines()
-        .filter(|l| l.starts_with(&prefix))
+        .filter(|l| l.starts_with(&lab::prefix(id)))
         .collect();
-    let pins: Vec<_> = std::fs::read_dir("/sys/fs/bpf")?
-        .flatten()
-        .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix))
-        .map(|e| e.path())
-        .collect();
+    let pins = lab::leftover_pin_roots(id);
     step(&format!(
         "Namespaces deleted: `ip netns list` shows {} of this run's, /sys/fs/bpf holds {} of its pin roots",
         left.len(),

@@ -65,9 +65,7 @@ pub const ROUTER: &str = "router";
 pub struct Lab {
     id: u32,
     pub dir: PathBuf,
-    namespaces: Vec<String>,
     children: Vec<(String, Child)>,
-    pin_roots: Vec<PathBuf>,
 }
 
 impl Lab {
@@ -75,14 +73,12 @@ impl Lab {
     /// addresses; nothing runs in them yet.
     pub fn build() -> Result<Self> {
         let id = std::process::id();
-        let dir = std::env::temp_dir().join(format!("lbdemo-{id}"));
+        let dir = dir(id);
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         let mut lab = Self {
             id,
             dir,
-            namespaces: Vec::new(),
             children: Vec::new(),
-            pin_roots: Vec::new(),
         };
         let no_dad = [
             "net.ipv6.conf.all.accept_dad=0",
@@ -139,20 +135,17 @@ impl Lab {
 
     /// The full name of the namespace of `name` (a host's name, or [`ROUTER`]).
     pub fn ns(&self, name: &str) -> String {
-        format!("lbdemo-{}-{name}", self.id)
+        format!("{}{name}", prefix(self.id))
     }
 
     /// A pin root on bpffs for `name`'s dataplane, removed on drop whatever is in it.
-    pub fn pin_root(&mut self, name: &str) -> PathBuf {
-        let root = Path::new("/sys/fs/bpf").join(self.ns(name));
-        self.pin_roots.push(root.clone());
-        root
+    pub fn pin_root(&self, name: &str) -> PathBuf {
+        Path::new(BPFFS).join(self.ns(name))
     }
 
     fn add_namespace(&mut self, name: &str, sysctls: &[&str]) -> Result<()> {
         let ns = self.ns(name);
         cmd::output(Command::new("ip").args(["netns", "add", &ns]))?;
-        self.namespaces.push(ns.clone());
         cmd::output(Command::new("ip").args(["-n", &ns, "link", "set", "lo", "up"]))?;
         cmd::output(
             Command::new("ip")
@@ -273,14 +266,57 @@ impl Drop for Lab {
             let _ = child.kill();
             let _ = child.wait();
         }
-        for ns in &self.namespaces {
-            let _ = Command::new("ip").args(["netns", "del", ns]).status();
-        }
-        for root in &self.pin_roots {
-            let _ = std::fs::remove_dir_all(root);
-        }
-        let _ = std::fs::remove_dir_all(&self.dir);
+        remove_all(self.id);
     }
+}
+
+const BPFFS: &str = "/sys/fs/bpf";
+
+/// What every name of run `id` starts with.
+pub fn prefix(id: u32) -> String {
+    format!("lbdemo-{id}-")
+}
+
+fn dir(id: u32) -> PathBuf {
+    std::env::temp_dir().join(format!("lbdemo-{id}"))
+}
+
+/// Removes everything of run `id`, found by name: kills what still runs in its namespaces
+/// and deletes them, then removes its pin roots and its files. Also what Ctrl-C runs, when
+/// the [`Lab`] itself cannot be dropped.
+pub fn remove_all(id: u32) {
+    let prefix = prefix(id);
+    let listed = cmd::output(Command::new("ip").args(["netns", "list"])).unwrap_or_default();
+    for ns in listed
+        .lines()
+        .filter_map(|line| line.split_whitespace().next())
+        .filter(|name| name.starts_with(&prefix))
+    {
+        let pids = cmd::output(Command::new("ip").args(["netns", "pids", ns])).unwrap_or_default();
+        for pid in pids.split_whitespace().filter_map(|pid| pid.parse().ok()) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+        let _ = Command::new("ip").args(["netns", "del", ns]).status();
+    }
+    for root in leftover_pin_roots(id) {
+        let _ = std::fs::remove_dir_all(root);
+    }
+    let _ = std::fs::remove_dir_all(dir(id));
+}
+
+/// The pin roots of run `id` still on bpffs.
+pub fn leftover_pin_roots(id: u32) -> Vec<PathBuf> {
+    let prefix = prefix(id);
+    std::fs::read_dir(BPFFS)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|entry| entry.file_name().to_string_lossy().starts_with(&prefix))
+        .map(|entry| entry.path())
+        .collect()
 }
 
 /// Polls `condition` every 20 ms; how long it took, or an error after `timeout`.
