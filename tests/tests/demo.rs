@@ -3,20 +3,35 @@
 //! counters add up to what was sent, the outsider's packets are dropped by source, and
 //! nothing of the run is left behind.
 
-use std::{collections::BTreeMap, path::Path, process::Command};
+use std::{
+    collections::BTreeMap,
+    io::BufRead as _,
+    path::Path,
+    process::{Command, Stdio},
+};
 
-#[test]
-fn the_readme_demo_shows_ecmp_service_drops_and_counters_and_leaves_nothing() {
+/// One demo at a time: `cargo xtask setup`, which the demo runs first, is not safe to run
+/// twice at once (it recreates its libLLVM links), and the runs would share two CPUs.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// `cargo xtask demo`, from the workspace root.
+fn demo() -> Command {
     lbagent_tests::require_root();
     let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .expect("tests/ lives in the workspace");
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let output = Command::new(cargo)
-        .current_dir(workspace)
-        .args(["xtask", "demo"])
-        .output()
-        .expect("run cargo xtask demo");
+    let mut command = Command::new(cargo);
+    command.current_dir(workspace).args(["xtask", "demo"]);
+    command
+}
+
+#[test]
+fn the_readme_demo_shows_ecmp_service_drops_and_counters_and_leaves_nothing() {
+    let _one = ONE_AT_A_TIME
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    let output = demo().output().expect("run cargo xtask demo");
     let out = String::from_utf8_lossy(&output.stdout);
     assert!(
         output.status.success(),
@@ -109,12 +124,55 @@ fn the_readme_demo_shows_ecmp_service_drops_and_counters_and_leaves_nothing() {
         "{removed}"
     );
 
-    // Nothing of the run is left: namespaces, pins, files, processes.
-    let id = out
-        .split("lbdemo-")
+    assert_nothing_left(run_id(&out));
+}
+
+#[test]
+fn ctrl_c_in_the_middle_of_the_demo_leaves_nothing() {
+    let _one = ONE_AT_A_TIME
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    let mut child = demo()
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("run cargo xtask demo");
+    // Up to the traffic: the router, both agents, their BIRDs and the servers all run.
+    let mut seen = String::new();
+    for line in std::io::BufReader::new(child.stdout.take().unwrap()).lines() {
+        let line = line.unwrap();
+        seen.push_str(&line);
+        seen.push('\n');
+        if line.starts_with("== The client") {
+            break;
+        }
+    }
+    assert!(
+        seen.contains("== The client"),
+        "the demo stopped early:\n{seen}"
+    );
+    // cargo execs xtask: this is the demo's own process.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .unwrap();
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(130), "{status}\n{seen}");
+    assert_nothing_left(run_id(&seen));
+}
+
+/// The process id in the run's namespace names.
+fn run_id(out: &str) -> String {
+    out.split("lbdemo-")
         .nth(1)
         .and_then(|rest| rest.split('-').next())
-        .expect("the run's id in its namespace names");
+        .expect("the run's id in its namespace names")
+        .to_owned()
+}
+
+/// No namespace, pin root, file or process of run `id` is left.
+fn assert_nothing_left(id: String) {
     let prefix = format!("lbdemo-{id}-");
     let namespaces = lbagent_tests::run_ok("ip", &["netns", "list"]);
     assert!(!namespaces.contains(&prefix), "{namespaces}");
