@@ -62,6 +62,7 @@ pub const OUTSIDER: Host = Host {
 };
 pub const ROUTER: &str = "router";
 
+/// The demo's namespaces, their processes and files.
 pub struct Lab {
     id: u32,
     pub dir: PathBuf,
@@ -75,7 +76,7 @@ impl Lab {
         let id = std::process::id();
         let dir = dir(id);
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-        let mut lab = Self {
+        let lab = Self {
             id,
             dir,
             children: Vec::new(),
@@ -143,7 +144,7 @@ impl Lab {
         Path::new(BPFFS).join(self.ns(name))
     }
 
-    fn add_namespace(&mut self, name: &str, sysctls: &[&str]) -> Result<()> {
+    fn add_namespace(&self, name: &str, sysctls: &[&str]) -> Result<()> {
         let ns = self.ns(name);
         cmd::output(Command::new("ip").args(["netns", "add", &ns]))?;
         cmd::output(Command::new("ip").args(["-n", &ns, "link", "set", "lo", "up"]))?;
@@ -253,7 +254,7 @@ impl Lab {
         Ok(())
     }
 
-    pub fn frr_dir(&self) -> PathBuf {
+    fn frr_dir(&self) -> PathBuf {
         self.dir.join("frr")
     }
 }
