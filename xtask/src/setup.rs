@@ -18,6 +18,7 @@ const APT_PACKAGES: &[&str] = &[
     "iproute2",     // ip netns / link / addr in tests
     "nftables",     // the baseline in dataplane benchmarks
     "iputils-ping", // traffic in tests and the demo
+    "socat",        // the demo's TCP and UDP servers and clients
     "ethtool",      // veth offload settings in dataplane benchmarks
     "util-linux",   // nsenter, mount
     "strace",       // syscall counts in benchmarks
