@@ -103,6 +103,10 @@ fn bpf_linker(sysroot: &Path) -> Result<()> {
         .to_owned();
     for name in [std::ffi::OsStr::new("libLLVM.so"), soname.as_os_str()] {
         let link = lib.join(name);
+        // Left alone when right: two setups at once (parallel tests) must not race on it.
+        if std::fs::read_link(&link).is_ok_and(|target| target == library) {
+            continue;
+        }
         let _ = std::fs::remove_file(&link);
         std::os::unix::fs::symlink(&library, &link)
             .with_context(|| format!("linking {} to {}", link.display(), library.display()))?;
