@@ -16,8 +16,8 @@ const METRICS: &str = "127.0.0.1:9658";
 const V6: &str = "2001:db8:ff::10";
 
 const BGP: &str = "  bgp:
-    - {name: up4, neighbor: 10.0.0.1, asn: 64500, localAsn: 64512, holdTime: 9s, keepaliveTime: 1s, connectRetryTime: 1s}
-    - {name: up6, neighbor: \"fd00::1\", asn: 64500, localAsn: 64512, holdTime: 9s, keepaliveTime: 1s, connectRetryTime: 1s}
+    - {name: up4, neighbor: 10.0.0.1, asn: 64500, localAsn: 64512, holdTime: 9s, keepaliveTime: 1s, connectRetryTime: 1s, connectDelayTime: 1s}
+    - {name: up6, neighbor: \"fd00::1\", asn: 64500, localAsn: 64512, holdTime: 9s, keepaliveTime: 1s, connectRetryTime: 1s, connectDelayTime: 1s}
 ";
 
 /// `lbagent run` on one node of the fabric, with its files in a directory of its own.

@@ -147,8 +147,8 @@ dataplane: {{interfaces: [eth0], pinRoot: {pins}}}
 routing:
   stateDir: {bird}
   bgp:
-    - {{name: up4, neighbor: 10.0.0.1, asn: 64500, localAsn: 64512, keepaliveTime: 1s, connectRetryTime: 1s}}
-    - {{name: up6, neighbor: \"fd00::1\", asn: 64500, localAsn: 64512, keepaliveTime: 1s, connectRetryTime: 1s}}
+    - {{name: up4, neighbor: 10.0.0.1, asn: 64500, localAsn: 64512, keepaliveTime: 1s, connectRetryTime: 1s, connectDelayTime: 1s}}
+    - {{name: up6, neighbor: \"fd00::1\", asn: 64500, localAsn: 64512, keepaliveTime: 1s, connectRetryTime: 1s, connectDelayTime: 1s}}
 ",
                     name = host.name,
                     services = services.display(),

@@ -176,6 +176,8 @@ pub struct BgpNeighbor {
     pub hold_time: Duration,
     pub keepalive_time: Option<Duration>,
     pub connect_retry_time: Option<Duration>,
+    /// BIRD waits this long (default 5 s) before its first connection attempt.
+    pub connect_delay_time: Option<Duration>,
     pub bfd: bool,
     pub graceful_restart: bool,
     pub families: Vec<Family>,
@@ -258,6 +260,7 @@ struct RawBgp {
     hold_time: Option<String>,
     keepalive_time: Option<String>,
     connect_retry_time: Option<String>,
+    connect_delay_time: Option<String>,
     #[serde(default)]
     bfd: bool,
     graceful_restart: Option<bool>,
@@ -475,6 +478,11 @@ impl RawRouting {
                     .connect_retry_time
                     .as_deref()
                     .map(|t| seconds(Some(t), Duration::ZERO, 1, 65535, &at("connectRetryTime")))
+                    .transpose()?,
+                connect_delay_time: raw
+                    .connect_delay_time
+                    .as_deref()
+                    .map(|t| seconds(Some(t), Duration::ZERO, 1, 65535, &at("connectDelayTime")))
                     .transpose()?,
                 bfd: raw.bfd,
                 graceful_restart: raw.graceful_restart.unwrap_or(true),

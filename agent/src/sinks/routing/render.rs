@@ -155,6 +155,9 @@ fn bgp(w: &mut Writer, n: &BgpNeighbor) {
         if let Some(retry) = n.connect_retry_time {
             w.line(&format!("connect retry time {};", retry.as_secs()));
         }
+        if let Some(delay) = n.connect_delay_time {
+            w.line(&format!("connect delay time {};", delay.as_secs()));
+        }
         if n.bfd {
             // A BFD-detected failure starts a graceful restart instead of a withdrawal.
             w.line(if n.graceful_restart {
@@ -291,7 +294,7 @@ export: {prefixes: [203.0.113.0/24, 2001:db8:ff::/64], communities: [\"64512:100
 bgp:
   - {name: uplink4, neighbor: 10.0.0.1, asn: 64500, localAsn: 64512, holdTime: 9s, keepaliveTime: 1s, password: \"s3cret pass\", bfd: true}
   - {name: uplink6, neighbor: \"fd00::1\", asn: 64500, localAsn: 64512, sourceAddress: \"fd00::11\", multihop: 2, port: 1179, gracefulRestart: false}
-  - {name: mp, neighbor: 10.0.0.2, asn: 64501, localAsn: 64512, families: [ipv4, ipv6]}
+  - {name: mp, neighbor: 10.0.0.2, asn: 64501, localAsn: 64512, families: [ipv4, ipv6], connectRetryTime: 2s, connectDelayTime: 1s}
 ospf:
   - {name: o4, family: ipv4, area: 0, interfaces: [{name: eth0, cost: 10, type: broadcast, hello: 1, dead: 4}]}
   - {name: o6, family: ipv6, area: \"0.0.0.1\", interfaces: [{name: eth1, type: ptp}]}
@@ -319,6 +322,8 @@ rip:
             "neighbor 10.0.0.1 port 179 as 64500;",
             "password \"s3cret pass\";",
             "bfd graceful;",
+            "connect retry time 2;",
+            "connect delay time 1;",
             "local fd00::11 as 64512;",
             "graceful restart aware;",
             "protocol ospf v3 o6",
