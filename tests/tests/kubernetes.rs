@@ -353,3 +353,23 @@ fn a_relist_that_fails_half_way_withdraws_nothing() {
         &events[..events.len().min(10)]
     );
 }
+
+#[test]
+fn an_address_of_a_family_the_node_lacks_gets_a_warning_event() {
+    let cluster = Cluster::start();
+    cluster
+        .ns
+        .exec("sysctl", &["-qw", "net.ipv6.conf.all.disable_ipv6=1"]);
+    cluster.server.apply(service(
+        "dual",
+        &["203.0.113.70", "2001:db8:ff::70"],
+        json!({"spec": {"ipFamilies": ["IPv4", "IPv6"]}}),
+    ));
+    cluster.wait_held(&["203.0.113.70"]);
+    cluster.wait_event("dual", "Announced", "203.0.113.70 held by node");
+    cluster.wait_event(
+        "dual",
+        "NotAnnounced",
+        &format!("2001:db8:ff::70: node {NODE} has no IPv6"),
+    );
+}
