@@ -239,7 +239,8 @@ fn a_pinned_map_with_another_layout_is_replaced_not_reused() {
     let node = Node::start_with(
         &format!("services:\n- {{name: web, addresses: [{VIP4}], ports: [{{port: 8080}}]}}\n"),
         |pins| {
-            // LB_VIPS as layout v1 had it (4-byte values), where v2 expects 8.
+            // A map under this layout's name with another shape: LB_VIP_CONFIG as a hash map
+            // with 4-byte values, as layout v1's address map was; v3 wants a shared array.
             let dir = pins
                 .path()
                 .join(format!("v{}", lbagent_common::PIN_LAYOUT_VERSION));
@@ -249,7 +250,7 @@ fn a_pinned_map_with_another_layout_is_replaced_not_reused() {
                 &[
                     "map",
                     "create",
-                    dir.join("LB_VIPS").to_str().unwrap(),
+                    dir.join("LB_VIP_CONFIG").to_str().unwrap(),
                     "type",
                     "hash",
                     "key",
@@ -259,7 +260,7 @@ fn a_pinned_map_with_another_layout_is_replaced_not_reused() {
                     "entries",
                     "16",
                     "name",
-                    "LB_VIPS",
+                    "LB_VIP_CONFIG",
                 ],
             );
         },
@@ -293,10 +294,14 @@ fn a_pinned_map_with_another_layout_is_replaced_not_reused() {
             "pinned",
             node.pins
                 .path()
-                .join(format!("v{}/LB_VIPS", lbagent_common::PIN_LAYOUT_VERSION))
+                .join(format!(
+                    "v{}/LB_VIP_CONFIG",
+                    lbagent_common::PIN_LAYOUT_VERSION
+                ))
                 .to_str()
                 .unwrap(),
         ],
     );
-    assert!(info.contains("\"bytes_value\":8"), "{info}");
+    assert!(info.contains("\"type\":\"array\""), "{info}");
+    assert!(info.contains("\"bytes_value\":24"), "{info}");
 }

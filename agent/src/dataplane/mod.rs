@@ -6,6 +6,7 @@
 //! so a refused attach leaves nothing behind.
 
 mod pins;
+mod tables;
 mod vips;
 
 use std::{io, os::unix::fs::MetadataExt as _, path::PathBuf};
@@ -22,12 +23,13 @@ use aya::{
     },
 };
 use lbagent_common::{
-    PortKey, PortPolicy, PortStats, RangeKeyV4, RangeKeyV6, TC_EGRESS_PROGRAM, VipConfig, VipKey,
-    VipStats, XDP_PROGRAM, maps,
+    Bucket, PortConfig, PortStats, RangeKeyV4, RangeKeyV6, TC_EGRESS_PROGRAM, VipConfig, VipStats,
+    XDP_PROGRAM, maps,
 };
 use tracing::{info, warn};
 
 pub use pins::{PinLayout, XdpLinkPin};
+pub use tables::{Maps, PortEntry, PortId, VipEntry, VipPolicy};
 pub use vips::{VipCounters, VipTable};
 
 /// The eBPF object built by `build.rs`, with BTF.
@@ -74,11 +76,21 @@ pub enum DataplaneError {
         path.display()
     )]
     IncompatibleMap { path: PathBuf, detail: String },
-    #[error("the address map is full ({capacity} addresses); {address} was not added")]
-    VipMapFull {
-        address: std::net::IpAddr,
+    #[error("map {map} is full ({capacity} entries): {what} was not added")]
+    MapFull {
+        map: &'static str,
+        what: String,
         capacity: u32,
     },
+    #[error("map {map} has no free way in either bucket of {what}, which was not added")]
+    TableFull { map: &'static str, what: String },
+    #[error("{what} is not in the dataplane's maps")]
+    NotInMaps { what: String },
+    #[error(
+        "another lbagent process is changing the maps in {} (the running agent?); stop it or let it do the change",
+        dir.display()
+    )]
+    Busy { dir: PathBuf },
     #[error("loading the eBPF object: {0}")]
     Load(#[from] aya::EbpfError),
     #[error("eBPF program {XDP_PROGRAM}: {0}")]
@@ -135,52 +147,54 @@ struct MapSpec {
     key_size: usize,
     value_size: usize,
     max_entries: u32,
+    flags: u32,
 }
 
-const MAP_SPECS: [MapSpec; 6] = [
+const fn array<T>(name: &'static str, max_entries: u32) -> MapSpec {
     MapSpec {
-        name: maps::VIPS,
-        map_type: MapType::Hash,
-        key_size: size_of::<VipKey>(),
-        value_size: size_of::<VipConfig>(),
-        max_entries: maps::MAX_VIPS,
-    },
+        name,
+        map_type: MapType::Array,
+        key_size: 4,
+        value_size: size_of::<T>(),
+        max_entries,
+        flags: maps::MMAPABLE,
+    }
+}
+
+const fn per_cpu_array<T>(name: &'static str, max_entries: u32) -> MapSpec {
     MapSpec {
-        name: maps::VIP_STATS,
-        map_type: MapType::PerCpuHash,
-        key_size: size_of::<VipKey>(),
-        value_size: size_of::<VipStats>(),
-        max_entries: maps::MAX_VIPS,
-    },
+        name,
+        map_type: MapType::PerCpuArray,
+        key_size: 4,
+        value_size: size_of::<T>(),
+        max_entries,
+        flags: 0,
+    }
+}
+
+const fn trie<K>(name: &'static str) -> MapSpec {
     MapSpec {
-        name: maps::PORTS,
-        map_type: MapType::Hash,
-        key_size: size_of::<PortKey>(),
-        value_size: size_of::<PortPolicy>(),
-        max_entries: maps::MAX_PORTS,
-    },
-    MapSpec {
-        name: maps::PORT_STATS,
-        map_type: MapType::PerCpuHash,
-        key_size: size_of::<PortKey>(),
-        value_size: size_of::<PortStats>(),
-        max_entries: maps::MAX_PORTS,
-    },
-    MapSpec {
-        name: maps::RANGES_V4,
+        name,
         map_type: MapType::LpmTrie,
         // The kernel's key is the 4-byte prefix length and the data.
-        key_size: 4 + size_of::<RangeKeyV4>(),
+        key_size: 4 + size_of::<K>(),
         value_size: 1,
         max_entries: maps::MAX_RANGES,
-    },
-    MapSpec {
-        name: maps::RANGES_V6,
-        map_type: MapType::LpmTrie,
-        key_size: 4 + size_of::<RangeKeyV6>(),
-        value_size: 1,
-        max_entries: maps::MAX_RANGES,
-    },
+        // BPF_F_NO_PREALLOC, which the kernel requires of a trie.
+        flags: 1,
+    }
+}
+
+const MAP_SPECS: [MapSpec; 9] = [
+    array::<Bucket>(maps::VIPS_V4, maps::VIP_BUCKETS),
+    array::<Bucket>(maps::VIPS_V6, maps::VIP_BUCKETS),
+    array::<VipConfig>(maps::VIP_CONFIG, maps::MAX_VIPS),
+    per_cpu_array::<VipStats>(maps::VIP_STATS, maps::MAX_VIPS),
+    array::<Bucket>(maps::PORTS, maps::PORT_BUCKETS),
+    array::<PortConfig>(maps::PORT_CONFIG, maps::MAX_PORTS),
+    per_cpu_array::<PortStats>(maps::PORT_STATS, maps::MAX_PORTS),
+    trie::<RangeKeyV4>(maps::RANGES_V4),
+    trie::<RangeKeyV6>(maps::RANGES_V6),
 ];
 
 /// Attaches the XDP program to `iface`, reusing the pinned maps if there are any, and the tc
@@ -451,26 +465,30 @@ fn maps_pinned(pins: &PinLayout) -> Result<bool, DataplaneError> {
             info.key_size() as usize,
             info.value_size() as usize,
             info.max_entries(),
+            info.map_flags(),
         );
         let expected = (
             Some(spec.map_type),
             spec.key_size,
             spec.value_size,
             spec.max_entries,
+            spec.flags,
         );
         if found != expected {
             return Err(DataplaneError::IncompatibleMap {
                 path,
                 detail: format!(
-                    "type/key/value/entries {:?}/{}/{}/{}, expected {:?}/{}/{}/{}",
+                    "type/key/value/entries/flags {:?}/{}/{}/{}/{:#x}, expected {:?}/{}/{}/{}/{:#x}",
                     found.0,
                     found.1,
                     found.2,
                     found.3,
+                    found.4,
                     expected.0,
                     expected.1,
                     expected.2,
-                    expected.3
+                    expected.3,
+                    expected.4
                 ),
             });
         }
