@@ -24,7 +24,7 @@
 #![cfg_attr(target_arch = "bpf", no_main)]
 
 use aya_ebpf::{
-    bindings::xdp_action::{XDP_DROP, XDP_PASS},
+    bindings::xdp_action::{XDP_DROP, XDP_PASS, XDP_TX},
     btf_maps::{Array, LpmTrie, PerCpuArray, lpm_trie::Key},
     macros::classifier,
     macros::{btf_map, xdp},
@@ -507,10 +507,24 @@ fn transport(ctx: &XdpContext, offset: usize, protocol: u8, icmp: u8) -> Transpo
 }
 
 /// The benchmarks' baseline: the cheapest program the same toolchain builds. The agent never
-/// attaches it.
+/// loads it (nor the two below).
 #[xdp]
 pub fn lbagent_pass(_ctx: XdpContext) -> u32 {
     XDP_PASS
+}
+
+/// The benchmarks' cheapest drop, on the receiving side.
+#[xdp]
+pub fn lbagent_drop(_ctx: XdpContext) -> u32 {
+    XDP_DROP
+}
+
+/// The benchmarks' traffic generator: run through BPF_PROG_TEST_RUN in live-frames mode on
+/// one end of a veth pair, it sends each test frame out of that end, into the peer's receive
+/// path.
+#[xdp]
+pub fn lbagent_tx(_ctx: XdpContext) -> u32 {
+    XDP_TX
 }
 
 /// TC_ACT_UNSPEC: this program only counts; the next one (or the default) decides.

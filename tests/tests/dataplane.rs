@@ -119,6 +119,11 @@ fn served_ports_pass_others_are_dropped_and_source_ranges_follow_the_file() {
     assert!(drops["port"].as_u64().unwrap_or(0) >= 2, "{drops}");
     assert_eq!(drops["source"], 0);
 
+    // The agent owns the maps while it runs: a second writer is refused, not interleaved
+    // (two writers would hand out the same slot).
+    lbagent(&node.pair.node, &node.pins, &["vip", "add", "203.0.113.77"])
+        .assert_one_line_error("another lbagent process is changing the maps");
+
     // Source ranges that leave the client out: its connection is dropped, by source.
     node.dir.write(
         "services.yaml",

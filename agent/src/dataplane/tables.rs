@@ -95,6 +95,7 @@ pub struct Maps {
     next_port: u32,
     /// Held while this handle may write: two writers would hand out the same slot.
     writer: Option<Flock<File>>,
+    writing: bool,
     lock_path: Option<PathBuf>,
 }
 
@@ -172,6 +173,7 @@ impl Maps {
             next_vip: 1,
             next_port: 1,
             writer: None,
+            writing: false,
             lock_path: None,
         };
         // Continue after the highest slot in use, so a restart does not hand out at once
@@ -184,12 +186,13 @@ impl Maps {
         Ok(maps)
     }
 
-    /// Every address the maps hold, with its slot and policy.
+    /// Every address the maps hold (that the program can find), with its slot and policy.
     pub fn vips(&self) -> BTreeMap<IpAddr, VipEntry> {
         (1..maps::MAX_VIPS)
             .filter_map(|slot| {
                 let config = self.vip_config(slot);
-                config.ip().map(|ip| {
+                let ip = config.ip()?;
+                (self.vip_slot(ip) == Some(slot)).then_some({
                     (
                         ip,
                         VipEntry {
@@ -332,6 +335,9 @@ impl Maps {
                 let base = slot as usize * PORT_CONFIG_WORDS;
                 let key = self.port_config.load(base);
                 let address = addresses.get(&((key & 0xffff_ffff) as u32))?;
+                if self.ports.find(key).map(|(_, found)| found) != Some(slot) {
+                    return None;
+                }
                 Some((
                     PortId {
                         address: *address,
@@ -538,19 +544,7 @@ impl Maps {
     }
 
     fn vip_config(&self, slot: u32) -> VipConfig {
-        let base = slot as usize * VIP_CONFIG_WORDS;
-        let policy = self.vip_config.load(base + 2);
-        let (first, second) = (self.vip_config.load(base), self.vip_config.load(base + 1));
-        let mut addr = [0u8; 16];
-        addr[..8].copy_from_slice(&first.to_le_bytes());
-        addr[8..].copy_from_slice(&second.to_le_bytes());
-        VipConfig {
-            addr,
-            family: policy as u8,
-            flags: (policy >> 8) as u8,
-            _pad: [0; 2],
-            fragment_ranges: (policy >> 32) as u32,
-        }
+        vip_config_at(&self.vip_config, slot)
     }
 
     fn zero_vip_stats(&mut self, slot: u32) -> Result<(), DataplaneError> {
@@ -589,18 +583,15 @@ impl Maps {
     /// command while the agent runs) is refused instead of handing out a slot twice. Every
     /// change takes it; the agent takes it at start.
     pub fn take_writer_lock(&mut self) -> Result<(), DataplaneError> {
-        let Some(path) = &self.lock_path else {
-            return Ok(());
-        };
-        if self.writer.is_some() {
+        if self.writing {
             return Ok(());
         }
-        let file = File::open(path).map_err(|source| DataplaneError::Io {
-            path: path.clone(),
-            source,
-        })?;
-        let locked =
-            Flock::lock(file, FlockArg::LockExclusiveNonblock).map_err(
+        if let Some(path) = &self.lock_path {
+            let file = File::open(path).map_err(|source| DataplaneError::Io {
+                path: path.clone(),
+                source,
+            })?;
+            let locked = Flock::lock(file, FlockArg::LockExclusiveNonblock).map_err(
                 |(_, errno)| match errno {
                     Errno::EWOULDBLOCK => DataplaneError::Busy { dir: path.clone() },
                     other => DataplaneError::Io {
@@ -609,7 +600,47 @@ impl Maps {
                     },
                 },
             )?;
-        self.writer = Some(locked);
+            self.writer = Some(locked);
+        }
+        self.writing = true;
+        self.repair()
+    }
+
+    /// Clears what a writer killed between two stores can leave: a table entry whose slot
+    /// does not hold its key, and a slot's configuration that no entry reaches (with its
+    /// counters). The program ignores both; this frees them.
+    fn repair(&mut self) -> Result<(), DataplaneError> {
+        for (table, v6) in [(&self.vips_v4, false), (&self.vips_v6, true)] {
+            table.retain(|key, slot| {
+                let config = vip_config_at(&self.vip_config, slot);
+                let ip = config.ip().filter(|ip| ip.is_ipv6() == v6);
+                ip.is_some_and(|ip| VipConfig::table_key(ip).1 == key)
+            });
+        }
+        let port_config = &self.port_config;
+        self.ports
+            .retain(|key, slot| port_config.load(slot as usize * PORT_CONFIG_WORDS) == key);
+        for slot in 1..maps::MAX_VIPS {
+            let config = self.vip_config(slot);
+            if config.family != 0 && config.ip().and_then(|ip| self.vip_slot(ip)) != Some(slot) {
+                let base = slot as usize * VIP_CONFIG_WORDS;
+                for i in 0..VIP_CONFIG_WORDS {
+                    self.vip_config.store(base + i, 0);
+                }
+                self.zero_vip_stats(slot)?;
+            }
+        }
+        let live: BTreeSet<u32> = self.vips().values().map(|entry| entry.slot).collect();
+        for slot in 1..maps::MAX_PORTS {
+            let key = self.port_config.load(slot as usize * PORT_CONFIG_WORDS);
+            if key == 0 {
+                continue;
+            }
+            let reachable = self.ports.find(key).map(|(_, found)| found) == Some(slot);
+            if !reachable || !live.contains(&((key & 0xffff_ffff) as u32)) {
+                self.free_port(slot, key)?;
+            }
+        }
         Ok(())
     }
 }
@@ -633,6 +664,22 @@ fn range_prefix(trie_prefix: u32) -> u8 {
 
 fn port_used(config: &Shared, slot: u32) -> bool {
     config.load(slot as usize * PORT_CONFIG_WORDS) != 0
+}
+
+fn vip_config_at(words: &impl Words, slot: u32) -> VipConfig {
+    let base = slot as usize * VIP_CONFIG_WORDS;
+    let policy = words.load(base + 2);
+    let (first, second) = (words.load(base), words.load(base + 1));
+    let mut addr = [0u8; 16];
+    addr[..8].copy_from_slice(&first.to_le_bytes());
+    addr[8..].copy_from_slice(&second.to_le_bytes());
+    VipConfig {
+        addr,
+        family: policy as u8,
+        flags: (policy >> 8) as u8,
+        _pad: [0; 2],
+        fragment_ranges: (policy >> 32) as u32,
+    }
 }
 
 /// A VipConfig as the three words the program reads.
@@ -711,6 +758,17 @@ impl<W: Words> Table<W> {
         self.words.store(entry * WAY_WORDS, key);
         self.words.store(entry * WAY_WORDS + 1, u64::from(slot));
         Ok(())
+    }
+
+    /// Clears every live way for which `keep(key, slot)` is false.
+    fn retain(&self, keep: impl Fn(u64, u32) -> bool) {
+        for entry in 0..self.buckets as usize * BUCKET_WAYS {
+            let slot = self.words.load(entry * WAY_WORDS + 1) as u32;
+            if slot != 0 && !keep(self.words.load(entry * WAY_WORDS), slot) {
+                self.words.store(entry * WAY_WORDS + 1, 0);
+                self.words.store(entry * WAY_WORDS, 0);
+            }
+        }
     }
 
     /// Clears the way holding `key -> slot`: the slot first, so the way dies at once.
