@@ -20,11 +20,12 @@ struct Node {
 
 impl Node {
     fn start(services: &str) -> Self {
-        Self::start_with(services, |_| {})
+        Self::start_with(services, "", |_| {})
     }
 
-    /// As `start`, with `before` run on the pin root before the agent starts.
-    fn start_with(services: &str, before: impl FnOnce(&PinRoot)) -> Self {
+    /// As `start`, with more settings in the `dataplane` section (`, key: value`), and
+    /// `before` run on the pin root before the agent starts.
+    fn start_with(services: &str, dataplane: &str, before: impl FnOnce(&PinRoot)) -> Self {
         // The node's VIP is not on lo here: lbagent puts it on kube-lb0.
         let pair = Pair::new(&[]);
         // No interface in the config: the dataplane takes the default route's, eth0.
@@ -38,7 +39,7 @@ impl Node {
         dir.write(
             "lbagent.yaml",
             &format!(
-                "source: {{file: {{path: services.yaml}}}}\nstatus: {{path: {}}}\ndataplane: {{pinRoot: {}}}\n",
+                "source: {{file: {{path: services.yaml}}}}\nstatus: {{path: {}}}\ndataplane: {{pinRoot: {}{dataplane}}}\n",
                 dir.path().join("status.json").display(),
                 pins.path().display()
             ),
@@ -243,6 +244,7 @@ fn a_killed_agent_leaves_the_dataplane_counting_and_a_new_one_adopts_it_without_
 fn a_pinned_map_with_another_layout_is_replaced_not_reused() {
     let node = Node::start_with(
         &format!("services:\n- {{name: web, addresses: [{VIP4}], ports: [{{port: 8080}}]}}\n"),
+        "",
         |pins| {
             // A map under this layout's name with another shape: LB_VIP_CONFIG as a hash map
             // with 4-byte values, as layout v1's address map was; v3 wants a shared array.
@@ -309,4 +311,161 @@ fn a_pinned_map_with_another_layout_is_replaced_not_reused() {
     );
     assert!(info.contains("\"type\":\"array\""), "{info}");
     assert!(info.contains("\"bytes_value\":24"), "{info}");
+}
+
+/// A second veth pair between the two namespaces: `eth1`, 10.201.0.1 (client) and
+/// 10.201.0.2 (node). Returns the node side's ifindex.
+fn add_eth1(pair: &Pair) -> u32 {
+    lbagent_tests::run_ok(
+        "ip",
+        &[
+            "link",
+            "add",
+            "eth1",
+            "netns",
+            pair.client.name(),
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth1",
+            "netns",
+            pair.node.name(),
+        ],
+    );
+    for (ns, address) in [
+        (&pair.client, "10.201.0.1/24"),
+        (&pair.node, "10.201.0.2/24"),
+    ] {
+        ns.ip(&["addr", "add", address, "dev", "eth1"]);
+        ns.ip(&["link", "set", "eth1", "up"]);
+    }
+    let json = pair.node.ip(&["-j", "link", "show", "dev", "eth1"]);
+    let links: serde_json::Value = serde_json::from_str(&json).unwrap();
+    links[0]["ifindex"].as_u64().unwrap() as u32
+}
+
+fn log_has(agent: &Agent, needle: &str) -> bool {
+    wait_until(Duration::from_secs(5), || agent.log().contains(needle))
+}
+
+#[test]
+fn listed_interfaces_get_the_program_when_they_appear_and_lose_their_pins_when_they_vanish() {
+    let node = Node::start_with(
+        &format!("services:\n- {{name: web, addresses: [{VIP4}], ports: [{{port: 8080}}]}}\n"),
+        ", interfaces: [eth0, eth1]",
+        |_| {},
+    );
+    let _servers = Servers::start(&node.pair.node, &[addr(8080), addr(9090)], &[]);
+    node.wait_policy();
+    assert!(
+        log_has(
+            &node.agent,
+            "interface not present; it gets the XDP program when it appears iface=eth1"
+        ),
+        "{}",
+        node.agent.log()
+    );
+    assert!(lbagent_tests::xdp_on(&node.pair.node, "eth0").is_some());
+
+    // eth1 appears, and the client reaches the address through it.
+    let ifindex = add_eth1(&node.pair);
+    node.pair.client.ip(&[
+        "route",
+        "replace",
+        &format!("{VIP4}/32"),
+        "via",
+        "10.201.0.2",
+    ]);
+    assert!(
+        log_has(
+            &node.agent,
+            "interface appeared: XDP program attached iface=eth1"
+        ),
+        "{}",
+        node.agent.log()
+    );
+    let program = lbagent_tests::xdp_on(&node.pair.node, "eth1").expect("attached to eth1");
+    assert_eq!(program.name, "lbagent_xdp");
+    assert!(
+        tcp_ok(&node.pair.client, addr(8080)),
+        "served port through eth1"
+    );
+    let port_drops = node.drops()["port"].as_u64().unwrap_or(0);
+    assert!(
+        !tcp_ok(&node.pair.client, addr(9090)),
+        "the policy holds on eth1"
+    );
+    assert!(node.drops()["port"].as_u64().unwrap_or(0) > port_drops);
+    let pin = |prefix: &str| {
+        node.pins.pinned_files().into_iter().any(|path| {
+            path.to_string_lossy().ends_with(&format!("_if{ifindex}"))
+                && path.to_string_lossy().contains(prefix)
+        })
+    };
+    assert!(
+        pin("/xdp_ns") && pin("/tc_ns"),
+        "{:?}",
+        node.pins.pinned_files()
+    );
+
+    // eth1 vanishes: its pins go, eth0 keeps its program and the policy.
+    node.pair.node.ip(&["link", "del", "eth1"]);
+    assert!(
+        log_has(
+            &node.agent,
+            "interface vanished: its XDP link pins are removed iface=eth1"
+        ),
+        "{}",
+        node.agent.log()
+    );
+    assert!(
+        !pin("/xdp_ns") && !pin("/tc_ns"),
+        "{:?}",
+        node.pins.pinned_files()
+    );
+    node.pair.client.ip(&[
+        "route",
+        "replace",
+        &format!("{VIP4}/32"),
+        "via",
+        Pair::NODE_V4,
+    ]);
+    assert!(tcp_ok(&node.pair.client, addr(8080)));
+    assert!(!tcp_ok(&node.pair.client, addr(9090)));
+    assert!(lbagent_tests::xdp_on(&node.pair.node, "eth0").is_some());
+}
+
+#[test]
+fn an_interface_that_gains_a_default_route_gets_the_program() {
+    let node = Node::start(&format!(
+        "services:\n- {{name: web, addresses: [{VIP4}], ports: [{{port: 8080}}]}}\n"
+    ));
+    node.wait_policy();
+    add_eth1(&node.pair);
+    // Not yet a default-route interface: left alone.
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(lbagent_tests::xdp_on(&node.pair.node, "eth1"), None);
+
+    node.pair.node.ip(&[
+        "route",
+        "add",
+        "default",
+        "via",
+        "10.201.0.1",
+        "dev",
+        "eth1",
+        "metric",
+        "200",
+    ]);
+    assert!(
+        log_has(
+            &node.agent,
+            "interface appeared: XDP program attached iface=eth1"
+        ),
+        "{}",
+        node.agent.log()
+    );
+    assert!(lbagent_tests::xdp_on(&node.pair.node, "eth1").is_some());
+    assert!(lbagent_tests::xdp_on(&node.pair.node, "eth0").is_some());
 }

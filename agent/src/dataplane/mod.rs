@@ -5,6 +5,7 @@
 //! command) leaves traffic handled. New objects are pinned only once the attach has worked,
 //! so a refused attach leaves nothing behind.
 
+mod follow;
 mod pins;
 mod tables;
 mod vips;
@@ -28,6 +29,7 @@ use lbagent_common::{
 };
 use tracing::{info, warn};
 
+pub use follow::start;
 pub use pins::{PinLayout, XdpLinkPin};
 pub use tables::{Maps, PortEntry, PortId, VipEntry, VipPolicy};
 pub use vips::{VipCounters, VipTable};
@@ -233,20 +235,7 @@ pub fn attach(pins: &PinLayout, iface: &str, mode: AttachMode) -> Result<Attache
     let mut made = Rollback::default();
     create_dir(pins.links_dir(), &mut made)?;
     if !maps_pinned {
-        for spec in &MAP_SPECS {
-            let path = pins.map(spec.name);
-            let map = ebpf.map(spec.name).ok_or(DataplaneError::Map {
-                name: spec.name,
-                source: MapError::InvalidName {
-                    name: spec.name.to_owned(),
-                },
-            })?;
-            map.pin(&path).map_err(|source| DataplaneError::Pin {
-                path: path.clone(),
-                source,
-            })?;
-            made.paths.push(path);
-        }
+        pin_maps(&ebpf, pins, &mut made)?;
     }
     xdp_link
         .pin(&link_pin)
@@ -264,6 +253,52 @@ pub fn attach(pins: &PinLayout, iface: &str, mode: AttachMode) -> Result<Attache
         mode: Some(mode),
         replaced: false,
     })
+}
+
+/// Creates and pins the maps unless they are pinned already, without attaching anything:
+/// the agent's maps exist (and the reconciler can fill them) before any interface does.
+pub fn prepare(pins: &PinLayout) -> Result<(), DataplaneError> {
+    pins.check_bpffs()?;
+    if maps_pinned(pins)? {
+        return Ok(());
+    }
+    let ebpf = load(pins, false)?;
+    let mut made = Rollback::default();
+    create_dir(pins.dir(), &mut made)?;
+    pin_maps(&ebpf, pins, &mut made)?;
+    made.commit();
+    Ok(())
+}
+
+fn pin_maps(ebpf: &Ebpf, pins: &PinLayout, made: &mut Rollback) -> Result<(), DataplaneError> {
+    for spec in &MAP_SPECS {
+        let path = pins.map(spec.name);
+        let map = ebpf.map(spec.name).ok_or(DataplaneError::Map {
+            name: spec.name,
+            source: MapError::InvalidName {
+                name: spec.name.to_owned(),
+            },
+        })?;
+        map.pin(&path).map_err(|source| DataplaneError::Pin {
+            path: path.clone(),
+            source,
+        })?;
+        made.paths.push(path);
+    }
+    Ok(())
+}
+
+/// Removes the link pins of an interface that is gone (the kernel detached its programs
+/// when it went). The maps stay: they serve the other interfaces, and the next one.
+pub fn forget(pins: &PinLayout, link: XdpLinkPin) -> Result<(), DataplaneError> {
+    for path in [pins.xdp_link(link), pins.tc_link(link)] {
+        match std::fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(err) if err.kind() == io::ErrorKind::NotFound => {}
+            Err(source) => return Err(DataplaneError::Io { path, source }),
+        }
+    }
+    Ok(())
 }
 
 /// Attaches (or, after a restart, swaps in place) the tc egress counter next to the XDP
