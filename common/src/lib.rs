@@ -44,6 +44,18 @@ pub mod maps {
     pub const RANGES_V4: &str = "LB_RANGES_V4";
     /// LPM trie `RangeKeyV6 -> u8`: the source ranges of each range set, IPv6.
     pub const RANGES_V6: &str = "LB_RANGES_V6";
+    /// Every map the object declares.
+    pub const ALL: [&str; 9] = [
+        VIPS_V4,
+        VIPS_V6,
+        VIP_CONFIG,
+        VIP_STATS,
+        PORTS,
+        PORT_CONFIG,
+        PORT_STATS,
+        RANGES_V4,
+        RANGES_V6,
+    ];
     /// Address slots; slot 0 is never used, so this many minus one addresses fit.
     pub const MAX_VIPS: u32 = 16_384;
     /// Buckets of each address table: four ways each, so a full table is a quarter used.

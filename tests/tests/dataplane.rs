@@ -469,3 +469,94 @@ fn an_interface_that_gains_a_default_route_gets_the_program() {
     assert!(lbagent_tests::xdp_on(&node.pair.node, "eth1").is_some());
     assert!(lbagent_tests::xdp_on(&node.pair.node, "eth0").is_some());
 }
+
+#[test]
+fn bpftool_prints_named_fields_for_every_map() {
+    const VIP6: &str = "2001:db8:ff::10";
+    let node = Node::start(&format!(
+        "services:\n- {{name: web, addresses: [{VIP4}, {VIP6}], ports: [{{port: 8080}}], sourceRanges: [10.200.0.0/24, fd00:200::/64]}}\n"
+    ));
+    let _servers = Servers::start(&node.pair.node, &[addr(8080)], &[]);
+    node.wait_policy();
+    assert!(tcp_ok(&node.pair.client, addr(8080)));
+
+    let dump = |map: &str| -> Vec<serde_json::Value> {
+        let path = node
+            .pins
+            .path()
+            .join(format!("v{}", lbagent_common::PIN_LAYOUT_VERSION))
+            .join(map);
+        let json = lbagent_tests::run_ok(
+            "bpftool",
+            &["-j", "map", "dump", "pinned", path.to_str().unwrap()],
+        );
+        // Only the BTF-formatted half: the raw bytes beside it are most of the text.
+        #[derive(serde::Deserialize)]
+        struct Entry {
+            formatted: serde_json::Value,
+        }
+        let entries: Vec<Entry> = serde_json::from_str(&json).expect("bpftool json");
+        entries.into_iter().map(|entry| entry.formatted).collect()
+    };
+    let octets = |value: &serde_json::Value| -> Vec<u64> {
+        value
+            .as_array()
+            .unwrap_or_else(|| panic!("an array of bytes: {value}"))
+            .iter()
+            .map(|b| b.as_u64().unwrap())
+            .collect()
+    };
+    let mut seen = Vec::new();
+    for map in lbagent_common::maps::ALL {
+        let entries = dump(map);
+        assert!(!entries.is_empty(), "{map}: no formatted entries");
+        // Every map has at least one live entry, and it reads as named fields.
+        let live = entries.iter().any(|e| match map {
+            "LB_VIPS_V4" | "LB_VIPS_V6" | "LB_PORTS" => e["value"]["ways"]
+                .as_array()
+                .expect("named field ways")
+                .iter()
+                .any(|way| {
+                    way["slot"].as_u64().expect("named field slot") != 0 && way["key"].is_u64()
+                }),
+            "LB_VIP_CONFIG" => {
+                let v = &e["value"];
+                let addr = octets(&v["addr"]);
+                match v["family"].as_u64().expect("named field family") {
+                    4 => addr[..4] == [203, 0, 113, 10] && v["flags"] == 1,
+                    6 => addr[..2] == [0x20, 0x01] && v["fragment_ranges"].as_u64() > Some(0),
+                    _ => false,
+                }
+            }
+            "LB_PORT_CONFIG" => {
+                let v = &e["value"];
+                v["port"] == 8080
+                    && v["protocol"] == 6
+                    && v["vip"].as_u64() > Some(0)
+                    && v["ranges"].as_u64() > Some(0)
+            }
+            "LB_VIP_STATS" | "LB_PORT_STATS" => e["values"]
+                .as_array()
+                .expect("per-CPU values")
+                .iter()
+                .any(|cpu| {
+                    cpu["value"]["packets"]
+                        .as_u64()
+                        .expect("named field packets")
+                        > 0
+                        && cpu["value"]["bytes"].as_u64().expect("named field bytes") > 0
+                }),
+            "LB_RANGES_V4" | "LB_RANGES_V6" => {
+                let key = &e["key"];
+                let addr = octets(&key["data"]["addr"]);
+                key["prefix_len"].as_u64().expect("named field prefix_len") > 32
+                    && octets(&key["data"]["set"]).len() == 4
+                    && (addr[..3] == [10, 200, 0] || addr[..2] == [0xfd, 0x00])
+            }
+            other => panic!("a map this test does not know: {other}"),
+        });
+        assert!(live, "{map}: no live entry with the expected named fields");
+        seen.push(map);
+    }
+    assert_eq!(seen.len(), 9);
+}
