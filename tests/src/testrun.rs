@@ -7,7 +7,10 @@ use aya::{
     Ebpf, EbpfLoader, TestRun as _, TestRunOptions, TestRunResult,
     programs::{ProgramError, Xdp},
 };
-use lbagent::dataplane::{Maps, PortId, VipPolicy};
+use lbagent::{
+    dataplane::{Maps, PortId, VipPolicy},
+    sinks::dataplane::DataplaneSink,
+};
 use lbagent_common::{VipStats, XDP_PROGRAM};
 
 use crate::require_root;
@@ -18,7 +21,7 @@ pub const XDP_PASS: u32 = 2;
 /// The program, and its maps as the agent writes them.
 pub struct Harness {
     ebpf: Ebpf,
-    maps: Maps,
+    sink: DataplaneSink,
 }
 
 impl Harness {
@@ -34,12 +37,18 @@ impl Harness {
             .expect("xdp");
         program.load().expect("verifier accepts the program");
         let maps = Maps::from_ebpf(&mut ebpf).expect("maps");
-        Self { ebpf, maps }
+        let sink = DataplaneSink::new(maps).expect("sink");
+        Self { ebpf, sink }
     }
 
     /// The maps, for what the helpers below do not cover.
     pub fn maps(&mut self) -> &mut Maps {
-        &mut self.maps
+        self.sink.maps_mut()
+    }
+
+    /// The reconciler's sink over the same maps.
+    pub fn sink(&mut self) -> &mut DataplaneSink {
+        &mut self.sink
     }
 
     /// An address that is only counted (no policy).
@@ -48,7 +57,7 @@ impl Harness {
     }
 
     pub fn add_vip(&mut self, vip: IpAddr, enforce: bool, fragment_ranges: u32) {
-        self.maps
+        self.maps()
             .add_vip(
                 vip,
                 VipPolicy {
@@ -60,7 +69,7 @@ impl Harness {
     }
 
     pub fn add_port(&mut self, vip: IpAddr, protocol: u8, port: u16, ranges: u32) {
-        self.maps
+        self.maps()
             .add_port(port_id(vip, protocol, port), ranges)
             .expect("add port");
     }
@@ -68,13 +77,14 @@ impl Harness {
     /// Adds `address/prefix` to range set `set`.
     pub fn add_range(&mut self, set: u32, address: IpAddr, prefix: u8) {
         let range = ipnet::IpNet::new(address, prefix).expect("range");
-        self.maps.set_range(set, range, true).expect("add range");
+        self.maps().set_range(set, range, true).expect("add range");
     }
 
     /// The address's counters summed over CPUs.
     pub fn stats(&self, vip: IpAddr) -> VipStats {
-        let slot = self.maps.vip_slot(vip).expect("address in the maps");
-        self.maps.vip_stats(slot).expect("stats")
+        let maps = self.sink.maps();
+        let slot = maps.vip_slot(vip).expect("address in the maps");
+        maps.vip_stats(slot).expect("stats")
     }
 
     /// (packets, bytes) received for the address.
@@ -84,11 +94,11 @@ impl Harness {
     }
 
     pub fn port_stats(&self, vip: IpAddr, protocol: u8, port: u16) -> (u64, u64) {
-        let slot = self
-            .maps
+        let maps = self.sink.maps();
+        let slot = maps
             .port_slot(port_id(vip, protocol, port))
             .expect("port in the maps");
-        let stats = self.maps.port_stats(slot).expect("port stats");
+        let stats = maps.port_stats(slot).expect("port stats");
         (stats.packets, stats.bytes)
     }
 

@@ -560,3 +560,39 @@ fn bpftool_prints_named_fields_for_every_map() {
     }
     assert_eq!(seen.len(), 9);
 }
+
+#[test]
+fn an_interface_that_refuses_the_program_is_named_with_the_fallback_and_the_rest_works() {
+    let node = Node::start_with(
+        &format!("services:\n- {{name: web, addresses: [{VIP4}], ports: [{{port: 8080}}]}}\n"),
+        // An ifb has no native XDP: driver mode alone is refused there.
+        ", mode: driver, interfaces: [ifb9, eth0]",
+        |_| {},
+    );
+    let _servers = Servers::start(&node.pair.node, &[addr(8080), addr(9090)], &[]);
+    // ifb9 appears as the agent starts: whichever pass sees it first reports the refusal.
+    node.pair.node.ip(&["link", "add", "ifb9", "type", "ifb"]);
+    node.pair.node.ip(&["link", "set", "ifb9", "up"]);
+    node.wait_policy();
+    assert!(
+        log_has(&node.agent, "driver-mode XDP refused on ifb9"),
+        "{}",
+        node.agent.log()
+    );
+    let log = node.agent.log();
+    let line = log
+        .lines()
+        .find(|line| line.contains("driver-mode XDP refused on ifb9"))
+        .unwrap();
+    assert!(
+        line.contains("iface=ifb9") && line.contains("continuing without it"),
+        "{line}"
+    );
+    assert_eq!(lbagent_tests::xdp_on(&node.pair.node, "ifb9"), None);
+    // Everything else goes on: eth0 has the program in driver mode and filters.
+    let eth0 = lbagent_tests::xdp_on(&node.pair.node, "eth0").expect("attached");
+    assert_eq!(eth0.mode, "driver");
+    assert!(tcp_ok(&node.pair.client, addr(8080)));
+    assert!(!tcp_ok(&node.pair.client, addr(9090)));
+    assert!(node.drops()["port"].as_u64().unwrap_or(0) >= 1);
+}

@@ -60,12 +60,10 @@ pub enum DataplaneError {
         "interface {iface} already has an XDP program that lbagent did not attach; remove it first (`ip link set dev {iface} xdp off`)"
     )]
     ForeignXdpProgram { iface: String },
-    #[error("driver-mode XDP refused on {iface}: {source}")]
-    DriverModeRefused {
-        iface: String,
-        #[source]
-        source: ProgramError,
-    },
+    // The kernel's reason is in the message, so it is not also a source: printed chains
+    // would say it twice.
+    #[error("driver-mode XDP refused on {iface}: {}", syscall_detail(error))]
+    DriverModeRefused { iface: String, error: ProgramError },
     #[error("lbagent has no XDP program attached to {iface}")]
     NotAttached { iface: String },
     #[error(
@@ -449,9 +447,9 @@ fn attach_new(
         AttachMode::Driver => match program.attach_to_if_index(ifindex, XdpMode::Driver) {
             Ok(id) => Ok((id, AttachMode::Driver)),
             Err(err) if is_busy(&err) => Err(foreign(err)),
-            Err(source) => Err(DataplaneError::DriverModeRefused {
+            Err(error) => Err(DataplaneError::DriverModeRefused {
                 iface: iface.to_owned(),
-                source,
+                error,
             }),
         },
         AttachMode::Auto => match program.attach_to_if_index(ifindex, XdpMode::Driver) {
@@ -460,7 +458,7 @@ fn attach_new(
             Err(err) => {
                 warn!(
                     iface,
-                    error = %err,
+                    error = %syscall_detail(&err),
                     "driver-mode XDP refused; falling back to generic mode"
                 );
                 program
@@ -469,6 +467,14 @@ fn attach_new(
                     .map_err(foreign)
             }
         },
+    }
+}
+
+/// A failed syscall with the kernel's reason (aya's message names only the call).
+fn syscall_detail(err: &ProgramError) -> String {
+    match err {
+        ProgramError::SyscallError(err) => format!("{}: {}", err, err.io_error),
+        other => other.to_string(),
     }
 }
 

@@ -208,6 +208,16 @@ impl DataplaneSink {
         Ok(Self { maps })
     }
 
+    /// The maps this sink writes.
+    pub fn maps(&self) -> &Maps {
+        &self.maps
+    }
+
+    /// The maps this sink writes, for tests that set a scene.
+    pub fn maps_mut(&mut self) -> &mut Maps {
+        &mut self.maps
+    }
+
     /// What the maps hold now.
     pub fn observe(&self) -> Result<Entries, DataplaneError> {
         Ok(Entries {
