@@ -596,3 +596,84 @@ fn an_interface_that_refuses_the_program_is_named_with_the_fallback_and_the_rest
     assert!(!tcp_ok(&node.pair.client, addr(9090)));
     assert!(node.drops()["port"].as_u64().unwrap_or(0) >= 1);
 }
+
+#[test]
+fn what_a_killed_writer_left_half_written_is_cleared_by_the_next_one() {
+    use lbagent_common::{PIN_LAYOUT_VERSION, buckets_of, maps, vip4_key};
+    let pair = Pair::new(&[]);
+    let pins = PinRoot::new();
+    lbagent(&pair.node, &pins, &["attach", "eth0"]).assert_ok();
+    let map = |name: &str| {
+        pins.path()
+            .join(format!("v{PIN_LAYOUT_VERSION}"))
+            .join(name)
+            .to_string_lossy()
+            .into_owned()
+    };
+    let bytes = |data: &[u8]| data.iter().map(|b| b.to_string()).collect::<Vec<_>>();
+    let update = |name: &str, key: &[u8], value: &[u8]| {
+        let mut args = vec![
+            "map".to_owned(),
+            "update".into(),
+            "pinned".into(),
+            map(name),
+        ];
+        args.push("key".into());
+        args.extend(bytes(key));
+        args.push("value".into());
+        args.extend(bytes(value));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        lbagent_tests::run_ok("bpftool", &args);
+    };
+    // A configuration no table entry reaches (killed before the entry was written)...
+    let mut config = [0u8; 24];
+    config[..4].copy_from_slice(&[192, 0, 2, 55]);
+    config[16] = 4;
+    update(maps::VIP_CONFIG, &500u32.to_le_bytes(), &config);
+    // ...and a table entry naming a slot that holds another key (killed before clearing it).
+    let key = vip4_key([192, 0, 2, 66]);
+    let bucket = buckets_of(key, maps::VIP_BUCKETS).0;
+    let mut value = [0u8; 64];
+    value[..8].copy_from_slice(&key.to_le_bytes());
+    value[8..12].copy_from_slice(&500u32.to_le_bytes());
+    update(maps::VIPS_V4, &bucket.to_le_bytes(), &value);
+
+    // The next writer repairs before it writes.
+    lbagent(&pair.node, &pins, &["vip", "add", VIP4]).assert_ok();
+    let lookup = |name: &str, key: u32| -> serde_json::Value {
+        let mut args = vec![
+            "-j".to_owned(),
+            "map".into(),
+            "lookup".into(),
+            "pinned".into(),
+        ];
+        args.push(map(name));
+        args.push("key".into());
+        args.extend(bytes(&key.to_le_bytes()));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let json = lbagent_tests::run_ok("bpftool", &args);
+        serde_json::from_str::<serde_json::Value>(&json).unwrap()["formatted"]["value"].clone()
+    };
+    assert_eq!(
+        lookup(maps::VIP_CONFIG, 500)["family"],
+        0,
+        "orphan slot freed"
+    );
+    assert!(
+        lookup(maps::VIPS_V4, bucket)["ways"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|way| way["key"] != key),
+        "stale entry cleared"
+    );
+    let counters = lbagent(&pair.node, &pins, &["counters", "-o", "json"]).assert_ok();
+    let json: serde_json::Value = serde_json::from_str(&counters.stdout).unwrap();
+    let listed: Vec<&str> = json["vips"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["address"].as_str().unwrap())
+        .collect();
+    assert_eq!(listed, [VIP4]);
+}
