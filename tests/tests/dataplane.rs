@@ -677,3 +677,83 @@ fn what_a_killed_writer_left_half_written_is_cleared_by_the_next_one() {
         .collect();
     assert_eq!(listed, [VIP4]);
 }
+
+#[test]
+fn an_upgrade_adopts_the_links_of_the_older_layout_without_a_gap_and_retires_its_pins() {
+    let version = lbagent_common::PIN_LAYOUT_VERSION;
+    let (old, new) = (format!("v{}", version - 1), format!("v{version}"));
+    // An older lbagent's attachment: its link (and maps) pinned under the previous
+    // version's directory, holding eth0. (A current attach, moved there.)
+    let pair = Pair::new(&[]);
+    pair.node
+        .ip(&["route", "add", "default", "via", Pair::CLIENT_V4]);
+    let pins = PinRoot::new();
+    lbagent(&pair.node, &pins, &["attach", "eth0"]).assert_ok();
+    let before = lbagent_tests::xdp_on(&pair.node, "eth0").expect("attached");
+    std::fs::rename(pins.path().join(&new), pins.path().join(&old)).unwrap();
+
+    // Pings to the node throughout the upgrade: not one may be lost.
+    let client = pair.client.name().to_owned();
+    let pings = std::thread::spawn(move || {
+        lbagent_tests::run(
+            "ip",
+            &[
+                "netns",
+                "exec",
+                &client,
+                "ping",
+                "-c",
+                "200",
+                "-i",
+                "0.01",
+                "-W",
+                "1",
+                "-q",
+                Pair::NODE_V4,
+            ],
+        )
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let dir = TempDir::new("lbt-dp");
+    dir.write(
+        "services.yaml",
+        &format!("services:\n- {{name: web, addresses: [{VIP4}], ports: [{{port: 8080}}]}}\n"),
+    );
+    dir.write(
+        "lbagent.yaml",
+        &format!(
+            "source: {{file: {{path: services.yaml}}}}\nstatus: {{path: {}}}\ndataplane: {{pinRoot: {}}}\n",
+            dir.path().join("status.json").display(),
+            pins.path().display()
+        ),
+    );
+    let agent = Agent::start(
+        &pair.node,
+        &dir.path().join("lbagent.yaml"),
+        dir.path().join("agent.log"),
+    );
+    assert!(
+        log_has(&agent, "adopting lbagent's link from another map layout"),
+        "{}",
+        agent.log()
+    );
+    let output = pings.join().unwrap();
+    let summary = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        summary.contains("200 packets transmitted, 200 received"),
+        "{summary}"
+    );
+    let after = lbagent_tests::xdp_on(&pair.node, "eth0").expect("still attached");
+    assert_ne!(
+        after.id,
+        before.id,
+        "the new program runs in the adopted link\n{}",
+        agent.log()
+    );
+    assert!(
+        wait_until(Duration::from_secs(3), || !pins.path().join(&old).exists()),
+        "the older layout's pins are retired: {:?}",
+        pins.pinned_files()
+    );
+    assert!(pins.path().join(&new).join("links").exists());
+}

@@ -125,31 +125,7 @@ impl Follower {
                 info!(interfaces = ?wanted, "dataplane: using the interfaces of the default routes");
             }
         }
-        // lbagent's links in this namespace to interfaces that are gone or no longer wanted.
-        let here = local_link("lo").map(|lo| lo.netns).ok();
-        match self.pins.pinned_xdp_links() {
-            Ok(links) => {
-                for link in links.into_iter().filter(|l| Some(l.netns) == here) {
-                    let name = nix::net::if_::if_indextoname(link.ifindex)
-                        .ok()
-                        .and_then(|n| n.into_string().ok());
-                    let reason = match &name {
-                        None => "its interface is gone",
-                        Some(name) if !wanted.contains(name) => "its interface is no longer wanted",
-                        Some(_) => continue,
-                    };
-                    match forget(&self.pins, link) {
-                        Ok(()) => {
-                            info!(ifindex = link.ifindex, iface = ?name, "removed lbagent's XDP link: {reason}")
-                        }
-                        Err(err) => {
-                            error!(ifindex = link.ifindex, %err, "cannot remove a stale XDP link")
-                        }
-                    }
-                }
-            }
-            Err(err) => error!(%err, "cannot list lbagent's XDP links"),
-        }
+        self.remove_unwanted_links(&wanted);
         for name in &wanted {
             if local_link(name).is_err() {
                 warn!(iface = %name, "dataplane: interface not present; it gets the XDP program when it appears");
@@ -158,6 +134,40 @@ impl Follower {
         self.converge(&wanted, false);
         if self.attached.is_empty() {
             warn!("no interface has the XDP program yet; the maps are kept ready for one");
+        }
+    }
+
+    /// Removes lbagent's links in this namespace, in this layout's directory or another
+    /// version's, to interfaces that are gone or no longer wanted.
+    fn remove_unwanted_links(&self, wanted: &[String]) {
+        let here = local_link("lo").map(|lo| lo.netns).ok();
+        let others = self.pins.other_versions().unwrap_or_default();
+        for layout in std::iter::once(self.pins.clone()).chain(others) {
+            let links = match layout.pinned_xdp_links() {
+                Ok(links) => links,
+                Err(err) => {
+                    error!(%err, "cannot list lbagent's XDP links");
+                    continue;
+                }
+            };
+            for link in links.into_iter().filter(|l| Some(l.netns) == here) {
+                let name = nix::net::if_::if_indextoname(link.ifindex)
+                    .ok()
+                    .and_then(|n| n.into_string().ok());
+                let reason = match &name {
+                    None => "its interface is gone",
+                    Some(name) if !wanted.contains(name) => "its interface is no longer wanted",
+                    Some(_) => continue,
+                };
+                match forget(&layout, link) {
+                    Ok(()) => {
+                        info!(ifindex = link.ifindex, iface = ?name, "removed lbagent's XDP link: {reason}")
+                    }
+                    Err(err) => {
+                        error!(ifindex = link.ifindex, %err, "cannot remove a stale XDP link")
+                    }
+                }
+            }
         }
     }
 

@@ -209,6 +209,9 @@ pub fn attach(pins: &PinLayout, iface: &str, mode: AttachMode) -> Result<Attache
     let program = xdp_program(&mut ebpf)?;
 
     let link_pin = pins.xdp_link(link);
+    if !link_pin.exists() {
+        adopt_older_link(pins, link)?;
+    }
     if link_pin.exists() {
         let existing = XdpLink::try_from(FdLink::from(PinnedLink::from_pin(&link_pin)?))?;
         program.attach_to_link(existing)?;
@@ -217,6 +220,7 @@ pub fn attach(pins: &PinLayout, iface: &str, mode: AttachMode) -> Result<Attache
             ifindex, "replaced the XDP program in lbagent's existing link"
         );
         attach_egress(&mut ebpf, pins, iface, link, &mut Rollback::default());
+        retire_other_versions(pins);
         return Ok(Attached {
             iface: iface.to_owned(),
             ifindex,
@@ -251,6 +255,96 @@ pub fn attach(pins: &PinLayout, iface: &str, mode: AttachMode) -> Result<Attache
         mode: Some(mode),
         replaced: false,
     })
+}
+
+/// Moves this interface's links from another layout version's directory into this one's,
+/// so that the program is swapped inside them like after any restart: an upgrade leaves no
+/// moment without a program (a new attach would be refused while the old link holds the
+/// interface).
+fn adopt_older_link(pins: &PinLayout, link: XdpLinkPin) -> Result<(), DataplaneError> {
+    for old in pins.other_versions()? {
+        let old_pin = old.xdp_link(link);
+        if !old_pin.exists() {
+            continue;
+        }
+        let links_dir = pins.links_dir();
+        std::fs::create_dir_all(&links_dir).map_err(|source| DataplaneError::Io {
+            path: links_dir,
+            source,
+        })?;
+        for (from, to) in [
+            (old_pin, pins.xdp_link(link)),
+            (old.tc_link(link), pins.tc_link(link)),
+        ] {
+            if from.exists() {
+                std::fs::rename(&from, &to)
+                    .map_err(|source| DataplaneError::Io { path: from, source })?;
+            }
+        }
+        info!(
+            ifindex = link.ifindex,
+            from = old.version(),
+            to = pins.version(),
+            "adopting lbagent's link from another map layout"
+        );
+        return Ok(());
+    }
+    Ok(())
+}
+
+/// Removes what other layout versions left once none of their XDP links is left: their
+/// maps serve no program any more. Best effort: a failure is logged, nothing else.
+fn retire_other_versions(pins: &PinLayout) {
+    let others = match pins.other_versions() {
+        Ok(others) => others,
+        Err(err) => {
+            warn!(%err, "cannot look for pins of other map layouts");
+            return;
+        }
+    };
+    for old in others {
+        if !matches!(old.pinned_xdp_links(), Ok(links) if links.is_empty()) {
+            continue;
+        }
+        match remove_everything(&old) {
+            Ok(()) => info!(dir = %old.dir().display(), "removed the pins of an older map layout"),
+            Err(err) => {
+                warn!(dir = %old.dir().display(), %err, "cannot remove the pins of another map layout")
+            }
+        }
+    }
+}
+
+/// Unpins every link and removes every pin and directory of one layout version.
+fn remove_everything(layout: &PinLayout) -> Result<(), DataplaneError> {
+    for link in layout.pinned_xdp_links()? {
+        unpin_link(&layout.xdp_link(link))?;
+    }
+    for link in layout.pinned_tc_links()? {
+        unpin_link(&layout.tc_link(link))?;
+    }
+    for dir in [layout.links_dir(), layout.dir()] {
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(entries) => entries,
+            Err(err) if err.kind() == io::ErrorKind::NotFound => continue,
+            Err(source) => return Err(DataplaneError::Io { path: dir, source }),
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path.is_file() {
+                std::fs::remove_file(&path).map_err(|source| DataplaneError::Io {
+                    path: path.clone(),
+                    source,
+                })?;
+            }
+        }
+        match std::fs::remove_dir(&dir) {
+            Ok(()) => {}
+            Err(err) if err.kind() == io::ErrorKind::NotFound => {}
+            Err(source) => return Err(DataplaneError::Io { path: dir, source }),
+        }
+    }
+    Ok(())
 }
 
 /// Creates and pins the maps unless they are pinned already, without attaching anything:
@@ -391,6 +485,11 @@ pub fn detach_all(pins: &PinLayout) -> Result<Detached, DataplaneError> {
     }
     for link in pins.pinned_tc_links()? {
         unpin_link(&pins.tc_link(link))?;
+    }
+    let mut links = links;
+    for old in pins.other_versions()? {
+        links.extend(old.pinned_xdp_links()?);
+        remove_everything(&old)?;
     }
     let maps_removed = remove_maps(pins)?;
     Ok(Detached {
