@@ -12,9 +12,8 @@ use tracing::{error, info, warn};
 
 use crate::{
     config::{Config, Source},
-    dataplane::{self, DataplaneError, PinLayout},
+    dataplane,
     reconcile::{Inputs, Reconciler},
-    sinks::dataplane::DataplaneSink,
     sinks::{
         addresses::AddressSink,
         routing::{
@@ -79,14 +78,10 @@ pub async fn run(config_path: PathBuf, node_name: Option<String>, config: Config
         StatusWriter::new(&config.status_path),
         config.node_name.clone(),
     );
-    if let Some(dataplane) = &config.dataplane {
-        let mut dataplane = dataplane.clone();
-        if dataplane.interfaces.is_empty() {
-            dataplane.interfaces = default_route_interfaces(&interface).await;
-        }
-        if let Some(maps) = start_dataplane(&dataplane) {
-            reconciler = reconciler.with_dataplane(maps);
-        }
+    if let Some(dataplane) = &config.dataplane
+        && let Some(maps) = dataplane::start(dataplane, &interface).await
+    {
+        reconciler = reconciler.with_dataplane(maps);
     }
     if let Some(address) = config.http_address {
         let metrics = crate::metrics::ReconcileMetrics::default();
@@ -150,70 +145,6 @@ pub async fn run(config_path: PathBuf, node_name: Option<String>, config: Config
         }
     }
     result
-}
-
-/// The interfaces of the node's default routes, for a dataplane section that names none.
-async fn default_route_interfaces(lb_interface: &str) -> Vec<String> {
-    let found = match AddressSink::connect(lb_interface) {
-        Ok(sink) => sink.default_route_interfaces().await,
-        Err(err) => Err(err),
-    };
-    match found {
-        Ok(names) if !names.is_empty() => {
-            info!(interfaces = ?names, "dataplane: using the interfaces of the default routes");
-            names
-        }
-        Ok(_) => {
-            error!(
-                "dataplane: no interface named in the config and no default route to find one by"
-            );
-            Vec::new()
-        }
-        Err(err) => {
-            error!(%err, "dataplane: cannot find the default routes' interfaces");
-            Vec::new()
-        }
-    }
-}
-
-/// Attaches the XDP program to each configured interface (replacing lbagent's own program in
-/// place after a restart) and opens the policy maps. An interface that refuses is named and
-/// skipped: the rest of the agent keeps working.
-fn start_dataplane(config: &crate::config::DataplaneConfig) -> Option<DataplaneSink> {
-    let pins = PinLayout::new(&config.pin_root);
-    let mut attached = 0;
-    for iface in &config.interfaces {
-        let mut result = dataplane::attach(&pins, iface, config.mode);
-        if let Err(DataplaneError::IncompatibleMap { path, detail }) = &result {
-            // Never reuse a map this program would misread: start the dataplane afresh.
-            // Its counters are lost; the policy maps are refilled by the next reconcile.
-            warn!(path = %path.display(), %detail, "pinned map has another layout; replacing the dataplane's pins");
-            if let Err(err) = dataplane::detach_all(&pins) {
-                error!(%err, "cannot remove the incompatible pins");
-            }
-            result = dataplane::attach(&pins, iface, config.mode);
-        }
-        match result {
-            Ok(done) => {
-                attached += 1;
-                info!(%iface, mode = ?done.mode, replaced = done.replaced, "XDP program attached");
-            }
-            Err(err) => {
-                error!(%iface, %err, "XDP program not attached to this interface; continuing without it")
-            }
-        }
-    }
-    if attached == 0 {
-        error!("no interface took the XDP program: the dataplane is off");
-        return None;
-    }
-    match DataplaneSink::open(&pins) {
-        Ok(sink) => Some(sink),
-        Err(err) => {
-            error!(%err, "cannot open the dataplane's maps: the dataplane is off");
-            None
-        }
-    }
 }
 
 /// Addresses stay: a restart must not withdraw routes. `lbagent cleanup` removes them.

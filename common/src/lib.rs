@@ -10,7 +10,7 @@ use core::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 /// Version of the layout of the pinned maps. Pins live in `<pin root>/v<N>/`, so a new layout
 /// never opens a map written by an older program. Bump it whenever a key or value changes.
-pub const PIN_LAYOUT_VERSION: u32 = 2;
+pub const PIN_LAYOUT_VERSION: u32 = 3;
 
 /// Name of the XDP ingress program (the kernel keeps the first 15 bytes).
 pub const XDP_PROGRAM: &str = "lbagent_xdp";
@@ -19,30 +19,62 @@ pub const XDP_PROGRAM: &str = "lbagent_xdp";
 pub const TC_EGRESS_PROGRAM: &str = "lbagent_egress";
 
 /// Map names, as the eBPF object declares them and as they are pinned.
+///
+/// Every map the packet path reads is an array: the kernel turns an array lookup into a few
+/// inline instructions, where a hash map lookup is a call, and calls are what a packet pays
+/// for most. Addresses and ports are found through bucket tables ([`Bucket`]) that
+/// userspace keeps; each names a slot, and the slot indexes the configuration and the
+/// per-CPU counters.
 pub mod maps {
-    /// `VipKey -> VipConfig`: the load-balancer addresses the dataplane handles.
-    pub const VIPS: &str = "LB_VIPS";
-    /// `VipKey -> VipStats`, per CPU: traffic seen for each address, and drops by reason.
+    /// `Bucket` array: IPv4 address key ([`super::vip4_key`]) -> address slot.
+    pub const VIPS_V4: &str = "LB_VIPS_V4";
+    /// `Bucket` array: IPv6 address key ([`super::vip6_key`]) -> address slot.
+    pub const VIPS_V6: &str = "LB_VIPS_V6";
+    /// `VipConfig` array, by address slot: the address and its policy.
+    pub const VIP_CONFIG: &str = "LB_VIP_CONFIG";
+    /// `VipStats` per-CPU array, by address slot: traffic seen, drops by reason.
     pub const VIP_STATS: &str = "LB_VIP_STATS";
-    /// `PortKey -> PortPolicy`: the ports and protocols each address serves.
+    /// `Bucket` array: port key ([`super::port_key`]) -> port slot.
     pub const PORTS: &str = "LB_PORTS";
-    /// `PortKey -> PortStats`, per CPU: traffic to each served port.
+    /// `PortConfig` array, by port slot: the served (address, protocol, port) and its policy.
+    pub const PORT_CONFIG: &str = "LB_PORT_CONFIG";
+    /// `PortStats` per-CPU array, by port slot: traffic to each served port.
     pub const PORT_STATS: &str = "LB_PORT_STATS";
     /// LPM trie `RangeKeyV4 -> u8`: the source ranges of each range set, IPv4.
     pub const RANGES_V4: &str = "LB_RANGES_V4";
     /// LPM trie `RangeKeyV6 -> u8`: the source ranges of each range set, IPv6.
     pub const RANGES_V6: &str = "LB_RANGES_V6";
-    /// Capacity of the address maps.
+    /// Every map the object declares.
+    pub const ALL: [&str; 9] = [
+        VIPS_V4,
+        VIPS_V6,
+        VIP_CONFIG,
+        VIP_STATS,
+        PORTS,
+        PORT_CONFIG,
+        PORT_STATS,
+        RANGES_V4,
+        RANGES_V6,
+    ];
+    /// Address slots; slot 0 is never used, so this many minus one addresses fit.
     pub const MAX_VIPS: u32 = 16_384;
-    /// Capacity of the port maps.
+    /// Buckets of each address table: four ways each, so a full table is a quarter used.
+    pub const VIP_BUCKETS: u32 = 16_384;
+    /// Port slots; slot 0 is never used.
     pub const MAX_PORTS: u32 = 65_536;
+    /// Buckets of the port table.
+    pub const PORT_BUCKETS: u32 = 65_536;
     /// Capacity of each range trie.
     pub const MAX_RANGES: u32 = 65_536;
+    /// `BPF_F_MMAPABLE`: userspace writes the tables and configurations through a shared
+    /// mapping, one aligned 8-byte word at a time, so the program never reads a half-written
+    /// word (a map update syscall copies bytes, with no such promise).
+    pub const MMAPABLE: u32 = 1 << 10;
 }
 
 /// `VipConfig::flags`: only the ports and protocols in `LB_PORTS` pass (plus ICMP echo and the
 /// ICMP errors path-MTU discovery needs); everything else to the address is dropped.
-pub const VIP_ENFORCE: u32 = 1;
+pub const VIP_ENFORCE: u8 = 1;
 
 /// IP protocol numbers the program knows.
 pub mod proto {
@@ -53,46 +85,102 @@ pub mod proto {
     pub const SCTP: u8 = 132;
 }
 
-/// Address family tag of a [`VipKey`].
+/// Address family tag of a [`VipConfig`].
 pub const FAMILY_V4: u8 = 4;
-/// Address family tag of a [`VipKey`].
+/// Address family tag of a [`VipConfig`].
 pub const FAMILY_V6: u8 = 6;
 
-/// A load-balancer address as a map key.
+/// One way of a [`Bucket`]: `key` names `slot`. Slot 0 marks a free way.
 ///
-/// `addr` is in network byte order. An IPv4 address fills `addr[..4]` and leaves the rest zero;
-/// `family` keeps it distinct from any IPv6 address with the same leading bytes.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct VipKey {
-    pub family: u8,
-    pub _pad: [u8; 3],
-    pub addr: [u8; 16],
+/// An entry is only a pointer: the program checks the slot's configuration, which repeats
+/// the key, before using it. So a way caught half-rewritten can only lose a packet's match
+/// for the instant of the write, never give it another address's policy.
+#[repr(C, align(8))]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TableEntry {
+    pub key: u64,
+    pub slot: u32,
+    pub _pad: u32,
 }
 
-impl VipKey {
-    pub const fn v4(octets: [u8; 4]) -> Self {
-        let mut addr = [0u8; 16];
-        addr[0] = octets[0];
-        addr[1] = octets[1];
-        addr[2] = octets[2];
-        addr[3] = octets[3];
-        Self {
-            family: FAMILY_V4,
-            _pad: [0; 3],
-            addr,
-        }
-    }
+/// Ways per bucket: four 16-byte entries fill one 64-byte cache line.
+pub const BUCKET_WAYS: usize = 4;
 
-    pub const fn v6(octets: [u8; 16]) -> Self {
-        Self {
-            family: FAMILY_V6,
-            _pad: [0; 3],
-            addr: octets,
-        }
-    }
+/// A bucket of an address or port table. A key lives in one of its two candidate buckets
+/// ([`buckets_of`]), in any way.
+#[repr(C, align(8))]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Bucket {
+    pub ways: [TableEntry; BUCKET_WAYS],
+}
 
-    /// The address this key stands for, or `None` for a key no valid writer produces.
+/// The two candidate buckets of `key` in a table of `buckets` buckets (a power of two):
+/// multiply-shift hashing with two odd constants. Two choices keep the fullest bucket short
+/// at the tables' load.
+#[inline(always)]
+pub const fn buckets_of(key: u64, buckets: u32) -> (u32, u32) {
+    let shift = 64 - buckets.trailing_zeros();
+    let first = key.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> shift;
+    let second = (key ^ 0x5851_f42d_4c95_7f2d).wrapping_mul(0xc2b2_ae3d_27d4_eb4f) >> shift;
+    (first as u32, second as u32)
+}
+
+/// The table key of an IPv4 address (its bytes in network order): the four bytes as one
+/// little-endian word, which is how the program loads them. Distinct addresses, distinct keys.
+#[inline(always)]
+pub const fn vip4_key(octets: [u8; 4]) -> u64 {
+    u32::from_le_bytes(octets) as u64
+}
+
+/// The table key of an IPv6 address: its two 64-bit halves mixed. Within one /64 distinct
+/// addresses get distinct keys (each half is multiplied by an odd constant, a bijection);
+/// across prefixes a clash is a 2^-64 chance, and userspace refuses it rather than let one
+/// address shadow another.
+#[inline(always)]
+pub const fn vip6_key(octets: [u8; 16]) -> u64 {
+    let (high, low) = halves(octets);
+    high.wrapping_mul(0xff51_afd7_ed55_8ccd) ^ low.wrapping_mul(0xc4ce_b9fe_1a85_ec53)
+}
+
+/// An IPv6 address as the two little-endian words the program compares.
+#[inline(always)]
+pub const fn halves(octets: [u8; 16]) -> (u64, u64) {
+    let [a, b, c, d, e, f, g, h, i, j, k, l, m, n, o, p] = octets;
+    (
+        u64::from_le_bytes([a, b, c, d, e, f, g, h]),
+        u64::from_le_bytes([i, j, k, l, m, n, o, p]),
+    )
+}
+
+/// The table key of a served port: the address slot, the port (host byte order) and the
+/// protocol, packed as [`PortConfig`]'s first word. Never 0, since slot 0 is never used.
+#[inline(always)]
+pub const fn port_key(vip_slot: u32, protocol: u8, port: u16) -> u64 {
+    vip_slot as u64 | (port as u64) << 32 | (protocol as u64) << 48
+}
+
+/// What the dataplane knows about the address in one slot.
+///
+/// `addr` is in network byte order (IPv4 in the first four bytes, the rest zero). The
+/// program matches a frame's destination against it, so a table entry can never send a
+/// frame to the wrong slot. The last eight bytes (`family` to `fragment_ranges`) are one
+/// word: userspace changes a policy with a single 8-byte store.
+#[repr(C, align(8))]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VipConfig {
+    pub addr: [u8; 16],
+    /// [`FAMILY_V4`], [`FAMILY_V6`], or 0 for a free slot.
+    pub family: u8,
+    /// [`VIP_ENFORCE`], or 0: count only, pass everything.
+    pub flags: u8,
+    pub _pad: [u8; 2],
+    /// Range set that the source of a non-first IP fragment (which carries no ports) must be
+    /// in; 0: any source. Userspace sets the union of the address's services' ranges.
+    pub fragment_ranges: u32,
+}
+
+impl VipConfig {
+    /// The address this slot holds, or `None` for a free slot.
     pub fn ip(&self) -> Option<IpAddr> {
         match self.family {
             FAMILY_V4 => {
@@ -103,26 +191,32 @@ impl VipKey {
             _ => None,
         }
     }
-}
 
-impl From<IpAddr> for VipKey {
-    fn from(ip: IpAddr) -> Self {
+    /// The table key of this slot's address, with the table it belongs in.
+    pub fn table_key(ip: IpAddr) -> (&'static str, u64) {
         match ip {
-            IpAddr::V4(v4) => Self::v4(v4.octets()),
-            IpAddr::V6(v6) => Self::v6(v6.octets()),
+            IpAddr::V4(v4) => (maps::VIPS_V4, vip4_key(v4.octets())),
+            IpAddr::V6(v6) => (maps::VIPS_V6, vip6_key(v6.octets())),
         }
     }
-}
 
-/// What the dataplane knows about one address.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct VipConfig {
-    /// [`VIP_ENFORCE`], or 0: count only, pass everything.
-    pub flags: u32,
-    /// Range set that the source of a non-first IP fragment (which carries no ports) must be
-    /// in; 0: any source. Userspace sets the union of the address's services' ranges.
-    pub fragment_ranges: u32,
+    pub fn new(ip: IpAddr, flags: u8, fragment_ranges: u32) -> Self {
+        let (family, addr) = match ip {
+            IpAddr::V4(v4) => {
+                let mut addr = [0; 16];
+                addr[..4].copy_from_slice(&v4.octets());
+                (FAMILY_V4, addr)
+            }
+            IpAddr::V6(v6) => (FAMILY_V6, v6.octets()),
+        };
+        Self {
+            addr,
+            family,
+            flags,
+            _pad: [0; 2],
+            fragment_ranges,
+        }
+    }
 }
 
 /// Traffic seen for one address on one CPU. Bytes count whole frames, link header included.
@@ -147,34 +241,26 @@ pub struct VipStats {
     pub drop_malformed: u64,
 }
 
-/// An (address, protocol, port) as a map key. `port` is in host byte order (the program
-/// swaps it once when it parses the header); `addr` in network byte order as in [`VipKey`].
-#[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct PortKey {
-    pub family: u8,
-    pub protocol: u8,
-    pub port: u16,
-    pub addr: [u8; 16],
-}
-
-impl PortKey {
-    pub fn new(vip: VipKey, protocol: u8, port: u16) -> Self {
-        Self {
-            family: vip.family,
-            protocol,
-            port,
-            addr: vip.addr,
-        }
-    }
-}
-
-/// What one served port asks.
-#[repr(C)]
+/// One served (address, protocol, port), in its port slot. The first eight bytes are the
+/// slot's [`port_key`]; the program checks them before using the slot.
+#[repr(C, align(8))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct PortPolicy {
+pub struct PortConfig {
+    /// Address slot; 0 for a free port slot.
+    pub vip: u32,
+    /// Host byte order.
+    pub port: u16,
+    pub protocol: u8,
+    pub _pad: u8,
     /// Range set the source must be in; 0: any source.
     pub ranges: u32,
+    pub _pad2: u32,
+}
+
+impl PortConfig {
+    pub const fn key(&self) -> u64 {
+        port_key(self.vip, self.protocol, self.port)
+    }
 }
 
 /// Traffic to one served port on one CPU.
@@ -204,34 +290,35 @@ pub struct RangeKeyV6 {
 }
 
 const _: () = {
-    assert!(core::mem::size_of::<VipKey>() == 20);
-    assert!(core::mem::align_of::<VipKey>() == 1);
-    assert!(core::mem::size_of::<VipConfig>() == 8);
+    assert!(core::mem::size_of::<TableEntry>() == 16);
+    assert!(core::mem::size_of::<Bucket>() == 64);
+    assert!(core::mem::size_of::<VipConfig>() == 24);
+    assert!(core::mem::align_of::<VipConfig>() == 8);
     assert!(core::mem::size_of::<VipStats>() == 72);
-    assert!(core::mem::size_of::<PortKey>() == 20);
-    assert!(core::mem::size_of::<PortPolicy>() == 4);
+    assert!(core::mem::size_of::<PortConfig>() == 16);
     assert!(core::mem::size_of::<PortStats>() == 16);
     assert!(core::mem::size_of::<RangeKeyV4>() == 8);
     assert!(core::mem::size_of::<RangeKeyV6>() == 20);
+    assert!(maps::VIP_BUCKETS.is_power_of_two() && maps::PORT_BUCKETS.is_power_of_two());
 };
 
 #[cfg(feature = "user")]
 mod pod {
     use super::{
-        PortKey, PortPolicy, PortStats, RangeKeyV4, RangeKeyV6, VipConfig, VipKey, VipStats,
+        Bucket, PortConfig, PortStats, RangeKeyV4, RangeKeyV6, TableEntry, VipConfig, VipStats,
     };
 
     // SAFETY: repr(C), built only from integers and byte arrays, no implicit padding (the
     // size assertions above pin the layout), so every bit pattern is a valid value.
-    unsafe impl aya::Pod for VipKey {}
+    unsafe impl aya::Pod for TableEntry {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for Bucket {}
     // SAFETY: as above.
     unsafe impl aya::Pod for VipConfig {}
     // SAFETY: as above.
     unsafe impl aya::Pod for VipStats {}
     // SAFETY: as above.
-    unsafe impl aya::Pod for PortKey {}
-    // SAFETY: as above.
-    unsafe impl aya::Pod for PortPolicy {}
+    unsafe impl aya::Pod for PortConfig {}
     // SAFETY: as above.
     unsafe impl aya::Pod for PortStats {}
     // SAFETY: as above.
@@ -245,38 +332,67 @@ mod tests {
     use super::*;
 
     #[test]
-    fn v4_key_round_trips_and_zero_fills() {
+    fn v4_config_round_trips_and_zero_fills() {
         let ip: IpAddr = Ipv4Addr::new(203, 0, 113, 10).into();
-        let key = VipKey::from(ip);
-        assert_eq!(key.family, FAMILY_V4);
-        assert_eq!(&key.addr[..4], &[203, 0, 113, 10]);
-        assert!(key.addr[4..].iter().all(|b| *b == 0));
-        assert_eq!(key.ip(), Some(ip));
+        let config = VipConfig::new(ip, VIP_ENFORCE, 7);
+        assert_eq!(config.family, FAMILY_V4);
+        assert_eq!(&config.addr[..4], &[203, 0, 113, 10]);
+        assert!(config.addr[4..].iter().all(|b| *b == 0));
+        assert_eq!(config.ip(), Some(ip));
+        assert_eq!(
+            VipConfig::default().ip(),
+            None,
+            "a free slot has no address"
+        );
     }
 
     #[test]
-    fn v6_key_round_trips() {
+    fn v6_config_round_trips() {
         let ip: IpAddr = "2001:db8:ff::10".parse::<Ipv6Addr>().unwrap().into();
-        let key = VipKey::from(ip);
-        assert_eq!(key.family, FAMILY_V6);
-        assert_eq!(key.ip(), Some(ip));
+        assert_eq!(VipConfig::new(ip, 0, 0).ip(), Some(ip));
     }
 
     #[test]
-    fn v4_and_v6_with_same_leading_bytes_differ() {
-        let v4 = VipKey::v4([32, 1, 13, 184]);
-        let mut v6_bytes = [0u8; 16];
-        v6_bytes[..4].copy_from_slice(&[32, 1, 13, 184]);
-        assert_ne!(v4, VipKey::v6(v6_bytes));
-    }
-
-    #[test]
-    fn unknown_family_has_no_address() {
-        let key = VipKey {
-            family: 0,
-            _pad: [0; 3],
-            addr: [0; 16],
+    fn keys_are_what_the_program_loads() {
+        // The program reads the four address bytes as one little-endian word.
+        assert_eq!(vip4_key([203, 0, 113, 10]), 0x0a71_00cb);
+        let (high, low) = halves([1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16]);
+        assert_eq!(high, 0x0807_0605_0403_0201);
+        assert_eq!(low, 0x100f_0e0d_0c0b_0a09);
+        // PortConfig's first word, as the program loads it, is the port key.
+        let config = PortConfig {
+            vip: 9,
+            port: 443,
+            protocol: proto::TCP,
+            ..Default::default()
         };
-        assert_eq!(key.ip(), None);
+        let mut word = [0u8; 8];
+        word[..4].copy_from_slice(&config.vip.to_le_bytes());
+        word[4..6].copy_from_slice(&config.port.to_le_bytes());
+        word[6] = config.protocol;
+        assert_eq!(u64::from_le_bytes(word), config.key());
+    }
+
+    #[test]
+    fn v6_keys_differ_within_a_prefix() {
+        let base = u128::from("2001:db8::".parse::<Ipv6Addr>().unwrap());
+        let mut keys: [u64; 4096] = [0; 4096];
+        for (i, key) in keys.iter_mut().enumerate() {
+            *key = vip6_key((base + i as u128).to_be_bytes());
+        }
+        keys.sort_unstable();
+        assert!(keys.windows(2).all(|w| w[0] != w[1]));
+    }
+
+    #[test]
+    fn buckets_are_in_range_and_spread() {
+        let mut load = [0u32; 1024];
+        for i in 0..4096u32 {
+            let (a, b) = buckets_of(vip4_key((0x0a00_0000 + i).to_be_bytes()), 1024);
+            assert!(a < 1024 && b < 1024);
+            load[a as usize] += 1;
+        }
+        // 4 per bucket on average from one /20: no bucket anywhere near a pile-up.
+        assert!(load.iter().all(|n| *n <= 16), "{:?}", load.iter().max());
     }
 }

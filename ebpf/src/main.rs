@@ -1,55 +1,69 @@
 //! lbagent's XDP ingress program.
 //!
-//! Frames not addressed to a load-balancer address pass after one hash lookup. Frames to one
-//! are counted, then judged by the address's policy (filled by the reconciler): the served
-//! ports and protocols pass, with their source ranges; ICMP echo and the ICMP errors that
-//! path-MTU discovery needs pass; everything else is dropped and counted by reason.
+//! Frames not addressed to a load-balancer address pass after one look into a bucket table.
+//! Frames to one are counted, then judged by the address's policy (filled by the reconciler):
+//! the served ports and protocols pass, with their source ranges; ICMP echo and the ICMP
+//! errors that path-MTU discovery needs pass; everything else is dropped and counted by
+//! reason.
+//!
+//! Cost: every map on the way of an unfiltered packet is an array, which the kernel inlines
+//! into a bounds check and an address computation. A hash map lookup is a call into the
+//! kernel, and a call costs about 20 ns on a machine with return-thunk mitigations: more
+//! than everything else the program does. Only source ranges (an LPM trie) need a call.
 //!
 //! IP fragments: the first one carries the transport header and is judged by its port like
 //! any packet; later ones carry no ports, so they are judged by address and source only
 //! (against the union of the address's source ranges). A frame too short to read an IP
 //! header is not ours to judge and passes.
+//!
+//! Nothing here logs: aya-log would put a ring-buffer write (a call) and a few hundred
+//! verifier instructions on the packet path. The counters say what happened.
 // Host builds (`cargo test --workspace`) compile this crate too; only the bpf target gets
 // the programs' no_std runtime.
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
 
 use aya_ebpf::{
-    bindings::xdp_action::{XDP_DROP, XDP_PASS},
-    btf_maps::{HashMap, LpmTrie, PerCpuHashMap, lpm_trie::Key},
+    bindings::xdp_action::{XDP_DROP, XDP_PASS, XDP_TX},
+    btf_maps::{Array, LpmTrie, PerCpuArray, lpm_trie::Key},
     macros::classifier,
     macros::{btf_map, xdp},
     programs::TcContext,
     programs::XdpContext,
 };
 use lbagent_common::{
-    FAMILY_V4, PortKey, PortPolicy, PortStats, RangeKeyV4, RangeKeyV6, VIP_ENFORCE, VipConfig,
-    VipKey, VipStats,
-    maps::{MAX_PORTS, MAX_RANGES, MAX_VIPS},
-    proto,
-};
-use network_types::{
-    eth::{EthHdr, EtherType},
-    ip::{Ipv4Hdr, Ipv6Hdr},
-    vlan::VlanHdr,
+    BUCKET_WAYS, Bucket, FAMILY_V4, FAMILY_V6, PortConfig, PortStats, RangeKeyV4, RangeKeyV6,
+    VIP_ENFORCE, VipConfig, VipStats, buckets_of, halves,
+    maps::{MAX_PORTS, MAX_RANGES, MAX_VIPS, MMAPABLE, PORT_BUCKETS, VIP_BUCKETS},
+    port_key, proto, vip4_key, vip6_key,
 };
 
-#[btf_map]
-static LB_VIPS: HashMap<VipKey, VipConfig, { MAX_VIPS as usize }> = HashMap::new();
-
-/// Entries are created (zeroed) by userspace together with the address, and deleted with it:
-/// the program only ever updates existing entries, so a frame racing a removal cannot
-/// resurrect the counters of an address that is gone.
-#[btf_map]
-static LB_VIP_STATS: PerCpuHashMap<VipKey, VipStats, { MAX_VIPS as usize }> = PerCpuHashMap::new();
+type Table<const N: usize> = Array<Bucket, N, { MMAPABLE as usize }>;
 
 #[btf_map]
-static LB_PORTS: HashMap<PortKey, PortPolicy, { MAX_PORTS as usize }> = HashMap::new();
+static LB_VIPS_V4: Table<{ VIP_BUCKETS as usize }> = Array::new();
 
-/// Like `LB_VIP_STATS`, created and deleted by userspace with the port.
 #[btf_map]
-static LB_PORT_STATS: PerCpuHashMap<PortKey, PortStats, { MAX_PORTS as usize }> =
-    PerCpuHashMap::new();
+static LB_VIPS_V6: Table<{ VIP_BUCKETS as usize }> = Array::new();
+
+#[btf_map]
+static LB_VIP_CONFIG: Array<VipConfig, { MAX_VIPS as usize }, { MMAPABLE as usize }> = Array::new();
+
+/// Zeroed by userspace when a slot is taken and when it is freed, so the counters of a
+/// removed address are gone, and a new address starts from zero.
+#[btf_map]
+static LB_VIP_STATS: PerCpuArray<VipStats, { MAX_VIPS as usize }> = PerCpuArray::new();
+
+#[btf_map]
+static LB_PORTS: Table<{ PORT_BUCKETS as usize }> = Array::new();
+
+#[btf_map]
+static LB_PORT_CONFIG: Array<PortConfig, { MAX_PORTS as usize }, { MMAPABLE as usize }> =
+    Array::new();
+
+/// Like `LB_VIP_STATS`, zeroed by userspace with the port slot.
+#[btf_map]
+static LB_PORT_STATS: PerCpuArray<PortStats, { MAX_PORTS as usize }> = PerCpuArray::new();
 
 #[btf_map]
 static LB_RANGES_V4: LpmTrie<RangeKeyV4, u8, { MAX_RANGES as usize }> = LpmTrie::new();
@@ -57,6 +71,15 @@ static LB_RANGES_V4: LpmTrie<RangeKeyV4, u8, { MAX_RANGES as usize }> = LpmTrie:
 #[btf_map]
 static LB_RANGES_V6: LpmTrie<RangeKeyV6, u8, { MAX_RANGES as usize }> = LpmTrie::new();
 
+const ETH_LEN: usize = 14;
+const VLAN_LEN: usize = 4;
+const IPV4_LEN: usize = 20;
+const IPV6_LEN: usize = 40;
+/// EtherTypes as the program loads them: big-endian on the wire, read little-endian.
+const ETH_IPV4: u16 = 0x0800u16.to_be();
+const ETH_IPV6: u16 = 0x86ddu16.to_be();
+const ETH_8021Q: u16 = 0x8100u16.to_be();
+const ETH_8021AD: u16 = 0x88a8u16.to_be();
 /// 802.1Q and 802.1ad tags; two cover the tagged and the QinQ cases.
 const MAX_VLAN_TAGS: usize = 2;
 /// IPv6 extension headers walked before giving up on finding the transport header.
@@ -105,23 +128,19 @@ impl Transport {
     }
 }
 
-struct Packet {
-    vip: VipKey,
-    /// Source address, network byte order; IPv4 in the first four bytes.
-    source: [u8; 16],
-    /// Where the transport header is, read only once the address turns out to be an LB one:
-    /// other traffic pays for the IP header and one lookup, nothing more.
-    pending: Pending,
-}
-
+/// A frame to an LB address, as far as the IP header.
 #[derive(Clone, Copy)]
-struct Pending {
-    offset: usize,
+struct Packet {
+    slot: u32,
+    /// Where the IP header starts.
+    l3: usize,
+    v6: bool,
+    /// Where the transport header is (IPv6: where the extension headers start).
+    l4: usize,
     /// IPv4: the protocol; IPv6: the first next-header.
     protocol: u8,
     /// `LATER_FRAGMENT` or `TRUNCATED` when the IPv4 header already decides; else 0.
     decided: u8,
-    v6: bool,
 }
 
 #[derive(Clone, Copy)]
@@ -135,62 +154,202 @@ enum Drop {
 
 #[xdp]
 pub fn lbagent_xdp(ctx: XdpContext) -> u32 {
-    // An unreadable frame is passed: the kernel's own stack will judge it.
-    try_lbagent_xdp(&ctx).unwrap_or(XDP_PASS)
+    let Some(packet) = classify(&ctx) else {
+        return XDP_PASS;
+    };
+    handle(&ctx, packet)
+}
+
+/// The LB address a frame is for, or `None` for everything else: other destinations, other
+/// EtherTypes, and frames too short for their IP header.
+#[inline(always)]
+fn classify(ctx: &XdpContext) -> Option<Packet> {
+    let (ether_type, l3) = link_layer(ctx)?;
+    if ether_type == ETH_IPV4 {
+        let ip = ptr_at::<[u8; IPV4_LEN]>(ctx, l3)?;
+        // SAFETY: ptr_at checked that the header lies inside the frame.
+        let ip = unsafe { &*ip };
+        let destination = [ip[16], ip[17], ip[18], ip[19]];
+        let key = vip4_key(destination);
+        let slot = find(&LB_VIPS_V4, VIP_BUCKETS, key);
+        if slot == 0 {
+            return None;
+        }
+        let config = LB_VIP_CONFIG.get_ptr(slot)?;
+        // SAFETY: an array value; its first four bytes are the IPv4 address (VipConfig is
+        // 8-aligned, and userspace writes the address before it publishes the slot).
+        let (address, family) = unsafe { (*(config as *const u32), (*config).family) };
+        if u64::from(address) != key || family != FAMILY_V4 {
+            return None;
+        }
+        let header_len = usize::from(ip[0] & 0x0f) * 4;
+        let fragment_offset = u16::from_be_bytes([ip[6], ip[7]]) & 0x1fff;
+        let decided = if header_len < IPV4_LEN {
+            TRUNCATED
+        } else if fragment_offset != 0 {
+            LATER_FRAGMENT
+        } else {
+            0
+        };
+        Some(Packet {
+            slot,
+            l3,
+            v6: false,
+            l4: l3 + header_len,
+            protocol: ip[9],
+            decided,
+        })
+    } else if ether_type == ETH_IPV6 {
+        let ip = ptr_at::<[u8; IPV6_LEN]>(ctx, l3)?;
+        // SAFETY: bounds checked by ptr_at.
+        let ip = unsafe { &*ip };
+        let mut destination = [0u8; 16];
+        destination.copy_from_slice(&ip[24..40]);
+        let key = vip6_key(destination);
+        let slot = find(&LB_VIPS_V6, VIP_BUCKETS, key);
+        if slot == 0 {
+            return None;
+        }
+        let config = LB_VIP_CONFIG.get_ptr(slot)?;
+        let (high, low) = halves(destination);
+        // SAFETY: an array value; its first sixteen bytes are the address, as two words.
+        let (first, second, family) = unsafe {
+            let words = config as *const u64;
+            (*words, *words.add(1), (*config).family)
+        };
+        if first != high || second != low || family != FAMILY_V6 {
+            return None;
+        }
+        Some(Packet {
+            slot,
+            l3,
+            v6: true,
+            l4: l3 + IPV6_LEN,
+            protocol: ip[6],
+            decided: 0,
+        })
+    } else {
+        None
+    }
+}
+
+/// The EtherType (as loaded, see `ETH_IPV4`) and the offset of the IP header, past up to
+/// two VLAN tags.
+#[inline(always)]
+fn link_layer(ctx: &XdpContext) -> Option<(u16, usize)> {
+    let eth = ptr_at::<[u8; ETH_LEN]>(ctx, 0)?;
+    // SAFETY: bounds checked by ptr_at.
+    let mut ether_type = unsafe { u16::from_le_bytes([(*eth)[12], (*eth)[13]]) };
+    let mut offset = ETH_LEN;
+    for _ in 0..MAX_VLAN_TAGS {
+        if ether_type != ETH_8021Q && ether_type != ETH_8021AD {
+            break;
+        }
+        let tag = ptr_at::<[u8; VLAN_LEN]>(ctx, offset)?;
+        // SAFETY: bounds checked by ptr_at.
+        ether_type = unsafe { u16::from_le_bytes([(*tag)[2], (*tag)[3]]) };
+        offset += VLAN_LEN;
+    }
+    Some((ether_type, offset))
+}
+
+/// The slot `key` names in `table`, or 0. Each of the two candidate buckets is one cache
+/// line; the loops unroll into straight compares.
+#[inline(always)]
+fn find<const N: usize>(table: &Table<N>, buckets: u32, key: u64) -> u32 {
+    let (first, second) = buckets_of(key, buckets);
+    for index in [first, second] {
+        let Some(bucket) = table.get_ptr(index) else {
+            continue;
+        };
+        for way in 0..BUCKET_WAYS {
+            // SAFETY: an array value in bounds; userspace writes each field as one aligned
+            // store, and the caller checks the slot's configuration before trusting it.
+            let (entry_key, slot) = unsafe {
+                let entry = &(*bucket).ways[way];
+                (
+                    core::ptr::read_volatile(&entry.key),
+                    core::ptr::read_volatile(&entry.slot),
+                )
+            };
+            if entry_key == key && slot != 0 {
+                return slot;
+            }
+        }
+    }
+    0
 }
 
 #[inline(always)]
-fn try_lbagent_xdp(ctx: &XdpContext) -> Result<u32, ()> {
-    let Some(packet) = parse(ctx)? else {
-        return Ok(XDP_PASS);
-    };
-    // SAFETY: the value is copied out at once; nothing holds the reference.
-    let Some(config) = (unsafe { LB_VIPS.get(packet.vip) }).copied() else {
-        return Ok(XDP_PASS);
-    };
+fn handle(ctx: &XdpContext, packet: Packet) -> u32 {
     let len = (ctx.data_end() - ctx.data()) as u64;
-    let stats = LB_VIP_STATS.get_ptr_mut(packet.vip);
-    if let Some(stats) = stats {
-        // SAFETY: per-CPU value, so this CPU is its only writer while the program runs.
-        unsafe {
-            (*stats).packets += 1;
-            (*stats).bytes += len;
-        }
+    let Some(stats) = LB_VIP_STATS.get_ptr_mut(packet.slot) else {
+        return XDP_PASS;
+    };
+    // SAFETY: per-CPU value, so this CPU is its only writer while the program runs.
+    unsafe {
+        (*stats).packets += 1;
+        (*stats).bytes += len;
     }
-    let transport = resolve(ctx, packet.pending);
-    match judge(&packet, transport, &config, len) {
-        Ok(()) => Ok(XDP_PASS),
+    let Some(config) = LB_VIP_CONFIG.get_ptr(packet.slot) else {
+        return XDP_PASS;
+    };
+    // SAFETY: an array value; flags and fragment_ranges are each read once.
+    let (flags, fragment_ranges) = unsafe {
+        (
+            core::ptr::read_volatile(&(*config).flags),
+            core::ptr::read_volatile(&(*config).fragment_ranges),
+        )
+    };
+    let transport = resolve(ctx, &packet);
+    match judge(ctx, &packet, transport, flags, fragment_ranges, len) {
+        Ok(()) => XDP_PASS,
         Err(reason) => {
-            if let Some(stats) = stats {
-                // SAFETY: as above.
-                unsafe {
-                    match reason {
-                        Drop::Port => (*stats).drop_port += 1,
-                        Drop::Source => (*stats).drop_source += 1,
-                        Drop::Protocol => (*stats).drop_protocol += 1,
-                        Drop::Icmp => (*stats).drop_icmp += 1,
-                        Drop::Malformed => (*stats).drop_malformed += 1,
-                    }
+            // SAFETY: as above.
+            unsafe {
+                match reason {
+                    Drop::Port => (*stats).drop_port += 1,
+                    Drop::Source => (*stats).drop_source += 1,
+                    Drop::Protocol => (*stats).drop_protocol += 1,
+                    Drop::Icmp => (*stats).drop_icmp += 1,
+                    Drop::Malformed => (*stats).drop_malformed += 1,
                 }
             }
-            Ok(XDP_DROP)
+            XDP_DROP
         }
     }
 }
 
 #[inline(always)]
-fn judge(packet: &Packet, transport: Transport, config: &VipConfig, len: u64) -> Result<(), Drop> {
-    let enforce = config.flags & VIP_ENFORCE != 0;
+fn judge(
+    ctx: &XdpContext,
+    packet: &Packet,
+    transport: Transport,
+    flags: u8,
+    fragment_ranges: u32,
+    len: u64,
+) -> Result<(), Drop> {
+    let enforce = flags & VIP_ENFORCE != 0;
     match transport.class {
         PORTS => {
-            let key = PortKey::new(packet.vip, transport.protocol, transport.port);
-            // SAFETY: copied out at once.
-            match (unsafe { LB_PORTS.get(key) }).copied() {
-                Some(policy) => {
-                    if policy.ranges != 0 && !in_ranges(policy.ranges, packet) {
+            let key = port_key(packet.slot, transport.protocol, transport.port);
+            let slot = find(&LB_PORTS, PORT_BUCKETS, key);
+            let ranges = LB_PORT_CONFIG.get_ptr(slot).and_then(|config| {
+                // SAFETY: an array value; its first word is the slot's port key.
+                let (served, ranges) = unsafe {
+                    (
+                        *(config as *const u64),
+                        core::ptr::read_volatile(&(*config).ranges),
+                    )
+                };
+                (slot != 0 && served == key).then_some(ranges)
+            });
+            match ranges {
+                Some(ranges) => {
+                    if ranges != 0 && !in_ranges(ctx, ranges, packet) {
                         return Err(Drop::Source);
                     }
-                    if let Some(stats) = LB_PORT_STATS.get_ptr_mut(key) {
+                    if let Some(stats) = LB_PORT_STATS.get_ptr_mut(slot) {
                         // SAFETY: per-CPU value, this CPU is its only writer.
                         unsafe {
                             (*stats).packets += 1;
@@ -204,20 +363,14 @@ fn judge(packet: &Packet, transport: Transport, config: &VipConfig, len: u64) ->
             }
         }
         ICMP => {
-            if !enforce
-                || icmp_allowed(
-                    packet.vip.family == FAMILY_V4,
-                    transport.kind,
-                    transport.code,
-                )
-            {
+            if !enforce || icmp_allowed(!packet.v6, transport.kind, transport.code) {
                 Ok(())
             } else {
                 Err(Drop::Icmp)
             }
         }
         LATER_FRAGMENT => {
-            if config.fragment_ranges != 0 && !in_ranges(config.fragment_ranges, packet) {
+            if fragment_ranges != 0 && !in_ranges(ctx, fragment_ranges, packet) {
                 Err(Drop::Source)
             } else {
                 Ok(())
@@ -240,120 +393,51 @@ fn icmp_allowed(v4: bool, kind: u8, code: u8) -> bool {
     }
 }
 
+/// Whether the frame's source is in range set `set`. The source is read here, not earlier:
+/// only packets to ports with ranges pay for it.
 #[inline(always)]
-fn in_ranges(set: u32, packet: &Packet) -> bool {
+fn in_ranges(ctx: &XdpContext, set: u32, packet: &Packet) -> bool {
     let set = set.to_be_bytes();
-    if packet.vip.family == FAMILY_V4 {
-        let [a, b, c, d, ..] = packet.source;
-        let key = Key::new(
-            64,
-            RangeKeyV4 {
-                set,
-                addr: [a, b, c, d],
-            },
-        );
-        LB_RANGES_V4.get(&key).is_some()
+    if packet.v6 {
+        let Some(ip) = ptr_at::<[u8; IPV6_LEN]>(ctx, packet.l3) else {
+            return false;
+        };
+        // SAFETY: bounds checked by ptr_at.
+        let ip = unsafe { &*ip };
+        let mut addr = [0u8; 16];
+        addr.copy_from_slice(&ip[8..24]);
+        LB_RANGES_V6
+            .get(&Key::new(160, RangeKeyV6 { set, addr }))
+            .is_some()
     } else {
-        let key = Key::new(
-            160,
-            RangeKeyV6 {
-                set,
-                addr: packet.source,
-            },
-        );
-        LB_RANGES_V6.get(&key).is_some()
-    }
-}
-
-/// The packet's addresses and transport, `None` for anything but IPv4 and IPv6 (behind up to
-/// two VLAN tags), `Err` when the IP header itself is cut short.
-#[inline(always)]
-fn parse(ctx: &XdpContext) -> Result<Option<Packet>, ()> {
-    let eth: *const EthHdr = ptr_at(ctx, 0)?;
-    // SAFETY: ptr_at checked the header lies inside the frame.
-    let mut ether_type = unsafe { (*eth).ether_type };
-    let mut offset = EthHdr::LEN;
-    for _ in 0..MAX_VLAN_TAGS {
-        if ether_type != EtherType::Ieee8021q as u16 && ether_type != EtherType::Ieee8021ad as u16 {
-            break;
-        }
-        let vlan: *const VlanHdr = ptr_at(ctx, offset)?;
+        let Some(ip) = ptr_at::<[u8; IPV4_LEN]>(ctx, packet.l3) else {
+            return false;
+        };
         // SAFETY: bounds checked by ptr_at.
-        ether_type = unsafe { (*vlan).ether_type };
-        offset += VlanHdr::LEN;
-    }
-    if ether_type == EtherType::Ipv4 as u16 {
-        let ip: *const Ipv4Hdr = ptr_at(ctx, offset)?;
-        // SAFETY: bounds checked by ptr_at.
-        let (vihl, frags, protocol, source, destination) = unsafe {
-            (
-                (*ip).vihl,
-                (*ip).frags,
-                (*ip).proto,
-                (*ip).src_addr,
-                (*ip).dst_addr,
-            )
-        };
-        let header_len = usize::from(vihl & 0x0f) * 4;
-        let fragment_offset = u16::from_be_bytes(frags) & 0x1fff;
-        let decided = if header_len < Ipv4Hdr::LEN {
-            TRUNCATED
-        } else if fragment_offset != 0 {
-            LATER_FRAGMENT
-        } else {
-            0
-        };
-        let pending = Pending {
-            offset: offset + header_len,
-            protocol,
-            decided,
-            v6: false,
-        };
-        let mut src = [0u8; 16];
-        src[..4].copy_from_slice(&source);
-        Ok(Some(Packet {
-            vip: VipKey::v4(destination),
-            source: src,
-            pending,
-        }))
-    } else if ether_type == EtherType::Ipv6 as u16 {
-        let ip: *const Ipv6Hdr = ptr_at(ctx, offset)?;
-        // SAFETY: bounds checked by ptr_at.
-        let (next, source, destination) =
-            unsafe { ((*ip).next_hdr, (*ip).src_addr, (*ip).dst_addr) };
-        let pending = Pending {
-            offset: offset + Ipv6Hdr::LEN,
-            protocol: next,
-            decided: 0,
-            v6: true,
-        };
-        Ok(Some(Packet {
-            vip: VipKey::v6(destination),
-            source,
-            pending,
-        }))
-    } else {
-        Ok(None)
+        let addr = unsafe { [(*ip)[12], (*ip)[13], (*ip)[14], (*ip)[15]] };
+        LB_RANGES_V4
+            .get(&Key::new(64, RangeKeyV4 { set, addr }))
+            .is_some()
     }
 }
 
 /// The transport of an LB packet: IPv4 reads it at once; IPv6 walks the extension headers
 /// first.
 #[inline(always)]
-fn resolve(ctx: &XdpContext, pending: Pending) -> Transport {
-    if pending.decided != 0 {
-        return Transport::only(pending.decided);
+fn resolve(ctx: &XdpContext, packet: &Packet) -> Transport {
+    if packet.decided != 0 {
+        return Transport::only(packet.decided);
     }
-    if !pending.v6 {
-        return transport(ctx, pending.offset, pending.protocol, proto::ICMP);
+    if !packet.v6 {
+        return transport(ctx, packet.l4, packet.protocol, proto::ICMP);
     }
-    let mut next = pending.protocol;
-    let mut offset = pending.offset;
+    let mut next = packet.protocol;
+    let mut offset = packet.l4;
     for _ in 0..MAX_EXTENSION_HEADERS {
         match next {
             IPV6_HOP_BY_HOP | IPV6_ROUTING | IPV6_DEST_OPTS | IPV6_AUTH => {
                 let current = next;
-                let Ok(header) = ptr_at::<[u8; 2]>(ctx, offset) else {
+                let Some(header) = ptr_at::<[u8; 2]>(ctx, offset) else {
                     return Transport::only(TRUNCATED);
                 };
                 // SAFETY: bounds checked by ptr_at.
@@ -366,7 +450,7 @@ fn resolve(ctx: &XdpContext, pending: Pending) -> Transport {
                 };
             }
             IPV6_FRAGMENT => {
-                let Ok(header) = ptr_at::<[u8; 8]>(ctx, offset) else {
+                let Some(header) = ptr_at::<[u8; 8]>(ctx, offset) else {
                     return Transport::only(TRUNCATED);
                 };
                 // SAFETY: bounds checked by ptr_at.
@@ -389,8 +473,8 @@ fn resolve(ctx: &XdpContext, pending: Pending) -> Transport {
 fn transport(ctx: &XdpContext, offset: usize, protocol: u8, icmp: u8) -> Transport {
     if protocol == proto::TCP || protocol == proto::UDP || protocol == proto::SCTP {
         match ptr_at::<[u8; 4]>(ctx, offset) {
-            // SAFETY: bounds checked by ptr_at.
-            Ok(ports) => {
+            Some(ports) => {
+                // SAFETY: bounds checked by ptr_at.
                 let ports = unsafe { *ports };
                 Transport {
                     class: PORTS,
@@ -400,12 +484,12 @@ fn transport(ctx: &XdpContext, offset: usize, protocol: u8, icmp: u8) -> Transpo
                     code: 0,
                 }
             }
-            Err(()) => Transport::only(TRUNCATED),
+            None => Transport::only(TRUNCATED),
         }
     } else if protocol == icmp {
         match ptr_at::<[u8; 2]>(ctx, offset) {
-            // SAFETY: bounds checked by ptr_at.
-            Ok(header) => {
+            Some(header) => {
+                // SAFETY: bounds checked by ptr_at.
                 let [kind, code] = unsafe { *header };
                 Transport {
                     class: ICMP,
@@ -415,7 +499,7 @@ fn transport(ctx: &XdpContext, offset: usize, protocol: u8, icmp: u8) -> Transpo
                     code,
                 }
             }
-            Err(()) => Transport::only(TRUNCATED),
+            None => Transport::only(TRUNCATED),
         }
     } else {
         Transport::only(OTHER)
@@ -423,10 +507,24 @@ fn transport(ctx: &XdpContext, offset: usize, protocol: u8, icmp: u8) -> Transpo
 }
 
 /// The benchmarks' baseline: the cheapest program the same toolchain builds. The agent never
-/// attaches it.
+/// loads it (nor the two below).
 #[xdp]
 pub fn lbagent_pass(_ctx: XdpContext) -> u32 {
     XDP_PASS
+}
+
+/// The benchmarks' cheapest drop, on the receiving side.
+#[xdp]
+pub fn lbagent_drop(_ctx: XdpContext) -> u32 {
+    XDP_DROP
+}
+
+/// The benchmarks' traffic generator: run through BPF_PROG_TEST_RUN in live-frames mode on
+/// one end of a veth pair, it sends each test frame out of that end, into the peer's receive
+/// path.
+#[xdp]
+pub fn lbagent_tx(_ctx: XdpContext) -> u32 {
+    XDP_TX
 }
 
 /// TC_ACT_UNSPEC: this program only counts; the next one (or the default) decides.
@@ -443,22 +541,46 @@ pub fn lbagent_egress(ctx: TcContext) -> i32 {
 fn count_egress(ctx: &TcContext) -> Result<(), ()> {
     // bpf_skb_load_bytes: works whether or not the headers are in the linear part.
     let mut ether_type: u16 = ctx.load(12).map_err(|_| ())?;
-    let mut offset = EthHdr::LEN;
+    let mut offset = ETH_LEN;
     for _ in 0..MAX_VLAN_TAGS {
-        if ether_type != EtherType::Ieee8021q as u16 && ether_type != EtherType::Ieee8021ad as u16 {
+        if ether_type != ETH_8021Q && ether_type != ETH_8021AD {
             break;
         }
         ether_type = ctx.load(offset + 2).map_err(|_| ())?;
-        offset += VlanHdr::LEN;
+        offset += VLAN_LEN;
     }
-    let source = if ether_type == EtherType::Ipv4 as u16 {
-        VipKey::v4(ctx.load(offset + 12).map_err(|_| ())?)
-    } else if ether_type == EtherType::Ipv6 as u16 {
-        VipKey::v6(ctx.load(offset + 8).map_err(|_| ())?)
+    let slot = if ether_type == ETH_IPV4 {
+        let source: [u8; 4] = ctx.load(offset + 12).map_err(|_| ())?;
+        let key = vip4_key(source);
+        let slot = find(&LB_VIPS_V4, VIP_BUCKETS, key);
+        let config = LB_VIP_CONFIG.get_ptr(slot).ok_or(())?;
+        // SAFETY: as in `classify`.
+        let (address, family) = unsafe { (*(config as *const u32), (*config).family) };
+        if u64::from(address) != key || family != FAMILY_V4 {
+            return Ok(());
+        }
+        slot
+    } else if ether_type == ETH_IPV6 {
+        let source: [u8; 16] = ctx.load(offset + 8).map_err(|_| ())?;
+        let slot = find(&LB_VIPS_V6, VIP_BUCKETS, vip6_key(source));
+        let config = LB_VIP_CONFIG.get_ptr(slot).ok_or(())?;
+        let (high, low) = halves(source);
+        // SAFETY: as in `classify`.
+        let (first, second, family) = unsafe {
+            let words = config as *const u64;
+            (*words, *words.add(1), (*config).family)
+        };
+        if first != high || second != low || family != FAMILY_V6 {
+            return Ok(());
+        }
+        slot
     } else {
         return Ok(());
     };
-    if let Some(stats) = LB_VIP_STATS.get_ptr_mut(source) {
+    if slot == 0 {
+        return Ok(());
+    }
+    if let Some(stats) = LB_VIP_STATS.get_ptr_mut(slot) {
         // SAFETY: per-CPU value, so this CPU is its only writer while the program runs.
         unsafe {
             (*stats).tx_packets += 1;
@@ -470,12 +592,12 @@ fn count_egress(ctx: &TcContext) -> Result<(), ()> {
 
 /// The one bounds check every header read goes through.
 #[inline(always)]
-fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Result<*const T, ()> {
+fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Option<*const T> {
     let start = ctx.data();
     if start + offset + core::mem::size_of::<T>() > ctx.data_end() {
-        return Err(());
+        return None;
     }
-    Ok((start + offset) as *const T)
+    Some((start + offset) as *const T)
 }
 
 #[cfg(target_arch = "bpf")]

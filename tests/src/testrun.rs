@@ -5,21 +5,23 @@ use std::net::IpAddr;
 
 use aya::{
     Ebpf, EbpfLoader, TestRun as _, TestRunOptions, TestRunResult,
-    maps::{HashMap, LpmTrie, PerCpuHashMap, PerCpuValues, lpm_trie::Key},
     programs::{ProgramError, Xdp},
 };
-use lbagent_common::{
-    PortKey, PortPolicy, PortStats, RangeKeyV4, RangeKeyV6, VIP_ENFORCE, VipConfig, VipKey,
-    VipStats, XDP_PROGRAM, maps,
+use lbagent::{
+    dataplane::{Maps, PortId, VipPolicy},
+    sinks::dataplane::DataplaneSink,
 };
+use lbagent_common::{VipStats, XDP_PROGRAM};
 
 use crate::require_root;
 
 pub const XDP_DROP: u32 = 1;
 pub const XDP_PASS: u32 = 2;
 
+/// The program, and its maps as the agent writes them.
 pub struct Harness {
     ebpf: Ebpf,
+    sink: DataplaneSink,
 }
 
 impl Harness {
@@ -34,7 +36,19 @@ impl Harness {
             .try_into()
             .expect("xdp");
         program.load().expect("verifier accepts the program");
-        Self { ebpf }
+        let maps = Maps::from_ebpf(&mut ebpf).expect("maps");
+        let sink = DataplaneSink::new(maps).expect("sink");
+        Self { ebpf, sink }
+    }
+
+    /// The maps, for what the helpers below do not cover.
+    pub fn maps(&mut self) -> &mut Maps {
+        self.sink.maps_mut()
+    }
+
+    /// The reconciler's sink over the same maps.
+    pub fn sink(&mut self) -> &mut DataplaneSink {
+        &mut self.sink
     }
 
     /// An address that is only counted (no policy).
@@ -43,84 +57,34 @@ impl Harness {
     }
 
     pub fn add_vip(&mut self, vip: IpAddr, enforce: bool, fragment_ranges: u32) {
-        let key = VipKey::from(vip);
-        let mut stats: PerCpuHashMap<_, VipKey, VipStats> =
-            PerCpuHashMap::try_from(self.ebpf.map_mut(maps::VIP_STATS).expect("map"))
-                .expect("type");
-        stats.insert(key, zeroed(), 0).expect("insert stats");
-        let mut vips: HashMap<_, VipKey, VipConfig> =
-            HashMap::try_from(self.ebpf.map_mut(maps::VIPS).expect("map")).expect("type");
-        let config = VipConfig {
-            flags: if enforce { VIP_ENFORCE } else { 0 },
-            fragment_ranges,
-        };
-        vips.insert(key, config, 0).expect("insert vip");
+        self.maps()
+            .add_vip(
+                vip,
+                VipPolicy {
+                    enforce,
+                    fragment_ranges,
+                },
+            )
+            .expect("add address");
     }
 
     pub fn add_port(&mut self, vip: IpAddr, protocol: u8, port: u16, ranges: u32) {
-        let key = PortKey::new(VipKey::from(vip), protocol, port);
-        let mut stats: PerCpuHashMap<_, PortKey, PortStats> =
-            PerCpuHashMap::try_from(self.ebpf.map_mut(maps::PORT_STATS).expect("map"))
-                .expect("type");
-        stats.insert(key, zeroed(), 0).expect("insert port stats");
-        let mut ports: HashMap<_, PortKey, PortPolicy> =
-            HashMap::try_from(self.ebpf.map_mut(maps::PORTS).expect("map")).expect("type");
-        ports
-            .insert(key, PortPolicy { ranges }, 0)
-            .expect("insert port");
+        self.maps()
+            .add_port(port_id(vip, protocol, port), ranges)
+            .expect("add port");
     }
 
     /// Adds `address/prefix` to range set `set`.
     pub fn add_range(&mut self, set: u32, address: IpAddr, prefix: u8) {
-        match address {
-            IpAddr::V4(v4) => {
-                let mut trie: LpmTrie<_, RangeKeyV4, u8> =
-                    LpmTrie::try_from(self.ebpf.map_mut(maps::RANGES_V4).expect("map"))
-                        .expect("type");
-                let key = Key::new(
-                    32 + u32::from(prefix),
-                    RangeKeyV4 {
-                        set: set.to_be_bytes(),
-                        addr: v4.octets(),
-                    },
-                );
-                trie.insert(&key, 1, 0).expect("insert v4 range");
-            }
-            IpAddr::V6(v6) => {
-                let mut trie: LpmTrie<_, RangeKeyV6, u8> =
-                    LpmTrie::try_from(self.ebpf.map_mut(maps::RANGES_V6).expect("map"))
-                        .expect("type");
-                let key = Key::new(
-                    32 + u32::from(prefix),
-                    RangeKeyV6 {
-                        set: set.to_be_bytes(),
-                        addr: v6.octets(),
-                    },
-                );
-                trie.insert(&key, 1, 0).expect("insert v6 range");
-            }
-        }
+        let range = ipnet::IpNet::new(address, prefix).expect("range");
+        self.maps().set_range(set, range, true).expect("add range");
     }
 
     /// The address's counters summed over CPUs.
     pub fn stats(&self, vip: IpAddr) -> VipStats {
-        let stats: PerCpuHashMap<_, VipKey, VipStats> =
-            PerCpuHashMap::try_from(self.ebpf.map(maps::VIP_STATS).expect("map")).expect("type");
-        stats
-            .get(&VipKey::from(vip), 0)
-            .expect("stats entry exists")
-            .iter()
-            .fold(VipStats::default(), |a, s| VipStats {
-                packets: a.packets + s.packets,
-                bytes: a.bytes + s.bytes,
-                tx_packets: a.tx_packets + s.tx_packets,
-                tx_bytes: a.tx_bytes + s.tx_bytes,
-                drop_port: a.drop_port + s.drop_port,
-                drop_source: a.drop_source + s.drop_source,
-                drop_protocol: a.drop_protocol + s.drop_protocol,
-                drop_icmp: a.drop_icmp + s.drop_icmp,
-                drop_malformed: a.drop_malformed + s.drop_malformed,
-            })
+        let maps = self.sink.maps();
+        let slot = maps.vip_slot(vip).expect("address in the maps");
+        maps.vip_stats(slot).expect("stats")
     }
 
     /// (packets, bytes) received for the address.
@@ -130,13 +94,12 @@ impl Harness {
     }
 
     pub fn port_stats(&self, vip: IpAddr, protocol: u8, port: u16) -> (u64, u64) {
-        let stats: PerCpuHashMap<_, PortKey, PortStats> =
-            PerCpuHashMap::try_from(self.ebpf.map(maps::PORT_STATS).expect("map")).expect("type");
-        stats
-            .get(&PortKey::new(VipKey::from(vip), protocol, port), 0)
-            .expect("port stats entry exists")
-            .iter()
-            .fold((0, 0), |(p, b), s| (p + s.packets, b + s.bytes))
+        let maps = self.sink.maps();
+        let slot = maps
+            .port_slot(port_id(vip, protocol, port))
+            .expect("port in the maps");
+        let stats = maps.port_stats(slot).expect("port stats");
+        (stats.packets, stats.bytes)
     }
 
     pub fn try_run(&self, frame: &[u8], out: &mut [u8]) -> Result<TestRunResult, ProgramError> {
@@ -180,9 +143,12 @@ impl Default for Harness {
     }
 }
 
-fn zeroed<T: aya::Pod + Default + Clone>() -> PerCpuValues<T> {
-    let cpus = aya::util::nr_cpus().expect("cpus");
-    PerCpuValues::try_from(vec![T::default(); cpus]).expect("per-cpu values")
+fn port_id(address: IpAddr, protocol: u8, port: u16) -> PortId {
+    PortId {
+        address,
+        protocol,
+        port,
+    }
 }
 
 /// Total drops of all reasons.

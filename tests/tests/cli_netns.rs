@@ -44,33 +44,41 @@ fn cli_counters(node: &NetNs, pins: &PinRoot) -> BTreeMap<IpAddr, (u64, u64)> {
         .collect()
 }
 
-/// `bpftool -j map dump pinned .../LB_VIP_STATS` as address -> (packets, bytes), read from
-/// the BTF-formatted (named) fields, summed over CPUs.
+/// `bpftool -j map dump pinned` of LB_VIP_CONFIG (slot -> address) and LB_VIP_STATS (slot ->
+/// per-CPU counters), joined as address -> (packets, bytes), read from the BTF-formatted
+/// (named) fields, summed over CPUs.
 fn bpftool_counters(pins: &PinRoot) -> BTreeMap<IpAddr, (u64, u64)> {
-    let path = pins
-        .path()
-        .join(format!("v{PIN_LAYOUT_VERSION}"))
-        .join(maps::VIP_STATS);
-    let dump = run_ok(
-        "bpftool",
-        &["-j", "map", "dump", "pinned", path.to_str().unwrap()],
-    );
-    let entries: serde_json::Value = serde_json::from_str(&dump).expect("bpftool json");
-    let mut counters = BTreeMap::new();
-    for entry in entries.as_array().expect("entries") {
+    let dump = |map: &str| -> serde_json::Value {
+        let path = pins.path().join(format!("v{PIN_LAYOUT_VERSION}")).join(map);
+        let json = run_ok(
+            "bpftool",
+            &["-j", "map", "dump", "pinned", path.to_str().unwrap()],
+        );
+        serde_json::from_str(&json).expect("bpftool json")
+    };
+    let mut addresses = BTreeMap::new();
+    for entry in dump(maps::VIP_CONFIG).as_array().expect("entries") {
         let formatted = &entry["formatted"];
-        let key = &formatted["key"];
-        let family = key["family"].as_u64().expect("named field family");
-        let addr: Vec<u8> = key["addr"]
+        let config = &formatted["value"];
+        let addr: Vec<u8> = config["addr"]
             .as_array()
             .expect("named field addr")
             .iter()
             .map(|b| b.as_u64().unwrap() as u8)
             .collect();
-        let address: IpAddr = match family {
+        let address: IpAddr = match config["family"].as_u64().expect("named field family") {
+            0 => continue,
             4 => <[u8; 4]>::try_from(&addr[..4]).unwrap().into(),
             6 => <[u8; 16]>::try_from(&addr[..]).unwrap().into(),
             other => panic!("unexpected family {other}"),
+        };
+        addresses.insert(formatted["key"].as_u64().expect("slot"), address);
+    }
+    let mut counters = BTreeMap::new();
+    for entry in dump(maps::VIP_STATS).as_array().expect("entries") {
+        let formatted = &entry["formatted"];
+        let Some(address) = addresses.get(&formatted["key"].as_u64().expect("slot")) else {
+            continue;
         };
         let mut total = (0, 0);
         for per_cpu in formatted["values"].as_array().expect("per-cpu values") {
@@ -81,7 +89,7 @@ fn bpftool_counters(pins: &PinRoot) -> BTreeMap<IpAddr, (u64, u64)> {
                 .as_u64()
                 .expect("named field bytes");
         }
-        counters.insert(address, total);
+        counters.insert(*address, total);
     }
     counters
 }

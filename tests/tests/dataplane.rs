@@ -20,11 +20,12 @@ struct Node {
 
 impl Node {
     fn start(services: &str) -> Self {
-        Self::start_with(services, |_| {})
+        Self::start_with(services, "", |_| {})
     }
 
-    /// As `start`, with `before` run on the pin root before the agent starts.
-    fn start_with(services: &str, before: impl FnOnce(&PinRoot)) -> Self {
+    /// As `start`, with more settings in the `dataplane` section (`, key: value`), and
+    /// `before` run on the pin root before the agent starts.
+    fn start_with(services: &str, dataplane: &str, before: impl FnOnce(&PinRoot)) -> Self {
         // The node's VIP is not on lo here: lbagent puts it on kube-lb0.
         let pair = Pair::new(&[]);
         // No interface in the config: the dataplane takes the default route's, eth0.
@@ -38,7 +39,7 @@ impl Node {
         dir.write(
             "lbagent.yaml",
             &format!(
-                "source: {{file: {{path: services.yaml}}}}\nstatus: {{path: {}}}\ndataplane: {{pinRoot: {}}}\n",
+                "source: {{file: {{path: services.yaml}}}}\nstatus: {{path: {}}}\ndataplane: {{pinRoot: {}{dataplane}}}\n",
                 dir.path().join("status.json").display(),
                 pins.path().display()
             ),
@@ -118,6 +119,11 @@ fn served_ports_pass_others_are_dropped_and_source_ranges_follow_the_file() {
     let drops = node.drops();
     assert!(drops["port"].as_u64().unwrap_or(0) >= 2, "{drops}");
     assert_eq!(drops["source"], 0);
+
+    // The agent owns the maps while it runs: a second writer is refused, not interleaved
+    // (two writers would hand out the same slot).
+    lbagent(&node.pair.node, &node.pins, &["vip", "add", "203.0.113.77"])
+        .assert_one_line_error("another lbagent process is changing the maps");
 
     // Source ranges that leave the client out: its connection is dropped, by source.
     node.dir.write(
@@ -238,8 +244,10 @@ fn a_killed_agent_leaves_the_dataplane_counting_and_a_new_one_adopts_it_without_
 fn a_pinned_map_with_another_layout_is_replaced_not_reused() {
     let node = Node::start_with(
         &format!("services:\n- {{name: web, addresses: [{VIP4}], ports: [{{port: 8080}}]}}\n"),
+        "",
         |pins| {
-            // LB_VIPS as layout v1 had it (4-byte values), where v2 expects 8.
+            // A map under this layout's name with another shape: LB_VIP_CONFIG as a hash map
+            // with 4-byte values, as layout v1's address map was; v3 wants a shared array.
             let dir = pins
                 .path()
                 .join(format!("v{}", lbagent_common::PIN_LAYOUT_VERSION));
@@ -249,7 +257,7 @@ fn a_pinned_map_with_another_layout_is_replaced_not_reused() {
                 &[
                     "map",
                     "create",
-                    dir.join("LB_VIPS").to_str().unwrap(),
+                    dir.join("LB_VIP_CONFIG").to_str().unwrap(),
                     "type",
                     "hash",
                     "key",
@@ -259,7 +267,7 @@ fn a_pinned_map_with_another_layout_is_replaced_not_reused() {
                     "entries",
                     "16",
                     "name",
-                    "LB_VIPS",
+                    "LB_VIP_CONFIG",
                 ],
             );
         },
@@ -293,10 +301,459 @@ fn a_pinned_map_with_another_layout_is_replaced_not_reused() {
             "pinned",
             node.pins
                 .path()
-                .join(format!("v{}/LB_VIPS", lbagent_common::PIN_LAYOUT_VERSION))
+                .join(format!(
+                    "v{}/LB_VIP_CONFIG",
+                    lbagent_common::PIN_LAYOUT_VERSION
+                ))
                 .to_str()
                 .unwrap(),
         ],
     );
-    assert!(info.contains("\"bytes_value\":8"), "{info}");
+    assert!(info.contains("\"type\":\"array\""), "{info}");
+    assert!(info.contains("\"bytes_value\":24"), "{info}");
+}
+
+/// A second veth pair between the two namespaces: `eth1`, 10.201.0.1 (client) and
+/// 10.201.0.2 (node). Returns the node side's ifindex.
+fn add_eth1(pair: &Pair) -> u32 {
+    lbagent_tests::run_ok(
+        "ip",
+        &[
+            "link",
+            "add",
+            "eth1",
+            "netns",
+            pair.client.name(),
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth1",
+            "netns",
+            pair.node.name(),
+        ],
+    );
+    for (ns, address) in [
+        (&pair.client, "10.201.0.1/24"),
+        (&pair.node, "10.201.0.2/24"),
+    ] {
+        ns.ip(&["addr", "add", address, "dev", "eth1"]);
+        ns.ip(&["link", "set", "eth1", "up"]);
+    }
+    let json = pair.node.ip(&["-j", "link", "show", "dev", "eth1"]);
+    let links: serde_json::Value = serde_json::from_str(&json).unwrap();
+    links[0]["ifindex"].as_u64().unwrap() as u32
+}
+
+fn log_has(agent: &Agent, needle: &str) -> bool {
+    wait_until(Duration::from_secs(5), || agent.log().contains(needle))
+}
+
+#[test]
+fn listed_interfaces_get_the_program_when_they_appear_and_lose_their_pins_when_they_vanish() {
+    let node = Node::start_with(
+        &format!("services:\n- {{name: web, addresses: [{VIP4}], ports: [{{port: 8080}}]}}\n"),
+        ", interfaces: [eth0, eth1]",
+        |_| {},
+    );
+    let _servers = Servers::start(&node.pair.node, &[addr(8080), addr(9090)], &[]);
+    node.wait_policy();
+    assert!(
+        log_has(
+            &node.agent,
+            "interface not present; it gets the XDP program when it appears iface=eth1"
+        ),
+        "{}",
+        node.agent.log()
+    );
+    assert!(lbagent_tests::xdp_on(&node.pair.node, "eth0").is_some());
+
+    // eth1 appears, and the client reaches the address through it.
+    let ifindex = add_eth1(&node.pair);
+    node.pair.client.ip(&[
+        "route",
+        "replace",
+        &format!("{VIP4}/32"),
+        "via",
+        "10.201.0.2",
+    ]);
+    assert!(
+        log_has(
+            &node.agent,
+            "interface appeared: XDP program attached iface=eth1"
+        ),
+        "{}",
+        node.agent.log()
+    );
+    let program = lbagent_tests::xdp_on(&node.pair.node, "eth1").expect("attached to eth1");
+    assert_eq!(program.name, "lbagent_xdp");
+    assert!(
+        tcp_ok(&node.pair.client, addr(8080)),
+        "served port through eth1"
+    );
+    let port_drops = node.drops()["port"].as_u64().unwrap_or(0);
+    assert!(
+        !tcp_ok(&node.pair.client, addr(9090)),
+        "the policy holds on eth1"
+    );
+    assert!(node.drops()["port"].as_u64().unwrap_or(0) > port_drops);
+    let pin = |prefix: &str| {
+        node.pins.pinned_files().into_iter().any(|path| {
+            path.to_string_lossy().ends_with(&format!("_if{ifindex}"))
+                && path.to_string_lossy().contains(prefix)
+        })
+    };
+    assert!(
+        pin("/xdp_ns") && pin("/tc_ns"),
+        "{:?}",
+        node.pins.pinned_files()
+    );
+
+    // eth1 vanishes: its pins go, eth0 keeps its program and the policy.
+    node.pair.node.ip(&["link", "del", "eth1"]);
+    assert!(
+        log_has(
+            &node.agent,
+            "interface vanished: its XDP link pins are removed iface=eth1"
+        ),
+        "{}",
+        node.agent.log()
+    );
+    assert!(
+        !pin("/xdp_ns") && !pin("/tc_ns"),
+        "{:?}",
+        node.pins.pinned_files()
+    );
+    node.pair.client.ip(&[
+        "route",
+        "replace",
+        &format!("{VIP4}/32"),
+        "via",
+        Pair::NODE_V4,
+    ]);
+    assert!(tcp_ok(&node.pair.client, addr(8080)));
+    assert!(!tcp_ok(&node.pair.client, addr(9090)));
+    assert!(lbagent_tests::xdp_on(&node.pair.node, "eth0").is_some());
+}
+
+#[test]
+fn an_interface_that_gains_a_default_route_gets_the_program() {
+    let node = Node::start(&format!(
+        "services:\n- {{name: web, addresses: [{VIP4}], ports: [{{port: 8080}}]}}\n"
+    ));
+    node.wait_policy();
+    add_eth1(&node.pair);
+    // Not yet a default-route interface: left alone.
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(lbagent_tests::xdp_on(&node.pair.node, "eth1"), None);
+
+    node.pair.node.ip(&[
+        "route",
+        "add",
+        "default",
+        "via",
+        "10.201.0.1",
+        "dev",
+        "eth1",
+        "metric",
+        "200",
+    ]);
+    assert!(
+        log_has(
+            &node.agent,
+            "interface appeared: XDP program attached iface=eth1"
+        ),
+        "{}",
+        node.agent.log()
+    );
+    assert!(lbagent_tests::xdp_on(&node.pair.node, "eth1").is_some());
+    assert!(lbagent_tests::xdp_on(&node.pair.node, "eth0").is_some());
+}
+
+#[test]
+fn bpftool_prints_named_fields_for_every_map() {
+    const VIP6: &str = "2001:db8:ff::10";
+    let node = Node::start(&format!(
+        "services:\n- {{name: web, addresses: [{VIP4}, {VIP6}], ports: [{{port: 8080}}], sourceRanges: [10.200.0.0/24, fd00:200::/64]}}\n"
+    ));
+    let _servers = Servers::start(&node.pair.node, &[addr(8080)], &[]);
+    node.wait_policy();
+    assert!(tcp_ok(&node.pair.client, addr(8080)));
+
+    let dump = |map: &str| -> Vec<serde_json::Value> {
+        let path = node
+            .pins
+            .path()
+            .join(format!("v{}", lbagent_common::PIN_LAYOUT_VERSION))
+            .join(map);
+        let json = lbagent_tests::run_ok(
+            "bpftool",
+            &["-j", "map", "dump", "pinned", path.to_str().unwrap()],
+        );
+        // Only the BTF-formatted half: the raw bytes beside it are most of the text.
+        #[derive(serde::Deserialize)]
+        struct Entry {
+            formatted: serde_json::Value,
+        }
+        let entries: Vec<Entry> = serde_json::from_str(&json).expect("bpftool json");
+        entries.into_iter().map(|entry| entry.formatted).collect()
+    };
+    let octets = |value: &serde_json::Value| -> Vec<u64> {
+        value
+            .as_array()
+            .unwrap_or_else(|| panic!("an array of bytes: {value}"))
+            .iter()
+            .map(|b| b.as_u64().unwrap())
+            .collect()
+    };
+    let mut seen = Vec::new();
+    for map in lbagent_common::maps::ALL {
+        let entries = dump(map);
+        assert!(!entries.is_empty(), "{map}: no formatted entries");
+        // Every map has at least one live entry, and it reads as named fields.
+        let live = entries.iter().any(|e| match map {
+            "LB_VIPS_V4" | "LB_VIPS_V6" | "LB_PORTS" => e["value"]["ways"]
+                .as_array()
+                .expect("named field ways")
+                .iter()
+                .any(|way| {
+                    way["slot"].as_u64().expect("named field slot") != 0 && way["key"].is_u64()
+                }),
+            "LB_VIP_CONFIG" => {
+                let v = &e["value"];
+                let addr = octets(&v["addr"]);
+                match v["family"].as_u64().expect("named field family") {
+                    4 => addr[..4] == [203, 0, 113, 10] && v["flags"] == 1,
+                    6 => addr[..2] == [0x20, 0x01] && v["fragment_ranges"].as_u64() > Some(0),
+                    _ => false,
+                }
+            }
+            "LB_PORT_CONFIG" => {
+                let v = &e["value"];
+                v["port"] == 8080
+                    && v["protocol"] == 6
+                    && v["vip"].as_u64() > Some(0)
+                    && v["ranges"].as_u64() > Some(0)
+            }
+            "LB_VIP_STATS" | "LB_PORT_STATS" => e["values"]
+                .as_array()
+                .expect("per-CPU values")
+                .iter()
+                .any(|cpu| {
+                    cpu["value"]["packets"]
+                        .as_u64()
+                        .expect("named field packets")
+                        > 0
+                        && cpu["value"]["bytes"].as_u64().expect("named field bytes") > 0
+                }),
+            "LB_RANGES_V4" | "LB_RANGES_V6" => {
+                let key = &e["key"];
+                let addr = octets(&key["data"]["addr"]);
+                key["prefix_len"].as_u64().expect("named field prefix_len") > 32
+                    && octets(&key["data"]["set"]).len() == 4
+                    && (addr[..3] == [10, 200, 0] || addr[..2] == [0xfd, 0x00])
+            }
+            other => panic!("a map this test does not know: {other}"),
+        });
+        assert!(live, "{map}: no live entry with the expected named fields");
+        seen.push(map);
+    }
+    assert_eq!(seen.len(), 9);
+}
+
+#[test]
+fn an_interface_that_refuses_the_program_is_named_with_the_fallback_and_the_rest_works() {
+    let node = Node::start_with(
+        &format!("services:\n- {{name: web, addresses: [{VIP4}], ports: [{{port: 8080}}]}}\n"),
+        // An ifb has no native XDP: driver mode alone is refused there.
+        ", mode: driver, interfaces: [ifb9, eth0]",
+        |_| {},
+    );
+    let _servers = Servers::start(&node.pair.node, &[addr(8080), addr(9090)], &[]);
+    // ifb9 appears as the agent starts: whichever pass sees it first reports the refusal.
+    node.pair.node.ip(&["link", "add", "ifb9", "type", "ifb"]);
+    node.pair.node.ip(&["link", "set", "ifb9", "up"]);
+    node.wait_policy();
+    assert!(
+        log_has(&node.agent, "driver-mode XDP refused on ifb9"),
+        "{}",
+        node.agent.log()
+    );
+    let log = node.agent.log();
+    let line = log
+        .lines()
+        .find(|line| line.contains("driver-mode XDP refused on ifb9"))
+        .unwrap();
+    assert!(
+        line.contains("iface=ifb9") && line.contains("continuing without it"),
+        "{line}"
+    );
+    assert_eq!(lbagent_tests::xdp_on(&node.pair.node, "ifb9"), None);
+    // Everything else goes on: eth0 has the program in driver mode and filters.
+    let eth0 = lbagent_tests::xdp_on(&node.pair.node, "eth0").expect("attached");
+    assert_eq!(eth0.mode, "driver");
+    assert!(tcp_ok(&node.pair.client, addr(8080)));
+    assert!(!tcp_ok(&node.pair.client, addr(9090)));
+    assert!(node.drops()["port"].as_u64().unwrap_or(0) >= 1);
+}
+
+#[test]
+fn what_a_killed_writer_left_half_written_is_cleared_by_the_next_one() {
+    use lbagent_common::{PIN_LAYOUT_VERSION, buckets_of, maps, vip4_key};
+    let pair = Pair::new(&[]);
+    let pins = PinRoot::new();
+    lbagent(&pair.node, &pins, &["attach", "eth0"]).assert_ok();
+    let map = |name: &str| {
+        pins.path()
+            .join(format!("v{PIN_LAYOUT_VERSION}"))
+            .join(name)
+            .to_string_lossy()
+            .into_owned()
+    };
+    let bytes = |data: &[u8]| data.iter().map(|b| b.to_string()).collect::<Vec<_>>();
+    let update = |name: &str, key: &[u8], value: &[u8]| {
+        let mut args = vec![
+            "map".to_owned(),
+            "update".into(),
+            "pinned".into(),
+            map(name),
+        ];
+        args.push("key".into());
+        args.extend(bytes(key));
+        args.push("value".into());
+        args.extend(bytes(value));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        lbagent_tests::run_ok("bpftool", &args);
+    };
+    // A configuration no table entry reaches (killed before the entry was written)...
+    let mut config = [0u8; 24];
+    config[..4].copy_from_slice(&[192, 0, 2, 55]);
+    config[16] = 4;
+    update(maps::VIP_CONFIG, &500u32.to_le_bytes(), &config);
+    // ...and a table entry naming a slot that holds another key (killed before clearing it).
+    let key = vip4_key([192, 0, 2, 66]);
+    let bucket = buckets_of(key, maps::VIP_BUCKETS).0;
+    let mut value = [0u8; 64];
+    value[..8].copy_from_slice(&key.to_le_bytes());
+    value[8..12].copy_from_slice(&500u32.to_le_bytes());
+    update(maps::VIPS_V4, &bucket.to_le_bytes(), &value);
+
+    // The next writer repairs before it writes.
+    lbagent(&pair.node, &pins, &["vip", "add", VIP4]).assert_ok();
+    let lookup = |name: &str, key: u32| -> serde_json::Value {
+        let mut args = vec![
+            "-j".to_owned(),
+            "map".into(),
+            "lookup".into(),
+            "pinned".into(),
+        ];
+        args.push(map(name));
+        args.push("key".into());
+        args.extend(bytes(&key.to_le_bytes()));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let json = lbagent_tests::run_ok("bpftool", &args);
+        serde_json::from_str::<serde_json::Value>(&json).unwrap()["formatted"]["value"].clone()
+    };
+    assert_eq!(
+        lookup(maps::VIP_CONFIG, 500)["family"],
+        0,
+        "orphan slot freed"
+    );
+    assert!(
+        lookup(maps::VIPS_V4, bucket)["ways"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|way| way["key"] != key),
+        "stale entry cleared"
+    );
+    let counters = lbagent(&pair.node, &pins, &["counters", "-o", "json"]).assert_ok();
+    let json: serde_json::Value = serde_json::from_str(&counters.stdout).unwrap();
+    let listed: Vec<&str> = json["vips"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["address"].as_str().unwrap())
+        .collect();
+    assert_eq!(listed, [VIP4]);
+}
+
+#[test]
+fn an_upgrade_adopts_the_links_of_the_older_layout_without_a_gap_and_retires_its_pins() {
+    let version = lbagent_common::PIN_LAYOUT_VERSION;
+    let (old, new) = (format!("v{}", version - 1), format!("v{version}"));
+    // An older lbagent's attachment: its link (and maps) pinned under the previous
+    // version's directory, holding eth0. (A current attach, moved there.)
+    let pair = Pair::new(&[]);
+    pair.node
+        .ip(&["route", "add", "default", "via", Pair::CLIENT_V4]);
+    let pins = PinRoot::new();
+    lbagent(&pair.node, &pins, &["attach", "eth0"]).assert_ok();
+    let before = lbagent_tests::xdp_on(&pair.node, "eth0").expect("attached");
+    std::fs::rename(pins.path().join(&new), pins.path().join(&old)).unwrap();
+
+    // Pings to the node throughout the upgrade: not one may be lost.
+    let client = pair.client.name().to_owned();
+    let pings = std::thread::spawn(move || {
+        lbagent_tests::run(
+            "ip",
+            &[
+                "netns",
+                "exec",
+                &client,
+                "ping",
+                "-c",
+                "200",
+                "-i",
+                "0.01",
+                "-W",
+                "1",
+                "-q",
+                Pair::NODE_V4,
+            ],
+        )
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let dir = TempDir::new("lbt-dp");
+    dir.write(
+        "services.yaml",
+        &format!("services:\n- {{name: web, addresses: [{VIP4}], ports: [{{port: 8080}}]}}\n"),
+    );
+    dir.write(
+        "lbagent.yaml",
+        &format!(
+            "source: {{file: {{path: services.yaml}}}}\nstatus: {{path: {}}}\ndataplane: {{pinRoot: {}}}\n",
+            dir.path().join("status.json").display(),
+            pins.path().display()
+        ),
+    );
+    let agent = Agent::start(
+        &pair.node,
+        &dir.path().join("lbagent.yaml"),
+        dir.path().join("agent.log"),
+    );
+    assert!(
+        log_has(&agent, "adopting lbagent's link from another map layout"),
+        "{}",
+        agent.log()
+    );
+    let output = pings.join().unwrap();
+    let summary = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        summary.contains("200 packets transmitted, 200 received"),
+        "{summary}"
+    );
+    let after = lbagent_tests::xdp_on(&pair.node, "eth0").expect("still attached");
+    assert_ne!(
+        after.id,
+        before.id,
+        "the new program runs in the adopted link\n{}",
+        agent.log()
+    );
+    assert!(
+        wait_until(Duration::from_secs(3), || !pins.path().join(&old).exists()),
+        "the older layout's pins are retired: {:?}",
+        pins.pinned_files()
+    );
+    assert!(pins.path().join(&new).join("links").exists());
 }

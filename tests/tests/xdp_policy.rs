@@ -500,3 +500,65 @@ fn random_frames_only_pass_or_are_counted_drops() {
         );
     }
 }
+
+#[test]
+fn ports_that_do_not_fit_leave_their_address_counted_but_unfiltered_and_the_rest_applies() {
+    use lbagent::{
+        dataplane::{PortId, VipPolicy},
+        sinks::dataplane::{Entries, diff},
+    };
+    let mut h = Harness::new();
+    // Fill the port slots but two, with ports of an address that is not wanted.
+    let filler: IpAddr = "198.18.0.1".parse().unwrap();
+    h.add_vip(filler, false, 0);
+    let free = 2;
+    for port in 0..(lbagent_common::maps::MAX_PORTS - 1 - free) {
+        h.add_port(filler, proto::TCP, port as u16, 0);
+    }
+    let (first, second): (IpAddr, IpAddr) = ("203.0.113.5".parse().unwrap(), VIP4.into());
+    let port = |address, port| PortId {
+        address,
+        protocol: proto::TCP,
+        port,
+    };
+    let enforce = VipPolicy {
+        enforce: true,
+        fragment_ranges: 0,
+    };
+    // `first` needs one port and gets it; `second` needs three and gets one.
+    let wanted = Entries {
+        vips: [(first, enforce), (second, enforce)].into(),
+        ports: [
+            (port(first, 80), 0),
+            (port(second, 80), 0),
+            (port(second, 81), 0),
+            (port(second, 82), 0),
+        ]
+        .into(),
+        ranges: Default::default(),
+    };
+    let observed = h.sink().observe().unwrap();
+    let err = h
+        .sink()
+        .apply(&diff(&wanted, &observed))
+        .expect_err("two ports do not fit");
+    assert!(
+        err.to_string().starts_with("map LB_PORT_CONFIG is full"),
+        "{err}"
+    );
+    let tcp4 = |to: IpAddr, port: u16| {
+        let IpAddr::V4(to) = to else { unreachable!() };
+        Frame::ipv4(CLIENT4, to, proto::TCP, &tcp(port), Ipv4Options::default())
+    };
+    // `first` filters as asked; `second` is counted and passes everything.
+    check(&h, first, &tcp4(first, 80), Expect::Pass);
+    check(&h, first, &tcp4(first, 8443), Expect::Port);
+    check(&h, second, &tcp4(second, 8443), Expect::Pass);
+    // The filler went after the ports were tried; with the room it left, the next
+    // reconcile applies everything.
+    let observed = h.sink().observe().unwrap();
+    h.sink().apply(&diff(&wanted, &observed)).unwrap();
+    assert_eq!(h.sink().observe().unwrap(), wanted);
+    check(&h, second, &tcp4(second, 82), Expect::Pass);
+    check(&h, second, &tcp4(second, 8443), Expect::Port);
+}

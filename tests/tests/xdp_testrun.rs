@@ -157,3 +157,38 @@ fn truncated_frames_pass_and_count_only_with_a_whole_ip_header() {
         }
     }
 }
+
+#[test]
+fn a_full_address_map_refuses_one_more_by_name_and_the_others_keep_counting() {
+    let mut h = Harness::new();
+    let capacity = lbagent_common::maps::MAX_VIPS - 1;
+    let address = |i: u32| IpAddr::from(Ipv4Addr::from(0x6440_0000 + i));
+    for i in 0..capacity {
+        h.maps()
+            .add_vip(address(i), Default::default())
+            .unwrap_or_else(|err| panic!("address {i}: {err}"));
+    }
+    let extra = IpAddr::from(VIP4);
+    let err = h
+        .maps()
+        .add_vip(extra, Default::default())
+        .expect_err("one more than the capacity");
+    assert_eq!(
+        err.to_string(),
+        format!("map LB_VIP_CONFIG is full ({capacity} entries): {extra} was not added")
+    );
+    // Its traffic passes uncounted; the others' is counted.
+    h.run_pass(&Frame::udp4(CLIENT4, VIP4, 10).bytes());
+    let last = address(capacity - 1);
+    let IpAddr::V4(last4) = last else {
+        unreachable!()
+    };
+    h.run_pass(&Frame::udp4(CLIENT4, last4, 10).bytes());
+    assert_eq!(h.counted(last).0, 1);
+    // A removed address frees its slot for the next one, whose counters start at zero.
+    assert!(h.maps().remove_vip(last).unwrap());
+    h.maps().add_vip(extra, Default::default()).unwrap();
+    assert_eq!(h.counted(extra), (0, 0));
+    h.run_pass(&Frame::udp4(CLIENT4, VIP4, 10).bytes());
+    assert_eq!(h.counted(extra).0, 1);
+}

@@ -5,8 +5,10 @@
 //! command) leaves traffic handled. New objects are pinned only once the attach has worked,
 //! so a refused attach leaves nothing behind.
 
+mod follow;
 pub mod inspect;
 mod pins;
+mod tables;
 mod vips;
 
 use std::{io, os::unix::fs::MetadataExt as _, path::PathBuf};
@@ -23,12 +25,14 @@ use aya::{
     },
 };
 use lbagent_common::{
-    PortKey, PortPolicy, PortStats, RangeKeyV4, RangeKeyV6, TC_EGRESS_PROGRAM, VipConfig, VipKey,
-    VipStats, XDP_PROGRAM, maps,
+    Bucket, PortConfig, PortStats, RangeKeyV4, RangeKeyV6, TC_EGRESS_PROGRAM, VipConfig, VipStats,
+    XDP_PROGRAM, maps,
 };
 use tracing::{info, warn};
 
+pub use follow::start;
 pub use pins::{PinLayout, XdpLinkPin};
+pub use tables::{Maps, PortEntry, PortId, VipEntry, VipPolicy};
 pub use vips::{VipCounters, VipTable};
 
 /// The eBPF object built by `build.rs`, with BTF.
@@ -57,12 +61,10 @@ pub enum DataplaneError {
         "interface {iface} already has an XDP program that lbagent did not attach; remove it first (`ip link set dev {iface} xdp off`)"
     )]
     ForeignXdpProgram { iface: String },
-    #[error("driver-mode XDP refused on {iface}: {source}")]
-    DriverModeRefused {
-        iface: String,
-        #[source]
-        source: ProgramError,
-    },
+    // The kernel's reason is in the message, so it is not also a source: printed chains
+    // would say it twice.
+    #[error("driver-mode XDP refused on {iface}: {}", syscall_detail(error))]
+    DriverModeRefused { iface: String, error: ProgramError },
     #[error("lbagent has no XDP program attached to {iface}")]
     NotAttached { iface: String },
     #[error(
@@ -75,11 +77,21 @@ pub enum DataplaneError {
         path.display()
     )]
     IncompatibleMap { path: PathBuf, detail: String },
-    #[error("the address map is full ({capacity} addresses); {address} was not added")]
-    VipMapFull {
-        address: std::net::IpAddr,
+    #[error("map {map} is full ({capacity} entries): {what} was not added")]
+    MapFull {
+        map: &'static str,
+        what: String,
         capacity: u32,
     },
+    #[error("map {map} has no free way in either bucket of {what}, which was not added")]
+    TableFull { map: &'static str, what: String },
+    #[error("{what} is not in the dataplane's maps")]
+    NotInMaps { what: String },
+    #[error(
+        "another lbagent process is changing the maps in {} (the running agent?); stop it or let it do the change",
+        dir.display()
+    )]
+    Busy { dir: PathBuf },
     #[error("loading the eBPF object: {0}")]
     Load(#[from] aya::EbpfError),
     #[error("eBPF program {XDP_PROGRAM}: {0}")]
@@ -136,52 +148,54 @@ struct MapSpec {
     key_size: usize,
     value_size: usize,
     max_entries: u32,
+    flags: u32,
 }
 
-const MAP_SPECS: [MapSpec; 6] = [
+const fn array<T>(name: &'static str, max_entries: u32) -> MapSpec {
     MapSpec {
-        name: maps::VIPS,
-        map_type: MapType::Hash,
-        key_size: size_of::<VipKey>(),
-        value_size: size_of::<VipConfig>(),
-        max_entries: maps::MAX_VIPS,
-    },
+        name,
+        map_type: MapType::Array,
+        key_size: 4,
+        value_size: size_of::<T>(),
+        max_entries,
+        flags: maps::MMAPABLE,
+    }
+}
+
+const fn per_cpu_array<T>(name: &'static str, max_entries: u32) -> MapSpec {
     MapSpec {
-        name: maps::VIP_STATS,
-        map_type: MapType::PerCpuHash,
-        key_size: size_of::<VipKey>(),
-        value_size: size_of::<VipStats>(),
-        max_entries: maps::MAX_VIPS,
-    },
+        name,
+        map_type: MapType::PerCpuArray,
+        key_size: 4,
+        value_size: size_of::<T>(),
+        max_entries,
+        flags: 0,
+    }
+}
+
+const fn trie<K>(name: &'static str) -> MapSpec {
     MapSpec {
-        name: maps::PORTS,
-        map_type: MapType::Hash,
-        key_size: size_of::<PortKey>(),
-        value_size: size_of::<PortPolicy>(),
-        max_entries: maps::MAX_PORTS,
-    },
-    MapSpec {
-        name: maps::PORT_STATS,
-        map_type: MapType::PerCpuHash,
-        key_size: size_of::<PortKey>(),
-        value_size: size_of::<PortStats>(),
-        max_entries: maps::MAX_PORTS,
-    },
-    MapSpec {
-        name: maps::RANGES_V4,
+        name,
         map_type: MapType::LpmTrie,
         // The kernel's key is the 4-byte prefix length and the data.
-        key_size: 4 + size_of::<RangeKeyV4>(),
+        key_size: 4 + size_of::<K>(),
         value_size: 1,
         max_entries: maps::MAX_RANGES,
-    },
-    MapSpec {
-        name: maps::RANGES_V6,
-        map_type: MapType::LpmTrie,
-        key_size: 4 + size_of::<RangeKeyV6>(),
-        value_size: 1,
-        max_entries: maps::MAX_RANGES,
-    },
+        // BPF_F_NO_PREALLOC, which the kernel requires of a trie.
+        flags: 1,
+    }
+}
+
+const MAP_SPECS: [MapSpec; 9] = [
+    array::<Bucket>(maps::VIPS_V4, maps::VIP_BUCKETS),
+    array::<Bucket>(maps::VIPS_V6, maps::VIP_BUCKETS),
+    array::<VipConfig>(maps::VIP_CONFIG, maps::MAX_VIPS),
+    per_cpu_array::<VipStats>(maps::VIP_STATS, maps::MAX_VIPS),
+    array::<Bucket>(maps::PORTS, maps::PORT_BUCKETS),
+    array::<PortConfig>(maps::PORT_CONFIG, maps::MAX_PORTS),
+    per_cpu_array::<PortStats>(maps::PORT_STATS, maps::MAX_PORTS),
+    trie::<RangeKeyV4>(maps::RANGES_V4),
+    trie::<RangeKeyV6>(maps::RANGES_V6),
 ];
 
 /// Attaches the XDP program to `iface`, reusing the pinned maps if there are any, and the tc
@@ -196,6 +210,9 @@ pub fn attach(pins: &PinLayout, iface: &str, mode: AttachMode) -> Result<Attache
     let program = xdp_program(&mut ebpf)?;
 
     let link_pin = pins.xdp_link(link);
+    if !link_pin.exists() {
+        adopt_older_link(pins, link)?;
+    }
     if link_pin.exists() {
         let existing = XdpLink::try_from(FdLink::from(PinnedLink::from_pin(&link_pin)?))?;
         program.attach_to_link(existing)?;
@@ -204,6 +221,7 @@ pub fn attach(pins: &PinLayout, iface: &str, mode: AttachMode) -> Result<Attache
             ifindex, "replaced the XDP program in lbagent's existing link"
         );
         attach_egress(&mut ebpf, pins, iface, link, &mut Rollback::default());
+        retire_other_versions(pins);
         return Ok(Attached {
             iface: iface.to_owned(),
             ifindex,
@@ -220,20 +238,7 @@ pub fn attach(pins: &PinLayout, iface: &str, mode: AttachMode) -> Result<Attache
     let mut made = Rollback::default();
     create_dir(pins.links_dir(), &mut made)?;
     if !maps_pinned {
-        for spec in &MAP_SPECS {
-            let path = pins.map(spec.name);
-            let map = ebpf.map(spec.name).ok_or(DataplaneError::Map {
-                name: spec.name,
-                source: MapError::InvalidName {
-                    name: spec.name.to_owned(),
-                },
-            })?;
-            map.pin(&path).map_err(|source| DataplaneError::Pin {
-                path: path.clone(),
-                source,
-            })?;
-            made.paths.push(path);
-        }
+        pin_maps(&ebpf, pins, &mut made)?;
     }
     xdp_link
         .pin(&link_pin)
@@ -251,6 +256,142 @@ pub fn attach(pins: &PinLayout, iface: &str, mode: AttachMode) -> Result<Attache
         mode: Some(mode),
         replaced: false,
     })
+}
+
+/// Moves this interface's links from another layout version's directory into this one's,
+/// so that the program is swapped inside them like after any restart: an upgrade leaves no
+/// moment without a program (a new attach would be refused while the old link holds the
+/// interface).
+fn adopt_older_link(pins: &PinLayout, link: XdpLinkPin) -> Result<(), DataplaneError> {
+    for old in pins.other_versions()? {
+        let old_pin = old.xdp_link(link);
+        if !old_pin.exists() {
+            continue;
+        }
+        let links_dir = pins.links_dir();
+        std::fs::create_dir_all(&links_dir).map_err(|source| DataplaneError::Io {
+            path: links_dir,
+            source,
+        })?;
+        for (from, to) in [
+            (old_pin, pins.xdp_link(link)),
+            (old.tc_link(link), pins.tc_link(link)),
+        ] {
+            if from.exists() {
+                std::fs::rename(&from, &to)
+                    .map_err(|source| DataplaneError::Io { path: from, source })?;
+            }
+        }
+        info!(
+            ifindex = link.ifindex,
+            from = old.version(),
+            to = pins.version(),
+            "adopting lbagent's link from another map layout"
+        );
+        return Ok(());
+    }
+    Ok(())
+}
+
+/// Removes what other layout versions left once none of their XDP links is left: their
+/// maps serve no program any more. Best effort: a failure is logged, nothing else.
+fn retire_other_versions(pins: &PinLayout) {
+    let others = match pins.other_versions() {
+        Ok(others) => others,
+        Err(err) => {
+            warn!(%err, "cannot look for pins of other map layouts");
+            return;
+        }
+    };
+    for old in others {
+        if !matches!(old.pinned_xdp_links(), Ok(links) if links.is_empty()) {
+            continue;
+        }
+        match remove_everything(&old) {
+            Ok(()) => info!(dir = %old.dir().display(), "removed the pins of an older map layout"),
+            Err(err) => {
+                warn!(dir = %old.dir().display(), %err, "cannot remove the pins of another map layout")
+            }
+        }
+    }
+}
+
+/// Unpins every link and removes every pin and directory of one layout version.
+fn remove_everything(layout: &PinLayout) -> Result<(), DataplaneError> {
+    for link in layout.pinned_xdp_links()? {
+        unpin_link(&layout.xdp_link(link))?;
+    }
+    for link in layout.pinned_tc_links()? {
+        unpin_link(&layout.tc_link(link))?;
+    }
+    for dir in [layout.links_dir(), layout.dir()] {
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(entries) => entries,
+            Err(err) if err.kind() == io::ErrorKind::NotFound => continue,
+            Err(source) => return Err(DataplaneError::Io { path: dir, source }),
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path.is_file() {
+                std::fs::remove_file(&path).map_err(|source| DataplaneError::Io {
+                    path: path.clone(),
+                    source,
+                })?;
+            }
+        }
+        match std::fs::remove_dir(&dir) {
+            Ok(()) => {}
+            Err(err) if err.kind() == io::ErrorKind::NotFound => {}
+            Err(source) => return Err(DataplaneError::Io { path: dir, source }),
+        }
+    }
+    Ok(())
+}
+
+/// Creates and pins the maps unless they are pinned already, without attaching anything:
+/// the agent's maps exist (and the reconciler can fill them) before any interface does.
+pub fn prepare(pins: &PinLayout) -> Result<(), DataplaneError> {
+    pins.check_bpffs()?;
+    if maps_pinned(pins)? {
+        return Ok(());
+    }
+    let ebpf = load(pins, false)?;
+    let mut made = Rollback::default();
+    create_dir(pins.dir(), &mut made)?;
+    pin_maps(&ebpf, pins, &mut made)?;
+    made.commit();
+    Ok(())
+}
+
+fn pin_maps(ebpf: &Ebpf, pins: &PinLayout, made: &mut Rollback) -> Result<(), DataplaneError> {
+    for spec in &MAP_SPECS {
+        let path = pins.map(spec.name);
+        let map = ebpf.map(spec.name).ok_or(DataplaneError::Map {
+            name: spec.name,
+            source: MapError::InvalidName {
+                name: spec.name.to_owned(),
+            },
+        })?;
+        map.pin(&path).map_err(|source| DataplaneError::Pin {
+            path: path.clone(),
+            source,
+        })?;
+        made.paths.push(path);
+    }
+    Ok(())
+}
+
+/// Removes the link pins of an interface that is gone (the kernel detached its programs
+/// when it went). The maps stay: they serve the other interfaces, and the next one.
+pub fn forget(pins: &PinLayout, link: XdpLinkPin) -> Result<(), DataplaneError> {
+    for path in [pins.xdp_link(link), pins.tc_link(link)] {
+        match std::fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(err) if err.kind() == io::ErrorKind::NotFound => {}
+            Err(source) => return Err(DataplaneError::Io { path, source }),
+        }
+    }
+    Ok(())
 }
 
 /// Attaches (or, after a restart, swaps in place) the tc egress counter next to the XDP
@@ -346,6 +487,11 @@ pub fn detach_all(pins: &PinLayout) -> Result<Detached, DataplaneError> {
     for link in pins.pinned_tc_links()? {
         unpin_link(&pins.tc_link(link))?;
     }
+    let mut links = links;
+    for old in pins.other_versions()? {
+        links.extend(old.pinned_xdp_links()?);
+        remove_everything(&old)?;
+    }
     let maps_removed = remove_maps(pins)?;
     Ok(Detached {
         links,
@@ -401,9 +547,9 @@ fn attach_new(
         AttachMode::Driver => match program.attach_to_if_index(ifindex, XdpMode::Driver) {
             Ok(id) => Ok((id, AttachMode::Driver)),
             Err(err) if is_busy(&err) => Err(foreign(err)),
-            Err(source) => Err(DataplaneError::DriverModeRefused {
+            Err(error) => Err(DataplaneError::DriverModeRefused {
                 iface: iface.to_owned(),
-                source,
+                error,
             }),
         },
         AttachMode::Auto => match program.attach_to_if_index(ifindex, XdpMode::Driver) {
@@ -412,7 +558,7 @@ fn attach_new(
             Err(err) => {
                 warn!(
                     iface,
-                    error = %err,
+                    error = %syscall_detail(&err),
                     "driver-mode XDP refused; falling back to generic mode"
                 );
                 program
@@ -421,6 +567,14 @@ fn attach_new(
                     .map_err(foreign)
             }
         },
+    }
+}
+
+/// A failed syscall with the kernel's reason (aya's message names only the call).
+fn syscall_detail(err: &ProgramError) -> String {
+    match err {
+        ProgramError::SyscallError(err) => format!("{}: {}", err, err.io_error),
+        other => other.to_string(),
     }
 }
 
@@ -452,26 +606,30 @@ fn maps_pinned(pins: &PinLayout) -> Result<bool, DataplaneError> {
             info.key_size() as usize,
             info.value_size() as usize,
             info.max_entries(),
+            info.map_flags(),
         );
         let expected = (
             Some(spec.map_type),
             spec.key_size,
             spec.value_size,
             spec.max_entries,
+            spec.flags,
         );
         if found != expected {
             return Err(DataplaneError::IncompatibleMap {
                 path,
                 detail: format!(
-                    "type/key/value/entries {:?}/{}/{}/{}, expected {:?}/{}/{}/{}",
+                    "type/key/value/entries/flags {:?}/{}/{}/{}/{:#x}, expected {:?}/{}/{}/{}/{:#x}",
                     found.0,
                     found.1,
                     found.2,
                     found.3,
+                    found.4,
                     expected.0,
                     expected.1,
                     expected.2,
-                    expected.3
+                    expected.3,
+                    expected.4
                 ),
             });
         }

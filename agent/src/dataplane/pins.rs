@@ -20,21 +20,62 @@ use super::DataplaneError;
 #[derive(Clone, Debug)]
 pub struct PinLayout {
     root: PathBuf,
+    version: u32,
 }
 
 impl PinLayout {
     pub const DEFAULT_ROOT: &'static str = "/sys/fs/bpf/lbagent";
 
     pub fn new(root: impl Into<PathBuf>) -> Self {
-        Self { root: root.into() }
+        Self {
+            root: root.into(),
+            version: PIN_LAYOUT_VERSION,
+        }
     }
 
     pub fn root(&self) -> &Path {
         &self.root
     }
 
+    pub fn version(&self) -> u32 {
+        self.version
+    }
+
     pub fn dir(&self) -> PathBuf {
-        self.root.join(format!("v{PIN_LAYOUT_VERSION}"))
+        self.root.join(format!("v{}", self.version))
+    }
+
+    /// The layouts of other versions under the same root: what an older (or newer) lbagent
+    /// left there.
+    pub fn other_versions(&self) -> Result<Vec<PinLayout>, DataplaneError> {
+        let entries = match std::fs::read_dir(&self.root) {
+            Ok(entries) => entries,
+            Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(source) => {
+                return Err(DataplaneError::Io {
+                    path: self.root.clone(),
+                    source,
+                });
+            }
+        };
+        let mut others = Vec::new();
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let version = name
+                .to_str()
+                .and_then(|n| n.strip_prefix('v'))
+                .and_then(|n| n.parse::<u32>().ok());
+            if let Some(version) = version
+                && version != self.version
+            {
+                others.push(PinLayout {
+                    root: self.root.clone(),
+                    version,
+                });
+            }
+        }
+        others.sort_by_key(|layout| layout.version);
+        Ok(others)
     }
 
     pub fn map(&self, name: &str) -> PathBuf {

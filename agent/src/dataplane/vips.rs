@@ -2,10 +2,7 @@
 
 use std::net::IpAddr;
 
-use aya::maps::{HashMap, Map, MapData, MapError, PerCpuHashMap, PerCpuValues};
-use lbagent_common::{VipConfig, VipKey, VipStats, maps};
-
-use super::{DataplaneError, PinLayout, maps_pinned};
+use super::{DataplaneError, Maps, PinLayout, VipPolicy, maps_pinned};
 
 /// Totals for one address over all CPUs.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
@@ -29,10 +26,9 @@ pub struct Drops {
     pub malformed: u64,
 }
 
-/// Handle on the pinned maps of a loaded dataplane.
+/// Handle on the pinned maps of a loaded dataplane, for the `vip` and `counters` commands.
 pub struct VipTable {
-    vips: HashMap<MapData, VipKey, VipConfig>,
-    stats: PerCpuHashMap<MapData, VipKey, VipStats>,
+    maps: Maps,
 }
 
 impl VipTable {
@@ -41,118 +37,48 @@ impl VipTable {
         if !maps_pinned(pins)? {
             return Err(DataplaneError::NotLoaded { dir: pins.dir() });
         }
-        let open = |name: &'static str| {
-            MapData::from_pin(pins.map(name))
-                .and_then(Map::from_map_data)
-                .map_err(|source| DataplaneError::Map { name, source })
-        };
         Ok(Self {
-            vips: HashMap::try_from(open(maps::VIPS)?).map_err(map_err(maps::VIPS))?,
-            stats: PerCpuHashMap::try_from(open(maps::VIP_STATS)?)
-                .map_err(map_err(maps::VIP_STATS))?,
+            maps: Maps::open(pins)?,
         })
     }
 
-    /// Adds an address; `false` if it was there already (its counters are kept).
+    /// Adds an address (counted, no policy); `false` if it was there already (its counters
+    /// are kept).
     pub fn insert(&mut self, address: IpAddr) -> Result<bool, DataplaneError> {
-        let key = VipKey::from(address);
-        if self.contains(&key)? {
+        if self.maps.vip_slot(address).is_some() {
             return Ok(false);
         }
-        // Counters first: the program counts only into entries that exist, so once the
-        // address is visible every packet to it is counted.
-        let cpus = aya::util::nr_cpus().map_err(|(_, source)| DataplaneError::Io {
-            path: "/sys/devices/system/cpu/possible".into(),
-            source,
-        })?;
-        let zero = PerCpuValues::try_from(vec![VipStats::default(); cpus]).map_err(|source| {
-            DataplaneError::Io {
-                path: "/sys/devices/system/cpu/possible".into(),
-                source,
-            }
-        })?;
-        self.stats
-            .insert(key, zero, 0)
-            .map_err(full_or(address, maps::VIP_STATS))?;
-        if let Err(err) = self.vips.insert(key, VipConfig::default(), 0) {
-            let _ = self.stats.remove(&key);
-            return Err(full_or(address, maps::VIPS)(err));
-        }
+        self.maps.add_vip(address, VipPolicy::default())?;
         Ok(true)
     }
 
     /// Removes an address and its counters; `false` if it was not there.
     pub fn remove(&mut self, address: IpAddr) -> Result<bool, DataplaneError> {
-        let key = VipKey::from(address);
-        if !self.contains(&key)? {
-            return Ok(false);
-        }
-        self.vips.remove(&key).map_err(map_err(maps::VIPS))?;
-        match self.stats.remove(&key) {
-            Ok(()) | Err(MapError::KeyNotFound) => Ok(true),
-            Err(err) => Err(map_err(maps::VIP_STATS)(err)),
-        }
+        self.maps.remove_vip(address)
     }
 
     /// Counters of every address, summed over CPUs, ordered by address.
     pub fn counters(&self) -> Result<Vec<VipCounters>, DataplaneError> {
-        let mut counters = Vec::new();
-        for key in self.vips.keys() {
-            let key = key.map_err(map_err(maps::VIPS))?;
-            let Some(address) = key.ip() else { continue };
-            let mut total = VipCounters {
-                address,
-                packets: 0,
-                bytes: 0,
-                tx_packets: 0,
-                tx_bytes: 0,
-                drops: Drops::default(),
-            };
-            match self.stats.get(&key, 0) {
-                Ok(per_cpu) => {
-                    for s in per_cpu.iter() {
-                        total.packets += s.packets;
-                        total.bytes += s.bytes;
-                        total.tx_packets += s.tx_packets;
-                        total.tx_bytes += s.tx_bytes;
-                        total.drops.port += s.drop_port;
-                        total.drops.source += s.drop_source;
-                        total.drops.protocol += s.drop_protocol;
-                        total.drops.icmp += s.drop_icmp;
-                        total.drops.malformed += s.drop_malformed;
-                    }
-                }
-                Err(MapError::KeyNotFound) => {}
-                Err(err) => return Err(map_err(maps::VIP_STATS)(err)),
-            }
-            counters.push(total);
-        }
-        counters.sort_by_key(|c| c.address);
-        Ok(counters)
-    }
-
-    fn contains(&self, key: &VipKey) -> Result<bool, DataplaneError> {
-        match self.vips.get(key, 0) {
-            Ok(_) => Ok(true),
-            Err(MapError::KeyNotFound) => Ok(false),
-            Err(err) => Err(map_err(maps::VIPS)(err)),
-        }
-    }
-}
-
-fn map_err(name: &'static str) -> impl Fn(MapError) -> DataplaneError {
-    move |source| DataplaneError::Map { name, source }
-}
-
-/// E2BIG is how a full hash map refuses an insert.
-fn full_or(address: IpAddr, name: &'static str) -> impl Fn(MapError) -> DataplaneError {
-    move |source| match &source {
-        MapError::SyscallError(err) if err.io_error.raw_os_error() == Some(libc::E2BIG) => {
-            DataplaneError::VipMapFull {
-                address,
-                capacity: maps::MAX_VIPS,
-            }
-        }
-        _ => DataplaneError::Map { name, source },
+        self.maps
+            .vips()
+            .into_iter()
+            .map(|(address, entry)| {
+                let s = self.maps.vip_stats(entry.slot)?;
+                Ok(VipCounters {
+                    address,
+                    packets: s.packets,
+                    bytes: s.bytes,
+                    tx_packets: s.tx_packets,
+                    tx_bytes: s.tx_bytes,
+                    drops: Drops {
+                        port: s.drop_port,
+                        source: s.drop_source,
+                        protocol: s.drop_protocol,
+                        icmp: s.drop_icmp,
+                        malformed: s.drop_malformed,
+                    },
+                })
+            })
+            .collect()
     }
 }

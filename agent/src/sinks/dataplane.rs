@@ -3,33 +3,34 @@
 //! to `crate::dataplane`; this sink only keeps the map entries right.
 //!
 //! Changes are ordered so that no service that stays sees a moment without its entries:
-//! new range entries, counters and policies go in first, changed policies are updated in
-//! place, and only then does what is no longer wanted go.
+//! new range entries, addresses and ports go in first, changed policies are updated in
+//! place, and only then does what is no longer wanted go. A new address filters only once
+//! all its ports are in: until then it is counted and passes everything.
+//!
+//! An entry that does not fit (a full map) is named in the log with what happens instead,
+//! and the rest is applied: an address that does not fit passes unfiltered and uncounted;
+//! an address one of whose ports does not fit is counted but not filtered.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::IpAddr,
 };
 
-use aya::maps::{
-    HashMap, LpmTrie, Map, MapData, MapError, PerCpuHashMap, PerCpuValues, lpm_trie::Key,
-};
 use ipnet::IpNet;
-use lbagent_common::{
-    PortKey, PortPolicy, PortStats, RangeKeyV4, RangeKeyV6, VIP_ENFORCE, VipConfig, VipKey,
-    VipStats, maps, proto,
-};
+use lbagent_common::proto;
+use tracing::error;
 
 use crate::{
-    dataplane::{DataplaneError, PinLayout},
+    dataplane::{DataplaneError, Maps, PinLayout, PortId, VipPolicy},
     desired::{Desired, Protocol},
 };
 
 /// The map entries of a whole desired state (or of what the maps hold).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Entries {
-    pub vips: BTreeMap<VipKey, VipConfig>,
-    pub ports: BTreeMap<PortKey, PortPolicy>,
+    pub vips: BTreeMap<IpAddr, VipPolicy>,
+    /// The served ports, with the range set their sources must be in (0: any).
+    pub ports: BTreeMap<PortId, u32>,
     /// (set, range): a source range of a range set.
     pub ranges: BTreeSet<(u32, IpNet)>,
 }
@@ -42,7 +43,6 @@ pub fn entries(desired: &Desired, served: impl Fn(&IpAddr) -> bool) -> Entries {
         if !served(address) {
             continue;
         }
-        let vip = VipKey::from(*address);
         let mut enforce = false;
         // Later fragments carry no port: they may come from any source any of the
         // address's services admits. One service open to all opens them to all.
@@ -59,15 +59,19 @@ pub fn entries(desired: &Desired, served: impl Fn(&IpAddr) -> bool) -> Entries {
                 entries.ranges.insert((set, *range));
             }
             for port in &policy.ports {
-                let key = PortKey::new(vip, protocol_number(port.protocol), port.port);
+                let key = PortId {
+                    address: *address,
+                    protocol: protocol_number(port.protocol),
+                    port: port.port,
+                };
                 // Two services on one address and port: the sources of either pass.
                 let merged = match entries.ports.get(&key) {
-                    Some(existing) if existing.ranges == 0 || set == 0 => 0,
-                    Some(existing) if existing.ranges != set => {
+                    Some(existing) if *existing == 0 || set == 0 => 0,
+                    Some(existing) if *existing != set => {
                         let mut union: BTreeSet<IpNet> = entries
                             .ranges
                             .iter()
-                            .filter(|(s, _)| *s == existing.ranges)
+                            .filter(|(s, _)| s == existing)
                             .map(|(_, r)| *r)
                             .collect();
                         union.extend(policy.source_ranges.iter().copied());
@@ -77,7 +81,7 @@ pub fn entries(desired: &Desired, served: impl Fn(&IpAddr) -> bool) -> Entries {
                     }
                     _ => set,
                 };
-                entries.ports.insert(key, PortPolicy { ranges: merged });
+                entries.ports.insert(key, merged);
             }
         }
         let fragment_ranges = match fragment_ranges {
@@ -89,9 +93,9 @@ pub fn entries(desired: &Desired, served: impl Fn(&IpAddr) -> bool) -> Entries {
             _ => 0,
         };
         entries.vips.insert(
-            vip,
-            VipConfig {
-                flags: if enforce { VIP_ENFORCE } else { 0 },
+            *address,
+            VipPolicy {
+                enforce,
                 fragment_ranges,
             },
         );
@@ -133,10 +137,11 @@ fn protocol_number(protocol: Protocol) -> u8 {
 pub struct Changes {
     pub add_ranges: Vec<(u32, IpNet)>,
     /// New or changed addresses (new ones also get zeroed counters).
-    pub set_vips: Vec<(VipKey, VipConfig, bool)>,
-    pub set_ports: Vec<(PortKey, PortPolicy, bool)>,
-    pub remove_ports: Vec<PortKey>,
-    pub remove_vips: Vec<VipKey>,
+    pub set_vips: Vec<(IpAddr, VipPolicy, bool)>,
+    /// New or changed ports, with their range set.
+    pub set_ports: Vec<(PortId, u32, bool)>,
+    pub remove_ports: Vec<PortId>,
+    pub remove_vips: Vec<IpAddr>,
     pub remove_ranges: Vec<(u32, IpNet)>,
 }
 
@@ -187,173 +192,137 @@ pub fn diff(desired: &Entries, observed: &Entries) -> Changes {
 
 /// The pinned policy maps.
 pub struct DataplaneSink {
-    vips: HashMap<MapData, VipKey, VipConfig>,
-    vip_stats: PerCpuHashMap<MapData, VipKey, VipStats>,
-    ports: HashMap<MapData, PortKey, PortPolicy>,
-    port_stats: PerCpuHashMap<MapData, PortKey, PortStats>,
-    ranges_v4: LpmTrie<MapData, RangeKeyV4, u8>,
-    ranges_v6: LpmTrie<MapData, RangeKeyV6, u8>,
-    cpus: usize,
-}
-
-fn map_err(name: &'static str) -> impl Fn(MapError) -> DataplaneError {
-    move |source| DataplaneError::Map { name, source }
+    maps: Maps,
 }
 
 impl DataplaneSink {
     /// Opens the maps pinned by an attach.
     pub fn open(pins: &PinLayout) -> Result<Self, DataplaneError> {
-        let open = |name: &'static str| {
-            MapData::from_pin(pins.map(name))
-                .and_then(Map::from_map_data)
-                .map_err(map_err(name))
-        };
-        let cpus = aya::util::nr_cpus().map_err(|(_, source)| DataplaneError::Io {
-            path: "/sys/devices/system/cpu/possible".into(),
-            source,
-        })?;
-        Ok(Self {
-            vips: HashMap::try_from(open(maps::VIPS)?).map_err(map_err(maps::VIPS))?,
-            vip_stats: PerCpuHashMap::try_from(open(maps::VIP_STATS)?)
-                .map_err(map_err(maps::VIP_STATS))?,
-            ports: HashMap::try_from(open(maps::PORTS)?).map_err(map_err(maps::PORTS))?,
-            port_stats: PerCpuHashMap::try_from(open(maps::PORT_STATS)?)
-                .map_err(map_err(maps::PORT_STATS))?,
-            ranges_v4: LpmTrie::try_from(open(maps::RANGES_V4)?)
-                .map_err(map_err(maps::RANGES_V4))?,
-            ranges_v6: LpmTrie::try_from(open(maps::RANGES_V6)?)
-                .map_err(map_err(maps::RANGES_V6))?,
-            cpus,
-        })
+        Self::new(Maps::open(pins)?)
+    }
+
+    /// Writes through `maps`, which stay this sink's alone.
+    pub fn new(mut maps: Maps) -> Result<Self, DataplaneError> {
+        // Take the writer's lock now, so that a second writer is refused from the start.
+        maps.take_writer_lock()?;
+        Ok(Self { maps })
+    }
+
+    /// The maps this sink writes.
+    pub fn maps(&self) -> &Maps {
+        &self.maps
+    }
+
+    /// The maps this sink writes, for tests that set a scene.
+    pub fn maps_mut(&mut self) -> &mut Maps {
+        &mut self.maps
     }
 
     /// What the maps hold now.
     pub fn observe(&self) -> Result<Entries, DataplaneError> {
-        let mut entries = Entries::default();
-        for item in self.vips.iter() {
-            let (k, v) = item.map_err(map_err(maps::VIPS))?;
-            entries.vips.insert(k, v);
-        }
-        for item in self.ports.iter() {
-            let (k, v) = item.map_err(map_err(maps::PORTS))?;
-            entries.ports.insert(k, v);
-        }
-        for key in self.ranges_v4.keys() {
-            let key = key.map_err(map_err(maps::RANGES_V4))?;
-            let data = key.data();
-            if let Ok(net) = IpNet::new(
-                IpAddr::from(data.addr),
-                (key.prefix_len().saturating_sub(32)) as u8,
-            ) {
-                entries.ranges.insert((u32::from_be_bytes(data.set), net));
-            }
-        }
-        for key in self.ranges_v6.keys() {
-            let key = key.map_err(map_err(maps::RANGES_V6))?;
-            let data = key.data();
-            if let Ok(net) = IpNet::new(
-                IpAddr::from(data.addr),
-                (key.prefix_len().saturating_sub(32)) as u8,
-            ) {
-                entries.ranges.insert((u32::from_be_bytes(data.set), net));
-            }
-        }
-        Ok(entries)
+        Ok(Entries {
+            vips: self
+                .maps
+                .vips()
+                .into_iter()
+                .map(|(address, entry)| (address, entry.policy))
+                .collect(),
+            ports: self
+                .maps
+                .ports()
+                .into_iter()
+                .map(|(port, entry)| (port, entry.ranges))
+                .collect(),
+            ranges: self.maps.ranges()?,
+        })
     }
 
-    /// Applies `changes` in their safe order.
+    /// Applies `changes` in their safe order. An entry that cannot be written is logged with
+    /// its fallback and the rest still applied; the result names the first failure.
     pub fn apply(&mut self, changes: &Changes) -> Result<(), DataplaneError> {
+        let mut failures = Vec::new();
+        let maps = &mut self.maps;
         for (set, range) in &changes.add_ranges {
-            self.range(*set, *range, true)?;
-        }
-        for (key, config, new) in &changes.set_vips {
-            if *new {
-                let zero = PerCpuValues::try_from(vec![VipStats::default(); self.cpus]).map_err(
-                    |source| DataplaneError::Io {
-                        path: "per-cpu values".into(),
-                        source,
-                    },
-                )?;
-                self.vip_stats
-                    .insert(*key, zero, 0)
-                    .map_err(map_err(maps::VIP_STATS))?;
+            if let Err(err) = maps.set_range(*set, *range, true) {
+                error!(%err, "source range not added: its sources are refused until it fits");
+                failures.push(err);
             }
-            self.vips
-                .insert(*key, *config, 0)
-                .map_err(map_err(maps::VIPS))?;
         }
-        for (key, policy, new) in &changes.set_ports {
-            if *new {
-                let zero = PerCpuValues::try_from(vec![PortStats::default(); self.cpus]).map_err(
-                    |source| DataplaneError::Io {
-                        path: "per-cpu values".into(),
-                        source,
-                    },
-                )?;
-                self.port_stats
-                    .insert(*key, zero, 0)
-                    .map_err(map_err(maps::PORT_STATS))?;
+        // Addresses that filter once their ports are in.
+        let mut to_enforce = Vec::new();
+        for (address, policy, new) in &changes.set_vips {
+            let now = VipPolicy {
+                enforce: policy.enforce && !*new,
+                ..*policy
+            };
+            let result = if *new {
+                maps.add_vip(*address, now).map(|_| ())
+            } else {
+                maps.set_vip_policy(*address, now)
+            };
+            match result {
+                Ok(()) if policy.enforce && *new => to_enforce.push((*address, *policy)),
+                Ok(()) => {}
+                Err(err) => {
+                    error!(%address, %err, "LB address not in the dataplane: its traffic passes unfiltered and uncounted");
+                    failures.push(err);
+                }
             }
-            self.ports
-                .insert(*key, *policy, 0)
-                .map_err(map_err(maps::PORTS))?;
         }
-        for key in &changes.remove_ports {
-            ignore_missing(self.ports.remove(key)).map_err(map_err(maps::PORTS))?;
-            ignore_missing(self.port_stats.remove(key)).map_err(map_err(maps::PORT_STATS))?;
+        let mut unfiltered = BTreeSet::new();
+        for (port, ranges, new) in &changes.set_ports {
+            let result = if *new {
+                maps.add_port(*port, *ranges).map(|_| ())
+            } else {
+                maps.set_port_ranges(*port, *ranges)
+            };
+            if let Err(err) = result {
+                if maps.vip_slot(port.address).is_some() {
+                    error!(address = %port.address, %err, "port not in the dataplane: the address is counted but not filtered until it fits");
+                    unfiltered.insert(port.address);
+                }
+                failures.push(err);
+            }
         }
-        for key in &changes.remove_vips {
-            ignore_missing(self.vips.remove(key)).map_err(map_err(maps::VIPS))?;
-            ignore_missing(self.vip_stats.remove(key)).map_err(map_err(maps::VIP_STATS))?;
+        for (address, policy) in to_enforce {
+            if !unfiltered.contains(&address)
+                && let Err(err) = maps.set_vip_policy(address, policy)
+            {
+                failures.push(err);
+            }
+        }
+        for address in unfiltered {
+            let policy = VipPolicy {
+                enforce: false,
+                ..maps
+                    .vips()
+                    .get(&address)
+                    .map(|e| e.policy)
+                    .unwrap_or_default()
+            };
+            if let Err(err) = maps.set_vip_policy(address, policy) {
+                failures.push(err);
+            }
+        }
+        for port in &changes.remove_ports {
+            if let Err(err) = maps.remove_port(*port) {
+                failures.push(err);
+            }
+        }
+        for address in &changes.remove_vips {
+            if let Err(err) = maps.remove_vip(*address) {
+                failures.push(err);
+            }
         }
         for (set, range) in &changes.remove_ranges {
-            self.range(*set, *range, false)?;
-        }
-        Ok(())
-    }
-
-    fn range(&mut self, set: u32, range: IpNet, add: bool) -> Result<(), DataplaneError> {
-        let prefix = 32 + u32::from(range.prefix_len());
-        let set = set.to_be_bytes();
-        match range {
-            IpNet::V4(net) => {
-                let key = Key::new(
-                    prefix,
-                    RangeKeyV4 {
-                        set,
-                        addr: net.addr().octets(),
-                    },
-                );
-                if add {
-                    self.ranges_v4.insert(&key, 1, 0)
-                } else {
-                    ignore_missing(self.ranges_v4.remove(&key))
-                }
-                .map_err(map_err(maps::RANGES_V4))
-            }
-            IpNet::V6(net) => {
-                let key = Key::new(
-                    prefix,
-                    RangeKeyV6 {
-                        set,
-                        addr: net.addr().octets(),
-                    },
-                );
-                if add {
-                    self.ranges_v6.insert(&key, 1, 0)
-                } else {
-                    ignore_missing(self.ranges_v6.remove(&key))
-                }
-                .map_err(map_err(maps::RANGES_V6))
+            if let Err(err) = maps.set_range(*set, *range, false) {
+                failures.push(err);
             }
         }
-    }
-}
-
-fn ignore_missing(result: Result<(), MapError>) -> Result<(), MapError> {
-    match result {
-        Err(MapError::KeyNotFound) => Ok(()),
-        other => other,
+        match failures.into_iter().next() {
+            Some(first) => Err(first),
+            None => Ok(()),
+        }
     }
 }
 
@@ -383,8 +352,16 @@ mod tests {
         }
     }
 
-    fn vip(a: &str) -> VipKey {
-        VipKey::from(a.parse::<IpAddr>().unwrap())
+    fn vip(a: &str) -> IpAddr {
+        a.parse().unwrap()
+    }
+
+    fn port(a: &str, protocol: u8, port: u16) -> PortId {
+        PortId {
+            address: vip(a),
+            protocol,
+            port,
+        }
     }
 
     #[test]
@@ -403,28 +380,22 @@ mod tests {
         let web_set = set_id(&BTreeSet::from(["198.51.100.0/24".parse().unwrap()]));
         assert_eq!(
             e.vips[&vip("203.0.113.10")],
-            VipConfig {
-                flags: VIP_ENFORCE,
+            VipPolicy {
+                enforce: true,
                 fragment_ranges: 0
             },
             "dns admits all"
         );
         assert_eq!(
             e.vips[&vip("203.0.113.11")],
-            VipConfig {
-                flags: 0,
+            VipPolicy {
+                enforce: false,
                 fragment_ranges: 0
             },
             "no ports: count only"
         );
-        assert_eq!(
-            e.ports[&PortKey::new(vip("203.0.113.10"), proto::TCP, 443)].ranges,
-            web_set
-        );
-        assert_eq!(
-            e.ports[&PortKey::new(vip("203.0.113.10"), proto::UDP, 53)].ranges,
-            0
-        );
+        assert_eq!(e.ports[&port("203.0.113.10", proto::TCP, 443)], web_set);
+        assert_eq!(e.ports[&port("203.0.113.10", proto::UDP, 53)], 0);
         assert_eq!(
             e.ranges,
             BTreeSet::from([(web_set, "198.51.100.0/24".parse().unwrap())])

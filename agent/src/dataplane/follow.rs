@@ -1,0 +1,254 @@
+//! The dataplane of `lbagent run`: its maps, and its program on the interfaces the config
+//! asks for, followed through netlink as they come and go.
+//!
+//! The interfaces are the config's list, or else those of the node's default routes. A
+//! listed interface that is absent gets the program when it appears; one that vanishes
+//! has its link pins removed (the kernel detached the program with it). With default
+//! routes, an interface that gains one gets the program; one that loses it keeps the
+//! program until it vanishes or lbagent restarts, so a flapping route never leaves LB
+//! traffic unfiltered. At start, lbagent's links to interfaces that are no longer wanted
+//! are removed.
+
+use std::{collections::BTreeMap, time::Duration};
+
+use futures::StreamExt as _;
+use rtnetlink::{
+    MulticastGroup,
+    packet_core::NetlinkPayload,
+    packet_route::{RouteNetlinkMessage, route::RouteMessage},
+};
+use tracing::{error, info, warn};
+
+use super::{AttachMode, DataplaneError, PinLayout, XdpLinkPin, attach, forget, local_link};
+use crate::{
+    config::DataplaneConfig, sinks::addresses::AddressSink, sinks::dataplane::DataplaneSink,
+};
+
+type Events = futures::channel::mpsc::UnboundedReceiver<(
+    rtnetlink::packet_core::NetlinkMessage<RouteNetlinkMessage>,
+    rtnetlink::sys::SocketAddr,
+)>;
+
+/// Netlink events come in bursts (an interface appears, comes up, gets addresses and
+/// routes); one look after the burst is enough.
+const SETTLE: Duration = Duration::from_millis(100);
+
+/// Prepares the maps, attaches to the wanted interfaces that exist, and keeps following
+/// them in a task of its own. Returns the maps' sink for the reconciler, or `None` (with
+/// the reason logged) when there can be no dataplane at all; the rest of the agent runs
+/// either way.
+pub async fn start(config: &DataplaneConfig, lb_interface: &str) -> Option<DataplaneSink> {
+    let pins = PinLayout::new(&config.pin_root);
+    let mut prepared = super::prepare(&pins);
+    if let Err(DataplaneError::IncompatibleMap { path, detail }) = &prepared {
+        // Never reuse a map this program would misread: start the dataplane afresh. Its
+        // counters are lost; the reconciler refills the policy.
+        warn!(path = %path.display(), %detail, "pinned map has another layout; replacing the dataplane's pins");
+        if let Err(err) = super::detach_all(&pins) {
+            error!(%err, "cannot remove the incompatible pins");
+        }
+        prepared = super::prepare(&pins);
+    }
+    let sink = match prepared.and_then(|()| DataplaneSink::open(&pins)) {
+        Ok(sink) => sink,
+        Err(err) => {
+            error!(%err, "the dataplane's maps are not available: the dataplane is off");
+            return None;
+        }
+    };
+    let routes = match AddressSink::connect(lb_interface) {
+        Ok(routes) => routes,
+        Err(err) => {
+            error!(%err, "dataplane: no netlink connection; no interface gets the XDP program");
+            return Some(sink);
+        }
+    };
+    let mut follower = Follower {
+        pins,
+        mode: config.mode,
+        listed: config.interfaces.clone(),
+        routes,
+        attached: BTreeMap::new(),
+        refused: BTreeMap::new(),
+    };
+    follower.first_pass().await;
+    match rtnetlink::new_multicast_connection(&[
+        MulticastGroup::Link,
+        MulticastGroup::Ipv4Route,
+        MulticastGroup::Ipv6Route,
+    ]) {
+        Ok((connection, _, messages)) => {
+            tokio::spawn(connection);
+            tokio::spawn(follower.follow(messages));
+        }
+        Err(err) => {
+            error!(%err, "dataplane: cannot follow interfaces through netlink; new ones will not get the XDP program")
+        }
+    }
+    Some(sink)
+}
+
+struct Follower {
+    pins: PinLayout,
+    mode: AttachMode,
+    /// The config's interfaces; empty: those of the default routes.
+    listed: Vec<String>,
+    routes: AddressSink,
+    /// Interfaces with the program, by name.
+    attached: BTreeMap<String, XdpLinkPin>,
+    /// Interfaces that refused it, not tried again until they are replaced.
+    refused: BTreeMap<String, XdpLinkPin>,
+}
+
+impl Follower {
+    async fn wanted(&self) -> Vec<String> {
+        if !self.listed.is_empty() {
+            return self.listed.clone();
+        }
+        match self.routes.default_route_interfaces().await {
+            Ok(names) => names,
+            Err(err) => {
+                error!(%err, "dataplane: cannot find the default routes' interfaces");
+                Vec::new()
+            }
+        }
+    }
+
+    async fn first_pass(&mut self) {
+        let wanted = self.wanted().await;
+        if self.listed.is_empty() {
+            if wanted.is_empty() {
+                warn!(
+                    "dataplane: no interface named in the config and no default route yet; the interfaces of default routes get the XDP program as they appear"
+                );
+            } else {
+                info!(interfaces = ?wanted, "dataplane: using the interfaces of the default routes");
+            }
+        }
+        self.remove_unwanted_links(&wanted);
+        for name in &wanted {
+            if local_link(name).is_err() {
+                warn!(iface = %name, "dataplane: interface not present; it gets the XDP program when it appears");
+            }
+        }
+        self.converge(&wanted, false);
+        if self.attached.is_empty() {
+            warn!("no interface has the XDP program yet; the maps are kept ready for one");
+        }
+    }
+
+    /// Removes lbagent's links in this namespace, in this layout's directory or another
+    /// version's, to interfaces that are gone or no longer wanted.
+    fn remove_unwanted_links(&self, wanted: &[String]) {
+        let here = local_link("lo").map(|lo| lo.netns).ok();
+        let others = self.pins.other_versions().unwrap_or_default();
+        for layout in std::iter::once(self.pins.clone()).chain(others) {
+            let links = match layout.pinned_xdp_links() {
+                Ok(links) => links,
+                Err(err) => {
+                    error!(%err, "cannot list lbagent's XDP links");
+                    continue;
+                }
+            };
+            for link in links.into_iter().filter(|l| Some(l.netns) == here) {
+                let name = nix::net::if_::if_indextoname(link.ifindex)
+                    .ok()
+                    .and_then(|n| n.into_string().ok());
+                let reason = match &name {
+                    None => "its interface is gone",
+                    Some(name) if !wanted.contains(name) => "its interface is no longer wanted",
+                    Some(_) => continue,
+                };
+                match forget(&layout, link) {
+                    Ok(()) => {
+                        info!(ifindex = link.ifindex, iface = ?name, "removed lbagent's XDP link: {reason}")
+                    }
+                    Err(err) => {
+                        error!(ifindex = link.ifindex, %err, "cannot remove a stale XDP link")
+                    }
+                }
+            }
+        }
+    }
+
+    async fn follow(mut self, mut messages: Events) {
+        while let Some((message, _)) = messages.next().await {
+            if !relevant(&message.payload) {
+                continue;
+            }
+            // Let the burst finish, then look once.
+            let _ =
+                tokio::time::timeout(SETTLE, async { while messages.next().await.is_some() {} })
+                    .await;
+            let mut wanted = self.wanted().await;
+            if self.listed.is_empty() {
+                // Default routes: add, never take away while running (see the module doc).
+                wanted.extend(self.attached.keys().cloned());
+            }
+            self.converge(&wanted, true);
+        }
+        error!("dataplane: the netlink event stream ended; interfaces are no longer followed");
+    }
+
+    /// Drops what vanished, attaches what is wanted and present.
+    fn converge(&mut self, wanted: &[String], later: bool) {
+        let current = |name: &str| local_link(name).ok();
+        let gone: Vec<(String, XdpLinkPin)> = self
+            .attached
+            .iter()
+            .filter(|(name, link)| current(name) != Some(**link))
+            .map(|(name, link)| (name.clone(), *link))
+            .collect();
+        for (name, link) in gone {
+            self.attached.remove(&name);
+            match forget(&self.pins, link) {
+                Ok(()) => {
+                    info!(iface = %name, ifindex = link.ifindex, "interface vanished: its XDP link pins are removed")
+                }
+                Err(err) => {
+                    error!(iface = %name, %err, "interface vanished, but its XDP link pins cannot be removed")
+                }
+            }
+        }
+        for name in wanted {
+            let Some(link) = current(name) else {
+                continue;
+            };
+            if self.attached.get(name) == Some(&link) || self.refused.get(name) == Some(&link) {
+                continue;
+            }
+            match attach(&self.pins, name, self.mode) {
+                Ok(done) => {
+                    self.refused.remove(name);
+                    self.attached.insert(name.clone(), link);
+                    if later {
+                        info!(iface = %name, mode = ?done.mode, "interface appeared: XDP program attached");
+                    } else {
+                        info!(iface = %name, mode = ?done.mode, replaced = done.replaced, "XDP program attached");
+                    }
+                }
+                Err(err) => {
+                    self.refused.insert(name.clone(), link);
+                    error!(iface = %name, %err, "XDP program not attached to this interface; continuing without it");
+                }
+            }
+        }
+    }
+}
+
+/// A link appearing, changing or going, or a default route changing.
+fn relevant(payload: &NetlinkPayload<RouteNetlinkMessage>) -> bool {
+    match payload {
+        NetlinkPayload::InnerMessage(
+            RouteNetlinkMessage::NewLink(_) | RouteNetlinkMessage::DelLink(_),
+        ) => true,
+        NetlinkPayload::InnerMessage(
+            RouteNetlinkMessage::NewRoute(route) | RouteNetlinkMessage::DelRoute(route),
+        ) => is_default(route),
+        _ => false,
+    }
+}
+
+fn is_default(route: &RouteMessage) -> bool {
+    route.header.destination_prefix_length == 0
+}
