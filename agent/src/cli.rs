@@ -695,6 +695,7 @@ mod tests {
         let counters = [
             VipCounters {
                 address: "203.0.113.10".parse().unwrap(),
+                slot: 1,
                 packets: 3,
                 bytes: 294,
                 tx_packets: 0,
@@ -703,6 +704,7 @@ mod tests {
             },
             VipCounters {
                 address: "2001:db8:ff::10".parse().unwrap(),
+                slot: 1,
                 packets: 12,
                 bytes: 1_500,
                 tx_packets: 0,

@@ -135,6 +135,7 @@ mod tests {
     fn counters(address: &str, packets: u64, dropped: u64) -> VipCounters {
         let mut counters = VipCounters {
             address: address.parse().unwrap(),
+            slot: 1,
             packets,
             bytes: packets * 100,
             tx_packets: packets / 2,

@@ -358,36 +358,37 @@ routing:
         }
 
         // The node where ECMP sent the outsider's SYNs to web, so that drop_source shows.
-        let (node, _) = self
+        let (node, slot) = self
             .nodes
             .iter()
             .zip(&counted)
-            .find(|(_, counted)| counted.get(WEB.addresses[0]).is_some_and(|c| c.1 > 0))
+            .find_map(|(node, counted)| {
+                let web = counted.get(WEB.addresses[0]).filter(|c| c.1 > 0)?;
+                Some((node, web.2))
+            })
             .context("no node counted the outsider's packets")?;
         step(&format!(
-            "The same counters from the kernel: bpftool reads web's IPv4 entry in {}'s pinned map, fields named by BTF, one value per CPU",
+            "The same counters from the kernel: bpftool reads web's IPv4 slot in {}'s pinned maps, fields named by BTF, counters one value per CPU",
             node.host.name
         ));
-        let stats = node
+        let dir = node
             .pins
-            .join(format!("v{}", lbagent_common::PIN_LAYOUT_VERSION))
-            .join(lbagent_common::maps::VIP_STATS);
-        // The key is a VipKey: family 4, three bytes of padding, the address in 16 bytes.
-        let key = format!(
-            "4 0 0 0 {} 0 0 0 0 0 0 0 0 0 0 0 0",
-            WEB.addresses[0].replace('.', " ")
-        );
-        show(
-            Command::new("bpftool")
-                .args(["map", "lookup", "pinned"])
-                .arg(&stats)
-                .arg("key")
-                .args(key.split(' ')),
-        )?;
-        println!(
-            "(`bpftool map dump pinned {}` lists every address)",
-            stats.display()
-        );
+            .join(format!("v{}", lbagent_common::PIN_LAYOUT_VERSION));
+        // Both maps are arrays indexed by the address's slot (a u32, little-endian here), which
+        // `lbagent counters -o json` names; the config entry repeats the address.
+        let key: Vec<String> = slot.to_le_bytes().iter().map(u8::to_string).collect();
+        for map in [
+            lbagent_common::maps::VIP_CONFIG,
+            lbagent_common::maps::VIP_STATS,
+        ] {
+            show(
+                Command::new("bpftool")
+                    .args(["map", "lookup", "pinned"])
+                    .arg(dir.join(map))
+                    .arg("key")
+                    .args(&key),
+            )?;
+        }
         Ok(())
     }
 
@@ -462,8 +463,8 @@ fn addresses() -> impl Iterator<Item = &'static str> {
     targets().into_iter().map(|t| t.address)
 }
 
-/// `lbagent counters -o json` as (packets, drop_source) per address.
-fn counters(json: &str) -> Result<BTreeMap<String, (u64, u64)>> {
+/// `lbagent counters -o json` as (packets, drop_source, slot) per address.
+fn counters(json: &str) -> Result<BTreeMap<String, (u64, u64, u32)>> {
     let value: serde_json::Value =
         serde_json::from_str(json).context("lbagent counters -o json")?;
     let vips = value["vips"]
@@ -474,7 +475,11 @@ fn counters(json: &str) -> Result<BTreeMap<String, (u64, u64)>> {
         .filter_map(|vip| {
             Some((
                 vip["address"].as_str()?.to_owned(),
-                (vip["packets"].as_u64()?, vip["drops"]["source"].as_u64()?),
+                (
+                    vip["packets"].as_u64()?,
+                    vip["drops"]["source"].as_u64()?,
+                    u32::try_from(vip["slot"].as_u64()?).ok()?,
+                ),
             ))
         })
         .collect())

@@ -8,6 +8,9 @@ use super::{DataplaneError, Maps, PinLayout, VipPolicy, maps_pinned};
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct VipCounters {
     pub address: IpAddr,
+    /// The address's index in the slot-indexed maps (`LB_VIP_CONFIG`, `LB_VIP_STATS`), for
+    /// reading them with bpftool.
+    pub slot: u32,
     pub packets: u64,
     pub bytes: u64,
     /// Sent from the address (replies), counted by the tc egress program.
@@ -66,6 +69,7 @@ impl VipTable {
                 let s = self.maps.vip_stats(entry.slot)?;
                 Ok(VipCounters {
                     address,
+                    slot: entry.slot,
                     packets: s.packets,
                     bytes: s.bytes,
                     tx_packets: s.tx_packets,
