@@ -21,7 +21,7 @@ use prometheus_client::{
 use tokio::sync::watch;
 
 use crate::{
-    dataplane::{PinLayout, VipCounters, VipTable},
+    dataplane::{PinLayout, PortCounters, VipCounters, VipTable},
     sinks::routing::RoutingStatus,
     status::{AddressState, Status},
 };
@@ -156,7 +156,39 @@ impl Collector for StateCollector {
         }
         if let Some(root) = &sources.pins {
             // A dataplane not loaded yet has no counters; that is not a scrape error.
-            if let Ok(counters) = VipTable::open(&PinLayout::new(root)).and_then(|t| t.counters()) {
+            let table = VipTable::open(&PinLayout::new(root)).ok();
+            if let Some(ports) = table.as_ref().and_then(|t| t.port_counters().ok()) {
+                let per = |value: fn(&PortCounters) -> u64| {
+                    ports
+                        .iter()
+                        .map(move |p| {
+                            (
+                                vec![
+                                    ("address", p.address.to_string()),
+                                    ("protocol", p.protocol.to_owned()),
+                                    ("port", p.port.to_string()),
+                                ],
+                                ConstCounter::new(value(p)),
+                            )
+                        })
+                        .collect::<Vec<_>>()
+                };
+                family(
+                    &mut encoder,
+                    "dataplane_port_received_packets",
+                    "Packets to a service port of a load-balancer address that the XDP program let through",
+                    MetricType::Counter,
+                    per(|p| p.packets),
+                )?;
+                family(
+                    &mut encoder,
+                    "dataplane_port_received_bytes",
+                    "Bytes to a service port of a load-balancer address that the XDP program let through",
+                    MetricType::Counter,
+                    per(|p| p.bytes),
+                )?;
+            }
+            if let Some(counters) = table.as_ref().and_then(|t| t.counters().ok()) {
                 let per = |value: fn(&VipCounters) -> u64| {
                     counters
                         .iter()

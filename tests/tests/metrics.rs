@@ -91,6 +91,22 @@ fn metrics_count_the_traffic_sent_and_dropped() {
         Some(0.0),
         "{text}"
     );
+    // Per service port: the 10 allowed datagrams (the 4 to port 9999 have no port entry).
+    let port = format!("{{address=\"{VIP4}\",protocol=\"UDP\",port=\"5353\"}}");
+    assert_eq!(
+        value(&format!(
+            "lbagent_dataplane_port_received_packets_total{port}"
+        )),
+        Some(10.0),
+        "{text}"
+    );
+    assert_eq!(
+        value(&format!(
+            "lbagent_dataplane_port_received_bytes_total{port}"
+        )),
+        Some(10.0 * 44.0),
+        "{text}"
+    );
     assert_eq!(
         value("lbagent_addresses{state=\"virtual\"}"),
         Some(1.0),

@@ -33,7 +33,7 @@ use tracing::{info, warn};
 pub use follow::start;
 pub use pins::{PinLayout, XdpLinkPin};
 pub use tables::{Maps, PortEntry, PortId, VipEntry, VipPolicy};
-pub use vips::{VipCounters, VipTable};
+pub use vips::{PortCounters, VipCounters, VipTable};
 
 /// The eBPF object built by `build.rs`, with BTF.
 static EBPF_OBJECT: &[u8] =

@@ -20,6 +20,17 @@ pub struct VipCounters {
     pub drops: Drops,
 }
 
+/// Allowed traffic to one service port of an address, over all CPUs.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct PortCounters {
+    pub address: IpAddr,
+    /// `TCP`, `UDP` or `SCTP`.
+    pub protocol: &'static str,
+    pub port: u16,
+    pub packets: u64,
+    pub bytes: u64,
+}
+
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct Drops {
     pub port: u64,
@@ -58,6 +69,29 @@ impl VipTable {
     /// Removes an address and its counters; `false` if it was not there.
     pub fn remove(&mut self, address: IpAddr) -> Result<bool, DataplaneError> {
         self.maps.remove_vip(address)
+    }
+
+    /// Counters of every service port, summed over CPUs, ordered by address, protocol, port.
+    pub fn port_counters(&self) -> Result<Vec<PortCounters>, DataplaneError> {
+        self.maps
+            .ports()
+            .into_iter()
+            .map(|(id, entry)| {
+                let stats = self.maps.port_stats(entry.slot)?;
+                Ok(PortCounters {
+                    address: id.address,
+                    protocol: match id.protocol {
+                        lbagent_common::proto::TCP => "TCP",
+                        lbagent_common::proto::UDP => "UDP",
+                        lbagent_common::proto::SCTP => "SCTP",
+                        _ => "other",
+                    },
+                    port: id.port,
+                    packets: stats.packets,
+                    bytes: stats.bytes,
+                })
+            })
+            .collect()
     }
 
     /// Counters of every address, summed over CPUs, ordered by address.
