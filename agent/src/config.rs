@@ -51,8 +51,9 @@ pub struct Config {
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DataplaneConfig {
-    /// Interfaces the XDP program is attached to: those that carry the LB traffic. Empty:
-    /// the interfaces of the node's default routes, found at start.
+    /// Interfaces the XDP program is attached to: those that carry the LB traffic, attached
+    /// when they appear. Empty: the interfaces of the node's default routes, followed as
+    /// routes change.
     pub interfaces: Vec<String>,
     pub mode: crate::dataplane::AttachMode,
     pub pin_root: PathBuf,
