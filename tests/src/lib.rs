@@ -689,6 +689,18 @@ pub struct ServedNode {
 impl ServedNode {
     /// `extra_config`: more top-level sections of lbagent.yaml, each line ending in `\n`.
     pub fn start(vip: &str, services: &str, extra_config: &str) -> Self {
+        Self::start_with(vip, services, "", extra_config, |_| {})
+    }
+
+    /// As `start`, with more settings in the `dataplane` section (`, key: value`), and
+    /// `before` run on the pin root before the agent starts.
+    pub fn start_with(
+        vip: &str,
+        services: &str,
+        dataplane: &str,
+        extra_config: &str,
+        before: impl FnOnce(&PinRoot),
+    ) -> Self {
         let pair = Pair::new(&[]);
         pair.node
             .ip(&["route", "add", "default", "via", Pair::CLIENT_V4]);
@@ -701,11 +713,12 @@ impl ServedNode {
             "lbagent.yaml",
             &format!(
                 "source: {{file: {{path: services.yaml}}}}\nstatus: {{path: {}}}\n\
-                 dataplane: {{pinRoot: {}}}\n{extra_config}",
+                 dataplane: {{pinRoot: {}{dataplane}}}\n{extra_config}",
                 dir.path().join("status.json").display(),
                 pins.path().display()
             ),
         );
+        before(&pins);
         let agent = Agent::start(
             &pair.node,
             &dir.path().join("lbagent.yaml"),

@@ -3,7 +3,9 @@
 
 use std::{net::SocketAddr, time::Duration};
 
-use lbagent_tests::{Agent, Pair, PinRoot, Servers, TempDir, lbagent, tcp_ok, udp_ok, wait_until};
+use lbagent_tests::{
+    Agent, Pair, PinRoot, ServedNode, Servers, TempDir, lbagent, tcp_ok, udp_ok, wait_until,
+};
 
 const VIP4: &str = "203.0.113.10";
 
@@ -11,11 +13,20 @@ fn addr(port: u16) -> SocketAddr {
     format!("{VIP4}:{port}").parse().unwrap()
 }
 
-struct Node {
-    pair: Pair,
-    pins: PinRoot,
-    dir: TempDir,
-    agent: Agent,
+/// A served node, with this file's helpers.
+struct Node(ServedNode);
+
+impl std::ops::Deref for Node {
+    type Target = ServedNode;
+    fn deref(&self) -> &ServedNode {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Node {
+    fn deref_mut(&mut self) -> &mut ServedNode {
+        &mut self.0
+    }
 }
 
 impl Node {
@@ -26,36 +37,11 @@ impl Node {
     /// As `start`, with more settings in the `dataplane` section (`, key: value`), and
     /// `before` run on the pin root before the agent starts.
     fn start_with(services: &str, dataplane: &str, before: impl FnOnce(&PinRoot)) -> Self {
-        // The node's VIP is not on lo here: lbagent puts it on kube-lb0.
-        let pair = Pair::new(&[]);
-        // No interface in the config: the dataplane takes the default route's, eth0.
-        pair.node
-            .ip(&["route", "add", "default", "via", Pair::CLIENT_V4]);
-        pair.client
-            .ip(&["route", "add", &format!("{VIP4}/32"), "via", Pair::NODE_V4]);
-        let pins = PinRoot::new();
-        let dir = TempDir::new("lbt-dp");
-        dir.write("services.yaml", services);
-        dir.write(
-            "lbagent.yaml",
-            &format!(
-                "source: {{file: {{path: services.yaml}}}}\nstatus: {{path: {}}}\ndataplane: {{pinRoot: {}{dataplane}}}\n",
-                dir.path().join("status.json").display(),
-                pins.path().display()
-            ),
-        );
-        before(&pins);
-        let agent = Agent::start(
-            &pair.node,
-            &dir.path().join("lbagent.yaml"),
-            dir.path().join("agent.log"),
-        );
-        Self {
-            pair,
-            pins,
-            dir,
-            agent,
-        }
+        // The node's VIP is not on lo: lbagent puts it on kube-lb0. No interface in the
+        // config: the dataplane takes the default route's, eth0.
+        Self(ServedNode::start_with(
+            VIP4, services, dataplane, "", before,
+        ))
     }
 
     /// Waits for the first reconcile to fill the policy maps.
@@ -157,12 +143,12 @@ fn served_ports_pass_others_are_dropped_and_source_ranges_follow_the_file() {
     );
 
     // Cleanup with the config alone finds the dataplane's pins and removes everything.
-    let Node {
+    let Node(ServedNode {
         pair,
         pins,
         dir,
         agent,
-    } = node;
+    }) = node;
     assert!(agent.stop().success());
     assert!(
         lbagent_tests::xdp_on(&pair.node, "eth0").is_some(),
@@ -203,15 +189,12 @@ fn a_killed_agent_leaves_the_dataplane_counting_and_a_new_one_adopts_it_without_
     )
     .unwrap();
     std::thread::sleep(Duration::from_millis(300));
-    let dead = std::mem::replace(
-        &mut node.agent,
-        Agent::start(
-            &node.pair.node,
-            &node.dir.path().join("lbagent.yaml"),
-            node.dir.path().join("agent2.log"),
-        ),
+    let next = Agent::start(
+        &node.pair.node,
+        &node.dir.path().join("lbagent.yaml"),
+        node.dir.path().join("agent2.log"),
     );
-    drop(dead);
+    drop(std::mem::replace(&mut node.agent, next));
     let output = pings.join().unwrap();
     let summary = String::from_utf8_lossy(&output.stdout);
     assert!(
