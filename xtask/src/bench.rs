@@ -306,11 +306,7 @@ impl Agent {
     }
 
     fn stop(mut self) {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(self.pid() as i32),
-            nix::sys::signal::Signal::SIGTERM,
-        );
-        let _ = self.child.wait();
+        let _ = cmd::terminate(&mut self.child);
     }
 }
 

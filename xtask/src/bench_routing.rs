@@ -251,11 +251,7 @@ impl Agent {
     }
 
     fn stop(&mut self) {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(self.child.id() as i32),
-            nix::sys::signal::Signal::SIGTERM,
-        );
-        let _ = self.child.wait();
+        let _ = cmd::terminate(&mut self.child);
     }
 }
 
@@ -273,11 +269,7 @@ struct Frr {
 impl Drop for Frr {
     fn drop(&mut self) {
         for child in &mut self.children {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(child.id() as i32),
-                nix::sys::signal::Signal::SIGTERM,
-            );
-            let _ = child.wait();
+            let _ = cmd::terminate(child);
         }
     }
 }

@@ -68,3 +68,14 @@ pub fn require_root(task: &str) -> Result<()> {
     }
     Ok(())
 }
+
+/// SIGTERM to `child` (the graceful stop lbagent and the routers handle), then its exit.
+pub fn terminate(child: &mut std::process::Child) -> std::io::Result<std::process::ExitStatus> {
+    if let Ok(pid) = i32::try_from(child.id()) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+    }
+    child.wait()
+}

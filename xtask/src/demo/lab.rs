@@ -203,12 +203,7 @@ impl Lab {
             .position(|(l, _)| l == label)
             .with_context(|| format!("{label} is not running"))?;
         let (_, mut child) = self.children.remove(index);
-        let pid = i32::try_from(child.id()).context("pid")?;
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(pid),
-            nix::sys::signal::Signal::SIGTERM,
-        )?;
-        Ok(child.wait()?)
+        Ok(cmd::terminate(&mut child)?)
     }
 
     pub fn log_path(&self, label: &str) -> PathBuf {
