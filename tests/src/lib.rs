@@ -111,6 +111,27 @@ impl Drop for NetNs {
 /// Two namespaces joined by a veth pair: `client` (eth0, 10.x.0.1, fd00:x::1) and `node`
 /// (eth0, 10.x.0.2, fd00:x::2). The node holds the given VIPs on `lo`, as it would on
 /// kube-lb0, and the client routes them to the node.
+/// A veth pair with one end, so named, in each namespace.
+pub fn veth(a: (&NetNs, &str), b: (&NetNs, &str)) {
+    run_ok(
+        "ip",
+        &[
+            "link",
+            "add",
+            a.1,
+            "netns",
+            a.0.name(),
+            "type",
+            "veth",
+            "peer",
+            "name",
+            b.1,
+            "netns",
+            b.0.name(),
+        ],
+    );
+}
+
 pub struct Pair {
     pub client: NetNs,
     pub node: NetNs,
@@ -125,23 +146,7 @@ impl Pair {
     pub fn new(vips: &[&str]) -> Self {
         let client = NetNs::new("lbt-client");
         let node = NetNs::new("lbt-node");
-        run_ok(
-            "ip",
-            &[
-                "link",
-                "add",
-                "eth0",
-                "netns",
-                client.name(),
-                "type",
-                "veth",
-                "peer",
-                "name",
-                "eth0",
-                "netns",
-                node.name(),
-            ],
-        );
+        veth((&client, "eth0"), (&node, "eth0"));
         for (ns, v4, v6) in [
             (&client, Self::CLIENT_V4, Self::CLIENT_V6),
             (&node, Self::NODE_V4, Self::NODE_V6),

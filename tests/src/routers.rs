@@ -51,23 +51,7 @@ impl Fabric {
         node.exec("sysctl", &["-qw", "net.ipv6.conf.all.accept_dad=0"]);
         node.exec("sysctl", &["-qw", "net.ipv6.conf.default.accept_dad=0"]);
         let port = format!("v{k}");
-        run_ok(
-            "ip",
-            &[
-                "link",
-                "add",
-                "eth0",
-                "netns",
-                node.name(),
-                "type",
-                "veth",
-                "peer",
-                "name",
-                &port,
-                "netns",
-                self.router.name(),
-            ],
-        );
+        crate::veth((&node, "eth0"), (&self.router, &port));
         self.router
             .ip(&["link", "set", &port, "master", "br0", "up"]);
         node.ip(&["link", "set", "eth0", "up"]);
