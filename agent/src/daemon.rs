@@ -12,7 +12,6 @@ use tracing::{error, info, warn};
 
 use crate::{
     config::{Config, Source},
-    dataplane,
     reconcile::{Inputs, Reconciler},
     sinks::{
         addresses::AddressSink,
@@ -79,7 +78,7 @@ pub async fn run(config_path: PathBuf, node_name: Option<String>, config: Config
         config.node_name.clone(),
     );
     if let Some(dataplane) = &config.dataplane
-        && let Some(maps) = dataplane::start(dataplane, &interface).await
+        && let Some(maps) = crate::sinks::dataplane::start(dataplane, &interface).await
     {
         reconciler = reconciler.with_dataplane(maps);
     }

@@ -5,7 +5,6 @@
 //! command) leaves traffic handled. New objects are pinned only once the attach has worked,
 //! so a refused attach leaves nothing behind.
 
-mod follow;
 pub mod inspect;
 mod pins;
 mod tables;
@@ -30,7 +29,6 @@ use lbagent_common::{
 };
 use tracing::{info, warn};
 
-pub use follow::start;
 pub use pins::{PinLayout, XdpLinkPin};
 pub use tables::{Maps, PortEntry, PortId, VipEntry, VipPolicy};
 pub use vips::{PortCounters, VipCounters, VipTable};
@@ -682,7 +680,7 @@ fn remove_maps(pins: &PinLayout) -> Result<bool, DataplaneError> {
 }
 
 /// `iface` in this process's network namespace.
-fn local_link(iface: &str) -> Result<XdpLinkPin, DataplaneError> {
+pub fn local_link(iface: &str) -> Result<XdpLinkPin, DataplaneError> {
     let ifindex =
         nix::net::if_::if_nametoindex(iface).map_err(|_| DataplaneError::UnknownInterface {
             name: iface.to_owned(),

@@ -5,8 +5,6 @@
 //! It never acts before the source has delivered a first complete state: an agent that has
 //! just started must not withdraw addresses it simply has not heard about yet.
 
-pub mod plan;
-
 use std::{
     collections::BTreeSet,
     fmt,
@@ -21,7 +19,7 @@ use crate::{
     desired::SourceUpdate,
     metrics::{ReconcileMetrics, TriggerLabel},
     sinks::{
-        addresses::{AddressError, AddressSink},
+        addresses::{AddressError, AddressSink, plan},
         dataplane::DataplaneSink,
     },
     status::{AddressState, AddressStatus, LastReconcile, Status, StatusWriter},

@@ -19,9 +19,14 @@ use rtnetlink::{
 };
 use tracing::{error, info, warn};
 
-use super::{AttachMode, DataplaneError, PinLayout, XdpLinkPin, attach, forget, local_link};
+use super::DataplaneSink;
 use crate::{
-    config::DataplaneConfig, sinks::addresses::AddressSink, sinks::dataplane::DataplaneSink,
+    config::DataplaneConfig,
+    dataplane::{
+        AttachMode, DataplaneError, PinLayout, XdpLinkPin, attach, detach_all, forget, local_link,
+        prepare,
+    },
+    sinks::addresses::AddressSink,
 };
 
 type Events = futures::channel::mpsc::UnboundedReceiver<(
@@ -39,15 +44,15 @@ const SETTLE: Duration = Duration::from_millis(100);
 /// either way.
 pub async fn start(config: &DataplaneConfig, lb_interface: &str) -> Option<DataplaneSink> {
     let pins = PinLayout::new(&config.pin_root);
-    let mut prepared = super::prepare(&pins);
+    let mut prepared = prepare(&pins);
     if let Err(DataplaneError::IncompatibleMap { path, detail }) = &prepared {
         // Never reuse a map this program would misread: start the dataplane afresh. Its
         // counters are lost; the reconciler refills the policy.
         warn!(path = %path.display(), %detail, "pinned map has another layout; replacing the dataplane's pins");
-        if let Err(err) = super::detach_all(&pins) {
+        if let Err(err) = detach_all(&pins) {
             error!(%err, "cannot remove the incompatible pins");
         }
-        prepared = super::prepare(&pins);
+        prepared = prepare(&pins);
     }
     let sink = match prepared.and_then(|()| DataplaneSink::open(&pins)) {
         Ok(sink) => sink,

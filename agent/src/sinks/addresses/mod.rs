@@ -21,7 +21,9 @@ use rtnetlink::{
 use tokio::sync::mpsc;
 use tracing::{debug, warn};
 
-use crate::reconcile::plan::{LinkState, Observed, Plan};
+pub mod plan;
+
+use self::plan::{LinkState, Observed, Plan};
 
 /// RT_TABLE_MAIN.
 const MAIN_TABLE: u8 = 254;

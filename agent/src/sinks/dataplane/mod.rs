@@ -16,10 +16,13 @@ use std::{
     net::IpAddr,
 };
 
+mod follow;
+
 use ipnet::IpNet;
 use lbagent_common::proto;
 use tracing::error;
 
+pub use self::follow::start;
 use crate::{
     dataplane::{DataplaneError, Maps, PinLayout, PortId, VipPolicy},
     desired::{Desired, Protocol},
