@@ -505,7 +505,7 @@ fn random_frames_only_pass_or_are_counted_drops() {
 fn ports_that_do_not_fit_leave_their_address_counted_but_unfiltered_and_the_rest_applies() {
     use lbagent::{
         dataplane::{PortId, VipPolicy},
-        sinks::dataplane::{Entries, diff},
+        sinks::dataplane::plan::{Entries, diff},
     };
     let mut h = Harness::new();
     // Fill the port slots but two, with ports of an address that is not wanted.

@@ -207,11 +207,11 @@ impl Reconciler {
             }
         }
         if let Some(dataplane) = &mut self.dataplane {
-            let wanted = crate::sinks::dataplane::entries(&update.desired, |address| {
+            let wanted = crate::sinks::dataplane::plan::entries(&update.desired, |address| {
                 !plan.unsupported.contains(address)
             });
             let result = dataplane.observe().and_then(|observed| {
-                let changes = crate::sinks::dataplane::diff(&wanted, &observed);
+                let changes = crate::sinks::dataplane::plan::diff(&wanted, &observed);
                 if !changes.is_empty() {
                     info!(
                         vips = changes.set_vips.len(),
