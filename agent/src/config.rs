@@ -30,8 +30,11 @@ use std::{
 use serde::Deserialize;
 
 use crate::{
-    cli::LogFormat,
-    sinks::routing::model::{RawRouting, RoutingConfig},
+    logging::LogFormat,
+    sinks::{
+        is_interface_name,
+        routing::model::{RawRouting, RoutingConfig},
+    },
 };
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -374,16 +377,6 @@ impl Config {
             log_format,
         })
     }
-}
-
-/// What the kernel accepts as an interface name (IFNAMSIZ, no separators).
-pub fn is_interface_name(name: &str) -> bool {
-    (1..=15).contains(&name.len())
-        && name != "."
-        && name != ".."
-        && !name
-            .chars()
-            .any(|c| c == '/' || c == ':' || c.is_whitespace() || c.is_control())
 }
 
 /// A Kubernetes qualified name with an optional prefix, as `loadBalancerClass` takes.

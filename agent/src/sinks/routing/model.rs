@@ -66,7 +66,7 @@ pub struct IfaceName(String);
 
 impl IfaceName {
     pub fn new(text: &str, field: &str) -> Result<Self, FieldError> {
-        let ok = crate::config::is_interface_name(text)
+        let ok = crate::sinks::is_interface_name(text)
             && !text.starts_with('-')
             && !text
                 .chars()

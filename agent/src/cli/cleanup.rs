@@ -1,0 +1,137 @@
+//! `lbagent cleanup`: removes everything lbagent created on the node.
+
+use std::{
+    io::Write,
+    path::{Path, PathBuf},
+};
+
+use anyhow::{Context as _, Result};
+
+use crate::{
+    config::{self, Config},
+    dataplane::{self, PinLayout},
+    sinks::{
+        addresses::AddressSink,
+        routing::{self, BirdPaths, model::Mode},
+    },
+};
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Read the interface and status file from this config file.
+    #[arg(long, env = "LBAGENT_CONFIG")]
+    config: Option<PathBuf>,
+    /// The load-balancer interface, when there is no config file.
+    #[arg(long, default_value = config::DEFAULT_INTERFACE, conflicts_with = "config")]
+    interface: String,
+}
+
+/// What lbagent may have left on the node, as its config (or the defaults) names it.
+struct Leftovers {
+    interface: String,
+    status_path: PathBuf,
+    pins: PinLayout,
+    /// A managed BIRD: its binary and state directory.
+    bird: Option<(PathBuf, PathBuf)>,
+}
+
+impl Leftovers {
+    fn of(args: Args, pins: PinLayout) -> Result<Self> {
+        let Some(path) = args.config else {
+            return Ok(Self {
+                interface: args.interface,
+                status_path: PathBuf::from(config::DEFAULT_STATUS_PATH),
+                pins,
+                bird: Some((
+                    PathBuf::from("bird"),
+                    PathBuf::from(routing::model::DEFAULT_STATE_DIR),
+                )),
+            });
+        };
+        let config = Config::load(&path, None)?;
+        Ok(Self {
+            interface: config.addresses.interface,
+            status_path: config.status_path,
+            // The config's pin root wins over the default of --pin-root.
+            pins: config
+                .dataplane
+                .map_or(pins, |dataplane| PinLayout::new(&dataplane.pin_root)),
+            bird: match config.routing.map(|r| r.mode) {
+                Some(Mode::Managed { binary, state_dir }) => Some((binary, state_dir)),
+                _ => None,
+            },
+        })
+    }
+}
+
+pub fn run(args: Args, pins: PinLayout, out: &mut impl Write) -> Result<()> {
+    cleanup(&Leftovers::of(args, pins)?, out)
+}
+
+/// BIRD first, so that peers withdraw the routes before the addresses go; then the interface,
+/// BIRD's state, the dataplane's programs and pins, and the status file.
+fn cleanup(leftovers: &Leftovers, out: &mut impl Write) -> Result<()> {
+    let runtime = super::runtime()?;
+    // `down`, not a graceful restart: peers must withdraw the routes now.
+    let bird_was_running = match &leftovers.bird {
+        Some((_, state_dir)) => {
+            runtime.block_on(routing::down(&BirdPaths::new(state_dir).socket))?
+        }
+        None => false,
+    };
+    if bird_was_running {
+        writeln!(out, "BIRD: shut down (peers withdraw the routes)")?;
+    }
+    let interface = &leftovers.interface;
+    let deleted =
+        runtime.block_on(async { AddressSink::connect(interface)?.delete_link().await })?;
+    writeln!(
+        out,
+        "{interface}: {}",
+        if deleted {
+            "deleted, with its addresses"
+        } else {
+            "not present"
+        }
+    )?;
+    if let Some((binary, state_dir)) = &leftovers.bird {
+        let paths = BirdPaths::new(state_dir);
+        if !bird_was_running && runtime.block_on(routing::withdraw_stale(binary, &paths))? {
+            writeln!(
+                out,
+                "BIRD: restarted without graceful restart and shut down, so peers drop the routes they kept"
+            )?;
+        }
+        match std::fs::remove_dir_all(state_dir) {
+            Ok(()) => writeln!(out, "{}: removed", state_dir.display())?,
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
+            Err(err) => {
+                return Err(err).with_context(|| format!("removing {}", state_dir.display()));
+            }
+        }
+    }
+    let _ = std::fs::remove_file(routing::status_path(&leftovers.status_path));
+    if leftovers.pins.check_bpffs().is_ok() {
+        let detached = dataplane::detach_all(&leftovers.pins)?;
+        writeln!(
+            out,
+            "dataplane: {} link(s) detached{}",
+            detached.links.len(),
+            if detached.maps_removed {
+                ", maps removed"
+            } else {
+                ""
+            }
+        )?;
+    }
+    remove_status_file(&leftovers.status_path, out)
+}
+
+fn remove_status_file(path: &Path, out: &mut impl Write) -> Result<()> {
+    match std::fs::remove_file(path) {
+        Ok(()) => writeln!(out, "{}: removed", path.display())?,
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
+        Err(err) => return Err(err).with_context(|| format!("removing {}", path.display())),
+    }
+    Ok(())
+}

@@ -1,0 +1,121 @@
+//! The `lbagent` command line: one module per subcommand, each holding its arguments and what
+//! it does. `run` starts the agent; the others are one-shot commands that print their result on
+//! stdout and log only what needs attention.
+
+mod attach;
+mod bird;
+mod cleanup;
+mod counters;
+mod detach;
+mod run;
+mod status;
+mod vip;
+
+use std::{io::Write, path::PathBuf};
+
+use anyhow::{Context as _, Result};
+use clap::{Parser, Subcommand, ValueEnum};
+
+use crate::{
+    dataplane::PinLayout,
+    logging::{self, LogFormat},
+};
+
+#[derive(Debug, Parser)]
+#[command(name = "lbagent", version, about)]
+pub struct Cli {
+    /// Directory on bpffs for lbagent's pinned maps and links.
+    #[arg(long, global = true, env = "LBAGENT_PIN_ROOT", default_value = PinLayout::DEFAULT_ROOT)]
+    pub pin_root: PathBuf,
+
+    /// Log format (logs go to stderr); overrides the config file's `log.format`.
+    #[arg(long, global = true, env = "LBAGENT_LOG_FORMAT", value_enum)]
+    pub log_format: Option<LogFormat>,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    Table,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the agent: keep the node's load-balancer addresses as the services say.
+    Run(run::Args),
+    /// Remove everything lbagent created: the load-balancer interface with its addresses,
+    /// and the dataplane's programs and pins.
+    Cleanup(cleanup::Args),
+    /// BIRD as lbagent configures it.
+    Bird(bird::Args),
+    /// Show what the running agent holds and why (from its status file).
+    Status(status::Args),
+    /// Attach the XDP program to an interface (replacing lbagent's own program in place).
+    Attach(attach::Args),
+    /// Detach the XDP program; with the last interface the maps go too.
+    Detach(detach::Args),
+    /// Add or remove load-balancer addresses in the dataplane.
+    Vip(vip::Args),
+    /// Print packet and byte counters per address.
+    Counters(counters::Args),
+}
+
+/// One-shot commands log only what needs attention: their result is what they print.
+const QUIET: &str = "warn";
+
+pub fn run(cli: Cli, out: &mut impl Write) -> Result<()> {
+    let pins = PinLayout::new(&cli.pin_root);
+    let quiet = || logging::init(cli.log_format, QUIET);
+    match cli.command {
+        Command::Run(args) => run::run(args, cli.log_format),
+        Command::Cleanup(args) => {
+            quiet();
+            cleanup::run(args, pins, out)
+        }
+        Command::Bird(args) => {
+            quiet();
+            bird::run(args, out)
+        }
+        Command::Status(args) => {
+            quiet();
+            status::run(args, &pins, out)
+        }
+        Command::Attach(args) => {
+            quiet();
+            attach::run(args, &pins, out)
+        }
+        Command::Detach(args) => {
+            quiet();
+            detach::run(args, &pins, out)
+        }
+        Command::Vip(args) => {
+            quiet();
+            vip::run(args, &pins, out)
+        }
+        Command::Counters(args) => {
+            quiet();
+            counters::run(args, &pins, out)
+        }
+    }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    // One thread: the agent waits on the kernel, it does not compute.
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+}
+
+/// The width of a table column: its longest cell or its heading.
+fn column_width<'a>(heading: &str, cells: impl IntoIterator<Item = &'a str>) -> usize {
+    cells
+        .into_iter()
+        .map(str::len)
+        .chain([heading.len()])
+        .max()
+        .unwrap_or(0)
+}
