@@ -32,9 +32,11 @@ use serde::Deserialize;
 use crate::{
     logging::LogFormat,
     sinks::{
+        dataplane::DataplaneConfig,
         is_interface_name,
         routing::model::{RawRouting, RoutingConfig},
     },
+    sources::kubernetes::KubernetesSource,
 };
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -53,28 +55,9 @@ pub struct Config {
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct DataplaneConfig {
-    /// Interfaces the XDP program is attached to: those that carry the LB traffic, attached
-    /// when they appear. Empty: the interfaces of the node's default routes, followed as
-    /// routes change.
-    pub interfaces: Vec<String>,
-    pub mode: crate::dataplane::AttachMode,
-    pub pin_root: PathBuf,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Source {
     File { path: PathBuf },
     Kubernetes(KubernetesSource),
-}
-
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct KubernetesSource {
-    /// Serve only Services of this `spec.loadBalancerClass`; `None`: only those without one,
-    /// as the cluster's default load-balancer implementation does.
-    pub load_balancer_class: Option<String>,
-    /// `None`: `$KUBECONFIG`, `~/.kube/config`, then the in-cluster service account.
-    pub kubeconfig: Option<PathBuf>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]

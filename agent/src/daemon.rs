@@ -1,7 +1,7 @@
-//! `lbagent run`: wires the source, the reconciler and the sinks together, and follows the
-//! config file so that routing changes apply without a restart.
+//! `lbagent run`: wires the source, the reconciler, its sinks and the face (status file, HTTP)
+//! together, and follows the config file so that routing changes apply without a restart.
 
-use std::{ops::ControlFlow, path::PathBuf, time::Duration};
+use std::{net::Ipv4Addr, ops::ControlFlow, path::PathBuf};
 
 use anyhow::{Context as _, Result};
 use tokio::{
@@ -12,24 +12,25 @@ use tracing::{error, info, warn};
 
 use crate::{
     config::{Config, Source},
-    reconcile::{Inputs, Reconciler},
+    metrics,
+    reconcile::{Inputs, ReconcileMetrics, Reconciler},
     sinks::{
+        Driven,
         addresses::AddressSink,
+        dataplane,
         routing::{
-            self, BirdPaths, Stop,
-            model::{IfaceName, Mode, RoutingConfig},
-            render::render_for_mode,
+            RoutingSink,
+            model::{Mode, RoutingConfig},
         },
     },
-    sources,
-    status::StatusWriter,
+    sources, status_file,
     watch::FileEvent,
 };
 
 pub async fn run(config_path: PathBuf, node_name: Option<String>, config: Config) -> Result<()> {
     let interface = config.addresses.interface.clone();
-    let sink = AddressSink::connect(&interface)?;
-    let kernel_changes = sink.changes()?;
+    let mut addresses = AddressSink::connect(&interface)?;
+    addresses.notice_changes()?;
 
     let (updates_tx, updates) = watch::channel(None);
     let source_name = match &config.source {
@@ -48,18 +49,19 @@ pub async fn run(config_path: PathBuf, node_name: Option<String>, config: Config
         "lbagent starting"
     );
 
-    let (stop_tx, stop_rx) = watch::channel(Stop::No);
     let routing = match &config.routing {
-        Some(routing_config) => {
-            Some(start_routing(&sink, routing_config, &interface, &config, stop_rx).await?)
+        Some(routing) => {
+            let router_id_default = router_id_default(&addresses).await?;
+            Some(RoutingSink::start(routing, &interface, router_id_default)?)
         }
         None => None,
     };
+    let (routing_tx, routing_config) = watch::channel(config.routing.clone());
     tokio::spawn(follow_config(
         config_path,
         node_name,
         config.clone(),
-        routing.as_ref().map(|r| r.renderer.clone()),
+        routing_tx,
     ));
 
     let (resync_tx, resync_now) = mpsc::channel(1);
@@ -72,28 +74,30 @@ pub async fn run(config_path: PathBuf, node_name: Option<String>, config: Config
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
 
-    let mut reconciler = Reconciler::new(
-        sink,
-        StatusWriter::new(&config.status_path),
-        config.node_name.clone(),
-    );
+    // In the order the reconciler drives them: the dataplane serves the addresses.
+    let mut sinks: Vec<Box<dyn Driven>> = vec![Box::new(addresses)];
     if let Some(dataplane) = &config.dataplane
-        && let Some(maps) = crate::sinks::dataplane::start(dataplane, &interface).await
+        && let Some(sink) = dataplane::start(dataplane).await
     {
-        reconciler = reconciler.with_dataplane(maps);
+        sinks.push(Box::new(sink));
     }
+    let bird = routing.map(|(sink, bird)| {
+        sinks.push(Box::new(sink));
+        bird
+    });
+    let mut reconciler = Reconciler::new(config.node_name.clone(), sinks);
+    tokio::spawn(status_file::write_each(
+        config.status_path.clone(),
+        reconciler.applied(),
+    ));
     if let Some(address) = config.http_address {
-        let metrics = crate::metrics::ReconcileMetrics::default();
-        reconciler = reconciler.with_metrics(metrics.clone());
-        let registry = crate::metrics::registry(
-            &metrics,
-            crate::metrics::Sources {
+        let counts = ReconcileMetrics::default();
+        reconciler = reconciler.with_metrics(counts.clone());
+        let registry = metrics::registry(
+            &counts,
+            metrics::Sources {
                 status: reconciler.applied(),
                 pins: config.dataplane.as_ref().map(|d| d.pin_root.clone()),
-                routing_status: config
-                    .routing
-                    .as_ref()
-                    .map(|_| routing::status_path(&config.status_path)),
             },
         );
         crate::http::serve(address, registry, reconciler.applied()).await?;
@@ -108,14 +112,14 @@ pub async fn run(config_path: PathBuf, node_name: Option<String>, config: Config
                 kubernetes.clone(),
                 config.node_name.clone(),
                 updates_tx,
-                reconciler.applied(),
+                reconciler.outcomes(),
             );
             tokio::spawn(async move { watching.await.map_err(anyhow::Error::new) })
         }
     };
     let inputs = Inputs {
         updates,
-        kernel_changes,
+        routing: routing_config,
         resync_interval: config.addresses.resync_interval,
         resync_now,
     };
@@ -133,15 +137,8 @@ pub async fn run(config_path: PathBuf, node_name: Option<String>, config: Config
         _ = term.recv() => stopping("SIGTERM"),
         _ = int.recv() => stopping("SIGINT"),
     };
-    if let Some(routing) = routing {
-        // A planned stop: BIRD restarts gracefully, so peers keep the routes meanwhile.
-        let _ = stop_tx.send(Stop::Graceful);
-        if tokio::time::timeout(Duration::from_secs(15), routing.task)
-            .await
-            .is_err()
-        {
-            warn!("BIRD did not stop within 15 s");
-        }
+    if let Some(bird) = bird {
+        bird.stop().await;
     }
     result
 }
@@ -152,88 +149,27 @@ fn stopping(signal: &str) -> Result<()> {
     Ok(())
 }
 
-/// Renders routing configs for one interface and router id, and hands them to BIRD.
-#[derive(Clone)]
-struct Renderer {
-    router_id_default: Option<std::net::Ipv4Addr>,
-    interface: IfaceName,
-    configs: watch::Sender<String>,
-}
-
-impl Renderer {
-    fn render(&self, config: &RoutingConfig) -> Option<String> {
-        let router_id = config.router_id.or(self.router_id_default)?;
-        Some(render_for_mode(config, router_id, &self.interface))
+/// The router id when the config sets none. In a cluster the downward API gives HOST_IP: the
+/// address the routers know the node by; else the node's first global IPv4 address.
+async fn router_id_default(addresses: &AddressSink) -> Result<Option<Ipv4Addr>> {
+    match std::env::var("HOST_IP").ok().map(|ip| (ip.parse(), ip)) {
+        Some((Ok(ip), _)) => return Ok(Some(ip)),
+        Some((Err(_), text)) if text.parse::<std::net::Ipv6Addr>().is_err() => {
+            warn!(host_ip = %text, "HOST_IP is not an IP address; ignoring it");
+        }
+        _ => {}
     }
+    Ok(addresses.node_ipv4().await?)
 }
 
-struct Routing {
-    renderer: Renderer,
-    task: tokio::task::JoinHandle<()>,
-}
-
-async fn start_routing(
-    sink: &AddressSink,
-    routing_config: &RoutingConfig,
-    interface: &str,
-    config: &Config,
-    stop: watch::Receiver<Stop>,
-) -> Result<Routing> {
-    // In a cluster the downward API gives HOST_IP: the address the routers know the node by.
-    let router_id_default = match std::env::var("HOST_IP").ok().map(|ip| (ip.parse(), ip)) {
-        Some((Ok(ip), _)) => Some(ip),
-        Some((Err(_), text)) => {
-            if text.parse::<std::net::Ipv6Addr>().is_err() {
-                warn!(host_ip = %text, "HOST_IP is not an IP address; ignoring it");
-            }
-            sink.node_ipv4().await?
-        }
-        None => sink.node_ipv4().await?,
-    };
-    if routing_config.router_id.is_none() && router_id_default.is_none() {
-        anyhow::bail!("routing.routerId: this node has no IPv4 address to default to; set one");
-    }
-    let interface = IfaceName::new(interface, "addresses.interface")?;
-    let (tx, rx) = watch::channel(String::new());
-    let renderer = Renderer {
-        router_id_default,
-        interface,
-        configs: tx,
-    };
-    let text = renderer
-        .render(routing_config)
-        .context("routing.routerId")?;
-    renderer.configs.send_replace(text);
-    let status_file = routing::status_path(&config.status_path);
-    let task = match routing_config.mode.clone() {
-        Mode::Managed { binary, state_dir } => {
-            if let Err(err) = routing::check_installed(&binary) {
-                return Err(err.into());
-            }
-            tokio::spawn(async move {
-                if let Err(err) =
-                    routing::run_managed(binary, BirdPaths::new(&state_dir), rx, stop, status_file)
-                        .await
-                {
-                    error!(%err, "routing stopped");
-                }
-            })
-        }
-        Mode::External { include, socket } => {
-            tokio::spawn(routing::run_external(include, socket, rx, status_file))
-        }
-    };
-    Ok(Routing { renderer, task })
-}
-
-/// Follows lbagent's own config file. A routing change is rendered and applied to BIRD at
-/// once; a file that fails validation changes nothing and says so; changes that need a
+/// Follows lbagent's own config file. A routing change goes to the reconciler, which hands
+/// it to BIRD; a file that fails validation changes nothing and says so; changes that need a
 /// restart are named.
 async fn follow_config(
     path: PathBuf,
     node_name: Option<String>,
     mut current: Config,
-    renderer: Option<Renderer>,
+    routing: watch::Sender<Option<RoutingConfig>>,
 ) {
     let result = crate::watch::follow(&path, |event| {
         let text = match event {
@@ -253,25 +189,20 @@ async fn follow_config(
         if next == current {
             return ControlFlow::Continue(());
         }
-        match (&renderer, &next.routing) {
-            (Some(renderer), Some(routing)) if Some(routing) != current.routing.as_ref() => {
-                let same_mode = current
-                    .routing
-                    .as_ref()
-                    .is_some_and(|r| r.mode == routing.mode);
-                if !same_mode {
+        match (&current.routing, &next.routing) {
+            (Some(running), Some(wanted)) if running != wanted => {
+                if running.mode == wanted.mode {
+                    routing.send_replace(Some(wanted.clone()));
+                } else {
                     warn!("routing.mode, its BIRD binary or paths changed: restart lbagent to apply it");
-                } else if let Some(text) = renderer.render(routing) {
-                    info!("routing config changed; reconfiguring BIRD");
-                    renderer.configs.send_replace(text);
                 }
             }
             (None, Some(_)) | (Some(_), None) => warn!("a routing section was added or removed: restart lbagent to apply it"),
             _ => {}
         }
-        let mut rest_now = next.clone();
-        rest_now.routing = current.routing.clone();
-        if rest_now != current {
+        let mut outside_routing = next.clone();
+        outside_routing.routing = current.routing.clone();
+        if outside_routing != current {
             warn!("config changes outside `routing` take effect when lbagent restarts");
         }
         current = next;

@@ -107,6 +107,30 @@ pub struct ServicePolicy {
 /// has several entries, and stays as long as any is left.
 pub type AddressIntent = BTreeMap<String, ServicePolicy>;
 
+/// What became of a desired address on this node: the address sink's answer, which the
+/// published status shows and the Kubernetes source turns into Events.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AddressStatus {
+    pub address: IpAddr,
+    pub state: AddressState,
+    /// For a local address, the node's subnet it lies in.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub prefix: Option<IpNet>,
+    pub services: Vec<String>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AddressState {
+    /// On the load-balancer interface.
+    Virtual,
+    /// Inside one of the node's subnets: reachable without the interface.
+    Local,
+    /// IPv6 on a node without IPv6.
+    Unsupported,
+}
+
 /// The desired state of the node: every address with the services that want it.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Desired {

@@ -21,7 +21,7 @@ use prometheus_client::registry::Registry;
 use tokio::sync::watch;
 use tracing::{error, info};
 
-use crate::status::Status;
+use crate::reconcile::Status;
 
 #[derive(Debug, thiserror::Error)]
 #[error("cannot serve HTTP on {address}: {reason}")]

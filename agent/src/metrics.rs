@@ -1,64 +1,32 @@
 //! Prometheus metrics, all under `lbagent_`. Counters the kernel keeps (the pinned maps) and
-//! state other tasks already publish (the reconciler's status, BIRD's protocols) are read at
-//! scrape time, so a scrape always sees the same figures as `lbagent counters` and
-//! `lbagent status`; only the reconciler's own runs are counted as they happen.
+//! the published status (addresses, BIRD's protocols) are read at scrape time, so a scrape
+//! always sees the same figures as `lbagent counters` and `lbagent status`; only the
+//! reconciler's own passes are counted as they happen.
 
 use std::{path::PathBuf, sync::Arc};
 
 use prometheus_client::{
     collector::Collector,
-    encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric},
-    metrics::{
-        MetricType,
-        counter::{ConstCounter, Counter},
-        family::Family,
-        gauge::ConstGauge,
-        histogram::{Histogram, exponential_buckets},
-        info::Info,
-    },
+    encoding::{DescriptorEncoder, EncodeMetric},
+    metrics::{MetricType, counter::ConstCounter, gauge::ConstGauge, info::Info},
     registry::Registry,
 };
 use tokio::sync::watch;
 
 use crate::{
     dataplane::{PinLayout, PortCounters, VipCounters, VipTable},
-    sinks::routing::RoutingStatus,
-    status::{AddressState, Status},
+    desired::AddressState,
+    reconcile::{ReconcileMetrics, Status},
+    sinks::routing::control::ProtocolStatus,
 };
 
 pub const PREFIX: &str = "lbagent";
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct TriggerLabel {
-    pub trigger: String,
-}
-
-/// What the reconciler counts itself. Cheap to clone: the metrics are shared.
-#[derive(Clone, Debug)]
-pub struct ReconcileMetrics {
-    pub runs: Family<TriggerLabel, Counter>,
-    pub failures: Counter,
-    pub duration: Histogram,
-}
-
-impl Default for ReconcileMetrics {
-    fn default() -> Self {
-        Self {
-            runs: Family::default(),
-            failures: Counter::default(),
-            // 0.5 ms to about 4 s: a resync of a few addresses to a cold start of 10,000.
-            duration: Histogram::new(exponential_buckets(0.0005, 2.0, 14)),
-        }
-    }
-}
 
 /// Where the scrape-time collectors read from.
 pub struct Sources {
     pub status: watch::Receiver<Option<Status>>,
     /// The dataplane's pin root, when the dataplane is on.
     pub pins: Option<PathBuf>,
-    /// The routing status file, when lbagent runs BIRD or feeds one.
-    pub routing_status: Option<PathBuf>,
 }
 
 pub fn registry(reconcile: &ReconcileMetrics, sources: Sources) -> Registry {
@@ -95,7 +63,6 @@ impl std::fmt::Debug for Sources {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Sources")
             .field("pins", &self.pins)
-            .field("routing_status", &self.routing_status)
             .finish_non_exhaustive()
     }
 }
@@ -256,17 +223,10 @@ impl Collector for StateCollector {
                 )?;
             }
         }
-        if let Some(path) = &sources.routing_status
-            && let Ok(text) = std::fs::read(path)
-            && let Ok(routing) = serde_json::from_slice::<RoutingStatus>(&text)
-        {
-            let label = |p: &crate::sinks::routing::control::ProtocolStatus| {
-                vec![("name", p.name.clone()), ("protocol", p.proto.clone())]
-            };
-            let routing_protocols = routing
-                .protocols
-                .iter()
-                .filter(|p| matches!(p.proto.as_str(), "BGP" | "OSPF" | "RIP"));
+        if let Some(routing) = status.as_ref().and_then(|s| s.routing.as_ref()) {
+            let label =
+                |p: &ProtocolStatus| vec![("name", p.name.clone()), ("protocol", p.proto.clone())];
+            let routing_protocols = routing.protocols.iter().filter(|p| p.has_neighbours());
             family(
                 &mut encoder,
                 "routing_session_up",
@@ -274,11 +234,7 @@ impl Collector for StateCollector {
                 MetricType::Gauge,
                 routing_protocols
                     .clone()
-                    .map(|p| {
-                        let up = p.state == "up"
-                            && (p.proto != "BGP" || p.info.starts_with("Established"));
-                        (label(p), ConstGauge::new(i64::from(up)))
-                    })
+                    .map(|p| (label(p), ConstGauge::new(i64::from(p.is_up()))))
                     .collect::<Vec<_>>(),
             )?;
             family(

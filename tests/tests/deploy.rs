@@ -809,9 +809,9 @@ fn the_daemonsets_capabilities_are_enough_to_run_and_clean_up() {
         "no pins under {}",
         pins.path().display()
     );
-    let routing_status = dir.path().join("run/routing.json");
+    let status = dir.path().join("run/status.json");
     let bird_up = wait_until(Duration::from_secs(10), || {
-        std::fs::read_to_string(&routing_status).is_ok_and(|text| text.contains("\"tor\""))
+        std::fs::read_to_string(&status).is_ok_and(|text| text.contains("\"tor\""))
     });
     assert!(
         bird_up,

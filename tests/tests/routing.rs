@@ -69,10 +69,12 @@ impl Node {
         self.agent.as_ref().map(Agent::log).unwrap_or_default()
     }
 
+    /// The routing part of the agent's status file.
     fn routing(&self) -> serde_json::Value {
-        std::fs::read_to_string(self.dir.path().join("routing.json"))
+        std::fs::read_to_string(self.dir.path().join("status.json"))
             .ok()
-            .and_then(|text| serde_json::from_str(&text).ok())
+            .and_then(|text| serde_json::from_str::<serde_json::Value>(&text).ok())
+            .map(|status| status["routing"].clone())
             .unwrap_or_default()
     }
 

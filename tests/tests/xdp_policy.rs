@@ -537,10 +537,10 @@ fn ports_that_do_not_fit_leave_their_address_counted_but_unfiltered_and_the_rest
         .into(),
         ranges: Default::default(),
     };
-    let observed = h.sink().observe().unwrap();
+    let observed = h.sink().entries().unwrap();
     let err = h
         .sink()
-        .apply(&diff(&wanted, &observed))
+        .write(&diff(&wanted, &observed))
         .expect_err("two ports do not fit");
     assert!(
         err.to_string().starts_with("map LB_PORT_CONFIG is full"),
@@ -556,9 +556,9 @@ fn ports_that_do_not_fit_leave_their_address_counted_but_unfiltered_and_the_rest
     check(&h, second, &tcp4(second, 8443), Expect::Pass);
     // The filler went after the ports were tried; with the room it left, the next
     // reconcile applies everything.
-    let observed = h.sink().observe().unwrap();
-    h.sink().apply(&diff(&wanted, &observed)).unwrap();
-    assert_eq!(h.sink().observe().unwrap(), wanted);
+    let observed = h.sink().entries().unwrap();
+    h.sink().write(&diff(&wanted, &observed)).unwrap();
+    assert_eq!(h.sink().entries().unwrap(), wanted);
     check(&h, second, &tcp4(second, 82), Expect::Pass);
     check(&h, second, &tcp4(second, 8443), Expect::Port);
 }

@@ -110,7 +110,6 @@ fn cleanup(leftovers: &Leftovers, out: &mut impl Write) -> Result<()> {
             }
         }
     }
-    let _ = std::fs::remove_file(routing::status_path(&leftovers.status_path));
     if leftovers.pins.check_bpffs().is_ok() {
         let detached = dataplane::detach_all(&leftovers.pins)?;
         writeln!(

@@ -9,8 +9,10 @@ use super::Output;
 use crate::{
     config,
     dataplane::{self, PinLayout, inspect::Attachment},
-    sinks::routing::{self, RoutingStatus},
-    status::{self, AddressState},
+    desired::AddressState,
+    reconcile::Status,
+    sinks::routing::RoutingStatus,
+    status_file,
 };
 
 #[derive(Debug, clap::Args)]
@@ -21,24 +23,20 @@ pub struct Args {
     output: Output,
 }
 
-/// The agent's status file, BIRD's protocols, the attached programs, and what needs attention.
+/// The agent's status file (with BIRD's protocols), the attached programs, and what needs
+/// attention.
 #[derive(Debug, serde::Serialize)]
 struct StatusReport {
     #[serde(flatten)]
-    agent: status::Status,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    routing: Option<RoutingStatus>,
+    agent: Status,
     dataplane: Vec<Attachment>,
     degraded: Vec<String>,
 }
 
 pub fn run(args: Args, pins: &PinLayout, out: &mut impl Write) -> Result<()> {
-    let agent = status::read(&args.status_file).with_context(
+    let agent = status_file::read(&args.status_file).with_context(
         || "cannot read the agent's status (is `lbagent run` running with this status file?)",
     )?;
-    let routing = std::fs::read(routing::status_path(&args.status_file))
-        .ok()
-        .and_then(|text| serde_json::from_slice::<RoutingStatus>(&text).ok());
     // No pins (no dataplane section, or another pin root) is not an error here.
     let dataplane = if pins.check_bpffs().is_ok() {
         super::runtime()?.block_on(dataplane::inspect::attachments(pins))?
@@ -46,9 +44,8 @@ pub fn run(args: Args, pins: &PinLayout, out: &mut impl Write) -> Result<()> {
         Vec::new()
     };
     let report = StatusReport {
-        degraded: degraded(&agent, routing.as_ref(), &dataplane),
+        degraded: degraded(&agent, &dataplane),
         agent,
-        routing,
         dataplane,
     };
     match args.output {
@@ -61,11 +58,7 @@ pub fn run(args: Args, pins: &PinLayout, out: &mut impl Write) -> Result<()> {
     Ok(())
 }
 
-fn degraded(
-    agent: &status::Status,
-    routing: Option<&RoutingStatus>,
-    dataplane: &[Attachment],
-) -> Vec<String> {
+fn degraded(agent: &Status, dataplane: &[Attachment]) -> Vec<String> {
     let mut degraded: Vec<String> = agent
         .errors
         .iter()
@@ -84,17 +77,12 @@ fn degraded(
             .filter(|a| a.state == AddressState::Unsupported)
             .map(|a| format!("{}: not held, this node has no IPv6", a.address)),
     );
-    if let Some(routing) = routing {
+    if let Some(routing) = &agent.routing {
         if routing.bird != "running" && routing.mode == "managed" {
             degraded.push(format!("BIRD: {}", routing.bird));
         }
         for p in &routing.protocols {
-            let down = match p.proto.as_str() {
-                "BGP" => !p.info.starts_with("Established"),
-                "OSPF" | "RIP" => p.state != "up",
-                _ => false,
-            };
-            if down {
+            if p.has_neighbours() && !p.is_up() {
                 degraded.push(format!("{} {}: {} {}", p.proto, p.name, p.state, p.info));
             }
         }
@@ -115,7 +103,7 @@ fn degraded(
 
 fn write_report(out: &mut impl Write, report: &StatusReport) -> std::io::Result<()> {
     write_addresses(out, &report.agent)?;
-    if let Some(routing) = &report.routing {
+    if let Some(routing) = &report.agent.routing {
         write_routing(out, routing)?;
     }
     if !report.dataplane.is_empty() {
@@ -147,7 +135,7 @@ fn write_report(out: &mut impl Write, report: &StatusReport) -> std::io::Result<
     Ok(())
 }
 
-fn write_addresses(out: &mut impl Write, status: &status::Status) -> std::io::Result<()> {
+fn write_addresses(out: &mut impl Write, status: &Status) -> std::io::Result<()> {
     writeln!(
         out,
         "node {}  interface {}  reconciles {} (last: {}, {:.1} ms)",

@@ -14,19 +14,21 @@ use rtnetlink::{
     packet_route::{
         RouteNetlinkMessage,
         address::{AddressAttribute, AddressFlags, AddressHeaderFlags, AddressMessage},
-        link::{InfoKind, LinkAttribute, LinkFlags, LinkMessage},
-        route::{RouteAttribute, RouteMessage},
+        link::{InfoKind, LinkFlags, LinkMessage},
     },
 };
 use tokio::sync::mpsc;
 use tracing::{debug, warn};
 
+mod pass;
 pub mod plan;
 
-use self::plan::{LinkState, Observed, Plan};
-
-/// RT_TABLE_MAIN.
-const MAIN_TABLE: u8 = 254;
+pub use self::pass::AddressReport;
+use self::{
+    pass::Expected,
+    plan::{LinkState, Observed, Plan},
+};
+use super::{errno, link_name, node_has_ipv6};
 
 /// How many address requests are in flight at once: enough to keep the kernel busy, few
 /// enough to stay well inside the socket's receive buffer for the acks.
@@ -74,7 +76,7 @@ pub enum AddressError {
 
 /// What an apply did, for logs and status.
 #[derive(Debug, Default)]
-pub struct Applied {
+struct Applied {
     pub created_link: Option<&'static str>,
     /// The interface the addresses went to.
     pub link_index: u32,
@@ -89,6 +91,13 @@ pub struct AddressSink {
     interface: String,
     /// Set once the kernel refused `dummy`, so the fallback is warned about once.
     no_dummy: AtomicBool,
+    /// Wakes when netlink reports a change that could matter, once [`Self::notice_changes`]
+    /// subscribed.
+    kernel_changes: Option<mpsc::Receiver<()>>,
+    /// What the last pass left in the kernel: anything different found later was changed by
+    /// someone else, and putting it back is a repair.
+    expected: Option<Expected>,
+    report: AddressReport,
 }
 
 impl AddressSink {
@@ -100,6 +109,12 @@ impl AddressSink {
             handle,
             interface: interface.to_owned(),
             no_dummy: AtomicBool::new(false),
+            kernel_changes: None,
+            expected: None,
+            report: AddressReport {
+                interface: interface.to_owned(),
+                ..AddressReport::default()
+            },
         })
     }
 
@@ -107,9 +122,9 @@ impl AddressSink {
         &self.interface
     }
 
-    /// Subscribes to link and address changes; each message that could matter to the plan
-    /// (any address change, or a change to the interface) sends `()` on the returned channel.
-    pub fn changes(&self) -> Result<mpsc::Receiver<()>, AddressError> {
+    /// Subscribes to link and address changes: each message that could matter to the plan
+    /// (any address change, or a change to the interface) makes the sink notice a drift.
+    pub fn notice_changes(&mut self) -> Result<(), AddressError> {
         let (connection, _, mut messages) = rtnetlink::new_multicast_connection(&[
             MulticastGroup::Link,
             MulticastGroup::Ipv4Ifaddr,
@@ -136,7 +151,8 @@ impl AddressSink {
                 }
             }
         });
-        Ok(rx)
+        self.kernel_changes = Some(rx);
+        Ok(())
     }
 
     pub async fn observe(&self) -> Result<Observed, AddressError> {
@@ -146,7 +162,7 @@ impl AddressSink {
         });
         let mut observed = Observed {
             link,
-            ipv6: ipv6_enabled(),
+            ipv6: node_has_ipv6(),
             ..Observed::default()
         };
         let mut addresses = self.handle.address().get().execute();
@@ -204,57 +220,9 @@ impl AddressSink {
         Ok(candidates.first().map(|(_, v4)| *v4))
     }
 
-    /// The interfaces that carry the node's default routes (IPv4 and IPv6, main table): the
-    /// ones LB traffic arrives on when the config names none.
-    pub async fn default_route_interfaces(&self) -> Result<Vec<String>, AddressError> {
-        let mut indexes = std::collections::BTreeSet::new();
-        for query in [
-            rtnetlink::RouteMessageBuilder::<std::net::Ipv4Addr>::new().build(),
-            rtnetlink::RouteMessageBuilder::<std::net::Ipv6Addr>::new().build(),
-        ] {
-            let routes: Vec<RouteMessage> = self
-                .handle
-                .route()
-                .get(query)
-                .execute()
-                .try_collect()
-                .await
-                .map_err(|source| AddressError::Dump {
-                    what: "routes",
-                    source: Box::new(source),
-                })?;
-            for route in routes {
-                if route.header.destination_prefix_length != 0 || route.header.table != MAIN_TABLE {
-                    continue;
-                }
-                for attribute in &route.attributes {
-                    match attribute {
-                        RouteAttribute::Oif(index) => {
-                            indexes.insert(*index);
-                        }
-                        RouteAttribute::MultiPath(hops) => {
-                            indexes.extend(hops.iter().map(|hop| hop.interface_index));
-                        }
-                        _ => {}
-                    }
-                }
-            }
-        }
-        let mut names = Vec::new();
-        for index in indexes {
-            let mut links = self.handle.link().get().match_index(index).execute();
-            if let Ok(Some(link)) = links.try_next().await
-                && let Some(name) = link_name(&link)
-            {
-                names.push(name.to_owned());
-            }
-        }
-        Ok(names)
-    }
-
     /// Applies `plan`. Address changes are independent: one that fails is reported and the
     /// rest still go in. Failing to create the interface stops the apply.
-    pub async fn apply(&self, plan: &Plan, observed: &Observed) -> Result<Applied, AddressError> {
+    async fn apply_plan(&self, plan: &Plan, observed: &Observed) -> Result<Applied, AddressError> {
         let mut applied = Applied::default();
         applied.link_index = if plan.create_link {
             let kind = self.create_link().await?;
@@ -456,13 +424,6 @@ enum Change {
     Removed,
 }
 
-fn link_name(link: &LinkMessage) -> Option<&str> {
-    link.attributes.iter().find_map(|attr| match attr {
-        LinkAttribute::IfName(name) => Some(name.as_str()),
-        _ => None,
-    })
-}
-
 /// The interface's own address with its prefix length. For IPv4, IFA_LOCAL is the local
 /// address (IFA_ADDRESS is the peer on point-to-point links).
 fn address_of(message: &AddressMessage) -> Option<IpNet> {
@@ -479,19 +440,4 @@ fn address_of(message: &AddressMessage) -> Option<IpNet> {
 
 fn is_ipv6_link_local(ip: &IpAddr) -> bool {
     matches!(ip, IpAddr::V6(v6) if v6.is_unicast_link_local())
-}
-
-/// Whether this network namespace has IPv6: the module may be absent (`ipv6.disable=1`) or
-/// switched off by sysctl.
-fn ipv6_enabled() -> bool {
-    std::fs::read_to_string("/proc/sys/net/ipv6/conf/all/disable_ipv6")
-        .is_ok_and(|value| value.trim() == "0")
-}
-
-/// The errno of a netlink error reply, positive.
-fn errno(err: &rtnetlink::Error) -> Option<i32> {
-    match err {
-        rtnetlink::Error::NetlinkError(message) => message.code.map(|code| -code.get()),
-        _ => None,
-    }
 }

@@ -9,30 +9,45 @@
 //! traffic unfiltered. At start, lbagent's links to interfaces that are no longer wanted
 //! are removed.
 
-use std::{collections::BTreeMap, time::Duration};
+use std::{collections::BTreeMap, path::PathBuf, time::Duration};
 
-use futures::StreamExt as _;
+use futures::{StreamExt as _, TryStreamExt as _};
 use rtnetlink::{
-    MulticastGroup,
+    Handle, MulticastGroup,
     packet_core::NetlinkPayload,
-    packet_route::{RouteNetlinkMessage, route::RouteMessage},
+    packet_route::{
+        RouteNetlinkMessage,
+        route::{RouteAttribute, RouteMessage},
+    },
 };
 use tracing::{error, info, warn};
 
 use super::DataplaneSink;
 use crate::{
-    config::DataplaneConfig,
     dataplane::{
         AttachMode, DataplaneError, PinLayout, XdpLinkPin, attach, detach_all, forget, local_link,
         prepare,
     },
-    sinks::addresses::AddressSink,
+    sinks::link_name,
 };
 
 type Events = futures::channel::mpsc::UnboundedReceiver<(
     rtnetlink::packet_core::NetlinkMessage<RouteNetlinkMessage>,
     rtnetlink::sys::SocketAddr,
 )>;
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DataplaneConfig {
+    /// Interfaces the XDP program is attached to: those that carry the LB traffic, attached
+    /// when they appear. Empty: the interfaces of the node's default routes, followed as
+    /// routes change.
+    pub interfaces: Vec<String>,
+    pub mode: AttachMode,
+    pub pin_root: PathBuf,
+}
+
+/// RT_TABLE_MAIN.
+const MAIN_TABLE: u8 = 254;
 
 /// Netlink events come in bursts (an interface appears, comes up, gets addresses and
 /// routes); one look after the burst is enough.
@@ -42,7 +57,7 @@ const SETTLE: Duration = Duration::from_millis(100);
 /// them in a task of its own. Returns the maps' sink for the reconciler, or `None` (with
 /// the reason logged) when there can be no dataplane at all; the rest of the agent runs
 /// either way.
-pub async fn start(config: &DataplaneConfig, lb_interface: &str) -> Option<DataplaneSink> {
+pub async fn start(config: &DataplaneConfig) -> Option<DataplaneSink> {
     let pins = PinLayout::new(&config.pin_root);
     let mut prepared = prepare(&pins);
     if let Err(DataplaneError::IncompatibleMap { path, detail }) = &prepared {
@@ -61,8 +76,11 @@ pub async fn start(config: &DataplaneConfig, lb_interface: &str) -> Option<Datap
             return None;
         }
     };
-    let routes = match AddressSink::connect(lb_interface) {
-        Ok(routes) => routes,
+    let routes = match rtnetlink::new_connection() {
+        Ok((connection, routes, _)) => {
+            tokio::spawn(connection);
+            routes
+        }
         Err(err) => {
             error!(%err, "dataplane: no netlink connection; no interface gets the XDP program");
             return Some(sink);
@@ -93,12 +111,20 @@ pub async fn start(config: &DataplaneConfig, lb_interface: &str) -> Option<Datap
     Some(sink)
 }
 
+/// Whether interfaces are attached to at start or as they appear later.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Pass {
+    Start,
+    Following,
+}
+
 struct Follower {
     pins: PinLayout,
     mode: AttachMode,
     /// The config's interfaces; empty: those of the default routes.
     listed: Vec<String>,
-    routes: AddressSink,
+    /// For the default routes.
+    routes: Handle,
     /// Interfaces with the program, by name.
     attached: BTreeMap<String, XdpLinkPin>,
     /// Interfaces that refused it, not tried again until they are replaced.
@@ -110,7 +136,7 @@ impl Follower {
         if !self.listed.is_empty() {
             return self.listed.clone();
         }
-        match self.routes.default_route_interfaces().await {
+        match default_route_interfaces(&self.routes).await {
             Ok(names) => names,
             Err(err) => {
                 error!(%err, "dataplane: cannot find the default routes' interfaces");
@@ -136,7 +162,7 @@ impl Follower {
                 warn!(iface = %name, "dataplane: interface not present; it gets the XDP program when it appears");
             }
         }
-        self.converge(&wanted, false);
+        self.converge(&wanted, Pass::Start);
         if self.attached.is_empty() {
             warn!("no interface has the XDP program yet; the maps are kept ready for one");
         }
@@ -190,13 +216,13 @@ impl Follower {
                 // Default routes: add, never take away while running (see the module doc).
                 wanted.extend(self.attached.keys().cloned());
             }
-            self.converge(&wanted, true);
+            self.converge(&wanted, Pass::Following);
         }
         error!("dataplane: the netlink event stream ended; interfaces are no longer followed");
     }
 
     /// Drops what vanished, attaches what is wanted and present.
-    fn converge(&mut self, wanted: &[String], later: bool) {
+    fn converge(&mut self, wanted: &[String], pass: Pass) {
         let current = |name: &str| local_link(name).ok();
         let gone: Vec<(String, XdpLinkPin)> = self
             .attached
@@ -226,7 +252,7 @@ impl Follower {
                 Ok(done) => {
                     self.refused.remove(name);
                     self.attached.insert(name.clone(), link);
-                    if later {
+                    if pass == Pass::Following {
                         info!(iface = %name, mode = ?done.mode, "interface appeared: XDP program attached");
                     } else {
                         info!(iface = %name, mode = ?done.mode, replaced = done.replaced, "XDP program attached");
@@ -256,4 +282,42 @@ fn relevant(payload: &NetlinkPayload<RouteNetlinkMessage>) -> bool {
 
 fn is_default(route: &RouteMessage) -> bool {
     route.header.destination_prefix_length == 0
+}
+
+/// The interfaces that carry the node's default routes (IPv4 and IPv6, main table): the ones
+/// LB traffic arrives on when the config names none.
+async fn default_route_interfaces(handle: &Handle) -> Result<Vec<String>, rtnetlink::Error> {
+    let mut indexes = std::collections::BTreeSet::new();
+    for query in [
+        rtnetlink::RouteMessageBuilder::<std::net::Ipv4Addr>::new().build(),
+        rtnetlink::RouteMessageBuilder::<std::net::Ipv6Addr>::new().build(),
+    ] {
+        let routes: Vec<RouteMessage> = handle.route().get(query).execute().try_collect().await?;
+        for route in routes {
+            if route.header.destination_prefix_length != 0 || route.header.table != MAIN_TABLE {
+                continue;
+            }
+            for attribute in &route.attributes {
+                match attribute {
+                    RouteAttribute::Oif(index) => {
+                        indexes.insert(*index);
+                    }
+                    RouteAttribute::MultiPath(hops) => {
+                        indexes.extend(hops.iter().map(|hop| hop.interface_index));
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+    let mut names = Vec::new();
+    for index in indexes {
+        let mut links = handle.link().get().match_index(index).execute();
+        if let Ok(Some(link)) = links.try_next().await
+            && let Some(name) = link_name(&link)
+        {
+            names.push(name.to_owned());
+        }
+    }
+    Ok(names)
 }

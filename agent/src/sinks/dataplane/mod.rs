@@ -16,10 +16,11 @@ pub mod plan;
 
 use std::collections::BTreeSet;
 
-use tracing::error;
+use tracing::{error, info};
 
-pub use self::follow::start;
-use self::plan::{Changes, Entries};
+pub use self::follow::{DataplaneConfig, start};
+use self::plan::{Entries, Observed, Plan};
+use super::{Report, Sink, Wanted, node_has_ipv6};
 use crate::dataplane::{DataplaneError, Maps, PinLayout, VipPolicy};
 
 /// The pinned policy maps.
@@ -51,7 +52,7 @@ impl DataplaneSink {
     }
 
     /// What the maps hold now.
-    pub fn observe(&self) -> Result<Entries, DataplaneError> {
+    pub fn entries(&self) -> Result<Entries, DataplaneError> {
         Ok(Entries {
             vips: self
                 .maps
@@ -71,7 +72,7 @@ impl DataplaneSink {
 
     /// Applies `changes` in their safe order. An entry that cannot be written is logged with
     /// its fallback and the rest still applied; the result names the first failure.
-    pub fn apply(&mut self, changes: &Changes) -> Result<(), DataplaneError> {
+    pub fn write(&mut self, changes: &Plan) -> Result<(), DataplaneError> {
         let mut failures = Vec::new();
         let maps = &mut self.maps;
         for (set, range) in &changes.add_ranges {
@@ -155,5 +156,44 @@ impl DataplaneSink {
             Some(first) => Err(first),
             None => Ok(()),
         }
+    }
+}
+
+impl Sink for DataplaneSink {
+    type Observed = Observed;
+    type Plan = Plan;
+    type Error = DataplaneError;
+
+    async fn observe(&mut self) -> Result<Observed, DataplaneError> {
+        Ok(Observed {
+            entries: self.entries()?,
+            ipv6: node_has_ipv6(),
+        })
+    }
+
+    fn plan(&self, wanted: &Wanted<'_>, observed: &Observed) -> Plan {
+        plan::plan(wanted.desired, observed)
+    }
+
+    async fn apply(&mut self, plan: Plan, _: Observed, _: &Wanted<'_>) -> Vec<String> {
+        if plan.is_empty() {
+            return Vec::new();
+        }
+        info!(
+            vips = plan.set_vips.len(),
+            ports = plan.set_ports.len(),
+            removed_ports = plan.remove_ports.len(),
+            removed_vips = plan.remove_vips.len(),
+            ranges = plan.add_ranges.len(),
+            "updating the dataplane's policy maps"
+        );
+        match self.write(&plan) {
+            Ok(()) => Vec::new(),
+            Err(err) => vec![err.to_string()],
+        }
+    }
+
+    fn report(&self) -> Report {
+        Report::Dataplane
     }
 }

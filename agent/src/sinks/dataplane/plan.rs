@@ -123,7 +123,7 @@ fn protocol_number(protocol: Protocol) -> u8 {
 
 /// What to change, in the order it must be applied.
 #[derive(Debug, Default, PartialEq, Eq)]
-pub struct Changes {
+pub struct Plan {
     pub add_ranges: Vec<(u32, IpNet)>,
     /// New or changed addresses (new ones also get zeroed counters).
     pub set_vips: Vec<(IpAddr, VipPolicy, bool)>,
@@ -134,14 +134,30 @@ pub struct Changes {
     pub remove_ranges: Vec<(u32, IpNet)>,
 }
 
-impl Changes {
+impl Plan {
     pub fn is_empty(&self) -> bool {
         *self == Self::default()
     }
 }
 
-pub fn diff(desired: &Entries, observed: &Entries) -> Changes {
-    Changes {
+/// What the dataplane sink finds: the maps' entries, and whether the node has IPv6 at all.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Observed {
+    pub entries: Entries,
+    pub ipv6: bool,
+}
+
+/// The changes that make the maps serve `desired`. An IPv6 address on a node without IPv6 is
+/// not served, as the address sink does not hold it.
+pub fn plan(desired: &Desired, observed: &Observed) -> Plan {
+    diff(
+        &entries(desired, |address| address.is_ipv4() || observed.ipv6),
+        &observed.entries,
+    )
+}
+
+pub fn diff(desired: &Entries, observed: &Entries) -> Plan {
+    Plan {
         add_ranges: desired
             .ranges
             .difference(&observed.ranges)
@@ -326,6 +342,39 @@ mod tests {
         );
         assert!(changes.set_vips.is_empty() && changes.remove_vips.is_empty());
         assert!(diff(&after, &after).is_empty());
+    }
+
+    #[test]
+    fn a_node_without_ipv6_serves_only_ipv4() {
+        let desired = Desired::from_services(&[service(
+            "web",
+            &["203.0.113.10", "2001:db8::10"],
+            &[(80, Protocol::Tcp)],
+            &[],
+        )]);
+        let without = plan(&desired, &Observed::default());
+        assert_eq!(
+            without.set_vips.iter().map(|v| v.0).collect::<Vec<_>>(),
+            [vip("203.0.113.10")]
+        );
+        let with = plan(
+            &desired,
+            &Observed {
+                ipv6: true,
+                ..Observed::default()
+            },
+        );
+        assert_eq!(with.set_vips.len(), 2);
+        assert!(
+            plan(
+                &desired,
+                &Observed {
+                    entries: entries(&desired, |_| true),
+                    ipv6: true
+                }
+            )
+            .is_empty()
+        );
     }
 
     #[test]

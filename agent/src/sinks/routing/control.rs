@@ -203,6 +203,20 @@ pub struct ProtocolStatus {
     pub exported: u64,
 }
 
+impl ProtocolStatus {
+    /// A routing protocol that has neighbours (BGP, OSPF, RIP), as opposed to BIRD's own
+    /// (device, direct, kernel, static, BFD).
+    pub fn has_neighbours(&self) -> bool {
+        matches!(self.proto.as_str(), "BGP" | "OSPF" | "RIP")
+    }
+
+    /// The one rule for "this protocol is up", used wherever lbagent decides it: BIRD says
+    /// `up`, and a BGP session is established.
+    pub fn is_up(&self) -> bool {
+        self.state == "up" && (self.proto != "BGP" || self.info.starts_with("Established"))
+    }
+}
+
 /// Parses a `show protocols` or `show protocols all` reply: a 1002 row per protocol, then
 /// (with `all`) 1006 lines of details, of which only the channels' `Routes:` counts are used.
 pub fn parse_protocols(reply: &Reply) -> Vec<ProtocolStatus> {

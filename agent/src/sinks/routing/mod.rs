@@ -2,9 +2,14 @@
 //! config from its own, checks it, and reloads BIRD over its control socket; in managed mode
 //! it also runs and supervises BIRD. Address changes never reach this sink: BIRD's direct
 //! protocol follows kube-lb0 by itself.
+//!
+//! Its pass hands BIRD a newly rendered config when the routing section changed; a task of
+//! its own supervises BIRD and reads its protocols, and the sink reports what that task last
+//! saw.
 
 pub mod control;
 pub mod model;
+mod plan;
 pub mod render;
 
 use std::{
@@ -21,7 +26,12 @@ use tokio::{
 };
 use tracing::{debug, error, info, warn};
 
-use self::control::{Control, ControlError, ProtocolStatus, parse_protocols};
+use self::{
+    control::{Control, ControlError, ProtocolStatus, parse_protocols},
+    model::{FieldError, IfaceName, Mode, RoutingConfig},
+};
+use super::{Noticed, Report, Sink, Wanted};
+use crate::files::write_atomically;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RoutingError {
@@ -36,17 +46,10 @@ pub enum RoutingError {
     Control(#[from] ControlError),
     #[error("BIRD rejected the config: {0}")]
     Rejected(String),
-}
-
-/// How lbagent stops its BIRD.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Stop {
-    /// Still running.
-    No,
-    /// A planned restart: `graceful restart`, so peers keep the routes until BIRD is back.
-    Graceful,
-    /// Uninstall or drain: `down`, so peers withdraw the routes at once.
-    Down,
+    #[error("routing.routerId: this node has no IPv4 address to default to; set one")]
+    NoRouterId,
+    #[error(transparent)]
+    Field(#[from] FieldError),
 }
 
 /// Where a managed BIRD keeps its files.
@@ -86,11 +89,6 @@ pub struct RoutingStatus {
     pub protocols: Vec<ProtocolStatus>,
 }
 
-/// The routing status file, next to the agent's status file.
-pub fn status_path(agent_status: &Path) -> PathBuf {
-    agent_status.with_file_name("routing.json")
-}
-
 const FIRST_BACKOFF: Duration = Duration::from_secs(1);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// A BIRD that ran this long is healthy again: the next failure restarts it after 1 s.
@@ -98,15 +96,15 @@ const STABLE: Duration = Duration::from_secs(60);
 const POLL: Duration = Duration::from_secs(2);
 
 /// Runs BIRD as a child, applies every new config it is given, restarts it with exponential
-/// backoff when it exits, and stops it as `stop` says.
-pub async fn run_managed(
+/// backoff when it exits, and stops it with a graceful restart when `stop` fires: a planned
+/// stop, so peers keep the routes until BIRD is back.
+async fn run_managed(
     binary: PathBuf,
     paths: BirdPaths,
     mut configs: watch::Receiver<String>,
-    mut stop: watch::Receiver<Stop>,
-    status_file: PathBuf,
+    mut stop: watch::Receiver<()>,
+    published: watch::Sender<RoutingStatus>,
 ) -> Result<(), RoutingError> {
-    which(&binary)?;
     std::fs::create_dir_all(&paths.dir).map_err(|source| RoutingError::Io {
         path: paths.dir.clone(),
         source,
@@ -123,7 +121,7 @@ pub async fn run_managed(
             error!(%err, "not starting BIRD until the routing config is fixed");
             status.bird = "waiting for a valid config".into();
             status.last_reload = Some(err.to_string());
-            write_status(&status_file, &status);
+            publish(&published, &status);
             tokio::select! {
                 _ = configs.changed() => continue,
                 _ = stop.changed() => return Ok(()),
@@ -141,7 +139,7 @@ pub async fn run_managed(
             &mut configs,
             &mut stop,
             &mut status,
-            &status_file,
+            &published,
         )
         .await;
         match exit {
@@ -154,7 +152,7 @@ pub async fn run_managed(
                 );
                 status.protocols.clear();
                 status.bird = "shut down from outside lbagent".into();
-                write_status(&status_file, &status);
+                publish(&published, &status);
                 tokio::select! {
                     _ = configs.changed() => continue,
                     _ = stop.changed() => return Ok(()),
@@ -169,7 +167,7 @@ pub async fn run_managed(
                 }
                 error!(%why, restart_in = ?backoff, "BIRD exited; restarting it");
                 status.bird = format!("restarting ({why})");
-                write_status(&status_file, &status);
+                publish(&published, &status);
                 tokio::select! {
                     _ = tokio::time::sleep(backoff) => {}
                     _ = stop.changed() => return Ok(()),
@@ -193,9 +191,9 @@ async fn supervise(
     child: &mut Child,
     paths: &BirdPaths,
     configs: &mut watch::Receiver<String>,
-    stop: &mut watch::Receiver<Stop>,
+    stop: &mut watch::Receiver<()>,
     status: &mut RoutingStatus,
-    status_file: &Path,
+    published: &watch::Sender<RoutingStatus>,
 ) -> Supervised {
     let mut control = match wait_for_socket(child, &paths.socket).await {
         Ok(control) => control,
@@ -227,12 +225,11 @@ async fn supervise(
                         err.to_string()
                     }
                 });
-                refresh(&mut control, paths, status, status_file).await;
+                refresh(&mut control, paths, status, published).await;
             }
-            _ = poll.tick() => refresh(&mut control, paths, status, status_file).await,
+            _ = poll.tick() => refresh(&mut control, paths, status, published).await,
             _ = stop.changed() => {
-                let how = *stop.borrow();
-                let command = if how == Stop::Down { "down" } else { "graceful restart" };
+                let command = "graceful restart";
                 match control.command(command).await {
                     Ok(reply) => info!(command, bird = %reply.message(), "stopping BIRD"),
                     Err(err) => warn!(command, %err, "cannot ask BIRD to stop; killing it"),
@@ -240,12 +237,9 @@ async fn supervise(
                 if tokio::time::timeout(Duration::from_secs(10), child.wait()).await.is_err() {
                     let _ = child.kill().await;
                 }
-                if how == Stop::Down {
-                    let _ = std::fs::remove_file(&paths.announced);
-                }
                 status.bird = "stopped".into();
                 status.protocols.clear();
-                write_status(status_file, status);
+                publish(published, status);
                 return Supervised::Stopped;
             }
         }
@@ -258,7 +252,7 @@ async fn refresh(
     control: &mut Control,
     paths: &BirdPaths,
     status: &mut RoutingStatus,
-    status_file: &Path,
+    published: &watch::Sender<RoutingStatus>,
 ) {
     match control.command("show protocols all").await {
         Ok(reply) => {
@@ -266,14 +260,14 @@ async fn refresh(
             let announced = status
                 .protocols
                 .iter()
-                .any(|p| p.proto == "BGP" && p.state == "up");
+                .any(|p| p.proto == "BGP" && p.is_up());
             if announced && !paths.announced.exists() {
                 let _ = std::fs::write(&paths.announced, b"");
             }
         }
         Err(err) => warn!(%err, "cannot read BIRD's protocols"),
     }
-    write_status(status_file, status);
+    publish(published, status);
 }
 
 /// The safe reload cycle: write the new config beside the live one, have BIRD check it,
@@ -331,11 +325,11 @@ pub async fn apply_external(
 }
 
 /// External mode: applies the include at start and on every change.
-pub async fn run_external(
+async fn run_external(
     include: PathBuf,
     socket: PathBuf,
     mut configs: watch::Receiver<String>,
-    status_file: PathBuf,
+    published: watch::Sender<RoutingStatus>,
 ) {
     let mut status = RoutingStatus {
         mode: "external".into(),
@@ -359,16 +353,11 @@ pub async fn run_external(
         {
             status.protocols = parse_protocols(&reply);
         }
-        write_status(&status_file, &status);
+        publish(&published, &status);
         if configs.changed().await.is_err() {
             return;
         }
     }
-}
-
-/// Fails, naming the binary, when BIRD is not installed.
-pub fn check_installed(binary: &Path) -> Result<(), RoutingError> {
-    which(binary)
 }
 
 /// Asks a BIRD to shut down (`down`): peers withdraw the routes at once.
@@ -409,7 +398,7 @@ pub async fn withdraw_stale(binary: &Path, paths: &BirdPaths) -> Result<bool, Ro
         if protocols
             .iter()
             .filter(|p| p.proto == "BGP")
-            .all(|p| p.state == "up")
+            .all(ProtocolStatus::is_up)
         {
             break;
         }
@@ -540,30 +529,130 @@ fn which(binary: &Path) -> Result<(), RoutingError> {
 }
 
 fn write(path: &Path, text: &str) -> Result<(), RoutingError> {
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
-    std::fs::write(&tmp, text)
-        .and_then(|()| std::fs::rename(&tmp, path))
-        .map_err(|source| RoutingError::Io {
-            path: path.to_owned(),
-            source,
-        })
+    write_atomically(path, text).map_err(|source| RoutingError::Io {
+        path: path.to_owned(),
+        source,
+    })
 }
 
-fn write_status(path: &Path, status: &RoutingStatus) {
-    let result = serde_json::to_vec_pretty(status)
-        .map_err(std::io::Error::other)
-        .and_then(|json| {
-            if let Some(dir) = path.parent() {
-                std::fs::create_dir_all(dir)?;
+/// Publishes `status` when it differs from what was published last.
+fn publish(published: &watch::Sender<RoutingStatus>, status: &RoutingStatus) {
+    published.send_if_modified(|current| {
+        let changed = current != status;
+        if changed {
+            status.clone_into(current);
+        }
+        changed
+    });
+}
+
+/// The routing sink: hands BIRD the config its routing section renders to, and reports what
+/// the task that runs or feeds BIRD last saw.
+pub struct RoutingSink {
+    router_id_default: Option<std::net::Ipv4Addr>,
+    interface: IfaceName,
+    /// The config BIRD is handed; the task applies each new one.
+    handed: watch::Sender<String>,
+    status: watch::Receiver<RoutingStatus>,
+}
+
+/// The task that runs or feeds BIRD.
+pub struct Bird {
+    stop: watch::Sender<()>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Bird {
+    /// Stops a managed BIRD with a graceful restart (peers keep the routes meanwhile), and
+    /// waits up to 15 s for it.
+    pub async fn stop(self) {
+        let _ = self.stop.send(());
+        if tokio::time::timeout(Duration::from_secs(15), self.task)
+            .await
+            .is_err()
+        {
+            warn!("BIRD did not stop within 15 s");
+        }
+    }
+}
+
+impl RoutingSink {
+    /// Renders `config` and starts BIRD with it (managed mode) or hands it to the operator's
+    /// BIRD (external mode). `router_id_default` serves when the config sets no router id.
+    pub fn start(
+        config: &RoutingConfig,
+        interface: &str,
+        router_id_default: Option<std::net::Ipv4Addr>,
+    ) -> Result<(Self, Bird), RoutingError> {
+        let interface = IfaceName::new(interface, "addresses.interface")?;
+        let text = plan::plan(Some(config), router_id_default, &interface, "")
+            .ok_or(RoutingError::NoRouterId)?;
+        let (handed, configs) = watch::channel(text);
+        let (published, status) = watch::channel(RoutingStatus::default());
+        let (stop, stopped) = watch::channel(());
+        let task = match config.mode.clone() {
+            Mode::Managed { binary, state_dir } => {
+                which(&binary)?;
+                tokio::spawn(async move {
+                    let paths = BirdPaths::new(&state_dir);
+                    if let Err(err) = run_managed(binary, paths, configs, stopped, published).await
+                    {
+                        error!(%err, "routing stopped");
+                    }
+                })
             }
-            let mut tmp = path.as_os_str().to_owned();
-            tmp.push(".tmp");
-            std::fs::write(&tmp, json)?;
-            std::fs::rename(&tmp, path)
-        });
-    if let Err(err) = result {
-        warn!(path = %path.display(), %err, "cannot write the routing status");
+            Mode::External { include, socket } => {
+                tokio::spawn(run_external(include, socket, configs, published))
+            }
+        };
+        let sink = Self {
+            router_id_default,
+            interface,
+            handed,
+            status,
+        };
+        Ok((sink, Bird { stop, task }))
+    }
+}
+
+impl Sink for RoutingSink {
+    /// The config BIRD was last handed.
+    type Observed = String;
+    /// A new config to hand it.
+    type Plan = Option<String>;
+    type Error = std::convert::Infallible;
+
+    async fn observe(&mut self) -> Result<String, Self::Error> {
+        Ok(self.handed.borrow().clone())
+    }
+
+    fn plan(&self, wanted: &Wanted<'_>, handed: &String) -> Option<String> {
+        plan::plan(
+            wanted.routing,
+            self.router_id_default,
+            &self.interface,
+            handed,
+        )
+    }
+
+    async fn apply(&mut self, plan: Option<String>, _: String, _: &Wanted<'_>) -> Vec<String> {
+        if let Some(text) = plan {
+            info!("routing config changed; reconfiguring BIRD");
+            self.handed.send_replace(text);
+        }
+        Vec::new()
+    }
+
+    fn report(&self) -> Report {
+        Report::Routing(self.status.borrow().clone())
+    }
+
+    async fn noticed(&mut self) -> Noticed {
+        match self.status.changed().await {
+            Ok(()) => Noticed::Report,
+            // The task ended: nothing more to notice.
+            Err(_) => std::future::pending().await,
+        }
     }
 }
 

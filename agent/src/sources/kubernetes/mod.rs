@@ -35,11 +35,7 @@ use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
 
 use self::translate::{Selection, Translation};
-use crate::{
-    config::KubernetesSource,
-    desired::SourceUpdate,
-    status::{AddressState, Status},
-};
+use crate::desired::{AddressState, AddressStatus, SourceUpdate};
 
 /// One kind of call lbagent makes to the API server; the deployment's ClusterRole grants
 /// exactly these (a test checks it).
@@ -93,6 +89,16 @@ pub enum KubernetesError {
     Client(#[from] kube::Error),
 }
 
+/// The `source.kubernetes` section of lbagent's config.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KubernetesSource {
+    /// Serve only Services of this `spec.loadBalancerClass`; `None`: only those without one,
+    /// as the cluster's default load-balancer implementation does.
+    pub load_balancer_class: Option<String>,
+    /// `None`: `$KUBECONFIG`, `~/.kube/config`, then the in-cluster service account.
+    pub kubeconfig: Option<PathBuf>,
+}
+
 pub async fn client(config: &KubernetesSource) -> Result<Client, KubernetesError> {
     let config = match &config.kubeconfig {
         Some(path) => {
@@ -111,12 +117,12 @@ pub async fn client(config: &KubernetesSource) -> Result<Client, KubernetesError
 }
 
 /// Follows the cluster and publishes the desired state until `updates` has no receiver.
-/// `status` is what the reconciler last applied, for the Events.
+/// `outcomes` is what became of each address after the reconciler's last pass, for the Events.
 pub async fn watch(
     config: KubernetesSource,
     node_name: String,
     updates: watch::Sender<Option<SourceUpdate>>,
-    mut status: watch::Receiver<Option<Status>>,
+    mut outcomes: watch::Receiver<Option<Vec<AddressStatus>>>,
 ) -> Result<(), KubernetesError> {
     let client = client(&config).await?;
     let selection = Selection {
@@ -165,13 +171,13 @@ pub async fn watch(
                     }
                 }
             },
-            changed = status.changed() => {
+            changed = outcomes.changed() => {
                 if changed.is_err() {
                     return Ok(());
                 }
-                let status = status.borrow_and_update().clone();
-                if let Some(status) = status {
-                    announcer.applied(&cluster, &status);
+                let outcomes = outcomes.borrow_and_update().clone();
+                if let Some(outcomes) = outcomes {
+                    announcer.applied(&cluster, &outcomes);
                 }
             }
             () = updates.closed() => return Ok(()),
@@ -405,9 +411,9 @@ impl Announcer {
     }
 
     /// After a reconcile: which addresses this node now holds for which Service.
-    fn applied(&mut self, cluster: &Cluster, status: &Status) {
+    fn applied(&mut self, cluster: &Cluster, outcomes: &[AddressStatus]) {
         let mut now: BTreeMap<String, Told> = BTreeMap::new();
-        for address in &status.addresses {
+        for address in outcomes {
             for service in &address.services {
                 let told = now.entry(service.clone()).or_default();
                 match address.state {
