@@ -139,6 +139,14 @@ pub async fn run(config_path: PathBuf, node_name: Option<String>, config: Config
     };
     if let Some(bird) = bird {
         bird.stop().await;
+        // A stopped BIRD has no sessions: the status file must not show the old ones as
+        // current to whoever reads it before the next agent writes its own.
+        reconciler.publish();
+        if let Some(status) = reconciler.applied().borrow().as_ref()
+            && let Err(err) = status_file::write(&config.status_path, status)
+        {
+            warn!(%err, "cannot write the status file");
+        }
     }
     result
 }

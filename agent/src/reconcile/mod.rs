@@ -193,7 +193,7 @@ impl Reconciler {
     }
 
     /// Publishes what the sinks report now; nothing before the first pass.
-    fn publish(&self) {
+    pub fn publish(&self) {
         let Some(last) = &self.last else {
             return;
         };
