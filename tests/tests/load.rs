@@ -199,3 +199,97 @@ fn healing_and_healthz_answer_while_fifty_scrapes_of_ten_thousand_addresses_run_
     );
 }
 
+/// Files that cost minutes of CPU or gigabytes to parse unbounded: each is refused with an
+/// error naming the limit it breaks, the last good state stays, and meanwhile healing and
+/// `/healthz` answer.
+#[test]
+fn hostile_services_files_are_refused_naming_their_limit_while_healing_goes_on() {
+    let vip = "203.0.113.10";
+    let good = format!("services:\n- {{name: web, addresses: [{vip}], ports: [{{port: 80}}]}}\n");
+    let node = ServedNode::start(vip, &good, &format!("http: {{address: \"{HTTP}\"}}\n"));
+    let ns = &node.pair.node;
+    assert!(
+        wait_until(Duration::from_secs(30), || {
+            http_get(ns, http(), "/readyz").is_some_and(|(code, _)| code == 200)
+        }),
+        "{}",
+        node.agent.log()
+    );
+    let held = || addresses_on(ns, "kube-lb0").contains(&format!("{vip}/32"));
+    assert!(held());
+
+    let mut alias_bomb =
+        String::from("services:\n- name: s0\n  addresses: [198.18.0.1]\n  ports: &ports [");
+    alias_bomb.push_str(
+        &(1..=2_000)
+            .map(|p| format!("{{port: {p}}}"))
+            .collect::<Vec<_>>()
+            .join(", "),
+    );
+    alias_bomb.push_str("]\n");
+    for i in 1..2_000 {
+        alias_bomb.push_str(&format!(
+            "- {{name: s{i}, addresses: [198.18.{}.{}], ports: *ports}}\n",
+            i / 256,
+            i % 256
+        ));
+    }
+    // Empty entries: the count is refused before any entry is looked at.
+    let too_many = format!("services:\n{}", "- {}\n".repeat(100_001));
+    let too_big = format!(
+        "services: []\n{}",
+        "# padding\n".repeat(17 * 1024 * 1024 / 10)
+    );
+    let hostile: [(&str, String, &str); 5] = [
+        (
+            "100,000 [",
+            format!("services:\n- {}", "[".repeat(100_000)),
+            "nested deeper than the limit of 16 levels",
+        ),
+        (
+            "50,000 {a:",
+            format!("services:\n- {}", "{a: ".repeat(50_000)),
+            "nested deeper than the limit of 16 levels",
+        ),
+        (
+            "an anchor of 2,000 ports aliased by 2,000 services",
+            alias_bomb,
+            "anchors and aliases (&name, *name) are not allowed here",
+        ),
+        (
+            "100,001 services",
+            too_many,
+            "more than the limit of 100000 services",
+        ),
+        ("17 MiB", too_big, "over the limit of 16777216 bytes"),
+    ];
+    for (what, text, limit) in hostile {
+        let logged = node.agent.log().len();
+        node.dir.write("services.yaml", &text);
+        drop(text);
+        assert!(
+            wait_until(Duration::from_secs(60), || node.agent.log()[logged..]
+                .contains(limit)),
+            "{what}: no error naming the limit ({limit})\n{}",
+            node.agent.log()
+        );
+        healthz_answers(&node, 3);
+        ns.ip(&["link", "del", "kube-lb0"]);
+        assert!(
+            wait_until(PROMPTLY, held),
+            "{what}: kube-lb0 not healed with the last good state\n{}",
+            node.agent.log()
+        );
+    }
+    // And a good file still applies after all that.
+    node.dir.write(
+        "services.yaml",
+        "services:\n- {name: web, addresses: [203.0.113.11], ports: [{port: 80}]}\n",
+    );
+    assert!(
+        wait_until(PROMPTLY, || addresses_on(ns, "kube-lb0")
+            == ["203.0.113.11/32".to_owned()].into()),
+        "{}",
+        node.agent.log()
+    );
+}
