@@ -109,6 +109,53 @@ fn host(address: &str) -> String {
 }
 
 #[test]
+fn renaming_kube_lb0_withdraws_nothing_and_the_renamed_interface_is_cleaned_up() {
+    let node = Node::new("services.yaml");
+    // Two addresses that used to count as local: one a host address on eth0 (a host route
+    // is not a subnet), one inside the subnet of an interface that is down (an address on a
+    // down interface makes nothing local).
+    node.ns
+        .ip(&["addr", "add", "203.0.113.12/32", "dev", "eth0"]);
+    node.ns.ip(&[
+        "link", "add", "eth1", "type", "veth", "peer", "name", "eth1peer",
+    ]);
+    node.ns.ip(&["addr", "add", "10.88.0.1/24", "dev", "eth1"]);
+    let wanted = [V4, V6, "203.0.113.12", "10.88.0.50"];
+    node.dir.write("services.yaml", &services(&wanted));
+    let hosts: Vec<String> = wanted.iter().map(|a| host(a)).collect();
+    let hosts: Vec<&str> = hosts.iter().map(String::as_str).collect();
+    let agent = node.start();
+    node.expect(&hosts, &agent, "at start");
+
+    node.ns.ip(&["link", "set", "kube-lb0", "down"]);
+    node.ns.ip(&["link", "set", "kube-lb0", "name", "kube-old"]);
+    node.expect(&hosts, &agent, "after kube-lb0 was renamed kube-old");
+    assert!(
+        wait_until(PROMPTLY, || !node.link_exists("kube-old")),
+        "the renamed interface is still there\n{}",
+        agent.log()
+    );
+    assert!(
+        wait_until(PROMPTLY, || {
+            let states = node.states();
+            states.len() == wanted.len() && states.iter().all(|(_, state)| state == "virtual")
+        }),
+        "every address is virtual: {:?}\n{}",
+        node.states(),
+        agent.log()
+    );
+    // Renamed while up, too.
+    node.ns
+        .ip(&["link", "set", "kube-lb0", "name", "kube-old2"]);
+    node.expect(&hosts, &agent, "after kube-lb0 was renamed kube-old2");
+    assert!(
+        wait_until(PROMPTLY, || !node.link_exists("kube-old2")),
+        "{}",
+        agent.log()
+    );
+}
+
+#[test]
 fn the_services_file_is_followed_when_its_directory_is_removed_or_replaced() {
     let node = Node::new("svc/services.yaml");
     let svc = node.path("svc");
