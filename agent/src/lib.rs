@@ -29,6 +29,7 @@ mod sinks;
 mod sources;
 mod status_file;
 mod watch;
+mod yaml;
 
 pub use crate::{
     // The binary.
