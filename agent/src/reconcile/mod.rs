@@ -148,6 +148,11 @@ impl Reconciler {
                 _ = resync.tick() => Trigger::Resync,
                 _ = async { tokio::time::sleep_until(retry.map_or_else(tokio::time::Instant::now, |r| r.0)).await }, if retry.is_some() => Trigger::Retry,
             };
+            // A desired state that arrived meanwhile is what this run applies.
+            let trigger = match inputs.updates.has_changed() {
+                Ok(true) => Trigger::Desired,
+                _ => trigger,
+            };
             let Some(update) = inputs.updates.borrow_and_update().clone() else {
                 continue;
             };
