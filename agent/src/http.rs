@@ -5,6 +5,10 @@
 //! The agent runs on one thread, which also heals the node: a scrape must never hold it. A
 //! scrape of 10,000 addresses is megabytes of text, so it is encoded on a blocking thread,
 //! one encoding at a time, and scrapes that arrive meanwhile share the next one.
+//!
+//! The endpoint has no authentication, so what a client can hold is bounded: at most
+//! [`MAX_CONNECTIONS`] at once (more wait to be accepted), a request header must arrive
+//! within [`HEADER_TIMEOUT`], and no connection lasts longer than [`CONNECTION_TIMEOUT`].
 
 use std::{
     net::SocketAddr,
@@ -12,7 +16,7 @@ use std::{
         Arc,
         atomic::{AtomicBool, Ordering},
     },
-    time::Instant,
+    time::{Duration, Instant},
 };
 
 use axum::{
@@ -24,10 +28,18 @@ use axum::{
     routing::get,
 };
 use prometheus_client::registry::Registry;
-use tokio::sync::{Mutex, watch};
-use tracing::{error, info};
+use tokio::sync::{Mutex, Semaphore, watch};
+use tracing::{info, warn};
 
 use crate::reconcile::Status;
+
+/// Connections served at once.
+pub const MAX_CONNECTIONS: usize = 256;
+/// A client that has not sent a whole request header by then (from connecting, or from its
+/// previous response) is disconnected.
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+/// No connection lasts longer, however busy: a scrape of 10,000 addresses takes under a second.
+pub const CONNECTION_TIMEOUT: Duration = Duration::from_secs(60);
 
 #[derive(Debug, thiserror::Error)]
 #[error("cannot serve HTTP on {address}: {reason}")]
@@ -63,8 +75,31 @@ pub async fn serve(
         .with_state(shared);
     info!(%address, "serving /metrics, /healthz and /readyz");
     Ok(tokio::spawn(async move {
-        if let Err(err) = axum::serve(listener, app).await {
-            error!(%address, %err, "the HTTP endpoint stopped");
+        let connections = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+        loop {
+            let Ok(permit) = connections.clone().acquire_owned().await else {
+                return;
+            };
+            let stream = match listener.accept().await {
+                Ok((stream, _)) => stream,
+                Err(err) => {
+                    // Out of file descriptors and the like: back off rather than spin.
+                    warn!(%address, %err, "cannot accept an HTTP connection");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let service = hyper_util::service::TowerToHyperService::new(app.clone());
+            tokio::spawn(async move {
+                let connection = hyper::server::conn::http1::Builder::new()
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .header_read_timeout(HEADER_TIMEOUT)
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+                // Whatever the outcome, the connection is over: a client that hung up or
+                // timed out is not the agent's error.
+                let _ = tokio::time::timeout(CONNECTION_TIMEOUT, connection).await;
+                drop(permit);
+            });
         }
     }))
 }

@@ -71,9 +71,16 @@ impl Node {
         );
     }
 
+    /// The status file, once written: the first reconcile writes it after its log lines.
     fn status(&self) -> serde_json::Value {
-        let text = std::fs::read_to_string(self.status_path()).expect("status file");
-        serde_json::from_str(&text).expect("status json")
+        let mut status = None;
+        wait_until(Duration::from_secs(2), || {
+            status = std::fs::read_to_string(self.status_path())
+                .ok()
+                .and_then(|text| serde_json::from_str(&text).ok());
+            status.is_some()
+        });
+        status.expect("status file")
     }
 
     fn reconciles(&self) -> u64 {

@@ -271,10 +271,16 @@ fn a_pinned_map_with_another_layout_is_replaced_not_reused() {
         "{}",
         node.agent.log()
     );
+    // The address passes everything until its ports are in the maps, a moment later.
     assert!(
-        !tcp_ok(&node.pair.client, addr(9090)),
-        "the policy is enforced by the new maps"
+        wait_until(Duration::from_secs(5), || !tcp_ok(
+            &node.pair.client,
+            addr(9090)
+        )),
+        "the policy is enforced by the new maps\n{}",
+        node.agent.log()
     );
+    assert!(tcp_ok(&node.pair.client, addr(8080)));
     let info = lbagent_tests::run_ok(
         "bpftool",
         &[

@@ -293,3 +293,68 @@ fn hostile_services_files_are_refused_naming_their_limit_while_healing_goes_on()
         node.agent.log()
     );
 }
+
+/// Connections that send half a request, far more of them than the endpoint serves at once:
+/// each is closed by the agent after the header timeout, none is left open, and `/healthz`
+/// answers afterwards.
+#[test]
+fn half_sent_requests_are_closed_and_the_connections_counted_back() {
+    let vip = "203.0.113.10";
+    let node = ServedNode::start(
+        vip,
+        &format!("services:\n- {{name: web, addresses: [{vip}]}}\n"),
+        &format!("http: {{address: \"{HTTP}\"}}\n"),
+    );
+    let ns = &node.pair.node;
+    assert!(
+        wait_until(Duration::from_secs(30), || {
+            http_get(ns, http(), "/readyz").is_some_and(|(code, _)| code == 200)
+        }),
+        "{}",
+        node.agent.log()
+    );
+    let pid = node.agent.pid();
+    let fds = || std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, Iterator::count);
+    let before = fds();
+
+    let count = lbagent::http::MAX_CONNECTIONS + 100;
+    let (made, closed) = lbagent_tests::in_netns(ns, move || {
+        let streams: Vec<std::net::TcpStream> = (0..count)
+            .filter_map(|_| {
+                let mut stream =
+                    std::net::TcpStream::connect_timeout(&http(), Duration::from_secs(1)).ok()?;
+                stream
+                    .write_all(b"GET /healthz HTTP/1.1\r\nHost: lbagent\r\n")
+                    .ok()?;
+                Some(stream)
+            })
+            .collect();
+        let made = streams.len();
+        // Each must see the agent close it: those over the limit once one before them
+        // went. Generous against the header timeout, well short of forever.
+        let deadline =
+            std::time::Instant::now() + lbagent::http::HEADER_TIMEOUT * 4 + Duration::from_secs(10);
+        let closed = streams
+            .into_iter()
+            .filter(|mut stream| {
+                let left = deadline.saturating_duration_since(std::time::Instant::now());
+                let _ = stream.set_read_timeout(Some(left.max(Duration::from_millis(1))));
+                let mut byte = [0u8; 1];
+                // End of stream, or a reset: closed by the agent.
+                !matches!(stream.read(&mut byte), Err(err) if err.kind() == std::io::ErrorKind::WouldBlock || err.kind() == std::io::ErrorKind::TimedOut)
+            })
+            .count();
+        (made, closed)
+    });
+    assert!(
+        made > lbagent::http::MAX_CONNECTIONS,
+        "only {made} connections made"
+    );
+    assert_eq!(closed, made, "connections the agent closed, of those made");
+    healthz_answers(&node, 3);
+    assert!(
+        wait_until(PROMPTLY, || fds() <= before),
+        "{} open file descriptors, {before} before",
+        fds()
+    );
+}

@@ -139,6 +139,11 @@ impl Reconciler {
                 self.publish();
                 continue;
             };
+            // A desired state that arrived meanwhile is what this run applies.
+            let trigger = match inputs.updates.has_changed() {
+                Ok(true) => Trigger::Desired,
+                _ => trigger,
+            };
             let Some(update) = inputs.updates.borrow_and_update().clone() else {
                 continue;
             };

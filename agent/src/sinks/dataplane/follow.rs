@@ -53,6 +53,9 @@ const MAIN_TABLE: u8 = 254;
 /// routes); one look after the burst is enough.
 const SETTLE: Duration = Duration::from_millis(100);
 
+/// How long a start waits for another process's writer's lock on the maps.
+const BUSY_WAIT: Duration = Duration::from_secs(10);
+
 /// Prepares the maps, attaches to the wanted interfaces that exist, and keeps following
 /// them in a task of its own. Returns the maps' sink for the reconciler, or `None` (with
 /// the reason logged) when there can be no dataplane at all; the rest of the agent runs
@@ -69,7 +72,19 @@ pub async fn start(config: &DataplaneConfig) -> Option<DataplaneSink> {
         }
         prepared = prepare(&pins);
     }
-    let sink = match prepared.and_then(|()| DataplaneSink::open(&pins)) {
+    let mut sink = prepared.and_then(|()| DataplaneSink::open(&pins));
+    // The writer's lock of an agent that is still exiting (a restart right after a kill)
+    // is gone within moments; one that stays is another running agent.
+    let mut delay = Duration::from_millis(20);
+    let waited_since = tokio::time::Instant::now();
+    while let Err(DataplaneError::Busy { .. }) = &sink
+        && waited_since.elapsed() < BUSY_WAIT
+    {
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_secs(1));
+        sink = DataplaneSink::open(&pins);
+    }
+    let sink = match sink {
         Ok(sink) => sink,
         Err(err) => {
             error!(%err, "the dataplane's maps are not available: the dataplane is off");

@@ -12,6 +12,10 @@ use tokio::{
 };
 use tracing::info;
 
+/// The most one reply may hold, read or still unread: `show protocols all` of a thousand
+/// neighbours is a few MB. A reply that never ends is cut off here, not when memory runs out.
+pub const MAX_REPLY_BYTES: usize = 16 * 1024 * 1024;
+
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {
     #[error("connecting to BIRD at {path}: {source}")]
@@ -29,6 +33,8 @@ pub enum ControlError {
     BadCommand(String),
     #[error("BIRD did not answer {command:?} within {timeout:?}")]
     Timeout { command: String, timeout: Duration },
+    #[error("BIRD's reply is longer than the limit of {limit} bytes")]
+    TooLong { limit: usize },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -64,6 +70,8 @@ impl Reply {
 pub struct Framer {
     buffer: Vec<u8>,
     current: Vec<ReplyLine>,
+    /// The bytes read for `current`, newlines included.
+    current_bytes: usize,
 }
 
 /// What a chunk of bytes completed.
@@ -77,18 +85,38 @@ pub struct Framed {
 impl Framer {
     /// Feeds bytes; returns the replies and messages they complete.
     pub fn push(&mut self, bytes: &[u8]) -> Result<Framed, ControlError> {
+        if self.buffer.len() + self.current_bytes + bytes.len() > MAX_REPLY_BYTES {
+            return Err(ControlError::TooLong {
+                limit: MAX_REPLY_BYTES,
+            });
+        }
+        // Only the new bytes are searched, and the lines taken are drained once: a long
+        // line arriving in small reads costs linear time, not quadratic.
+        let mut searched = self.buffer.len();
         self.buffer.extend_from_slice(bytes);
+        let mut taken = 0;
         let mut framed = Framed::default();
-        while let Some(end) = self.buffer.iter().position(|b| *b == b'\n') {
-            let raw: Vec<u8> = self.buffer.drain(..=end).collect();
-            let line = String::from_utf8_lossy(&raw[..raw.len() - 1]).into_owned();
+        let mut result = Ok(());
+        while let Some(at) = self.buffer[searched..].iter().position(|b| *b == b'\n') {
+            let end = searched + at;
+            let line = String::from_utf8_lossy(&self.buffer[taken..end]).into_owned();
+            taken = end + 1;
+            searched = taken;
             if let Some(message) = line.strip_prefix('+') {
                 framed.messages.push(message.to_owned());
-            } else if let Some(reply) = self.line(line)? {
-                framed.replies.push(reply);
+                continue;
+            }
+            match self.line(line) {
+                Ok(Some(reply)) => framed.replies.push(reply),
+                Ok(None) => {}
+                Err(err) => {
+                    result = Err(err);
+                    break;
+                }
             }
         }
-        Ok(framed)
+        self.buffer.drain(..taken);
+        result.map(|()| framed)
     }
 
     fn line(&mut self, line: String) -> Result<Option<Reply>, ControlError> {
@@ -99,6 +127,7 @@ impl Framer {
                 .last()
                 .map(|l| l.code)
                 .ok_or_else(|| ControlError::Malformed(line.clone()))?;
+            self.current_bytes += line.len() + 1;
             self.current.push(ReplyLine {
                 code,
                 text: text.to_owned(),
@@ -112,11 +141,13 @@ impl Framer {
             let code: u16 = line[..4]
                 .parse()
                 .map_err(|_| ControlError::Malformed(line.clone()))?;
+            self.current_bytes += line.len() + 1;
             self.current.push(ReplyLine {
                 code,
                 text: line[5..].to_owned(),
             });
             if bytes[4] == b' ' {
+                self.current_bytes = 0;
                 return Ok(Some(Reply {
                     lines: std::mem::take(&mut self.current),
                 }));
@@ -381,6 +412,38 @@ rtr        BGP        ---        start  01:49:05.314  Received: Invalid network 
                 ("peer2", "start", "Idle", 0)
             ]
         );
+    }
+
+    #[test]
+    fn a_reply_that_never_ends_is_cut_off_at_the_limit() {
+        let limit_error = |mut framer: Framer, chunk: &[u8]| {
+            let mut fed = 0;
+            loop {
+                match framer.push(chunk) {
+                    Ok(framed) => assert!(framed.replies.is_empty()),
+                    Err(err) => return (err.to_string(), fed),
+                }
+                fed += chunk.len();
+                assert!(fed <= MAX_REPLY_BYTES, "fed {fed} bytes and still reading");
+            }
+        };
+        let lines = b"1002-a line of a reply that goes on and on\n".repeat(100);
+        let (err, fed) = limit_error(Framer::default(), &lines);
+        assert_eq!(
+            err,
+            "BIRD's reply is longer than the limit of 16777216 bytes"
+        );
+        assert!(fed > MAX_REPLY_BYTES - lines.len(), "{fed}");
+        // One line with no end, too.
+        let (err, _) = limit_error(Framer::default(), &[b'x'; 4096]);
+        assert!(err.contains("limit of 16777216 bytes"), "{err}");
+        // Replies that end do not add up.
+        let mut framer = Framer::default();
+        let reply = b"1002-row\n".repeat(1000);
+        for _ in 0..(2 * MAX_REPLY_BYTES / reply.len()) {
+            framer.push(&reply).unwrap();
+            assert_eq!(framer.push(b"0000 \n").unwrap().replies.len(), 1);
+        }
     }
 
     #[test]
