@@ -25,6 +25,36 @@ pub fn unique_name(prefix: &str) -> String {
     )
 }
 
+/// A guard could not undo what it made: the test fails, naming what is left behind, unless
+/// it is failing already (a panic while unwinding aborts and hides the first message; then
+/// the leftover is only printed).
+pub fn cleanup_failed(what: std::fmt::Arguments<'_>) {
+    if std::thread::panicking() {
+        eprintln!("cleanup failed too: {what}");
+    } else {
+        panic!("cleanup failed: {what}");
+    }
+}
+
+/// Removes a directory tree a guard made; one already gone is fine (a test may remove it).
+fn remove_tree(path: &Path) {
+    match std::fs::remove_dir_all(path) {
+        Ok(()) => {}
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
+        Err(err) => cleanup_failed(format_args!("removing {}: {err}", path.display())),
+    }
+}
+
+/// Kills a child process a guard started and reaps it (one that already exited is fine).
+pub fn kill_child(child: &mut std::process::Child, what: &str) {
+    if let Err(err) = child.kill() {
+        cleanup_failed(format_args!("killing {what} (pid {}): {err}", child.id()));
+    }
+    if let Err(err) = child.wait() {
+        cleanup_failed(format_args!("reaping {what} (pid {}): {err}", child.id()));
+    }
+}
+
 /// These tests drive the real kernel; without root they cannot run, and must not pretend to.
 pub fn require_root() {
     assert!(
@@ -102,9 +132,19 @@ impl NetNs {
 
 impl Drop for NetNs {
     fn drop(&mut self) {
-        let _ = Command::new("ip")
+        match Command::new("ip")
             .args(["netns", "del", &self.name])
-            .status();
+            .output()
+        {
+            Ok(output) if output.status.success() => {}
+            Ok(output) => cleanup_failed(format_args!(
+                "ip netns del {} ({}): {}",
+                self.name,
+                output.status,
+                String::from_utf8_lossy(&output.stderr).trim()
+            )),
+            Err(err) => cleanup_failed(format_args!("ip netns del {}: {err}", self.name)),
+        }
     }
 }
 
@@ -216,7 +256,7 @@ impl Default for PinRoot {
 
 impl Drop for PinRoot {
     fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.path);
+        remove_tree(&self.path);
     }
 }
 
@@ -364,7 +404,7 @@ impl TempDir {
 
 impl Drop for TempDir {
     fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.path);
+        remove_tree(&self.path);
     }
 }
 
@@ -432,8 +472,7 @@ impl Agent {
 
 impl Drop for Agent {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        kill_child(&mut self.child, "lbagent run");
     }
 }
 
@@ -457,31 +496,96 @@ pub fn addresses_on(ns: &NetNs, iface: &str) -> std::collections::BTreeSet<Strin
         .unwrap_or_default()
 }
 
-/// `ip monitor address link` in a namespace, for asserting that nothing changed.
+/// `ip -oneline monitor address link` in a namespace, for asserting that nothing changed.
+///
+/// Its events are read as they come. `start` returns once the monitor is subscribed, and
+/// `stop` once it has printed everything that happened before the call: each proves it by a
+/// marker address of its own on `lo` that the monitor must print (netlink delivers a
+/// namespace's events in order). The markers are left out of the events returned.
 pub struct Monitor {
+    ns: String,
     child: Option<std::process::Child>,
+    lines: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    reader: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Monitor {
     pub fn start(ns: &NetNs) -> Self {
-        let child = Command::new("ip")
-            .args(["-n", ns.name(), "monitor", "address", "link"])
+        let mut child = Command::new("ip")
+            .args(["-n", ns.name(), "-oneline", "monitor", "address", "link"])
             .stdout(std::process::Stdio::piped())
             .spawn()
             .expect("start ip monitor");
-        // ip monitor subscribes right after it starts; give it that moment.
-        std::thread::sleep(std::time::Duration::from_millis(100));
-        Self { child: Some(child) }
+        let stdout = child.stdout.take().expect("piped stdout");
+        let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let reader = {
+            let lines = lines.clone();
+            std::thread::spawn(move || {
+                use std::io::BufRead as _;
+                for line in std::io::BufReader::new(stdout).lines() {
+                    let Ok(line) = line else { break };
+                    lines.lock().unwrap_or_else(|p| p.into_inner()).push(line);
+                }
+            })
+        };
+        let monitor = Self {
+            ns: ns.name().to_owned(),
+            child: Some(child),
+            lines,
+            reader: Some(reader),
+        };
+        monitor.sync();
+        monitor
     }
 
-    /// Stops the monitor and returns every event line it printed.
+    /// Adds and removes a marker address on `lo` until the monitor has printed both.
+    fn sync(&self) {
+        static NEXT: AtomicU32 = AtomicU32::new(1);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            let n = NEXT.fetch_add(1, Ordering::Relaxed);
+            let marker = format!("{}/32", Self::marker(n));
+            let seen = |deleted: bool| {
+                wait_until(std::time::Duration::from_millis(500), || {
+                    self.lines
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .iter()
+                        .any(|l| l.contains(&marker) && l.starts_with("Deleted") == deleted)
+                })
+            };
+            run_ok("ip", &["-n", &self.ns, "addr", "add", &marker, "dev", "lo"]);
+            let added = seen(false);
+            run_ok("ip", &["-n", &self.ns, "addr", "del", &marker, "dev", "lo"]);
+            if added && seen(true) {
+                return;
+            }
+            // Not subscribed yet when the marker came: try again with a new one.
+            assert!(
+                std::time::Instant::now() < deadline,
+                "ip monitor in {} printed none of its markers",
+                self.ns
+            );
+        }
+    }
+
+    /// Marker `n`: an address in 127.77.0.0/16, which nothing else in the tests uses.
+    fn marker(n: u32) -> String {
+        format!("127.77.{}.{}", (n >> 8) & 0xff, n & 0xff)
+    }
+
+    /// Stops the monitor and returns every event line it printed (markers left out).
     pub fn stop(mut self) -> Vec<String> {
+        self.sync();
         let mut child = self.child.take().expect("running");
-        let _ = child.kill();
-        let output = child.wait_with_output().expect("monitor output");
-        String::from_utf8_lossy(&output.stdout)
-            .lines()
-            .map(str::to_owned)
+        kill_child(&mut child, "ip monitor");
+        if let Some(reader) = self.reader.take() {
+            reader.join().expect("monitor reader");
+        }
+        let lines = std::mem::take(&mut *self.lines.lock().unwrap_or_else(|p| p.into_inner()));
+        lines
+            .into_iter()
+            .filter(|line| !line.contains(" inet 127.77."))
             .collect()
     }
 }
@@ -489,8 +593,7 @@ impl Monitor {
 impl Drop for Monitor {
     fn drop(&mut self) {
         if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
+            kill_child(&mut child, "ip monitor");
         }
     }
 }
@@ -590,7 +693,9 @@ impl Drop for Servers {
     fn drop(&mut self) {
         self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
         for thread in self.threads.drain(..) {
-            let _ = thread.join();
+            if thread.join().is_err() {
+                cleanup_failed(format_args!("a test server thread panicked"));
+            }
         }
     }
 }

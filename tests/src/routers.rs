@@ -196,9 +196,10 @@ impl Drop for Frr {
             if !wait_until(Duration::from_secs(3), || {
                 child.try_wait().ok().flatten().is_some()
             }) {
-                let _ = child.kill();
+                crate::kill_child(child, "an FRR daemon");
+            } else if let Err(err) = child.wait() {
+                crate::cleanup_failed(format_args!("reaping an FRR daemon: {err}"));
             }
-            let _ = child.wait();
         }
     }
 }
@@ -248,7 +249,6 @@ impl BirdRouter {
 
 impl Drop for BirdRouter {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        crate::kill_child(&mut self.child, "BIRD (router)");
     }
 }

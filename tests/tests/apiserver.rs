@@ -762,6 +762,8 @@ async fn bookmarks_arrive_periodically_and_on_demand_only_when_allowed() {
         .expect("watch")
         .boxed();
     server.bookmark();
+    // Past the server's 1 s bookmark timer: had it sent one on this watch, a BOOKMARK would
+    // come before the change below.
     tokio::time::sleep(Duration::from_millis(1200)).await;
     server.apply(versioned_service("a", "web", "3"));
     let first = timeout(WAIT, quiet.try_next()).await.expect("an event");

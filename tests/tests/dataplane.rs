@@ -432,8 +432,35 @@ fn an_interface_that_gains_a_default_route_gets_the_program() {
     ));
     node.wait_policy();
     add_eth1(&node.pair);
-    // Not yet a default-route interface: left alone.
-    std::thread::sleep(Duration::from_millis(500));
+    // A later interface with a default route: once the agent has attached to it, it has
+    // seen eth1 too (netlink delivers in order), and left it alone: no default route yet.
+    let ns = &node.pair.node;
+    ns.ip(&[
+        "link", "add", "eth2", "type", "veth", "peer", "name", "eth2p",
+    ]);
+    ns.ip(&["addr", "add", "10.202.0.2/24", "dev", "eth2"]);
+    for iface in ["eth2", "eth2p"] {
+        ns.ip(&["link", "set", iface, "up"]);
+    }
+    ns.ip(&[
+        "route",
+        "add",
+        "default",
+        "via",
+        "10.202.0.1",
+        "dev",
+        "eth2",
+        "metric",
+        "300",
+    ]);
+    assert!(
+        log_has(
+            &node.agent,
+            "interface appeared: XDP program attached iface=eth2"
+        ),
+        "{}",
+        node.agent.log()
+    );
     assert_eq!(lbagent_tests::xdp_on(&node.pair.node, "eth1"), None);
 
     node.pair.node.ip(&[

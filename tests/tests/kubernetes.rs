@@ -219,17 +219,33 @@ fn local_traffic_policy_follows_endpoints_on_this_node() {
     cluster
         .server
         .apply(service("other", &["203.0.113.41"], json!({})));
+    cluster
+        .server
+        .apply(service("probe", &["203.0.113.42"], local.clone()));
     cluster.wait_held(&["203.0.113.41"]);
 
     cluster
         .server
         .apply(slice("web", "node-b", json!({"ready": true})));
-    std::thread::sleep(Duration::from_millis(500));
-    assert_eq!(
-        cluster.held().len(),
-        1,
+    // A later slice on the same watch: once its Service is held, the agent has seen web's.
+    cluster
+        .server
+        .apply(slice("probe", NODE, json!({"ready": true})));
+    assert!(
+        wait_until(Duration::from_secs(10), || cluster
+            .held()
+            .contains("203.0.113.42/32")),
+        "{}",
+        cluster.agent.log()
+    );
+    assert!(
+        !cluster.held().contains("203.0.113.40/32"),
         "an endpoint elsewhere does not count"
     );
+    cluster
+        .server
+        .delete("v1", "Service", Some("shop"), "probe");
+    cluster.wait_held(&["203.0.113.41"]);
 
     cluster.server.apply(slice(
         "web",
@@ -279,9 +295,11 @@ fn state_holds_while_the_api_server_is_gone_and_relists_converge() {
     // Killed: nothing changes on the node, and the agent keeps running.
     let monitor = Monitor::start(&cluster.ns);
     cluster.server.stop();
-    std::thread::sleep(Duration::from_secs(3));
     assert!(
-        cluster.agent.log().contains("Kubernetes watch failed"),
+        wait_until(Duration::from_secs(10), || cluster
+            .agent
+            .log()
+            .contains("Kubernetes watch failed")),
         "{}",
         cluster.agent.log()
     );
@@ -344,8 +362,18 @@ fn a_relist_that_fails_half_way_withdraws_nothing() {
         "{:#?}",
         cluster.server.request_log()
     );
-    std::thread::sleep(Duration::from_secs(1));
-    assert_eq!(cluster.held().len(), 520);
+    // A Service added after the relist: once it is held, the relist has been applied.
+    cluster
+        .server
+        .apply(service("after", &["203.0.117.1"], json!({})));
+    assert!(
+        wait_until(Duration::from_secs(10), || cluster
+            .held()
+            .contains("203.0.117.1/32")),
+        "{}",
+        cluster.agent.log()
+    );
+    assert_eq!(cluster.held().len(), 521);
     let events = monitor.stop();
     assert!(
         !events.iter().any(|e| e.starts_with("Deleted")),

@@ -100,6 +100,20 @@ impl Node {
         );
     }
 
+    /// The `since` of protocol `name` as BIRD tells it now through its control socket, not
+    /// as lbagent last polled it.
+    fn bird_since(&self, name: &str) -> String {
+        let socket = self.dir.path().join("bird/bird.ctl");
+        let socket = socket.to_str().expect("UTF-8 path");
+        let reply = run_ok("birdc", &["-s", socket, "show", "protocols", name]);
+        reply
+            .lines()
+            .map(|line| line.split_whitespace().collect::<Vec<_>>())
+            .find(|fields| fields.first() == Some(&name))
+            .and_then(|fields| fields.get(4).map(|since| (*since).to_owned()))
+            .unwrap_or_else(|| panic!("no {name} in BIRD's reply:\n{reply}"))
+    }
+
     fn bird_pid(&self) -> i32 {
         std::fs::read_to_string(self.dir.path().join("bird/bird.pid"))
             .expect("bird.pid")
@@ -215,6 +229,7 @@ fn a_filter_change_reloads_without_resetting_sessions_and_a_hold_time_change_res
             .to_owned()
     };
     let (up4, up6) = (since("up4"), since("up6"));
+    let (live4, live6) = (node.bird_since("up4"), node.bird_since("up6"));
 
     // A community is a filter change: BIRD reloads the channels, the sessions stay.
     node.write_config(Some(&format!(
@@ -234,10 +249,10 @@ fn a_filter_change_reloads_without_resetting_sessions_and_a_hold_time_change_res
         "{}",
         frr.vtysh(&format!("show bgp ipv4 unicast {V4}/32"))
     );
-    std::thread::sleep(Duration::from_millis(2500));
+    // The router has the new attribute: a reset session would have been down before that.
     assert_eq!(
-        (since("up4"), since("up6")),
-        (up4.clone(), up6.clone()),
+        (node.bird_since("up4"), node.bird_since("up6")),
+        (live4, live6),
         "a session was reset"
     );
 
@@ -262,7 +277,7 @@ fn a_config_bird_rejects_leaves_the_running_one_in_place() {
     let node = Node::start(&fabric.nodes[0], &services(&[V4]), Some(BGP));
     node.wait_established(&["up4"]);
     let live = std::fs::read_to_string(node.dir.path().join("bird/bird.conf")).unwrap();
-    let since = node.protocol("up4")["since"].clone();
+    let since = node.bird_since("up4");
 
     // lbagent accepts the name; BIRD does not (`ipv4` is one of its keywords).
     node.write_config(Some(&BGP.replacen("name: up4", "name: ipv4", 1)));
@@ -283,8 +298,8 @@ fn a_config_bird_rejects_leaves_the_running_one_in_place() {
         std::fs::read_to_string(node.dir.path().join("bird/bird.conf")).unwrap(),
         live
     );
-    std::thread::sleep(Duration::from_millis(2500));
-    assert_eq!(node.protocol("up4")["since"], since);
+    // BIRD refused the file, so nothing of it ever ran: the session is the same one.
+    assert_eq!(node.bird_since("up4"), since);
     assert_eq!(
         next_hops(&fabric.router, &format!("{V4}/32")),
         [Fabric::node_v4(1)]
@@ -560,6 +575,12 @@ fn restarting_lbagent_keeps_the_route_and_cleanup_withdraws_it() {
         [Fabric::node_v4(1)]
     );
 
+    assert_eq!(
+        bird_processes(&fabric.nodes[0]).len(),
+        1,
+        "one BIRD runs on the node"
+    );
+
     // Uninstall: cleanup shuts BIRD down (peers withdraw at once) and removes kube-lb0.
     let stdout =
         lbagent_tests::lbagent_cleanup(&fabric.nodes[0], &node.dir.path().join("lbagent.yaml"));
@@ -587,8 +608,31 @@ fn restarting_lbagent_keeps_the_route_and_cleanup_withdraws_it() {
         "{}",
         node.log()
     );
-    std::thread::sleep(Duration::from_millis(1500));
+    // Decided: no BIRD runs on the node, so nothing can announce the route again.
+    assert_eq!(
+        bird_processes(&fabric.nodes[0]),
+        Vec::<u32>::new(),
+        "{}",
+        node.log()
+    );
     assert!(next_hops(&fabric.router, &format!("{V4}/32")).is_empty());
+}
+
+/// The pids of the `bird` processes in `ns`'s network namespace.
+fn bird_processes(ns: &NetNs) -> Vec<u32> {
+    use std::os::unix::fs::MetadataExt as _;
+    let netns = std::fs::metadata(format!("/run/netns/{}", ns.name()))
+        .expect("the namespace")
+        .ino();
+    std::fs::read_dir("/proc")
+        .expect("/proc")
+        .flatten()
+        .filter_map(|entry| entry.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == "bird")
+                && std::fs::metadata(format!("/proc/{pid}/ns/net")).is_ok_and(|m| m.ino() == netns)
+        })
+        .collect()
 }
 
 #[test]
@@ -636,12 +680,27 @@ fn operator_socket(router: &BirdRouter) -> String {
 
 #[test]
 fn cleanup_after_a_graceful_stop_still_makes_the_router_withdraw() {
-    let (fabric, _frr, mut node) = announced_node();
+    let (fabric, frr, mut node) = announced_node();
 
     // The uninstall order of a DaemonSet: the pod stops (graceful restart: the router keeps
     // the route as stale), then cleanup runs with no BIRD left to send `down` to.
+    let peer = Fabric::node_v4(1);
+    let peer_state = || {
+        let neighbors: serde_json::Value =
+            serde_json::from_str(&frr.vtysh("show bgp neighbors json")).expect("vtysh JSON");
+        neighbors[&peer]["bgpState"]
+            .as_str()
+            .unwrap_or("gone")
+            .to_owned()
+    };
+    assert_eq!(peer_state(), "Established");
     assert!(node.agent.take().expect("running").stop().success());
-    std::thread::sleep(Duration::from_millis(500));
+    // The router has seen the session go, and keeps the route.
+    assert!(
+        wait_until(Duration::from_secs(10), || peer_state() != "Established"),
+        "{}",
+        frr.vtysh("show bgp neighbors")
+    );
     assert_eq!(
         next_hops(&fabric.router, &format!("{V4}/32")),
         [Fabric::node_v4(1)]

@@ -15,12 +15,30 @@ pub fn workspace() -> PathBuf {
         .to_path_buf()
 }
 
-/// Runs `cargo ARGS` in the workspace with the toolchain that runs xtask, output shown.
+/// Runs `cargo ARGS` in the workspace with the toolchain that runs xtask, output shown, as
+/// one step (see `step`).
 pub fn cargo(args: &[&str]) -> Result<()> {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut command = Command::new(cargo);
     command.current_dir(workspace()).args(args);
-    status(&mut command)
+    step(&format!("cargo {}", args.join(" ")), || {
+        status(&mut command)
+    })
+}
+
+/// Runs one step of a task between two lines, one saying what starts and one saying how it
+/// ended and how long it took: on a fresh machine a build runs for minutes, and a user who
+/// sees nothing happen cannot tell a slow step from a hung one.
+pub fn step<T>(what: &str, run: impl FnOnce() -> Result<T>) -> Result<T> {
+    eprintln!("xtask: {what} ...");
+    let started = std::time::Instant::now();
+    let result = run();
+    let outcome = if result.is_ok() { "done" } else { "FAILED" };
+    eprintln!(
+        "xtask: {what}: {outcome} in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    result
 }
 
 /// Runs a command with output shown; fails naming the command if it fails.

@@ -42,7 +42,7 @@ pub fn run() -> Result<()> {
     cmd::require_root("demo")?;
     // The same build as `cargo xtask test`'s: run from the tests, the demo must not replace
     // the binary that other tests are running.
-    cmd::cargo(&["build", "--quiet", "--workspace", "--bins"])?;
+    cmd::cargo(&["build", "--workspace", "--bins"])?;
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| cmd::workspace().join("target"));

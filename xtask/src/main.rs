@@ -6,6 +6,7 @@ mod bench_routing;
 mod build_ebpf;
 mod cmd;
 mod demo;
+mod fuzz;
 mod setup;
 
 use anyhow::Result;
@@ -24,7 +25,8 @@ enum Task {
     Setup,
     /// Build the eBPF object (with BTF) that the agent embeds, and check it.
     BuildEbpf,
-    /// Set up, then run formatting and lint checks, unit, TestRun and namespace tests (as root).
+    /// Set up, then run formatting, lint and dependency checks, unit, TestRun and namespace
+    /// tests, and each fuzz target briefly (as root).
     Test,
     /// Set up, then show lbagent counting real traffic between two network namespaces (as root).
     Demo,
@@ -33,7 +35,19 @@ enum Task {
         #[arg(value_enum)]
         what: Bench,
     },
+    /// Set up, then run every libFuzzer target in fuzz/ for a while each (as root).
+    Fuzz {
+        /// How long each target runs.
+        #[arg(long, default_value_t = 60)]
+        seconds: u32,
+        /// Only these targets (default: all).
+        targets: Vec<String>,
+    },
 }
+
+/// How long `cargo xtask test` runs each fuzz target: long enough to replay the seeds and
+/// explore around them, short enough that five targets add little to CI.
+const CI_FUZZ_SECONDS: u32 = 15;
 
 #[derive(Clone, Copy, clap::ValueEnum)]
 enum Bench {
@@ -65,11 +79,17 @@ fn main() -> Result<()> {
                 Bench::Dataplane => bench_dataplane::run(),
             }
         }
+        Task::Fuzz { seconds, targets } => {
+            setup::run()?;
+            fuzz::run(seconds, &targets)
+        }
     }
 }
 
 fn test() -> Result<()> {
+    let started = std::time::Instant::now();
     cmd::cargo(&["fmt", "--all", "--check"])?;
+    cmd::cargo(&["fmt", "--manifest-path", "fuzz/Cargo.toml", "--check"])?;
     // The namespace tests drive the real binary, which `cargo test` does not build for
     // another package.
     cmd::cargo(&["build", "--workspace", "--bins"])?;
@@ -82,6 +102,13 @@ fn test() -> Result<()> {
         "-D",
         "warnings",
     ])?;
-    eprintln!("xtask test: all passed");
+    // The advisories check needs a network copy of the advisory database: run
+    // `cargo deny check advisories` where there is one (see README, Dependencies).
+    cmd::cargo(&["deny", "check", "bans", "licenses", "sources"])?;
+    fuzz::run(CI_FUZZ_SECONDS, &[])?;
+    eprintln!(
+        "xtask test: all passed in {:.0} s",
+        started.elapsed().as_secs_f64()
+    );
     Ok(())
 }

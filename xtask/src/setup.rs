@@ -22,15 +22,39 @@ const APT_PACKAGES: &[&str] = &[
     "ethtool",      // veth offload settings in dataplane benchmarks
     "util-linux",   // nsenter, mount
     "strace",       // syscall counts in benchmarks
+    "g++",          // libFuzzer (C++), which the fuzz targets link
 ];
 
 const BPF_LINKER_VERSION: &str = "^0.13";
+
+/// Cargo tools `cargo xtask test` and `cargo xtask fuzz` run, each pinned to a version that
+/// builds with the stable toolchain (1.95) and installed from its lock file.
+const CARGO_TOOLS: &[CargoTool] = &[
+    // Checks deny.toml: duplicate crates, wildcard versions, licenses, sources.
+    CargoTool {
+        package: "cargo-deny",
+        version: "0.20.2",
+    },
+    // Builds and runs the libFuzzer targets in fuzz/ (with the nightly toolchain).
+    CargoTool {
+        package: "cargo-fuzz",
+        version: "0.13.2",
+    },
+];
+
+struct CargoTool {
+    package: &'static str,
+    version: &'static str,
+}
 
 pub fn run() -> Result<()> {
     cmd::require_root("setup")?;
     apt_packages()?;
     let sysroot = nightly_with_rust_src()?;
     bpf_linker(&sysroot)?;
+    for tool in CARGO_TOOLS {
+        cargo_tool(tool)?;
+    }
     bpffs()?;
     eprintln!("setup: everything is in place");
     Ok(())
@@ -162,6 +186,29 @@ fn nightly_llvm(sysroot: &Path) -> Result<(PathBuf, String)> {
         "no libLLVM.so.<version> in {}: is this a rustup nightly?",
         lib.display()
     )
+}
+
+/// Installs `tool` unless that exact version already answers `--version`.
+fn cargo_tool(tool: &CargoTool) -> Result<()> {
+    let installed = cmd::output(Command::new(tool.package).arg("--version")).unwrap_or_default();
+    // `cargo-deny 0.20.2`, `cargo-fuzz 0.13.2`: the name, then the version.
+    if installed.split_whitespace().nth(1) == Some(tool.version) {
+        eprintln!("setup: {} {} present", tool.package, tool.version);
+        return Ok(());
+    }
+    cmd::step(
+        &format!("setup: building {} {}", tool.package, tool.version),
+        || {
+            cmd::status(
+                Command::new("cargo")
+                    .args(["install", "--locked", "--force", tool.package])
+                    .args(["--version", &format!("={}", tool.version)])
+                    .env_remove("RUSTUP_TOOLCHAIN")
+                    .env_remove("CARGO_TARGET_DIR"),
+            )
+        },
+    )
+    .with_context(|| format!("installing {} failed", tool.package))
 }
 
 fn cargo_home() -> Result<PathBuf> {

@@ -141,24 +141,43 @@ impl Maps {
             path: path.into(),
             source,
         })?;
-        let table =
-            |name: &'static str, data: MapData, buckets: u32| -> Result<Table, DataplaneError> {
-                Ok(Table {
-                    words: Shared::map(name, data, size_of::<Bucket>(), buckets)?,
-                    buckets,
-                    name,
-                })
-            };
+        let table = |name: &'static str,
+                     data: MapData,
+                     buckets: u32,
+                     slots: u32|
+         -> Result<Table, DataplaneError> {
+            Ok(Table {
+                words: Shared::map(name, data, size_of::<Bucket>(), buckets)?,
+                buckets,
+                slots,
+                name,
+            })
+        };
         let mut maps = Self {
-            vips_v4: table(maps::VIPS_V4, open(maps::VIPS_V4)?, maps::VIP_BUCKETS)?,
-            vips_v6: table(maps::VIPS_V6, open(maps::VIPS_V6)?, maps::VIP_BUCKETS)?,
+            vips_v4: table(
+                maps::VIPS_V4,
+                open(maps::VIPS_V4)?,
+                maps::VIP_BUCKETS,
+                maps::MAX_VIPS,
+            )?,
+            vips_v6: table(
+                maps::VIPS_V6,
+                open(maps::VIPS_V6)?,
+                maps::VIP_BUCKETS,
+                maps::MAX_VIPS,
+            )?,
             vip_config: Shared::map(
                 maps::VIP_CONFIG,
                 open(maps::VIP_CONFIG)?,
                 size_of::<VipConfig>(),
                 maps::MAX_VIPS,
             )?,
-            ports: table(maps::PORTS, open(maps::PORTS)?, maps::PORT_BUCKETS)?,
+            ports: table(
+                maps::PORTS,
+                open(maps::PORTS)?,
+                maps::PORT_BUCKETS,
+                maps::MAX_PORTS,
+            )?,
             port_config: Shared::map(
                 maps::PORT_CONFIG,
                 open(maps::PORT_CONFIG)?,
@@ -712,6 +731,10 @@ fn ignore_missing(result: Result<(), MapError>) -> Result<(), MapError> {
 struct Table<W = Shared> {
     words: W,
     buckets: u32,
+    /// Length of the slot arrays the ways point into. A way whose slot is 0 or past them is
+    /// not live: the program's array lookup of that slot fails, and so must ours (the maps
+    /// may hold anything an older or killed writer left).
+    slots: u32,
     name: &'static str,
 }
 
@@ -725,14 +748,21 @@ const WAY_WORDS: usize = ENTRY_WORDS;
 const BUCKET_WORDS: usize = BUCKET_WAYS * WAY_WORDS;
 
 impl<W: Words> Table<W> {
+    /// The slot way `entry` points to, if the way is live.
+    fn live_slot(&self, entry: usize) -> Option<u32> {
+        // The low half of the word, as the program reads `TableEntry::slot`.
+        let slot = self.words.load(entry * WAY_WORDS + 1) as u32;
+        (slot != 0 && slot < self.slots).then_some(slot)
+    }
+
     /// (entry index, slot) of `key`.
     fn find(&self, key: u64) -> Option<(usize, u32)> {
         let (first, second) = buckets_of(key, self.buckets);
         [first, second].into_iter().find_map(|bucket| {
             (0..BUCKET_WAYS).find_map(|way| {
                 let entry = bucket as usize * BUCKET_WAYS + way;
-                let slot = self.words.load(entry * WAY_WORDS + 1) as u32;
-                (slot != 0 && self.words.load(entry * WAY_WORDS) == key).then_some((entry, slot))
+                let slot = self.live_slot(entry)?;
+                (self.words.load(entry * WAY_WORDS) == key).then_some((entry, slot))
             })
         })
     }
@@ -744,7 +774,7 @@ impl<W: Words> Table<W> {
         let free = |bucket: u32| -> Vec<usize> {
             (0..BUCKET_WAYS)
                 .map(|way| bucket as usize * BUCKET_WAYS + way)
-                .filter(|entry| self.words.load(entry * WAY_WORDS + 1) == 0)
+                .filter(|entry| self.live_slot(*entry).is_none())
                 .collect()
         };
         let (a, b) = (free(first), free(second));
@@ -760,11 +790,15 @@ impl<W: Words> Table<W> {
         Ok(())
     }
 
-    /// Clears every live way for which `keep(key, slot)` is false.
+    /// Clears every live way for which `keep(key, slot)` is false, and every way that is
+    /// not live but not empty either (a slot past the arrays).
     fn retain(&self, keep: impl Fn(u64, u32) -> bool) {
         for entry in 0..self.buckets as usize * BUCKET_WAYS {
-            let slot = self.words.load(entry * WAY_WORDS + 1) as u32;
-            if slot != 0 && !keep(self.words.load(entry * WAY_WORDS), slot) {
+            let drop = match self.live_slot(entry) {
+                Some(slot) => !keep(self.words.load(entry * WAY_WORDS), slot),
+                None => self.words.load(entry * WAY_WORDS + 1) != 0,
+            };
+            if drop {
                 self.words.store(entry * WAY_WORDS + 1, 0);
                 self.words.store(entry * WAY_WORDS, 0);
             }
@@ -899,8 +933,37 @@ mod tests {
                 .map(|_| AtomicU64::new(0))
                 .collect(),
             buckets,
+            slots: 1000,
             name: "TEST",
         }
+    }
+
+    /// Found by the `pinned_maps` fuzz target: a pinned table way naming a slot past the
+    /// slot arrays (garbage an older or killed writer can leave) made every reader index the
+    /// configuration array out of bounds and panic, and the writer's repair too.
+    #[test]
+    fn a_way_with_a_slot_past_the_arrays_is_not_live_and_repair_clears_it() {
+        let t = table(64);
+        let (bucket, _) = buckets_of(42, t.buckets);
+        let entry = bucket as usize * BUCKET_WAYS;
+        t.words.store(entry * WAY_WORDS, 42);
+        t.words.store(entry * WAY_WORDS + 1, 1000);
+        assert_eq!(t.find(42), None);
+        let mut asked = Vec::new();
+        let asked_cell = std::cell::RefCell::new(&mut asked);
+        t.retain(|key, slot| {
+            asked_cell.borrow_mut().push((key, slot));
+            true
+        });
+        assert!(asked.is_empty(), "retain offered a dead way: {asked:?}");
+        assert_eq!(
+            t.words.load(entry * WAY_WORDS + 1),
+            0,
+            "the garbage way stays"
+        );
+        // The way is free again, and a real entry takes it.
+        t.insert(42, 7, "k").unwrap();
+        assert_eq!(t.find(42), Some((entry, 7)));
     }
 
     #[test]
