@@ -1,10 +1,11 @@
-//! Builds the eBPF object that the agent embeds.
+//! Builds the eBPF objects: the production one, which the agent embeds, and the benchmarks' one
+//! (`lbagent-ebpf-bench`), which `cargo xtask bench dataplane` loads.
 //!
 //! The eBPF crate needs nightly (`-Z build-std=core`) and bpf-linker, which stable cargo cannot
 //! express as a dependency, so this script runs a nested nightly cargo (the way aya-template's
 //! aya-build does). It writes to `target/bpf`, a directory of its own: sharing the outer build's
 //! directory would deadlock on cargo's lock. `cargo xtask build-ebpf` runs this same script, so
-//! there is exactly one object, and it is never stale: cargo reruns this script whenever the
+//! there is exactly one build of each object, and neither is ever stale: cargo reruns this script whenever the
 //! eBPF or common sources, the lock file or bpf-linker change.
 
 use std::{
@@ -58,6 +59,7 @@ fn main() {
             EBPF_PACKAGE,
         ])
         .args([
+            // Both objects: the production one and the benchmarks' (see ebpf/Cargo.toml).
             "--bins",
             "--release",
             "--target",

@@ -32,6 +32,11 @@ enum Task {
     Bench {
         #[arg(value_enum)]
         what: Bench,
+        /// dataplane only: another production eBPF object (e.g. a copy of
+        /// target/bpf/bpfel-unknown-none/release/lbagent-ebpf from an earlier commit) whose
+        /// lbagent_xdp is measured in the same rounds.
+        #[arg(long, value_name = "OBJECT")]
+        compare: Option<std::path::PathBuf>,
     },
 }
 
@@ -57,12 +62,15 @@ fn main() -> Result<()> {
             setup::run()?;
             demo::run()
         }
-        Task::Bench { what } => {
+        Task::Bench { what, compare } => {
+            if compare.is_some() && !matches!(what, Bench::Dataplane) {
+                anyhow::bail!("--compare applies to `bench dataplane` only");
+            }
             setup::run()?;
             match what {
                 Bench::Addresses => bench::addresses(),
                 Bench::Routing => bench_routing::run(),
-                Bench::Dataplane => bench_dataplane::run(),
+                Bench::Dataplane => bench_dataplane::run(compare),
             }
         }
     }
