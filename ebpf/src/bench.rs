@@ -11,8 +11,9 @@ use aya_ebpf::{
 };
 use lbagent_ebpf::parse::{self, ETH_IPV4, ETH_IPV6, IPV4_LEN, IPV6_LEN};
 
-/// Entries of the floor's table: any size would do, an array lookup costs the same.
-const FLOOR_ENTRIES: u32 = 256;
+/// Entries of the floor's table, as many as an address table has buckets (an array lookup costs
+/// the same at any size).
+const FLOOR_ENTRIES: u32 = 16_384;
 
 #[btf_map]
 static LB_FLOOR: Array<u32, { FLOOR_ENTRIES as usize }> = Array::new();

@@ -32,10 +32,17 @@ fn source_slot(ctx: &TcContext) -> Option<u32> {
         ether_type = ctx.load(offset + 2).ok()?;
         offset += VLAN_LEN;
     }
+    // Loaded as words, so the stack copies are aligned: the verifier refuses a misaligned
+    // stack access, and LLVM would otherwise merge the byte reads into one.
     if ether_type == ETH_IPV4 {
-        lookup::vip4_slot(ctx.load(offset + 12).ok()?)
+        let source: u32 = ctx.load(offset + 12).ok()?;
+        lookup::vip4_slot(source.to_ne_bytes())
     } else if ether_type == ETH_IPV6 {
-        lookup::vip6_slot(ctx.load(offset + 8).ok()?)
+        let [high, low]: [u64; 2] = ctx.load(offset + 8).ok()?;
+        let mut address = [0u8; 16];
+        address[..8].copy_from_slice(&high.to_ne_bytes());
+        address[8..].copy_from_slice(&low.to_ne_bytes());
+        lookup::vip6_slot(address)
     } else {
         None
     }
