@@ -33,16 +33,12 @@ fn source_slot(ctx: &TcContext) -> Option<u32> {
         offset += VLAN_LEN;
     }
     // Loaded as words, so the stack copies are aligned: the verifier refuses a misaligned
-    // stack access, and LLVM would otherwise merge the byte reads into one.
+    // stack access, and LLVM would otherwise merge byte reads into one.
     if ether_type == ETH_IPV4 {
-        let source: u32 = ctx.load(offset + 12).ok()?;
-        lookup::vip4_slot(source.to_ne_bytes())
+        lookup::vip4_slot(ctx.load(offset + 12).ok()?)
     } else if ether_type == ETH_IPV6 {
         let [high, low]: [u64; 2] = ctx.load(offset + 8).ok()?;
-        let mut address = [0u8; 16];
-        address[..8].copy_from_slice(&high.to_ne_bytes());
-        address[8..].copy_from_slice(&low.to_ne_bytes());
-        lookup::vip6_slot(address)
+        lookup::vip6_slot(high, low)
     } else {
         None
     }
