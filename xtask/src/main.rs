@@ -6,6 +6,7 @@ mod bench_routing;
 mod build_ebpf;
 mod cmd;
 mod demo;
+mod model;
 mod setup;
 
 use anyhow::Result;
@@ -28,6 +29,15 @@ enum Task {
     Test,
     /// Set up, then show lbagent counting real traffic between two network namespaces (as root).
     Demo,
+    /// Run the XDP program against its reference model on generated frames (as root).
+    FuzzModel {
+        /// How many frames.
+        #[arg(long, default_value_t = 1_000_000)]
+        frames: u64,
+        /// The generator's seed (default: the test's own); a failure names its seed.
+        #[arg(long)]
+        seed: Option<u64>,
+    },
     /// Measure against a baseline run alongside, and print a table (as root).
     Bench {
         #[arg(value_enum)]
@@ -61,6 +71,10 @@ fn main() -> Result<()> {
         Task::Demo => {
             setup::run()?;
             demo::run()
+        }
+        Task::FuzzModel { frames, seed } => {
+            setup::run()?;
+            model::run(frames, seed)
         }
         Task::Bench { what, compare } => {
             if compare.is_some() && !matches!(what, Bench::Dataplane) {
