@@ -10,7 +10,7 @@ use core::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 /// Version of the layout of the pinned maps. Pins live in `<pin root>/v<N>/`, so a new layout
 /// never opens a map written by an older program. Bump it whenever a key or value changes.
-pub const PIN_LAYOUT_VERSION: u32 = 3;
+pub const PIN_LAYOUT_VERSION: u32 = 4;
 
 /// Name of the XDP ingress program (the kernel keeps the first 15 bytes).
 pub const XDP_PROGRAM: &str = "lbagent_xdp";
@@ -44,8 +44,12 @@ pub mod maps {
     pub const RANGES_V4: &str = "LB_RANGES_V4";
     /// LPM trie `RangeKeyV6 -> u8`: the source ranges of each range set, IPv6.
     pub const RANGES_V6: &str = "LB_RANGES_V6";
+    /// `u64` array, by [`super::filter_index`]: how many configured addresses (both
+    /// families) have that index. A frame whose destination's index holds 0 is not for an
+    /// LB address, and passes after this one lookup, without the bucket tables.
+    pub const VIP_FILTER: &str = "LB_VIP_FILTER";
     /// Every map the object declares.
-    pub const ALL: [&str; 9] = [
+    pub const ALL: [&str; 10] = [
         VIPS_V4,
         VIPS_V6,
         VIP_CONFIG,
@@ -55,6 +59,7 @@ pub mod maps {
         PORT_STATS,
         RANGES_V4,
         RANGES_V6,
+        VIP_FILTER,
     ];
     /// Address slots; slot 0 is never used, so this many minus one addresses fit.
     pub const MAX_VIPS: u32 = 16_384;
@@ -64,6 +69,9 @@ pub mod maps {
     pub const MAX_PORTS: u32 = 65_536;
     /// Buckets of the port table.
     pub const PORT_BUCKETS: u32 = 65_536;
+    /// Counters of the address filter: four per address slot, so a full set of addresses
+    /// leaves at least three quarters of them at 0.
+    pub const VIP_FILTER_ENTRIES: u32 = 65_536;
     /// Capacity of each range trie.
     pub const MAX_RANGES: u32 = 65_536;
     /// `BPF_F_MMAPABLE`: userspace writes the tables and configurations through a shared
@@ -139,7 +147,33 @@ pub const fn vip4_key(octets: [u8; 4]) -> u64 {
 #[inline(always)]
 pub const fn vip6_key(octets: [u8; 16]) -> u64 {
     let (high, low) = halves(octets);
+    vip6_key_of_halves(high, low)
+}
+
+/// [`vip6_key`] of an address given as its [`halves`], as the program loads them.
+#[inline(always)]
+pub const fn vip6_key_of_halves(high: u64, low: u64) -> u64 {
     high.wrapping_mul(0xff51_afd7_ed55_8ccd) ^ low.wrapping_mul(0xc4ce_b9fe_1a85_ec53)
+}
+
+/// The address filter's counter for an address whose last four bytes (all of an IPv4
+/// address) are `tail`, loaded as a little-endian word: multiply-shift hashing. Only the
+/// tail, so that a non-LB IPv6 frame costs one 4-byte load, like an IPv4 one.
+#[inline(always)]
+pub const fn filter_index(tail: u32) -> u32 {
+    tail.wrapping_mul(0x9e37_79b1) >> (32 - maps::VIP_FILTER_ENTRIES.trailing_zeros())
+}
+
+/// [`filter_index`] of an address.
+pub const fn filter_index_of(ip: IpAddr) -> u32 {
+    let tail = match ip {
+        IpAddr::V4(v4) => v4.octets(),
+        IpAddr::V6(v6) => {
+            let [.., a, b, c, d] = v6.octets();
+            [a, b, c, d]
+        }
+    };
+    filter_index(u32::from_le_bytes(tail))
 }
 
 /// An IPv6 address as the two little-endian words the program compares.
@@ -300,6 +334,7 @@ const _: () = {
     assert!(core::mem::size_of::<RangeKeyV4>() == 8);
     assert!(core::mem::size_of::<RangeKeyV6>() == 20);
     assert!(maps::VIP_BUCKETS.is_power_of_two() && maps::PORT_BUCKETS.is_power_of_two());
+    assert!(maps::VIP_FILTER_ENTRIES.is_power_of_two() && maps::VIP_FILTER_ENTRIES <= 1 << 31);
 };
 
 #[cfg(feature = "user")]
@@ -371,6 +406,27 @@ mod tests {
         word[4..6].copy_from_slice(&config.port.to_le_bytes());
         word[6] = config.protocol;
         assert_eq!(u64::from_le_bytes(word), config.key());
+    }
+
+    #[test]
+    fn filter_indexes_are_in_range_and_spread_over_consecutive_addresses() {
+        let mut seen = [0u8; maps::VIP_FILTER_ENTRIES as usize];
+        for i in 0..4096u32 {
+            let v4 = IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + i));
+            let v6 = IpAddr::V6(Ipv6Addr::from(0x2001_0db8_u128 << 96 | u128::from(i)));
+            for ip in [v4, v6] {
+                let index = filter_index_of(ip);
+                assert!(index < maps::VIP_FILTER_ENTRIES);
+                seen[index as usize] = seen[index as usize].saturating_add(1);
+            }
+            // The program's view: the last four bytes as loaded, little-endian.
+            assert_eq!(
+                filter_index_of(v4),
+                filter_index(u32::from_le_bytes((0x0a00_0000 + i).to_be_bytes()))
+            );
+        }
+        // Equal tails share an index; otherwise 4096 tails land on distinct counters.
+        assert!(seen.iter().all(|count| *count <= 2));
     }
 
     #[test]

@@ -192,3 +192,33 @@ fn a_full_address_map_refuses_one_more_by_name_and_the_others_keep_counting() {
     h.run_pass(&Frame::udp4(CLIENT4, VIP4, 10).bytes());
     assert_eq!(h.counted(extra).0, 1);
 }
+
+#[test]
+fn addresses_sharing_a_filter_counter_stay_found_when_one_goes() {
+    // The filter indexes the last four bytes: this IPv6 address ends like VIP4.
+    let twin = Ipv6Addr::new(0x2001, 0xdb8, 0xff, 0, 0, 0, 0xcb00, 0x710a);
+    assert_eq!(
+        lbagent_common::filter_index_of(twin.into()),
+        lbagent_common::filter_index_of(VIP4.into())
+    );
+    let mut h = H::new(&[VIP4.into(), twin.into()]);
+    let v4 = Frame::udp4(CLIENT4, VIP4, 10).bytes();
+    let v6 = Frame::udp6(CLIENT6, twin, 10).bytes();
+    h.run_pass(&v4);
+    h.run_pass(&v6);
+    assert_eq!(h.stats(VIP4.into()).0, 1);
+    assert_eq!(h.stats(twin.into()).0, 1);
+
+    // Removing one counts it out; the other still has its count, and is still found.
+    assert!(h.0.maps().remove_vip(twin.into()).expect("remove"));
+    h.run_pass(&v4);
+    assert_eq!(h.stats(VIP4.into()).0, 2);
+
+    // Removing the last one leaves the counter at 0 (a sure miss), and adding it back
+    // counts it in again.
+    assert!(h.0.maps().remove_vip(VIP4.into()).expect("remove"));
+    h.run_pass(&v4);
+    h.0.count_only(VIP4.into());
+    h.run_pass(&v4);
+    assert_eq!(h.stats(VIP4.into()), (1, v4.len() as u64));
+}

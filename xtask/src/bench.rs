@@ -66,7 +66,7 @@ pub fn addresses() -> Result<()> {
     let mut cold_cpu = Vec::new();
     let mut resync_ms = Vec::new();
     let mut syscalls = None;
-    let mut rss_kb = 0;
+    let mut rss = Rss::default();
     for round in 0..ROUNDS {
         eprintln!("bench: round {}/{ROUNDS}", round + 1);
         // A B B A: whichever runs first in a round runs first half the time.
@@ -90,7 +90,7 @@ pub fn addresses() -> Result<()> {
                         resync_ms.push(agent.resync(&status)?);
                     }
                     syscalls = agent.syscalls_of_one_resync(&status).ok();
-                    rss_kb = agent.peak_rss_kb()?;
+                    rss = agent.rss()?;
                 }
                 agent.stop();
             } else {
@@ -163,9 +163,18 @@ pub fn addresses() -> Result<()> {
         Some(n) => println!("| syscalls in one resync (strace -c -f) | {n} | | |"),
         None => println!("| syscalls in one resync (strace -c -f) | n/a (strace failed) | | |"),
     }
+    let mb = |kb: u64| kb as f64 / 1024.0;
     println!(
         "| peak RSS of the agent holding them (VmHWM) | {:.1} MB | | <= 40 MB |",
-        rss_kb as f64 / 1024.0
+        mb(rss.peak_kb)
+    );
+    // The file-backed part is the binary's pages, and how many of them a fault maps depends
+    // on the page cache (folio sizes, fault-around), not on lbagent: it moves between
+    // machines and between copies of the same binary.
+    println!(
+        "| of which, after the resyncs: anonymous / file-backed (the binary) | {:.1} / {:.1} MB | | |",
+        mb(rss.anon_kb),
+        mb(rss.file_kb)
     );
     Ok(())
 }
@@ -187,6 +196,16 @@ pub(crate) fn target_dir() -> PathBuf {
 
 struct Agent {
     child: Child,
+}
+
+/// The agent's resident memory, from /proc/PID/status.
+#[derive(Default)]
+struct Rss {
+    /// VmHWM: the peak of anonymous and file-backed pages together.
+    peak_kb: u64,
+    anon_kb: u64,
+    /// Pages of the binary (and other mapped files).
+    file_kb: u64,
 }
 
 impl Agent {
@@ -296,13 +315,20 @@ impl Agent {
         Ok(Duration::from_millis(ticks * 1000 / hz))
     }
 
-    fn peak_rss_kb(&self) -> Result<u64> {
+    fn rss(&self) -> Result<Rss> {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()))?;
-        status
-            .lines()
-            .find_map(|line| line.strip_prefix("VmHWM:"))
-            .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
-            .context("no VmHWM")
+        let field = |name: &str| -> Result<u64> {
+            status
+                .lines()
+                .find_map(|line| line.strip_prefix(name))
+                .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
+                .with_context(|| format!("no {name} in /proc/{}/status", self.pid()))
+        };
+        Ok(Rss {
+            peak_kb: field("VmHWM:")?,
+            anon_kb: field("RssAnon:")?,
+            file_kb: field("RssFile:")?,
+        })
     }
 
     fn stop(mut self) {

@@ -7,6 +7,7 @@ mod build_ebpf;
 mod cmd;
 mod demo;
 mod fuzz;
+mod model;
 mod setup;
 
 use anyhow::Result;
@@ -30,10 +31,24 @@ enum Task {
     Test,
     /// Set up, then show lbagent counting real traffic between two network namespaces (as root).
     Demo,
+    /// Run the XDP program against its reference model on generated frames (as root).
+    FuzzModel {
+        /// How many frames.
+        #[arg(long, default_value_t = 1_000_000)]
+        frames: u64,
+        /// The generator's seed (default: the test's own); a failure names its seed.
+        #[arg(long)]
+        seed: Option<u64>,
+    },
     /// Measure against a baseline run alongside, and print a table (as root).
     Bench {
         #[arg(value_enum)]
         what: Bench,
+        /// dataplane only: another production eBPF object (e.g. a copy of
+        /// target/bpf/bpfel-unknown-none/release/lbagent-ebpf from an earlier commit) whose
+        /// lbagent_xdp is measured in the same rounds.
+        #[arg(long, value_name = "OBJECT")]
+        compare: Option<std::path::PathBuf>,
     },
     /// Set up, then run every libFuzzer target in fuzz/ for a while each (as root).
     Fuzz {
@@ -71,12 +86,19 @@ fn main() -> Result<()> {
             setup::run()?;
             demo::run()
         }
-        Task::Bench { what } => {
+        Task::FuzzModel { frames, seed } => {
+            setup::run()?;
+            model::run(frames, seed)
+        }
+        Task::Bench { what, compare } => {
+            if compare.is_some() && !matches!(what, Bench::Dataplane) {
+                anyhow::bail!("--compare applies to `bench dataplane` only");
+            }
             setup::run()?;
             match what {
                 Bench::Addresses => bench::addresses(),
                 Bench::Routing => bench_routing::run(),
-                Bench::Dataplane => bench_dataplane::run(),
+                Bench::Dataplane => bench_dataplane::run(compare),
             }
         }
         Task::Fuzz { seconds, targets } => {

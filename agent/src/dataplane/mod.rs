@@ -190,7 +190,7 @@ const fn trie<K>(name: &'static str) -> MapSpec {
     }
 }
 
-const MAP_SPECS: [MapSpec; 9] = [
+const MAP_SPECS: [MapSpec; 10] = [
     array::<Bucket>(maps::VIPS_V4, maps::VIP_BUCKETS),
     array::<Bucket>(maps::VIPS_V6, maps::VIP_BUCKETS),
     array::<VipConfig>(maps::VIP_CONFIG, maps::MAX_VIPS),
@@ -200,6 +200,7 @@ const MAP_SPECS: [MapSpec; 9] = [
     per_cpu_array::<PortStats>(maps::PORT_STATS, maps::MAX_PORTS),
     trie::<RangeKeyV4>(maps::RANGES_V4),
     trie::<RangeKeyV6>(maps::RANGES_V6),
+    array::<u64>(maps::VIP_FILTER, maps::VIP_FILTER_ENTRIES),
 ];
 
 /// Attaches the XDP program to `iface`, reusing the pinned maps if there are any, and the tc

@@ -30,7 +30,7 @@ use aya::{
 use ipnet::IpNet;
 use lbagent_common::{
     BUCKET_WAYS, Bucket, PortConfig, PortStats, RangeKeyV4, RangeKeyV6, VIP_ENFORCE, VipConfig,
-    VipStats, buckets_of, halves, maps, port_key, vip4_key, vip6_key,
+    VipStats, buckets_of, filter_index_of, halves, maps, port_key, vip4_key, vip6_key,
 };
 use nix::{
     errno::Errno,
@@ -84,6 +84,7 @@ pub struct Maps {
     vips_v4: Table,
     vips_v6: Table,
     vip_config: Shared,
+    vip_filter: Shared,
     ports: Table,
     port_config: Shared,
     vip_stats: PerCpuArray<MapData, VipStats>,
@@ -171,6 +172,12 @@ impl Maps {
                 open(maps::VIP_CONFIG)?,
                 size_of::<VipConfig>(),
                 maps::MAX_VIPS,
+            )?,
+            vip_filter: Shared::map(
+                maps::VIP_FILTER,
+                open(maps::VIP_FILTER)?,
+                size_of::<u64>(),
+                maps::VIP_FILTER_ENTRIES,
             )?,
             ports: table(
                 maps::PORTS,
@@ -277,6 +284,9 @@ impl Maps {
         for (i, word) in words.iter().enumerate() {
             self.vip_config.store(base + i, *word);
         }
+        // Counted in the filter before the entry exists, so the program never skips the
+        // tables for an address they hold.
+        self.count_in_filter(address, true);
         let table = if address.is_ipv4() {
             &self.vips_v4
         } else {
@@ -286,6 +296,7 @@ impl Maps {
             for i in 0..VIP_CONFIG_WORDS {
                 self.vip_config.store(base + i, 0);
             }
+            self.count_in_filter(address, false);
             return Err(err);
         }
         Ok(slot)
@@ -338,6 +349,7 @@ impl Maps {
         for i in (0..VIP_CONFIG_WORDS).rev() {
             self.vip_config.store(base + i, 0);
         }
+        self.count_in_filter(address, false);
         self.zero_vip_stats(slot)?;
         Ok(true)
     }
@@ -660,7 +672,39 @@ impl Maps {
                 self.free_port(slot, key)?;
             }
         }
+        self.recount_filter();
         Ok(())
+    }
+
+    /// Counts `address` in (`true`) or out of the filter the program looks at first.
+    fn count_in_filter(&self, address: IpAddr, add: bool) {
+        let index = filter_index_of(address) as usize;
+        let count = self.vip_filter.load(index);
+        let count = if add {
+            count + 1
+        } else {
+            count.saturating_sub(1)
+        };
+        self.vip_filter.store(index, count);
+    }
+
+    /// Sets every filter counter to the number of configured addresses at its index. A
+    /// writer killed between two stores leaves counts too high (an address is counted in
+    /// before its configuration is written, and out after it is cleared), never too low;
+    /// each counter goes from its old value straight to the exact one, so at no moment is
+    /// an address the tables hold counted out.
+    fn recount_filter(&self) {
+        let mut counts = vec![0u64; maps::VIP_FILTER_ENTRIES as usize];
+        for slot in 1..maps::MAX_VIPS {
+            if let Some(ip) = self.vip_config(slot).ip() {
+                counts[filter_index_of(ip) as usize] += 1;
+            }
+        }
+        for (index, count) in counts.into_iter().enumerate() {
+            if self.vip_filter.load(index) != count {
+                self.vip_filter.store(index, count);
+            }
+        }
     }
 }
 
