@@ -159,7 +159,7 @@ pub fn run(cli: Cli, out: &mut impl Write) -> Result<()> {
     let quiet = "warn";
     match cli.command {
         Command::Run { config, node_name } => {
-            let loaded = Config::load(&config, node_name.as_deref())?;
+            let loaded = crate::daemon::load_config(&config, node_name.as_deref())?;
             init_logging(cli.log_format.or(loaded.log_format), "info");
             runtime()?.block_on(crate::daemon::run(config, node_name, loaded))?;
         }

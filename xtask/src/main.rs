@@ -6,6 +6,7 @@ mod bench_routing;
 mod build_ebpf;
 mod cmd;
 mod demo;
+mod image;
 mod setup;
 
 use anyhow::Result;
@@ -28,6 +29,13 @@ enum Task {
     Test,
     /// Set up, then show lbagent counting real traffic between two network namespaces (as root).
     Demo,
+    /// Build the container image with podman (as root): the binary built here and a Debian
+    /// base made with mmdebstrap, or with --pull-bases the Containerfile's registry defaults.
+    Image {
+        /// Build as a user with registry access does: pull the bases, compile inside the build.
+        #[arg(long)]
+        pull_bases: bool,
+    },
     /// Measure against a baseline run alongside, and print a table (as root).
     Bench {
         #[arg(value_enum)]
@@ -56,6 +64,10 @@ fn main() -> Result<()> {
         Task::Demo => {
             setup::run()?;
             demo::run()
+        }
+        Task::Image { pull_bases } => {
+            setup::run()?;
+            image::run(pull_bases)
         }
         Task::Bench { what } => {
             setup::run()?;
