@@ -673,6 +673,7 @@ fn a_stopped_pod_keeps_routes_and_a_new_one_adopts_the_program_and_cleanup_remov
         first.logs()
     );
     let program = xdp_on(node.node(), "eth0").expect("XDP on eth0");
+    let counted_before = node.counted(&first);
 
     // Pings every 10 ms for 30 s, across the whole restart; every one must be answered.
     let mut ping = Ping::start(&node.fabric.router, VIP, 3000);
@@ -699,11 +700,15 @@ fn a_stopped_pod_keeps_routes_and_a_new_one_adopts_the_program_and_cleanup_remov
         "the new pod's BIRD did not start with -R:\n{}",
         second.logs()
     );
-    assert_eq!(
-        xdp_on(node.node(), "eth0").map(|x| x.id),
-        Some(program.id),
-        "the new pod replaced the program instead of adopting it"
+    // It adopts the pinned link and maps, and swaps its own program into the link.
+    assert!(
+        wait_until(Duration::from_secs(10), || second
+            .logs()
+            .contains("replaced the XDP program")),
+        "the new pod did not adopt the pinned link:\n{}",
+        second.logs()
     );
+    assert_ne!(xdp_on(node.node(), "eth0").map(|x| x.id), Some(program.id));
     assert!(
         ping.running(),
         "the restart took longer than the pings lasted"
@@ -711,6 +716,9 @@ fn a_stopped_pod_keeps_routes_and_a_new_one_adopts_the_program_and_cleanup_remov
     let (sent, received) = ping.finish();
     assert_eq!(sent, 3000);
     assert_eq!(received, sent, "pings lost across the restart");
+    // Every one counted, by the old program, the link alone, and the new one: the maps
+    // outlived the pod.
+    assert_eq!(node.counted(&second) - counted_before, sent);
 
     // Uninstall: the agent's pod goes (gracefully), then the cleanup DaemonSet's pod runs on
     // the same node with its own manifest, and turns ready once the node is clean.
@@ -857,6 +865,7 @@ fn a_pod_missing_a_mount_exits_with_one_line_naming_it_and_creates_nothing() {
             "{what}: {:?} does not say {needle:?}",
             lines[0]
         );
+        eprintln!("{what}: {}", lines[0]);
         assert_nothing_created(&node, what);
     }
 }
