@@ -23,3 +23,4 @@ pub mod sinks;
 pub mod sources;
 pub mod status;
 pub mod watch;
+pub mod yaml;
