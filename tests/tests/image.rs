@@ -65,7 +65,10 @@ fn built_image() {
 fn parse<T: serde::de::DeserializeOwned>(file: &str) -> T {
     let path = repo().join("deploy").join(file);
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    serde_yaml::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+    // Through JSON, as tests/tests/deploy.rs reads the manifests.
+    let value: serde_json::Value =
+        serde_saphyr::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    serde_json::from_value(value).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
 /// The pod spec and its only container.
@@ -88,15 +91,19 @@ fn lab_config() -> String {
         .data
         .and_then(|d| d.get("config.yaml").cloned())
         .expect("configmap.yaml has config.yaml");
-    let mut config: serde_yaml::Value = serde_yaml::from_str(&text).expect("config.yaml");
-    config["source"] = serde_yaml::from_str("{file: {path: services.yaml}}").unwrap();
-    config["routing"] = serde_yaml::from_str(
-        "{mode: managed, export: {prefixes: [203.0.113.0/24]}, bgp: [{name: tor, \
-         neighbor: 10.0.0.1, asn: 64500, localAsn: 64512, holdTime: 9s, keepaliveTime: 1s, \
-         connectRetryTime: 1s, connectDelayTime: 1s}]}",
-    )
-    .unwrap();
-    serde_yaml::to_string(&config).unwrap()
+    let mut config: serde_json::Value = serde_saphyr::from_str(&text).expect("config.yaml");
+    config["source"] = serde_json::json!({"file": {"path": "services.yaml"}});
+    config["routing"] = serde_json::json!({
+        "mode": "managed",
+        "export": {"prefixes": ["203.0.113.0/24"]},
+        "bgp": [{
+            "name": "tor", "neighbor": "10.0.0.1", "asn": 64500, "localAsn": 64512,
+            "holdTime": "9s", "keepaliveTime": "1s", "connectRetryTime": "1s",
+            "connectDelayTime": "1s",
+        }],
+    });
+    // JSON is YAML.
+    serde_json::to_string_pretty(&config).unwrap()
 }
 
 /// The lab's stand-ins for what a node gives the pod.
