@@ -1,7 +1,11 @@
 //! `lbagent run`: wires the source, the reconciler, its sinks and the face (status file, HTTP)
 //! together, and follows the config file so that routing changes apply without a restart.
 
-use std::{net::Ipv4Addr, ops::ControlFlow, path::PathBuf};
+use std::{
+    net::Ipv4Addr,
+    ops::ControlFlow,
+    path::{Path, PathBuf},
+};
 
 use anyhow::{Context as _, Result};
 use tokio::{
@@ -11,7 +15,7 @@ use tokio::{
 use tracing::{error, info, warn};
 
 use crate::{
-    config::{Config, Source},
+    config::{Config, ConfigError, Source},
     metrics,
     reconcile::{Inputs, ReconcileMetrics, Reconciler},
     sinks::{
@@ -27,7 +31,62 @@ use crate::{
     watch::FileEvent,
 };
 
+/// `Config::load`, with what to mount when the file is not there: in a pod, a missing
+/// config is a missing volume, not a typo.
+pub fn load_config(path: &Path, node_name: Option<&str>) -> Result<Config> {
+    Config::load(path, node_name).map_err(|err| match &err {
+        ConfigError::Read { source, .. } if source.kind() == std::io::ErrorKind::NotFound => {
+            let dir = path.parent().unwrap_or(Path::new("/"));
+            anyhow::Error::new(err).context(format!(
+                "no config file: mount the config at {} (in a pod: the lbagent-config ConfigMap, as deploy/daemonset.yaml does) or pass --config",
+                dir.display()
+            ))
+        }
+        _ => err.into(),
+    })
+}
+
+/// What `run` needs from the file systems, checked before anything is created: a missing
+/// mount stops the start with one line naming it, instead of a half-made node.
+fn preflight(config: &Config) -> Result<()> {
+    let mut writable = vec![("status.path", config.status_path.clone())];
+    if let Some(RoutingConfig {
+        mode: Mode::Managed { state_dir, .. },
+        ..
+    }) = &config.routing
+    {
+        writable.push(("routing.stateDir", state_dir.join("bird.conf")));
+    }
+    for (field, file) in writable {
+        let dir = file.parent().unwrap_or(Path::new("/"));
+        let existing = dir
+            .ancestors()
+            .find(|path| path.exists())
+            .unwrap_or(Path::new("/"));
+        if let Err(errno) = nix::unistd::access(existing, nix::unistd::AccessFlags::W_OK) {
+            anyhow::bail!(
+                "{field} {}: {} is not writable ({}): mount a writable directory at {} (in a pod: the hostPath volume deploy/daemonset.yaml mounts there)",
+                file.display(),
+                existing.display(),
+                errno.desc(),
+                dir.display()
+            );
+        }
+    }
+    if let Some(dataplane) = &config.dataplane {
+        crate::dataplane::PinLayout::new(&dataplane.pin_root)
+            .check_bpffs()
+            .map_err(|err| {
+                anyhow::anyhow!(
+                    "dataplane.pinRoot: {err} (in a pod: the host's /sys/fs/bpf as a hostPath volume, as deploy/daemonset.yaml mounts it)"
+                )
+            })?;
+    }
+    Ok(())
+}
+
 pub async fn run(config_path: PathBuf, node_name: Option<String>, config: Config) -> Result<()> {
+    preflight(&config)?;
     let interface = config.addresses.interface.clone();
     let mut addresses = AddressSink::connect(&interface)?;
     addresses.notice_changes()?;

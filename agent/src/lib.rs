@@ -40,6 +40,8 @@ pub use crate::{
     // The TestRun tests load the object and drive its maps as the dataplane sink does.
     dataplane::{Maps, PortId, VipPolicy, object},
     desired::{Desired, PortSpec, Protocol, Service, TrafficPolicy},
+    // The load tests hold the endpoint's limits against these.
+    http::{HEADER_TIMEOUT, MAX_CONNECTIONS},
     sinks::{
         dataplane::{
             DataplaneSink,

@@ -317,7 +317,7 @@ fn half_sent_requests_are_closed_and_the_connections_counted_back() {
     let fds = || std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, Iterator::count);
     let before = fds();
 
-    let count = lbagent::http::MAX_CONNECTIONS + 100;
+    let count = lbagent::MAX_CONNECTIONS + 100;
     let (made, closed) = lbagent_tests::in_netns(ns, move || {
         let streams: Vec<std::net::TcpStream> = (0..count)
             .filter_map(|_| {
@@ -333,7 +333,7 @@ fn half_sent_requests_are_closed_and_the_connections_counted_back() {
         // Each must see the agent close it: those over the limit once one before them
         // went. Generous against the header timeout, well short of forever.
         let deadline =
-            std::time::Instant::now() + lbagent::http::HEADER_TIMEOUT * 4 + Duration::from_secs(10);
+            std::time::Instant::now() + lbagent::HEADER_TIMEOUT * 4 + Duration::from_secs(10);
         let closed = streams
             .into_iter()
             .filter(|mut stream| {
@@ -347,7 +347,7 @@ fn half_sent_requests_are_closed_and_the_connections_counted_back() {
         (made, closed)
     });
     assert!(
-        made > lbagent::http::MAX_CONNECTIONS,
+        made > lbagent::MAX_CONNECTIONS,
         "only {made} connections made"
     );
     assert_eq!(closed, made, "connections the agent closed, of those made");

@@ -7,6 +7,7 @@ mod build_ebpf;
 mod cmd;
 mod demo;
 mod fuzz;
+mod image;
 mod model;
 mod setup;
 
@@ -39,6 +40,13 @@ enum Task {
         /// The generator's seed (default: the test's own); a failure names its seed.
         #[arg(long)]
         seed: Option<u64>,
+    },
+    /// Build the container image with podman (as root): the binary built here and a Debian
+    /// base made with mmdebstrap, or with --pull-bases the Containerfile's registry defaults.
+    Image {
+        /// Build as a user with registry access does: pull the bases, compile inside the build.
+        #[arg(long)]
+        pull_bases: bool,
     },
     /// Measure against a baseline run alongside, and print a table (as root).
     Bench {
@@ -85,6 +93,10 @@ fn main() -> Result<()> {
         Task::Demo => {
             setup::run()?;
             demo::run()
+        }
+        Task::Image { pull_bases } => {
+            setup::run()?;
+            image::run(pull_bases)
         }
         Task::FuzzModel { frames, seed } => {
             setup::run()?;

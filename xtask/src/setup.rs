@@ -23,6 +23,17 @@ const APT_PACKAGES: &[&str] = &[
     "util-linux",   // nsenter, mount
     "strace",       // syscall counts in benchmarks
     "g++",          // libFuzzer (C++), which the fuzz targets link
+    // The container image (`cargo xtask image`, tests/tests/image.rs). Installed without
+    // recommends, so podman's runtime pieces are named: runc runs the containers (crun 1.8
+    // refuses hosts with cgroup v1 and v2 mixed), conmon watches them, netavark is the network
+    // backend podman 4 expects (the tests only use `--network ns:` and `host`); mmdebstrap
+    // makes the Debian base where nothing is pulled.
+    "podman",
+    "buildah",
+    "runc",
+    "conmon",
+    "netavark",
+    "mmdebstrap",
 ];
 
 const BPF_LINKER_VERSION: &str = "^0.13";

@@ -4,10 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 
-use crate::{
-    config::Config,
-    logging::{self, LogFormat},
-};
+use crate::logging::{self, LogFormat};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -23,7 +20,7 @@ pub struct Args {
 }
 
 pub fn run(args: Args, log_format: Option<LogFormat>) -> Result<()> {
-    let loaded = Config::load(&args.config, args.node_name.as_deref())?;
+    let loaded = crate::daemon::load_config(&args.config, args.node_name.as_deref())?;
     logging::init(log_format.or(loaded.log_format), "info");
     super::runtime()?.block_on(crate::daemon::run(args.config, args.node_name, loaded))
 }
