@@ -104,6 +104,8 @@ pub enum Command {
         #[command(subcommand)]
         command: VipCommand,
     },
+    /// Assign LoadBalancer addresses from AddressPools (its own leader-elected Deployment).
+    Allocator(crate::allocator::Args),
     /// Print packet and byte counters per address.
     Counters {
         #[arg(short, long, value_enum, default_value_t = Output::Table)]
@@ -158,6 +160,7 @@ pub fn run(cli: Cli, out: &mut impl Write) -> Result<()> {
     // One-shot commands print their result on stdout; their logs only say what needs attention.
     let quiet = "warn";
     match cli.command {
+        Command::Allocator(args) => crate::allocator::run(args, cli.log_format, out)?,
         Command::Run { config, node_name } => {
             let loaded = Config::load(&config, node_name.as_deref())?;
             init_logging(cli.log_format.or(loaded.log_format), "info");
@@ -314,7 +317,8 @@ fn run_dataplane_command(command: Command, pins: &PinLayout, out: &mut impl Writ
         Command::Run { .. }
         | Command::Cleanup { .. }
         | Command::Status { .. }
-        | Command::Bird { .. } => {
+        | Command::Bird { .. }
+        | Command::Allocator(_) => {
             unreachable!("handled by run()")
         }
         Command::Attach { iface, mode } => {

@@ -10,6 +10,7 @@
 //! `dataplane` holds the eBPF side, driven from the command line until it joins the sinks.
 
 pub mod address;
+pub mod allocator;
 pub mod cli;
 pub mod config;
 pub mod daemon;
