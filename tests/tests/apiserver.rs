@@ -977,7 +977,8 @@ async fn errors_are_status_objects_with_the_real_codes() {
         "/api/v1/namespaces/a/nodes",
         "/api/v1/services/web",
         "/apis/discovery.k8s.io/v2/endpointslices",
-        "/api/v1/namespaces/a/services/web/status",
+        "/api/v1/namespaces/a/services/web/scale",
+        "/apis/discovery.k8s.io/v1/namespaces/a/endpointslices/x/status",
     ] {
         let (code, reason, _) = status_of(client.request::<Value>(get(path)).await);
         assert_eq!((code, reason.as_str()), (404, "NotFound"), "{path}");
@@ -1043,7 +1044,7 @@ async fn errors_are_status_objects_with_the_real_codes() {
     // Every one of those requests was logged with its answer.
     let log = server.request_log();
     assert!(log.iter().any(|r| r.status == 415 && r.method == "PATCH"));
-    assert_eq!(log.iter().filter(|r| r.status == 404).count(), 6);
+    assert_eq!(log.iter().filter(|r| r.status == 404).count(), 7);
 }
 
 /// The server's state outlives any one client: a second one sees what the first did.

@@ -52,6 +52,8 @@ pub(super) struct Store {
     pub(super) snapshots: HashMap<u64, Snapshot>,
     pub(super) next_snapshot: u64,
     pub(super) fail_list_after_pages: Option<usize>,
+    /// Changes to apply just before the next client write to an object.
+    pub(super) interleave: HashMap<Key, Value>,
 }
 
 impl Store {
@@ -107,7 +109,10 @@ impl Store {
             }
             None => (
                 format!("00000000-0000-4000-8000-{revision:012x}").into(),
-                now().into(),
+                match &object["metadata"]["creationTimestamp"] {
+                    Value::String(given) => given.clone().into(),
+                    _ => now().into(),
+                },
                 Value::Null,
             ),
         };
@@ -135,6 +140,19 @@ impl Store {
         };
         self.record(*resource, kind, object.clone(), previous);
         Ok(object)
+    }
+
+    /// Applies the change queued to land just before a client write to `key`.
+    pub(super) fn interleave_write(&mut self, key: &Key) -> Result<(), Status> {
+        let Some(change) = self.interleave.remove(key) else {
+            return Ok(());
+        };
+        let Some(stored) = self.objects.get(key) else {
+            return Ok(());
+        };
+        let mut object = stored.object.clone();
+        super::http::merge_patch(&mut object, &change);
+        self.put(key.clone(), object, None).map(|_| ())
     }
 
     /// Removes an object; its last state, at the deletion's resourceVersion, is returned.
