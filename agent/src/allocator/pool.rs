@@ -45,8 +45,8 @@ pub struct AddressPoolSpec {
     /// CIDRs (`192.0.2.0/24`, `2001:db8::/120`), ranges (`192.0.2.10-192.0.2.20`) or single
     /// addresses, IPv4 and IPv6 mixed.
     pub addresses: Vec<String>,
-    /// Whether Services get addresses from this pool without asking for it (by the
-    /// `lbagent.io/pool` annotation or a requested address).
+    /// Whether Services get addresses from this pool without asking for it; if not, only
+    /// Services that name it (annotation `lbagent.io/pool`) or request one of its addresses do.
     #[serde(default = "yes")]
     pub auto_assign: bool,
     /// Skip IPv4 addresses ending in `.0` and `.255`, which some clients treat as broadcast.
