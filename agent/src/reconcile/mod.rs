@@ -209,10 +209,12 @@ impl Reconciler {
             }
         }
         if let Some(dataplane) = &mut self.dataplane {
-            let wanted = crate::sinks::dataplane::entries(&update.desired, |address| {
-                !plan.unsupported.contains(address)
-            });
             let result = dataplane.observe().and_then(|observed| {
+                let wanted = crate::sinks::dataplane::entries(
+                    &update.desired,
+                    |address| !plan.unsupported.contains(address),
+                    &observed,
+                );
                 let changes = crate::sinks::dataplane::diff(&wanted, &observed);
                 if !changes.is_empty() {
                     info!(
