@@ -2,18 +2,25 @@
 //! API server: assignment per family and policy, requested addresses, sharing, release and
 //! reassignment, exhaustion, pool conditions, a restart that writes nothing, duplicates, a
 //! 409 Conflict resolved, leader failover between two processes, and the API server killed
-//! mid-allocation. These need no root: everything is on 127.0.0.1.
+//! mid-allocation. These need no root: everything is on 127.0.0.1. The last test runs the
+//! allocator with two agents, their BIRDs and an FRR router in network namespaces.
 
 use std::{
     collections::BTreeSet,
     net::IpAddr,
-    path::PathBuf,
+    path::{Path, PathBuf},
     process::{Child, Command},
     time::{Duration, Instant},
 };
 
 use lbagent::allocator::API_ACCESS;
-use lbagent_tests::{TempDir, apiserver::ApiServer, lbagent_bin, wait_until};
+use lbagent_tests::{
+    Agent, TempDir, addresses_on,
+    apiserver::ApiServer,
+    lbagent_bin, require_root,
+    routers::{FRR_ROUTER, Fabric, Frr, next_hops},
+    wait_until,
+};
 use serde_json::{Value, json};
 
 const WAIT: Duration = Duration::from_secs(20);
@@ -30,13 +37,21 @@ struct Allocator {
 
 impl Allocator {
     fn start(cluster: &Cluster, identity: &str) -> Self {
-        let kubeconfig = cluster.dir.path().join(format!("{identity}.kubeconfig"));
-        cluster
-            .server
-            .write_kubeconfig_as(&kubeconfig, Some(identity));
-        let log = cluster.dir.path().join(format!("{identity}.log"));
+        Self::launch(
+            Command::new(lbagent_bin()),
+            &cluster.server,
+            cluster.dir.path(),
+            identity,
+        )
+    }
+
+    /// `command` is lbagent, run where `server` is reachable.
+    fn launch(mut command: Command, server: &ApiServer, dir: &Path, identity: &str) -> Self {
+        let kubeconfig = dir.join(format!("{identity}.kubeconfig"));
+        server.write_kubeconfig_as(&kubeconfig, Some(identity));
+        let log = dir.join(format!("{identity}.log"));
         let file = std::fs::File::create(&log).expect("log file");
-        let child = Command::new(lbagent_bin())
+        let child = command
             .arg("allocator")
             .arg("--kubeconfig")
             .arg(&kubeconfig)
@@ -772,4 +787,154 @@ fn the_api_server_killed_mid_allocation_gives_no_address_twice() {
         assert!(seen.insert(address), "{address} given twice");
     }
     cluster.wait_pool("p", |s| s["ipv4"]["inUse"] == 299, &allocator);
+}
+
+const BGP: &str = "  bgp:
+    - {name: up4, neighbor: 10.0.0.1, asn: 64500, localAsn: 64512, holdTime: 9s, keepaliveTime: 1s, connectRetryTime: 1s, connectDelayTime: 1s}
+    - {name: up6, neighbor: \"fd00::1\", asn: 64500, localAsn: 64512, holdTime: 9s, keepaliveTime: 1s, connectRetryTime: 1s, connectDelayTime: 1s}
+";
+
+/// lbagent as a complete load balancer: a Service created through the API server gets its
+/// addresses from the allocator, the agents on two nodes put them on kube-lb0 and their BIRDs
+/// announce them to the FRR router; the Service deleted, the routes leave.
+#[test]
+fn a_service_gets_addresses_that_two_nodes_announce_and_deleted_they_leave() {
+    require_root();
+    let fabric = Fabric::new(2);
+    let _frr = Frr::start(&fabric.router, FRR_ROUTER, true);
+    // The cluster's API server, reachable from every node on the fabric.
+    let server = ApiServer::start_in_at(&fabric.router, Fabric::ROUTER_V4.parse().expect("ip"));
+    for namespace in ["default", "lbagent"] {
+        server.apply(json!({"apiVersion": "v1", "kind": "Namespace",
+            "metadata": {"name": namespace}}));
+    }
+    server.apply(
+        json!({"apiVersion": "lbagent.io/v1alpha1", "kind": "AddressPool",
+        "metadata": {"name": "public"},
+        "spec": {"addresses": ["203.0.113.0/28", "2001:db8:ff::/124"], "avoidBuggyIPs": true}}),
+    );
+    let dir = TempDir::new("lbt-alloc-e2e");
+    let allocator = Allocator::launch(
+        fabric.router.command(&lbagent_bin()),
+        &server,
+        dir.path(),
+        "alloc-e2e",
+    );
+    let agents: Vec<Agent> = fabric
+        .nodes
+        .iter()
+        .enumerate()
+        .map(|(i, ns)| {
+            let name = format!("node-{}", i + 1);
+            server.apply(json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": name}}));
+            let node_dir = dir.path().join(&name);
+            std::fs::create_dir_all(&node_dir).expect("node dir");
+            server.write_kubeconfig(&node_dir.join("kubeconfig"));
+            let config = node_dir.join("lbagent.yaml");
+            std::fs::write(
+                &config,
+                format!(
+                    "node: {{name: {name}}}\nsource: {{kubernetes: {{kubeconfig: kubeconfig}}}}\n\
+                     status: {{path: {}}}\nhttp: {{address: \"127.0.0.1:9658\"}}\n\
+                     routing:\n  stateDir: {}\n{BGP}",
+                    node_dir.join("status.json").display(),
+                    node_dir.join("bird").display()
+                ),
+            )
+            .expect("config");
+            Agent::start(ns, &config, node_dir.join("agent.log"))
+        })
+        .collect();
+    let logs = || {
+        let mut logs = allocator.log();
+        for agent in &agents {
+            logs.push_str("\n---\n");
+            logs.push_str(&agent.log());
+        }
+        logs
+    };
+
+    server.apply(service(
+        "web",
+        json!({"spec": {"ipFamilies": ["IPv4", "IPv6"], "ipFamilyPolicy": "RequireDualStack",
+            "externalTrafficPolicy": "Cluster"}}),
+    ));
+    let assigned = || {
+        server
+            .get("v1", "Service", Some("default"), "web")
+            .map(|s| ingress(&s))
+            .unwrap_or_default()
+    };
+    // .0 is avoided.
+    assert!(
+        wait_until(WAIT, || assigned() == ["203.0.113.1", "2001:db8:ff::"]),
+        "{:?}\n{}",
+        assigned(),
+        logs()
+    );
+    for ns in &fabric.nodes {
+        let expected: BTreeSet<String> = ["203.0.113.1/32", "2001:db8:ff::/128"]
+            .map(str::to_owned)
+            .into();
+        assert!(
+            wait_until(WAIT, || addresses_on(ns, "kube-lb0") == expected),
+            "{}: {:?}\n{}",
+            ns.name(),
+            addresses_on(ns, "kube-lb0"),
+            logs()
+        );
+    }
+    for prefix in ["203.0.113.1/32", "2001:db8:ff::/128"] {
+        assert!(
+            wait_until(Duration::from_secs(30), || next_hops(
+                &fabric.router,
+                prefix
+            )
+            .len()
+                == 2),
+            "router has {:?} for {prefix}\n{}",
+            next_hops(&fabric.router, prefix),
+            logs()
+        );
+    }
+    assert_eq!(
+        next_hops(&fabric.router, "203.0.113.1/32"),
+        [Fabric::node_v4(1), Fabric::node_v4(2)]
+    );
+    // Every agent's and the allocator's Events are on the Service.
+    assert!(
+        server
+            .events()
+            .iter()
+            .any(|e| e["reason"] == "AddressAssigned" && e["regarding"]["name"] == "web"),
+        "{:#?}",
+        server.events()
+    );
+
+    server.delete("v1", "Service", Some("default"), "web");
+    for prefix in ["203.0.113.1/32", "2001:db8:ff::/128"] {
+        assert!(
+            wait_until(WAIT, || next_hops(&fabric.router, prefix).is_empty()),
+            "router still has {:?} for {prefix}\n{}",
+            next_hops(&fabric.router, prefix),
+            logs()
+        );
+    }
+    for ns in &fabric.nodes {
+        assert!(
+            wait_until(WAIT, || addresses_on(ns, "kube-lb0").is_empty()),
+            "{}: {:?}",
+            ns.name(),
+            addresses_on(ns, "kube-lb0")
+        );
+    }
+    let pool = server
+        .get("lbagent.io/v1alpha1", "AddressPool", None, "public")
+        .expect("pool");
+    assert!(
+        wait_until(WAIT, || server
+            .get("lbagent.io/v1alpha1", "AddressPool", None, "public")
+            .is_some_and(|p| p["status"]["ipv4"]["inUse"] == 0)),
+        "{pool}"
+    );
 }

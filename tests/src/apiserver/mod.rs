@@ -20,7 +20,7 @@ mod watches;
 
 use std::{
     collections::HashMap,
-    net::SocketAddr,
+    net::{Ipv4Addr, SocketAddr},
     path::{Path, PathBuf},
     sync::{
         Arc, Mutex, MutexGuard,
@@ -171,17 +171,23 @@ pub struct ApiServer {
 impl ApiServer {
     /// Starts serving on 127.0.0.1 at a port of its own, on a thread and runtime of its own.
     pub fn start() -> Self {
-        Self::start_listening(None)
+        Self::start_listening(None, Ipv4Addr::LOCALHOST)
     }
 
     /// Starts serving on 127.0.0.1 inside `ns`, for an lbagent run there (the test's own
     /// 127.0.0.1 is out of its reach). Only the control methods reach it from outside.
     pub fn start_in(ns: &NetNs) -> Self {
-        Self::start_listening(Some(Path::new("/run/netns").join(ns.name())))
+        Self::start_in_at(ns, Ipv4Addr::LOCALHOST)
     }
 
-    fn start_listening(netns: Option<PathBuf>) -> Self {
-        let any_port = SocketAddr::from(([127, 0, 0, 1], 0));
+    /// Starts serving on `ip` (an address of `ns`), for clients in other namespaces that
+    /// route to it, as nodes reach a cluster's API server.
+    pub fn start_in_at(ns: &NetNs, ip: Ipv4Addr) -> Self {
+        Self::start_listening(Some(Path::new("/run/netns").join(ns.name())), ip)
+    }
+
+    fn start_listening(netns: Option<PathBuf>, ip: Ipv4Addr) -> Self {
+        let any_port = SocketAddr::from((ip, 0));
         let port = bound_socket(netns.as_deref(), any_port).expect("reserve a port");
         let addr = port.local_addr().expect("local address");
         let listener = bound_socket(netns.as_deref(), addr).expect("bind the test API server");
