@@ -580,8 +580,15 @@ fn a_restart_with_nothing_changed_writes_nothing() {
     let before = cluster.server.request_log().len();
     let events_before = cluster.server.events().len();
 
+    let started = Instant::now();
     let second = Allocator::start(&cluster, "alloc-b");
     cluster.wait_leader(&second);
+    // The first gave the Lease up: no waiting for it to expire.
+    assert!(
+        started.elapsed() < LEASE_DURATION,
+        "took {:?} to lead",
+        started.elapsed()
+    );
     // Once it assigns a new Service, it has rebuilt its books.
     cluster.service("trigger", json!({}));
     cluster.wait_addresses("trigger", &["192.0.2.20"], &second);

@@ -14,7 +14,7 @@ use std::{
 use futures::{FutureExt as _, StreamExt as _, stream::BoxStream};
 use k8s_openapi::api::core::v1::{Namespace, ObjectReference, Service};
 use kube::{
-    Api, Client, Resource as _, ResourceExt as _,
+    Api, Client, ResourceExt as _,
     api::{Patch, PatchParams},
     runtime::{
         WatchStreamExt as _,
@@ -29,13 +29,13 @@ use tracing::{debug, info, warn};
 use super::{
     books::{Books, Conflict, Outcome, PoolInput, PoolReport},
     pool::{AddressPool, AddressPoolStatus, Family, FamilyUsage, PoolCondition},
-    request::{self, ServiceKey},
+    request::{self, Request, ServiceKey},
 };
 
 /// Status writes in flight at once.
 pub const WRITE_CONCURRENCY: usize = 16;
 /// Watch events taken in one batch before writing.
-const BATCH: usize = 2048;
+const BATCH: usize = 512;
 const EVENT_QUEUE: usize = 1024;
 const RETRY_AFTER: Duration = Duration::from_secs(1);
 
@@ -58,6 +58,91 @@ enum Change {
     Namespace(watcher::Event<Namespace>),
 }
 
+/// What the controller keeps of a Service: its ask if it is ours, not the whole object
+/// (10,000 Services of which most are not load balancers must not cost their full size).
+#[derive(Clone, Debug)]
+struct SeenService {
+    namespace: String,
+    name: String,
+    uid: Option<String>,
+    version: String,
+    /// `Some` for a Service of type LoadBalancer of the allocator's class.
+    request: Option<Request>,
+    /// The addresses its status shows.
+    addresses: Vec<IpAddr>,
+}
+
+impl SeenService {
+    fn new(service: &Service, class: Option<&str>) -> Self {
+        Self {
+            namespace: service.namespace().unwrap_or_default(),
+            name: service.name_any(),
+            uid: service.uid(),
+            version: service.resource_version().unwrap_or_default(),
+            request: request::is_ours(service, class).then(|| request::read(service)),
+            addresses: request::status_addresses(service),
+        }
+    }
+
+    fn reference(&self) -> ObjectReference {
+        ObjectReference {
+            api_version: Some("v1".into()),
+            kind: Some("Service".into()),
+            namespace: Some(self.namespace.clone()),
+            name: Some(self.name.clone()),
+            uid: self.uid.clone(),
+            resource_version: Some(self.version.clone()),
+            ..ObjectReference::default()
+        }
+    }
+}
+
+/// How a cached object is keyed and ordered.
+trait Cached {
+    fn key(&self) -> String;
+    fn version(&self) -> Option<u64>;
+}
+
+impl Cached for SeenService {
+    fn key(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+
+    fn version(&self) -> Option<u64> {
+        self.version.parse().ok()
+    }
+}
+
+impl Cached for AddressPool {
+    fn key(&self) -> String {
+        self.name_any()
+    }
+
+    fn version(&self) -> Option<u64> {
+        self.resource_version().and_then(|v| v.parse().ok())
+    }
+}
+
+impl Cached for Namespace {
+    fn key(&self) -> String {
+        self.name_any()
+    }
+
+    fn version(&self) -> Option<u64> {
+        self.resource_version().and_then(|v| v.parse().ok())
+    }
+}
+
+fn map_event<K, V>(event: watcher::Event<K>, f: impl Fn(K) -> V) -> watcher::Event<V> {
+    match event {
+        watcher::Event::Init => watcher::Event::Init,
+        watcher::Event::InitApply(object) => watcher::Event::InitApply(f(object)),
+        watcher::Event::InitDone => watcher::Event::InitDone,
+        watcher::Event::Apply(object) => watcher::Event::Apply(f(object)),
+        watcher::Event::Delete(object) => watcher::Event::Delete(f(object)),
+    }
+}
+
 /// One resource's objects by key: the last complete list plus the watch since.
 struct Cache<K> {
     objects: BTreeMap<String, K>,
@@ -75,7 +160,7 @@ impl<K> Default for Cache<K> {
     }
 }
 
-impl<K: kube::Resource> Cache<K> {
+impl<K: Cached> Cache<K> {
     /// Applies a watch event; returns the keys it touched, or `None` for a completed relist
     /// (everything may have changed).
     fn apply(&mut self, event: watcher::Event<K>) -> Option<Vec<String>> {
@@ -86,7 +171,7 @@ impl<K: kube::Resource> Cache<K> {
             }
             watcher::Event::InitApply(object) => {
                 if let Some(relisting) = &mut self.relisting {
-                    relisting.insert(cache_key(&object), object);
+                    relisting.insert(object.key(), object);
                 }
                 Some(Vec::new())
             }
@@ -98,12 +183,12 @@ impl<K: kube::Resource> Cache<K> {
                 None
             }
             watcher::Event::Apply(object) => {
-                let key = cache_key(&object);
+                let key = object.key();
                 self.insert_newer(object);
                 Some(vec![key])
             }
             watcher::Event::Delete(object) => {
-                let key = cache_key(&object);
+                let key = object.key();
                 self.objects.remove(&key);
                 Some(vec![key])
             }
@@ -113,30 +198,15 @@ impl<K: kube::Resource> Cache<K> {
     /// Stores `object` unless the cache holds a newer version (a status write's answer can
     /// arrive before the watch delivers older versions).
     fn insert_newer(&mut self, object: K) {
-        let key = cache_key(&object);
-        let version = |o: &K| {
-            o.meta()
-                .resource_version
-                .as_deref()
-                .and_then(|v| v.parse::<u64>().ok())
-        };
-        if let (Some(held), Some(new)) =
-            (self.objects.get(&key).and_then(version), version(&object))
-            && held > new
+        let key = object.key();
+        if let (Some(held), Some(new)) = (
+            self.objects.get(&key).and_then(Cached::version),
+            object.version(),
+        ) && held > new
         {
             return;
         }
         self.objects.insert(key, object);
-    }
-}
-
-fn cache_key<K: kube::Resource>(object: &K) -> String {
-    match object.meta().namespace.as_deref() {
-        Some(namespace) => format!(
-            "{namespace}/{}",
-            object.meta().name.as_deref().unwrap_or_default()
-        ),
-        None => object.meta().name.clone().unwrap_or_default(),
     }
 }
 
@@ -169,7 +239,7 @@ fn changes(client: &Client) -> BoxStream<'static, Result<Change, watcher::Error>
 pub struct Controller {
     client: Client,
     settings: Settings,
-    services: Cache<Service>,
+    services: Cache<SeenService>,
     pools: Cache<AddressPool>,
     namespaces: Cache<Namespace>,
     books: Option<Books>,
@@ -267,7 +337,11 @@ impl Controller {
 
     fn apply(&mut self, change: Change) -> Option<Vec<String>> {
         match change {
-            Change::Service(event) => self.services.apply(event),
+            Change::Service(event) => {
+                let class = self.settings.load_balancer_class.as_deref();
+                self.services
+                    .apply(map_event(event, |s| SeenService::new(&s, class)))
+            }
             Change::Pool(event) => self.pools.apply(event).map(|_| Vec::new()),
             Change::Namespace(event) => self.namespaces.apply(event).map(|_| Vec::new()),
         }
@@ -302,10 +376,6 @@ impl Controller {
             .collect()
     }
 
-    fn ours(&self, service: &Service) -> bool {
-        request::is_ours(service, self.settings.load_balancer_class.as_deref())
-    }
-
     /// Brings the books up to date with the caches and marks the Services to write.
     fn decide(&mut self, touched: BTreeSet<String>, relisted: bool) {
         if !self.listed() {
@@ -333,11 +403,12 @@ impl Controller {
             };
             let key = ServiceKey::new(namespace, name);
             match self.services.objects.get(&cache_key) {
-                Some(service)
-                    if request::is_ours(service, self.settings.load_balancer_class.as_deref()) =>
-                {
+                Some(SeenService {
+                    request: Some(request),
+                    ..
+                }) => {
                     self.released.remove(&key);
-                    self.dirty.extend(books.upsert(request::read(service)));
+                    self.dirty.extend(books.upsert(request.clone()));
                     self.dirty.insert(key);
                 }
                 still_there => {
@@ -369,8 +440,7 @@ impl Controller {
             .services
             .objects
             .values()
-            .filter(|service| self.ours(service))
-            .map(request::read)
+            .filter_map(|seen| seen.request.clone())
             .collect();
         let count = requests.len();
         let mut books = Books::rebuild(&pool_inputs, namespace_labels.clone(), requests);
@@ -380,7 +450,7 @@ impl Controller {
                 .services
                 .objects
                 .get(&service_cache_key(key))
-                .map(request::status_addresses)
+                .map(|seen| seen.addresses.clone())
                 .unwrap_or_default();
             if matches!(outcome, Outcome::Assigned { .. }) && held == outcome.addresses() {
                 self.told.insert(key.clone(), told_key(outcome));
@@ -427,7 +497,7 @@ impl Controller {
     }
 
     fn event(&self, key: &ServiceKey, type_: EventType, reason: &str, note: String) {
-        let Some(service) = self.services.objects.get(&service_cache_key(key)) else {
+        let Some(seen) = self.services.objects.get(&service_cache_key(key)) else {
             return;
         };
         let event = Event {
@@ -437,11 +507,7 @@ impl Controller {
             action: "Allocate".into(),
             secondary: None,
         };
-        if self
-            .events
-            .try_send((service.object_ref(&()), event))
-            .is_err()
-        {
+        if self.events.try_send((seen.reference(), event)).is_err() {
             debug!(service = %key, "Event queue full; dropping an Event");
         }
     }
@@ -489,7 +555,7 @@ impl Controller {
         let mut writes = Vec::new();
         let mut settled = Vec::new();
         for key in std::mem::take(&mut self.dirty) {
-            let Some(service) = self.services.objects.get(&service_cache_key(&key)) else {
+            let Some(seen) = self.services.objects.get(&service_cache_key(&key)) else {
                 continue;
             };
             let desired = match books.outcome(&key) {
@@ -497,17 +563,17 @@ impl Controller {
                 None if self.released.contains(&key) => Vec::new(),
                 None => continue,
             };
-            if request::status_addresses(service) == desired {
+            if seen.addresses == desired {
                 settled.push(key);
             } else {
-                let version = service.resource_version().unwrap_or_default();
-                writes.push((key, desired, version));
+                writes.push((key, desired, seen.version.clone()));
             }
         }
         for key in settled {
             self.tell(&key);
         }
         let client = self.client.clone();
+        let class = self.settings.load_balancer_class.clone();
         let results: Vec<_> = futures::stream::iter(writes)
             .map(|(key, desired, version)| {
                 let api = Api::<Service>::namespaced(client.clone(), &key.namespace);
@@ -522,7 +588,8 @@ impl Controller {
         for (key, result) in results {
             match result {
                 Ok(service) => {
-                    self.services.insert_newer(service);
+                    self.services
+                        .insert_newer(SeenService::new(&service, class.as_deref()));
                     self.tell(&key);
                 }
                 Err(kube::Error::Api(status)) if status.code == 409 => {
@@ -530,7 +597,8 @@ impl Controller {
                     let api = Api::<Service>::namespaced(self.client.clone(), &key.namespace);
                     match api.get_opt(&key.name).await {
                         Ok(Some(service)) => {
-                            self.services.insert_newer(service);
+                            self.services
+                                .insert_newer(SeenService::new(&service, class.as_deref()));
                             self.decide([service_cache_key(&key)].into(), false);
                         }
                         Ok(None) => {

@@ -35,6 +35,11 @@ use serde::{Deserialize, Serialize};
         json_path = ".status.ipv6.inUse"
     ),
     printcolumn(
+        name = "IPv6 total",
+        type_ = "string",
+        json_path = ".status.ipv6.total"
+    ),
+    printcolumn(
         name = "Ready",
         type_ = "string",
         json_path = ".status.conditions[?(@.type==\"Ready\")].status"

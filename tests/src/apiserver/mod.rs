@@ -316,6 +316,12 @@ impl ApiServer {
         store.snapshots.clear();
     }
 
+    /// Keeps the last `changes` changes for watches to replay (1000 unless set), as a real
+    /// server keeps the changes since its last compaction (five minutes by default).
+    pub fn keep_history(&self, changes: usize) {
+        self.shared.store().history_limit = changes.max(1);
+    }
+
     /// Kills the server: the listener and every open connection close, so requests are
     /// refused. The stored state is kept for [`ApiServer::restart`].
     pub fn stop(&self) {

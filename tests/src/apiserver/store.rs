@@ -6,8 +6,8 @@ use serde_json::Value;
 
 use super::{RESOURCES, http::Status, selector::Filter};
 
-/// How many changes watches can replay; older resourceVersions get 410 Gone.
-const HISTORY: usize = 1000;
+/// How many changes watches can replay by default; older resourceVersions get 410 Gone.
+pub(super) const HISTORY: usize = 1000;
 
 pub(super) type Key = (usize, String, String);
 
@@ -52,6 +52,8 @@ pub(super) struct Store {
     pub(super) snapshots: HashMap<u64, Snapshot>,
     pub(super) next_snapshot: u64,
     pub(super) fail_list_after_pages: Option<usize>,
+    /// How many changes the history keeps; 0 stands for [`HISTORY`].
+    pub(super) history_limit: usize,
     /// Changes to apply just before the next client write to an object.
     pub(super) interleave: HashMap<Key, Value>,
 }
@@ -171,7 +173,12 @@ impl Store {
         object: Value,
         previous: Option<Value>,
     ) {
-        if self.history.len() == HISTORY
+        let limit = if self.history_limit == 0 {
+            HISTORY
+        } else {
+            self.history_limit
+        };
+        while self.history.len() >= limit
             && let Some(oldest) = self.history.pop_front()
         {
             self.compacted = oldest.revision;
