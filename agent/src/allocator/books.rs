@@ -555,7 +555,7 @@ impl Books {
             let mut value = entry.cursors[i].max(range.first);
             while value <= range.last {
                 let addr = Addr { family, value };
-                if !(avoid && is_buggy(addr)) && !self.owners.contains_key(&addr) {
+                if !(self.owners.contains_key(&addr) || avoid && is_buggy(addr)) {
                     entry.cursors[i] = value;
                     return Some(addr);
                 }

@@ -53,9 +53,9 @@ pub enum ControllerError {
 }
 
 enum Change {
-    Service(watcher::Event<Service>),
-    Pool(watcher::Event<AddressPool>),
-    Namespace(watcher::Event<Namespace>),
+    Service(Box<watcher::Event<Service>>),
+    Pool(Box<watcher::Event<AddressPool>>),
+    Namespace(Box<watcher::Event<Namespace>>),
 }
 
 /// What the controller keeps of a Service: its ask if it is ours, not the whole object
@@ -220,19 +220,19 @@ fn changes(client: &Client) -> BoxStream<'static, Result<Change, watcher::Error>
         watcher::Config::default(),
     )
     .default_backoff()
-    .map(|e| e.map(Change::Service));
+    .map(|e| e.map(|e| Change::Service(Box::new(e))));
     let pools = watcher(
         Api::<AddressPool>::all(client.clone()),
         watcher::Config::default(),
     )
     .default_backoff()
-    .map(|e| e.map(Change::Pool));
+    .map(|e| e.map(|e| Change::Pool(Box::new(e))));
     let namespaces = watcher(
         Api::<Namespace>::all(client.clone()),
         watcher::Config::default(),
     )
     .default_backoff()
-    .map(|e| e.map(Change::Namespace));
+    .map(|e| e.map(|e| Change::Namespace(Box::new(e))));
     futures::stream::select_all([services.boxed(), pools.boxed(), namespaces.boxed()]).boxed()
 }
 
@@ -340,10 +340,10 @@ impl Controller {
             Change::Service(event) => {
                 let class = self.settings.load_balancer_class.as_deref();
                 self.services
-                    .apply(map_event(event, |s| SeenService::new(&s, class)))
+                    .apply(map_event(*event, |s| SeenService::new(&s, class)))
             }
-            Change::Pool(event) => self.pools.apply(event).map(|_| Vec::new()),
-            Change::Namespace(event) => self.namespaces.apply(event).map(|_| Vec::new()),
+            Change::Pool(event) => self.pools.apply(*event).map(|_| Vec::new()),
+            Change::Namespace(event) => self.namespaces.apply(*event).map(|_| Vec::new()),
         }
     }
 

@@ -9,6 +9,8 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 /// Addresses lbagent's allocator hands to Services of type LoadBalancer.
+// Each printcolumn repeats `type_ = ...`: the derive's syntax, not a mistake.
+#[allow(clippy::duplicated_attributes)]
 #[derive(CustomResource, Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[kube(
     group = "lbagent.io",
