@@ -14,6 +14,7 @@
 //! unused if it is.
 
 mod address;
+pub mod allocator;
 mod cli;
 mod config;
 mod daemon;
@@ -49,5 +50,8 @@ pub use crate::{
         },
         routing::model::Mode,
     },
-    sources::{file::parse as parse_services, kubernetes::API_ACCESS},
+    sources::{
+        file::parse as parse_services,
+        kubernetes::{API_ACCESS, ApiAccess},
+    },
 };

@@ -1,5 +1,6 @@
 //! The test API server against the real kube-rs client: list, watch, pagination, selectors,
-//! 410 Gone, a killed and restarted server, failing lists, bookmarks, and the event Recorder.
+//! 410 Gone, a killed and restarted server, failing lists, bookmarks, the event Recorder, status
+//! subresources with optimistic concurrency, a custom resource and Leases.
 //! These need no root: everything is on 127.0.0.1 in this process.
 
 use std::{
@@ -979,7 +980,8 @@ async fn errors_are_status_objects_with_the_real_codes() {
         "/api/v1/namespaces/a/nodes",
         "/api/v1/services/web",
         "/apis/discovery.k8s.io/v2/endpointslices",
-        "/api/v1/namespaces/a/services/web/status",
+        "/api/v1/namespaces/a/services/web/scale",
+        "/apis/discovery.k8s.io/v1/namespaces/a/endpointslices/x/status",
     ] {
         let (code, reason, _) = status_of(client.request::<Value>(get(path)).await);
         assert_eq!((code, reason.as_str()), (404, "NotFound"), "{path}");
@@ -1045,7 +1047,7 @@ async fn errors_are_status_objects_with_the_real_codes() {
     // Every one of those requests was logged with its answer.
     let log = server.request_log();
     assert!(log.iter().any(|r| r.status == 415 && r.method == "PATCH"));
-    assert_eq!(log.iter().filter(|r| r.status == 404).count(), 6);
+    assert_eq!(log.iter().filter(|r| r.status == 404).count(), 7);
 }
 
 /// The server's state outlives any one client: a second one sees what the first did.
@@ -1110,4 +1112,241 @@ fn a_server_in_a_namespace_serves_clients_inside_it() {
     server.restart();
     assert_eq!(list_inside(), ["a/web@2"]);
     assert_eq!(server.request_log().len(), 2);
+}
+
+/// Status is a subresource, as on the real server: `/status` writes change only the status,
+/// object writes and creates never do, and every write names the version it read.
+#[tokio::test]
+async fn status_is_written_only_through_its_subresource() {
+    let server = ApiServer::start();
+    server.apply(versioned_service("a", "web", "1"));
+    let client = client(&server).await;
+    let services = Api::<Service>::namespaced(client.clone(), "a");
+    let ingress = |service: &Service| -> Vec<String> {
+        service
+            .status
+            .as_ref()
+            .and_then(|s| s.load_balancer.as_ref())
+            .and_then(|lb| lb.ingress.clone())
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|i| i.ip)
+            .collect()
+    };
+    // An object patch that names a status keeps the stored one, but its labels land.
+    let patched = services
+        .patch(
+            "web",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"labels": {"x": "1"}},
+                "status": {"loadBalancer": {"ingress": [{"ip": "192.0.2.99"}]}}})),
+        )
+        .await
+        .expect("patch");
+    assert_eq!(ingress(&patched), ["203.0.113.1"]);
+    assert_eq!(patched.labels().get("x").map(String::as_str), Some("1"));
+    // A status patch changes the status only.
+    let version = patched.resource_version().expect("version");
+    let patched = services
+        .patch_status(
+            "web",
+            &PatchParams::default(),
+            &Patch::Merge(
+                json!({"metadata": {"labels": {"x": "2"}, "resourceVersion": version},
+                "status": {"loadBalancer": {"ingress": [{"ip": "192.0.2.7"}]}}}),
+            ),
+        )
+        .await
+        .expect("status patch");
+    assert_eq!(ingress(&patched), ["192.0.2.7"]);
+    assert_eq!(patched.labels().get("x").map(String::as_str), Some("1"));
+    assert_eq!(
+        ingress(&services.get_status("web").await.expect("get status")),
+        ["192.0.2.7"]
+    );
+    // The same version again is stale now: 409, and nothing changes.
+    let stale = services
+        .patch_status(
+            "web",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"resourceVersion": version},
+                "status": {"loadBalancer": {"ingress": [{"ip": "192.0.2.8"}]}}})),
+        )
+        .await;
+    match stale {
+        Err(kube::Error::Api(status)) => assert_eq!(status.code, 409),
+        other => panic!("expected 409, got {other:?}"),
+    }
+    assert_eq!(
+        ingress(&services.get("web").await.expect("get")),
+        ["192.0.2.7"]
+    );
+    // Another client's write landing first makes a write from the version read a real 409.
+    let read = services.get("web").await.expect("get");
+    server.change_before_next_write(
+        "v1",
+        "Service",
+        Some("a"),
+        "web",
+        json!({"metadata": {"labels": {"other": "writer"}}}),
+    );
+    let raced = services
+        .patch_status(
+            "web",
+            &PatchParams::default(),
+            &Patch::Merge(
+                json!({"metadata": {"resourceVersion": read.resource_version()},
+                "status": {"loadBalancer": {"ingress": [{"ip": "192.0.2.9"}]}}}),
+            ),
+        )
+        .await;
+    assert!(
+        matches!(&raced, Err(kube::Error::Api(s)) if s.code == 409),
+        "{raced:?}"
+    );
+    let now = services.get("web").await.expect("get");
+    assert_eq!(
+        now.labels().get("other").map(String::as_str),
+        Some("writer")
+    );
+    assert_eq!(ingress(&now), ["192.0.2.7"]);
+    // A create drops the status and sets its own creationTimestamp.
+    let mut new: Service =
+        serde_json::from_value(versioned_service("a", "new", "5")).expect("service");
+    new.metadata.creation_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+        "2001-01-01T00:00:00Z".parse().expect("time"),
+    ));
+    let created = services
+        .create(&PostParams::default(), &new)
+        .await
+        .expect("create");
+    assert!(ingress(&created).is_empty());
+    assert_ne!(
+        created.metadata.creation_timestamp,
+        new.metadata.creation_timestamp
+    );
+    // Status writes are their own resource for RBAC.
+    let rbac: BTreeSet<_> = server
+        .request_log()
+        .iter()
+        .filter_map(|r| r.rbac())
+        .map(|(group, resource, verb)| format!("{group}/{resource}:{verb}"))
+        .collect();
+    assert!(rbac.contains("/services/status:patch"), "{rbac:?}");
+    assert!(rbac.contains("/services/status:get"), "{rbac:?}");
+    assert!(rbac.contains("/services:patch"), "{rbac:?}");
+}
+
+/// A custom resource (lbagent.io AddressPool, cluster-scoped, with status) and
+/// coordination.k8s.io Leases, through kube's typed clients; the token a client sends is logged.
+#[tokio::test]
+async fn custom_resources_and_leases_are_served() {
+    use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
+    use lbagent::allocator::{AddressPool, AddressPoolSpec};
+
+    let server = ApiServer::start();
+    let dir = TempDir::new("apiserver-kubeconfig");
+    let path = dir.path().join("kubeconfig");
+    server.write_kubeconfig_as(&path, Some("tester"));
+    let kubeconfig = Kubeconfig::read_from(&path).expect("read the kubeconfig");
+    let config = Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+        .await
+        .expect("config");
+    let client = Client::try_from(config).expect("client");
+
+    let pools = Api::<AddressPool>::all(client.clone());
+    let pool = AddressPool::new(
+        "blue",
+        AddressPoolSpec {
+            addresses: vec!["192.0.2.0/24".into()],
+            auto_assign: true,
+            avoid_buggy_ips: false,
+            priority: 0,
+            namespace_selector: None,
+            service_selector: None,
+        },
+    );
+    let created = pools
+        .create(&PostParams::default(), &pool)
+        .await
+        .expect("create pool");
+    assert_eq!(created.spec, pool.spec);
+    let mut seen = watcher(pools.clone(), watcher::Config::default())
+        .applied_objects()
+        .boxed();
+    let first = timeout(WAIT, seen.try_next())
+        .await
+        .expect("in time")
+        .expect("watch")
+        .expect("an object");
+    assert_eq!(first.name_any(), "blue");
+    let status = pools
+        .patch_status(
+            "blue",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"status": {"ipv4": {"total": "256", "inUse": 3}},
+                "spec": {"addresses": []}})),
+        )
+        .await
+        .expect("status patch");
+    assert_eq!(status.spec.addresses, ["192.0.2.0/24"], "spec untouched");
+    assert_eq!(
+        status.status.and_then(|s| s.ipv4).map(|u| u.in_use),
+        Some(3)
+    );
+    let next = timeout(WAIT, seen.try_next())
+        .await
+        .expect("in time")
+        .expect("watch")
+        .expect("an object");
+    assert_eq!(
+        next.status.and_then(|s| s.ipv4).map(|u| u.total).as_deref(),
+        Some("256")
+    );
+
+    let leases = Api::<Lease>::namespaced(client.clone(), "lbagent");
+    let lease = Lease {
+        metadata: ObjectMeta {
+            name: Some("lock".into()),
+            ..ObjectMeta::default()
+        },
+        spec: Some(LeaseSpec {
+            holder_identity: Some("one".into()),
+            ..LeaseSpec::default()
+        }),
+    };
+    let held = leases
+        .create(&PostParams::default(), &lease)
+        .await
+        .expect("create lease");
+    let mut taken = held.clone();
+    taken.spec.as_mut().expect("spec").holder_identity = Some("two".into());
+    leases
+        .replace("lock", &PostParams::default(), &taken)
+        .await
+        .expect("replace from the version read");
+    let mut late = held.clone();
+    late.spec.as_mut().expect("spec").holder_identity = Some("three".into());
+    let conflict = leases.replace("lock", &PostParams::default(), &late).await;
+    assert!(
+        matches!(&conflict, Err(kube::Error::Api(s)) if s.code == 409),
+        "{conflict:?}"
+    );
+    let now = leases.get("lock").await.expect("get");
+    assert_eq!(
+        now.spec.and_then(|s| s.holder_identity).as_deref(),
+        Some("two")
+    );
+    let log = server.request_log();
+    assert!(log.iter().all(|r| r.user == "tester"), "{log:?}");
+    let rbac: BTreeSet<_> = log.iter().filter_map(|r| r.rbac()).collect();
+    for expected in [
+        ("lbagent.io", "addresspools", "create"),
+        ("lbagent.io", "addresspools", "watch"),
+        ("lbagent.io", "addresspools/status", "patch"),
+        ("coordination.k8s.io", "leases", "update"),
+    ] {
+        let expected = (expected.0.to_owned(), expected.1.to_owned(), expected.2);
+        assert!(rbac.contains(&expected), "{expected:?} not in {rbac:?}");
+    }
 }

@@ -13,9 +13,9 @@ use std::{
 
 use k8s_openapi::{
     api::{
-        apps::v1::DaemonSet,
+        apps::v1::{DaemonSet, Deployment},
         core::v1::{ConfigMap, Container, Namespace, PodSpec, ServiceAccount, Volume},
-        rbac::v1::{ClusterRole, ClusterRoleBinding},
+        rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule, Role, RoleBinding},
     },
     apimachinery::pkg::util::intstr::IntOrString,
 };
@@ -40,14 +40,23 @@ struct Objects {
     bindings: Vec<ClusterRoleBinding>,
     config_maps: Vec<ConfigMap>,
     daemon_sets: Vec<DaemonSet>,
+    deployments: Vec<Deployment>,
+    roles: Vec<Role>,
+    role_bindings: Vec<RoleBinding>,
+    /// CustomResourceDefinitions as written (the generated text is compared in full).
+    crds: Vec<serde_json::Value>,
 }
 
 impl Objects {
-    /// Every document of every resource the kustomization in `dir` lists.
+    /// Every document of every file the kustomization in `dir` lists (a directory it lists
+    /// is a kustomization of its own, loaded on its own).
     fn load(dir: &Path) -> Self {
         let mut objects = Self::default();
         for file in kustomization_resources(dir) {
             let path = dir.join(&file);
+            if path.is_dir() {
+                continue;
+            }
             let text = std::fs::read_to_string(&path)
                 .unwrap_or_else(|err| panic!("{}: {err}", path.display()));
             let documents: Vec<serde_json::Value> =
@@ -64,6 +73,10 @@ impl Objects {
                     Some("ClusterRoleBinding") => objects.bindings.push(exact(value, &origin)),
                     Some("ConfigMap") => objects.config_maps.push(exact(value, &origin)),
                     Some("DaemonSet") => objects.daemon_sets.push(exact(value, &origin)),
+                    Some("Deployment") => objects.deployments.push(exact(value, &origin)),
+                    Some("Role") => objects.roles.push(exact(value, &origin)),
+                    Some("RoleBinding") => objects.role_bindings.push(exact(value, &origin)),
+                    Some("CustomResourceDefinition") => objects.crds.push(value),
                     other => panic!("{origin}: a kind this test does not check: {other:?}"),
                 }
             }
@@ -73,6 +86,10 @@ impl Objects {
 
     fn agent() -> Self {
         Self::load(&deploy_dir())
+    }
+
+    fn allocator() -> Self {
+        Self::load(&deploy_dir().join("allocator"))
     }
 
     fn only<'a, T>(list: &'a [T], what: &str) -> &'a T {
@@ -240,8 +257,15 @@ fn with_routing_example(text: &str) -> String {
 
 #[test]
 fn kustomizations_list_every_manifest_beside_them() {
-    for dir in [deploy_dir(), deploy_dir().join("cleanup")] {
-        let listed: BTreeSet<String> = kustomization_resources(&dir).into_iter().collect();
+    for dir in [
+        deploy_dir(),
+        deploy_dir().join("cleanup"),
+        deploy_dir().join("allocator"),
+    ] {
+        let listed: BTreeSet<String> = kustomization_resources(&dir)
+            .into_iter()
+            .filter(|file| !dir.join(file).is_dir())
+            .collect();
         let present: BTreeSet<String> = std::fs::read_dir(&dir)
             .unwrap_or_else(|err| panic!("{}: {err}", dir.display()))
             .flatten()
@@ -419,8 +443,15 @@ fn the_config_path_is_the_mounted_configmap_key() {
 fn the_cluster_role_grants_exactly_the_api_calls_the_code_makes() {
     let objects = Objects::agent();
     let role = Objects::only(&objects.cluster_roles, "ClusterRole");
+    assert_grants_exactly(role.rules.iter().flatten(), API_ACCESS);
+}
+
+fn assert_grants_exactly<'a>(
+    rules: impl Iterator<Item = &'a PolicyRule>,
+    api_access: &[lbagent::ApiAccess],
+) {
     let mut granted = BTreeSet::new();
-    for rule in role.rules.iter().flatten() {
+    for rule in rules {
         assert_eq!(rule.resource_names, None, "no rule is limited to names");
         assert_eq!(rule.non_resource_urls, None, "no non-resource URLs");
         for group in rule.api_groups.iter().flatten() {
@@ -434,7 +465,7 @@ fn the_cluster_role_grants_exactly_the_api_calls_the_code_makes() {
             }
         }
     }
-    let used: BTreeSet<(String, String, String)> = API_ACCESS
+    let used: BTreeSet<(String, String, String)> = api_access
         .iter()
         .flat_map(|access| {
             access.verbs.iter().map(|verb| {
@@ -844,4 +875,123 @@ fn setpriv_is_what_the_test_thinks() {
         .expect("run setpriv");
     let text = String::from_utf8_lossy(&output.stdout);
     assert_eq!(text.trim(), "CapEff:\t0000000000001000", "{text}");
+}
+
+/// The allocator's ClusterRole and its namespaced Role (the Lease) grant exactly what
+/// `lbagent::allocator::API_ACCESS` declares, to the Deployment's ServiceAccount.
+#[test]
+fn the_allocators_roles_grant_exactly_its_api_calls_to_its_service_account() {
+    let objects = Objects::allocator();
+    let cluster_role = Objects::only(&objects.cluster_roles, "ClusterRole");
+    let role = Objects::only(&objects.roles, "Role");
+    assert_grants_exactly(
+        cluster_role
+            .rules
+            .iter()
+            .flatten()
+            .chain(role.rules.iter().flatten()),
+        lbagent::allocator::API_ACCESS,
+    );
+    let deployment = Objects::only(&objects.deployments, "Deployment");
+    let namespace = deployment.metadata.namespace.as_deref().expect("namespace");
+    let spec = deployment.spec.as_ref().expect("spec");
+    assert_eq!(spec.replicas, Some(2), "two replicas, one leading");
+    let pod = spec.template.spec.as_ref().expect("pod spec");
+    let account = pod
+        .service_account_name
+        .as_deref()
+        .expect("service account");
+    assert!(objects.service_accounts.iter().any(|sa| {
+        sa.metadata.name.as_deref() == Some(account)
+            && sa.metadata.namespace.as_deref() == Some(namespace)
+    }));
+    assert_eq!(role.metadata.namespace.as_deref(), Some(namespace));
+    let container = Objects::only(&pod.containers, "container");
+    assert_eq!(
+        container.args.as_deref(),
+        Some(&["allocator".to_owned()][..])
+    );
+    // The Lease goes where the Role allows it: the pod's own namespace.
+    let field = |name: &str| {
+        container
+            .env
+            .iter()
+            .flatten()
+            .find(|e| e.name == name)
+            .and_then(|e| e.value_from.as_ref())
+            .and_then(|v| v.field_ref.as_ref())
+            .map(|f| f.field_path.clone())
+    };
+    assert_eq!(
+        field("POD_NAMESPACE").as_deref(),
+        Some("metadata.namespace")
+    );
+    assert_eq!(field("POD_NAME").as_deref(), Some("metadata.name"));
+    let binding = Objects::only(&objects.bindings, "ClusterRoleBinding");
+    let role_binding = Objects::only(&objects.role_bindings, "RoleBinding");
+    assert_eq!(
+        Some(&binding.role_ref.name),
+        cluster_role.metadata.name.as_ref()
+    );
+    assert_eq!(
+        Some(&role_binding.role_ref.name),
+        role.metadata.name.as_ref()
+    );
+    assert_eq!(role_binding.role_ref.kind, "Role");
+    for subjects in [&binding.subjects, &role_binding.subjects] {
+        assert!(
+            subjects.iter().flatten().any(|s| s.kind == "ServiceAccount"
+                && s.name == account
+                && s.namespace.as_deref() == Some(namespace)),
+            "{subjects:?}"
+        );
+    }
+    // The top-level kustomization brings the allocator and the namespace it runs in.
+    assert!(kustomization_resources(&deploy_dir()).contains(&"allocator".to_owned()));
+    assert!(
+        Objects::agent()
+            .namespaces
+            .iter()
+            .any(|ns| ns.metadata.name.as_deref() == Some(namespace))
+    );
+}
+
+/// `deploy/allocator/crds.yaml` is what `lbagent allocator crds` generates from the Rust types;
+/// regenerate it with `lbagent allocator crds > deploy/allocator/crds.yaml`.
+#[test]
+fn the_checked_in_crds_are_what_the_types_generate() {
+    let path = deploy_dir().join("allocator/crds.yaml");
+    let written = std::fs::read_to_string(&path).expect("crds.yaml");
+    let generated = lbagent::allocator::crds_yaml().expect("generate");
+    assert!(
+        written == generated,
+        "{} differs from what the types generate; regenerate it with \
+         `lbagent allocator crds > deploy/allocator/crds.yaml`",
+        path.display()
+    );
+    let output = Command::new(lbagent_bin())
+        .args(["allocator", "crds"])
+        .output()
+        .expect("lbagent allocator crds");
+    assert!(output.status.success());
+    assert_eq!(String::from_utf8_lossy(&output.stdout), generated);
+    let crds = Objects::allocator().crds;
+    assert_eq!(crds.len(), 1);
+    assert_eq!(crds[0]["spec"]["group"].as_str(), Some("lbagent.io"));
+    assert!(
+        crds[0]["spec"]["versions"][0]["subresources"]["status"].is_object(),
+        "the status subresource is declared"
+    );
+}
+
+/// The example pool is a valid pool of the CRD's type.
+#[test]
+fn the_example_pool_is_a_valid_pool() {
+    let path = deploy_dir().join("examples/addresspool.yaml");
+    let text = std::fs::read_to_string(&path).expect("example pool");
+    let pool: lbagent::allocator::AddressPool =
+        serde_saphyr::from_str(&text).expect("an AddressPool");
+    let parsed = lbagent::allocator::pool::Pool::parse("default", "", &pool.spec).expect("valid");
+    assert_eq!(parsed.size(lbagent::allocator::pool::Family::V4), 254);
+    assert_eq!(parsed.size(lbagent::allocator::pool::Family::V6), 256);
 }

@@ -1,6 +1,7 @@
 //! lbagent's developer tasks. `cargo xtask --help` lists them.
 
 mod bench;
+mod bench_allocator;
 mod bench_dataplane;
 mod bench_routing;
 mod build_ebpf;
@@ -80,6 +81,9 @@ enum Bench {
     Routing,
     /// The XDP program's per-packet cost against a trivial XDP_PASS program; verifier counts.
     Dataplane,
+    /// 10,000 Services assigned by `lbagent allocator` against the same status patches sent
+    /// by a bare kube-rs client; peak RSS; a restart's writes and time to ready.
+    Allocator,
 }
 
 fn main() -> Result<()> {
@@ -111,6 +115,7 @@ fn main() -> Result<()> {
                 Bench::Addresses => bench::addresses(),
                 Bench::Routing => bench_routing::run(),
                 Bench::Dataplane => bench_dataplane::run(compare),
+                Bench::Allocator => bench_allocator::run(),
             }
         }
         Task::Fuzz { seconds, targets } => {

@@ -63,6 +63,8 @@ pub enum Command {
     Vip(vip::Command),
     /// Print packet and byte counters per address.
     Counters(counters::Args),
+    /// Assign LoadBalancer addresses from AddressPools (its own leader-elected Deployment).
+    Allocator(crate::allocator::Args),
 }
 
 const QUIET: &str = "warn";
@@ -71,11 +73,13 @@ pub fn run(cli: Cli, out: &mut impl Write) -> Result<()> {
     let pins = PinLayout::new(&cli.pin_root);
     // The agent logs at info; the one-shot commands only what needs attention, as their
     // result is what they print.
-    if !matches!(cli.command, Command::Run(_)) {
+    // The allocator sets its own level: info when it runs, warn for its one-shot commands.
+    if !matches!(cli.command, Command::Run(_) | Command::Allocator(_)) {
         logging::init(cli.log_format, QUIET);
     }
     match cli.command {
         Command::Run(args) => run::run(args, cli.log_format),
+        Command::Allocator(args) => crate::allocator::run(args, cli.log_format, out),
         Command::Cleanup(args) => cleanup::run(args, pins, out),
         Command::Bird(command) => bird::run(command, out),
         Command::Status(args) => status::run(args, &pins, out),

@@ -80,6 +80,8 @@ pub(super) struct Target {
     pub(super) resource: usize,
     pub(super) namespace: Option<String>,
     pub(super) name: Option<String>,
+    /// `status` for a resource's status subresource.
+    pub(super) subresource: Option<&'static str>,
 }
 
 pub(super) fn parse_path(path: &str) -> Option<Target> {
@@ -95,14 +97,18 @@ pub(super) fn parse_path(path: &str) -> Option<Target> {
         }
         _ => (None, rest),
     };
-    let (plural, name) = match rest {
-        [plural] => (*plural, None),
-        [plural, name] => (*plural, Some((*name).to_owned())),
+    let (plural, name, subresource) = match rest {
+        [plural] => (*plural, None, None),
+        [plural, name] => (*plural, Some((*name).to_owned()), None),
+        [plural, name, "status"] => (*plural, Some((*name).to_owned()), Some("status")),
         _ => return None,
     };
     let resource = RESOURCES
         .iter()
         .position(|r| r.api_version == api_version && r.plural == plural)?;
+    if subresource.is_some() && !RESOURCES[resource].status {
+        return None;
+    }
     let namespaced = RESOURCES[resource].namespaced;
     if (!namespaced && namespace.is_some()) || (namespaced && namespace.is_none() && name.is_some())
     {
@@ -112,6 +118,7 @@ pub(super) fn parse_path(path: &str) -> Option<Target> {
         resource,
         namespace,
         name,
+        subresource,
     })
 }
 
@@ -130,6 +137,12 @@ pub(super) async fn handle(
         path: uri.path().to_owned(),
         query: uri.query().unwrap_or_default().to_owned(),
         status: response.status().as_u16(),
+        user: headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or_default()
+            .to_owned(),
     });
     response
 }
@@ -172,8 +185,17 @@ async fn route(
                 None => Err(Status::not_found(spec.plural, &key.2)),
             }
         }
-        (Method::POST, None) => {
-            let object = parse_body(body, &namespace)?;
+        (Method::POST, None) if target.subresource.is_none() => {
+            let mut object = parse_body(body, &namespace)?;
+            if let Some(fields) = object.as_object_mut() {
+                if spec.status {
+                    fields.remove("status");
+                }
+                // The server sets it, whatever the client sends.
+                if let Some(Value::Object(metadata)) = fields.get_mut("metadata") {
+                    metadata.remove("creationTimestamp");
+                }
+            }
             let created = shared.mutate(|store| {
                 let name = object_name(&object, store.revision + 1)?;
                 let key = (target.resource, namespace, name);
@@ -195,9 +217,11 @@ async fn route(
                 .map(str::to_owned);
             let key = (target.resource, namespace, name);
             let replaced = shared.mutate(|store| {
-                if !store.objects.contains_key(&key) {
+                store.interleave_write(&key)?;
+                let Some(stored) = store.objects.get(&key) else {
                     return Err(Status::not_found(spec.plural, &key.2));
-                }
+                };
+                let object = split_status(spec.status, target.subresource, &stored.object, object);
                 store.put(key, object, expected.as_deref())
             })?;
             Ok(json_response(StatusCode::OK, &replaced))
@@ -221,16 +245,18 @@ async fn route(
                 .map(str::to_owned);
             let key = (target.resource, namespace, name);
             let patched = shared.mutate(|store| {
+                store.interleave_write(&key)?;
                 let Some(stored) = store.objects.get(&key) else {
                     return Err(Status::not_found(spec.plural, &key.2));
                 };
                 let mut object = stored.object.clone();
                 merge_patch(&mut object, &patch);
+                let object = split_status(spec.status, target.subresource, &stored.object, object);
                 store.put(key, object, expected.as_deref())
             })?;
             Ok(json_response(StatusCode::OK, &patched))
         }
-        (Method::DELETE, Some(name)) => {
+        (Method::DELETE, Some(name)) if target.subresource.is_none() => {
             let key = (target.resource, namespace, name);
             match shared.mutate(|store| store.remove(&key)) {
                 Some(object) => Ok(json_response(StatusCode::OK, &object)),
@@ -243,6 +269,33 @@ async fn route(
             format!("{method} is not supported on {}", uri.path()),
         )),
     }
+}
+
+/// What a write to an object (`subresource` None) or to its status leaves stored, for a
+/// resource whose status is a subresource: the one takes all but the status from `written`,
+/// the other only the status.
+fn split_status(
+    has_status: bool,
+    subresource: Option<&str>,
+    stored: &Value,
+    written: Value,
+) -> Value {
+    if !has_status {
+        return written;
+    }
+    let (mut kept, from) = match subresource {
+        None => (written, stored),
+        Some(_) => (stored.clone(), &written),
+    };
+    match from.get("status") {
+        Some(status) => kept["status"] = status.clone(),
+        None => {
+            if let Some(fields) = kept.as_object_mut() {
+                fields.remove("status");
+            }
+        }
+    }
+    kept
 }
 
 /// A create or replace body: a JSON object whose namespace, if any, is the request's.
@@ -275,7 +328,7 @@ fn object_name(object: &Value, revision: u64) -> Result<String, Status> {
 }
 
 /// RFC 7386 JSON merge patch.
-fn merge_patch(target: &mut Value, patch: &Value) {
+pub(super) fn merge_patch(target: &mut Value, patch: &Value) {
     let Value::Object(patch) = patch else {
         *target = patch.clone();
         return;

@@ -2,8 +2,12 @@
 //! HTTP on 127.0.0.1 (of the test's network namespace, or of a given one), so the real kube-rs
 //! client, in a test or in a spawned lbagent, talks to it.
 //!
-//! It serves core v1 Services, Nodes and Events, discovery.k8s.io/v1 EndpointSlices and
-//! events.k8s.io/v1 Events, stored as JSON. Every change takes the next value of one global
+//! It serves core v1 Services, Nodes, Namespaces and Events, discovery.k8s.io/v1
+//! EndpointSlices, events.k8s.io/v1 Events, coordination.k8s.io/v1 Leases and lbagent.io/v1alpha1
+//! AddressPools (a custom resource), stored as JSON. Resources with a status subresource behave
+//! as the real server's: `.../status` writes change only the status, writes to the object
+//! itself keep the stored status, and a create drops it. A write that names a resourceVersion
+//! other than the stored one gets 409 Conflict. Every change takes the next value of one global
 //! resourceVersion counter and enters a bounded history that watches replay from. Tests drive it
 //! with [`ApiServer::apply`]/[`ApiServer::delete`] and inject faults: a killed server
 //! ([`ApiServer::stop`]), expired history ([`ApiServer::compact`], so watches get 410 Gone),
@@ -16,7 +20,7 @@ mod watches;
 
 use std::{
     collections::HashMap,
-    net::SocketAddr,
+    net::{Ipv4Addr, SocketAddr},
     path::{Path, PathBuf},
     sync::{
         Arc, Mutex, MutexGuard,
@@ -41,11 +45,14 @@ struct Resource {
     plural: &'static str,
     kind: &'static str,
     namespaced: bool,
+    /// Whether `status` is written only through the `/status` subresource.
+    status: bool,
 }
 
 const RESOURCES: &[Resource] = &[
-    Resource::new("v1", "services", "Service", true),
-    Resource::new("v1", "nodes", "Node", false),
+    Resource::new("v1", "services", "Service", true).with_status(),
+    Resource::new("v1", "nodes", "Node", false).with_status(),
+    Resource::new("v1", "namespaces", "Namespace", false).with_status(),
     Resource::new("v1", "events", "Event", true),
     Resource::new(
         "discovery.k8s.io/v1",
@@ -54,6 +61,8 @@ const RESOURCES: &[Resource] = &[
         true,
     ),
     Resource::new("events.k8s.io/v1", "events", "Event", true),
+    Resource::new("coordination.k8s.io/v1", "leases", "Lease", true),
+    Resource::new("lbagent.io/v1alpha1", "addresspools", "AddressPool", false).with_status(),
 ];
 
 impl Resource {
@@ -68,7 +77,13 @@ impl Resource {
             plural,
             kind,
             namespaced,
+            status: false,
         }
+    }
+
+    const fn with_status(mut self) -> Self {
+        self.status = true;
+        self
     }
 }
 
@@ -97,6 +112,9 @@ pub struct RequestRecord {
     pub query: String,
     /// The status the server answered with (a watch's is known when its stream starts).
     pub status: u16,
+    /// Who asked: the bearer token the client sent (see [`ApiServer::write_kubeconfig_as`]),
+    /// `""` if none. Nothing is refused for it; it tells clients apart.
+    pub user: String,
 }
 
 impl RequestRecord {
@@ -130,7 +148,11 @@ impl RequestRecord {
             Some((group, _)) => group,
             None => "",
         };
-        Some((group.to_owned(), resource.plural.to_owned(), verb))
+        let resource = match target.subresource {
+            Some(subresource) => format!("{}/{subresource}", resource.plural),
+            None => resource.plural.to_owned(),
+        };
+        Some((group.to_owned(), resource, verb))
     }
 }
 
@@ -149,17 +171,23 @@ pub struct ApiServer {
 impl ApiServer {
     /// Starts serving on 127.0.0.1 at a port of its own, on a thread and runtime of its own.
     pub fn start() -> Self {
-        Self::start_listening(None)
+        Self::start_listening(None, Ipv4Addr::LOCALHOST)
     }
 
     /// Starts serving on 127.0.0.1 inside `ns`, for an lbagent run there (the test's own
     /// 127.0.0.1 is out of its reach). Only the control methods reach it from outside.
     pub fn start_in(ns: &NetNs) -> Self {
-        Self::start_listening(Some(Path::new("/run/netns").join(ns.name())))
+        Self::start_in_at(ns, Ipv4Addr::LOCALHOST)
     }
 
-    fn start_listening(netns: Option<PathBuf>) -> Self {
-        let any_port = SocketAddr::from(([127, 0, 0, 1], 0));
+    /// Starts serving on `ip` (an address of `ns`), for clients in other namespaces that
+    /// route to it, as nodes reach a cluster's API server.
+    pub fn start_in_at(ns: &NetNs, ip: Ipv4Addr) -> Self {
+        Self::start_listening(Some(Path::new("/run/netns").join(ns.name())), ip)
+    }
+
+    fn start_listening(netns: Option<PathBuf>, ip: Ipv4Addr) -> Self {
+        let any_port = SocketAddr::from((ip, 0));
         let port = bound_socket(netns.as_deref(), any_port).expect("reserve a port");
         let addr = port.local_addr().expect("local address");
         let listener = bound_socket(netns.as_deref(), addr).expect("bind the test API server");
@@ -180,9 +208,19 @@ impl ApiServer {
 
     /// Writes a kubeconfig whose current context reaches this server without authentication.
     pub fn write_kubeconfig(&self, path: &Path) {
+        self.write_kubeconfig_as(path, None);
+    }
+
+    /// As [`ApiServer::write_kubeconfig`], sending `token` as a bearer token, so the request
+    /// log tells this client's requests from others' ([`RequestRecord::user`]).
+    pub fn write_kubeconfig_as(&self, path: &Path, token: Option<&str>) {
+        let user = match token {
+            Some(token) => format!("{{token: {token}}}"),
+            None => "{}".to_owned(),
+        };
         let kubeconfig = format!(
             "apiVersion: v1\nkind: Config\nclusters:\n- name: test\n  cluster:\n    server: {}\n\
-             users:\n- name: test\n  user: {{}}\ncontexts:\n- name: test\n  context:\n    \
+             users:\n- name: test\n  user: {user}\ncontexts:\n- name: test\n  context:\n    \
              cluster: test\n    user: test\n    namespace: default\ncurrent-context: test\n",
             self.url()
         );
@@ -192,6 +230,8 @@ impl ApiServer {
 
     /// Creates or replaces an object (a namespaced one without a namespace goes to "default"),
     /// as `kubectl apply` would; watches see ADDED or MODIFIED. Returns the stored object.
+    /// Unlike a client's create, it keeps a given status and creationTimestamp, as a restored
+    /// cluster would hold them.
     pub fn apply(&self, object: Value) -> Value {
         let api_version = object["apiVersion"]
             .as_str()
@@ -276,6 +316,12 @@ impl ApiServer {
         store.snapshots.clear();
     }
 
+    /// Keeps the last `changes` changes for watches to replay (1000 unless set), as a real
+    /// server keeps the changes since its last compaction (five minutes by default).
+    pub fn keep_history(&self, changes: usize) {
+        self.shared.store().history_limit = changes.max(1);
+    }
+
     /// Kills the server: the listener and every open connection close, so requests are
     /// refused. The stored state is kept for [`ApiServer::restart`].
     pub fn stop(&self) {
@@ -304,6 +350,21 @@ impl ApiServer {
         self.shared
             .bookmarks
             .send_modify(|generation| *generation += 1);
+    }
+
+    /// Before the next client write (PUT or PATCH) to this object is applied, `change` is
+    /// merge-patched into it, as another client's write landing just before: a write that
+    /// names the resourceVersion it read then gets a real 409 Conflict.
+    pub fn change_before_next_write(
+        &self,
+        api_version: &str,
+        kind: &str,
+        namespace: Option<&str>,
+        name: &str,
+        change: Value,
+    ) {
+        let key = key(api_version, kind, namespace, name);
+        self.shared.store().interleave.insert(key, change);
     }
 
     /// The next list that needs more than one page serves `pages` pages, then answers the

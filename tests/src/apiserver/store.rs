@@ -6,8 +6,8 @@ use serde_json::Value;
 
 use super::{RESOURCES, http::Status, selector::Filter};
 
-/// How many changes watches can replay; older resourceVersions get 410 Gone.
-const HISTORY: usize = 1000;
+/// How many changes watches can replay by default; older resourceVersions get 410 Gone.
+pub(super) const HISTORY: usize = 1000;
 
 pub(super) type Key = (usize, String, String);
 
@@ -52,6 +52,10 @@ pub(super) struct Store {
     pub(super) snapshots: HashMap<u64, Snapshot>,
     pub(super) next_snapshot: u64,
     pub(super) fail_list_after_pages: Option<usize>,
+    /// How many changes the history keeps; 0 stands for [`HISTORY`].
+    pub(super) history_limit: usize,
+    /// Changes to apply just before the next client write to an object.
+    pub(super) interleave: HashMap<Key, Value>,
 }
 
 impl Store {
@@ -107,7 +111,10 @@ impl Store {
             }
             None => (
                 format!("00000000-0000-4000-8000-{revision:012x}").into(),
-                now().into(),
+                match &object["metadata"]["creationTimestamp"] {
+                    Value::String(given) => given.clone().into(),
+                    _ => now().into(),
+                },
                 Value::Null,
             ),
         };
@@ -137,6 +144,19 @@ impl Store {
         Ok(object)
     }
 
+    /// Applies the change queued to land just before a client write to `key`.
+    pub(super) fn interleave_write(&mut self, key: &Key) -> Result<(), Status> {
+        let Some(change) = self.interleave.remove(key) else {
+            return Ok(());
+        };
+        let Some(stored) = self.objects.get(key) else {
+            return Ok(());
+        };
+        let mut object = stored.object.clone();
+        super::http::merge_patch(&mut object, &change);
+        self.put(key.clone(), object, None).map(|_| ())
+    }
+
     /// Removes an object; its last state, at the deletion's resourceVersion, is returned.
     pub(super) fn remove(&mut self, key: &Key) -> Option<Value> {
         let mut object = self.objects.remove(key)?.object;
@@ -153,7 +173,12 @@ impl Store {
         object: Value,
         previous: Option<Value>,
     ) {
-        if self.history.len() == HISTORY
+        let limit = if self.history_limit == 0 {
+            HISTORY
+        } else {
+            self.history_limit
+        };
+        while self.history.len() >= limit
             && let Some(oldest) = self.history.pop_front()
         {
             self.compacted = oldest.revision;

@@ -112,10 +112,14 @@ fn pending_lines(store: &Store, filter: &Filter, sent: u64) -> Result<(Vec<Bytes
         ));
         return Err(event_line("ERROR", &status.to_json()));
     }
+    // History is in revision order: skip what the watch has seen without reading it.
+    let unseen = store
+        .history
+        .partition_point(|change| change.revision <= sent);
     let lines = store
         .history
-        .iter()
-        .filter(|change| change.revision > sent && change.resource == filter.resource)
+        .range(unseen..)
+        .filter(|change| change.resource == filter.resource)
         .filter_map(|change| {
             let now = filter.matches(&change.object);
             let before = change.previous.as_ref().is_some_and(|p| filter.matches(p));

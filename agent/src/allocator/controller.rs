@@ -1,0 +1,755 @@
+//! The allocator's control loop while it leads: watch Services, AddressPools and Namespaces;
+//! once all three are listed, rebuild the books from the addresses Services already hold, then
+//! keep them and write what they say through the status subresources.
+//!
+//! Service status writes carry the resourceVersion the write was decided on, so a write over a
+//! change it has not seen gets 409 Conflict; the Service is then read again and decided anew.
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    net::IpAddr,
+    time::Duration,
+};
+
+use futures::{FutureExt as _, StreamExt as _, stream::BoxStream};
+use k8s_openapi::api::core::v1::{Namespace, ObjectReference, Service};
+use kube::{
+    Api, Client, ResourceExt as _,
+    api::{Patch, PatchParams},
+    runtime::{
+        WatchStreamExt as _,
+        events::{Event, EventType, Recorder, Reporter},
+        watcher,
+    },
+};
+use serde_json::{Value, json};
+use tokio::{sync::mpsc, time::Instant};
+use tracing::{debug, info, warn};
+
+use super::{
+    books::{Books, Conflict, Outcome, PoolInput, PoolReport},
+    pool::{AddressPool, AddressPoolStatus, Family, FamilyUsage, PoolCondition},
+    request::{self, Request, ServiceKey},
+};
+
+/// Status writes in flight at once.
+pub const WRITE_CONCURRENCY: usize = 16;
+/// Watch events taken in one batch before writing.
+const BATCH: usize = 512;
+const EVENT_QUEUE: usize = 1024;
+const RETRY_AFTER: Duration = Duration::from_secs(1);
+
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub load_balancer_class: Option<String>,
+    /// Reported as the Events' reporting instance.
+    pub identity: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ControllerError {
+    #[error("the watch streams ended")]
+    WatchEnded,
+}
+
+enum Change {
+    Service(Box<watcher::Event<Service>>),
+    Pool(Box<watcher::Event<AddressPool>>),
+    Namespace(Box<watcher::Event<Namespace>>),
+}
+
+/// What the controller keeps of a Service: its ask if it is ours, not the whole object
+/// (10,000 Services of which most are not load balancers must not cost their full size).
+#[derive(Clone, Debug)]
+struct SeenService {
+    namespace: String,
+    name: String,
+    uid: Option<String>,
+    version: String,
+    /// `Some` for a Service of type LoadBalancer of the allocator's class.
+    request: Option<Request>,
+    /// The addresses its status shows.
+    addresses: Vec<IpAddr>,
+}
+
+impl SeenService {
+    fn new(service: &Service, class: Option<&str>) -> Self {
+        Self {
+            namespace: service.namespace().unwrap_or_default(),
+            name: service.name_any(),
+            uid: service.uid(),
+            version: service.resource_version().unwrap_or_default(),
+            request: request::is_ours(service, class).then(|| request::read(service)),
+            addresses: request::status_addresses(service),
+        }
+    }
+
+    fn reference(&self) -> ObjectReference {
+        ObjectReference {
+            api_version: Some("v1".into()),
+            kind: Some("Service".into()),
+            namespace: Some(self.namespace.clone()),
+            name: Some(self.name.clone()),
+            uid: self.uid.clone(),
+            resource_version: Some(self.version.clone()),
+            ..ObjectReference::default()
+        }
+    }
+}
+
+/// How a cached object is keyed and ordered.
+trait Cached {
+    fn key(&self) -> String;
+    fn version(&self) -> Option<u64>;
+}
+
+impl Cached for SeenService {
+    fn key(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+
+    fn version(&self) -> Option<u64> {
+        self.version.parse().ok()
+    }
+}
+
+impl Cached for AddressPool {
+    fn key(&self) -> String {
+        self.name_any()
+    }
+
+    fn version(&self) -> Option<u64> {
+        self.resource_version().and_then(|v| v.parse().ok())
+    }
+}
+
+impl Cached for Namespace {
+    fn key(&self) -> String {
+        self.name_any()
+    }
+
+    fn version(&self) -> Option<u64> {
+        self.resource_version().and_then(|v| v.parse().ok())
+    }
+}
+
+fn map_event<K, V>(event: watcher::Event<K>, f: impl Fn(K) -> V) -> watcher::Event<V> {
+    match event {
+        watcher::Event::Init => watcher::Event::Init,
+        watcher::Event::InitApply(object) => watcher::Event::InitApply(f(object)),
+        watcher::Event::InitDone => watcher::Event::InitDone,
+        watcher::Event::Apply(object) => watcher::Event::Apply(f(object)),
+        watcher::Event::Delete(object) => watcher::Event::Delete(f(object)),
+    }
+}
+
+/// One resource's objects by key: the last complete list plus the watch since.
+struct Cache<K> {
+    objects: BTreeMap<String, K>,
+    relisting: Option<BTreeMap<String, K>>,
+    listed: bool,
+}
+
+impl<K> Default for Cache<K> {
+    fn default() -> Self {
+        Self {
+            objects: BTreeMap::new(),
+            relisting: None,
+            listed: false,
+        }
+    }
+}
+
+impl<K: Cached> Cache<K> {
+    /// Applies a watch event; returns the keys it touched, or `None` for a completed relist
+    /// (everything may have changed).
+    fn apply(&mut self, event: watcher::Event<K>) -> Option<Vec<String>> {
+        match event {
+            watcher::Event::Init => {
+                self.relisting = Some(BTreeMap::new());
+                Some(Vec::new())
+            }
+            watcher::Event::InitApply(object) => {
+                if let Some(relisting) = &mut self.relisting {
+                    relisting.insert(object.key(), object);
+                }
+                Some(Vec::new())
+            }
+            watcher::Event::InitDone => {
+                if let Some(relisted) = self.relisting.take() {
+                    self.objects = relisted;
+                }
+                self.listed = true;
+                None
+            }
+            watcher::Event::Apply(object) => {
+                let key = object.key();
+                self.insert_newer(object);
+                Some(vec![key])
+            }
+            watcher::Event::Delete(object) => {
+                let key = object.key();
+                self.objects.remove(&key);
+                Some(vec![key])
+            }
+        }
+    }
+
+    /// Stores `object` unless the cache holds a newer version (a status write's answer can
+    /// arrive before the watch delivers older versions).
+    fn insert_newer(&mut self, object: K) {
+        let key = object.key();
+        if let (Some(held), Some(new)) = (
+            self.objects.get(&key).and_then(Cached::version),
+            object.version(),
+        ) && held > new
+        {
+            return;
+        }
+        self.objects.insert(key, object);
+    }
+}
+
+fn service_cache_key(key: &ServiceKey) -> String {
+    format!("{}/{}", key.namespace, key.name)
+}
+
+fn changes(client: &Client) -> BoxStream<'static, Result<Change, watcher::Error>> {
+    let services = watcher(
+        Api::<Service>::all(client.clone()),
+        watcher::Config::default(),
+    )
+    .default_backoff()
+    .map(|e| e.map(|e| Change::Service(Box::new(e))));
+    let pools = watcher(
+        Api::<AddressPool>::all(client.clone()),
+        watcher::Config::default(),
+    )
+    .default_backoff()
+    .map(|e| e.map(|e| Change::Pool(Box::new(e))));
+    let namespaces = watcher(
+        Api::<Namespace>::all(client.clone()),
+        watcher::Config::default(),
+    )
+    .default_backoff()
+    .map(|e| e.map(|e| Change::Namespace(Box::new(e))));
+    futures::stream::select_all([services.boxed(), pools.boxed(), namespaces.boxed()]).boxed()
+}
+
+pub struct Controller {
+    client: Client,
+    settings: Settings,
+    services: Cache<SeenService>,
+    pools: Cache<AddressPool>,
+    namespaces: Cache<Namespace>,
+    books: Option<Books>,
+    /// What the books were last built from, to tell a pool's own status write from a change.
+    pool_inputs: Vec<PoolInput>,
+    namespace_labels: HashMap<String, BTreeMap<String, String>>,
+    /// Services whose status may differ from what the books say.
+    dirty: BTreeSet<ServiceKey>,
+    /// Services that left the books while still existing: their addresses are cleared.
+    released: BTreeSet<ServiceKey>,
+    /// The last Event told per Service, so each outcome is told once.
+    told: HashMap<ServiceKey, String>,
+    retry_at: Option<Instant>,
+    events: mpsc::Sender<(ObjectReference, Event)>,
+}
+
+impl Controller {
+    pub fn new(client: Client, settings: Settings) -> Self {
+        let (events, queue) = mpsc::channel(EVENT_QUEUE);
+        tokio::spawn(publish_events(
+            Recorder::new(
+                client.clone(),
+                Reporter {
+                    controller: super::CONTROLLER.into(),
+                    instance: Some(settings.identity.clone()),
+                },
+            ),
+            queue,
+        ));
+        Self {
+            client,
+            settings,
+            services: Cache::default(),
+            pools: Cache::default(),
+            namespaces: Cache::default(),
+            books: None,
+            pool_inputs: Vec::new(),
+            namespace_labels: HashMap::new(),
+            dirty: BTreeSet::new(),
+            released: BTreeSet::new(),
+            told: HashMap::new(),
+            retry_at: None,
+            events,
+        }
+    }
+
+    /// Runs until the watch streams end (they retry on their own while the API server is
+    /// unreachable).
+    pub async fn run(mut self) -> Result<(), ControllerError> {
+        let mut changes = changes(&self.client);
+        let mut failing = false;
+        loop {
+            let retry = self.retry_at;
+            let first = tokio::select! {
+                change = changes.next() => match change {
+                    None => return Err(ControllerError::WatchEnded),
+                    Some(change) => Some(change),
+                },
+                () = sleep_until(retry), if retry.is_some() => None,
+            };
+            let mut batch: Vec<Result<Change, watcher::Error>> = first.into_iter().collect();
+            while batch.len() < BATCH {
+                match changes.next().now_or_never() {
+                    Some(Some(change)) => batch.push(change),
+                    _ => break,
+                }
+            }
+            let mut touched = BTreeSet::new();
+            let mut relisted = false;
+            for change in batch {
+                match change {
+                    Err(err) => {
+                        if !failing {
+                            warn!(%err, "watch failed; keeping the books and retrying");
+                        }
+                        failing = true;
+                    }
+                    Ok(change) => {
+                        if failing {
+                            info!("watches are back");
+                            failing = false;
+                        }
+                        match self.apply(change) {
+                            Some(keys) => touched.extend(keys),
+                            None => relisted = true,
+                        }
+                    }
+                }
+            }
+            self.decide(touched, relisted);
+            self.retry_at = None;
+            self.write().await;
+        }
+    }
+
+    fn apply(&mut self, change: Change) -> Option<Vec<String>> {
+        match change {
+            Change::Service(event) => {
+                let class = self.settings.load_balancer_class.as_deref();
+                self.services
+                    .apply(map_event(*event, |s| SeenService::new(&s, class)))
+            }
+            Change::Pool(event) => self.pools.apply(*event).map(|_| Vec::new()),
+            Change::Namespace(event) => self.namespaces.apply(*event).map(|_| Vec::new()),
+        }
+    }
+
+    fn listed(&self) -> bool {
+        self.services.listed && self.pools.listed && self.namespaces.listed
+    }
+
+    fn current_pool_inputs(&self) -> Vec<PoolInput> {
+        self.pools
+            .objects
+            .values()
+            .map(|pool| PoolInput {
+                name: pool.name_any(),
+                created: pool
+                    .metadata
+                    .creation_timestamp
+                    .as_ref()
+                    .map(|t| t.0.to_string())
+                    .unwrap_or_default(),
+                spec: pool.spec.clone(),
+            })
+            .collect()
+    }
+
+    fn current_namespace_labels(&self) -> HashMap<String, BTreeMap<String, String>> {
+        self.namespaces
+            .objects
+            .values()
+            .map(|ns| (ns.name_any(), ns.labels().clone()))
+            .collect()
+    }
+
+    /// Brings the books up to date with the caches and marks the Services to write.
+    fn decide(&mut self, touched: BTreeSet<String>, relisted: bool) {
+        if !self.listed() {
+            return;
+        }
+        let pool_inputs = self.current_pool_inputs();
+        let namespace_labels = self.current_namespace_labels();
+        let Some(books) = self.books.as_mut().filter(|_| !relisted) else {
+            self.rebuild(pool_inputs, namespace_labels);
+            return;
+        };
+        if pool_inputs != self.pool_inputs || namespace_labels != self.namespace_labels {
+            info!(
+                pools = pool_inputs.len(),
+                "pools or namespace labels changed; placing every Service again"
+            );
+            self.dirty
+                .extend(books.reconfigure(&pool_inputs, namespace_labels.clone()));
+            self.pool_inputs = pool_inputs;
+            self.namespace_labels = namespace_labels;
+        }
+        for cache_key in touched {
+            let Some((namespace, name)) = cache_key.split_once('/') else {
+                continue;
+            };
+            let key = ServiceKey::new(namespace, name);
+            match self.services.objects.get(&cache_key) {
+                Some(SeenService {
+                    request: Some(request),
+                    ..
+                }) => {
+                    self.released.remove(&key);
+                    self.dirty.extend(books.upsert(request.clone()));
+                    self.dirty.insert(key);
+                }
+                still_there => {
+                    if books.contains(&key) {
+                        self.dirty.extend(books.remove(&key));
+                        if still_there.is_some() {
+                            self.released.insert(key.clone());
+                            self.dirty.insert(key.clone());
+                        }
+                    }
+                    if still_there.is_none() {
+                        self.told.remove(&key);
+                        self.released.remove(&key);
+                    }
+                }
+            }
+        }
+        let conflicts = books.take_conflicts();
+        self.tell_conflicts(conflicts);
+    }
+
+    /// New books from what the cluster holds; what Services already hold is not told again.
+    fn rebuild(
+        &mut self,
+        pool_inputs: Vec<PoolInput>,
+        namespace_labels: HashMap<String, BTreeMap<String, String>>,
+    ) {
+        let requests: Vec<_> = self
+            .services
+            .objects
+            .values()
+            .filter_map(|seen| seen.request.clone())
+            .collect();
+        let count = requests.len();
+        let mut books = Books::rebuild(&pool_inputs, namespace_labels.clone(), requests);
+        self.dirty.clear();
+        for (key, outcome) in books.services() {
+            let held = self
+                .services
+                .objects
+                .get(&service_cache_key(key))
+                .map(|seen| seen.addresses.clone())
+                .unwrap_or_default();
+            if matches!(outcome, Outcome::Assigned { .. }) && held == outcome.addresses() {
+                self.told.insert(key.clone(), told_key(outcome));
+            } else {
+                self.dirty.insert(key.clone());
+            }
+        }
+        let conflicts = books.take_conflicts();
+        info!(
+            services = count,
+            pools = pool_inputs.len(),
+            "books rebuilt from the cluster"
+        );
+        self.books = Some(books);
+        self.pool_inputs = pool_inputs;
+        self.namespace_labels = namespace_labels;
+        self.tell_conflicts(conflicts);
+    }
+
+    fn tell_conflicts(&self, conflicts: Vec<Conflict>) {
+        for conflict in conflicts {
+            warn!(address = %conflict.address, kept_by = %conflict.kept_by, taken_from = %conflict.taken_from, "two Services held one address");
+            let keeps = format!(
+                "{} was also in the status of {}; this Service had it first and keeps it",
+                conflict.address, conflict.taken_from
+            );
+            let loses = format!(
+                "{} is held by {}, which had it first; this Service gets another address",
+                conflict.address, conflict.kept_by
+            );
+            self.event(
+                &conflict.kept_by,
+                EventType::Warning,
+                "AddressConflict",
+                keeps,
+            );
+            self.event(
+                &conflict.taken_from,
+                EventType::Warning,
+                "AddressConflict",
+                loses,
+            );
+        }
+    }
+
+    fn event(&self, key: &ServiceKey, type_: EventType, reason: &str, note: String) {
+        let Some(seen) = self.services.objects.get(&service_cache_key(key)) else {
+            return;
+        };
+        let event = Event {
+            type_,
+            reason: reason.into(),
+            note: Some(note),
+            action: "Allocate".into(),
+            secondary: None,
+        };
+        if self.events.try_send((seen.reference(), event)).is_err() {
+            debug!(service = %key, "Event queue full; dropping an Event");
+        }
+    }
+
+    /// Tells a Service's outcome once its status shows it.
+    fn tell(&mut self, key: &ServiceKey) {
+        let Some(outcome) = self.books.as_ref().and_then(|b| b.outcome(key)).cloned() else {
+            if self.released.remove(key) {
+                self.told.remove(key);
+                let note = "no longer a LoadBalancer of this class; its addresses are released";
+                self.event(key, EventType::Normal, "AddressReleased", note.into());
+            }
+            return;
+        };
+        let told = told_key(&outcome);
+        if self.told.get(key) == Some(&told) {
+            return;
+        }
+        self.told.insert(key.clone(), told);
+        match outcome {
+            Outcome::Assigned { addresses, note } => {
+                let list: Vec<String> = addresses
+                    .iter()
+                    .map(|(ip, pool)| format!("{ip} from pool {pool}"))
+                    .collect();
+                let mut text = format!("Assigned {}", list.join(", "));
+                if let Some(note) = note {
+                    text.push_str(&format!(" (not every family: {note})"));
+                }
+                info!(service = %key, "{text}");
+                self.event(key, EventType::Normal, "AddressAssigned", text);
+            }
+            Outcome::Failed(reason) => {
+                warn!(service = %key, %reason, "no address");
+                self.event(key, EventType::Warning, "AllocationFailed", reason);
+            }
+        }
+    }
+
+    /// Writes every dirty Service's status that differs from the books, then the pools'.
+    async fn write(&mut self) {
+        let Some(books) = &self.books else {
+            return;
+        };
+        let mut writes = Vec::new();
+        let mut settled = Vec::new();
+        for key in std::mem::take(&mut self.dirty) {
+            let Some(seen) = self.services.objects.get(&service_cache_key(&key)) else {
+                continue;
+            };
+            let desired = match books.outcome(&key) {
+                Some(outcome) => outcome.addresses(),
+                None if self.released.contains(&key) => Vec::new(),
+                None => continue,
+            };
+            if seen.addresses == desired {
+                settled.push(key);
+            } else {
+                writes.push((key, desired, seen.version.clone()));
+            }
+        }
+        for key in settled {
+            self.tell(&key);
+        }
+        let client = self.client.clone();
+        let class = self.settings.load_balancer_class.clone();
+        let results: Vec<_> = futures::stream::iter(writes)
+            .map(|(key, desired, version)| {
+                let api = Api::<Service>::namespaced(client.clone(), &key.namespace);
+                async move {
+                    let result = write_service_status(&api, &key.name, &desired, &version).await;
+                    (key, result)
+                }
+            })
+            .buffer_unordered(WRITE_CONCURRENCY)
+            .collect()
+            .await;
+        for (key, result) in results {
+            match result {
+                Ok(service) => {
+                    self.services
+                        .insert_newer(SeenService::new(&service, class.as_deref()));
+                    self.tell(&key);
+                }
+                Err(kube::Error::Api(status)) if status.code == 409 => {
+                    debug!(service = %key, "the Service changed under the write; reading it again");
+                    let api = Api::<Service>::namespaced(self.client.clone(), &key.namespace);
+                    match api.get_opt(&key.name).await {
+                        Ok(Some(service)) => {
+                            self.services
+                                .insert_newer(SeenService::new(&service, class.as_deref()));
+                            self.decide([service_cache_key(&key)].into(), false);
+                        }
+                        Ok(None) => {
+                            self.services.objects.remove(&service_cache_key(&key));
+                            self.decide([service_cache_key(&key)].into(), false);
+                        }
+                        Err(err) => {
+                            warn!(service = %key, %err, "cannot read the Service again");
+                            self.retry(key.clone());
+                        }
+                    }
+                    self.dirty.insert(key);
+                    self.retry_at.get_or_insert_with(Instant::now);
+                }
+                Err(kube::Error::Api(status)) if status.code == 404 => {}
+                Err(err) => {
+                    warn!(service = %key, %err, "cannot write the Service's status; retrying");
+                    self.retry(key);
+                }
+            }
+        }
+        self.write_pools().await;
+    }
+
+    fn retry(&mut self, key: ServiceKey) {
+        self.dirty.insert(key);
+        self.retry_at
+            .get_or_insert_with(|| Instant::now() + RETRY_AFTER);
+    }
+
+    async fn write_pools(&mut self) {
+        let Some(books) = &self.books else {
+            return;
+        };
+        let api = Api::<AddressPool>::all(self.client.clone());
+        for report in books.pool_reports() {
+            let Some(pool) = self.pools.objects.get(&report.name) else {
+                continue;
+            };
+            let observed = pool.status.clone().unwrap_or_default();
+            let desired = pool_status(&report, &observed);
+            if desired == observed {
+                continue;
+            }
+            if let Some(err) = &report.error {
+                warn!(pool = %report.name, %err, "pool refused");
+            }
+            let patch = json!({"status": {
+                "ipv4": desired.ipv4,
+                "ipv6": desired.ipv6,
+                "conditions": desired.conditions,
+            }});
+            match api
+                .patch_status(&report.name, &PatchParams::default(), &Patch::Merge(&patch))
+                .await
+            {
+                Ok(pool) => self.pools.insert_newer(pool),
+                Err(err) => {
+                    warn!(pool = %report.name, %err, "cannot write the pool's status; retrying");
+                    self.retry_at
+                        .get_or_insert_with(|| Instant::now() + RETRY_AFTER);
+                }
+            }
+        }
+    }
+}
+
+fn told_key(outcome: &Outcome) -> String {
+    format!("{outcome:?}")
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    if let Some(at) = at {
+        tokio::time::sleep_until(at).await;
+    }
+}
+
+async fn write_service_status(
+    api: &Api<Service>,
+    name: &str,
+    addresses: &[IpAddr],
+    version: &str,
+) -> Result<Service, kube::Error> {
+    let ingress: Value = if addresses.is_empty() {
+        Value::Null
+    } else {
+        addresses
+            .iter()
+            .map(|ip| json!({"ip": ip.to_string(), "ipMode": "VIP"}))
+            .collect()
+    };
+    let patch = json!({
+        "metadata": {"resourceVersion": version},
+        "status": {"loadBalancer": {"ingress": ingress}},
+    });
+    api.patch_status(name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+}
+
+/// A pool's status from its report; a condition that did not change keeps its time.
+pub fn pool_status(report: &PoolReport, observed: &AddressPoolStatus) -> AddressPoolStatus {
+    let usage = |family: Family| {
+        report
+            .families
+            .iter()
+            .find(|(f, _, _)| *f == family)
+            .map(|(_, total, used)| FamilyUsage {
+                total: total.to_string(),
+                in_use: *used,
+            })
+    };
+    let (status, reason, message) = match &report.error {
+        None => (
+            "True",
+            "Accepted",
+            "the allocator hands out its addresses".to_owned(),
+        ),
+        Some(err) => ("False", err.reason, err.to_string()),
+    };
+    let mut condition = PoolCondition {
+        type_: "Ready".into(),
+        status: status.into(),
+        reason: reason.into(),
+        message,
+        last_transition_time: super::now(),
+    };
+    if let Some(old) = observed.conditions.iter().find(|c| c.type_ == "Ready")
+        && old.status == condition.status
+        && old.reason == condition.reason
+        && old.message == condition.message
+    {
+        condition
+            .last_transition_time
+            .clone_from(&old.last_transition_time);
+    }
+    AddressPoolStatus {
+        ipv4: usage(Family::V4),
+        ipv6: usage(Family::V6),
+        conditions: vec![condition],
+    }
+}
+
+async fn publish_events(recorder: Recorder, mut queue: mpsc::Receiver<(ObjectReference, Event)>) {
+    while let Some((reference, event)) = queue.recv().await {
+        if let Err(err) = recorder.publish(&event, &reference).await {
+            warn!(
+                service = %format!("{}/{}", reference.namespace.unwrap_or_default(), reference.name.unwrap_or_default()),
+                reason = %event.reason,
+                %err,
+                "cannot record an Event"
+            );
+        }
+    }
+}

@@ -1,0 +1,302 @@
+//! The measuring side of `cargo xtask bench allocator` (xtask/src/bench_allocator.rs builds
+//! and runs it): `lbagent allocator` against the in-process API server with 10,000 Services and
+//! three pools, beside a floor measured in the same run by a bare kube-rs client.
+//!
+//! Usage: `allocator_bench LBAGENT_BINARY`. Prints a Markdown table.
+
+use std::{
+    collections::BTreeSet,
+    path::{Path, PathBuf},
+    process::{Child, Command},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail};
+use futures::{StreamExt as _, TryStreamExt as _};
+use k8s_openapi::api::core::v1::Service;
+use kube::{
+    Api, Client, ResourceExt as _,
+    api::{ListParams, Patch, PatchParams},
+    config::{KubeConfigOptions, Kubeconfig},
+};
+use lbagent::allocator::controller::WRITE_CONCURRENCY;
+use lbagent_tests::{TempDir, apiserver::ApiServer, wait_until};
+use serde_json::{Value, json};
+
+const SERVICES: usize = 10_000;
+const POOLS: [(&str, &str); 3] = [
+    ("bench-a", "10.0.0.0/20"),
+    ("bench-b", "10.0.16.0/20"),
+    ("bench-c", "10.0.32.0/20"),
+];
+/// The watcher's page size: the floor lists as the allocator's watcher does.
+const PAGE: u32 = 500;
+const DEADLINE: Duration = Duration::from_secs(300);
+
+fn main() -> Result<()> {
+    let lbagent = PathBuf::from(
+        std::env::args()
+            .nth(1)
+            .context("usage: allocator_bench LBAGENT_BINARY")?,
+    );
+    let dir = TempDir::new("lb-bench-alloc");
+
+    // --- the allocator: 10,000 Services created at once ---
+    let server = cluster();
+    let kubeconfig = dir.path().join("kubeconfig");
+    server.write_kubeconfig(&kubeconfig);
+    let mut first = Allocator::start(&lbagent, &kubeconfig, "bench-1", dir.path())?;
+    let ready = wait_until(DEADLINE, || {
+        POOLS.iter().all(|(name, _)| {
+            server
+                .get("lbagent.io/v1alpha1", "AddressPool", None, name)
+                .is_some_and(|p| p["status"]["conditions"][0]["status"] == "True")
+        })
+    });
+    if !ready {
+        bail!("the allocator did not take up the pools:\n{}", first.log());
+    }
+    let started = Instant::now();
+    for i in 0..SERVICES {
+        server.apply(service(&name(i)));
+    }
+    // Polled slowly: copying the request log must not take the allocator's CPU.
+    let all_written = poll(DEADLINE, || status_writes(&server, 0) >= SERVICES);
+    let assigned = started.elapsed();
+    if !all_written {
+        bail!(
+            "only {} of {SERVICES} Services got an address:\n{}",
+            status_writes(&server, 0),
+            first.log()
+        );
+    }
+    check_distinct(&server)?;
+    let peak_rss_kb = first.peak_rss_kb()?;
+    first.stop();
+
+    // --- a restart with all of them assigned ---
+    let before = server.request_log().len();
+    let started = Instant::now();
+    let second = Allocator::start(&lbagent, &kubeconfig, "bench-2", dir.path())?;
+    server.apply(service("trigger"));
+    let trigger = || {
+        server
+            .get("v1", "Service", Some("default"), "trigger")
+            .is_some_and(|s| s["status"]["loadBalancer"]["ingress"].is_array())
+    };
+    if !wait_until(DEADLINE, trigger) {
+        bail!("the restarted allocator did not assign:\n{}", second.log());
+    }
+    let restart_ready = started.elapsed();
+    let restart_writes = server.request_log()[before..]
+        .iter()
+        .filter(|r| r.method != "GET" && r.path.contains("/services/"))
+        .filter(|r| !r.path.contains("/services/trigger"))
+        .count();
+    drop(second);
+
+    // --- the floor: a bare kube-rs client, the same patches at the same concurrency ---
+    let runtime = tokio::runtime::Runtime::new()?;
+    let floor_server = cluster();
+    let floor_kubeconfig = dir.path().join("floor.kubeconfig");
+    floor_server.write_kubeconfig(&floor_kubeconfig);
+    for i in 0..SERVICES {
+        floor_server.apply(service(&name(i)));
+    }
+    let (floor_assign, floor_list) = runtime.block_on(async {
+        let client = client(&floor_kubeconfig).await?;
+        let api = Api::<Service>::namespaced(client.clone(), "default");
+        let versions: Vec<(String, String)> = api
+            .list(&ListParams::default())
+            .await?
+            .items
+            .iter()
+            .map(|s| (s.name_any(), s.resource_version().unwrap_or_default()))
+            .collect();
+        let started = Instant::now();
+        futures::stream::iter(versions.into_iter().enumerate())
+            .map(|(i, (name, version))| {
+                let api = api.clone();
+                async move {
+                    let patch = json!({
+                        "metadata": {"resourceVersion": version},
+                        "status": {"loadBalancer": {"ingress": [
+                            {"ip": address(i), "ipMode": "VIP"}]}},
+                    });
+                    api.patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch))
+                        .await
+                }
+            })
+            .buffer_unordered(WRITE_CONCURRENCY)
+            .try_collect::<Vec<_>>()
+            .await?;
+        let floor_assign = started.elapsed();
+        // What a restarted allocator must at least do: list every Service, in pages.
+        let started = Instant::now();
+        let mut listed = 0;
+        let mut params = ListParams::default().limit(PAGE);
+        loop {
+            let page = api.list(&params).await?;
+            listed += page.items.len();
+            match page.metadata.continue_.filter(|c| !c.is_empty()) {
+                Some(token) => params = params.continue_token(&token),
+                None => break,
+            }
+        }
+        if listed < SERVICES {
+            bail!("listed {listed} Services");
+        }
+        anyhow::Ok((floor_assign, started.elapsed()))
+    })?;
+    if status_writes(&floor_server, 0) < SERVICES {
+        bail!("the floor's patches did not all land");
+    }
+
+    let seconds = |d: Duration| format!("{:.2} s", d.as_secs_f64());
+    let ratio = |a: Duration, b: Duration| format!("{:.2}", a.as_secs_f64() / b.as_secs_f64());
+    println!(
+        "| measure | lbagent allocator | floor (bare kube-rs client) | ratio | target |\n\
+         | --- | ---: | ---: | ---: | --- |\n\
+         | {SERVICES} Services created at once, until every one has its address \
+         (floor: the same {SERVICES} status patches, {WRITE_CONCURRENCY} in flight) | {} | {} | {} | <= 1.5 |\n\
+         | peak RSS, {SERVICES} Services and 3 pools | {:.1} MB | | | <= 60 MB |\n\
+         | restart with {SERVICES} assigned: writes to them | {restart_writes} | | | 0 |\n\
+         | restart: process start until it assigns a new Service (floor: list {SERVICES} \
+         Services in pages of {PAGE}) | {} | {} | {} | |",
+        seconds(assigned),
+        seconds(floor_assign),
+        ratio(assigned, floor_assign),
+        peak_rss_kb as f64 / 1024.0,
+        seconds(restart_ready),
+        seconds(floor_list),
+        ratio(restart_ready, floor_list),
+    );
+    Ok(())
+}
+
+fn poll(deadline: Duration, mut done: impl FnMut() -> bool) -> bool {
+    let until = Instant::now() + deadline;
+    while Instant::now() < until {
+        if done() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    done()
+}
+
+fn cluster() -> ApiServer {
+    let server = ApiServer::start();
+    // A real server replays changes since its last compaction: minutes of them.
+    server.keep_history(4 * SERVICES);
+    for namespace in ["default", "lbagent"] {
+        server.apply(json!({"apiVersion": "v1", "kind": "Namespace",
+            "metadata": {"name": namespace}}));
+    }
+    for (priority, (name, cidr)) in POOLS.iter().enumerate() {
+        server.apply(
+            json!({"apiVersion": "lbagent.io/v1alpha1", "kind": "AddressPool",
+            "metadata": {"name": name},
+            "spec": {"addresses": [cidr], "priority": priority}}),
+        );
+    }
+    server
+}
+
+fn name(i: usize) -> String {
+    format!("svc-{i:05}")
+}
+
+fn address(i: usize) -> String {
+    format!("10.0.{}.{}", i / 256, i % 256)
+}
+
+fn service(name: &str) -> Value {
+    json!({"apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": name, "namespace": "default"},
+        "spec": {"type": "LoadBalancer", "ports": [{"port": 80, "protocol": "TCP"}]}})
+}
+
+/// Successful status writes to distinct Services since request `from`.
+fn status_writes(server: &ApiServer, from: usize) -> usize {
+    let log = server.request_log();
+    log[from.min(log.len())..]
+        .iter()
+        .filter(|r| r.method == "PATCH" && r.status == 200 && r.path.ends_with("/status"))
+        .filter(|r| r.path.contains("/services/"))
+        .map(|r| r.path.as_str())
+        .collect::<BTreeSet<_>>()
+        .len()
+}
+
+fn check_distinct(server: &ApiServer) -> Result<()> {
+    let mut seen = BTreeSet::new();
+    for service in server.objects("v1", "Service") {
+        let ips = &service["status"]["loadBalancer"]["ingress"];
+        let Some([ingress]) = ips.as_array().map(Vec::as_slice) else {
+            bail!("{}: {ips}", service["metadata"]["name"]);
+        };
+        let ip = ingress["ip"].as_str().unwrap_or_default().to_owned();
+        if !seen.insert(ip.clone()) {
+            bail!("{ip} given twice");
+        }
+    }
+    Ok(())
+}
+
+async fn client(kubeconfig: &Path) -> Result<Client> {
+    let kubeconfig = Kubeconfig::read_from(kubeconfig)?;
+    let config =
+        kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default()).await?;
+    Ok(Client::try_from(config)?)
+}
+
+struct Allocator {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Allocator {
+    fn start(lbagent: &Path, kubeconfig: &Path, identity: &str, dir: &Path) -> Result<Self> {
+        let log = dir.join(format!("{identity}.log"));
+        let file = std::fs::File::create(&log)?;
+        let child = Command::new(lbagent)
+            .arg("allocator")
+            .arg("--kubeconfig")
+            .arg(kubeconfig)
+            .args(["--lease-namespace", "lbagent", "--identity", identity])
+            .env("LBAGENT_LOG", "warn")
+            .stdout(file.try_clone()?)
+            .stderr(file)
+            .spawn()
+            .with_context(|| format!("starting {}", lbagent.display()))?;
+        Ok(Self { child, log })
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn peak_rss_kb(&self) -> Result<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))?;
+        status
+            .lines()
+            .find_map(|line| line.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .context("VmHWM")
+    }
+
+    /// SIGTERM, so it gives up the Lease for the next one.
+    fn stop(&mut self) {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Allocator {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
