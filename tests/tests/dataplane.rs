@@ -271,9 +271,11 @@ fn a_pinned_map_with_another_layout_is_replaced_not_reused() {
         "{}",
         node.agent.log()
     );
-    // The address passes everything until its ports are in the maps, a moment later.
+    // Port 8080 answers with or without the program; the policy shows on 9090, once the
+    // reconciler has filled the new maps.
+    node.wait_policy();
     assert!(
-        wait_until(Duration::from_secs(5), || !tcp_ok(
+        wait_until(Duration::from_secs(10), || !tcp_ok(
             &node.pair.client,
             addr(9090)
         )),
