@@ -13,11 +13,12 @@ use serde_json::{Value, json};
 
 const NODE: &str = "node-a";
 
+/// Fields drop in order: the agent stops before its directory goes (it writes there).
 struct Cluster {
+    agent: Agent,
     ns: NetNs,
     server: Arc<ApiServer>,
     _dir: TempDir,
-    agent: Agent,
 }
 
 impl Cluster {
