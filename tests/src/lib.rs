@@ -39,10 +39,19 @@ pub fn cleanup_failed(what: std::fmt::Arguments<'_>) {
 
 /// Removes a directory tree a guard made; one already gone is fine (a test may remove it).
 fn remove_tree(path: &Path) {
-    match std::fs::remove_dir_all(path) {
-        Ok(()) => {}
-        Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
-        Err(err) => cleanup_failed(format_args!("removing {}: {err}", path.display())),
+    // A process being killed by a guard that drops later may still write one last file
+    // (a status file): a few retries tell that race from a real failure.
+    for attempt in 0.. {
+        match std::fs::remove_dir_all(path) {
+            Ok(()) => return,
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => return,
+            Err(err) if err.kind() == std::io::ErrorKind::DirectoryNotEmpty && attempt < 20 => {
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            Err(err) => {
+                return cleanup_failed(format_args!("removing {}: {err}", path.display()));
+            }
+        }
     }
 }
 
