@@ -2,4 +2,5 @@
 
 pub mod addresses;
 pub mod dataplane;
+pub mod neighbours;
 pub mod routing;
