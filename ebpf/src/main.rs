@@ -23,6 +23,8 @@
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
 
+mod neighbour;
+
 use aya_ebpf::{
     bindings::xdp_action::{XDP_DROP, XDP_PASS, XDP_TX},
     btf_maps::{Array, LpmTrie, PerCpuArray, lpm_trie::Key},
@@ -154,7 +156,13 @@ enum Drop {
 
 #[xdp]
 pub fn lbagent_xdp(ctx: XdpContext) -> u32 {
-    let Some(packet) = classify(&ctx) else {
+    let Some((ether_type, l3)) = link_layer(&ctx) else {
+        return XDP_PASS;
+    };
+    if let Some(verdict) = neighbour::respond(&ctx, ether_type, l3) {
+        return verdict;
+    }
+    let Some(packet) = classify(&ctx, ether_type, l3) else {
         return XDP_PASS;
     };
     handle(&ctx, packet)
@@ -163,8 +171,7 @@ pub fn lbagent_xdp(ctx: XdpContext) -> u32 {
 /// The LB address a frame is for, or `None` for everything else: other destinations, other
 /// EtherTypes, and frames too short for their IP header.
 #[inline(always)]
-fn classify(ctx: &XdpContext) -> Option<Packet> {
-    let (ether_type, l3) = link_layer(ctx)?;
+fn classify(ctx: &XdpContext, ether_type: u16, l3: usize) -> Option<Packet> {
     if ether_type == ETH_IPV4 {
         let ip = ptr_at::<[u8; IPV4_LEN]>(ctx, l3)?;
         // SAFETY: ptr_at checked that the header lies inside the frame.

@@ -8,7 +8,7 @@ use aya::{
     programs::{ProgramError, Xdp},
 };
 use lbagent::{
-    dataplane::{Maps, PortId, VipPolicy},
+    dataplane::{Maps, NeighbourMaps, PortId, VipPolicy},
     sinks::dataplane::DataplaneSink,
 };
 use lbagent_common::{VipStats, XDP_PROGRAM};
@@ -22,6 +22,7 @@ pub const XDP_PASS: u32 = 2;
 pub struct Harness {
     ebpf: Ebpf,
     sink: DataplaneSink,
+    neighbours: NeighbourMaps,
 }
 
 impl Harness {
@@ -38,7 +39,17 @@ impl Harness {
         program.load().expect("verifier accepts the program");
         let maps = Maps::from_ebpf(&mut ebpf).expect("maps");
         let sink = DataplaneSink::new(maps).expect("sink");
-        Self { ebpf, sink }
+        let neighbours = NeighbourMaps::from_ebpf(&mut ebpf).expect("neighbour maps");
+        Self {
+            ebpf,
+            sink,
+            neighbours,
+        }
+    }
+
+    /// The neighbour responder's maps.
+    pub fn neighbours(&mut self) -> &mut NeighbourMaps {
+        &mut self.neighbours
     }
 
     /// The maps, for what the helpers below do not cover.
