@@ -22,6 +22,9 @@ const APT_PACKAGES: &[&str] = &[
     "ethtool",      // veth offload settings in dataplane benchmarks
     "util-linux",   // nsenter, mount
     "strace",       // syscall counts in benchmarks
+    "arping",       // ARP probes in the local-address (L2) tests and failover benchmark
+    "ndisc6",       // neighbour solicitations, the same for IPv6
+    "keepalived",   // VRRPv3: the failover benchmark's baseline
 ];
 
 const BPF_LINKER_VERSION: &str = "^0.13";

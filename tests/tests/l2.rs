@@ -1,0 +1,304 @@
+//! Local (L2) addresses in network namespaces: the XDP responder against real `arping` and
+//! `ndisc6`, its counters read with bpftool, and the announcements a client's kernel acts
+//! on.
+
+use std::{collections::BTreeSet, net::IpAddr, time::Duration};
+
+use lbagent::{
+    dataplane::{NeighbourMaps, PinLayout, Role},
+    sinks::neighbours::announce::Announcer,
+};
+use lbagent_common::{PIN_LAYOUT_VERSION, maps};
+use lbagent_tests::{NetNs, Pair, PinRoot, in_netns, lbagent, run_ok, wait_until};
+
+/// Local addresses in the pair's subnets (10.200.0.0/24, fd00:200::/64).
+const OWNED4: &str = "10.200.0.100";
+const OWNED6: &str = "fd00:200::100";
+/// Held by the node's kernel (on lo, as kube-proxy's IPVS mode puts every LB address on
+/// kube-ipvs0), but owned by another node: the kernel would answer for it.
+const ELSEWHERE4: &str = "10.200.0.101";
+const ELSEWHERE6: &str = "fd00:200::101";
+
+/// A veth in driver mode delivers what a program sends back (`XDP_TX`) only to a peer that
+/// runs NAPI, which an XDP program there provides (a physical NIC transmits it itself; GRO
+/// on the peer was tried and is not enough on this kernel). The peer gets lbagent's program
+/// with empty maps, which passes everything: returned pins keep it attached.
+fn napi(ns: &NetNs, iface: &str) -> PinRoot {
+    let pins = PinRoot::new();
+    lbagent(ns, &pins, &["attach", iface]).assert_ok();
+    pins
+}
+
+/// An interface's index and MAC inside a namespace.
+fn link(ns: &NetNs, iface: &str) -> (u32, [u8; 6]) {
+    let json: serde_json::Value =
+        serde_json::from_str(&ns.ip(&["-j", "link", "show", "dev", iface])).expect("ip -j");
+    let index = json[0]["ifindex"].as_u64().expect("ifindex") as u32;
+    (
+        index,
+        parse_mac(json[0]["address"].as_str().expect("address")),
+    )
+}
+
+fn parse_mac(text: &str) -> [u8; 6] {
+    let bytes: Vec<u8> = text
+        .split(':')
+        .map(|b| u8::from_str_radix(b, 16).expect("hex"))
+        .collect();
+    bytes.try_into().expect("six bytes")
+}
+
+fn mac_text(mac: [u8; 6]) -> String {
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+/// The MACs that answered `count` ARP requests for `ip` sent out of `iface`.
+fn arping(ns: &NetNs, iface: &str, ip: &str, count: u32) -> BTreeSet<String> {
+    let out = ns.exec(
+        "arping",
+        &[
+            "-c",
+            &count.to_string(),
+            "-W",
+            "0.1",
+            "-w",
+            "2",
+            "-i",
+            iface,
+            ip,
+        ],
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    stdout
+        .lines()
+        .filter_map(|line| line.split(" bytes from ").nth(1))
+        .filter_map(|rest| rest.split_whitespace().next())
+        .map(str::to_ascii_lowercase)
+        .collect()
+}
+
+/// The MACs that answered a neighbour solicitation for `ip` sent out of `iface` (every
+/// answer within the wait, not only the first).
+fn ndisc6(ns: &NetNs, iface: &str, ip: &str) -> BTreeSet<String> {
+    let out = ns.exec(
+        "ndisc6",
+        &["-m", "-q", "-n", "-r", "2", "-w", "500", ip, iface],
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|line| line.trim().to_ascii_lowercase())
+        .filter(|line| !line.is_empty())
+        .collect()
+}
+
+/// A client and a node on one link, lbagent's program on the node's eth0, and its neighbour
+/// map written as the sink would: this node answers for OWNED*, another node for ELSEWHERE*.
+struct Responder {
+    pair: Pair,
+    pins: PinRoot,
+    node_mac: [u8; 6],
+    _client_pins: PinRoot,
+}
+
+impl Responder {
+    fn new() -> Self {
+        let pair = Pair::new(&[]);
+        let client_pins = napi(&pair.client, "eth0");
+        let pins = PinRoot::new();
+        lbagent(&pair.node, &pins, &["attach", "eth0"]).assert_ok();
+        let (ifindex, node_mac) = link(&pair.node, "eth0");
+        for address in [ELSEWHERE4, ELSEWHERE6] {
+            let prefix = if address.contains(':') { 128 } else { 32 };
+            pair.node
+                .ip(&["addr", "add", &format!("{address}/{prefix}"), "dev", "lo"]);
+        }
+        let mut maps = NeighbourMaps::open(&PinLayout::new(pins.path())).expect("pinned maps");
+        for address in [OWNED4, OWNED6] {
+            let role = Role::Answer {
+                ifindex,
+                mac: node_mac,
+            };
+            maps.set(address.parse().unwrap(), role).unwrap();
+        }
+        for address in [ELSEWHERE4, ELSEWHERE6] {
+            maps.set(address.parse().unwrap(), Role::Silent).unwrap();
+        }
+        Self {
+            pair,
+            pins,
+            node_mac,
+            _client_pins: client_pins,
+        }
+    }
+
+    fn maps(&self) -> NeighbourMaps {
+        NeighbourMaps::open(&PinLayout::new(self.pins.path())).expect("pinned maps")
+    }
+
+    /// `bpftool -j map dump pinned LB_NEIGHBOUR_STATS`, as address -> field -> sum over CPUs,
+    /// read from the BTF-named fields.
+    fn bpftool_stats(&self) -> Vec<(IpAddr, serde_json::Value)> {
+        let path = self
+            .pins
+            .path()
+            .join(format!("v{PIN_LAYOUT_VERSION}"))
+            .join(maps::NEIGHBOUR_STATS);
+        let json = run_ok(
+            "bpftool",
+            &["-j", "map", "dump", "pinned", path.to_str().unwrap()],
+        );
+        let entries: serde_json::Value = serde_json::from_str(&json).expect("bpftool json");
+        let mut out = Vec::new();
+        for entry in entries.as_array().expect("entries") {
+            let formatted = &entry["formatted"];
+            let key = &formatted["key"];
+            let addr: Vec<u8> = key["addr"]
+                .as_array()
+                .expect("named key field addr")
+                .iter()
+                .map(|b| b.as_u64().unwrap() as u8)
+                .collect();
+            let address: IpAddr = match key["family"].as_u64().expect("named field family") {
+                4 => <[u8; 4]>::try_from(&addr[..4]).unwrap().into(),
+                6 => <[u8; 16]>::try_from(&addr[..]).unwrap().into(),
+                other => panic!("family {other}"),
+            };
+            let mut sums = serde_json::Map::new();
+            for cpu in formatted["values"].as_array().expect("per-CPU values") {
+                for field in ["answered", "silenced", "foreign"] {
+                    let value = cpu["value"][field].as_u64().expect("named counter");
+                    let sum = sums.get(field).and_then(|v| v.as_u64()).unwrap_or(0);
+                    sums.insert(field.to_owned(), (sum + value).into());
+                }
+            }
+            out.push((address, serde_json::Value::Object(sums)));
+        }
+        out
+    }
+}
+
+#[test]
+fn the_responder_answers_arping_and_ndisc6_from_the_owner_only() {
+    let r = Responder::new();
+    let client = &r.pair.client;
+    let expected = BTreeSet::from([mac_text(r.node_mac)]);
+    assert_eq!(arping(client, "eth0", OWNED4, 3), expected);
+    assert_eq!(ndisc6(client, "eth0", OWNED6), expected);
+    // The node's kernel holds these, and would answer: the program keeps it silent.
+    assert_eq!(arping(client, "eth0", ELSEWHERE4, 2), BTreeSet::new());
+    assert_eq!(ndisc6(client, "eth0", ELSEWHERE6), BTreeSet::new());
+    // The client's own kernel resolves the address through the program's answer (the ping
+    // itself goes unanswered: the node does not hold the address in this test).
+    client.exec("ping", &["-c", "1", "-W", "1", OWNED4]);
+    let neighbours = client.ip(&["neigh", "show", OWNED4, "dev", "eth0"]);
+    assert!(
+        neighbours.contains(&mac_text(r.node_mac)),
+        "client's entry: {neighbours}"
+    );
+
+    let maps = r.maps();
+    let owned4 = maps.counters(OWNED4.parse().unwrap()).unwrap().unwrap();
+    // Three from arping, one for the client's kernel.
+    assert_eq!(owned4.answered, 4, "{owned4:?}");
+    let elsewhere4 = maps.counters(ELSEWHERE4.parse().unwrap()).unwrap().unwrap();
+    assert!(elsewhere4.silenced >= 2, "{elsewhere4:?}");
+    assert_eq!(elsewhere4.answered, 0);
+    let elsewhere6 = maps.counters(ELSEWHERE6.parse().unwrap()).unwrap().unwrap();
+    assert!(elsewhere6.silenced >= 1, "{elsewhere6:?}");
+
+    // bpftool reads the same counters, by field name.
+    let dumped = r.bpftool_stats();
+    let find = |address: &str| {
+        let address: IpAddr = address.parse().unwrap();
+        dumped
+            .iter()
+            .find(|(a, _)| *a == address)
+            .map(|(_, v)| v.clone())
+            .expect("address in the bpftool dump")
+    };
+    assert_eq!(find(OWNED4)["answered"].as_u64(), Some(owned4.answered));
+    assert_eq!(
+        find(ELSEWHERE4)["silenced"].as_u64(),
+        Some(elsewhere4.silenced)
+    );
+}
+
+#[test]
+fn announcements_move_a_clients_neighbour_entry() {
+    let r = Responder::new();
+    let client = &r.pair.client;
+    let stale = "02:00:00:00:99:99";
+    for address in [OWNED4, OWNED6] {
+        client.ip(&[
+            "neigh", "replace", address, "lladdr", stale, "dev", "eth0", "nud", "stale",
+        ]);
+    }
+    let (ifindex, mac) = link(&r.pair.node, "eth0");
+    in_netns(&r.pair.node, move || {
+        let announcer = Announcer::new().expect("packet socket");
+        for address in [OWNED4, OWNED6] {
+            announcer
+                .announce(address.parse().unwrap(), ifindex, mac)
+                .expect("announce");
+        }
+    });
+    for address in [OWNED4, OWNED6] {
+        let moved = wait_until(Duration::from_secs(5), || {
+            client
+                .ip(&["neigh", "show", address, "dev", "eth0"])
+                .contains(&mac_text(mac))
+        });
+        assert!(
+            moved,
+            "{address}: {}",
+            client.ip(&["neigh", "show", address, "dev", "eth0"])
+        );
+    }
+}
+
+#[test]
+fn older_pins_without_the_neighbour_maps_get_them_and_keep_the_rest() {
+    let pair = Pair::new(&[]);
+    let _client_pins = napi(&pair.client, "eth0");
+    let pins = PinRoot::new();
+    lbagent(&pair.node, &pins, &["attach", "eth0"]).assert_ok();
+    let dir = pins.path().join(format!("v{PIN_LAYOUT_VERSION}"));
+    let map_id = |name: &str| -> u64 {
+        let json = run_ok(
+            "bpftool",
+            &[
+                "-j",
+                "map",
+                "show",
+                "pinned",
+                dir.join(name).to_str().unwrap(),
+            ],
+        );
+        serde_json::from_str::<serde_json::Value>(&json).unwrap()["id"]
+            .as_u64()
+            .expect("map id")
+    };
+    let config_before = map_id(maps::VIP_CONFIG);
+    // What an agent from before the responder leaves: the same layout without these maps.
+    for name in [maps::NEIGHBOURS, maps::NEIGHBOUR_STATS] {
+        std::fs::remove_file(dir.join(name)).unwrap();
+    }
+    lbagent(&pair.node, &pins, &["attach", "eth0"]).assert_ok();
+    assert_eq!(
+        map_id(maps::VIP_CONFIG),
+        config_before,
+        "existing maps reused"
+    );
+    // The program in the link is the new one and uses the newly pinned map: it answers.
+    let (ifindex, mac) = link(&pair.node, "eth0");
+    let mut maps = NeighbourMaps::open(&PinLayout::new(pins.path())).expect("new pins");
+    maps.set(OWNED4.parse().unwrap(), Role::Answer { ifindex, mac })
+        .unwrap();
+    assert_eq!(
+        arping(&pair.client, "eth0", OWNED4, 2),
+        BTreeSet::from([mac_text(mac)])
+    );
+}
