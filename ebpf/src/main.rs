@@ -513,6 +513,18 @@ fn transport(ctx: &XdpContext, offset: usize, protocol: u8, icmp: u8) -> Transpo
     }
 }
 
+/// The benchmarks' baseline for what the neighbour responder adds: `lbagent_xdp` without it.
+#[xdp]
+pub fn lbagent_xdp_no_l2(ctx: XdpContext) -> u32 {
+    let Some((ether_type, l3)) = link_layer(&ctx) else {
+        return XDP_PASS;
+    };
+    let Some(packet) = classify(&ctx, ether_type, l3) else {
+        return XDP_PASS;
+    };
+    handle(&ctx, packet)
+}
+
 /// The benchmarks' baseline: the cheapest program the same toolchain builds. The agent never
 /// loads it (nor the two below).
 #[xdp]

@@ -2,6 +2,7 @@
 
 mod bench;
 mod bench_dataplane;
+mod bench_failover;
 mod bench_routing;
 mod build_ebpf;
 mod cmd;
@@ -43,6 +44,8 @@ enum Bench {
     Routing,
     /// The XDP program's per-packet cost against a trivial XDP_PASS program; verifier counts.
     Dataplane,
+    /// Local (L2) addresses: what the ARP/NDP responder adds to other frames.
+    Failover,
 }
 
 fn main() -> Result<()> {
@@ -63,6 +66,7 @@ fn main() -> Result<()> {
                 Bench::Addresses => bench::addresses(),
                 Bench::Routing => bench_routing::run(),
                 Bench::Dataplane => bench_dataplane::run(),
+                Bench::Failover => bench_failover::run(),
             }
         }
     }
