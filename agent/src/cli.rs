@@ -63,6 +63,23 @@ pub enum Command {
         #[arg(long, env = "NODE_NAME")]
         node_name: Option<String>,
     },
+    /// Run this node's member of the SWIM membership that decides who answers for local
+    /// addresses. Runs beside the agent, in its own process, so that it outlives the agent's
+    /// restarts.
+    Membership {
+        /// This node's name.
+        #[arg(long, env = "NODE_NAME")]
+        name: String,
+        /// Address and port to run the protocol on (UDP).
+        #[arg(long, env = "LBAGENT_MEMBERSHIP_BIND")]
+        bind: std::net::SocketAddr,
+        /// Another node's membership address; repeat for each (any one alive is enough).
+        #[arg(long = "seed")]
+        seeds: Vec<std::net::SocketAddr>,
+        /// Where the live members are published for the agent.
+        #[arg(long, default_value = "/run/lbagent/members.json")]
+        members_file: PathBuf,
+    },
     /// Remove everything lbagent created: the load-balancer interface with its addresses,
     /// and the dataplane's programs and pins.
     Cleanup {
@@ -162,6 +179,29 @@ pub fn run(cli: Cli, out: &mut impl Write) -> Result<()> {
             let loaded = Config::load(&config, node_name.as_deref())?;
             init_logging(cli.log_format.or(loaded.log_format), "info");
             runtime()?.block_on(crate::daemon::run(config, node_name, loaded))?;
+        }
+        Command::Membership {
+            name,
+            bind,
+            seeds,
+            members_file,
+        } => {
+            init_logging(cli.log_format, "info");
+            let settings = crate::membership::Settings {
+                name,
+                bind,
+                seeds,
+                members_file,
+            };
+            runtime()?.block_on(crate::membership::run(settings, async {
+                let mut term =
+                    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                        .ok();
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
+                }
+            }))?;
         }
         Command::Bird {
             command: BirdCommand::Render { config, router_id },
@@ -312,6 +352,7 @@ fn run_dataplane_command(command: Command, pins: &PinLayout, out: &mut impl Writ
     let pins = pins.clone();
     match command {
         Command::Run { .. }
+        | Command::Membership { .. }
         | Command::Cleanup { .. }
         | Command::Status { .. }
         | Command::Bird { .. } => {

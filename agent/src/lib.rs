@@ -16,6 +16,7 @@ pub mod daemon;
 pub mod dataplane;
 pub mod desired;
 pub mod http;
+pub mod membership;
 pub mod metrics;
 pub mod rates;
 pub mod reconcile;

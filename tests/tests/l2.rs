@@ -6,10 +6,13 @@ use std::{collections::BTreeSet, net::IpAddr, time::Duration};
 
 use lbagent::{
     dataplane::{NeighbourMaps, PinLayout, Role},
+    membership::Members,
     sinks::neighbours::announce::Announcer,
 };
 use lbagent_common::{PIN_LAYOUT_VERSION, maps};
-use lbagent_tests::{NetNs, Pair, PinRoot, in_netns, lbagent, run_ok, wait_until};
+use lbagent_tests::{
+    NetNs, Pair, PinRoot, TempDir, in_netns, lbagent, lbagent_bin, run_ok, wait_until,
+};
 
 /// Local addresses in the pair's subnets (10.200.0.0/24, fd00:200::/64).
 const OWNED4: &str = "10.200.0.100";
@@ -301,4 +304,160 @@ fn older_pins_without_the_neighbour_maps_get_them_and_keep_the_rest() {
         arping(&pair.client, "eth0", OWNED4, 2),
         BTreeSet::from([mac_text(mac)])
     );
+}
+
+/// One L2 segment: a bridge in a namespace of its own, and nodes each joined to it by a
+/// veth (`eth0` in the node, 10.201.0.1N/24 and fd00:201::1N/64).
+struct Segment {
+    bridge: NetNs,
+    nodes: Vec<NetNs>,
+}
+
+impl Segment {
+    const MEMBERSHIP_PORT: u16 = 7946;
+
+    fn new(nodes: usize) -> Self {
+        let bridge = NetNs::new("lbt-l2seg");
+        bridge.ip(&["link", "add", "br0", "type", "bridge"]);
+        bridge.ip(&["link", "set", "br0", "up"]);
+        let nodes = (0..nodes)
+            .map(|i| {
+                let node = NetNs::new(&format!("lbt-l2n{i}"));
+                let port = format!("p{i}");
+                lbagent_tests::veth((&node, "eth0"), (&bridge, &port));
+                bridge.ip(&["link", "set", &port, "master", "br0", "up"]);
+                node.exec("sysctl", &["-qw", "net.ipv6.conf.all.accept_dad=0"]);
+                node.ip(&["addr", "add", &format!("10.201.0.1{i}/24"), "dev", "eth0"]);
+                node.ip(&[
+                    "addr",
+                    "add",
+                    &format!("fd00:201::1{i}/64"),
+                    "dev",
+                    "eth0",
+                    "nodad",
+                ]);
+                node.ip(&["link", "set", "eth0", "up"]);
+                node
+            })
+            .collect();
+        Self { bridge, nodes }
+    }
+
+    fn membership_addr(i: usize) -> String {
+        format!("10.201.0.1{i}:{}", Self::MEMBERSHIP_PORT)
+    }
+
+    fn name(i: usize) -> String {
+        format!("node-{i}")
+    }
+
+    /// Starts `lbagent membership` on node `i`, seeded with every other node.
+    fn membership(&self, i: usize, dir: &TempDir) -> Member {
+        let file = dir.path().join(format!("members-{i}.json"));
+        let log = dir.path().join(format!("membership-{i}.log"));
+        let mut command = self.nodes[i].command(&lbagent_bin());
+        command
+            .args(["membership", "--name", &Self::name(i), "--bind"])
+            .arg(Self::membership_addr(i))
+            .arg("--members-file")
+            .arg(&file);
+        for j in (0..self.nodes.len()).filter(|j| *j != i) {
+            command.arg("--seed").arg(Self::membership_addr(j));
+        }
+        let log_file = std::fs::File::create(&log).expect("log file");
+        let child = command
+            .stdout(log_file.try_clone().expect("log fd"))
+            .stderr(log_file)
+            .spawn()
+            .expect("start lbagent membership");
+        Member { child, file, log }
+    }
+}
+
+/// A running `lbagent membership`; killed on drop.
+struct Member {
+    child: std::process::Child,
+    file: std::path::PathBuf,
+    log: std::path::PathBuf,
+}
+
+impl Member {
+    fn alive(&self) -> BTreeSet<String> {
+        Members::read(&self.file)
+            .map(|members| members.names())
+            .unwrap_or_default()
+    }
+
+    fn signal(&self, signal: nix::sys::signal::Signal) {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        nix::sys::signal::kill(pid, signal).expect("signal");
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Member {
+    fn drop(&mut self) {
+        self.signal(nix::sys::signal::Signal::SIGCONT);
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn names(indexes: &[usize]) -> BTreeSet<String> {
+    indexes.iter().map(|i| Segment::name(*i)).collect()
+}
+
+/// Polls until every member in `watchers` sees exactly `expected` alive.
+fn wait_for_view(members: &[Member], watchers: &[usize], expected: &[usize]) {
+    let expected = names(expected);
+    let agreed = wait_until(Duration::from_secs(10), || {
+        watchers.iter().all(|i| members[*i].alive() == expected)
+    });
+    assert!(
+        agreed,
+        "expected {expected:?} from {watchers:?}; got {:?}\n{}",
+        watchers
+            .iter()
+            .map(|i| members[*i].alive())
+            .collect::<Vec<_>>(),
+        members
+            .iter()
+            .map(Member::log)
+            .collect::<Vec<_>>()
+            .join("\n---\n")
+    );
+}
+
+#[test]
+fn membership_sees_frozen_unlinked_and_leaving_nodes_go_and_come_back() {
+    use nix::sys::signal::Signal;
+    let segment = Segment::new(3);
+    let dir = TempDir::new("lbt-l2-members");
+    let members: Vec<Member> = (0..3).map(|i| segment.membership(i, &dir)).collect();
+    wait_for_view(&members, &[0, 1, 2], &[0, 1, 2]);
+
+    // Frozen: it cannot answer probes; the others declare it down. Thawed, it rejoins.
+    members[0].signal(Signal::SIGSTOP);
+    wait_for_view(&members, &[1, 2], &[1, 2]);
+    members[0].signal(Signal::SIGCONT);
+    wait_for_view(&members, &[0, 1, 2], &[0, 1, 2]);
+
+    // Its link down: the same, from the other side of the segment.
+    segment.nodes[1].ip(&["link", "set", "eth0", "down"]);
+    wait_for_view(&members, &[0, 2], &[0, 2]);
+    segment.nodes[1].ip(&["link", "set", "eth0", "up"]);
+    wait_for_view(&members, &[0, 1, 2], &[0, 1, 2]);
+
+    // A clean stop leaves the cluster: the others drop it without waiting for suspicion.
+    members[2].signal(Signal::SIGTERM);
+    wait_for_view(&members, &[0, 1], &[0, 1]);
+    assert!(
+        members[2].log().contains("left the cluster"),
+        "{}",
+        members[2].log()
+    );
+    let _ = &segment.bridge;
 }
