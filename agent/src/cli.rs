@@ -192,6 +192,7 @@ pub fn run(cli: Cli, out: &mut impl Write) -> Result<()> {
                 bind,
                 seeds,
                 members_file,
+                pins: Some(pins.clone()),
             };
             runtime()?.block_on(crate::membership::run(settings, async {
                 let mut term =

@@ -22,7 +22,9 @@ use foca::{Config, Foca, Identity, OwnedNotification, PostcardCodec, Timer};
 use rand::{SeedableRng as _, rngs::StdRng};
 use serde::{Deserialize, Serialize};
 use tokio::{net::UdpSocket, sync::mpsc};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
+
+use crate::dataplane::{Lease, PinLayout};
 
 /// Probe timing. A dead member is first probed within about one period (each member probes
 /// one other per period); unanswered directly within `PROBE_RTT` and indirectly by the end
@@ -31,6 +33,12 @@ use tracing::{info, warn};
 pub const PROBE_PERIOD: Duration = Duration::from_millis(100);
 pub const PROBE_RTT: Duration = Duration::from_millis(40);
 pub const SUSPECT_TO_DOWN: Duration = Duration::from_millis(200);
+/// How long the node may answer for its local addresses after the last renewal of its lease
+/// (see `lbagent_common::maps::NEIGHBOUR_LEASE`), and how often it is renewed. A frozen node
+/// stops answering within `LEASE`, before the others, which declare it down after
+/// `SUSPECT_TO_DOWN` plus detection, start.
+pub const LEASE: Duration = Duration::from_millis(300);
+const LEASE_RENEWAL: Duration = Duration::from_millis(50);
 /// Seeds that are not members yet (started later, or across a healed partition) are
 /// announced to this often.
 const REANNOUNCE: Duration = Duration::from_millis(500);
@@ -138,6 +146,8 @@ pub struct Settings {
     /// Other nodes' membership addresses to join through (any one alive is enough).
     pub seeds: Vec<SocketAddr>,
     pub members_file: PathBuf,
+    /// The dataplane's pins, whose answering lease this process renews (once they exist).
+    pub pins: Option<PinLayout>,
 }
 
 /// foca's settings with lbagent's timing (see [`PROBE_PERIOD`]).
@@ -203,6 +213,9 @@ pub async fn run(
 
     let mut reannounce = tokio::time::interval(REANNOUNCE);
     reannounce.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut renewal = tokio::time::interval(LEASE_RENEWAL);
+    renewal.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut lease: Option<Lease> = None;
     let mut buf = vec![0u8; 65_536];
     tokio::pin!(shutdown);
     loop {
@@ -219,6 +232,7 @@ pub async fn run(
                 }
             }
             _ = reannounce.tick() => member.announce_to_strangers(&mut swim, &mut runtime),
+            _ = renewal.tick() => renew(&member.settings, &mut lease),
             () = &mut shutdown => {
                 if let Err(err) = swim.leave_cluster(&mut runtime) {
                     warn!(%err, "membership: leaving the cluster failed");
@@ -229,6 +243,33 @@ pub async fn run(
             }
         }
         member.flush(&swim, &mut runtime).await?;
+    }
+}
+
+/// Renews the answering lease, opening the pinned map first if needed (the agent may not
+/// have created it yet). A lease that cannot be renewed runs out: the node stops answering,
+/// as it should when its membership cannot keep it.
+fn renew(settings: &Settings, lease: &mut Option<Lease>) {
+    let Some(pins) = &settings.pins else {
+        return;
+    };
+    if lease.is_none() {
+        match Lease::open(pins) {
+            Ok(opened) => {
+                info!(dir = %pins.dir().display(), "membership: renewing the answering lease");
+                *lease = Some(opened);
+            }
+            Err(err) => {
+                debug!(%err, "membership: no lease to renew yet");
+                return;
+            }
+        }
+    }
+    if let Some(open) = lease
+        && let Err(err) = open.renew(Some(LEASE))
+    {
+        warn!(%err, "membership: cannot renew the answering lease");
+        *lease = None;
     }
 }
 

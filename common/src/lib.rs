@@ -52,8 +52,13 @@ pub mod maps {
     /// Per-CPU hash `NeighbourKey -> NeighbourStats`: what the responder did per address.
     /// Userspace creates each entry (zeroed) with the address; the program only counts.
     pub const NEIGHBOUR_STATS: &str = "LB_NEIGHBOUR_STATS";
+    /// `u64` array of one entry: until when (`CLOCK_MONOTONIC`, ns) this node may answer
+    /// for the addresses it owns. `lbagent membership` renews it while it runs; a node whose
+    /// processes are frozen stops answering once it lapses, before the others (which no
+    /// longer hear it) take its addresses over. 0: no lease kept, answer regardless.
+    pub const NEIGHBOUR_LEASE: &str = "LB_NEIGHBOUR_LEASE";
     /// Every map the object declares.
-    pub const ALL: [&str; 11] = [
+    pub const ALL: [&str; 12] = [
         VIPS_V4,
         VIPS_V6,
         VIP_CONFIG,
@@ -65,6 +70,7 @@ pub mod maps {
         RANGES_V6,
         NEIGHBOURS,
         NEIGHBOUR_STATS,
+        NEIGHBOUR_LEASE,
     ];
     /// Capacity of the neighbour maps: local addresses a node can answer for or silence.
     pub const MAX_NEIGHBOURS: u32 = 8_192;

@@ -20,8 +20,8 @@
 use aya_ebpf::{
     EbpfContext as _,
     bindings::xdp_action::{XDP_DROP, XDP_PASS, XDP_TX},
-    btf_maps::{HashMap, PerCpuHashMap},
-    helpers::generated::bpf_xdp_adjust_tail,
+    btf_maps::{Array, HashMap, PerCpuHashMap},
+    helpers::generated::{bpf_ktime_get_ns, bpf_xdp_adjust_tail},
     macros::btf_map,
     programs::XdpContext,
 };
@@ -40,6 +40,11 @@ static LB_NEIGHBOUR_STATS: PerCpuHashMap<
     NeighbourStats,
     { MAX_NEIGHBOURS as usize },
 > = PerCpuHashMap::new();
+
+/// Until when this node may answer (`CLOCK_MONOTONIC` ns); 0: always. See
+/// `lbagent_common::maps::NEIGHBOUR_LEASE`.
+#[btf_map]
+static LB_NEIGHBOUR_LEASE: Array<u64, 1> = Array::new();
 
 /// EtherTypes as loaded (see `ETH_IPV4` in main.rs).
 pub const ETH_ARP: u16 = 0x0806u16.to_be();
@@ -227,11 +232,24 @@ fn decide(ctx: &XdpContext, key: &NeighbourKey) -> Option<NeighbourEntry> {
     // SAFETY: a map value, read once by copy; userspace replaces entries whole.
     let mut entry = unsafe { *LB_NEIGHBOURS.get_ptr(key)? };
     let elsewhere = entry.ifindex != 0 && entry.ifindex as usize != ctx.ingress_ifindex();
-    if entry.role != NEIGHBOUR_ANSWER || elsewhere {
+    if entry.role != NEIGHBOUR_ANSWER || elsewhere || lapsed() {
         entry.role = NEIGHBOUR_SILENT;
         count(key, |stats| stats.silenced += 1);
     }
     Some(entry)
+}
+
+/// Whether the membership's lease on answering has run out (its process is frozen or
+/// gone, so the other nodes are about to take the addresses over).
+#[inline(always)]
+fn lapsed() -> bool {
+    let Some(until) = LB_NEIGHBOUR_LEASE.get_ptr(0) else {
+        return false;
+    };
+    // SAFETY: an array value, read once; userspace writes it as one aligned 8-byte store.
+    let until = unsafe { core::ptr::read_volatile(until) };
+    // SAFETY: a helper without arguments.
+    until != 0 && unsafe { bpf_ktime_get_ns() } > until
 }
 
 /// Someone with hardware address `mac` claims the address `key`: counted when this node

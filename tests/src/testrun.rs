@@ -8,7 +8,7 @@ use aya::{
     programs::{ProgramError, Xdp},
 };
 use lbagent::{
-    dataplane::{Maps, NeighbourMaps, PortId, VipPolicy},
+    dataplane::{Lease, Maps, NeighbourMaps, PortId, VipPolicy},
     sinks::dataplane::DataplaneSink,
 };
 use lbagent_common::{VipStats, XDP_PROGRAM};
@@ -23,6 +23,7 @@ pub struct Harness {
     ebpf: Ebpf,
     sink: DataplaneSink,
     neighbours: NeighbourMaps,
+    lease: Lease,
 }
 
 impl Harness {
@@ -40,11 +41,18 @@ impl Harness {
         let maps = Maps::from_ebpf(&mut ebpf).expect("maps");
         let sink = DataplaneSink::new(maps).expect("sink");
         let neighbours = NeighbourMaps::from_ebpf(&mut ebpf).expect("neighbour maps");
+        let lease = Lease::from_ebpf(&mut ebpf).expect("lease map");
         Self {
             ebpf,
             sink,
             neighbours,
+            lease,
         }
+    }
+
+    /// The neighbour responder's answering lease.
+    pub fn lease(&mut self) -> &mut Lease {
+        &mut self.lease
     }
 
     /// The neighbour responder's maps.

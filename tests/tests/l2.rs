@@ -286,7 +286,11 @@ fn older_pins_without_the_neighbour_maps_get_them_and_keep_the_rest() {
     };
     let config_before = map_id(maps::VIP_CONFIG);
     // What an agent from before the responder leaves: the same layout without these maps.
-    for name in [maps::NEIGHBOURS, maps::NEIGHBOUR_STATS] {
+    for name in [
+        maps::NEIGHBOURS,
+        maps::NEIGHBOUR_STATS,
+        maps::NEIGHBOUR_LEASE,
+    ] {
         std::fs::remove_file(dir.join(name)).unwrap();
     }
     lbagent(&pair.node, &pins, &["attach", "eth0"]).assert_ok();
@@ -460,4 +464,56 @@ fn membership_sees_frozen_unlinked_and_leaving_nodes_go_and_come_back() {
         members[2].log()
     );
     let _ = &segment.bridge;
+}
+
+#[test]
+fn a_node_whose_membership_is_frozen_stops_answering_and_resumes_when_thawed() {
+    use nix::sys::signal::Signal;
+    let r = Responder::new();
+    let client = &r.pair.client;
+    let dir = TempDir::new("lbt-l2-lease");
+    let file = dir.path().join("members.json");
+    let log = dir.path().join("membership.log");
+    let log_file = std::fs::File::create(&log).expect("log file");
+    let child = r
+        .pair
+        .node
+        .command(&lbagent_bin())
+        .arg("--pin-root")
+        .arg(r.pins.path())
+        .args(["membership", "--name", "node", "--bind"])
+        .arg(format!("{}:7946", Pair::NODE_V4))
+        .arg("--members-file")
+        .arg(&file)
+        .stdout(log_file.try_clone().expect("log fd"))
+        .stderr(log_file)
+        .spawn()
+        .expect("start lbagent membership");
+    let member = Member {
+        child,
+        file,
+        log: log.clone(),
+    };
+    let answered = |expected: bool| {
+        let reached = wait_until(Duration::from_secs(10), || {
+            arping(client, "eth0", OWNED4, 1).is_empty() != expected
+        });
+        assert!(reached, "answering should be {expected}\n{}", member.log());
+    };
+    let renewing = wait_until(Duration::from_secs(10), || {
+        member.log().contains("renewing the answering lease")
+    });
+    assert!(renewing, "{}", member.log());
+    answered(true);
+    member.signal(Signal::SIGSTOP);
+    answered(false);
+    let silenced = r
+        .maps()
+        .counters(OWNED4.parse().unwrap())
+        .unwrap()
+        .unwrap()
+        .silenced;
+    assert!(silenced >= 1, "the program dropped the requests itself");
+    member.signal(Signal::SIGCONT);
+    answered(true);
 }

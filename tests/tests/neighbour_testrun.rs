@@ -2,7 +2,10 @@
 //! and verifier, its maps written by the agent's own code, hand-built requests, and the
 //! answers checked byte by byte (checksums recomputed here independently).
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::{
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    time::Duration,
+};
 
 use lbagent::dataplane::{NeighbourCounters, Role};
 use lbagent_tests::testrun::{Harness, XDP_DROP, XDP_PASS};
@@ -390,4 +393,28 @@ fn removing_an_address_stops_the_answers_and_its_counters() {
     assert_eq!(roles.len(), 3);
     assert_eq!(roles[&IpAddr::from(SILENT4)], Role::Silent);
     assert_eq!(roles[&IpAddr::from(OWNED6)], answer(0));
+}
+
+#[test]
+fn a_lapsed_lease_silences_the_owner_and_a_renewed_one_restores_it() {
+    let mut h = harness();
+    h.lease().renew(Some(Duration::from_secs(5))).unwrap();
+    assert_eq!(run(&h, &arp_request(OWNED4, None)).0, XDP_TX);
+    // Renewed "for zero": it has already run out when the frame comes.
+    h.lease().renew(Some(Duration::ZERO)).unwrap();
+    assert_eq!(verdict_untouched(&h, &arp_request(OWNED4, None)), XDP_DROP);
+    let ns = solicitation(ASKER6, OWNED6, 255, &[]);
+    assert_eq!(verdict_untouched(&h, &ns), XDP_DROP);
+    // Foreign claims are still seen while silent.
+    let mut reply = ethernet(ASKER_MAC, OTHER_MAC, None, 0x0806);
+    reply.extend(arp(2, OTHER_MAC, OWNED4, ASKER_MAC, ASKER4));
+    assert_eq!(verdict_untouched(&h, &reply), XDP_PASS);
+    let counted = counters(&mut h, OWNED4);
+    assert_eq!(
+        (counted.answered, counted.silenced, counted.foreign),
+        (1, 1, 1)
+    );
+    // No lease kept at all (no membership running): answer.
+    h.lease().renew(None).unwrap();
+    assert_eq!(run(&h, &arp_request(OWNED4, None)).0, XDP_TX);
 }

@@ -32,7 +32,7 @@ use lbagent_common::{
 use tracing::{info, warn};
 
 pub use follow::start;
-pub use neighbours::{NeighbourCounters, NeighbourMaps, Role};
+pub use neighbours::{Lease, NeighbourCounters, NeighbourMaps, Role};
 pub use pins::{PinLayout, XdpLinkPin};
 pub use tables::{Maps, PortEntry, PortId, VipEntry, VipPolicy};
 pub use vips::{PortCounters, VipCounters, VipTable};
@@ -202,9 +202,13 @@ const fn hash<K, V>(name: &'static str, map_type: MapType) -> MapSpec {
 /// Maps added to the object after its layout version was first released: an older agent's
 /// pins of the same version lack them, and they are created and pinned beside the reused
 /// ones (the others' keys and values are unchanged, so the version stays).
-const ADDED_MAPS: [&str; 2] = [maps::NEIGHBOURS, maps::NEIGHBOUR_STATS];
+const ADDED_MAPS: [&str; 3] = [
+    maps::NEIGHBOURS,
+    maps::NEIGHBOUR_STATS,
+    maps::NEIGHBOUR_LEASE,
+];
 
-const MAP_SPECS: [MapSpec; 11] = [
+const MAP_SPECS: [MapSpec; 12] = [
     array::<Bucket>(maps::VIPS_V4, maps::VIP_BUCKETS),
     array::<Bucket>(maps::VIPS_V6, maps::VIP_BUCKETS),
     array::<VipConfig>(maps::VIP_CONFIG, maps::MAX_VIPS),
@@ -216,6 +220,14 @@ const MAP_SPECS: [MapSpec; 11] = [
     trie::<RangeKeyV6>(maps::RANGES_V6),
     hash::<NeighbourKey, NeighbourEntry>(maps::NEIGHBOURS, MapType::Hash),
     hash::<NeighbourKey, NeighbourStats>(maps::NEIGHBOUR_STATS, MapType::PerCpuHash),
+    MapSpec {
+        name: maps::NEIGHBOUR_LEASE,
+        map_type: MapType::Array,
+        key_size: 4,
+        value_size: 8,
+        max_entries: 1,
+        flags: 0,
+    },
 ];
 
 /// Attaches the XDP program to `iface`, reusing the pinned maps if there are any, and the tc

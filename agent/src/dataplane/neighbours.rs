@@ -2,11 +2,11 @@
 //! answers ARP and neighbour solicitations for, which it keeps silent on, and what the
 //! program counted for each.
 
-use std::{collections::BTreeMap, net::IpAddr};
+use std::{collections::BTreeMap, net::IpAddr, time::Duration};
 
 use aya::{
     Ebpf,
-    maps::{HashMap, Map, MapData, MapError, PerCpuHashMap, PerCpuValues},
+    maps::{Array, HashMap, Map, MapData, MapError, PerCpuHashMap, PerCpuValues},
 };
 use lbagent_common::{
     NEIGHBOUR_ANSWER, NEIGHBOUR_SILENT, NeighbourEntry, NeighbourKey, NeighbourStats, maps,
@@ -198,6 +198,59 @@ fn not_found(err: &MapError) -> bool {
         MapError::KeyNotFound => true,
         MapError::SyscallError(err) => err.io_error.raw_os_error() == Some(libc::ENOENT),
         _ => false,
+    }
+}
+
+/// The answering lease (`LB_NEIGHBOUR_LEASE`), which `lbagent membership` renews.
+pub struct Lease {
+    until: Array<MapData, u64>,
+}
+
+impl Lease {
+    /// The pinned lease of a loaded dataplane.
+    pub fn open(pins: &PinLayout) -> Result<Self, DataplaneError> {
+        let name = maps::NEIGHBOUR_LEASE;
+        let data = MapData::from_pin(pins.map(name))
+            .map_err(|source| DataplaneError::Map { name, source })?;
+        let map =
+            Map::from_map_data(data).map_err(|source| DataplaneError::Map { name, source })?;
+        Self::from_map(map)
+    }
+
+    /// The lease of an object loaded in this process (tests, benchmarks).
+    pub fn from_ebpf(ebpf: &mut Ebpf) -> Result<Self, DataplaneError> {
+        let name = maps::NEIGHBOUR_LEASE;
+        Self::from_map(ebpf.take_map(name).ok_or_else(|| invalid_name(name))?)
+    }
+
+    fn from_map(map: Map) -> Result<Self, DataplaneError> {
+        let name = maps::NEIGHBOUR_LEASE;
+        Ok(Self {
+            until: Array::try_from(map).map_err(|source| DataplaneError::Map { name, source })?,
+        })
+    }
+
+    /// Lets the node answer until `for_` from now; `None` lifts the lease (answer always).
+    pub fn renew(&mut self, for_: Option<std::time::Duration>) -> Result<(), DataplaneError> {
+        let until = match for_ {
+            Some(duration) => {
+                let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).map_err(
+                    |errno| DataplaneError::Io {
+                        path: "CLOCK_MONOTONIC".into(),
+                        source: errno.into(),
+                    },
+                )?;
+                let now = Duration::from(now);
+                u64::try_from((now + duration).as_nanos()).unwrap_or(u64::MAX)
+            }
+            None => 0,
+        };
+        self.until
+            .set(0, until, 0)
+            .map_err(|source| DataplaneError::Map {
+                name: maps::NEIGHBOUR_LEASE,
+                source,
+            })
     }
 }
 
