@@ -47,6 +47,15 @@ pub struct Config {
     pub dataplane: Option<DataplaneConfig>,
     /// Where `/metrics`, `/healthz` and `/readyz` are served; `None`: not served.
     pub http_address: Option<SocketAddr>,
+    /// `None`: local addresses are reported, not answered for (no `neighbours:` section).
+    pub neighbours: Option<NeighboursConfig>,
+}
+
+/// Local (L2) addresses: this node answers ARP and neighbour discovery for those it owns.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NeighboursConfig {
+    /// The live members, as `lbagent membership` publishes them.
+    pub members_file: PathBuf,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -112,6 +121,7 @@ pub enum ConfigError {
 
 pub const DEFAULT_INTERFACE: &str = "kube-lb0";
 pub const DEFAULT_STATUS_PATH: &str = "/run/lbagent/status.json";
+pub const DEFAULT_MEMBERS_FILE: &str = "/run/lbagent/members.json";
 const MIN_RESYNC: Duration = Duration::from_secs(1);
 
 #[derive(Debug, Default, Deserialize)]
@@ -129,6 +139,13 @@ struct RawConfig {
     routing: Option<RawRouting>,
     dataplane: Option<RawDataplane>,
     http: Option<RawHttp>,
+    neighbours: Option<RawNeighbours>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawNeighbours {
+    members_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -357,8 +374,26 @@ impl Config {
             }
         };
 
+        let neighbours = match raw.neighbours {
+            None => None,
+            Some(_) if dataplane.is_none() => {
+                return Err(invalid(
+                    "neighbours",
+                    "without dataplane",
+                    "a dataplane: section too: the answers come from its XDP program",
+                ));
+            }
+            Some(raw) => Some(NeighboursConfig {
+                members_file: raw
+                    .members_file
+                    .map(|file| base.join(file))
+                    .unwrap_or_else(|| PathBuf::from(DEFAULT_MEMBERS_FILE)),
+            }),
+        };
+
         Ok(Self {
             dataplane,
+            neighbours,
             http_address,
             routing,
             node_name,

@@ -83,6 +83,14 @@ pub async fn run(config_path: PathBuf, node_name: Option<String>, config: Config
     {
         reconciler = reconciler.with_dataplane(maps);
     }
+    if let (Some(neighbours), Some(dataplane)) = (&config.neighbours, &config.dataplane) {
+        start_neighbours(
+            &config.node_name,
+            neighbours,
+            dataplane,
+            reconciler.applied(),
+        );
+    }
     if let Some(address) = config.http_address {
         let metrics = crate::metrics::ReconcileMetrics::default();
         reconciler = reconciler.with_metrics(metrics.clone());
@@ -225,6 +233,27 @@ async fn start_routing(
         }
     };
     Ok(Routing { renderer, task })
+}
+
+/// Starts the neighbours sink beside the reconciler; without it, local addresses are only
+/// reported, and the log says so.
+fn start_neighbours(
+    node: &str,
+    neighbours: &crate::config::NeighboursConfig,
+    dataplane: &crate::config::DataplaneConfig,
+    applied: watch::Receiver<Option<crate::status::Status>>,
+) {
+    let pins = crate::dataplane::PinLayout::new(&dataplane.pin_root);
+    match crate::sinks::neighbours::NeighbourSink::new(node.to_owned(), &pins) {
+        Ok(sink) => {
+            tokio::spawn(crate::sinks::neighbours::run(
+                sink,
+                neighbours.members_file.clone(),
+                applied,
+            ));
+        }
+        Err(err) => warn!(%err, "local addresses are not answered for"),
+    }
 }
 
 /// Follows lbagent's own config file. A routing change is rendered and applied to BIRD at

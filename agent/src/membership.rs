@@ -19,6 +19,7 @@ use std::{
 };
 
 use foca::{Config, Foca, Identity, OwnedNotification, PostcardCodec, Timer};
+use ipnet::IpNet;
 use rand::{SeedableRng as _, rngs::StdRng};
 use serde::{Deserialize, Serialize};
 use tokio::{net::UdpSocket, sync::mpsc};
@@ -76,6 +77,9 @@ pub struct NodeId {
     pub name: String,
     pub addr: SocketAddr,
     pub generation: u64,
+    /// The subnets of the node's interfaces (read at start): which local addresses it can
+    /// answer for.
+    pub subnets: Vec<IpNet>,
 }
 
 impl Identity for NodeId {
@@ -97,13 +101,19 @@ impl Identity for NodeId {
     }
 }
 
-/// The published view: the live members by name (this node included), with their
-/// membership addresses.
+/// The published view: the live members by name (this node included).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Members {
     /// This node.
     pub node: String,
-    pub alive: BTreeMap<String, SocketAddr>,
+    pub alive: BTreeMap<String, MemberInfo>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemberInfo {
+    /// Its membership address.
+    pub addr: SocketAddr,
+    pub subnets: Vec<IpNet>,
 }
 
 impl Members {
@@ -186,7 +196,9 @@ pub async fn run(
         name: settings.name.clone(),
         addr: settings.bind,
         generation,
+        subnets: node_subnets(),
     };
+    let subnets = identity.subnets.clone();
     let rng = StdRng::seed_from_u64(generation ^ u64::from(settings.bind.port()));
     let mut swim: Swim = Foca::new(
         identity,
@@ -198,6 +210,7 @@ pub async fn run(
     let mut member = Member {
         socket,
         settings,
+        subnets,
         timers: timers_tx,
         published: None,
     };
@@ -276,6 +289,7 @@ fn renew(settings: &Settings, lease: &mut Option<Lease>) {
 struct Member {
     socket: UdpSocket,
     settings: Settings,
+    subnets: Vec<IpNet>,
     timers: mpsc::UnboundedSender<Timer<NodeId>>,
     published: Option<Members>,
 }
@@ -297,6 +311,7 @@ impl Member {
                 name: String::new(),
                 addr: *seed,
                 generation: 0,
+                subnets: Vec::new(),
             };
             if let Err(err) = swim.announce(placeholder, &mut *runtime) {
                 warn!(%err, %seed, "membership: announce failed");
@@ -329,12 +344,22 @@ impl Member {
             changed = true;
         }
         if changed {
-            let mut alive: BTreeMap<String, SocketAddr> = swim
+            let info = |id: &NodeId| MemberInfo {
+                addr: id.addr,
+                subnets: id.subnets.clone(),
+            };
+            let mut alive: BTreeMap<String, MemberInfo> = swim
                 .iter_members()
-                .map(|m| (m.id().name.clone(), m.id().addr))
-                .filter(|(name, _)| !name.is_empty())
+                .filter(|m| !m.id().name.is_empty())
+                .map(|m| (m.id().name.clone(), info(m.id())))
                 .collect();
-            alive.insert(self.settings.name.clone(), self.settings.bind);
+            alive.insert(
+                self.settings.name.clone(),
+                MemberInfo {
+                    addr: self.settings.bind,
+                    subnets: self.subnets.clone(),
+                },
+            );
             let members = Members {
                 node: self.settings.name.clone(),
                 alive,
@@ -346,6 +371,40 @@ impl Member {
         }
         Ok(())
     }
+}
+
+/// The subnets of this node's interfaces: every address with its netmask, loopback and
+/// IPv6 link-local left out.
+pub fn node_subnets() -> Vec<IpNet> {
+    let Ok(addresses) = nix::ifaddrs::getifaddrs() else {
+        return Vec::new();
+    };
+    let mut subnets: Vec<IpNet> = addresses
+        .filter_map(|entry| {
+            let address = entry.address?;
+            let netmask = entry.netmask?;
+            let (ip, mask): (std::net::IpAddr, std::net::IpAddr) =
+                if let (Some(a), Some(m)) = (address.as_sockaddr_in(), netmask.as_sockaddr_in()) {
+                    (a.ip().into(), m.ip().into())
+                } else if let (Some(a), Some(m)) =
+                    (address.as_sockaddr_in6(), netmask.as_sockaddr_in6())
+                {
+                    (a.ip().into(), m.ip().into())
+                } else {
+                    return None;
+                };
+            let unusable = ip.is_loopback()
+                || matches!(ip, std::net::IpAddr::V6(v6) if v6.is_unicast_link_local());
+            if unusable {
+                return None;
+            }
+            let prefix = ipnet::ip_mask_to_prefix(mask).ok()?;
+            IpNet::new(ip, prefix).ok().map(|net| net.trunc())
+        })
+        .collect();
+    subnets.sort();
+    subnets.dedup();
+    subnets
 }
 
 fn log(notification: &OwnedNotification<NodeId>) {
