@@ -347,6 +347,19 @@ impl Segment {
         Self { bridge, nodes }
     }
 
+    /// A client on the segment: 10.201.0.2, fd00:201::2.
+    fn client(&self) -> NetNs {
+        let client = NetNs::new("lbt-l2cl");
+        lbagent_tests::veth((&client, "eth0"), (&self.bridge, "pc"));
+        self.bridge
+            .ip(&["link", "set", "pc", "master", "br0", "up"]);
+        client.exec("sysctl", &["-qw", "net.ipv6.conf.all.accept_dad=0"]);
+        client.ip(&["addr", "add", "10.201.0.2/24", "dev", "eth0"]);
+        client.ip(&["addr", "add", "fd00:201::2/64", "dev", "eth0", "nodad"]);
+        client.ip(&["link", "set", "eth0", "up"]);
+        client
+    }
+
     fn membership_addr(i: usize) -> String {
         format!("10.201.0.1{i}:{}", Self::MEMBERSHIP_PORT)
     }
@@ -357,9 +370,17 @@ impl Segment {
 
     /// Starts `lbagent membership` on node `i`, seeded with every other node.
     fn membership(&self, i: usize, dir: &TempDir) -> Member {
+        self.membership_with_pins(i, dir, None)
+    }
+
+    /// As `membership`, renewing the answering lease in `pins`.
+    fn membership_with_pins(&self, i: usize, dir: &TempDir, pins: Option<&PinRoot>) -> Member {
         let file = dir.path().join(format!("members-{i}.json"));
         let log = dir.path().join(format!("membership-{i}.log"));
         let mut command = self.nodes[i].command(&lbagent_bin());
+        if let Some(pins) = pins {
+            command.arg("--pin-root").arg(pins.path());
+        }
         command
             .args(["membership", "--name", &Self::name(i), "--bind"])
             .arg(Self::membership_addr(i))
@@ -516,4 +537,224 @@ fn a_node_whose_membership_is_frozen_stops_answering_and_resumes_when_thawed() {
     assert!(silenced >= 1, "the program dropped the requests itself");
     member.signal(Signal::SIGCONT);
     answered(true);
+}
+
+const L2_VIP4: &str = "10.201.0.100";
+const L2_VIP6: &str = "fd00:201::100";
+
+/// Three nodes on one segment, each running `lbagent membership` and `lbagent run` (file
+/// source, XDP on eth0, the neighbours sink), serving one service with a local address of
+/// each family, and a client on the same segment.
+struct Cluster {
+    segment: Segment,
+    client: NetNs,
+    dir: TempDir,
+    pins: Vec<PinRoot>,
+    members: Vec<Member>,
+    agents: Vec<Option<lbagent_tests::Agent>>,
+    macs: Vec<String>,
+}
+
+impl Cluster {
+    fn new() -> Self {
+        let segment = Segment::new(3);
+        let client = segment.client();
+        let dir = TempDir::new("lbt-l2-cluster");
+        dir.write("services.yaml", &services(true));
+        let pins: Vec<PinRoot> = (0..3).map(|_| PinRoot::new()).collect();
+        let macs = (0..3)
+            .map(|i| mac_text(link(&segment.nodes[i], "eth0").1))
+            .collect();
+        let members = (0..3)
+            .map(|i| segment.membership_with_pins(i, &dir, Some(&pins[i])))
+            .collect();
+        let mut cluster = Self {
+            segment,
+            client,
+            dir,
+            pins,
+            members,
+            agents: Vec::new(),
+            macs,
+        };
+        cluster.agents = (0..3).map(|i| Some(cluster.start_agent(i))).collect();
+        cluster
+    }
+
+    fn start_agent(&self, i: usize) -> lbagent_tests::Agent {
+        let dir = self.dir.path();
+        // Generic-mode XDP: on a veth, driver-mode XDP_TX needs NAPI on the bridge's end
+        // (see `napi`); the program and its answers are the same.
+        let config = self.dir.write(
+            &format!("lbagent-{i}.yaml"),
+            &format!(
+                "node: {{name: {name}}}\n\
+                 source: {{file: {{path: services.yaml}}}}\n\
+                 addresses: {{interface: lbl2-{i}}}\n\
+                 status: {{path: {dir}/status-{i}.json}}\n\
+                 dataplane: {{interfaces: [eth0], mode: generic, pinRoot: {pins}}}\n\
+                 neighbours: {{membersFile: {dir}/members-{i}.json}}\n",
+                name = Segment::name(i),
+                dir = dir.display(),
+                pins = self.pins[i].path().display(),
+            ),
+        );
+        lbagent_tests::Agent::start(
+            &self.segment.nodes[i],
+            &config,
+            dir.join(format!("agent-{i}-{}.log", std::process::id())),
+        )
+    }
+
+    /// The node the election picks among `alive` for `address`, by index.
+    fn owner(&self, address: &str, alive: &[usize]) -> usize {
+        use lbagent::sinks::neighbours::election::{Endpoints, NodeView, owner};
+        let view: Vec<NodeView> = alive
+            .iter()
+            .map(|i| NodeView {
+                name: Segment::name(*i),
+                subnets: vec![
+                    "10.201.0.0/24".parse().unwrap(),
+                    "fd00:201::/64".parse().unwrap(),
+                ],
+                excluded: false,
+                alive: true,
+            })
+            .collect();
+        let name = owner(address.parse().unwrap(), &view, Endpoints::Anywhere)
+            .expect("an owner")
+            .name
+            .clone();
+        (0..3).find(|i| Segment::name(*i) == name).expect("index")
+    }
+
+    /// Polls until the client sees exactly the owner the election picks among `alive`
+    /// answer, for each address.
+    fn wait_owners(&self, alive: &[usize]) {
+        let expected = (
+            BTreeSet::from([self.macs[self.owner(L2_VIP4, alive)].clone()]),
+            BTreeSet::from([self.macs[self.owner(L2_VIP6, alive)].clone()]),
+        );
+        let mut last = (BTreeSet::new(), BTreeSet::new());
+        let reached = wait_until(Duration::from_secs(15), || {
+            last = (
+                arping(&self.client, "eth0", L2_VIP4, 2),
+                ndisc6(&self.client, "eth0", L2_VIP6),
+            );
+            last == expected
+        });
+        assert!(
+            reached,
+            "alive {alive:?}: expected {expected:?}, got {last:?} (macs {:?})\n{}",
+            self.macs,
+            self.logs()
+        );
+    }
+
+    fn logs(&self) -> String {
+        let mut text = String::new();
+        for (i, agent) in self.agents.iter().enumerate() {
+            if let Some(agent) = agent {
+                text.push_str(&format!("--- agent {i}\n{}", agent.log()));
+            }
+        }
+        for (i, member) in self.members.iter().enumerate() {
+            text.push_str(&format!("--- membership {i}\n{}", member.log()));
+        }
+        text
+    }
+
+    /// Freezes (or thaws) every lbagent process of node `i`, as a node whose processes
+    /// hang would be.
+    fn freeze(&self, i: usize, frozen: bool) {
+        use nix::sys::signal::Signal;
+        let signal = if frozen {
+            Signal::SIGSTOP
+        } else {
+            Signal::SIGCONT
+        };
+        self.members[i].signal(signal);
+        if let Some(agent) = &self.agents[i] {
+            let pid = nix::unistd::Pid::from_raw(agent.pid() as i32);
+            nix::sys::signal::kill(pid, signal).expect("signal agent");
+        }
+    }
+}
+
+fn services(with_vips: bool) -> String {
+    if with_vips {
+        format!(
+            "services:\n  - name: web\n    addresses: [{L2_VIP4}, \"{L2_VIP6}\"]\n    ports: [{{port: 80, protocol: TCP}}]\n"
+        )
+    } else {
+        "services: []\n".to_owned()
+    }
+}
+
+#[test]
+fn one_node_answers_and_a_survivor_takes_over_when_the_owner_goes_down_or_freezes() {
+    let cluster = Cluster::new();
+    let all = [0, 1, 2];
+    cluster.wait_owners(&all);
+    let owner = cluster.owner(L2_VIP4, &all);
+    let others: Vec<usize> = all.into_iter().filter(|i| *i != owner).collect();
+
+    // The owner's link goes down: the next candidate answers.
+    cluster.segment.nodes[owner].ip(&["link", "set", "eth0", "down"]);
+    cluster.wait_owners(&others);
+    // Back up, it rejoins and takes its addresses back.
+    cluster.segment.nodes[owner].ip(&["link", "set", "eth0", "up"]);
+    cluster.wait_owners(&all);
+
+    // The owner's processes freeze: its program stops answering when the lease lapses,
+    // and the survivor takes over.
+    cluster.freeze(owner, true);
+    cluster.wait_owners(&others);
+    cluster.freeze(owner, false);
+    cluster.wait_owners(&all);
+}
+
+#[test]
+fn an_agent_killed_alone_changes_no_owner_and_a_removed_service_is_answered_by_nobody() {
+    let mut cluster = Cluster::new();
+    let owner = cluster.owner(L2_VIP4, &[0, 1, 2]);
+    cluster.wait_owners(&[0, 1, 2]);
+    // SIGKILL the owner's agent while the client keeps asking: every request is answered,
+    // always by the owner.
+    let agent = cluster.agents[owner].take().expect("agent");
+    let client = cluster.client.name().to_owned();
+    let asking = std::thread::spawn(move || {
+        std::process::Command::new("ip")
+            .args([
+                "netns", "exec", &client, "arping", "-c", "30", "-W", "0.05", "-i", "eth0", L2_VIP4,
+            ])
+            .output()
+            .expect("arping")
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    drop(agent);
+    let out = asking.join().expect("arping thread");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("30 packets transmitted, 30 packets received"),
+        "{text}"
+    );
+    let answerers: BTreeSet<String> = text
+        .lines()
+        .filter_map(|line| line.split(" bytes from ").nth(1))
+        .filter_map(|rest| rest.split_whitespace().next())
+        .map(str::to_ascii_lowercase)
+        .collect();
+    assert_eq!(answerers, BTreeSet::from([cluster.macs[owner].clone()]));
+    // The restarted agent adopts the maps: still the same owner.
+    cluster.agents[owner] = Some(cluster.start_agent(owner));
+    cluster.wait_owners(&[0, 1, 2]);
+
+    // The service goes: no node answers any more.
+    cluster.dir.write("services.yaml", &services(false));
+    let silent = wait_until(Duration::from_secs(15), || {
+        arping(&cluster.client, "eth0", L2_VIP4, 1).is_empty()
+            && ndisc6(&cluster.client, "eth0", L2_VIP6).is_empty()
+    });
+    assert!(silent, "{}", cluster.logs());
 }
