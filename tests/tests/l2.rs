@@ -758,3 +758,62 @@ fn an_agent_killed_alone_changes_no_owner_and_a_removed_service_is_answered_by_n
     });
     assert!(silent, "{}", cluster.logs());
 }
+
+/// Drops (or lets through again) the membership protocol to and from node `i`: a partition
+/// that leaves the data path up.
+fn partition(node: &NetNs, cut: bool) {
+    if cut {
+        let script = format!(
+            "table inet lbt_partition {{\n\
+             chain input {{ type filter hook input priority 0; udp dport {port} drop; }}\n\
+             chain output {{ type filter hook output priority 0; udp dport {port} drop; }}\n\
+             }}\n",
+            port = Segment::MEMBERSHIP_PORT
+        );
+        let path = std::env::temp_dir().join(format!("{}.nft", node.name()));
+        std::fs::write(&path, script).expect("nft script");
+        let out = node.exec("nft", &["-f", path.to_str().unwrap()]);
+        assert!(out.status.success(), "nft: {out:?}");
+    } else {
+        node.exec("nft", &["delete", "table", "inet", "lbt_partition"]);
+    }
+}
+
+#[test]
+fn a_partition_makes_two_owners_which_see_each_other_and_one_remains_when_it_heals() {
+    let cluster = Cluster::new();
+    let all = [0, 1, 2];
+    cluster.wait_owners(&all);
+    // Cut off a node that does not own the IPv4 address: it believes itself alone and
+    // answers for everything, while the others keep their owner.
+    let owner = cluster.owner(L2_VIP4, &all);
+    let cut = (0..3).find(|i| *i != owner).expect("another node");
+    partition(&cluster.segment.nodes[cut], true);
+    let expected = BTreeSet::from([cluster.macs[owner].clone(), cluster.macs[cut].clone()]);
+    let both = wait_until(Duration::from_secs(15), || {
+        arping(&cluster.client, "eth0", L2_VIP4, 2) == expected
+    });
+    assert!(both, "two owners during the partition\n{}", cluster.logs());
+    // Each sees the other's answers: counted, logged as split brain.
+    let logged = wait_until(Duration::from_secs(10), || {
+        [owner, cut].iter().all(|i| {
+            cluster.agents[*i]
+                .as_ref()
+                .is_some_and(|a| a.log().contains("split brain"))
+        })
+    });
+    assert!(logged, "{}", cluster.logs());
+    let foreign = NeighbourMaps::open(&PinLayout::new(cluster.pins[owner].path()))
+        .unwrap()
+        .counters(L2_VIP4.parse().unwrap())
+        .unwrap()
+        .unwrap();
+    assert!(foreign.foreign >= 1, "{foreign:?}");
+    assert_eq!(
+        foreign.foreign_mac.map(mac_text),
+        Some(cluster.macs[cut].clone())
+    );
+    // Healed: the views agree again, and only the elected owner answers.
+    partition(&cluster.segment.nodes[cut], false);
+    cluster.wait_owners(&all);
+}
