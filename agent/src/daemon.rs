@@ -56,20 +56,23 @@ pub async fn run(config_path: PathBuf, node_name: Option<String>, config: Config
         }
         None => None,
     };
+    // SIGHUP: a resync, and a re-read of the files, whatever their watches saw.
+    let (resync_tx, resync_now) = mpsc::channel(1);
+    let (reread_tx, reread) = watch::channel(0u64);
+    let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
+    tokio::spawn(async move {
+        while hup.recv().await.is_some() {
+            let _ = resync_tx.try_send(());
+            reread_tx.send_modify(|n| *n += 1);
+        }
+    });
     tokio::spawn(follow_config(
         config_path,
         node_name,
         config.clone(),
         routing.as_ref().map(|r| r.renderer.clone()),
+        reread.clone(),
     ));
-
-    let (resync_tx, resync_now) = mpsc::channel(1);
-    let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
-    tokio::spawn(async move {
-        while hup.recv().await.is_some() {
-            let _ = resync_tx.try_send(());
-        }
-    });
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
 
@@ -109,7 +112,7 @@ pub async fn run(config_path: PathBuf, node_name: Option<String>, config: Config
     }
     let mut source = match &config.source {
         Source::File { path } => {
-            let watching = sources::file::watch(path.clone(), updates_tx);
+            let watching = sources::file::watch(path.clone(), updates_tx, reread);
             tokio::spawn(async move { watching.await.map_err(anyhow::Error::new) })
         }
         Source::Kubernetes(kubernetes) => {
@@ -264,8 +267,9 @@ async fn follow_config(
     node_name: Option<String>,
     mut current: Config,
     renderer: Option<Renderer>,
+    reread: watch::Receiver<u64>,
 ) {
-    let result = crate::watch::follow(&path, |event| {
+    let result = crate::watch::follow(&path, crate::config::MAX_FILE_BYTES, reread, |event| {
         let text = match event {
             FileEvent::Changed(text) => text,
             FileEvent::Unreadable(err) => {

@@ -209,10 +209,12 @@ impl Reconciler {
             }
         }
         if let Some(dataplane) = &mut self.dataplane {
-            let wanted = crate::sinks::dataplane::entries(&update.desired, |address| {
-                !plan.unsupported.contains(address)
-            });
             let result = dataplane.observe().and_then(|observed| {
+                let wanted = crate::sinks::dataplane::entries(
+                    &update.desired,
+                    |address| !plan.unsupported.contains(address),
+                    &observed,
+                );
                 let changes = crate::sinks::dataplane::diff(&wanted, &observed);
                 if !changes.is_empty() {
                     info!(
@@ -322,6 +324,10 @@ impl Reconciler {
         if plan.set_up && expected.is_some() {
             repairs += 1;
             warn!(%interface, "repairing: {interface} was set down outside lbagent; setting it up");
+        }
+        for renamed in &plan.delete_renamed {
+            repairs += 1;
+            warn!(%interface, renamed = %renamed.name, "repairing: {} is {interface} renamed outside lbagent; its addresses go back on {interface} and it is deleted", renamed.name);
         }
         let link_same =
             expected.is_some_and(|e| Some(e.link_index) == observed.link.map(|l| l.index));

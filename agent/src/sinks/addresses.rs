@@ -21,7 +21,7 @@ use rtnetlink::{
 use tokio::sync::mpsc;
 use tracing::{debug, warn};
 
-use crate::reconcile::plan::{LinkState, Observed, Plan};
+use crate::reconcile::plan::{LinkState, Observed, Plan, RenamedLink};
 
 /// RT_TABLE_MAIN.
 const MAIN_TABLE: u8 = 254;
@@ -62,6 +62,12 @@ pub enum AddressError {
         #[source]
         source: Box<rtnetlink::Error>,
     },
+    #[error("marking {interface} as lbagent's (its alias): {source}")]
+    Mark {
+        interface: String,
+        #[source]
+        source: Box<rtnetlink::Error>,
+    },
     #[error("deleting {interface}: {source}")]
     DeleteLink {
         interface: String,
@@ -85,6 +91,9 @@ pub struct Applied {
 pub struct AddressSink {
     handle: Handle,
     interface: String,
+    /// The alias lbagent gives its interface: it stays when the interface is renamed, so
+    /// the renamed interface is still known as lbagent's.
+    mark: String,
     /// Set once the kernel refused `dummy`, so the fallback is warned about once.
     no_dummy: AtomicBool,
 }
@@ -97,6 +106,7 @@ impl AddressSink {
         Ok(Self {
             handle,
             interface: interface.to_owned(),
+            mark: format!("lbagent:{interface}"),
             no_dummy: AtomicBool::new(false),
         })
     }
@@ -116,7 +126,7 @@ impl AddressSink {
         .map_err(AddressError::Socket)?;
         tokio::spawn(connection);
         let (tx, rx) = mpsc::channel(1);
-        let interface = self.interface.clone();
+        let (interface, mark) = (self.interface.clone(), self.mark.clone());
         tokio::spawn(async move {
             while let Some((message, _)) = messages.next().await {
                 let relevant = match message.payload {
@@ -125,7 +135,10 @@ impl AddressSink {
                     ) => true,
                     NetlinkPayload::InnerMessage(
                         RouteNetlinkMessage::NewLink(link) | RouteNetlinkMessage::DelLink(link),
-                    ) => link_name(&link) == Some(interface.as_str()),
+                    ) => {
+                        link_name(&link) == Some(interface.as_str())
+                            || link_alias(&link) == Some(mark.as_str())
+                    }
                     _ => false,
                 };
                 // A full channel already holds a wake-up: nothing is lost by dropping this one.
@@ -138,15 +151,43 @@ impl AddressSink {
     }
 
     pub async fn observe(&self) -> Result<Observed, AddressError> {
-        let link = self.link().await?.map(|link| LinkState {
-            index: link.header.index,
-            up: link.header.flags.contains(LinkFlags::Up),
-        });
+        let links: Vec<LinkMessage> = self
+            .handle
+            .link()
+            .get()
+            .execute()
+            .try_collect()
+            .await
+            .map_err(|source| AddressError::Dump {
+                what: "links",
+                source: Box::new(source),
+            })?;
         let mut observed = Observed {
-            link,
             ipv6: ipv6_enabled(),
             ..Observed::default()
         };
+        // Interfaces whose subnets make an address local.
+        let mut up = std::collections::BTreeSet::new();
+        for link in &links {
+            let index = link.header.index;
+            let name = link_name(link);
+            let is_up = link.header.flags.contains(LinkFlags::Up);
+            if name == Some(self.interface.as_str()) {
+                observed.link = Some(LinkState {
+                    index,
+                    up: is_up,
+                    marked: link_alias(link) == Some(self.mark.as_str()),
+                });
+            } else if link_alias(link) == Some(self.mark.as_str()) {
+                observed.renamed.push(RenamedLink {
+                    index,
+                    name: name.unwrap_or_default().to_owned(),
+                });
+            } else if is_up {
+                up.insert(index);
+            }
+        }
+        let link = observed.link;
         let mut addresses = self.handle.address().get().execute();
         while let Some(message) =
             addresses
@@ -164,7 +205,10 @@ impl AddressSink {
                 if !is_ipv6_link_local(&net.addr()) {
                     observed.addresses.insert(net);
                 }
-            } else if !is_ipv6_link_local(&net.addr()) {
+            } else if up.contains(&message.header.index)
+                && net.prefix_len() < net.max_prefix_len()
+                && !is_ipv6_link_local(&net.addr())
+            {
                 observed.node_prefixes.push(net.trunc());
             }
         }
@@ -276,6 +320,12 @@ impl AddressSink {
             link.index
         };
         let index = applied.link_index;
+        // The kernel takes no alias when it creates a link: it is set right after.
+        if (plan.create_link || plan.mark_link)
+            && let Err(err) = self.mark(index).await
+        {
+            applied.errors.push(err);
+        }
 
         let removals = plan.remove.iter().map(|net| self.remove(index, *net));
         let additions = plan.add.iter().map(|net| self.add(index, *net));
@@ -294,7 +344,36 @@ impl AddressSink {
                 Err(err) => applied.errors.push(err),
             }
         }
+        // Only now that the addresses are back where they belong: until then the renamed
+        // interface may still be what answers for them.
+        for renamed in &plan.delete_renamed {
+            if let Err(source) = self.handle.link().del(renamed.index).execute().await
+                && errno(&source) != Some(libc::ENODEV)
+            {
+                applied.errors.push(AddressError::DeleteLink {
+                    interface: renamed.name.clone(),
+                    source: Box::new(source),
+                });
+            }
+        }
         Ok(applied)
+    }
+
+    /// Gives the interface lbagent's mark.
+    async fn mark(&self, index: u32) -> Result<(), AddressError> {
+        let mut message = LinkUnspec::new_with_index(index).build();
+        message
+            .attributes
+            .push(LinkAttribute::IfAlias(self.mark.clone()));
+        self.handle
+            .link()
+            .set(message)
+            .execute()
+            .await
+            .map_err(|source| AddressError::Mark {
+                interface: self.interface.clone(),
+                source: Box::new(source),
+            })
     }
 
     /// Deletes the interface and with it every address on it. `false` if it did not exist.
@@ -457,6 +536,13 @@ enum Change {
 fn link_name(link: &LinkMessage) -> Option<&str> {
     link.attributes.iter().find_map(|attr| match attr {
         LinkAttribute::IfName(name) => Some(name.as_str()),
+        _ => None,
+    })
+}
+
+fn link_alias(link: &LinkMessage) -> Option<&str> {
+    link.attributes.iter().find_map(|attr| match attr {
+        LinkAttribute::IfAlias(alias) => Some(alias.as_str()),
         _ => None,
     })
 }
