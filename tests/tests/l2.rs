@@ -635,13 +635,22 @@ impl Cluster {
             BTreeSet::from([self.macs[self.owner(L2_VIP4, alive)].clone()]),
             BTreeSet::from([self.macs[self.owner(L2_VIP6, alive)].clone()]),
         );
+        let owner4 = self.owner(L2_VIP4, alive);
+        let answered = || {
+            NeighbourMaps::open(&PinLayout::new(self.pins[owner4].path()))
+                .ok()
+                .and_then(|maps| maps.counters(L2_VIP4.parse().unwrap()).ok().flatten())
+                .map_or(0, |c| c.answered)
+        };
         let mut last = (BTreeSet::new(), BTreeSet::new());
         let reached = wait_until(Duration::from_secs(15), || {
+            let before = answered();
             last = (
                 arping(&self.client, "eth0", L2_VIP4, 2),
                 ndisc6(&self.client, "eth0", L2_VIP6),
             );
-            last == expected
+            // The owner's program answered, not some kernel holding the address.
+            last == expected && answered() > before
         });
         assert!(
             reached,

@@ -26,6 +26,8 @@ use announce::Announcer;
 use election::NodeView;
 use plan::{Link, Observed, Plan};
 
+/// Largest member list read (thousands of nodes fit).
+const MAX_MEMBERS_BYTES: u64 = 4 << 20;
 /// How often the responder's counters are read for foreign answers.
 const SPLIT_BRAIN_CHECK: Duration = Duration::from_secs(1);
 
@@ -150,12 +152,13 @@ impl NeighbourSink {
     }
 }
 
-/// The local addresses the reconciler applied.
-fn local_addresses(status: &Status) -> Vec<IpAddr> {
+/// Every address the reconciler applied, local or not: an address becomes virtual (on the
+/// LB interface) on a node whose interface in its subnet is down, and must stay silent there.
+fn served_addresses(status: &Status) -> Vec<IpAddr> {
     status
         .addresses
         .iter()
-        .filter(|a| a.state == AddressState::Local)
+        .filter(|a| a.state != AddressState::Unsupported)
         .map(|a| a.address)
         .collect()
 }
@@ -233,7 +236,9 @@ pub async fn run(
     let (members_tx, mut members) = watch::channel::<Option<Members>>(None);
     let path = members_file.clone();
     tokio::spawn(async move {
-        let followed = crate::watch::follow(&path, |event| {
+        // Nothing asks for a re-read: the membership process rewrites the file on a change.
+        let (_reread_tx, reread) = watch::channel(0);
+        let followed = crate::watch::follow(&path, MAX_MEMBERS_BYTES, reread, |event| {
             match event {
                 crate::watch::FileEvent::Changed(text) => match serde_json::from_str(&text) {
                     Ok(list) => {
@@ -274,9 +279,9 @@ pub async fn run(
         let (Some(status), Some(list)) = (status, list) else {
             continue;
         };
-        let local = local_addresses(&status);
+        let served = served_addresses(&status);
         let observed = sink.observe();
-        let plan = plan::plan(&sink.node, &local, &view(&list), &observed);
+        let plan = plan::plan(&sink.node, &served, &view(&list), &observed);
         if plan.changes_nothing() {
             continue;
         }

@@ -54,10 +54,24 @@ impl Plan {
     }
 }
 
-/// `local`: this node's local LB addresses; `members`: the live nodes (this one included).
-pub fn plan(node: &str, local: &[IpAddr], members: &[NodeView], observed: &Observed) -> Plan {
+/// `addresses`: every LB address this node serves; `members`: the live nodes (this one
+/// included). The addresses inside a member's subnet are local (L2) addresses. Each gets an
+/// entry even when this node has no interface in its subnet (its link is down, say, and the
+/// address went onto the LB interface): the kernel answers ARP for any address it holds, on
+/// any interface, and only the program's silence keeps it from answering for another
+/// node's address.
+pub fn plan(node: &str, addresses: &[IpAddr], members: &[NodeView], observed: &Observed) -> Plan {
     let mut plan = Plan::default();
-    for address in local {
+    let local: Vec<IpAddr> = addresses
+        .iter()
+        .filter(|address| {
+            members
+                .iter()
+                .any(|m| m.subnets.iter().any(|s| s.contains(*address)))
+        })
+        .copied()
+        .collect();
+    for address in &local {
         let candidates = election::candidates(*address, members, Endpoints::Anywhere);
         let owner = candidates.first().map(|n| n.name.as_str());
         let role = if owner == Some(node) {
@@ -217,6 +231,21 @@ mod tests {
         let fewer = plan("node-a", &all[1..], &view, &applied);
         assert_eq!(fewer.remove, vec![all[0]]);
         assert!(fewer.set.is_empty());
+    }
+
+    #[test]
+    fn addresses_outside_every_members_subnet_are_not_local() {
+        let view = members(&["node-a"]);
+        let virtual_address: IpAddr = "203.0.113.10".parse().unwrap();
+        let local: IpAddr = "10.0.0.101".parse().unwrap();
+        let plan = plan(
+            "node-a",
+            &[virtual_address, local],
+            &view,
+            &observed(BTreeMap::new()),
+        );
+        assert_eq!(plan.set.keys().collect::<Vec<_>>(), [&local]);
+        assert_eq!(plan.elections.len(), 1);
     }
 
     #[test]
