@@ -373,8 +373,8 @@ impl Member {
     }
 }
 
-/// The subnets of this node's interfaces: every address with its netmask, loopback and
-/// IPv6 link-local left out.
+/// The subnets of this node's interfaces: every address with its netmask, loopback, IPv6
+/// link-local and host prefixes left out.
 pub fn node_subnets() -> Vec<IpNet> {
     let Ok(addresses) = nix::ifaddrs::getifaddrs() else {
         return Vec::new();
@@ -399,7 +399,11 @@ pub fn node_subnets() -> Vec<IpNet> {
                 return None;
             }
             let prefix = ipnet::ip_mask_to_prefix(mask).ok()?;
-            IpNet::new(ip, prefix).ok().map(|net| net.trunc())
+            // A host prefix (an LB address on kube-lb0) is no segment anyone asks on.
+            IpNet::new(ip, prefix)
+                .ok()
+                .filter(|net| net.prefix_len() < net.max_prefix_len())
+                .map(|net| net.trunc())
         })
         .collect();
     subnets.sort();

@@ -256,6 +256,11 @@ impl Collector for StateCollector {
                 )?;
             }
         }
+        if let Some(root) = &sources.pins
+            && let Ok(neighbours) = crate::dataplane::NeighbourMaps::open(&PinLayout::new(root))
+        {
+            encode_neighbours(&mut encoder, &neighbours)?;
+        }
         if let Some(path) = &sources.routing_status
             && let Ok(text) = std::fs::read(path)
             && let Ok(routing) = serde_json::from_slice::<RoutingStatus>(&text)
@@ -304,6 +309,62 @@ impl Collector for StateCollector {
         }
         Ok(())
     }
+}
+
+/// The neighbour responder's per-address counters and roles (local addresses).
+fn encode_neighbours(
+    encoder: &mut DescriptorEncoder,
+    neighbours: &crate::dataplane::NeighbourMaps,
+) -> Result<(), std::fmt::Error> {
+    let roles = neighbours.roles();
+    let counters: Vec<_> = roles
+        .keys()
+        .filter_map(|address| Some((*address, neighbours.counters(*address).ok()??)))
+        .collect();
+    let label = |address: &std::net::IpAddr| vec![("address", address.to_string())];
+    family(
+        encoder,
+        "neighbour_owner",
+        "1 while this node answers ARP / neighbour discovery for the local address, 0 while another node does",
+        MetricType::Gauge,
+        roles
+            .iter()
+            .map(|(address, role)| {
+                let owner = matches!(role, crate::dataplane::Role::Answer { .. });
+                (label(address), ConstGauge::new(i64::from(owner)))
+            })
+            .collect::<Vec<_>>(),
+    )?;
+    for (name, help, value) in [
+        (
+            "neighbour_answered",
+            "ARP replies and neighbour advertisements the XDP responder sent for the local address",
+            (|c: &crate::dataplane::NeighbourCounters| c.answered)
+                as fn(&crate::dataplane::NeighbourCounters) -> u64,
+        ),
+        (
+            "neighbour_silenced",
+            "Requests for the local address the XDP responder dropped (another node owns it)",
+            |c| c.silenced,
+        ),
+        (
+            "neighbour_foreign",
+            "Answers for a local address this node owns from another hardware address (split brain)",
+            |c| c.foreign,
+        ),
+    ] {
+        family(
+            encoder,
+            name,
+            help,
+            MetricType::Counter,
+            counters
+                .iter()
+                .map(|(address, c)| (label(address), ConstCounter::new(value(c))))
+                .collect::<Vec<_>>(),
+        )?;
+    }
+    Ok(())
 }
 
 pub fn encode(registry: &Registry) -> Result<String, std::fmt::Error> {

@@ -593,7 +593,8 @@ impl Cluster {
                  addresses: {{interface: lbl2-{i}}}\n\
                  status: {{path: {dir}/status-{i}.json}}\n\
                  dataplane: {{interfaces: [eth0], mode: generic, pinRoot: {pins}}}\n\
-                 neighbours: {{membersFile: {dir}/members-{i}.json}}\n",
+                 neighbours: {{membersFile: {dir}/members-{i}.json}}\n\
+                 http: {{address: \"10.201.0.1{i}:9658\"}}\n",
                 name = Segment::name(i),
                 dir = dir.display(),
                 pins = self.pins[i].path().display(),
@@ -707,6 +708,22 @@ fn one_node_answers_and_a_survivor_takes_over_when_the_owner_goes_down_or_freeze
     cluster.wait_owners(&all);
     let owner = cluster.owner(L2_VIP4, &all);
     let others: Vec<usize> = all.into_iter().filter(|i| *i != owner).collect();
+    // /metrics on the owner and on another node say who answers, and what was answered.
+    let scrape = |i: usize| {
+        let addr = format!("10.201.0.1{i}:9658").parse().unwrap();
+        lbagent_tests::http_get(&cluster.segment.nodes[i], addr, "/metrics")
+            .expect("metrics served")
+            .1
+    };
+    let sample = |name: &str| format!("lbagent_{name}{{address=\"{L2_VIP4}\"}}");
+    let text = scrape(owner);
+    assert_eq!(lbagent_tests::metric(&text, &sample("neighbour_owner")), Some(1.0), "{text}");
+    assert!(
+        lbagent_tests::metric(&text, &sample("neighbour_answered_total")).unwrap_or(0.0) >= 1.0,
+        "{text}"
+    );
+    let text = scrape(others[0]);
+    assert_eq!(lbagent_tests::metric(&text, &sample("neighbour_owner")), Some(0.0), "{text}");
 
     // The owner's link goes down: the next candidate answers.
     cluster.segment.nodes[owner].ip(&["link", "set", "eth0", "down"]);

@@ -1,9 +1,18 @@
 //! `cargo xtask bench failover`: local (L2) addresses.
 //!
-//! What the XDP neighbour responder adds to every other frame, through BPF_PROG_TEST_RUN:
-//! `lbagent_xdp` against `lbagent_xdp_no_l2` (the same program without the responder's
-//! hook, built into the same object), median paired difference over interleaved rounds on
-//! one CPU with bpf_stats off (shared/notes/measuring.md, section 1).
+//! Failover: three nodes and a client on one bridge, in namespaces. The client sends an ARP
+//! request for the address every 10 ms; a fault hits the node answering (its link set down,
+//! or its processes frozen with SIGSTOP); the time is from the fault to the first answer
+//! from another node. lbagent (membership, agent, XDP responder, generic mode on the veths)
+//! and keepalived (VRRPv3, 100 ms adverts, the classic L2 failover) run on the same topology
+//! in the same run, one after the other, `ROUNDS` faults of each kind each.
+//!
+//! Then what the XDP neighbour responder adds to every other frame, through
+//! BPF_PROG_TEST_RUN: `lbagent_xdp` against `lbagent_xdp_no_l2` (the same program without
+//! the responder's hook, built into the same object), median paired difference over
+//! interleaved rounds on one CPU with bpf_stats off (shared/notes/measuring.md, section 1).
+
+mod failover;
 
 use std::{net::IpAddr, path::Path, time::Duration};
 
@@ -32,6 +41,10 @@ const LIMIT_NS: f64 = 2.0;
 
 pub fn run() -> Result<()> {
     cmd::require_root("bench failover")?;
+    // The debug build, which the tests use too: failover time is the protocol's timers, not
+    // the agent's CPU time, and the machine is spared a second full build.
+    cmd::cargo(&["build", "--quiet", "--package", "lbagent"])?;
+    failover::run()?;
     let object = build_ebpf::run()?;
     nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &{
         let mut set = nix::sched::CpuSet::new();

@@ -177,7 +177,8 @@ fn view(members: &Members) -> Vec<NodeView> {
         .collect()
 }
 
-/// This node's interfaces with a hardware address, with their subnets.
+/// This node's interfaces with a hardware address, with their subnets (host prefixes, such
+/// as LB addresses on kube-lb0, left out: nobody asks for an address on those).
 fn links() -> Vec<Link> {
     let Ok(addresses) = nix::ifaddrs::getifaddrs() else {
         return Vec::new();
@@ -199,6 +200,7 @@ fn links() -> Vec<Link> {
         if let Some((ip, mask)) = pair
             && let Ok(prefix) = ipnet::ip_mask_to_prefix(mask)
             && let Ok(net) = ipnet::IpNet::new(ip, prefix)
+            && net.prefix_len() < net.max_prefix_len()
         {
             by_name
                 .entry(entry.interface_name.clone())
