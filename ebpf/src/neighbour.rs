@@ -256,7 +256,7 @@ fn lapsed() -> bool {
 /// answers for it from another address.
 #[inline(always)]
 fn note_claim(key: NeighbourKey, mac: [u8; 6]) {
-    let Some(entry) = LB_NEIGHBOURS.get_ptr(&key) else {
+    let Some(entry) = LB_NEIGHBOURS.get_ptr(key) else {
         return;
     };
     // SAFETY: a map value, read by copy.

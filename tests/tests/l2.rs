@@ -717,13 +717,21 @@ fn one_node_answers_and_a_survivor_takes_over_when_the_owner_goes_down_or_freeze
     };
     let sample = |name: &str| format!("lbagent_{name}{{address=\"{L2_VIP4}\"}}");
     let text = scrape(owner);
-    assert_eq!(lbagent_tests::metric(&text, &sample("neighbour_owner")), Some(1.0), "{text}");
+    assert_eq!(
+        lbagent_tests::metric(&text, &sample("neighbour_owner")),
+        Some(1.0),
+        "{text}"
+    );
     assert!(
         lbagent_tests::metric(&text, &sample("neighbour_answered_total")).unwrap_or(0.0) >= 1.0,
         "{text}"
     );
     let text = scrape(others[0]);
-    assert_eq!(lbagent_tests::metric(&text, &sample("neighbour_owner")), Some(0.0), "{text}");
+    assert_eq!(
+        lbagent_tests::metric(&text, &sample("neighbour_owner")),
+        Some(0.0),
+        "{text}"
+    );
 
     // The owner's link goes down: the next candidate answers.
     cluster.segment.nodes[owner].ip(&["link", "set", "eth0", "down"]);

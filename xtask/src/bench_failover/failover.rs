@@ -427,18 +427,21 @@ fn mac(ns: &str) -> Result<[u8; 6]> {
     bytes.try_into().ok().context("not a MAC")
 }
 
+/// ARP replies as the client received them: when, and from which hardware address.
+type Replies = Arc<Mutex<Vec<(Instant, [u8; 6])>>>;
+
 /// The client's prober: an ARP request for the address every `PROBE_INTERVAL`, and every
 /// reply recorded with its arrival time and sender.
 #[derive(Default)]
 struct Probe {
-    replies: Arc<Mutex<Vec<(Instant, [u8; 6])>>>,
+    replies: Replies,
     stop: Arc<AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Probe {
     fn start(netns: &str) -> Result<Self> {
-        let replies = Arc::new(Mutex::new(Vec::new()));
+        let replies: Replies = Arc::new(Mutex::new(Vec::new()));
         let stop = Arc::new(AtomicBool::new(false));
         let path = format!("/run/netns/{netns}");
         let (ready_tx, ready) = std::sync::mpsc::channel();
