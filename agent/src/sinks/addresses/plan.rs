@@ -117,6 +117,7 @@ mod tests {
                     )
                 })
                 .collect(),
+            ..Desired::default()
         }
     }
 
@@ -266,6 +267,7 @@ mod tests {
                 .into_iter()
                 .map(|a| (a, BTreeMap::from([("svc".to_owned(), Default::default())])))
                 .collect(),
+            ..Desired::default()
         })
     }
 
