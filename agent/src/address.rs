@@ -3,7 +3,7 @@
 use std::net::IpAddr;
 
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
-pub enum AddressError {
+pub enum ParseHostError {
     #[error("invalid address {0:?}: not an IPv4 or IPv6 address")]
     Malformed(String),
     #[error("invalid address {0:?}: a load-balancer address is a single host (/32 or /128)")]
@@ -14,22 +14,22 @@ pub enum AddressError {
 ///
 /// Goes through std's parser, which rejects leading-zero octets (`010.0.0.1` is ambiguous:
 /// octal to some tools, decimal to others).
-pub fn parse_host(text: &str) -> Result<IpAddr, AddressError> {
+pub fn parse_host(text: &str) -> Result<IpAddr, ParseHostError> {
     let (address, prefix) = match text.split_once('/') {
         Some((address, prefix)) => (address, Some(prefix)),
         None => (text, None),
     };
     let ip: IpAddr = address
         .parse()
-        .map_err(|_| AddressError::Malformed(text.to_owned()))?;
+        .map_err(|_| ParseHostError::Malformed(text.to_owned()))?;
     let host_prefix = if ip.is_ipv4() { "32" } else { "128" };
     match prefix {
         None => Ok(ip),
         Some(prefix) if prefix == host_prefix => Ok(ip),
         Some(prefix) if prefix.parse::<u8>().is_ok() => {
-            Err(AddressError::NotAHost(text.to_owned()))
+            Err(ParseHostError::NotAHost(text.to_owned()))
         }
-        Some(_) => Err(AddressError::Malformed(text.to_owned())),
+        Some(_) => Err(ParseHostError::Malformed(text.to_owned())),
     }
 }
 
@@ -60,7 +60,7 @@ mod tests {
             "2001:db8::g",
         ] {
             let err = parse_host(text).unwrap_err();
-            assert_eq!(err, AddressError::Malformed(text.to_owned()));
+            assert_eq!(err, ParseHostError::Malformed(text.to_owned()));
             assert!(err.to_string().contains(&format!("{text:?}")));
         }
     }
@@ -70,7 +70,7 @@ mod tests {
         for text in ["203.0.113.0/24", "2001:db8::/64", "1.2.3.4/128"] {
             assert_eq!(
                 parse_host(text),
-                Err(AddressError::NotAHost(text.to_owned()))
+                Err(ParseHostError::NotAHost(text.to_owned()))
             );
         }
     }

@@ -1,27 +1,48 @@
 //! lbagent: makes Kubernetes LoadBalancer addresses reachable and fast on every node.
 //!
-//! Data flows one way: sources produce the desired state, a reconciler diffs it against what
-//! the kernel holds, and sinks apply it:
+//! Data flows one way: sources produce the desired state, the reconciler drives the sinks
+//! (observe, plan, apply, report), and the face reads what they report:
 //!
 //! ```text
-//! sources::file ─► desired::SourceUpdate ─► reconcile (plan: a pure diff) ─► sinks::addresses
+//! sources ─► desired ─► reconcile ─► sinks (addresses, dataplane, routing)
+//!                           │
+//!                           └─► published status ─► status file, /metrics, /readyz, CLI
 //! ```
 //!
-//! `dataplane` holds the eBPF side, driven from the command line until it joins the sinks.
+//! ARCHITECTURE.md says where each part lives and what it may import. The library exports
+//! only what the binary and the integration tests use, so that the compiler finds the rest
+//! unused if it is.
 
-pub mod address;
-pub mod cli;
-pub mod config;
-pub mod daemon;
-pub mod dataplane;
-pub mod desired;
-pub mod files;
-pub mod http;
-pub mod logging;
-pub mod metrics;
-pub mod rates;
-pub mod reconcile;
-pub mod sinks;
-pub mod sources;
-pub mod status_file;
-pub mod watch;
+mod address;
+mod cli;
+mod config;
+mod daemon;
+mod dataplane;
+mod desired;
+mod files;
+mod http;
+mod logging;
+mod metrics;
+mod rates;
+mod reconcile;
+mod sinks;
+mod sources;
+mod status_file;
+mod watch;
+
+pub use crate::{
+    // The binary.
+    cli::{Cli, run},
+    // The deployment tests hold the shipped config and RBAC against these.
+    config::{Config, Source},
+    // The TestRun tests load the object and drive its maps as the dataplane sink does.
+    dataplane::{Maps, PortId, VipPolicy, object},
+    sinks::{
+        dataplane::{
+            DataplaneSink,
+            plan::{Entries, diff},
+        },
+        routing::model::Mode,
+    },
+    sources::kubernetes::API_ACCESS,
+};

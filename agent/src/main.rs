@@ -1,12 +1,12 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use lbagent::cli::{self, Cli};
+use lbagent::Cli;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let mut stdout = std::io::stdout().lock();
-    match cli::run(cli, &mut stdout) {
+    match lbagent::run(cli, &mut stdout) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("error: {}", one_line(&err));

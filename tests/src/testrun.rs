@@ -7,10 +7,7 @@ use aya::{
     Ebpf, EbpfLoader, TestRun as _, TestRunOptions, TestRunResult,
     programs::{ProgramError, Xdp},
 };
-use lbagent::{
-    dataplane::{Maps, PortId, VipPolicy},
-    sinks::dataplane::DataplaneSink,
-};
+use lbagent::{DataplaneSink, Maps, PortId, VipPolicy};
 use lbagent_common::{VipStats, XDP_PROGRAM};
 
 use crate::require_root;
@@ -28,7 +25,7 @@ impl Harness {
     pub fn new() -> Self {
         require_root();
         let mut ebpf = EbpfLoader::new()
-            .load(lbagent::dataplane::object())
+            .load(lbagent::object())
             .expect("load object");
         let program: &mut Xdp = ebpf
             .program_mut(XDP_PROGRAM)

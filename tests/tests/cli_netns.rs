@@ -313,7 +313,7 @@ fn a_foreign_xdp_program_is_reported_and_left_alone() {
     // from lbagent's own object by `ip`.
     let object = std::env::temp_dir().join(format!("{}.o", unique_name("lbagent-foreign")));
     std::fs::File::create(&object)
-        .and_then(|mut f| f.write_all(lbagent::dataplane::object()))
+        .and_then(|mut f| f.write_all(lbagent::object()))
         .expect("write object");
     let loaded = pair.node.exec(
         "ip",

@@ -19,11 +19,7 @@ use k8s_openapi::{
     },
     apimachinery::pkg::util::intstr::IntOrString,
 };
-use lbagent::{
-    config::{Config, Source},
-    sinks::routing::model::Mode,
-    sources::kubernetes::API_ACCESS,
-};
+use lbagent::{API_ACCESS, Config, Mode, Source};
 use lbagent_tests::{
     NetNs, PinRoot, TempDir, addresses_on, http_get, lbagent_bin, wait_until, xdp_on,
 };

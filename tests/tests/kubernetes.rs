@@ -5,7 +5,7 @@
 
 use std::{collections::BTreeSet, sync::Arc, time::Duration};
 
-use lbagent::sources::kubernetes::API_ACCESS;
+use lbagent::API_ACCESS;
 use lbagent_tests::{
     Agent, Monitor, NetNs, TempDir, addresses_on, apiserver::ApiServer, wait_until,
 };

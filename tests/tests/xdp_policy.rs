@@ -503,10 +503,7 @@ fn random_frames_only_pass_or_are_counted_drops() {
 
 #[test]
 fn ports_that_do_not_fit_leave_their_address_counted_but_unfiltered_and_the_rest_applies() {
-    use lbagent::{
-        dataplane::{PortId, VipPolicy},
-        sinks::dataplane::plan::{Entries, diff},
-    };
+    use lbagent::{Entries, PortId, VipPolicy, diff};
     let mut h = Harness::new();
     // Fill the port slots but two, with ports of an address that is not wanted.
     let filler: IpAddr = "198.18.0.1".parse().unwrap();

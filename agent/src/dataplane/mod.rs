@@ -30,7 +30,7 @@ use lbagent_common::{
 use tracing::{info, warn};
 
 pub use pins::{PinLayout, XdpLinkPin};
-pub use tables::{Maps, PortEntry, PortId, VipEntry, VipPolicy};
+pub use tables::{Maps, PortId, VipPolicy};
 pub use vips::{PortCounters, VipCounters, VipTable};
 
 /// The eBPF object built by `build.rs`, with BTF.

@@ -36,11 +36,6 @@ use crate::{
 
 #[derive(Debug, thiserror::Error)]
 pub enum FileError {
-    #[error("cannot read {}: {source}", path.display())]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
     #[error("{}: {reason}", path.display())]
     Parse { path: PathBuf, reason: String },
 }
@@ -176,15 +171,6 @@ fn validate(raw: RawService, index: usize) -> Result<Service, String> {
         source_ranges,
         traffic_policy,
     })
-}
-
-/// Reads and parses the file now.
-pub fn load(path: &Path) -> Result<SourceUpdate, FileError> {
-    let text = std::fs::read_to_string(path).map_err(|source| FileError::Read {
-        path: path.to_owned(),
-        source,
-    })?;
-    parse(&text, path)
 }
 
 /// Publishes the file's services, then follows every change to it until the receiver goes.

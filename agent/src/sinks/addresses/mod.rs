@@ -118,10 +118,6 @@ impl AddressSink {
         })
     }
 
-    pub fn interface(&self) -> &str {
-        &self.interface
-    }
-
     /// Subscribes to link and address changes: each message that could matter to the plan
     /// (any address change, or a change to the interface) makes the sink notice a drift.
     pub fn notice_changes(&mut self) -> Result<(), AddressError> {

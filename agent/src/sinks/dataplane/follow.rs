@@ -113,8 +113,8 @@ pub async fn start(config: &DataplaneConfig) -> Option<DataplaneSink> {
 
 /// Whether interfaces are attached to at start or as they appear later.
 #[derive(Clone, Copy, PartialEq, Eq)]
-enum Pass {
-    Start,
+enum When {
+    Starting,
     Following,
 }
 
@@ -162,7 +162,7 @@ impl Follower {
                 warn!(iface = %name, "dataplane: interface not present; it gets the XDP program when it appears");
             }
         }
-        self.converge(&wanted, Pass::Start);
+        self.converge(&wanted, When::Starting);
         if self.attached.is_empty() {
             warn!("no interface has the XDP program yet; the maps are kept ready for one");
         }
@@ -216,13 +216,13 @@ impl Follower {
                 // Default routes: add, never take away while running (see the module doc).
                 wanted.extend(self.attached.keys().cloned());
             }
-            self.converge(&wanted, Pass::Following);
+            self.converge(&wanted, When::Following);
         }
         error!("dataplane: the netlink event stream ended; interfaces are no longer followed");
     }
 
     /// Drops what vanished, attaches what is wanted and present.
-    fn converge(&mut self, wanted: &[String], pass: Pass) {
+    fn converge(&mut self, wanted: &[String], when: When) {
         let current = |name: &str| local_link(name).ok();
         let gone: Vec<(String, XdpLinkPin)> = self
             .attached
@@ -252,7 +252,7 @@ impl Follower {
                 Ok(done) => {
                     self.refused.remove(name);
                     self.attached.insert(name.clone(), link);
-                    if pass == Pass::Following {
+                    if when == When::Following {
                         info!(iface = %name, mode = ?done.mode, "interface appeared: XDP program attached");
                     } else {
                         info!(iface = %name, mode = ?done.mode, replaced = done.replaced, "XDP program attached");

@@ -10,6 +10,7 @@ use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},
     net::UnixStream,
 };
+use tracing::info;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {
@@ -56,10 +57,6 @@ impl Reply {
     pub fn message(&self) -> &str {
         self.lines.last().map_or("", |l| l.text.as_str())
     }
-
-    pub fn lines_with(&self, code: u16) -> impl Iterator<Item = &ReplyLine> {
-        self.lines.iter().filter(move |l| l.code == code)
-    }
 }
 
 /// Turns bytes, in chunks of any size, into replies and asynchronous messages.
@@ -67,30 +64,35 @@ impl Reply {
 pub struct Framer {
     buffer: Vec<u8>,
     current: Vec<ReplyLine>,
-    pub asynchronous: Vec<String>,
+}
+
+/// What a chunk of bytes completed.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Framed {
+    pub replies: Vec<Reply>,
+    /// Asynchronous messages: BIRD's own news, outside any reply.
+    pub messages: Vec<String>,
 }
 
 impl Framer {
-    /// Feeds bytes; returns the replies they complete.
-    pub fn push(&mut self, bytes: &[u8]) -> Result<Vec<Reply>, ControlError> {
+    /// Feeds bytes; returns the replies and messages they complete.
+    pub fn push(&mut self, bytes: &[u8]) -> Result<Framed, ControlError> {
         self.buffer.extend_from_slice(bytes);
-        let mut replies = Vec::new();
+        let mut framed = Framed::default();
         while let Some(end) = self.buffer.iter().position(|b| *b == b'\n') {
             let raw: Vec<u8> = self.buffer.drain(..=end).collect();
             let line = String::from_utf8_lossy(&raw[..raw.len() - 1]).into_owned();
-            if let Some(reply) = self.line(line)? {
-                replies.push(reply);
+            if let Some(message) = line.strip_prefix('+') {
+                framed.messages.push(message.to_owned());
+            } else if let Some(reply) = self.line(line)? {
+                framed.replies.push(reply);
             }
         }
-        Ok(replies)
+        Ok(framed)
     }
 
     fn line(&mut self, line: String) -> Result<Option<Reply>, ControlError> {
         let bytes = line.as_bytes();
-        if let Some(message) = line.strip_prefix('+') {
-            self.asynchronous.push(message.to_owned());
-            return Ok(None);
-        }
         if let Some(text) = line.strip_prefix(' ') {
             let code = self
                 .current
@@ -182,7 +184,11 @@ impl Control {
             if read == 0 {
                 return Err(ControlError::Closed);
             }
-            self.pending.extend(self.framer.push(&chunk[..read])?);
+            let framed = self.framer.push(&chunk[..read])?;
+            for message in framed.messages {
+                info!(target: "bird", "{message}");
+            }
+            self.pending.extend(framed.replies);
         }
     }
 }
@@ -287,8 +293,8 @@ rtr        BGP        ---        start  01:49:05.314  Received: Invalid network 
 
     fn frame_whole() -> (Vec<Reply>, Vec<String>) {
         let mut framer = Framer::default();
-        let replies = framer.push(TRANSCRIPT).unwrap();
-        (replies, framer.asynchronous)
+        let framed = framer.push(TRANSCRIPT).unwrap();
+        (framed.replies, framed.messages)
     }
 
     #[test]
@@ -351,7 +357,10 @@ rtr        BGP        ---        start  01:49:05.314  Received: Invalid network 
             "",
         ]
         .join("\n");
-        let replies = Framer::default().push(transcript.as_bytes()).unwrap();
+        let replies = Framer::default()
+            .push(transcript.as_bytes())
+            .unwrap()
+            .replies;
         let protocols = parse_protocols(&replies[0]);
         let summary: Vec<_> = protocols
             .iter()
@@ -389,14 +398,17 @@ rtr        BGP        ---        start  01:49:05.314  Received: Invalid network 
             cuts.sort_unstable();
             let mut framer = Framer::default();
             let mut replies = Vec::new();
+            let mut messages = Vec::new();
             let mut start = 0;
             for cut in cuts.into_iter().chain([TRANSCRIPT.len()]) {
-                replies.extend(framer.push(&TRANSCRIPT[start..cut]).unwrap());
+                let framed = framer.push(&TRANSCRIPT[start..cut]).unwrap();
+                replies.extend(framed.replies);
+                messages.extend(framed.messages);
                 start = cut;
             }
             let (whole, asynchronous) = frame_whole();
             prop_assert_eq!(replies, whole);
-            prop_assert_eq!(framer.asynchronous, asynchronous);
+            prop_assert_eq!(messages, asynchronous);
         }
 
         /// Arbitrary bytes never panic the framer.

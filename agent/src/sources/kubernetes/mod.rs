@@ -134,7 +134,7 @@ pub async fn watch(
         class = selection.load_balancer_class.as_deref().unwrap_or("(none)"),
         "watching Services, EndpointSlices and this node's Node"
     );
-    let mut changes = changes(&client, &node_name);
+    let mut watched = watch_all(&client, &node_name);
     let (events, queue) = mpsc::channel(EVENT_QUEUE);
     tokio::spawn(publish_events(
         Recorder::new(
@@ -151,19 +151,19 @@ pub async fn watch(
     let mut failing = false;
     loop {
         tokio::select! {
-            change = changes.next() => match change {
+            next = watched.next() => match next {
                 None => return Ok(()),
                 Some(Err(err)) => {
                     // The backoff paces these; the last state stays in force meanwhile.
                     warn!(%err, "Kubernetes watch failed; keeping the last state and retrying");
                     failing = true;
                 }
-                Some(Ok(change)) => {
+                Some(Ok(event)) => {
                     if failing {
                         info!("Kubernetes watch is back");
                         failing = false;
                     }
-                    if cluster.apply(change)
+                    if cluster.apply(event)
                         && let Some(translation) = cluster.translate(&selection)
                     {
                         announcer.source_changed(&cluster, &translation);
@@ -200,32 +200,36 @@ fn publish(updates: &watch::Sender<Option<SourceUpdate>>, update: SourceUpdate) 
     });
 }
 
-enum Change {
+/// One event of one of the three watchers.
+enum Watched {
     Service(Box<watcher::Event<Service>>),
     Slice(Box<watcher::Event<EndpointSlice>>),
     Node(Box<watcher::Event<Node>>),
 }
 
-fn changes(client: &Client, node_name: &str) -> BoxStream<'static, Result<Change, watcher::Error>> {
+fn watch_all(
+    client: &Client,
+    node_name: &str,
+) -> BoxStream<'static, Result<Watched, watcher::Error>> {
     let services = watcher(
         Api::<Service>::all(client.clone()),
         watcher::Config::default(),
     )
     .default_backoff()
-    .map(|event| event.map(|event| Change::Service(Box::new(event))));
+    .map(|event| event.map(|event| Watched::Service(Box::new(event))));
     // Only slices that belong to a Service matter for `externalTrafficPolicy: Local`.
     let slices = watcher(
         Api::<EndpointSlice>::all(client.clone()),
         watcher::Config::default().labels(translate::SERVICE_NAME_LABEL),
     )
     .default_backoff()
-    .map(|event| event.map(|event| Change::Slice(Box::new(event))));
+    .map(|event| event.map(|event| Watched::Slice(Box::new(event))));
     let nodes = watcher(
         Api::<Node>::all(client.clone()),
         watcher::Config::default().fields(&format!("metadata.name={node_name}")),
     )
     .default_backoff()
-    .map(|event| event.map(|event| Change::Node(Box::new(event))));
+    .map(|event| event.map(|event| Watched::Node(Box::new(event))));
     futures::stream::select_all([services.boxed(), slices.boxed(), nodes.boxed()]).boxed()
 }
 
@@ -294,11 +298,11 @@ struct Cluster {
 }
 
 impl Cluster {
-    fn apply(&mut self, change: Change) -> bool {
-        match change {
-            Change::Service(event) => self.services.apply(*event),
-            Change::Slice(event) => self.slices.apply(*event),
-            Change::Node(event) => self.nodes.apply(*event),
+    fn apply(&mut self, watched: Watched) -> bool {
+        match watched {
+            Watched::Service(event) => self.services.apply(*event),
+            Watched::Slice(event) => self.slices.apply(*event),
+            Watched::Node(event) => self.nodes.apply(*event),
         }
     }
 
@@ -326,9 +330,10 @@ impl Cluster {
     }
 }
 
-/// What each Service was last told, so an Event goes out only when that changes.
+/// Where a Service stands on this node as its Events last said: the addresses announced, or
+/// why they are not. An Event goes out only when this changes.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-struct Told {
+struct Standing {
     announced: BTreeSet<IpAddr>,
     not_announced: Option<String>,
 }
@@ -336,7 +341,7 @@ struct Told {
 /// Turns the source's verdicts and the reconciler's results into Events and log lines.
 struct Announcer {
     node: String,
-    told: BTreeMap<String, Told>,
+    standings: BTreeMap<String, Standing>,
     /// The latest source verdicts: rejected services and why, Local services without endpoints.
     rejected: BTreeMap<String, String>,
     withdrawn_reason: BTreeMap<String, String>,
@@ -348,7 +353,7 @@ impl Announcer {
     fn new(node: String, events: mpsc::Sender<(ObjectReference, Event)>) -> Self {
         Self {
             node,
-            told: BTreeMap::new(),
+            standings: BTreeMap::new(),
             rejected: BTreeMap::new(),
             withdrawn_reason: BTreeMap::new(),
             excluded: false,
@@ -375,10 +380,10 @@ impl Announcer {
             if self.rejected.get(service) != Some(reason) {
                 warn!(%service, %reason, "Service skipped");
             }
-            self.tell(
+            self.record(
                 cluster,
                 service,
-                Told {
+                Standing {
                     announced: BTreeSet::new(),
                     not_announced: Some(reason.clone()),
                 },
@@ -396,9 +401,9 @@ impl Announcer {
             );
         }
         if translation.excluded {
-            for told in self.told.keys() {
+            for standing in self.standings.keys() {
                 withdrawn_reason.insert(
-                    told.clone(),
+                    standing.clone(),
                     format!(
                         "node {} has the label {}",
                         self.node,
@@ -412,16 +417,16 @@ impl Announcer {
 
     /// After a reconcile: which addresses this node now holds for which Service.
     fn applied(&mut self, cluster: &Cluster, outcomes: &[AddressStatus]) {
-        let mut now: BTreeMap<String, Told> = BTreeMap::new();
+        let mut now: BTreeMap<String, Standing> = BTreeMap::new();
         for address in outcomes {
             for service in &address.services {
-                let told = now.entry(service.clone()).or_default();
+                let standing = now.entry(service.clone()).or_default();
                 match address.state {
                     AddressState::Virtual | AddressState::Local => {
-                        told.announced.insert(address.address);
+                        standing.announced.insert(address.address);
                     }
                     AddressState::Unsupported => {
-                        told.not_announced = Some(format!(
+                        standing.not_announced = Some(format!(
                             "{}: node {} has no IPv6",
                             address.address, self.node
                         ));
@@ -429,24 +434,24 @@ impl Announcer {
                 }
             }
         }
-        let before: Vec<String> = self.told.keys().cloned().collect();
+        let before: Vec<String> = self.standings.keys().cloned().collect();
         for service in before {
             if !now.contains_key(&service) && !self.rejected.contains_key(&service) {
-                self.tell(cluster, &service, Told::default());
+                self.record(cluster, &service, Standing::default());
             }
         }
-        for (service, told) in now {
-            self.tell(cluster, &service, told);
+        for (service, standing) in now {
+            self.record(cluster, &service, standing);
         }
     }
 
-    fn tell(&mut self, cluster: &Cluster, service: &str, told: Told) {
-        let before = self.told.get(service).cloned().unwrap_or_default();
-        if before == told {
+    fn record(&mut self, cluster: &Cluster, service: &str, standing: Standing) {
+        let before = self.standings.get(service).cloned().unwrap_or_default();
+        if before == standing {
             return;
         }
         let mut events = Vec::new();
-        let new: Vec<String> = told
+        let new: Vec<String> = standing
             .announced
             .difference(&before.announced)
             .map(ToString::to_string)
@@ -462,7 +467,7 @@ impl Announcer {
         }
         let gone: Vec<String> = before
             .announced
-            .difference(&told.announced)
+            .difference(&standing.announced)
             .map(ToString::to_string)
             .collect();
         if !gone.is_empty() {
@@ -482,7 +487,7 @@ impl Announcer {
                 secondary: None,
             });
         }
-        if let Some(reason) = &told.not_announced
+        if let Some(reason) = &standing.not_announced
             && before.not_announced.as_ref() != Some(reason)
         {
             events.push(Event {
@@ -493,10 +498,10 @@ impl Announcer {
                 secondary: None,
             });
         }
-        if told == Told::default() {
-            self.told.remove(service);
+        if standing == Standing::default() {
+            self.standings.remove(service);
         } else {
-            self.told.insert(service.to_owned(), told);
+            self.standings.insert(service.to_owned(), standing);
         }
         // A Service that is gone has nothing to attach an Event to.
         let Some(object) = cluster.service(service) else {
