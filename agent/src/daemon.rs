@@ -88,11 +88,13 @@ pub async fn run(config_path: PathBuf, node_name: Option<String>, config: Config
         sinks.push(Box::new(sink));
         bird
     });
-    let mut reconciler = Reconciler::new(config.node_name.clone(), sinks);
-    tokio::spawn(status_file::write_each(
-        config.status_path.clone(),
-        reconciler.applied(),
-    ));
+    let status_path = config.status_path.clone();
+    let mut reconciler =
+        Reconciler::new(config.node_name.clone(), sinks).on_publish(move |status| {
+            if let Err(err) = status_file::write(&status_path, status) {
+                warn!(%err, "cannot write the status file");
+            }
+        });
     if let Some(address) = config.http_address {
         let counts = ReconcileMetrics::default();
         reconciler = reconciler.with_metrics(counts.clone());
@@ -145,11 +147,6 @@ pub async fn run(config_path: PathBuf, node_name: Option<String>, config: Config
         // A stopped BIRD has no sessions: the status file must not show the old ones as
         // current to whoever reads it before the next agent writes its own.
         reconciler.publish();
-        if let Some(status) = reconciler.applied().borrow().as_ref()
-            && let Err(err) = status_file::write(&config.status_path, status)
-        {
-            warn!(%err, "cannot write the status file");
-        }
     }
     result
 }
