@@ -44,6 +44,16 @@ use crate::{
     sources::kubernetes::KubernetesSource,
 };
 
+/// The largest config file read.
+pub const MAX_FILE_BYTES: u64 = 1024 * 1024;
+/// The config file's YAML. Anchors and aliases are allowed (a shared BGP setting), their
+/// expansion bounded by the parser.
+pub const LIMITS: crate::yaml::Limits = crate::yaml::Limits {
+    depth: 32,
+    nodes: 100_000,
+    aliases: true,
+};
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Config {
     pub node_name: String,
@@ -84,7 +94,7 @@ pub enum ConfigError {
     #[error("{}: {source}", path.display())]
     Parse {
         path: PathBuf,
-        source: serde_yaml::Error,
+        source: crate::yaml::YamlError,
     },
     #[error("{}: {field}: {value:?} is not allowed ({allowed})", path.display())]
     Invalid {
@@ -191,18 +201,21 @@ impl Config {
     /// Loads and validates `path`; `node_name` (from a flag or the environment) overrides the
     /// file's.
     pub fn load(path: &Path, node_name: Option<&str>) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_owned(),
-            source,
+        let text = crate::watch::read_limited(path, MAX_FILE_BYTES).map_err(|source| {
+            ConfigError::Read {
+                path: path.to_owned(),
+                source,
+            }
         })?;
         Self::parse(&text, path, node_name)
     }
 
     pub fn parse(text: &str, path: &Path, node_name: Option<&str>) -> Result<Self, ConfigError> {
-        let raw: RawConfig = serde_yaml::from_str(text).map_err(|source| ConfigError::Parse {
-            path: path.to_owned(),
-            source,
-        })?;
+        let raw: RawConfig =
+            crate::yaml::from_str(text, LIMITS).map_err(|source| ConfigError::Parse {
+                path: path.to_owned(),
+                source,
+            })?;
         let invalid = |field, value: &str, allowed| ConfigError::Invalid {
             path: path.to_owned(),
             field,

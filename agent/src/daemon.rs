@@ -56,6 +56,16 @@ pub async fn run(config_path: PathBuf, node_name: Option<String>, config: Config
         }
         None => None,
     };
+    // SIGHUP: a resync, and a re-read of the files, whatever their watches saw.
+    let (resync_tx, resync_now) = mpsc::channel(1);
+    let (reread_tx, reread) = watch::channel(0u64);
+    let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
+    tokio::spawn(async move {
+        while hup.recv().await.is_some() {
+            let _ = resync_tx.try_send(());
+            reread_tx.send_modify(|n| *n += 1);
+        }
+    });
     let (routing_tx, routing_config) = watch::channel(config.routing.clone());
     let (labels_tx, node_labels) = watch::channel(config.node_labels.clone());
     tokio::spawn(follow_config(
@@ -64,15 +74,8 @@ pub async fn run(config_path: PathBuf, node_name: Option<String>, config: Config
         config.clone(),
         routing_tx,
         labels_tx,
+        reread.clone(),
     ));
-
-    let (resync_tx, resync_now) = mpsc::channel(1);
-    let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
-    tokio::spawn(async move {
-        while hup.recv().await.is_some() {
-            let _ = resync_tx.try_send(());
-        }
-    });
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
 
@@ -87,11 +90,13 @@ pub async fn run(config_path: PathBuf, node_name: Option<String>, config: Config
         sinks.push(Box::new(sink));
         bird
     });
-    let mut reconciler = Reconciler::new(config.node_name.clone(), sinks);
-    tokio::spawn(status_file::write_each(
-        config.status_path.clone(),
-        reconciler.applied(),
-    ));
+    let status_path = config.status_path.clone();
+    let mut reconciler =
+        Reconciler::new(config.node_name.clone(), sinks).on_publish(move |status| {
+            if let Err(err) = status_file::write(&status_path, status) {
+                warn!(%err, "cannot write the status file");
+            }
+        });
     if let Some(address) = config.http_address {
         let counts = ReconcileMetrics::default();
         reconciler = reconciler.with_metrics(counts.clone());
@@ -107,7 +112,7 @@ pub async fn run(config_path: PathBuf, node_name: Option<String>, config: Config
     let mut source = match &config.source {
         Source::File { path } => {
             let (file_tx, file_updates) = watch::channel(None);
-            let watching = sources::file::watch(path.clone(), file_tx);
+            let watching = sources::file::watch(path.clone(), file_tx, reread);
             tokio::spawn(sources::file::with_node_labels(
                 file_updates,
                 node_labels,
@@ -155,11 +160,6 @@ pub async fn run(config_path: PathBuf, node_name: Option<String>, config: Config
         // A stopped BIRD has no sessions: the status file must not show the old ones as
         // current to whoever reads it before the next agent writes its own.
         reconciler.publish();
-        if let Some(status) = reconciler.applied().borrow().as_ref()
-            && let Err(err) = status_file::write(&config.status_path, status)
-        {
-            warn!(%err, "cannot write the status file");
-        }
     }
     result
 }
@@ -192,8 +192,9 @@ async fn follow_config(
     mut current: Config,
     routing: watch::Sender<Option<RoutingConfig>>,
     labels: watch::Sender<crate::desired::NodeLabels>,
+    reread: watch::Receiver<u64>,
 ) {
-    let result = crate::watch::follow(&path, |event| {
+    let result = crate::watch::follow(&path, crate::config::MAX_FILE_BYTES, reread, |event| {
         let text = match event {
             FileEvent::Changed(text) => text,
             FileEvent::Unreadable(err) => {

@@ -1,6 +1,10 @@
 //! The HTTP endpoint: `/metrics` for Prometheus, `/healthz` (the process answers) and
 //! `/readyz` (the first full reconcile has applied: before that, the node may not yet hold
 //! what the source asks for).
+//!
+//! The agent runs on one thread, which also heals the node: a scrape must never hold it. A
+//! scrape of 10,000 addresses is megabytes of text, so it is encoded on a blocking thread,
+//! one encoding at a time, and scrapes that arrive meanwhile share the next one.
 
 use std::{
     net::SocketAddr,
@@ -8,17 +12,19 @@ use std::{
         Arc,
         atomic::{AtomicBool, Ordering},
     },
+    time::Instant,
 };
 
 use axum::{
     Router,
+    body::Bytes,
     extract::State,
     http::{StatusCode, header},
     response::IntoResponse,
     routing::get,
 };
 use prometheus_client::registry::Registry;
-use tokio::sync::watch;
+use tokio::sync::{Mutex, watch};
 use tracing::{error, info};
 
 use crate::reconcile::Status;
@@ -31,7 +37,7 @@ pub struct HttpError {
 }
 
 struct Shared {
-    registry: Registry,
+    scrapes: Scrapes,
     applied: watch::Receiver<Option<Status>>,
     ready: AtomicBool,
 }
@@ -46,7 +52,7 @@ pub async fn serve(
         .await
         .map_err(|reason| HttpError { address, reason })?;
     let shared = Arc::new(Shared {
-        registry,
+        scrapes: Scrapes::new(registry),
         applied,
         ready: AtomicBool::new(false),
     });
@@ -63,24 +69,68 @@ pub async fn serve(
     }))
 }
 
+/// The registry's encodings: one at a time, off the async thread.
+struct Scrapes {
+    registry: Arc<Registry>,
+    /// The last encoding; its lock is held for as long as an encoding runs.
+    latest: Arc<Mutex<Option<Encoding>>>,
+}
+
+struct Encoding {
+    started: Instant,
+    body: Result<Bytes, std::fmt::Error>,
+}
+
+impl Scrapes {
+    fn new(registry: Registry) -> Self {
+        Self {
+            registry: Arc::new(registry),
+            latest: Arc::new(Mutex::new(None)),
+        }
+    }
+
+    /// The metrics as of a moment after this call: an encoding started after it, shared by
+    /// every scrape that waited for it.
+    async fn body(&self) -> Result<Bytes, std::fmt::Error> {
+        let asked = Instant::now();
+        let mut latest = self.latest.clone().lock_owned().await;
+        if let Some(encoding) = latest.as_ref().filter(|e| e.started >= asked) {
+            return encoding.body.clone();
+        }
+        let registry = self.registry.clone();
+        // The lock goes with the encoding, so that a scraper that hangs up does not let a
+        // second encoding start beside the first.
+        let encoded = tokio::task::spawn_blocking(move || {
+            let started = Instant::now();
+            let body = crate::metrics::encode(&registry).map(Bytes::from);
+            *latest = Some(Encoding {
+                started,
+                body: body.clone(),
+            });
+            body
+        })
+        .await;
+        encoded.unwrap_or(Err(std::fmt::Error))
+    }
+}
+
 async fn metrics(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
-    match crate::metrics::encode(&shared.registry) {
-        Ok(text) => (
+    match shared.scrapes.body().await {
+        Ok(body) => (
             StatusCode::OK,
             [(
                 header::CONTENT_TYPE,
                 "application/openmetrics-text; version=1.0.0; charset=utf-8",
             )],
-            text,
+            body,
         ),
         Err(_) => (
             StatusCode::INTERNAL_SERVER_ERROR,
             [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
-            "cannot encode the metrics\n".to_owned(),
+            Bytes::from_static(b"cannot encode the metrics\n"),
         ),
     }
 }
-
 async fn ready(State(shared): State<Arc<Shared>>) -> (StatusCode, String) {
     // Ready stays ready: a later failed step is retried and shows in the metrics and status,
     // and taking the pod out of its DaemonSet's rollout would not help it.

@@ -29,20 +29,23 @@ mod sinks;
 mod sources;
 mod status_file;
 mod watch;
+mod yaml;
 
 pub use crate::{
     // The binary.
     cli::{Cli, run},
-    // The deployment tests hold the shipped config and RBAC against these.
+    // The deployment and docs tests hold the shipped config, RBAC and the README's examples
+    // against these.
     config::{Config, Source},
     // The TestRun tests load the object and drive its maps as the dataplane sink does.
     dataplane::{Maps, PortId, VipPolicy, object},
+    desired::{Desired, PortSpec, Protocol, Service, TrafficPolicy},
     sinks::{
         dataplane::{
             DataplaneSink,
-            plan::{Entries, diff},
+            plan::{Entries, diff, entries},
         },
         routing::model::Mode,
     },
-    sources::kubernetes::API_ACCESS,
+    sources::{file::parse as parse_services, kubernetes::API_ACCESS},
 };

@@ -1,10 +1,7 @@
-//! The status file: the published status, written after every change for `lbagent status` and
-//! other processes to read.
+//! The status file: the published status, written each time it is published (`daemon.rs`
+//! hooks it into the reconciler) for `lbagent status` and other processes to read.
 
 use std::path::{Path, PathBuf};
-
-use tokio::sync::watch;
-use tracing::warn;
 
 use crate::{files::write_atomically, reconcile::Status};
 
@@ -31,18 +28,6 @@ pub fn write(path: &Path, status: &Status) -> Result<(), StatusError> {
         path: path.to_owned(),
         source,
     })
-}
-
-/// Writes every status the reconciler publishes to `path`, until it publishes no more.
-pub async fn write_each(path: PathBuf, mut published: watch::Receiver<Option<Status>>) {
-    while published.changed().await.is_ok() {
-        let status = published.borrow_and_update().clone();
-        if let Some(status) = status
-            && let Err(err) = write(&path, &status)
-        {
-            warn!(%err, "cannot write the status file");
-        }
-    }
 }
 
 pub fn read(path: &Path) -> Result<Status, StatusError> {

@@ -706,6 +706,18 @@ impl ServedNode {
         extra_config: &str,
         before: impl FnOnce(&PinRoot),
     ) -> Self {
+        Self::start_with_env(vip, services, dataplane, extra_config, &[], before)
+    }
+
+    /// As `start_with`, with the agent's environment extended by `env`.
+    pub fn start_with_env(
+        vip: &str,
+        services: &str,
+        dataplane: &str,
+        extra_config: &str,
+        env: &[(&str, &str)],
+        before: impl FnOnce(&PinRoot),
+    ) -> Self {
         let pair = Pair::new(&[]);
         pair.node
             .ip(&["route", "add", "default", "via", Pair::CLIENT_V4]);
@@ -724,10 +736,11 @@ impl ServedNode {
             ),
         );
         before(&pins);
-        let agent = Agent::start(
+        let agent = Agent::start_with_env(
             &pair.node,
             &dir.path().join("lbagent.yaml"),
             dir.path().join("agent.log"),
+            env,
         );
         Self {
             pair,

@@ -740,3 +740,123 @@ fn an_upgrade_adopts_the_links_of_the_older_layout_without_a_gap_and_retires_its
     );
     assert!(pins.path().join(&new).join("links").exists());
 }
+
+/// The egress filters lbagent put on `iface`'s clsact egress hook, as `tc` lists them.
+fn classic_filters(node: &ServedNode, iface: &str) -> Vec<String> {
+    node.pair
+        .node
+        .exec("tc", &["filter", "show", "dev", iface, "egress"])
+        .stdout
+        .split(|b| *b == b'\n')
+        .map(|line| String::from_utf8_lossy(line).into_owned())
+        .filter(|line| line.contains("lbagent_egress"))
+        .collect()
+}
+
+#[test]
+fn without_tcx_the_egress_counter_is_a_classic_filter_that_a_restart_swaps_without_loss() {
+    // Forced here; on a kernel without TCX (before 6.6) the agent takes this path by itself.
+    const CLASSIC: &[(&str, &str)] = &[("LBAGENT_TC_ATTACH", "classic")];
+    let mut node = Node(ServedNode::start_with_env(
+        VIP4,
+        &format!("services:\n- {{name: web, addresses: [{VIP4}], ports: [{{port: 8080}}]}}\n"),
+        "",
+        "",
+        CLASSIC,
+        |_| {},
+    ));
+    node.wait_policy();
+    assert!(
+        wait_until(Duration::from_secs(5), || classic_filters(&node, "eth0")
+            .len()
+            == 1),
+        "no classic egress filter: {:?}\n{}",
+        classic_filters(&node, "eth0"),
+        node.agent.log()
+    );
+    let pinned = node.pins.pinned_files();
+    assert!(
+        pinned
+            .iter()
+            .any(|p| p.to_string_lossy().contains("tcclassic_ns"))
+            && !pinned
+                .iter()
+                .any(|p| p.to_string_lossy().contains("/tc_ns")),
+        "a classic marker and no TCX link: {pinned:?}"
+    );
+    let status = lbagent(&node.pair.node, &node.pins, &["status", "-o", "json"]);
+    assert!(
+        !status.stdout.contains("no tc egress counter"),
+        "status reports the classic counter as missing: {}",
+        status.stdout
+    );
+
+    // 300 pings at 10 ms while the agent is SIGKILLed and a new one, also classic, starts.
+    let client = node.pair.client.name().to_owned();
+    let pings = std::thread::spawn(move || {
+        lbagent_tests::run(
+            "ip",
+            &[
+                "netns", "exec", &client, "ping", "-c", "300", "-i", "0.01", "-W", "1", "-q", VIP4,
+            ],
+        )
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(node.agent.pid() as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let next = Agent::start_with_env(
+        &node.pair.node,
+        &node.dir.path().join("lbagent.yaml"),
+        node.dir.path().join("agent2.log"),
+        CLASSIC,
+    );
+    drop(std::mem::replace(&mut node.agent, next));
+    let output = pings.join().unwrap();
+    let summary = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        summary.contains("300 packets transmitted, 300 received"),
+        "{summary}"
+    );
+    assert!(
+        wait_until(Duration::from_secs(5), || node
+            .agent
+            .log()
+            .contains("tc egress counter attached")),
+        "{}",
+        node.agent.log()
+    );
+    assert!(
+        node.agent.log().contains("replaced=true"),
+        "the new agent replaced the filter in place: {}",
+        node.agent.log()
+    );
+    assert_eq!(
+        classic_filters(&node, "eth0").len(),
+        1,
+        "one filter, replaced in place"
+    );
+
+    // Every reply counted out, across the kill, by one filter or the other.
+    let run = lbagent(&node.pair.node, &node.pins, &["counters", "-o", "json"]);
+    let json: serde_json::Value = serde_json::from_str(&run.stdout).unwrap();
+    assert_eq!(json["vips"][0]["packets"], 300, "{json}");
+    assert_eq!(json["vips"][0]["tx_packets"], 300, "{json}");
+
+    // Cleanup takes the filter too, and leaves no pin.
+    let Node(ServedNode {
+        pair,
+        pins,
+        dir,
+        agent,
+    }) = node;
+    agent.stop();
+    lbagent_tests::lbagent_cleanup(&pair.node, &dir.path().join("lbagent.yaml"));
+    let left = pair
+        .node
+        .exec("tc", &["filter", "show", "dev", "eth0", "egress"]);
+    assert_eq!(String::from_utf8_lossy(&left.stdout), "", "no filter left");
+    assert_eq!(pins.pinned_files(), Vec::<std::path::PathBuf>::new());
+}

@@ -23,7 +23,7 @@ use lbagent::{API_ACCESS, Config, Mode, Source};
 use lbagent_tests::{
     NetNs, PinRoot, TempDir, addresses_on, http_get, lbagent_bin, wait_until, xdp_on,
 };
-use serde::{Deserialize as _, Serialize, de::DeserializeOwned};
+use serde::{Serialize, de::DeserializeOwned};
 
 const CAPABILITIES: [&str; 5] = ["NET_ADMIN", "NET_RAW", "NET_BIND_SERVICE", "BPF", "PERFMON"];
 
@@ -50,9 +50,9 @@ impl Objects {
             let path = dir.join(&file);
             let text = std::fs::read_to_string(&path)
                 .unwrap_or_else(|err| panic!("{}: {err}", path.display()));
-            for (i, document) in serde_yaml::Deserializer::from_str(&text).enumerate() {
-                let value = serde_yaml::Value::deserialize(document)
-                    .unwrap_or_else(|err| panic!("{file} document {i}: {err}"));
+            let documents: Vec<serde_json::Value> =
+                serde_saphyr::from_multiple(&text).unwrap_or_else(|err| panic!("{file}: {err}"));
+            for (i, value) in documents.into_iter().enumerate() {
                 if value.is_null() {
                     continue;
                 }
@@ -91,10 +91,9 @@ impl Objects {
 
 /// Parses `value` as `T` and insists that nothing was lost on the way: k8s-openapi ignores
 /// fields it does not know, so a misspelt field would otherwise pass silently.
-fn exact<T: DeserializeOwned + Serialize>(value: serde_yaml::Value, origin: &str) -> T {
-    let object: T = serde_yaml::from_value(value.clone())
+fn exact<T: DeserializeOwned + Serialize>(written: serde_json::Value, origin: &str) -> T {
+    let object: T = serde_json::from_value(written.clone())
         .unwrap_or_else(|err| panic!("{origin}: not a valid object of its kind: {err}"));
-    let written = serde_json::to_value(&value).expect("YAML as JSON");
     let read = serde_json::to_value(&object).expect("object as JSON");
     if let Some(difference) = first_difference(&written, &read, "") {
         panic!("{origin}: {difference} (a misspelt or misplaced field?)");
@@ -128,18 +127,18 @@ fn first_difference(
 /// The `resources` a kustomization.yaml lists.
 fn kustomization_resources(dir: &Path) -> Vec<String> {
     kustomization(dir)["resources"]
-        .as_sequence()
+        .as_array()
         .expect("kustomization.yaml has a resources list")
         .iter()
         .map(|entry| entry.as_str().expect("resource paths are text").to_owned())
         .collect()
 }
 
-fn kustomization(dir: &Path) -> serde_yaml::Value {
+fn kustomization(dir: &Path) -> serde_json::Value {
     let path = dir.join("kustomization.yaml");
     let text =
         std::fs::read_to_string(&path).unwrap_or_else(|err| panic!("{}: {err}", path.display()));
-    serde_yaml::from_str(&text).unwrap_or_else(|err| panic!("{}: {err}", path.display()))
+    serde_saphyr::from_str(&text).unwrap_or_else(|err| panic!("{}: {err}", path.display()))
 }
 
 fn pod_spec(daemon_set: &DaemonSet) -> &PodSpec {
@@ -254,7 +253,7 @@ fn kustomizations_list_every_manifest_beside_them() {
 
         // `kubectl apply -k` rewrites an image only where its name matches an `images` entry.
         let images: Vec<String> = kustomization(&dir)["images"]
-            .as_sequence()
+            .as_array()
             .into_iter()
             .flatten()
             .filter_map(|image| image["name"].as_str())
@@ -749,14 +748,10 @@ fn the_daemonsets_capabilities_are_enough_to_run_and_clean_up() {
 
     // The ConfigMap's config, with what the test must move: the source, and every path on the
     // host (pins, status, BIRD's state) into directories of the test's own.
-    let mut config: serde_yaml::Value =
-        serde_yaml::from_str(&with_routing_example(&loaded.text)).expect("config YAML");
-    config["source"] = serde_yaml::from_str("{file: {path: services.yaml}}").unwrap();
-    config["status"] = serde_yaml::from_str(&format!(
-        "{{path: {}}}",
-        dir.path().join("run/status.json").display()
-    ))
-    .unwrap();
+    let mut config: serde_json::Value =
+        serde_saphyr::from_str(&with_routing_example(&loaded.text)).expect("config YAML");
+    config["source"] = serde_json::json!({"file": {"path": "services.yaml"}});
+    config["status"] = serde_json::json!({"path": dir.path().join("run/status.json")});
     config["dataplane"]["pinRoot"] = pins.path().display().to_string().into();
     let routing = &mut config["routing"];
     routing["stateDir"] = dir.path().join("run/bird").display().to_string().into();
@@ -764,7 +759,8 @@ fn the_daemonsets_capabilities_are_enough_to_run_and_clean_up() {
     routing["bgp"][0]["neighbor"] = "10.78.0.2".into();
     let config_path = dir.write(
         "config.yaml",
-        &serde_yaml::to_string(&config).expect("config as YAML"),
+        // JSON is YAML.
+        &serde_json::to_string_pretty(&config).expect("config as JSON"),
     );
     let address = loaded.config.http_address.expect("http.address");
 

@@ -15,6 +15,9 @@ const V4: &str = "203.0.113.10";
 const METRICS: &str = "127.0.0.1:9658";
 const V6: &str = "2001:db8:ff::10";
 
+/// The FRR recipe of the README, as shipped in deploy/: the test runs it unchanged.
+const FRR_NODE_RECIPE: &str = include_str!("../../deploy/frr/bgpd.conf");
+
 const BGP: &str = "  bgp:
     - {name: up4, neighbor: 10.0.0.1, asn: 64500, localAsn: 64512, holdTime: 9s, keepaliveTime: 1s, connectRetryTime: 1s, connectDelayTime: 1s}
     - {name: up6, neighbor: \"fd00::1\", asn: 64500, localAsn: 64512, holdTime: 9s, keepaliveTime: 1s, connectRetryTime: 1s, connectDelayTime: 1s}
@@ -345,38 +348,10 @@ fn a_killed_bird_is_restarted_and_the_router_keeps_forwarding_meanwhile() {
 fn frr_on_the_node_redistributes_kube_lb0_as_lbagent_keeps_it() {
     let fabric = Fabric::new(1);
     let _router = Frr::start(&fabric.router, FRR_ROUTER, true);
-    // lbagent only keeps kube-lb0; the node's own FRR advertises it (the README's recipe).
+    // lbagent only keeps kube-lb0; the node's own FRR advertises it with the recipe the README
+    // shows, as shipped: FRR's defaults, IPv4 and IPv6.
     let node = Node::start(&fabric.nodes[0], &services(&[V4, V6]), None);
-    let _node_frr = Frr::start(
-        &fabric.nodes[0],
-        "frr defaults traditional
-route-map KUBE-LB permit 10
- match interface kube-lb0
- set origin igp
-route-map KUBE-LB deny 20
-route-map NONE deny 10
-router bgp 64512
- bgp router-id 10.0.0.11
- no bgp ebgp-requires-policy
- no bgp default ipv4-unicast
- coalesce-time 0
- neighbor 10.0.0.1 remote-as 64500
- neighbor 10.0.0.1 timers connect 1
- neighbor fd00::1 remote-as 64500
- neighbor fd00::1 timers connect 1
- address-family ipv4 unicast
-  redistribute connected route-map KUBE-LB
-  neighbor 10.0.0.1 activate
-  neighbor 10.0.0.1 route-map NONE in
- exit-address-family
- address-family ipv6 unicast
-  redistribute connected route-map KUBE-LB
-  neighbor fd00::1 activate
-  neighbor fd00::1 route-map NONE in
- exit-address-family
-",
-        false,
-    );
+    let _node_frr = Frr::start(&fabric.nodes[0], FRR_NODE_RECIPE, false);
     wait_hops(
         &fabric.router,
         &format!("{V4}/32"),
@@ -398,12 +373,33 @@ router bgp 64512
     );
     assert_eq!(table.lines().count(), 1, "{table}");
 
+    let table6 = run_ok(
+        "ip",
+        &[
+            "-n",
+            fabric.router.name(),
+            "-6",
+            "route",
+            "show",
+            "proto",
+            "bgp",
+        ],
+    );
+    assert_eq!(table6.lines().count(), 1, "{table6}");
+
     node.dir.write("services.yaml", "services: []\n");
     wait_hops(
         &fabric.router,
         &format!("{V4}/32"),
         0,
         "FRR node withdrawal",
+        || node.log(),
+    );
+    wait_hops(
+        &fabric.router,
+        &format!("{V6}/128"),
+        0,
+        "FRR node IPv6 withdrawal",
         || node.log(),
     );
 }
@@ -735,5 +731,15 @@ fn host_ip_from_the_downward_api_is_the_default_router_id() {
         "{}\n{}",
         rendered(),
         agent.log()
+    );
+}
+
+#[test]
+fn the_readme_shows_the_frr_recipe_the_test_runs() {
+    let readme = include_str!("../../README.md");
+    let shown = format!("```\n{FRR_NODE_RECIPE}```");
+    assert!(
+        readme.contains(&shown),
+        "README.md must show deploy/frr/bgpd.conf verbatim in a code block"
     );
 }

@@ -559,3 +559,52 @@ fn ports_that_do_not_fit_leave_their_address_counted_but_unfiltered_and_the_rest
     check(&h, second, &tcp4(second, 82), Expect::Pass);
     check(&h, second, &tcp4(second, 8443), Expect::Port);
 }
+
+/// Two tenants' Services whose source ranges hash alike under the 32-bit FNV-1a that once
+/// named range sets (both sets hash to 0x631d62bf): each must still admit only its own
+/// sources, whichever of them came first, and a second plan over what the maps hold changes
+/// nothing (a restart renumbers nothing).
+#[test]
+fn range_sets_that_hash_alike_keep_each_tenant_to_its_own_sources() {
+    use lbagent::{Desired, PortSpec, Protocol, Service, TrafficPolicy, diff, entries};
+    let vip_a = Ipv4Addr::new(203, 0, 113, 20);
+    let vip_b = Ipv4Addr::new(203, 0, 113, 21);
+    let tenant = |name: &str, vip: Ipv4Addr, ranges: [&str; 2]| Service {
+        name: name.into(),
+        addresses: vec![vip.into()],
+        ports: vec![PortSpec {
+            port: 443,
+            protocol: Protocol::Tcp,
+        }],
+        source_ranges: ranges.iter().map(|r| r.parse().unwrap()).collect(),
+        traffic_policy: TrafficPolicy::Cluster,
+    };
+    let a = tenant("tenant-a/web", vip_a, ["10.82.50.0/24", "10.174.132.0/24"]);
+    let b = tenant("tenant-b/web", vip_b, ["10.40.101.0/24", "10.163.208.0/24"]);
+    let (from_a, from_b) = (Ipv4Addr::new(10, 82, 50, 7), Ipv4Addr::new(10, 40, 101, 7));
+    let to = |src: Ipv4Addr, vip: Ipv4Addr| {
+        Frame::ipv4(src, vip, proto::TCP, &tcp(443), Ipv4Options::default())
+    };
+    let reconcile = |h: &mut Harness, services: &[&Service]| {
+        let desired = Desired::from_services(services.iter().copied());
+        let observed = h.sink().entries().unwrap();
+        let wanted = entries(&desired, |_| true, &observed);
+        h.sink().write(&diff(&wanted, &observed)).unwrap();
+        let observed = h.sink().entries().unwrap();
+        let again = entries(&desired, |_| true, &observed);
+        assert!(
+            diff(&again, &observed).is_empty(),
+            "a plan over what the maps hold renumbers nothing"
+        );
+    };
+    for order in [[&a, &b], [&b, &a]] {
+        let mut h = Harness::new();
+        // One tenant first, then both: the second's set must not take the first's id.
+        reconcile(&mut h, &order[..1]);
+        reconcile(&mut h, &order);
+        check(&h, vip_a.into(), &to(from_a, vip_a), Expect::Pass);
+        check(&h, vip_a.into(), &to(from_b, vip_a), Expect::Source);
+        check(&h, vip_b.into(), &to(from_b, vip_b), Expect::Pass);
+        check(&h, vip_b.into(), &to(from_a, vip_b), Expect::Source);
+    }
+}

@@ -12,14 +12,8 @@ use crate::{
     },
 };
 
-#[derive(Debug, clap::Args)]
-pub struct Args {
-    #[command(subcommand)]
-    command: Command,
-}
-
 #[derive(Debug, clap::Subcommand)]
-enum Command {
+pub enum Command {
     /// Print the BIRD config lbagent renders from its config file for this node: the protocols
     /// its `node.labels` select, gateway neighbours at its current default routes.
     Render {
@@ -36,8 +30,8 @@ enum Command {
     },
 }
 
-pub fn run(args: Args, out: &mut impl Write) -> Result<()> {
-    let Command::Render { config, router_id } = args.command;
+pub fn run(command: Command, out: &mut impl Write) -> Result<()> {
+    let Command::Render { config, router_id } = command;
     let loaded = Config::load(&config, None)?;
     let routing = loaded
         .routing

@@ -50,7 +50,8 @@ pub enum Command {
     /// and the dataplane's programs and pins.
     Cleanup(cleanup::Args),
     /// BIRD as lbagent configures it.
-    Bird(bird::Args),
+    #[command(subcommand)]
+    Bird(bird::Command),
     /// Show what the running agent holds and why (from its status file).
     Status(status::Args),
     /// Attach the XDP program to an interface (replacing lbagent's own program in place).
@@ -58,47 +59,30 @@ pub enum Command {
     /// Detach the XDP program; with the last interface the maps go too.
     Detach(detach::Args),
     /// Add or remove load-balancer addresses in the dataplane.
-    Vip(vip::Args),
+    #[command(subcommand)]
+    Vip(vip::Command),
     /// Print packet and byte counters per address.
     Counters(counters::Args),
 }
 
-/// One-shot commands log only what needs attention: their result is what they print.
 const QUIET: &str = "warn";
 
 pub fn run(cli: Cli, out: &mut impl Write) -> Result<()> {
     let pins = PinLayout::new(&cli.pin_root);
-    let quiet = || logging::init(cli.log_format, QUIET);
+    // The agent logs at info; the one-shot commands only what needs attention, as their
+    // result is what they print.
+    if !matches!(cli.command, Command::Run(_)) {
+        logging::init(cli.log_format, QUIET);
+    }
     match cli.command {
         Command::Run(args) => run::run(args, cli.log_format),
-        Command::Cleanup(args) => {
-            quiet();
-            cleanup::run(args, pins, out)
-        }
-        Command::Bird(args) => {
-            quiet();
-            bird::run(args, out)
-        }
-        Command::Status(args) => {
-            quiet();
-            status::run(args, &pins, out)
-        }
-        Command::Attach(args) => {
-            quiet();
-            attach::run(args, &pins, out)
-        }
-        Command::Detach(args) => {
-            quiet();
-            detach::run(args, &pins, out)
-        }
-        Command::Vip(args) => {
-            quiet();
-            vip::run(args, &pins, out)
-        }
-        Command::Counters(args) => {
-            quiet();
-            counters::run(args, &pins, out)
-        }
+        Command::Cleanup(args) => cleanup::run(args, pins, out),
+        Command::Bird(command) => bird::run(command, out),
+        Command::Status(args) => status::run(args, &pins, out),
+        Command::Attach(args) => attach::run(args, &pins, out),
+        Command::Detach(args) => detach::run(args, &pins, out),
+        Command::Vip(command) => vip::run(command, &pins, out),
+        Command::Counters(args) => counters::run(args, &pins, out),
     }
 }
 

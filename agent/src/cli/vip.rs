@@ -9,14 +9,8 @@ use crate::{
     dataplane::{PinLayout, VipTable},
 };
 
-#[derive(Debug, clap::Args)]
-pub struct Args {
-    #[command(subcommand)]
-    command: Command,
-}
-
 #[derive(Debug, clap::Subcommand)]
-enum Command {
+pub enum Command {
     /// Add addresses (IPv4 or IPv6, optionally as /32 or /128).
     Add {
         #[arg(required = true)]
@@ -29,8 +23,8 @@ enum Command {
     },
 }
 
-pub fn run(args: Args, pins: &PinLayout, out: &mut impl Write) -> Result<()> {
-    let (adding, texts) = match args.command {
+pub fn run(command: Command, pins: &PinLayout, out: &mut impl Write) -> Result<()> {
+    let (adding, texts) = match command {
         Command::Add { addresses } => (true, addresses),
         Command::Del { addresses } => (false, addresses),
     };

@@ -27,7 +27,8 @@ pub async fn attachments(pins: &PinLayout) -> Result<Vec<Attachment>, DataplaneE
                 source,
             }
         })?);
-    let egress = pins.pinned_tc_links()?;
+    let mut egress = pins.pinned_tc_links()?;
+    egress.extend(pins.pinned_tc_classic()?);
     let links: Vec<_> = pins
         .pinned_xdp_links()?
         .into_iter()

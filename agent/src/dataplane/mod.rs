@@ -17,9 +17,9 @@ use aya::{
     maps::{MapError, MapInfo, MapType},
     pin::PinError,
     programs::{
-        ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode,
+        LinkOrder, ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode,
         links::{FdLink, Link as _, LinkError, PinnedLink},
-        tc::SchedClassifierLink,
+        tc::{NlOptions, SchedClassifierLink, TcAttachOptions, TcHandle},
         xdp::{XdpLink, XdpLinkId},
     },
 };
@@ -107,6 +107,12 @@ pub enum DataplaneError {
         path: PathBuf,
         #[source]
         source: PinError,
+    },
+    #[error("{name}: {value:?} is not allowed ({allowed})")]
+    InvalidSetting {
+        name: &'static str,
+        value: String,
+        allowed: &'static str,
     },
     #[error("{}: {source}", path.display())]
     Io {
@@ -380,7 +386,7 @@ fn pin_maps(ebpf: &Ebpf, pins: &PinLayout, made: &mut Rollback) -> Result<(), Da
 }
 
 /// Removes the link pins of an interface that is gone (the kernel detached its programs
-/// when it went). The maps stay: they serve the other interfaces, and the next one.
+/// when it went) or no longer wanted. The maps stay: they serve the other interfaces, and the next one.
 pub fn forget(pins: &PinLayout, link: XdpLinkPin) -> Result<(), DataplaneError> {
     for path in [pins.xdp_link(link), pins.tc_link(link)] {
         match std::fs::remove_file(&path) {
@@ -389,7 +395,57 @@ pub fn forget(pins: &PinLayout, link: XdpLinkPin) -> Result<(), DataplaneError> 
             Err(source) => return Err(DataplaneError::Io { path, source }),
         }
     }
+    // A classic filter is not a link: it stays on an interface that is still there.
+    if pins.tc_classic(link).exists() {
+        detach_classic(pins, link)?;
+    }
     Ok(())
+}
+
+/// How the tc egress counter is attached. TCX (a bpf link, pinned like the XDP link) needs
+/// Linux 6.6; older kernels get a classic `clsact` filter at a fixed priority and handle, which
+/// a restarted agent replaces in place (`tc filter replace`), so neither loses a reply.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EgressAttach {
+    /// TCX where the kernel has it, else classic.
+    Auto,
+    Tcx,
+    Classic,
+}
+
+impl EgressAttach {
+    /// Forces one way for diagnosis and for the tests of the fallback on a kernel with TCX.
+    pub const VARIABLE: &'static str = "LBAGENT_TC_ATTACH";
+
+    fn from_env() -> Result<Self, DataplaneError> {
+        match std::env::var(Self::VARIABLE).ok().as_deref() {
+            None | Some("" | "auto") => Ok(Self::Auto),
+            Some("tcx") => Ok(Self::Tcx),
+            Some("classic") => Ok(Self::Classic),
+            Some(other) => Err(DataplaneError::InvalidSetting {
+                name: Self::VARIABLE,
+                value: other.to_owned(),
+                allowed: "auto, tcx or classic",
+            }),
+        }
+    }
+}
+
+/// The classic filter's place on the egress hook: lbagent's own, so a restart finds it.
+const CLASSIC_PRIORITY: u16 = 0x4c42;
+const CLASSIC_HANDLE: u32 = 1;
+
+fn classic_link(iface: &str) -> Result<SchedClassifierLink, DataplaneError> {
+    SchedClassifierLink::attached(
+        iface,
+        TcAttachType::Egress,
+        CLASSIC_PRIORITY,
+        TcHandle::from(CLASSIC_HANDLE),
+        None,
+    )
+    .map_err(|_| DataplaneError::UnknownInterface {
+        name: iface.to_owned(),
+    })
 }
 
 /// Attaches (or, after a restart, swaps in place) the tc egress counter next to the XDP
@@ -402,7 +458,8 @@ fn attach_egress(
     link: XdpLinkPin,
     made: &mut Rollback,
 ) {
-    let mut attach = || -> Result<bool, DataplaneError> {
+    let mut attach = || -> Result<(&'static str, bool), DataplaneError> {
+        let how = EgressAttach::from_env()?;
         let program: &mut SchedClassifier = ebpf
             .program_mut(TC_EGRESS_PROGRAM)
             .ok_or_else(|| ProgramError::InvalidName {
@@ -411,29 +468,114 @@ fn attach_egress(
             .try_into()?;
         program.load()?;
         let pin = pins.tc_link(link);
-        if pin.exists() {
+        let marker = pins.tc_classic(link);
+        if how != EgressAttach::Classic && pin.exists() {
             let existing =
                 SchedClassifierLink::try_from(FdLink::from(PinnedLink::from_pin(&pin)?))?;
             program.attach_to_link(existing)?;
-            return Ok(true);
+            return Ok(("tcx", true));
         }
-        let id = program.attach(iface, TcAttachType::Egress)?;
-        let tc_link = FdLink::try_from(program.take_link(id)?)?;
-        tc_link.pin(&pin).map_err(|source| DataplaneError::Pin {
-            path: pin.clone(),
+        if how != EgressAttach::Classic && !marker.exists() {
+            let tcx = program.attach_with_options(
+                iface,
+                TcAttachType::Egress,
+                TcAttachOptions::TcxOrder(LinkOrder::default()),
+            );
+            match tcx {
+                Ok(id) => {
+                    let tc_link = FdLink::try_from(program.take_link(id)?)?;
+                    tc_link.pin(&pin).map_err(|source| DataplaneError::Pin {
+                        path: pin.clone(),
+                        source,
+                    })?;
+                    made.paths.push(pin);
+                    return Ok(("tcx", false));
+                }
+                Err(err) if how == EgressAttach::Tcx => return Err(err.into()),
+                Err(err) => info!(
+                    iface,
+                    %err,
+                    "this kernel has no TCX (Linux 6.6): the tc egress counter uses a classic clsact filter"
+                ),
+            }
+        }
+        // A TCX link left by an earlier run in the other mode goes first: one counter only.
+        if pin.exists() {
+            unpin_link(&pin)?;
+        }
+        match aya::programs::tc::qdisc_add_clsact(iface) {
+            Ok(()) => {}
+            Err(aya::programs::tc::TcError::NetlinkError(err))
+                if err.raw_os_error() == Some(libc::EEXIST) => {}
+            Err(err) => return Err(ProgramError::from(err).into()),
+        }
+        // Replace first: the filter of a previous agent swaps its program with no gap.
+        let (id, replaced) = match program.attach_to_link(classic_link(iface)?) {
+            Ok(id) => (id, true),
+            Err(_) => {
+                let id = program.attach_with_options(
+                    iface,
+                    TcAttachType::Egress,
+                    TcAttachOptions::Netlink(NlOptions {
+                        priority: CLASSIC_PRIORITY,
+                        handle: TcHandle::from(CLASSIC_HANDLE),
+                        classid: None,
+                    }),
+                )?;
+                (id, false)
+            }
+        };
+        // The filter must outlive this process, and a netlink link detaches when dropped.
+        std::mem::forget(program.take_link(id)?);
+        // The program's pin marks the interface as served by a classic filter: status and
+        // cleanup look for it, since a netlink filter cannot be pinned.
+        if marker.exists() {
+            std::fs::remove_file(&marker).map_err(|source| DataplaneError::Io {
+                path: marker.clone(),
+                source,
+            })?;
+        }
+        program.pin(&marker).map_err(|source| DataplaneError::Pin {
+            path: marker.clone(),
             source,
         })?;
-        made.paths.push(pin);
-        Ok(false)
+        if !replaced {
+            made.paths.push(marker);
+        }
+        Ok(("classic", replaced))
     };
     match attach() {
-        Ok(replaced) => info!(iface, replaced, "tc egress counter attached"),
+        Ok((how, replaced)) => info!(iface, how, replaced, "tc egress counter attached"),
         Err(err) => warn!(
             iface,
             %err,
             "tc egress counter not attached: replies from LB addresses go uncounted here"
         ),
     }
+}
+
+/// Removes the classic egress filter of an interface of this network namespace, and its
+/// marker. An interface that is gone took its filter with it.
+fn detach_classic(pins: &PinLayout, link: XdpLinkPin) -> Result<(), DataplaneError> {
+    let marker = pins.tc_classic(link);
+    if let Ok(here) = local_netns()
+        && here == link.netns
+        && let Ok(name) = nix::net::if_::if_indextoname(link.ifindex)
+        && let Ok(iface) = name.into_string()
+    {
+        match classic_link(&iface)?.detach() {
+            Ok(()) => {}
+            Err(
+                ProgramError::NetlinkError(err)
+                | ProgramError::TcError(aya::programs::tc::TcError::NetlinkError(err)),
+            ) if err.raw_os_error() == Some(libc::ENOENT) => {}
+            Err(err) => return Err(err.into()),
+        }
+    }
+    std::fs::remove_file(&marker).map_err(|source| DataplaneError::Io {
+        path: marker,
+        source,
+    })
 }
 
 /// What a detach did.
@@ -461,6 +603,9 @@ pub fn detach(pins: &PinLayout, iface: &str) -> Result<Detached, DataplaneError>
     if tc_pin.exists() {
         unpin_link(&tc_pin)?;
     }
+    if pins.tc_classic(link).exists() {
+        detach_classic(pins, link)?;
+    }
     info!(iface, ifindex = link.ifindex, "detached XDP program");
     let maps_removed = pins.pinned_xdp_links()?.is_empty() && remove_maps(pins)?;
     Ok(Detached {
@@ -484,6 +629,9 @@ pub fn detach_all(pins: &PinLayout) -> Result<Detached, DataplaneError> {
     }
     for link in pins.pinned_tc_links()? {
         unpin_link(&pins.tc_link(link))?;
+    }
+    for link in pins.pinned_tc_classic()? {
+        detach_classic(pins, link)?;
     }
     let mut links = links;
     for old in pins.other_versions()? {
@@ -685,14 +833,20 @@ pub fn local_link(iface: &str) -> Result<XdpLinkPin, DataplaneError> {
         nix::net::if_::if_nametoindex(iface).map_err(|_| DataplaneError::UnknownInterface {
             name: iface.to_owned(),
         })?;
+    Ok(XdpLinkPin {
+        netns: local_netns()?,
+        ifindex,
+    })
+}
+
+fn local_netns() -> Result<u64, DataplaneError> {
     let ns_path = "/proc/self/ns/net";
-    let netns = std::fs::metadata(ns_path)
+    Ok(std::fs::metadata(ns_path)
         .map_err(|source| DataplaneError::Io {
             path: ns_path.into(),
             source,
         })?
-        .ino();
-    Ok(XdpLinkPin { netns, ifindex })
+        .ino())
 }
 
 fn create_dir(path: PathBuf, made: &mut Rollback) -> Result<(), DataplaneError> {

@@ -99,6 +99,18 @@ impl PinLayout {
             .join(format!("tc_ns{}_if{}", link.netns, link.ifindex))
     }
 
+    /// The tc egress program of an interface served by a classic clsact filter (no TCX):
+    /// a netlink filter cannot be pinned, so its program's pin marks it.
+    pub fn tc_classic(&self, link: XdpLinkPin) -> PathBuf {
+        self.links_dir()
+            .join(format!("tcclassic_ns{}_if{}", link.netns, link.ifindex))
+    }
+
+    /// Every interface whose tc egress counter is a classic filter, in any network namespace.
+    pub fn pinned_tc_classic(&self) -> Result<Vec<XdpLinkPin>, DataplaneError> {
+        self.pinned_links("tcclassic_ns")
+    }
+
     /// Every pinned XDP link, in any network namespace.
     pub fn pinned_xdp_links(&self) -> Result<Vec<XdpLinkPin>, DataplaneError> {
         self.pinned_links("xdp_ns")

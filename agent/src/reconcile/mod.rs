@@ -56,6 +56,9 @@ impl Default for ReconcileMetrics {
     }
 }
 
+/// Called with each status before it is published.
+type PublishHook = Box<dyn Fn(&Status)>;
+
 /// What the last pass did, beyond what the sinks report.
 struct LastPass {
     trigger: Trigger,
@@ -73,6 +76,9 @@ pub struct Reconciler {
     applied: watch::Sender<Option<Status>>,
     /// The addresses part alone, for the source: it tells its users what became of theirs.
     outcomes: watch::Sender<Option<Vec<AddressStatus>>>,
+    /// Called with each status before it is published (the face writes the status file), so
+    /// that whoever sees the pass's effects in the kernel finds its status already written.
+    on_publish: Vec<PublishHook>,
     metrics: ReconcileMetrics,
 }
 
@@ -93,6 +99,7 @@ impl Reconciler {
             last: None,
             applied: watch::Sender::new(None),
             outcomes: watch::Sender::new(None),
+            on_publish: Vec::new(),
             metrics: ReconcileMetrics::default(),
         }
     }
@@ -100,6 +107,12 @@ impl Reconciler {
     /// Counts every pass into `metrics` (shared with the registry that exports them).
     pub fn with_metrics(mut self, metrics: ReconcileMetrics) -> Self {
         self.metrics = metrics;
+        self
+    }
+
+    /// Calls `hook` with every status, before it is published.
+    pub fn on_publish(mut self, hook: impl Fn(&Status) + 'static) -> Self {
+        self.on_publish.push(Box::new(hook));
         self
     }
 
@@ -225,6 +238,9 @@ impl Reconciler {
                 Report::Dataplane => {}
                 Report::Routing(report) => status.routing = Some(report),
             }
+        }
+        for hook in &self.on_publish {
+            hook(&status);
         }
         self.outcomes.send_if_modified(|outcomes| {
             let changed = outcomes.as_ref() != Some(&status.addresses);

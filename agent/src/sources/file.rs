@@ -13,15 +13,21 @@
 //! An entry that fails validation is rejected with a reason naming the service and the value;
 //! the others are still served. A file that does not parse at all changes nothing: the last
 //! good state stays in force.
+//!
+//! The file is bounded before it is parsed: at most [`MAX_FILE_BYTES`], [`MAX_SERVICES`]
+//! services, [`LIMITS`] of YAML nesting and nodes, and no anchors or aliases (nothing in the
+//! format needs them, and expanding them is how a small file asks for gigabytes). It is
+//! parsed on a blocking thread, so that even a big file never holds up healing.
 
 use std::{
     collections::BTreeSet,
     net::IpAddr,
     ops::ControlFlow,
     path::{Path, PathBuf},
+    sync::Arc,
 };
 
-use serde::Deserialize;
+use serde::{Deserialize, Deserializer, de::Error as _};
 use tokio::sync::watch;
 use tracing::{error, info, warn};
 
@@ -32,6 +38,19 @@ use crate::{
         TrafficPolicy,
     },
     watch::FileEvent,
+    yaml::{self, Limits},
+};
+
+/// The largest services file read: 100,000 services of a few addresses and ports each fit.
+pub const MAX_FILE_BYTES: u64 = 16 * 1024 * 1024;
+/// The most services one file may list.
+pub const MAX_SERVICES: usize = 100_000;
+/// The services file's YAML: an entry's ports are five levels deep, and a service of two
+/// addresses and two ports is fifteen nodes.
+pub const LIMITS: Limits = Limits {
+    depth: 16,
+    nodes: 4_000_000,
+    aliases: false,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -43,7 +62,39 @@ pub enum FileError {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawFile {
-    services: Vec<serde_yaml::Value>,
+    #[serde(deserialize_with = "at_most_max_services")]
+    services: Vec<serde_json::Value>,
+}
+
+/// The entries, refused as soon as there are more than [`MAX_SERVICES`].
+fn at_most_max_services<'de, D: Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Vec<serde_json::Value>, D::Error> {
+    struct Entries;
+    impl<'de> serde::de::Visitor<'de> for Entries {
+        type Value = Vec<serde_json::Value>;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a list of services")
+        }
+
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(
+            self,
+            mut seq: A,
+        ) -> Result<Self::Value, A::Error> {
+            let mut entries = Vec::new();
+            while let Some(entry) = seq.next_element()? {
+                if entries.len() == MAX_SERVICES {
+                    return Err(A::Error::custom(format!(
+                        "services: more than the limit of {MAX_SERVICES} services"
+                    )));
+                }
+                entries.push(entry);
+            }
+            Ok(entries)
+        }
+    }
+    deserializer.deserialize_seq(Entries)
 }
 
 #[derive(Deserialize)]
@@ -78,7 +129,13 @@ pub fn parse(text: &str, path: &Path) -> Result<SourceUpdate, FileError> {
             "the file is empty (write `services: []` for no services)".to_owned(),
         ));
     }
-    let raw: RawFile = serde_yaml::from_str(text).map_err(|err| parse_error(err.to_string()))?;
+    if text.len() as u64 > MAX_FILE_BYTES {
+        return Err(parse_error(format!(
+            "the file is {} bytes, over the limit of {MAX_FILE_BYTES} bytes",
+            text.len()
+        )));
+    }
+    let raw: RawFile = yaml::from_str(text, LIMITS).map_err(|err| parse_error(err.to_string()))?;
 
     let mut services = Vec::new();
     let mut rejected = Vec::new();
@@ -86,9 +143,9 @@ pub fn parse(text: &str, path: &Path) -> Result<SourceUpdate, FileError> {
     for (index, value) in raw.services.into_iter().enumerate() {
         let fallback_name = value
             .get("name")
-            .and_then(serde_yaml::Value::as_str)
+            .and_then(serde_json::Value::as_str)
             .map_or_else(|| format!("services[{index}]"), str::to_owned);
-        let result = serde_yaml::from_value::<RawService>(value)
+        let result = serde_json::from_value::<RawService>(value)
             .map_err(|err| format!("services[{index}]: {err}"))
             .and_then(|raw| validate(raw, index));
         match result {
@@ -173,15 +230,39 @@ fn validate(raw: RawService, index: usize) -> Result<Service, String> {
     })
 }
 
-/// Publishes the file's services, then follows every change to it until the receiver goes.
+/// Publishes the file's services, then follows every change to it, and re-reads it whenever
+/// `reread` changes (SIGHUP), until the receiver goes.
 pub async fn watch(
     path: PathBuf,
     updates: watch::Sender<Option<SourceUpdate>>,
+    reread: watch::Receiver<u64>,
 ) -> Result<(), crate::watch::WatchError> {
-    crate::watch::follow(&path, |event| {
+    // The latest text not parsed yet: a file rewritten while a parse runs is parsed once more,
+    // at its newest.
+    let (texts_tx, mut texts) = watch::channel::<Option<Arc<str>>>(None);
+    let following = crate::watch::follow(&path, MAX_FILE_BYTES, reread, |event| {
         match event {
-            FileEvent::Changed(text) => match parse(&text, &path) {
-                Ok(update) => {
+            FileEvent::Changed(text) => {
+                texts_tx.send_replace(Some(text.into()));
+            }
+            FileEvent::Unreadable(err) => {
+                error!(path = %path.display(), %err, "cannot read the services file; keeping the last good state");
+            }
+        }
+        if updates.is_closed() {
+            ControlFlow::Break(())
+        } else {
+            ControlFlow::Continue(())
+        }
+    });
+    let parsing = async {
+        while texts.changed().await.is_ok() {
+            let Some(text) = texts.borrow_and_update().clone() else {
+                continue;
+            };
+            let file = path.clone();
+            match tokio::task::spawn_blocking(move || parse(&text, &file)).await {
+                Ok(Ok(update)) => {
                     for rejected in &update.rejected {
                         warn!(service = %rejected.service, reason = %rejected.reason, "service rejected");
                     }
@@ -193,15 +274,17 @@ pub async fn watch(
                     );
                     updates.send_replace(Some(update));
                 }
-                Err(err) => error!("{err}; keeping the last good state"),
-            },
-            FileEvent::Unreadable(err) => {
-                error!(path = %path.display(), %err, "cannot read the services file; keeping the last good state");
+                Ok(Err(err)) => error!("{err}; keeping the last good state"),
+                Err(err) => {
+                    error!(%err, "parsing the services file failed; keeping the last good state")
+                }
             }
         }
-        if updates.is_closed() { ControlFlow::Break(()) } else { ControlFlow::Continue(()) }
-    })
-    .await
+    };
+    tokio::select! {
+        result = following => result,
+        () = parsing => Ok(()),
+    }
 }
 
 /// Puts the node's labels (the config's `node.labels`, followed as the config changes) into
@@ -342,6 +425,35 @@ mod tests {
         assert!(parse_ok("services: []").desired.addresses.is_empty());
     }
 
+    #[test]
+    fn a_file_over_a_limit_is_an_error_naming_the_limit() {
+        let err = |text: &str| parse(text, Path::new("s.yaml")).unwrap_err().to_string();
+        let many = format!("services:\n{}", "- {}\n".repeat(MAX_SERVICES + 1));
+        assert!(
+            err(&many).contains("more than the limit of 100000 services"),
+            "{}",
+            err(&many)
+        );
+        let aliased = "services:\n- &a {name: a, addresses: [203.0.113.1]}\n- *a\n";
+        assert!(
+            err(aliased).contains("anchors and aliases (&name, *name) are not allowed"),
+            "{}",
+            err(aliased)
+        );
+        let deep = format!("services:\n- {}", "[".repeat(1_000));
+        assert!(
+            err(&deep).contains("nested deeper than the limit of 16 levels"),
+            "{}",
+            err(&deep)
+        );
+        let big = format!("services: []\n{}", "#".repeat(MAX_FILE_BYTES as usize));
+        assert!(
+            err(&big).contains("over the limit of 16777216 bytes"),
+            "{}",
+            err(&big)
+        );
+    }
+
     #[tokio::test]
     async fn follows_a_configmap_style_symlink_swap() {
         let dir = std::env::temp_dir().join(format!("lbagent-file-{}", std::process::id()));
@@ -362,7 +474,8 @@ mod tests {
         std::os::unix::fs::symlink("..data/services.yaml", dir.join("services.yaml")).unwrap();
 
         let (tx, mut rx) = watch::channel(None);
-        let task = tokio::spawn(watch(dir.join("services.yaml"), tx));
+        let (_reread_tx, reread) = watch::channel(0);
+        let task = tokio::spawn(watch(dir.join("services.yaml"), tx, reread));
         let addresses = |rx: &watch::Receiver<Option<SourceUpdate>>| {
             rx.borrow().as_ref().map(|u| {
                 u.desired

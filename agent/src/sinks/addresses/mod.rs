@@ -14,7 +14,7 @@ use rtnetlink::{
     packet_route::{
         RouteNetlinkMessage,
         address::{AddressAttribute, AddressFlags, AddressHeaderFlags, AddressMessage},
-        link::{InfoKind, LinkFlags, LinkMessage},
+        link::{InfoKind, LinkAttribute, LinkFlags, LinkMessage},
     },
 };
 use tokio::sync::mpsc;
@@ -26,7 +26,7 @@ pub mod plan;
 pub use self::pass::AddressReport;
 use self::{
     pass::Expected,
-    plan::{LinkState, Observed, Plan},
+    plan::{LinkState, Observed, Plan, RenamedLink},
 };
 use super::{errno, link_name, node_has_ipv6};
 
@@ -66,6 +66,12 @@ pub enum AddressError {
         #[source]
         source: Box<rtnetlink::Error>,
     },
+    #[error("marking {interface} as lbagent's (its alias): {source}")]
+    Mark {
+        interface: String,
+        #[source]
+        source: Box<rtnetlink::Error>,
+    },
     #[error("deleting {interface}: {source}")]
     DeleteLink {
         interface: String,
@@ -89,6 +95,9 @@ struct Applied {
 pub struct AddressSink {
     handle: Handle,
     interface: String,
+    /// The alias lbagent gives its interface: it stays when the interface is renamed, so
+    /// the renamed interface is still known as lbagent's.
+    mark: String,
     /// Set once the kernel refused `dummy`, so the fallback is warned about once.
     no_dummy: AtomicBool,
     /// Wakes when netlink reports a change that could matter, once [`Self::notice_changes`]
@@ -108,6 +117,7 @@ impl AddressSink {
         Ok(Self {
             handle,
             interface: interface.to_owned(),
+            mark: format!("lbagent:{interface}"),
             no_dummy: AtomicBool::new(false),
             kernel_changes: None,
             expected: None,
@@ -129,7 +139,7 @@ impl AddressSink {
         .map_err(AddressError::Socket)?;
         tokio::spawn(connection);
         let (tx, rx) = mpsc::channel(1);
-        let interface = self.interface.clone();
+        let (interface, mark) = (self.interface.clone(), self.mark.clone());
         tokio::spawn(async move {
             while let Some((message, _)) = messages.next().await {
                 let relevant = match message.payload {
@@ -138,7 +148,10 @@ impl AddressSink {
                     ) => true,
                     NetlinkPayload::InnerMessage(
                         RouteNetlinkMessage::NewLink(link) | RouteNetlinkMessage::DelLink(link),
-                    ) => link_name(&link) == Some(interface.as_str()),
+                    ) => {
+                        link_name(&link) == Some(interface.as_str())
+                            || link_alias(&link) == Some(mark.as_str())
+                    }
                     _ => false,
                 };
                 // A full channel already holds a wake-up: nothing is lost by dropping this one.
@@ -152,15 +165,43 @@ impl AddressSink {
     }
 
     pub async fn observe(&self) -> Result<Observed, AddressError> {
-        let link = self.link().await?.map(|link| LinkState {
-            index: link.header.index,
-            up: link.header.flags.contains(LinkFlags::Up),
-        });
+        let links: Vec<LinkMessage> = self
+            .handle
+            .link()
+            .get()
+            .execute()
+            .try_collect()
+            .await
+            .map_err(|source| AddressError::Dump {
+                what: "links",
+                source: Box::new(source),
+            })?;
         let mut observed = Observed {
-            link,
             ipv6: node_has_ipv6(),
             ..Observed::default()
         };
+        // Interfaces whose subnets make an address local.
+        let mut up = std::collections::BTreeSet::new();
+        for link in &links {
+            let index = link.header.index;
+            let name = link_name(link);
+            let is_up = link.header.flags.contains(LinkFlags::Up);
+            if name == Some(self.interface.as_str()) {
+                observed.link = Some(LinkState {
+                    index,
+                    up: is_up,
+                    marked: link_alias(link) == Some(self.mark.as_str()),
+                });
+            } else if link_alias(link) == Some(self.mark.as_str()) {
+                observed.renamed.push(RenamedLink {
+                    index,
+                    name: name.unwrap_or_default().to_owned(),
+                });
+            } else if is_up {
+                up.insert(index);
+            }
+        }
+        let link = observed.link;
         let mut addresses = self.handle.address().get().execute();
         while let Some(message) =
             addresses
@@ -178,7 +219,10 @@ impl AddressSink {
                 if !is_ipv6_link_local(&net.addr()) {
                     observed.addresses.insert(net);
                 }
-            } else if !is_ipv6_link_local(&net.addr()) {
+            } else if up.contains(&message.header.index)
+                && net.prefix_len() < net.max_prefix_len()
+                && !is_ipv6_link_local(&net.addr())
+            {
                 observed.node_prefixes.push(net.trunc());
             }
         }
@@ -242,6 +286,12 @@ impl AddressSink {
             link.index
         };
         let index = applied.link_index;
+        // The kernel takes no alias when it creates a link: it is set right after.
+        if (plan.create_link || plan.mark_link)
+            && let Err(err) = self.mark(index).await
+        {
+            applied.errors.push(err);
+        }
 
         let removals = plan.remove.iter().map(|net| self.remove(index, *net));
         let additions = plan.add.iter().map(|net| self.add(index, *net));
@@ -260,7 +310,36 @@ impl AddressSink {
                 Err(err) => applied.errors.push(err),
             }
         }
+        // Only now that the addresses are back where they belong: until then the renamed
+        // interface may still be what answers for them.
+        for renamed in &plan.delete_renamed {
+            if let Err(source) = self.handle.link().del(renamed.index).execute().await
+                && errno(&source) != Some(libc::ENODEV)
+            {
+                applied.errors.push(AddressError::DeleteLink {
+                    interface: renamed.name.clone(),
+                    source: Box::new(source),
+                });
+            }
+        }
         Ok(applied)
+    }
+
+    /// Gives the interface lbagent's mark.
+    async fn mark(&self, index: u32) -> Result<(), AddressError> {
+        let mut message = LinkUnspec::new_with_index(index).build();
+        message
+            .attributes
+            .push(LinkAttribute::IfAlias(self.mark.clone()));
+        self.handle
+            .link()
+            .set(message)
+            .execute()
+            .await
+            .map_err(|source| AddressError::Mark {
+                interface: self.interface.clone(),
+                source: Box::new(source),
+            })
     }
 
     /// Deletes the interface and with it every address on it. `false` if it did not exist.
@@ -420,6 +499,12 @@ enum Change {
     Removed,
 }
 
+fn link_alias(link: &LinkMessage) -> Option<&str> {
+    link.attributes.iter().find_map(|attr| match attr {
+        LinkAttribute::IfAlias(alias) => Some(alias.as_str()),
+        _ => None,
+    })
+}
 /// The interface's own address with its prefix length. For IPv4, IFA_LOCAL is the local
 /// address (IFA_ADDRESS is the peer on point-to-point links).
 fn address_of(message: &AddressMessage) -> Option<IpNet> {

@@ -169,6 +169,10 @@ impl AddressSink {
             repairs += 1;
             warn!(%interface, "repairing: {interface} was set down outside lbagent; setting it up");
         }
+        for renamed in &plan.delete_renamed {
+            repairs += 1;
+            warn!(%interface, renamed = %renamed.name, "repairing: {} is {interface} renamed outside lbagent; its addresses go back on {interface} and it is deleted", renamed.name);
+        }
         let link_same =
             expected.is_some_and(|e| Some(e.link_index) == observed.link.map(|l| l.index));
         let (mut readded, mut stray, mut adds, mut removes) =

@@ -13,6 +13,15 @@ use crate::desired::Desired;
 pub struct LinkState {
     pub index: u32,
     pub up: bool,
+    /// Whether it carries lbagent's mark (its alias), by which it is found when renamed.
+    pub marked: bool,
+}
+
+/// An interface lbagent made for its addresses, that someone renamed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RenamedLink {
+    pub index: u32,
+    pub name: String,
 }
 
 /// What the address sink observed in the kernel.
@@ -22,9 +31,12 @@ pub struct Observed {
     pub link: Option<LinkState>,
     /// Every address on it except IPv6 link-local ones (the kernel owns those).
     pub addresses: BTreeSet<IpNet>,
-    /// Prefixes of the node's other interfaces. An address inside one of them is reachable
-    /// without the load-balancer interface: it is local, not virtual.
+    /// Subnets of the node's other interfaces that are up. An address inside one of them is
+    /// reachable without the load-balancer interface: it is local, not virtual. Host
+    /// prefixes (/32, /128) are not subnets, and a down interface makes nothing local.
     pub node_prefixes: Vec<IpNet>,
+    /// lbagent's interfaces under another name: their addresses count for nothing.
+    pub renamed: Vec<RenamedLink>,
     /// Whether the node has IPv6 at all.
     pub ipv6: bool,
 }
@@ -41,6 +53,8 @@ pub struct LocalAddress {
 pub struct Plan {
     pub create_link: bool,
     pub set_up: bool,
+    /// Mark the interface: one an older lbagent made, or whose alias someone changed.
+    pub mark_link: bool,
     /// Host prefixes (/32, /128) to add to the interface.
     pub add: Vec<IpNet>,
     /// Prefixes on the interface that nothing asks for.
@@ -49,12 +63,19 @@ pub struct Plan {
     pub local: Vec<LocalAddress>,
     /// Desired IPv6 addresses on a node without IPv6.
     pub unsupported: Vec<IpAddr>,
+    /// Renamed interfaces of lbagent's to delete, once their addresses are back in place.
+    pub delete_renamed: Vec<RenamedLink>,
 }
 
 impl Plan {
     /// Whether the kernel already matches.
     pub fn changes_nothing(&self) -> bool {
-        !self.create_link && !self.set_up && self.add.is_empty() && self.remove.is_empty()
+        !self.create_link
+            && !self.set_up
+            && !self.mark_link
+            && self.add.is_empty()
+            && self.remove.is_empty()
+            && self.delete_renamed.is_empty()
     }
 
     /// The host prefixes the interface holds once this plan is applied.
@@ -74,6 +95,8 @@ pub fn plan(desired: &Desired, observed: &Observed) -> Plan {
     let mut plan = Plan {
         create_link: observed.link.is_none(),
         set_up: observed.link.is_some_and(|link| !link.up),
+        mark_link: observed.link.is_some_and(|link| !link.marked),
+        delete_renamed: observed.renamed.clone(),
         ..Plan::default()
     };
     let mut wanted = BTreeSet::new();
@@ -127,8 +150,13 @@ mod tests {
 
     fn node() -> Observed {
         Observed {
-            link: Some(LinkState { index: 7, up: true }),
+            link: Some(LinkState {
+                index: 7,
+                up: true,
+                marked: true,
+            }),
             addresses: BTreeSet::new(),
+            renamed: Vec::new(),
             node_prefixes: vec!["10.0.0.0/24".parse().unwrap(), "fd00::/64".parse().unwrap()],
             ipv6: true,
         }
@@ -197,6 +225,31 @@ mod tests {
     }
 
     #[test]
+    fn an_unmarked_link_is_marked_and_renamed_links_are_deleted() {
+        let unmarked = Observed {
+            link: Some(LinkState {
+                index: 7,
+                up: true,
+                marked: false,
+            }),
+            ..node()
+        };
+        let plan = plan(&Desired::default(), &unmarked);
+        assert!(plan.mark_link && !plan.changes_nothing());
+        let renamed = RenamedLink {
+            index: 9,
+            name: "kube-old".to_owned(),
+        };
+        let observed = Observed {
+            renamed: vec![renamed.clone()],
+            ..node()
+        };
+        let plan = super::plan(&desired(&["203.0.113.10"]), &observed);
+        assert_eq!(plan.delete_renamed, [renamed]);
+        assert_eq!(plan.add, Vec::from_iter(nets(&["203.0.113.10/32"])));
+    }
+
+    #[test]
     fn missing_or_down_link_is_created_or_brought_up() {
         let missing = Observed {
             link: None,
@@ -207,6 +260,7 @@ mod tests {
             link: Some(LinkState {
                 index: 7,
                 up: false,
+                marked: true,
             }),
             ..node()
         };
@@ -224,7 +278,11 @@ mod tests {
     impl Kernel {
         fn observe(&self, ipv6: bool) -> Observed {
             Observed {
-                link: self.link.map(|up| LinkState { index: 7, up }),
+                link: self.link.map(|up| LinkState {
+                    index: 7,
+                    up,
+                    marked: true,
+                }),
                 addresses: self.addresses.clone(),
                 ipv6,
                 ..node()

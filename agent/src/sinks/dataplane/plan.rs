@@ -25,9 +25,12 @@ pub struct Entries {
 }
 
 /// The entries that serve `desired`, for the addresses in `served` (an IPv6 address on a node
-/// without IPv6 is not served).
-pub fn entries(desired: &Desired, served: impl Fn(&IpAddr) -> bool) -> Entries {
-    let mut entries = Entries::default();
+/// without IPv6 is not served). Range sets the maps already hold (`observed`) keep their ids.
+pub fn entries(desired: &Desired, served: impl Fn(&IpAddr) -> bool, observed: &Entries) -> Entries {
+    // Policies by the content of their range sets first (None: any source), ids after, so
+    // that no two different sets can ever share an id.
+    let mut vips: BTreeMap<IpAddr, (bool, Option<BTreeSet<IpNet>>)> = BTreeMap::new();
+    let mut ports: BTreeMap<PortId, Option<BTreeSet<IpNet>>> = BTreeMap::new();
     for (address, intent) in &desired.addresses {
         if !served(address) {
             continue;
@@ -38,14 +41,11 @@ pub fn entries(desired: &Desired, served: impl Fn(&IpAddr) -> bool) -> Entries {
         let mut fragment_ranges = Some(BTreeSet::new());
         for policy in intent.values() {
             enforce |= !policy.ports.is_empty();
-            match (&mut fragment_ranges, policy.source_ranges.is_empty()) {
-                (_, true) => fragment_ranges = None,
-                (Some(union), false) => union.extend(policy.source_ranges.iter().copied()),
-                (None, false) => {}
-            }
-            let set = set_id(&policy.source_ranges);
-            for range in &policy.source_ranges {
-                entries.ranges.insert((set, *range));
+            let sources = (!policy.source_ranges.is_empty()).then_some(&policy.source_ranges);
+            match (&mut fragment_ranges, sources) {
+                (_, None) => fragment_ranges = None,
+                (Some(union), Some(ranges)) => union.extend(ranges.iter().copied()),
+                (None, Some(_)) => {}
             }
             for port in &policy.ports {
                 let key = PortId {
@@ -54,63 +54,88 @@ pub fn entries(desired: &Desired, served: impl Fn(&IpAddr) -> bool) -> Entries {
                     port: port.port,
                 };
                 // Two services on one address and port: the sources of either pass.
-                let merged = match entries.ports.get(&key) {
-                    Some(existing) if *existing == 0 || set == 0 => 0,
-                    Some(existing) if *existing != set => {
-                        let mut union: BTreeSet<IpNet> = entries
-                            .ranges
-                            .iter()
-                            .filter(|(s, _)| s == existing)
-                            .map(|(_, r)| *r)
-                            .collect();
-                        union.extend(policy.source_ranges.iter().copied());
-                        let merged = set_id(&union);
-                        entries.ranges.extend(union.iter().map(|r| (merged, *r)));
-                        merged
+                match (ports.get_mut(&key), sources) {
+                    (None, _) => {
+                        ports.insert(key, sources.cloned());
                     }
-                    _ => set,
-                };
-                entries.ports.insert(key, merged);
+                    (Some(merged), None) => *merged = None,
+                    (Some(Some(union)), Some(ranges)) => union.extend(ranges.iter().copied()),
+                    (Some(None), Some(_)) => {}
+                }
             }
         }
-        let fragment_ranges = match fragment_ranges {
-            Some(union) if enforce && !union.is_empty() => {
-                let set = set_id(&union);
-                entries.ranges.extend(union.iter().map(|r| (set, *r)));
-                set
-            }
-            _ => 0,
+        let fragment_ranges = fragment_ranges.filter(|union| enforce && !union.is_empty());
+        vips.insert(*address, (enforce, fragment_ranges));
+    }
+
+    let mut ids = RangeSetIds::adopting(&observed.ranges);
+    let mut entries = Entries::default();
+    for (address, (enforce, fragment_ranges)) in vips {
+        let policy = VipPolicy {
+            enforce,
+            fragment_ranges: ids.id(fragment_ranges.as_ref(), &mut entries.ranges),
         };
-        entries.vips.insert(
-            *address,
-            VipPolicy {
-                enforce,
-                fragment_ranges,
-            },
-        );
+        entries.vips.insert(address, policy);
+    }
+    for (port, sources) in ports {
+        let set = ids.id(sources.as_ref(), &mut entries.ranges);
+        entries.ports.insert(port, set);
     }
     entries
 }
 
-/// A range set's id: a hash of its ranges, so the same set gets the same id in every run
-/// (a restart renumbers nothing). Never 0, which means "any source".
-pub fn set_id(ranges: &BTreeSet<IpNet>) -> u32 {
-    if ranges.is_empty() {
-        return 0;
-    }
-    // FNV-1a over the ranges' bytes.
-    let mut hash: u32 = 0x811c_9dc5;
-    for range in ranges {
-        let bytes: Vec<u8> = match range {
-            IpNet::V4(net) => net.addr().octets().to_vec(),
-            IpNet::V6(net) => net.addr().octets().to_vec(),
-        };
-        for byte in bytes.iter().chain([&range.prefix_len()]) {
-            hash ^= u32::from(*byte);
-            hash = hash.wrapping_mul(0x0100_0193);
+/// Gives each distinct range set its own id. Ids are allocated, not derived from the ranges:
+/// a hash would let a tenant pick ranges whose set shares another tenant's id, and so admit
+/// its sources there. A set the maps already hold keeps its id, so a restart renumbers
+/// nothing; a new set never takes an id the maps still hold, so no set in use changes
+/// under the traffic while a change is applied.
+struct RangeSetIds {
+    by_ranges: BTreeMap<BTreeSet<IpNet>, u32>,
+    taken: BTreeSet<u32>,
+    next: u32,
+}
+
+impl RangeSetIds {
+    fn adopting(observed: &BTreeSet<(u32, IpNet)>) -> Self {
+        let mut held: BTreeMap<u32, BTreeSet<IpNet>> = BTreeMap::new();
+        for (set, range) in observed {
+            held.entry(*set).or_default().insert(*range);
+        }
+        let taken = held.keys().copied().collect();
+        let mut by_ranges = BTreeMap::new();
+        for (set, ranges) in held {
+            // 0 means "any source": ranges left under it are strays, never adopted.
+            if set != 0 {
+                by_ranges.entry(ranges).or_insert(set);
+            }
+        }
+        Self {
+            by_ranges,
+            taken,
+            next: 1,
         }
     }
-    hash.max(1)
+
+    /// The id of `ranges` (None or empty: 0, any source), whose entries go to `out`.
+    fn id(&mut self, ranges: Option<&BTreeSet<IpNet>>, out: &mut BTreeSet<(u32, IpNet)>) -> u32 {
+        let Some(ranges) = ranges.filter(|r| !r.is_empty()) else {
+            return 0;
+        };
+        let id = match self.by_ranges.get(ranges) {
+            Some(id) => *id,
+            None => {
+                while self.taken.contains(&self.next) {
+                    self.next += 1;
+                }
+                let id = self.next;
+                self.taken.insert(id);
+                self.by_ranges.insert(ranges.clone(), id);
+                id
+            }
+        };
+        out.extend(ranges.iter().map(|range| (id, *range)));
+        id
+    }
 }
 
 fn protocol_number(protocol: Protocol) -> u8 {
@@ -151,7 +176,11 @@ pub struct Observed {
 /// not served, as the address sink does not hold it.
 pub fn plan(desired: &Desired, observed: &Observed) -> Plan {
     diff(
-        &entries(desired, |address| address.is_ipv4() || observed.ipv6),
+        &entries(
+            desired,
+            |address| address.is_ipv4() || observed.ipv6,
+            &observed.entries,
+        ),
         &observed.entries,
     )
 }
@@ -245,8 +274,9 @@ mod tests {
             service("dns", &["203.0.113.10"], &[(53, Protocol::Udp)], &[]),
             service("bare", &["203.0.113.11"], &[], &[]),
         ]);
-        let e = entries(&desired, |_| true);
-        let web_set = set_id(&BTreeSet::from(["198.51.100.0/24".parse().unwrap()]));
+        let e = entries(&desired, |_| true, &Entries::default());
+        let web_set = e.ports[&port("203.0.113.10", proto::TCP, 80)];
+        assert_ne!(web_set, 0);
         assert_eq!(
             e.vips[&vip("203.0.113.10")],
             VipPolicy {
@@ -287,25 +317,97 @@ mod tests {
                 &["192.0.2.0/24"],
             ),
         ]);
-        let e = entries(&desired, |_| true);
-        let union = set_id(&BTreeSet::from([
-            "198.51.100.0/24".parse().unwrap(),
-            "192.0.2.0/24".parse().unwrap(),
-        ]));
-        assert_eq!(e.vips[&vip("203.0.113.10")].fragment_ranges, union);
-        assert!(e.ranges.contains(&(union, "192.0.2.0/24".parse().unwrap())));
+        let e = entries(&desired, |_| true, &Entries::default());
+        let union = e.vips[&vip("203.0.113.10")].fragment_ranges;
+        let sets = [
+            e.ports[&port("203.0.113.10", proto::TCP, 80)],
+            e.ports[&port("203.0.113.10", proto::TCP, 81)],
+            union,
+        ];
+        assert!(
+            sets[0] != sets[1] && sets[1] != sets[2] && sets[0] != sets[2] && union != 0,
+            "{sets:?}"
+        );
+        assert_eq!(ranges_of(&e, union), ["192.0.2.0/24", "198.51.100.0/24"]);
+    }
+
+    fn ranges_of(e: &Entries, set: u32) -> Vec<String> {
+        e.ranges
+            .iter()
+            .filter(|(s, _)| *s == set)
+            .map(|(_, r)| r.to_string())
+            .collect()
+    }
+
+    fn tenant(name: &str, address: &str, ranges: &[&str]) -> Service {
+        service(name, &[address], &[(443, Protocol::Tcp)], ranges)
     }
 
     #[test]
-    fn set_ids_are_stable_and_never_zero() {
-        let a: BTreeSet<IpNet> = BTreeSet::from(["10.0.0.0/8".parse().unwrap()]);
-        assert_eq!(set_id(&a), set_id(&a.clone()));
-        assert_ne!(set_id(&a), 0);
-        assert_ne!(
-            set_id(&a),
-            set_id(&BTreeSet::from(["10.0.0.0/9".parse().unwrap()]))
+    fn every_distinct_range_set_gets_its_own_nonzero_id_and_equal_sets_share_one() {
+        let desired = Desired::from_services(&[
+            tenant("a", "203.0.113.1", &["10.0.0.0/8"]),
+            tenant("b", "203.0.113.2", &["10.0.0.0/9"]),
+            tenant("c", "203.0.113.3", &["10.0.0.0/8"]),
+            tenant("open", "203.0.113.4", &[]),
+        ]);
+        let e = entries(&desired, |_| true, &Entries::default());
+        let id = |a: &str| e.ports[&port(a, proto::TCP, 443)];
+        assert_ne!(id("203.0.113.1"), 0);
+        assert_ne!(id("203.0.113.1"), id("203.0.113.2"));
+        assert_eq!(id("203.0.113.1"), id("203.0.113.3"));
+        assert_eq!(id("203.0.113.4"), 0);
+        assert_eq!(ranges_of(&e, id("203.0.113.2")), ["10.0.0.0/9"]);
+    }
+
+    #[test]
+    fn sets_the_maps_hold_keep_their_ids_and_new_sets_take_none_of_the_held_ones() {
+        let desired = Desired::from_services(&[
+            tenant("a", "203.0.113.1", &["10.0.0.0/8"]),
+            tenant("b", "203.0.113.2", &["192.0.2.0/24"]),
+        ]);
+        // The maps hold a's set as 7, and a set nobody wants any more as 1.
+        let observed = Entries {
+            ranges: BTreeSet::from([
+                (7, "10.0.0.0/8".parse().unwrap()),
+                (1, "172.16.0.0/12".parse().unwrap()),
+            ]),
+            ..Entries::default()
+        };
+        let e = entries(&desired, |_| true, &observed);
+        assert_eq!(e.ports[&port("203.0.113.1", proto::TCP, 443)], 7);
+        let b = e.ports[&port("203.0.113.2", proto::TCP, 443)];
+        assert!(![0, 1, 7].contains(&b), "{b}");
+        // Planned over what it planned, nothing changes.
+        let again = entries(&desired, |_| true, &e);
+        assert!(diff(&again, &e).is_empty());
+    }
+
+    #[test]
+    fn a_set_that_two_policies_shared_is_split_into_ids_of_their_own() {
+        // What a hashed id left behind when two tenants' sets hashed alike: one id, the
+        // union of both.
+        let desired = Desired::from_services(&[
+            tenant("a", "203.0.113.1", &["10.0.0.0/8"]),
+            tenant("b", "203.0.113.2", &["192.0.2.0/24"]),
+        ]);
+        let merged = Entries {
+            ranges: BTreeSet::from([
+                (9, "10.0.0.0/8".parse().unwrap()),
+                (9, "192.0.2.0/24".parse().unwrap()),
+            ]),
+            ..Entries::default()
+        };
+        let e = entries(&desired, |_| true, &merged);
+        let (a, b) = (
+            e.ports[&port("203.0.113.1", proto::TCP, 443)],
+            e.ports[&port("203.0.113.2", proto::TCP, 443)],
         );
-        assert_eq!(set_id(&BTreeSet::new()), 0);
+        assert!(a != b && a != 9 && b != 9, "{a} {b}");
+        assert_eq!(ranges_of(&e, a), ["10.0.0.0/8"]);
+        assert_eq!(ranges_of(&e, b), ["192.0.2.0/24"]);
+        let changes = diff(&e, &merged);
+        assert_eq!(changes.remove_ranges.len(), 2, "the shared set goes last");
     }
 
     #[test]
@@ -318,6 +420,7 @@ mod tests {
                 &[],
             )]),
             |_| true,
+            &Entries::default(),
         );
         let after = entries(
             &Desired::from_services(&[service(
@@ -327,6 +430,7 @@ mod tests {
                 &[],
             )]),
             |_| true,
+            &Entries::default(),
         );
         let changes = diff(&after, &before);
         assert_eq!(changes.set_ports.len(), 1);
@@ -369,7 +473,7 @@ mod tests {
             plan(
                 &desired,
                 &Observed {
-                    entries: entries(&desired, |_| true),
+                    entries: entries(&desired, |_| true, &Entries::default()),
                     ipv6: true
                 }
             )
@@ -385,7 +489,7 @@ mod tests {
             &[(80, Protocol::Tcp)],
             &[],
         )]);
-        let e = entries(&desired, |a| a.is_ipv4());
+        let e = entries(&desired, |a| a.is_ipv4(), &Entries::default());
         assert_eq!(
             e.vips.keys().copied().collect::<Vec<_>>(),
             [vip("203.0.113.10")]

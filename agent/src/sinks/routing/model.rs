@@ -303,7 +303,7 @@ struct RawOspf {
     name: Option<String>,
     node_selector: Option<RawSelector>,
     family: String,
-    area: serde_yaml::Value,
+    area: serde_json::Value,
     interfaces: Vec<RawOspfInterface>,
 }
 
@@ -593,11 +593,11 @@ impl RawRouting {
             )?;
             unique(&name, &at("name"))?;
             let area = match &raw.area {
-                serde_yaml::Value::Number(n) => n
+                serde_json::Value::Number(n) => n
                     .as_u64()
                     .and_then(|n| u32::try_from(n).ok())
                     .map(Ipv4Addr::from),
-                serde_yaml::Value::String(s) => s
+                serde_json::Value::String(s) => s
                     .parse::<Ipv4Addr>()
                     .ok()
                     .or_else(|| s.parse::<u32>().ok().map(Ipv4Addr::from)),
@@ -606,7 +606,10 @@ impl RawRouting {
             .ok_or_else(|| {
                 FieldError::new(
                     at("area"),
-                    serde_yaml::to_string(&raw.area).unwrap_or_default().trim(),
+                    match &raw.area {
+                        serde_json::Value::String(s) => s.clone(),
+                        other => other.to_string(),
+                    },
                     "a number (0-4294967295) or a dotted quad such as 0.0.0.1",
                 )
             })?;
@@ -753,7 +756,9 @@ mod tests {
     use super::*;
 
     fn validate(yaml: &str) -> Result<RoutingConfig, FieldError> {
-        serde_yaml::from_str::<RawRouting>(yaml).unwrap().validate()
+        crate::yaml::from_str::<RawRouting>(yaml, crate::config::LIMITS)
+            .unwrap()
+            .validate()
     }
 
     #[test]

@@ -143,10 +143,8 @@ mod tests {
     use crate::sinks::routing::{gateway::Gateway, model::RawRouting};
 
     fn config(yaml: &str) -> RoutingConfig {
-        serde_yaml::from_str::<RawRouting>(yaml)
-            .unwrap()
-            .validate()
-            .unwrap()
+        let raw: RawRouting = crate::yaml::from_str(yaml, crate::config::LIMITS).unwrap();
+        raw.validate().unwrap()
     }
 
     fn labels(pairs: &[(&str, &str)]) -> NodeLabels {

@@ -306,7 +306,7 @@ mod tests {
     use crate::sinks::routing::model::RawRouting;
 
     fn config(yaml: &str) -> RoutingConfig {
-        serde_yaml::from_str::<RawRouting>(yaml)
+        crate::yaml::from_str::<RawRouting>(yaml, crate::config::LIMITS)
             .unwrap()
             .validate()
             .unwrap()

@@ -13,8 +13,10 @@ pub mod translate;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
+    hash::Hash,
     net::IpAddr,
     path::PathBuf,
+    sync::Arc,
 };
 
 use futures::{StreamExt as _, stream::BoxStream};
@@ -28,6 +30,7 @@ use kube::{
     runtime::{
         WatchStreamExt as _,
         events::{Event, EventType, Recorder, Reporter},
+        reflector::{ObjectRef, Store, store::Writer},
         watcher,
     },
 };
@@ -233,60 +236,79 @@ fn watch_all(
     futures::stream::select_all([services.boxed(), slices.boxed(), nodes.boxed()]).boxed()
 }
 
-/// One resource's objects: the last complete list plus the watch since. A relist builds a
-/// new map beside it and swaps it in only when the list is complete.
-struct Cache<K> {
-    objects: BTreeMap<String, K>,
-    relisting: Option<BTreeMap<String, K>>,
+/// One resource's objects, in kube-runtime's reflector store. Its writer already does what a
+/// partial view needs: a relist fills a buffer beside the store and replaces it only at
+/// `InitDone`, so a list that breaks off half way withdraws nothing. On top, `listed` says
+/// whether a first list has completed: lbagent translates only once all three have one.
+struct Cache<K>
+where
+    K: Resource + Clone + 'static,
+    K::DynamicType: Eq + Hash + Clone + Default,
+{
+    writer: Writer<K>,
+    store: Store<K>,
     listed: bool,
 }
 
-impl<K> Default for Cache<K> {
+impl<K> Default for Cache<K>
+where
+    K: Resource + Clone + 'static,
+    K::DynamicType: Eq + Hash + Clone + Default,
+{
     fn default() -> Self {
+        let writer = Writer::default();
+        let store = writer.as_reader();
         Self {
-            objects: BTreeMap::new(),
-            relisting: None,
+            writer,
+            store,
             listed: false,
         }
     }
 }
 
-impl<K: Resource> Cache<K> {
+impl<K> Cache<K>
+where
+    K: Resource + Clone + 'static,
+    K::DynamicType: Eq + Hash + Clone + Default,
+{
     /// Whether the objects in force changed.
     fn apply(&mut self, event: watcher::Event<K>) -> bool {
-        match event {
-            watcher::Event::Init => {
-                self.relisting = Some(BTreeMap::new());
-                false
-            }
-            watcher::Event::InitApply(object) => {
-                if let Some(relisting) = &mut self.relisting {
-                    relisting.insert(key(&object), object);
-                }
-                false
-            }
+        let changed = match &event {
+            watcher::Event::Init | watcher::Event::InitApply(_) => false,
             watcher::Event::InitDone => {
-                if let Some(relisted) = self.relisting.take() {
-                    self.objects = relisted;
-                }
                 self.listed = true;
                 true
             }
-            watcher::Event::Apply(object) => {
-                self.objects.insert(key(&object), object);
-                true
+            watcher::Event::Apply(_) => true,
+            watcher::Event::Delete(object) => {
+                self.store.get(&ObjectRef::from_obj(object)).is_some()
             }
-            watcher::Event::Delete(object) => self.objects.remove(&key(&object)).is_some(),
-        }
+        };
+        self.writer.apply_watcher_event(&event);
+        changed
+    }
+
+    /// The objects in force, in the order of their keys, so that a translation of the same
+    /// objects is always the same.
+    fn objects(&self) -> Vec<Arc<K>> {
+        let mut objects = self.store.state();
+        objects.sort_by(|a, b| {
+            let key = |o: &K| (o.meta().namespace.clone(), o.meta().name.clone());
+            key(a).cmp(&key(b))
+        });
+        objects
     }
 }
 
-fn key<K: Resource>(object: &K) -> String {
-    format!(
-        "{}/{}",
-        object.meta().namespace.as_deref().unwrap_or_default(),
-        object.meta().name.as_deref().unwrap_or_default()
-    )
+/// A namespaced object the API server sent without a namespace is in `default`, as the API
+/// server itself would have put it. Applied to Services and EndpointSlices as they arrive, so
+/// that the store's key and the name in the desired state, the status and the Events are made
+/// from the same namespace: a Service cannot be keyed two ways.
+fn in_default_namespace<K: Resource>(object: &mut K) {
+    object
+        .meta_mut()
+        .namespace
+        .get_or_insert_with(|| "default".to_owned());
 }
 
 #[derive(Default)]
@@ -300,8 +322,8 @@ struct Cluster {
 impl Cluster {
     fn apply(&mut self, watched: Watched) -> bool {
         match watched {
-            Watched::Service(event) => self.services.apply(*event),
-            Watched::Slice(event) => self.slices.apply(*event),
+            Watched::Service(event) => self.services.apply((*event).modify(in_default_namespace)),
+            Watched::Slice(event) => self.slices.apply((*event).modify(in_default_namespace)),
             Watched::Node(event) => self.nodes.apply(*event),
         }
     }
@@ -311,22 +333,28 @@ impl Cluster {
         if !(self.services.listed && self.slices.listed && self.nodes.listed) {
             return None;
         }
-        let node = self.nodes.objects.values().next();
+        let node = self.nodes.objects().into_iter().next();
         if node.is_none() && !self.warned_missing_node {
             warn!(node = %selection.node_name, "no Node of this name; is --node-name right? Serving as if it had no labels");
         }
         self.warned_missing_node = node.is_none();
-        let slices: Vec<&EndpointSlice> = self.slices.objects.values().collect();
+        let slices = self.slices.objects();
+        let slices: Vec<&EndpointSlice> = slices.iter().map(AsRef::as_ref).collect();
+        let services = self.services.objects();
         Some(translate::translate(
-            self.services.objects.values(),
+            services.iter().map(AsRef::as_ref),
             &slices,
-            node,
+            node.as_deref(),
             selection,
         ))
     }
 
-    fn service(&self, name: &str) -> Option<&Service> {
-        self.services.objects.get(name)
+    /// The Service a `namespace/name` of the desired state names.
+    fn service(&self, name: &str) -> Option<Arc<Service>> {
+        let (namespace, name) = name.split_once('/')?;
+        self.services
+            .store
+            .get(&ObjectRef::new(name).within(namespace))
     }
 }
 
@@ -552,20 +580,42 @@ mod tests {
         assert!(!cache.listed);
         assert!(cache.apply(watcher::Event::InitDone));
         assert!(cache.apply(watcher::Event::Apply(service("b", "2"))));
-        assert_eq!(cache.objects.len(), 2);
+        assert_eq!(cache.objects().len(), 2);
 
         // A relist that breaks off after its first page leaves what was in force...
         cache.apply(watcher::Event::Init);
         cache.apply(watcher::Event::InitApply(service("a", "3")));
-        assert_eq!(cache.objects.len(), 2);
+        assert_eq!(cache.objects().len(), 2);
         // ...and the watcher's next attempt starts over; only its InitDone swaps.
         cache.apply(watcher::Event::Init);
         cache.apply(watcher::Event::InitApply(service("c", "4")));
-        assert_eq!(cache.objects.len(), 2);
+        assert_eq!(cache.objects().len(), 2);
         assert!(cache.apply(watcher::Event::InitDone));
-        assert_eq!(cache.objects.keys().collect::<Vec<_>>(), ["ns/c"]);
+        let names: Vec<String> = cache
+            .objects()
+            .iter()
+            .map(|s| translate::service_name(s))
+            .collect();
+        assert_eq!(names, ["ns/c"]);
         assert!(cache.apply(watcher::Event::Delete(service("c", "5"))));
         assert!(!cache.apply(watcher::Event::Delete(service("c", "5"))));
-        assert!(cache.objects.is_empty());
+        assert!(cache.objects().is_empty());
+    }
+
+    #[test]
+    fn a_service_without_a_namespace_is_named_and_found_in_default() {
+        let mut cluster = Cluster::default();
+        let mut web = service("web", "1");
+        web.metadata.namespace = None;
+        cluster.apply(Watched::Service(Box::new(watcher::Event::Apply(web))));
+        let names: Vec<String> = cluster
+            .services
+            .objects()
+            .iter()
+            .map(|s| translate::service_name(s))
+            .collect();
+        assert_eq!(names, ["default/web"]);
+        assert!(cluster.service("default/web").is_some());
+        assert!(cluster.service("/web").is_none());
     }
 }
