@@ -71,7 +71,10 @@ impl Node {
         );
     }
 
+    /// The status file, once the agent has written one (it writes it after the pass whose
+    /// effects the caller may already have seen in the kernel).
     fn status(&self) -> serde_json::Value {
+        wait_until(Duration::from_secs(2), || self.status_path().exists());
         let text = std::fs::read_to_string(self.status_path()).expect("status file");
         serde_json::from_str(&text).expect("status json")
     }
