@@ -48,7 +48,7 @@ struct Objects {
     roles: Vec<Role>,
     role_bindings: Vec<RoleBinding>,
     /// CustomResourceDefinitions as written (the generated text is compared in full).
-    crds: Vec<serde_yaml::Value>,
+    crds: Vec<serde_json::Value>,
 }
 
 impl Objects {
@@ -983,7 +983,7 @@ fn the_checked_in_crds_are_what_the_types_generate() {
     assert_eq!(crds.len(), 1);
     assert_eq!(crds[0]["spec"]["group"].as_str(), Some("lbagent.io"));
     assert!(
-        crds[0]["spec"]["versions"][0]["subresources"]["status"].is_mapping(),
+        crds[0]["spec"]["versions"][0]["subresources"]["status"].is_object(),
         "the status subresource is declared"
     );
 }
@@ -994,7 +994,7 @@ fn the_example_pool_is_a_valid_pool() {
     let path = deploy_dir().join("examples/addresspool.yaml");
     let text = std::fs::read_to_string(&path).expect("example pool");
     let pool: lbagent::allocator::AddressPool =
-        serde_yaml::from_str(&text).expect("an AddressPool");
+        serde_saphyr::from_str(&text).expect("an AddressPool");
     let parsed = lbagent::allocator::pool::Pool::parse("default", "", &pool.spec).expect("valid");
     assert_eq!(parsed.size(lbagent::allocator::pool::Family::V4), 254);
     assert_eq!(parsed.size(lbagent::allocator::pool::Family::V6), 256);
