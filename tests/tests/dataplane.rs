@@ -163,15 +163,9 @@ fn served_ports_pass_others_are_dropped_and_source_ranges_follow_the_file() {
     );
 }
 
-#[test]
-fn a_killed_agent_leaves_the_dataplane_counting_and_a_new_one_adopts_it_without_loss() {
-    let mut node = Node::start(&format!(
-        "services:\n- {{name: web, addresses: [{VIP4}], ports: [{{port: 8080}}]}}\n"
-    ));
-    node.wait_policy();
-    let program = lbagent_tests::xdp_on(&node.pair.node, "eth0").expect("attached");
-
-    // 300 pings at 10 ms while the agent is SIGKILLed and a new one starts.
+/// 300 pings at 10 ms while the agent is SIGKILLed, as a crash or an OOM kill would, and a
+/// new one (with `env`) starts a moment later: every one is answered.
+fn pings_answered_across_a_kill_and_restart(node: &mut Node, env: &[(&str, &str)]) {
     let client = node.pair.client.name().to_owned();
     let pings = std::thread::spawn(move || {
         lbagent_tests::run(
@@ -182,17 +176,17 @@ fn a_killed_agent_leaves_the_dataplane_counting_and_a_new_one_adopts_it_without_
         )
     });
     std::thread::sleep(Duration::from_millis(500));
-    // SIGKILL, as a crash or an OOM kill would; then, a moment later, a new agent.
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(node.agent.pid() as i32),
         nix::sys::signal::Signal::SIGKILL,
     )
     .unwrap();
     std::thread::sleep(Duration::from_millis(300));
-    let next = Agent::start(
+    let next = Agent::start_with_env(
         &node.pair.node,
         &node.dir.path().join("lbagent.yaml"),
         node.dir.path().join("agent2.log"),
+        env,
     );
     drop(std::mem::replace(&mut node.agent, next));
     let output = pings.join().unwrap();
@@ -201,6 +195,17 @@ fn a_killed_agent_leaves_the_dataplane_counting_and_a_new_one_adopts_it_without_
         summary.contains("300 packets transmitted, 300 received"),
         "{summary}"
     );
+}
+
+#[test]
+fn a_killed_agent_leaves_the_dataplane_counting_and_a_new_one_adopts_it_without_loss() {
+    let mut node = Node::start(&format!(
+        "services:\n- {{name: web, addresses: [{VIP4}], ports: [{{port: 8080}}]}}\n"
+    ));
+    node.wait_policy();
+    let program = lbagent_tests::xdp_on(&node.pair.node, "eth0").expect("attached");
+
+    pings_answered_across_a_kill_and_restart(&mut node, &[]);
     assert!(
         wait_until(Duration::from_secs(5), || node
             .agent
@@ -828,35 +833,7 @@ fn without_tcx_the_egress_counter_is_a_classic_filter_that_a_restart_swaps_witho
         status.stdout
     );
 
-    // 300 pings at 10 ms while the agent is SIGKILLed and a new one, also classic, starts.
-    let client = node.pair.client.name().to_owned();
-    let pings = std::thread::spawn(move || {
-        lbagent_tests::run(
-            "ip",
-            &[
-                "netns", "exec", &client, "ping", "-c", "300", "-i", "0.01", "-W", "1", "-q", VIP4,
-            ],
-        )
-    });
-    std::thread::sleep(Duration::from_millis(500));
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(node.agent.pid() as i32),
-        nix::sys::signal::Signal::SIGKILL,
-    )
-    .unwrap();
-    let next = Agent::start_with_env(
-        &node.pair.node,
-        &node.dir.path().join("lbagent.yaml"),
-        node.dir.path().join("agent2.log"),
-        CLASSIC,
-    );
-    drop(std::mem::replace(&mut node.agent, next));
-    let output = pings.join().unwrap();
-    let summary = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        summary.contains("300 packets transmitted, 300 received"),
-        "{summary}"
-    );
+    pings_answered_across_a_kill_and_restart(&mut node, CLASSIC);
     assert!(
         wait_until(Duration::from_secs(5), || node
             .agent
