@@ -6,7 +6,8 @@
 use std::{collections::BTreeSet, net::IpAddr, time::Duration};
 
 use lbagent_tests::{
-    Agent, Monitor, NetNs, ServedNode, TempDir, addresses_on, in_netns, lbagent, wait_until, xdp_on,
+    Agent, Monitor, NetNs, Pair, PinRoot, ServedNode, TempDir, addresses_on, in_netns, lbagent,
+    wait_until, xdp_on,
 };
 
 const VIP4: &str = "203.0.113.10";
@@ -298,4 +299,80 @@ fn replacing_a_full_address_map_frees_slots_first_and_keeps_every_kept_slot() {
     for (address, slot) in before.into_iter().skip(100) {
         assert_eq!(after.get(&address), Some(&slot), "{address}");
     }
+}
+
+#[test]
+fn a_full_address_map_is_logged_once_while_its_retries_go_on() {
+    let capacity = lbagent_common::maps::MAX_VIPS - 1;
+    let pair = Pair::new(&[]);
+    // Addresses in a subnet of the node's are local: the dataplane serves them, and none has
+    // to be put on kube-lb0 first.
+    pair.node
+        .ip(&["addr", "add", "10.96.0.1/16", "dev", "eth0"]);
+    pair.node
+        .ip(&["route", "add", "default", "via", Pair::CLIENT_V4]);
+    let pins = PinRoot::new();
+    let dir = TempDir::new("lbt-health-full");
+    let addresses: Vec<String> = (0..=capacity)
+        .map(|i| std::net::Ipv4Addr::from(0x0a60_4000 + i).to_string())
+        .collect();
+    dir.write(
+        "services.yaml",
+        &format!(
+            "services:\n- {{name: web, addresses: [{}]}}\n",
+            addresses.join(", ")
+        ),
+    );
+    let status_path = dir.path().join("status.json");
+    dir.write(
+        "lbagent.yaml",
+        &format!(
+            "source: {{file: {{path: services.yaml}}}}\nstatus: {{path: {}}}\n\
+             dataplane: {{pinRoot: {}}}\n",
+            status_path.display(),
+            pins.path().display()
+        ),
+    );
+    let agent = Agent::start(
+        &pair.node,
+        &dir.path().join("lbagent.yaml"),
+        dir.path().join("agent.log"),
+    );
+    let status = || -> serde_json::Value {
+        std::fs::read_to_string(&status_path)
+            .ok()
+            .and_then(|text| serde_json::from_str(&text).ok())
+            .unwrap_or_default()
+    };
+    let failing = || {
+        let status = status();
+        status["errors"]
+            .as_array()
+            .is_some_and(|e| !e.is_empty())
+            .then(|| status["reconciles"].as_u64().unwrap_or_default())
+    };
+    assert!(
+        wait_until(Duration::from_secs(120), || failing().is_some()),
+        "the address beyond the capacity never failed: {:#}\n{}",
+        status(),
+        agent.log()
+    );
+    let first = failing().unwrap_or_default();
+    // Three retries later, with the same failure each time.
+    assert!(
+        wait_until(Duration::from_secs(60), || failing()
+            .is_some_and(|n| n >= first + 3)),
+        "{:#}",
+        status()
+    );
+    let last = &addresses[capacity as usize];
+    let log = agent.log();
+    let lines = |needle: &str| log.lines().filter(|l| l.contains(needle)).count();
+    assert_eq!(
+        lines(&format!("LB address {last} not in the dataplane")),
+        1,
+        "{log}"
+    );
+    assert_eq!(lines("reconcile step failed"), 1, "{log}");
+    assert_eq!(lines("ERROR"), 2, "{log}");
 }
