@@ -136,6 +136,17 @@ fn pins_removed_under_a_running_agent_come_back_with_the_same_links_and_maps() {
     // The same maps: the count goes on from where it was.
     ping(&node, 3);
     assert_eq!(packets(&node), 8);
+    // And the agent is their one writer again: a second is refused.
+    assert!(
+        wait_until(Duration::from_secs(5), || node
+            .agent
+            .log()
+            .contains("took the writer's lock on the new one")),
+        "{}",
+        node.agent.log()
+    );
+    lbagent(&node.pair.node, &node.pins, &["vip", "add", "203.0.113.99"])
+        .assert_one_line_error("another lbagent process is changing the maps");
 
     // A normal stop leaves the program and every pin in place for the next agent.
     let ServedNode {

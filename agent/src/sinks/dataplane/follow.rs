@@ -59,7 +59,7 @@ const BUSY_WAIT: Duration = Duration::from_secs(10);
 /// How often the pins are looked at: one `stat` per pin. Anyone with root can remove them
 /// (`rm -rf` of the pin directory); then the next agent would start a dataplane of its own
 /// beside the one still attached.
-const PIN_CHECK: Duration = Duration::from_secs(1);
+pub(super) const PIN_CHECK: Duration = Duration::from_secs(1);
 
 /// Prepares the maps, attaches to the wanted interfaces that exist, and keeps following
 /// them in a task of its own. Returns the maps' sink for the reconciler, or `None` (with

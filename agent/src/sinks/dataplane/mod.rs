@@ -21,9 +21,10 @@ use std::{collections::BTreeSet, net::IpAddr};
 
 use tracing::{debug, error, info};
 
+use self::follow::PIN_CHECK;
 pub use self::follow::{DataplaneConfig, start};
 use self::plan::{Entries, Observed, Plan};
-use super::{Report, Sink, Wanted, node_has_ipv6};
+use super::{Noticed, Report, Sink, Wanted, node_has_ipv6};
 use crate::dataplane::{DataplaneError, Maps, PinLayout, VipPolicy};
 
 /// The pinned policy maps.
@@ -200,7 +201,7 @@ impl Sink for DataplaneSink {
     type Error = DataplaneError;
 
     async fn observe(&mut self) -> Result<Observed, DataplaneError> {
-        self.maps.relock_if_replaced()?;
+        self.relock()?;
         Ok(Observed {
             entries: self.entries()?,
             ipv6: node_has_ipv6(),
@@ -232,5 +233,31 @@ impl Sink for DataplaneSink {
 
     fn report(&self) -> Report {
         Report::Dataplane
+    }
+
+    /// Looks every second whether the pin directory was replaced (removed from outside
+    /// lbagent, and made again as its pins were restored), to lock the new one.
+    async fn noticed(&mut self) -> Noticed {
+        loop {
+            tokio::time::sleep(PIN_CHECK).await;
+            match self.relock() {
+                Ok(true) => return Noticed::Report,
+                Ok(false) => {}
+                Err(err) => {
+                    error!(%err, "cannot take the writer's lock on the new pin directory");
+                    return Noticed::Drift;
+                }
+            }
+        }
+    }
+}
+
+impl DataplaneSink {
+    fn relock(&mut self) -> Result<bool, DataplaneError> {
+        let relocked = self.maps.relock_if_replaced()?;
+        if relocked {
+            info!("the pin directory was made again: took the writer's lock on the new one");
+        }
+        Ok(relocked)
     }
 }
