@@ -140,6 +140,7 @@ mod tests {
                     )
                 })
                 .collect(),
+            ..Desired::default()
         }
     }
 
@@ -324,6 +325,7 @@ mod tests {
                 .into_iter()
                 .map(|a| (a, BTreeMap::from([("svc".to_owned(), Default::default())])))
                 .collect(),
+            ..Desired::default()
         })
     }
 

@@ -9,7 +9,7 @@ use std::{fmt::Write as _, net::Ipv4Addr};
 
 use ipnet::IpNet;
 
-use super::model::{BgpNeighbor, Family, IfaceName, Ospf, OspfType, Rip, RoutingConfig};
+use super::model::{BgpNeighbor, Family, IfaceName, Ospf, OspfType, Peer, Rip, RoutingConfig};
 
 pub const DEVICE: &str = "lbagent_device";
 pub const DIRECT: &str = "lbagent_direct";
@@ -77,14 +77,15 @@ pub fn render(
     if config.bgp.iter().any(|n| n.bfd) {
         w.block(&format!("protocol bfd {BFD}"), "", |_| {});
     }
+    let limit = config.export.max_routes;
     for neighbor in &config.bgp {
-        bgp(&mut w, neighbor);
+        bgp(&mut w, neighbor, limit);
     }
     for ospf_config in &config.ospf {
-        ospf(&mut w, ospf_config);
+        ospf(&mut w, ospf_config, limit);
     }
     for rip_config in &config.rip {
-        rip(&mut w, rip_config);
+        rip(&mut w, rip_config, limit);
     }
     w.out
 }
@@ -120,28 +121,34 @@ fn export_checks_without_accept(w: &mut Writer, prefixes: &[IpNet]) {
     }
 }
 
-fn channels(w: &mut Writer, families: &[Family], filter: &str) {
+/// `limit`: the export ceiling; BIRD blocks the routes over it and logs that it was hit.
+fn channels(w: &mut Writer, families: &[Family], filter: &str, limit: Option<u32>) {
+    let limit = limit.map_or_else(String::new, |n| format!(" export limit {n} action block;"));
     for family in families {
         let name = match family {
             Family::Ipv4 => "ipv4",
             Family::Ipv6 => "ipv6",
         };
         w.line(&format!(
-            "{name} {{ import none; export filter {filter}; }};"
+            "{name} {{ import none; export filter {filter};{limit} }};"
         ));
     }
 }
 
-fn bgp(w: &mut Writer, n: &BgpNeighbor) {
+/// Only a gateway entry has no address, and the plan expands those before rendering.
+fn bgp(w: &mut Writer, n: &BgpNeighbor, limit: Option<u32>) {
+    let Peer::Address(address) = n.peer else {
+        return;
+    };
     w.block(&format!("protocol bgp {}", n.name.as_str()), "", |w| {
         match n.source_address {
             Some(source) => w.line(&format!("local {source} as {};", n.local_asn)),
             None => w.line(&format!("local as {};", n.local_asn)),
         }
-        w.line(&format!(
-            "neighbor {} port {} as {};",
-            n.address, n.port, n.asn
-        ));
+        w.line(&format!("neighbor {address} port {} as {};", n.port, n.asn));
+        if let Some(interface) = &n.interface {
+            w.line(&format!("interface \"{}\";", interface.as_str()));
+        }
         if let Some(password) = &n.password {
             w.line(&format!("password \"{}\";", password.as_str()));
         }
@@ -171,11 +178,11 @@ fn bgp(w: &mut Writer, n: &BgpNeighbor) {
         } else {
             "graceful restart aware;"
         });
-        channels(w, &n.families, EXPORT_BGP);
+        channels(w, &n.families, EXPORT_BGP, limit);
     });
 }
 
-fn ospf(w: &mut Writer, o: &Ospf) {
+fn ospf(w: &mut Writer, o: &Ospf, limit: Option<u32>) {
     let version = match o.family {
         Family::Ipv4 => "v2",
         Family::Ipv6 => "v3",
@@ -184,7 +191,7 @@ fn ospf(w: &mut Writer, o: &Ospf) {
         &format!("protocol ospf {version} {}", o.name.as_str()),
         "",
         |w| {
-            channels(w, &[o.family], EXPORT);
+            channels(w, &[o.family], EXPORT, limit);
             w.block(&format!("area {}", o.area), ";", |w| {
                 for iface in &o.interfaces {
                     w.block(
@@ -213,13 +220,13 @@ fn ospf(w: &mut Writer, o: &Ospf) {
     );
 }
 
-fn rip(w: &mut Writer, r: &Rip) {
+fn rip(w: &mut Writer, r: &Rip, limit: Option<u32>) {
     let kind = match r.family {
         Family::Ipv4 => "rip",
         Family::Ipv6 => "rip ng",
     };
     w.block(&format!("protocol {kind} {}", r.name.as_str()), "", |w| {
-        channels(w, &[r.family], EXPORT);
+        channels(w, &[r.family], EXPORT, limit);
         for iface in &r.interfaces {
             w.block(&format!("interface \"{}\"", iface.as_str()), ";", |w| {
                 if let Some(update) = r.update_time {
@@ -290,7 +297,7 @@ mod tests {
 
     const FULL: &str = "
 routerId: 10.0.0.11
-export: {prefixes: [203.0.113.0/24, 2001:db8:ff::/64], communities: [\"64512:100\"]}
+export: {prefixes: [203.0.113.0/24, 2001:db8:ff::/64], communities: [\"64512:100\"], maxRoutes: 100}
 bgp:
   - {name: uplink4, neighbor: 10.0.0.1, asn: 64500, localAsn: 64512, holdTime: 9s, keepaliveTime: 1s, password: \"s3cret pass\", bfd: true}
   - {name: uplink6, neighbor: \"fd00::1\", asn: 64500, localAsn: 64512, sourceAddress: \"fd00::11\", multihop: 2, port: 1179, gracefulRestart: false}
@@ -331,6 +338,7 @@ rip:
             "type ptp;",
             "protocol rip ng r6",
             "import none;",
+            "export limit 100 action block;",
         ] {
             assert!(text.contains(needle), "no {needle:?} in\n{text}");
         }
@@ -364,6 +372,32 @@ rip:
             &kube_lb0(),
             Scope::WholeConfig,
         ));
+    }
+
+    #[test]
+    fn a_link_local_gateway_session_names_its_interface() {
+        use crate::sinks::routing::gateway::{Gateway, Gateways};
+        let racks = config(
+            "bgp: [{name: tor, neighbor: gateway, asn: 64500, localAsn: 64512, families: [ipv6]}]",
+        );
+        let gateways = Gateways::from([(
+            Family::Ipv6,
+            [Gateway {
+                address: "fe80::1".parse().unwrap(),
+                interface: Some("eth0".into()),
+            }]
+            .into(),
+        )]);
+        let (node, _) =
+            crate::sinks::routing::plan::for_node(&racks, &Default::default(), &gateways);
+        let text = render(&node, Ipv4Addr::LOCALHOST, &kube_lb0(), Scope::WholeConfig);
+        assert!(
+            text.contains("protocol bgp tor_fe80__1 {")
+                && text.contains("neighbor fe80::1 port 179 as 64500;")
+                && text.contains("interface \"eth0\";"),
+            "{text}"
+        );
+        bird_accepts(&text);
     }
 
     #[test]
