@@ -267,7 +267,17 @@ async fn refresh(
 ) {
     match control.command("show protocols all").await {
         Ok(reply) => {
-            status.protocols = parse_protocols(&reply);
+            let protocols = parse_protocols(&reply);
+            for protocol in protocols.iter().filter(|p| p.export_limit_hit) {
+                let before = status
+                    .protocols
+                    .iter()
+                    .any(|p| p.name == protocol.name && p.export_limit_hit);
+                if !before {
+                    warn!(protocol = %protocol.name, exported = protocol.exported, "export ceiling reached (routing.export.maxRoutes): BIRD advertises no more routes to this neighbour");
+                }
+            }
+            status.protocols = protocols;
             let announced = status
                 .protocols
                 .iter()
