@@ -300,9 +300,9 @@ fn a_gateway_neighbour_follows_the_default_route() {
 }
 
 #[test]
-fn the_export_ceiling_holds_and_is_reported() {
+fn the_export_ceiling_holds_and_is_reported_and_the_neighbours_med_is_set() {
     let fabric = Fabric::new(1);
-    let _frr = Frr::start(&fabric.router, FRR_ROUTER, true);
+    let frr = Frr::start(&fabric.router, FRR_ROUTER, true);
     let addresses = [
         "203.0.113.10",
         "203.0.113.11",
@@ -310,7 +310,7 @@ fn the_export_ceiling_holds_and_is_reported() {
         "203.0.113.13",
     ];
     let routing = format!(
-        "  export: {{maxRoutes: 2}}\n  bgp:\n    - {{name: up4, neighbor: 10.0.0.1, asn: 64500, localAsn: 64512, {TIMERS}}}\n"
+        "  export: {{maxRoutes: 2}}\n  bgp:\n    - {{name: up4, neighbor: 10.0.0.1, asn: 64500, localAsn: 64512, med: 50, {TIMERS}}}\n"
     );
     let node = Node::start(&fabric.nodes[0], &services(&addresses), "{}", &routing);
     let advertised = || {
@@ -341,4 +341,11 @@ fn the_export_ceiling_holds_and_is_reported() {
     // It holds: the other two never reach the router.
     std::thread::sleep(Duration::from_secs(2));
     assert_eq!(advertised(), 2);
+    // The neighbour's MED is on what it learns.
+    let learned = addresses
+        .iter()
+        .find(|a| !next_hops(&fabric.router, &format!("{a}/32")).is_empty())
+        .expect("an advertised address");
+    let route = frr.vtysh(&format!("show bgp ipv4 unicast {learned}/32 json"));
+    assert!(route.contains("\"metric\":50"), "{route}");
 }

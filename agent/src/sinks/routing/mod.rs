@@ -691,7 +691,11 @@ impl Sink for RoutingSink {
         }
         self.warned = plan.warnings;
         if let Some(text) = plan.config {
-            info!("routing config changed; reconfiguring BIRD");
+            if self.handed.borrow().is_empty() {
+                info!("first routing config for this node; BIRD starts with it");
+            } else {
+                info!("routing config changed; reconfiguring BIRD");
+            }
             self.handed.send_replace(text);
         }
         Vec::new()

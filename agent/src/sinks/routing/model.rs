@@ -201,6 +201,10 @@ pub struct BgpNeighbor {
     pub bfd: bool,
     pub graceful_restart: bool,
     pub families: Vec<Family>,
+    /// MED on every route to this neighbour.
+    pub med: Option<u32>,
+    /// Local preference on every route to this neighbour (iBGP carries it; eBGP drops it).
+    pub local_pref: Option<u32>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -289,6 +293,8 @@ struct RawBgp {
     bfd: bool,
     graceful_restart: Option<bool>,
     families: Option<Vec<String>>,
+    med: Option<i64>,
+    local_pref: Option<i64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -548,6 +554,22 @@ impl RawRouting {
                 bfd: raw.bfd,
                 graceful_restart: raw.graceful_restart.unwrap_or(true),
                 families,
+                med: raw
+                    .med
+                    .map(|m| number(m, 0, u32::MAX.into(), &at("med"), "a MED, 0-4294967295"))
+                    .transpose()?,
+                local_pref: raw
+                    .local_pref
+                    .map(|l| {
+                        number(
+                            l,
+                            0,
+                            u32::MAX.into(),
+                            &at("localPref"),
+                            "a local preference, 0-4294967295",
+                        )
+                    })
+                    .transpose()?,
             };
             if let Some(keepalive) = neighbor.keepalive_time
                 && keepalive > neighbor.hold_time

@@ -74,6 +74,34 @@ pub fn render(
         }
         w.line("accept;");
     });
+    // Neighbours with a MED or local preference get a filter per set of values (named by
+    // them, so it stays put while nodes and addresses change): the same checks, then the
+    // attributes. Still no address in it, so addresses never reload BIRD.
+    let attributes: std::collections::BTreeSet<(Option<u32>, Option<u32>)> = config
+        .bgp
+        .iter()
+        .map(|n| (n.med, n.local_pref))
+        .filter(|&(med, local_pref)| med.is_some() || local_pref.is_some())
+        .collect();
+    for (med, local_pref) in attributes {
+        w.block(
+            &format!("filter {}", attribute_filter(med, local_pref)),
+            "",
+            |w| {
+                export_checks_without_accept(w, &config.export.prefixes);
+                for (asn, value) in &config.export.communities {
+                    w.line(&format!("bgp_community.add(({asn}, {value}));"));
+                }
+                if let Some(med) = med {
+                    w.line(&format!("bgp_med = {med};"));
+                }
+                if let Some(local_pref) = local_pref {
+                    w.line(&format!("bgp_local_pref = {local_pref};"));
+                }
+                w.line("accept;");
+            },
+        );
+    }
     if config.bgp.iter().any(|n| n.bfd) {
         w.block(&format!("protocol bfd {BFD}"), "", |_| {});
     }
@@ -135,6 +163,12 @@ fn channels(w: &mut Writer, families: &[Family], filter: &str, limit: Option<u32
     }
 }
 
+fn attribute_filter(med: Option<u32>, local_pref: Option<u32>) -> String {
+    let med = med.map_or_else(String::new, |m| format!("_med{m}"));
+    let local_pref = local_pref.map_or_else(String::new, |l| format!("_lp{l}"));
+    format!("{EXPORT_BGP}{med}{local_pref}")
+}
+
 /// Only a gateway entry has no address, and the plan expands those before rendering.
 fn bgp(w: &mut Writer, n: &BgpNeighbor, limit: Option<u32>) {
     let Peer::Address(address) = n.peer else {
@@ -178,7 +212,16 @@ fn bgp(w: &mut Writer, n: &BgpNeighbor, limit: Option<u32>) {
         } else {
             "graceful restart aware;"
         });
-        channels(w, &n.families, EXPORT_BGP, limit);
+        if n.med.is_none() && n.local_pref.is_none() {
+            channels(w, &n.families, EXPORT_BGP, limit);
+        } else {
+            channels(
+                w,
+                &n.families,
+                &attribute_filter(n.med, n.local_pref),
+                limit,
+            );
+        }
     });
 }
 
@@ -301,7 +344,7 @@ export: {prefixes: [203.0.113.0/24, 2001:db8:ff::/64], communities: [\"64512:100
 bgp:
   - {name: uplink4, neighbor: 10.0.0.1, asn: 64500, localAsn: 64512, holdTime: 9s, keepaliveTime: 1s, password: \"s3cret pass\", bfd: true}
   - {name: uplink6, neighbor: \"fd00::1\", asn: 64500, localAsn: 64512, sourceAddress: \"fd00::11\", multihop: 2, port: 1179, gracefulRestart: false}
-  - {name: mp, neighbor: 10.0.0.2, asn: 64501, localAsn: 64512, families: [ipv4, ipv6], connectRetryTime: 2s, connectDelayTime: 1s}
+  - {name: mp, neighbor: 10.0.0.2, asn: 64501, localAsn: 64512, families: [ipv4, ipv6], connectRetryTime: 2s, connectDelayTime: 1s, med: 50, localPref: 200}
 ospf:
   - {name: o4, family: ipv4, area: 0, interfaces: [{name: eth0, cost: 10, type: broadcast, hello: 1, dead: 4}]}
   - {name: o6, family: ipv6, area: \"0.0.0.1\", interfaces: [{name: eth1, type: ptp}]}
@@ -339,6 +382,10 @@ rip:
             "protocol rip ng r6",
             "import none;",
             "export limit 100 action block;",
+            "filter lbagent_export_bgp_med50_lp200 {",
+            "bgp_med = 50;",
+            "bgp_local_pref = 200;",
+            "export filter lbagent_export_bgp_med50_lp200;",
         ] {
             assert!(text.contains(needle), "no {needle:?} in\n{text}");
         }
