@@ -181,7 +181,7 @@ mod tests {
     use super::*;
 
     fn selector(yaml: &str) -> Result<NodeSelector, FieldError> {
-        serde_yaml::from_str::<RawSelector>(yaml)
+        crate::yaml::from_str::<RawSelector>(yaml, crate::config::LIMITS)
             .unwrap()
             .validate("s")
     }
