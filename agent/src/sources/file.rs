@@ -332,7 +332,9 @@ mod tests {
             "services:\n- name: web\n  addresses: [203.0.113.10, 2001:db8::10/128]\n  ports: [{port: 80}, {port: 53, protocol: udp}]\n  sourceRanges: [198.51.100.7/24, 10.1.2.3]\n  externalTrafficPolicy: Local\n",
         );
         assert!(update.rejected.is_empty(), "{:?}", update.rejected);
-        let web = &update.desired.addresses[&"203.0.113.10".parse().unwrap()]["web"];
+        let web = &update.desired.addresses[&"203.0.113.10".parse().unwrap()]
+            .get("web")
+            .unwrap();
         assert_eq!(
             web.ports
                 .iter()
