@@ -192,10 +192,15 @@ pub enum AddressState {
     Unsupported,
 }
 
-/// The desired state of the node: every address with the services that want it.
+/// A node's labels: from its Node object, or the config's `node.labels` with the file source.
+pub type NodeLabels = BTreeMap<String, String>;
+
+/// The desired state of the node: every address with the services that want it, and the
+/// node's labels, which choose the routing protocols it runs.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Desired {
     pub addresses: BTreeMap<IpAddr, AddressIntent>,
+    pub node_labels: NodeLabels,
 }
 
 impl Desired {
@@ -214,7 +219,10 @@ impl Desired {
                 policy.traffic_policy = service.traffic_policy;
             }
         }
-        Self { addresses }
+        Self {
+            addresses,
+            node_labels: NodeLabels::new(),
+        }
     }
 
     /// Names of the services that want `address`, comma-separated, for log lines.

@@ -33,7 +33,10 @@ use tracing::{error, info, warn};
 
 use crate::{
     address,
-    desired::{self, Desired, PortSpec, Protocol, Rejected, Service, SourceUpdate, TrafficPolicy},
+    desired::{
+        self, Desired, NodeLabels, PortSpec, Protocol, Rejected, Service, SourceUpdate,
+        TrafficPolicy,
+    },
     watch::FileEvent,
     yaml::{self, Limits},
 };
@@ -281,6 +284,35 @@ pub async fn watch(
     tokio::select! {
         result = following => result,
         () = parsing => Ok(()),
+    }
+}
+
+/// Puts the node's labels (the config's `node.labels`, followed as the config changes) into
+/// each update the services file gives, until either side is gone.
+pub async fn with_node_labels(
+    mut services: watch::Receiver<Option<SourceUpdate>>,
+    mut labels: watch::Receiver<NodeLabels>,
+    updates: watch::Sender<Option<SourceUpdate>>,
+) {
+    loop {
+        let combined = services.borrow_and_update().clone().map(|mut update| {
+            update.desired.node_labels = labels.borrow_and_update().clone();
+            update
+        });
+        if combined.is_some() {
+            updates.send_if_modified(|current| {
+                let changed = *current != combined;
+                if changed {
+                    current.clone_from(&combined);
+                }
+                changed
+            });
+        }
+        tokio::select! {
+            changed = services.changed() => if changed.is_err() { return },
+            changed = labels.changed() => if changed.is_err() { return },
+            () = updates.closed() => return,
+        }
     }
 }
 

@@ -140,6 +140,7 @@ mod tests {
                     )
                 })
                 .collect(),
+            ..Desired::default()
         }
     }
 
@@ -329,6 +330,7 @@ mod tests {
                     )
                 })
                 .collect(),
+            ..Desired::default()
         })
     }
 

@@ -78,6 +78,11 @@ pub fn translate<'a>(
         served.clear();
     }
     translation.update.desired = Desired::from_services(&served);
+    translation.update.desired.node_labels = node
+        .and_then(|node| node.metadata.labels.clone())
+        .unwrap_or_default()
+        .into_iter()
+        .collect();
     translation
 }
 
@@ -576,5 +581,10 @@ mod tests {
         );
         assert!(!labelled.excluded);
         assert_eq!(labelled.update.desired.addresses.len(), 2);
+        // The routing sink selects protocols by them.
+        assert_eq!(
+            labelled.update.desired.node_labels,
+            [("kubernetes.io/os".to_owned(), "linux".to_owned())].into()
+        );
     }
 }
