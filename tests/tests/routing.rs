@@ -322,6 +322,30 @@ fn a_config_bird_rejects_leaves_the_running_one_in_place() {
     );
     assert!(!node.dir.path().join("bird/bird.conf.next").exists());
     assert_eq!(node.protocol("up4")["since"], since);
+
+    // A crash while the newest config is one BIRD rejects: the next BIRD runs the live one.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(node.bird_pid()),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    assert!(
+        wait_until(Duration::from_secs(20), || node.routing()["restarts"] == 1
+            && node.protocol("up4")["info"] == "Established"),
+        "{:#}\n{}",
+        node.routing(),
+        node.log()
+    );
+    assert_eq!(
+        std::fs::read_to_string(node.dir.path().join("bird/bird.conf")).unwrap(),
+        live
+    );
+    assert!(
+        node.log()
+            .contains("new routing config not applied; BIRD restarts with the previous one"),
+        "{}",
+        node.log()
+    );
 }
 
 #[test]
