@@ -132,12 +132,12 @@ async fn run_managed(
         ..Default::default()
     };
     let mut backoff = FIRST_BACKOFF;
-    // Whether `paths.config` holds a config that passed the check in this run.
-    let mut checked = false;
     tokio::select! {
         first = configs.wait_for(|text| !text.is_empty()) => if first.is_err() { return Ok(()) },
         _ = stop.changed() => return Ok(()),
     }
+    // Whether `paths.config` holds a config that passed the check in this run.
+    let mut checked = false;
     loop {
         let text = configs.borrow_and_update().clone();
         match check_file(&binary, &paths, &text).await {
