@@ -47,7 +47,7 @@ pub use crate::{
     // The load tests hold the endpoint's limits against these.
     http::{HEADER_TIMEOUT, MAX_CONNECTIONS},
     // The L2 tests read the member list `lbagent membership` publishes.
-    membership::Members,
+    membership::{Members, kubernetes::API_ACCESS as MEMBERSHIP_API_ACCESS},
     sinks::{
         dataplane::{
             DataplaneSink,

@@ -84,6 +84,7 @@ mod tests {
                 state: AddressState::Local,
                 prefix: Some("10.0.0.0/24".parse().unwrap()),
                 services: vec!["web".into()],
+                neighbour: Some(crate::desired::NeighbourOutcome::AnsweredBy { owner: "m".into() }),
             }],
             rejected: vec![Rejected {
                 service: "bad".into(),

@@ -7,7 +7,8 @@ use std::{collections::BTreeSet, net::IpAddr, time::Duration};
 use lbagent::{Announcer, Members, NeighbourMaps, PinLayout, Role};
 use lbagent_common::{PIN_LAYOUT_VERSION, maps};
 use lbagent_tests::{
-    NetNs, Pair, PinRoot, TempDir, in_netns, lbagent, lbagent_bin, run_ok, wait_until,
+    NetNs, Pair, PinRoot, TempDir, apiserver::ApiServer, in_netns, lbagent, lbagent_bin, run_ok,
+    wait_until,
 };
 
 /// Local addresses in the pair's subnets (10.200.0.0/24, fd00:200::/64).
@@ -371,6 +372,18 @@ impl Segment {
 
     /// As `membership`, renewing the answering lease in `pins`.
     fn membership_with_pins(&self, i: usize, dir: &TempDir, pins: Option<&PinRoot>) -> Member {
+        self.membership_from(i, dir, pins, None)
+    }
+
+    /// As `membership_with_pins`; with a kubeconfig, the seeds come from the Node objects
+    /// (`--kubernetes`) instead of `--seed`.
+    fn membership_from(
+        &self,
+        i: usize,
+        dir: &TempDir,
+        pins: Option<&PinRoot>,
+        kubeconfig: Option<&std::path::Path>,
+    ) -> Member {
         let file = dir.path().join(format!("members-{i}.json"));
         let log = dir.path().join(format!("membership-{i}.log"));
         let mut command = self.nodes[i].command(&lbagent_bin());
@@ -382,8 +395,18 @@ impl Segment {
             .arg(Self::membership_addr(i))
             .arg("--members-file")
             .arg(&file);
-        for j in (0..self.nodes.len()).filter(|j| *j != i) {
-            command.arg("--seed").arg(Self::membership_addr(j));
+        match kubeconfig {
+            Some(kubeconfig) => {
+                command
+                    .arg("--kubernetes")
+                    .arg("--kubeconfig")
+                    .arg(kubeconfig);
+            }
+            None => {
+                for j in (0..self.nodes.len()).filter(|j| *j != i) {
+                    command.arg("--seed").arg(Self::membership_addr(j));
+                }
+            }
         }
         let log_file = std::fs::File::create(&log).expect("log file");
         let child = command
@@ -549,20 +572,45 @@ struct Cluster {
     members: Vec<Member>,
     agents: Vec<Option<lbagent_tests::Agent>>,
     macs: Vec<String>,
+    /// With the Kubernetes source: the API server every node reaches (in the client's
+    /// namespace, on the segment).
+    server: Option<ApiServer>,
 }
 
 impl Cluster {
     fn new() -> Self {
+        Self::start(false)
+    }
+
+    /// `kubernetes`: Services, Nodes and Events through an API server on the segment, and the
+    /// membership seeded from the Nodes; else the services file and `--seed`.
+    fn start(kubernetes: bool) -> Self {
         let segment = Segment::new(3);
         let client = segment.client();
         let dir = TempDir::new("lbt-l2-cluster");
         dir.write("services.yaml", &services(true));
+        let server = kubernetes.then(|| {
+            let server = ApiServer::start_in_at(&client, "10.201.0.2".parse().unwrap());
+            server.write_kubeconfig(&dir.path().join("kubeconfig"));
+            for i in 0..3 {
+                server.apply(node_object(i, false));
+            }
+            server
+        });
+        let kubeconfig = dir.path().join("kubeconfig");
         let pins: Vec<PinRoot> = (0..3).map(|_| PinRoot::new()).collect();
         let macs = (0..3)
             .map(|i| mac_text(link(&segment.nodes[i], "eth0").1))
             .collect();
         let members = (0..3)
-            .map(|i| segment.membership_with_pins(i, &dir, Some(&pins[i])))
+            .map(|i| {
+                segment.membership_from(
+                    i,
+                    &dir,
+                    Some(&pins[i]),
+                    server.is_some().then_some(kubeconfig.as_path()),
+                )
+            })
             .collect();
         let mut cluster = Self {
             segment,
@@ -572,6 +620,7 @@ impl Cluster {
             members,
             agents: Vec::new(),
             macs,
+            server,
         };
         cluster.agents = (0..3).map(|i| Some(cluster.start_agent(i))).collect();
         cluster
@@ -585,13 +634,18 @@ impl Cluster {
             &format!("lbagent-{i}.yaml"),
             &format!(
                 "node: {{name: {name}}}\n\
-                 source: {{file: {{path: services.yaml}}}}\n\
+                 source: {source}\n\
                  addresses: {{interface: lbl2-{i}}}\n\
                  status: {{path: {dir}/status-{i}.json}}\n\
                  dataplane: {{interfaces: [eth0], mode: generic, pinRoot: {pins}}}\n\
                  neighbours: {{membersFile: {dir}/members-{i}.json}}\n\
                  http: {{address: \"10.201.0.1{i}:9658\"}}\n",
                 name = Segment::name(i),
+                source = if self.server.is_some() {
+                    "{kubernetes: {kubeconfig: kubeconfig}}"
+                } else {
+                    "{file: {path: services.yaml}}"
+                },
                 dir = dir.display(),
                 pins = self.pins[i].path().display(),
             ),
@@ -722,6 +776,45 @@ impl Cluster {
             nix::sys::signal::kill(pid, signal).expect("signal agent");
         }
     }
+}
+
+/// Node `i` as the API server holds it: its InternalIP on the segment, and the exclusion
+/// label if `excluded`.
+fn node_object(i: usize, excluded: bool) -> serde_json::Value {
+    let labels = if excluded {
+        serde_json::json!({"node.kubernetes.io/exclude-from-external-load-balancers": ""})
+    } else {
+        serde_json::json!({})
+    };
+    serde_json::json!({
+        "apiVersion": "v1", "kind": "Node",
+        "metadata": {"name": Segment::name(i), "labels": labels},
+        "status": {"addresses": [
+            {"type": "InternalIP", "address": format!("10.201.0.1{i}")},
+            {"type": "Hostname", "address": Segment::name(i)},
+        ]},
+    })
+}
+
+/// A LoadBalancer Service holding `addresses`, as an allocator would have left it.
+fn service_object(name: &str, addresses: &[&str]) -> serde_json::Value {
+    serde_json::json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": name, "namespace": "shop"},
+        "spec": {
+            "type": "LoadBalancer",
+            "externalTrafficPolicy": "Cluster",
+            "ipFamilies": addresses
+                .iter()
+                .map(|ip| if ip.contains(':') { "IPv6" } else { "IPv4" })
+                .collect::<Vec<_>>(),
+            "ports": [{"name": "http", "port": 80, "protocol": "TCP", "targetPort": 8080}],
+        },
+        "status": {"loadBalancer": {"ingress": addresses
+            .iter()
+            .map(|ip| serde_json::json!({"ip": ip, "ipMode": "VIP"}))
+            .collect::<Vec<_>>()}},
+    })
 }
 
 fn services(with_vips: bool) -> String {
@@ -914,4 +1007,176 @@ fn a_partition_makes_two_owners_which_see_each_other_and_one_remains_when_it_hea
     // Healed: the views agree again, and only the elected owner answers.
     partition(&cluster.segment.nodes[cut], false);
     cluster.wait_owners(&all);
+}
+
+/// Notes of the Events on `service` with `reason`, with the node that recorded each.
+fn events(server: &ApiServer, service: &str, reason: &str) -> Vec<(String, String)> {
+    server
+        .events()
+        .into_iter()
+        .filter(|e| e["regarding"]["name"] == service && e["reason"] == reason)
+        .map(|e| {
+            (
+                e["reportingInstance"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned(),
+                e["note"].as_str().unwrap_or_default().to_owned(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn with_kubernetes_the_nodes_seed_the_membership_the_owner_records_itself_and_an_excluded_node_is_skipped()
+ {
+    let cluster = Cluster::start(true);
+    let server = cluster.server.as_ref().expect("API server");
+    // A local address, and one no node has a subnet for (and nothing routes).
+    server.apply(service_object("web", &[L2_VIP4, L2_VIP6]));
+    server.apply(service_object("nowhere", &["203.0.113.77"]));
+    let all = [0, 1, 2];
+    // No --seed: the members found each other through the Nodes' InternalIPs.
+    cluster.wait_owners(&all);
+    let owner = cluster.owner(L2_VIP4, &all);
+    let candidates = cluster.candidates(L2_VIP4, &all);
+
+    // The owner, and only it, records that it answers, naming the candidates in order.
+    let about_v4 = |events: Vec<(String, String)>| -> Vec<(String, String)> {
+        events
+            .into_iter()
+            .filter(|(_, note)| note.starts_with(&format!("{L2_VIP4}: ")))
+            .collect()
+    };
+    let recorded = wait_until(Duration::from_secs(10), || {
+        !about_v4(events(server, "web", "LocalAddressOwner")).is_empty()
+    });
+    assert!(recorded, "{}", cluster.logs());
+    let owners = about_v4(events(server, "web", "LocalAddressOwner"));
+    assert!(
+        owners
+            .iter()
+            .all(|(node, note)| *node == Segment::name(owner)
+                && note.contains(&format!("node {} answers", Segment::name(owner)))
+                && note.contains(&candidates.join(", "))),
+        "{owners:?}"
+    );
+    // The address no subnet holds: one node says so.
+    let said = wait_until(Duration::from_secs(10), || {
+        events(server, "nowhere", "NotAnnounced")
+            .iter()
+            .any(|(_, note)| {
+                note.contains("203.0.113.77: no live node has an interface in its subnet")
+            })
+    });
+    assert!(said, "{:?}\n{}", server.events(), cluster.logs());
+    let reporters: BTreeSet<String> = events(server, "nowhere", "NotAnnounced")
+        .into_iter()
+        .filter(|(_, note)| note.contains("no live node has an interface"))
+        .map(|(node, _)| node)
+        .collect();
+    assert_eq!(reporters.len(), 1, "one node reports it: {reporters:?}");
+
+    // The owner's Node gets the exclusion label: every member publishes it, and the next
+    // candidate answers, which records itself in turn.
+    server.apply(node_object(owner, true));
+    let others: Vec<usize> = all.into_iter().filter(|i| *i != owner).collect();
+    let published = wait_until(Duration::from_secs(10), || {
+        cluster.members.iter().all(|m| {
+            Members::read(&m.file).is_ok_and(|list| list.excluded.contains(&Segment::name(owner)))
+        })
+    });
+    assert!(published, "{}", cluster.logs());
+    cluster.wait_owners(&others);
+    let next = cluster.owner(L2_VIP4, &others);
+    let recorded = wait_until(Duration::from_secs(10), || {
+        about_v4(events(server, "web", "LocalAddressOwner"))
+            .iter()
+            .any(|(node, _)| *node == Segment::name(next))
+    });
+    assert!(recorded, "{:?}", events(server, "web", "LocalAddressOwner"));
+
+    // Every call the agents and the memberships made is one the ClusterRole grants.
+    for request in server.request_log() {
+        let (group, resource, verb) = request
+            .rbac()
+            .unwrap_or_else(|| panic!("not an API call: {request:?}"));
+        assert!(
+            lbagent::API_ACCESS
+                .iter()
+                .any(|a| a.group == group && a.resource == resource && a.verbs.contains(&verb)),
+            "{verb} {group}/{resource} is not in API_ACCESS: {request:?}"
+        );
+    }
+    // The memberships list every Node (the agents only their own).
+    let node_lists = server
+        .request_log()
+        .into_iter()
+        .filter(|r| r.param("fieldSelector").is_none())
+        .filter_map(|r| r.rbac())
+        .filter(|(_, resource, verb)| resource == "nodes" && *verb == "list")
+        .count();
+    assert!(node_lists >= 3, "{node_lists} lists of all the Nodes");
+}
+
+/// The EndpointSlice of `service` with one ready endpoint on each of `nodes`.
+fn slice_object(service: &str, nodes: &[usize]) -> serde_json::Value {
+    serde_json::json!({
+        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": {
+            "name": format!("{service}-slice"),
+            "namespace": "shop",
+            "labels": {"kubernetes.io/service-name": service},
+        },
+        "addressType": "IPv4",
+        "endpoints": nodes
+            .iter()
+            .map(|i| serde_json::json!({
+                "addresses": [format!("10.244.{i}.5")],
+                "nodeName": Segment::name(*i),
+                "conditions": {"ready": true},
+            }))
+            .collect::<Vec<_>>(),
+        "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+    })
+}
+
+#[test]
+fn external_traffic_policy_local_moves_the_owner_to_a_node_with_an_endpoint() {
+    let cluster = Cluster::start(true);
+    let server = cluster.server.as_ref().expect("API server");
+    let all = [0, 1, 2];
+    // The endpoint on a node the election would not pick without it.
+    let first = (0..3)
+        .find(|i| *i != cluster.owner(L2_VIP4, &all))
+        .expect("another node");
+    let mut web = service_object("web", &[L2_VIP4, L2_VIP6]);
+    web["spec"]["externalTrafficPolicy"] = "Local".into();
+    server.apply(slice_object("web", &[first]));
+    server.apply(web);
+    // Only the node with the endpoint answers, for both families.
+    cluster.wait_owners(&[first]);
+    let status = cluster.status(first, "json");
+    let status: serde_json::Value = serde_json::from_str(&status).expect("status json");
+    let entry = status["neighbours"]["addresses"]
+        .as_array()
+        .expect("neighbours.addresses")
+        .iter()
+        .find(|e| e["address"] == L2_VIP4)
+        .expect("the local address")
+        .clone();
+    assert_eq!(
+        entry["candidates"],
+        serde_json::json!([Segment::name(first)])
+    );
+    // The endpoint moves: so does the owner.
+    let second = (0..3).find(|i| *i != first).expect("another node");
+    server.apply(slice_object("web", &[second]));
+    cluster.wait_owners(&[second]);
+    // Endpoints on two nodes: the election among those two.
+    let third = (0..3)
+        .find(|i| *i != first && *i != second)
+        .expect("a third");
+    server.apply(slice_object("web", &[second, third]));
+    cluster.wait_owners(&[second, third]);
 }

@@ -43,10 +43,8 @@ const LIMIT_NS: f64 = 2.0;
 
 pub fn run() -> Result<()> {
     cmd::require_root("bench failover")?;
-    // The debug build, which the tests use too: failover time is the protocol's timers, not
-    // the agent's CPU time, and the machine is spared a second full build.
-    cmd::cargo(&["build", "--quiet", "--package", "lbagent"])?;
-    failover::run()?;
+    cmd::cargo(&["build", "--quiet", "--release", "--package", "lbagent"])?;
+    failover::run(&crate::bench::target_dir().join("release/lbagent"))?;
     let objects = build_ebpf::run()?;
     nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &{
         let mut set = nix::sched::CpuSet::new();

@@ -8,7 +8,10 @@
 //! and the others declare it down after the suspicion timeout.
 //!
 //! The view is published as a JSON file (written whole, then renamed into place), which the
-//! agent follows with inotify.
+//! agent follows with inotify. With `--kubernetes` the Node objects add the seeds and the
+//! nodes carrying the exclusion label ([`kubernetes`]).
+
+pub mod kubernetes;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -22,9 +25,13 @@ use foca::{Config, Foca, Identity, OwnedNotification, PostcardCodec, Timer};
 use ipnet::IpNet;
 use rand::{SeedableRng as _, rngs::StdRng};
 use serde::{Deserialize, Serialize};
-use tokio::{net::UdpSocket, sync::mpsc};
+use tokio::{
+    net::UdpSocket,
+    sync::{mpsc, watch},
+};
 use tracing::{debug, info, warn};
 
+use self::kubernetes::NodeFacts;
 use crate::dataplane::{Lease, PinLayout};
 
 /// Probe timing. A dead member is first probed within about one period (each member probes
@@ -107,6 +114,10 @@ pub struct Members {
     /// This node.
     pub node: String,
     pub alive: BTreeMap<String, MemberInfo>,
+    /// Nodes whose Node carries `node.kubernetes.io/exclude-from-external-load-balancers`
+    /// (with `--kubernetes`): members, but no local address is elected onto them.
+    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
+    pub excluded: BTreeSet<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -158,6 +169,8 @@ pub struct Settings {
     pub members_file: PathBuf,
     /// The dataplane's pins, whose answering lease this process renews (once they exist).
     pub pins: Option<PinLayout>,
+    /// What the Node objects say (`--kubernetes`): more seeds, and the excluded nodes.
+    pub nodes: Option<watch::Receiver<Option<NodeFacts>>>,
 }
 
 /// foca's settings with lbagent's timing (see [`PROBE_PERIOD`]).
@@ -213,6 +226,7 @@ pub async fn run(
         subnets,
         timers: timers_tx,
         published: None,
+        facts: NodeFacts::default(),
     };
     let mut runtime = foca::AccumulatingRuntime::new();
     member.announce_to_strangers(&mut swim, &mut runtime);
@@ -230,9 +244,27 @@ pub async fn run(
     renewal.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut lease: Option<Lease> = None;
     let mut buf = vec![0u8; 65_536];
+    let mut nodes = member.settings.nodes.take();
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
+            Some(changed) = async {
+                match nodes.as_mut() {
+                    Some(nodes) => Some(nodes.changed().await),
+                    None => None,
+                }
+            } => match changed {
+                Ok(()) => {
+                    let facts = nodes.as_mut().and_then(|n| n.borrow_and_update().clone());
+                    if let Some(facts) = facts {
+                        member.facts = facts;
+                        member.published = None;
+                        member.announce_to_strangers(&mut swim, &mut runtime);
+                    }
+                }
+                // The follower is gone: the last facts stay in force.
+                Err(_) => nodes = None,
+            },
             received = member.socket.recv_from(&mut buf) => {
                 let (len, _) = received.map_err(MembershipError::Socket)?;
                 if let Err(err) = swim.handle_data(&buf[..len], &mut runtime) {
@@ -292,6 +324,7 @@ struct Member {
     subnets: Vec<IpNet>,
     timers: mpsc::UnboundedSender<Timer<NodeId>>,
     published: Option<Members>,
+    facts: NodeFacts,
 }
 
 impl Member {
@@ -302,7 +335,7 @@ impl Member {
         runtime: &mut foca::AccumulatingRuntime<NodeId>,
     ) {
         let known: BTreeSet<SocketAddr> = swim.iter_members().map(|m| m.id().addr).collect();
-        for seed in &self.settings.seeds {
+        for seed in self.settings.seeds.iter().chain(&self.facts.seeds) {
             if *seed == self.settings.bind || known.contains(seed) {
                 continue;
             }
@@ -363,6 +396,7 @@ impl Member {
             let members = Members {
                 node: self.settings.name.clone(),
                 alive,
+                excluded: self.facts.excluded.clone(),
             };
             if self.published.as_ref() != Some(&members) {
                 members.write(&self.settings.members_file)?;

@@ -234,6 +234,11 @@ impl Reconciler {
                 Report::Neighbours(report) => status.neighbours = Some(report),
             }
         }
+        if let Some(neighbours) = &status.neighbours {
+            for address in &mut status.addresses {
+                address.neighbour = neighbours.outcome(address.address);
+            }
+        }
         self.outcomes.send_if_modified(|outcomes| {
             let changed = outcomes.as_ref() != Some(&status.addresses);
             if changed {

@@ -47,11 +47,10 @@ impl Fault {
     }
 }
 
-pub fn run() -> Result<()> {
-    let lbagent = cmd::workspace().join("target/debug/lbagent");
+pub fn run(lbagent: &Path) -> Result<()> {
     let mut results = Vec::new();
     for system in [System::Keepalived, System::Lbagent] {
-        let lab = Lab::new(system, &lbagent)?;
+        let lab = Lab::new(system, lbagent)?;
         for fault in [Fault::LinkDown, Fault::Frozen] {
             let times = lab.failovers(fault)?;
             results.push((system, fault, times));

@@ -26,6 +26,7 @@ use self::{
 use super::{Noticed, Report, Sink, Wanted, node_has_ipv6};
 use crate::{
     dataplane::{DataplaneError, NeighbourMaps, PinLayout, Role},
+    desired::NeighbourOutcome,
     membership::Members,
 };
 
@@ -65,10 +66,33 @@ pub struct NeighbourReport {
     /// Addresses inside this node's subnets not decided yet: no member list.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub waiting: Vec<IpAddr>,
+    /// Addresses no live member has a subnet for, with no routing to advertise them: nobody
+    /// answers. Only the node that reports them lists them ([`plan::Plan::no_subnet`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub no_subnet: Vec<IpAddr>,
     /// Local addresses this node answers for that another hardware address answered for too
     /// (split brain), with that address, since the agent started.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub foreign: Vec<ForeignAnswer>,
+}
+
+impl NeighbourReport {
+    /// What became of `address`, for the published status (and the Events made from it).
+    pub fn outcome(&self, address: IpAddr) -> Option<NeighbourOutcome> {
+        if self.no_subnet.contains(&address) {
+            return Some(NeighbourOutcome::NoSubnet);
+        }
+        let election = self.addresses.iter().find(|e| e.address == address)?;
+        match &election.owner {
+            _ if election.answering => Some(NeighbourOutcome::Answering {
+                candidates: election.candidates.clone(),
+            }),
+            Some(owner) => Some(NeighbourOutcome::AnsweredBy {
+                owner: owner.clone(),
+            }),
+            None => None,
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -203,7 +227,12 @@ impl Sink for NeighbourSink {
     }
 
     fn plan(&self, wanted: &Wanted<'_>, observed: &Observed) -> Plan {
-        plan::plan(&self.node, wanted.desired, observed)
+        plan::plan(
+            &self.node,
+            wanted.desired,
+            wanted.routing.is_some(),
+            observed,
+        )
     }
 
     async fn apply(&mut self, plan: Plan, observed: Observed, _: &Wanted<'_>) -> Vec<String> {
@@ -264,6 +293,7 @@ impl Sink for NeighbourSink {
             addresses: plan.elections,
             no_interface: plan.no_interface,
             waiting: plan.waiting,
+            no_subnet: plan.no_subnet,
             foreign: self.foreign_answers(),
         };
         failed
@@ -345,7 +375,7 @@ fn view(members: &Members) -> Vec<NodeView> {
         .map(|(name, info)| NodeView {
             name: name.clone(),
             subnets: info.subnets.clone(),
-            excluded: false,
+            excluded: members.excluded.contains(name),
             alive: true,
         })
         .collect()

@@ -2,13 +2,19 @@
 //! (and from which interface) or stays silent. A pure function of the desired addresses, the
 //! live members and what the map and the node's interfaces hold.
 
-use std::{collections::BTreeMap, net::IpAddr};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+};
 
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
 use super::election::{self, Endpoints, NodeView};
-use crate::{dataplane::Role, desired::Desired};
+use crate::{
+    dataplane::Role,
+    desired::{AddressIntent, Desired, TrafficPolicy},
+};
 
 /// One of this node's interfaces, as far as answering goes.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -60,6 +66,10 @@ pub struct Plan {
     /// nothing is decided for them (answering without a view of the others could duplicate
     /// them).
     pub waiting: Vec<IpAddr>,
+    /// Desired addresses that no live member has a subnet for, when nothing routes them
+    /// (no routing section): nobody can answer for them. Only the member that scores highest
+    /// for such an address over all members lists it, so one node reports it.
+    pub no_subnet: Vec<IpAddr>,
 }
 
 impl Plan {
@@ -68,12 +78,13 @@ impl Plan {
     }
 }
 
-/// `node`: this node's name. The desired addresses inside a member's subnet are local (L2)
+/// `node`: this node's name; `routed`: a routing section advertises the addresses that are
+/// not local. The desired addresses inside a member's subnet are local (L2)
 /// addresses. Each gets an entry even when this node has no interface in its subnet (its
 /// link is down, say, and the address went onto the LB interface): the kernel answers ARP for
 /// any address it holds, on any interface, and only the program's silence keeps it from
 /// answering for another node's address.
-pub fn plan(node: &str, desired: &Desired, observed: &Observed) -> Plan {
+pub fn plan(node: &str, desired: &Desired, routed: bool, observed: &Observed) -> Plan {
     let mut plan = Plan::default();
     let served: Vec<IpAddr> = desired
         .addresses
@@ -88,16 +99,29 @@ pub fn plan(node: &str, desired: &Desired, observed: &Observed) -> Plan {
             .collect();
         return plan;
     };
-    let local: Vec<IpAddr> = served
-        .into_iter()
-        .filter(|address| {
-            members
-                .iter()
-                .any(|m| m.subnets.iter().any(|s| s.contains(address)))
-        })
-        .collect();
+    let (local, elsewhere): (Vec<IpAddr>, Vec<IpAddr>) = served.into_iter().partition(|address| {
+        members
+            .iter()
+            .any(|m| m.subnets.iter().any(|s| s.contains(address)))
+    });
+    if !routed {
+        plan.no_subnet = elsewhere
+            .into_iter()
+            .filter(|address| {
+                let reporter = members
+                    .iter()
+                    .max_by_key(|m| (election::score(*address, &m.name), &m.name));
+                reporter.is_some_and(|m| m.name == node)
+            })
+            .collect();
+    }
     for address in &local {
-        let candidates = election::candidates(*address, members, Endpoints::Anywhere);
+        let endpoint_nodes = desired.addresses.get(address).and_then(endpoint_nodes);
+        let endpoints = match &endpoint_nodes {
+            Some(nodes) => Endpoints::On(nodes),
+            None => Endpoints::Anywhere,
+        };
+        let candidates = election::candidates(*address, members, endpoints);
         let owner = candidates.first().map(|n| n.name.clone());
         let role = if owner.as_deref() == Some(node) {
             match link_for(&observed.links, address) {
@@ -138,6 +162,20 @@ pub fn plan(node: &str, desired: &Desired, observed: &Observed) -> Plan {
     plan
 }
 
+/// The nodes that may hold an address under `externalTrafficPolicy: Local`: those with a
+/// ready endpoint of any of its services, when every service wanting it is Local and the
+/// source knows its endpoints; `None` (any node) otherwise.
+fn endpoint_nodes(intent: &AddressIntent) -> Option<BTreeSet<String>> {
+    let mut nodes = BTreeSet::new();
+    for policy in intent.values() {
+        match (&policy.traffic_policy, &policy.endpoint_nodes) {
+            (TrafficPolicy::Local, Some(with_endpoints)) => nodes.extend(with_endpoints.clone()),
+            _ => return None,
+        }
+    }
+    (!intent.is_empty()).then_some(nodes)
+}
+
 /// The interface whose subnet holds `address`.
 fn link_for<'a>(links: &'a [Link], address: &IpAddr) -> Option<&'a Link> {
     links
@@ -151,6 +189,11 @@ mod tests {
     use crate::desired::{AddressIntent, Desired};
 
     const SUBNET: &str = "10.0.0.0/24";
+
+    /// The plan with a routing section (addresses outside every subnet are routed).
+    fn plan(node: &str, desired: &Desired, observed: &Observed) -> Plan {
+        super::plan(node, desired, true, observed)
+    }
 
     fn members(names: &[&str]) -> Vec<NodeView> {
         names
@@ -333,6 +376,84 @@ mod tests {
         assert!(plan.changes_nothing());
         assert!(plan.elections.is_empty());
         assert_eq!(plan.waiting, addresses(2));
+    }
+
+    #[test]
+    fn without_routing_an_address_outside_every_subnet_is_reported_by_one_node() {
+        let names = ["node-a", "node-b", "node-c"];
+        let view = members(&names);
+        let nowhere: Vec<IpAddr> = (1..=20).map(|i| IpAddr::from([203, 0, 113, i])).collect();
+        let mut wanted = nowhere.clone();
+        wanted.push("10.0.0.101".parse().unwrap());
+        let mut reported: Vec<IpAddr> = Vec::new();
+        for node in names {
+            let routed = super::plan(
+                node,
+                &desired(&wanted),
+                true,
+                &observed(BTreeMap::new(), &view),
+            );
+            assert!(routed.no_subnet.is_empty(), "routing advertises them");
+            let plan = super::plan(
+                node,
+                &desired(&wanted),
+                false,
+                &observed(BTreeMap::new(), &view),
+            );
+            assert_eq!(plan.elections.len(), 1, "only the local address is elected");
+            assert!(plan.no_subnet.len() < nowhere.len(), "{node}: spread");
+            reported.extend(plan.no_subnet);
+        }
+        reported.sort();
+        assert_eq!(reported, nowhere, "each reported exactly once");
+    }
+
+    #[test]
+    fn with_local_traffic_only_nodes_with_an_endpoint_are_candidates() {
+        use crate::desired::ServicePolicy;
+        let names = ["node-a", "node-b", "node-c"];
+        let view = members(&names);
+        let address: IpAddr = "10.0.0.101".parse().unwrap();
+        let local = |nodes: Option<&[&str]>| ServicePolicy {
+            traffic_policy: TrafficPolicy::Local,
+            endpoint_nodes: nodes.map(|n| n.iter().map(|s| (*s).to_owned()).collect()),
+            ..ServicePolicy::default()
+        };
+        let with = |intent: AddressIntent| Desired {
+            addresses: BTreeMap::from([(address, intent)]),
+        };
+        let candidates = |desired: &Desired| {
+            plan("node-a", desired, &observed(BTreeMap::new(), &view)).elections[0]
+                .candidates
+                .clone()
+        };
+        let only_c = with(AddressIntent::from([(
+            "web".to_owned(),
+            local(Some(&["node-c"])),
+        )]));
+        assert_eq!(candidates(&only_c), ["node-c"]);
+        // The owner moves with the endpoint.
+        let only_b = with(AddressIntent::from([(
+            "web".to_owned(),
+            local(Some(&["node-b"])),
+        )]));
+        assert_eq!(candidates(&only_b), ["node-b"]);
+        // Two Local services share it: either's nodes.
+        let shared = with(AddressIntent::from([
+            ("web".to_owned(), local(Some(&["node-b"]))),
+            ("api".to_owned(), local(Some(&["node-c"]))),
+        ]));
+        let mut both = candidates(&shared);
+        both.sort();
+        assert_eq!(both, ["node-b", "node-c"]);
+        // A Cluster service shares it, or the source does not know the endpoints: any node.
+        let mixed = with(AddressIntent::from([
+            ("web".to_owned(), local(Some(&["node-b"]))),
+            ("api".to_owned(), ServicePolicy::default()),
+        ]));
+        assert_eq!(candidates(&mixed).len(), 3);
+        let unknown = with(AddressIntent::from([("web".to_owned(), local(None))]));
+        assert_eq!(candidates(&unknown).len(), 3);
     }
 
     #[test]
