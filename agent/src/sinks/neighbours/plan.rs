@@ -226,6 +226,7 @@ mod tests {
                 .iter()
                 .map(|a| (*a, AddressIntent::default()))
                 .collect(),
+            ..Desired::default()
         }
     }
 
@@ -421,25 +422,26 @@ mod tests {
         };
         let with = |intent: AddressIntent| Desired {
             addresses: BTreeMap::from([(address, intent)]),
+            ..Desired::default()
         };
         let candidates = |desired: &Desired| {
             plan("node-a", desired, &observed(BTreeMap::new(), &view)).elections[0]
                 .candidates
                 .clone()
         };
-        let only_c = with(AddressIntent::from([(
+        let only_c = with(AddressIntent::from_iter([(
             "web".to_owned(),
             local(Some(&["node-c"])),
         )]));
         assert_eq!(candidates(&only_c), ["node-c"]);
         // The owner moves with the endpoint.
-        let only_b = with(AddressIntent::from([(
+        let only_b = with(AddressIntent::from_iter([(
             "web".to_owned(),
             local(Some(&["node-b"])),
         )]));
         assert_eq!(candidates(&only_b), ["node-b"]);
         // Two Local services share it: either's nodes.
-        let shared = with(AddressIntent::from([
+        let shared = with(AddressIntent::from_iter([
             ("web".to_owned(), local(Some(&["node-b"]))),
             ("api".to_owned(), local(Some(&["node-c"]))),
         ]));
@@ -447,12 +449,12 @@ mod tests {
         both.sort();
         assert_eq!(both, ["node-b", "node-c"]);
         // A Cluster service shares it, or the source does not know the endpoints: any node.
-        let mixed = with(AddressIntent::from([
+        let mixed = with(AddressIntent::from_iter([
             ("web".to_owned(), local(Some(&["node-b"]))),
             ("api".to_owned(), ServicePolicy::default()),
         ]));
         assert_eq!(candidates(&mixed).len(), 3);
-        let unknown = with(AddressIntent::from([("web".to_owned(), local(None))]));
+        let unknown = with(AddressIntent::from_iter([("web".to_owned(), local(None))]));
         assert_eq!(candidates(&unknown).len(), 3);
     }
 

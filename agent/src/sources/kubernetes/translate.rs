@@ -87,6 +87,11 @@ pub fn translate<'a>(
         served.clear();
     }
     translation.update.desired = Desired::with_endpoint_nodes(&served, &endpoint_nodes);
+    translation.update.desired.node_labels = node
+        .and_then(|node| node.metadata.labels.clone())
+        .unwrap_or_default()
+        .into_iter()
+        .collect();
     translation
 }
 
@@ -361,8 +366,9 @@ mod tests {
         );
         let translation = run(&[web], &[], None);
         assert_eq!(addresses(&translation), ["203.0.113.10", "2001:db8:ff::10"]);
-        let policy =
-            &translation.update.desired.addresses[&"203.0.113.10".parse().unwrap()]["shop/web"];
+        let policy = &translation.update.desired.addresses[&"203.0.113.10".parse().unwrap()]
+            .get("shop/web")
+            .unwrap();
         let ports: Vec<_> = policy.ports.iter().map(|p| (p.port, p.protocol)).collect();
         assert_eq!(
             ports,
@@ -438,8 +444,9 @@ mod tests {
             json!({"metadata": {"annotations": {SOURCE_RANGES_ANNOTATION: "10.0.0.0/8, 2001:db8::/32"}}}),
         );
         let translation = run(&[web], &[], None);
-        let policy =
-            &translation.update.desired.addresses[&"203.0.113.10".parse().unwrap()]["shop/web"];
+        let policy = &translation.update.desired.addresses[&"203.0.113.10".parse().unwrap()]
+            .get("shop/web")
+            .unwrap();
         assert_eq!(policy.source_ranges.len(), 2);
     }
 
@@ -549,20 +556,19 @@ mod tests {
         assert!(!policies.is_empty());
         for policy in policies {
             assert_eq!(
-                policy["shop/web"].endpoint_nodes,
+                policy.get("shop/web").expect("web").endpoint_nodes,
                 Some(BTreeSet::from(["node-a".to_owned(), "node-b".to_owned()]))
             );
         }
         let cluster = service("api", json!({}));
         let translation = run(&[cluster], &[], None);
-        assert!(
-            translation
-                .update
-                .desired
-                .addresses
-                .values()
-                .all(|intent| intent["shop/api"].endpoint_nodes.is_none())
-        );
+        assert!(translation.update.desired.addresses.values().all(|intent| {
+            intent
+                .get("shop/api")
+                .expect("api")
+                .endpoint_nodes
+                .is_none()
+        }));
 
         // A slice of another service, or of a same-named service elsewhere, does not count.
         let other = run(
@@ -609,5 +615,10 @@ mod tests {
         );
         assert!(!labelled.excluded);
         assert_eq!(labelled.update.desired.addresses.len(), 2);
+        // The routing sink selects protocols by them.
+        assert_eq!(
+            labelled.update.desired.node_labels,
+            [("kubernetes.io/os".to_owned(), "linux".to_owned())].into()
+        );
     }
 }
