@@ -91,6 +91,8 @@ mod tests {
             }],
             errors: vec![],
             routing: None,
+            off: vec!["dataplane is off: why".into()],
+            config_refused: Some("node.name: why".into()),
         };
         write(&path, &status).unwrap();
         assert_eq!(read(&path).unwrap(), status);

@@ -97,12 +97,13 @@ const POLL: Duration = Duration::from_secs(2);
 
 /// Runs BIRD as a child, applies every new config it is given, restarts it with exponential
 /// backoff when it exits, and stops it with a graceful restart when `stop` fires: a planned
-/// stop, so peers keep the routes until BIRD is back.
+/// stop, so peers keep the routes until BIRD is back (`stop` true: with `down`, so that they
+/// withdraw them).
 async fn run_managed(
     binary: PathBuf,
     paths: BirdPaths,
     mut configs: watch::Receiver<String>,
-    mut stop: watch::Receiver<()>,
+    mut stop: watch::Receiver<bool>,
     published: watch::Sender<RoutingStatus>,
 ) -> Result<(), RoutingError> {
     std::fs::create_dir_all(&paths.dir).map_err(|source| RoutingError::Io {
@@ -191,7 +192,7 @@ async fn supervise(
     child: &mut Child,
     paths: &BirdPaths,
     configs: &mut watch::Receiver<String>,
-    stop: &mut watch::Receiver<()>,
+    stop: &mut watch::Receiver<bool>,
     status: &mut RoutingStatus,
     published: &watch::Sender<RoutingStatus>,
 ) -> Supervised {
@@ -229,7 +230,7 @@ async fn supervise(
             }
             _ = poll.tick() => refresh(&mut control, paths, status, published).await,
             _ = stop.changed() => {
-                let command = "graceful restart";
+                let command = if *stop.borrow() { "down" } else { "graceful restart" };
                 match control.command(command).await {
                     Ok(reply) => info!(command, bird = %reply.message(), "stopping BIRD"),
                     Err(err) => warn!(command, %err, "cannot ask BIRD to stop; killing it"),
@@ -512,7 +513,8 @@ async fn wait_for_socket(child: &mut Child, socket: &Path) -> Result<Control, St
     }
 }
 
-fn which(binary: &Path) -> Result<(), RoutingError> {
+/// Whether `binary` is there to run (a path, or a name on PATH).
+pub fn which(binary: &Path) -> Result<(), RoutingError> {
     let found = if binary.components().count() > 1 {
         binary.is_file()
     } else {
@@ -558,20 +560,40 @@ pub struct RoutingSink {
 
 /// The task that runs or feeds BIRD.
 pub struct Bird {
-    stop: watch::Sender<()>,
-    task: tokio::task::JoinHandle<()>,
+    stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<Result<(), RoutingError>>,
 }
 
 impl Bird {
     /// Stops a managed BIRD with a graceful restart (peers keep the routes meanwhile), and
     /// waits up to 15 s for it.
     pub async fn stop(self) {
-        let _ = self.stop.send(());
+        self.end(false).await;
+    }
+
+    /// Stops a managed BIRD with `down`: its peers withdraw the routes at once (the config
+    /// no longer has routing).
+    pub async fn shut_down(self) {
+        self.end(true).await;
+    }
+
+    async fn end(self, withdraw: bool) {
+        let _ = self.stop.send(withdraw);
         if tokio::time::timeout(Duration::from_secs(15), self.task)
             .await
             .is_err()
         {
             warn!("BIRD did not stop within 15 s");
+        }
+    }
+
+    /// Resolves when routing stopped by itself, with why (a state directory that cannot be
+    /// made); never while it runs.
+    pub async fn failed(&mut self) -> String {
+        match (&mut self.task).await {
+            Ok(Err(err)) => err.to_string(),
+            Ok(Ok(())) => std::future::pending().await,
+            Err(join) => join.to_string(),
         }
     }
 }
@@ -589,21 +611,17 @@ impl RoutingSink {
             .ok_or(RoutingError::NoRouterId)?;
         let (handed, configs) = watch::channel(text);
         let (published, status) = watch::channel(RoutingStatus::default());
-        let (stop, stopped) = watch::channel(());
+        let (stop, stopped) = watch::channel(false);
         let task = match config.mode.clone() {
             Mode::Managed { binary, state_dir } => {
                 which(&binary)?;
-                tokio::spawn(async move {
-                    let paths = BirdPaths::new(&state_dir);
-                    if let Err(err) = run_managed(binary, paths, configs, stopped, published).await
-                    {
-                        error!(%err, "routing stopped");
-                    }
-                })
+                let paths = BirdPaths::new(&state_dir);
+                tokio::spawn(run_managed(binary, paths, configs, stopped, published))
             }
-            Mode::External { include, socket } => {
-                tokio::spawn(run_external(include, socket, configs, published))
-            }
+            Mode::External { include, socket } => tokio::spawn(async move {
+                run_external(include, socket, configs, published).await;
+                Ok(())
+            }),
         };
         let sink = Self {
             router_id_default,
