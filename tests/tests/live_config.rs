@@ -427,3 +427,81 @@ fn an_edit_that_cannot_apply_live_is_refused_whole_and_shown_in_status() {
     );
     node.still_running();
 }
+
+#[test]
+fn the_kubernetes_source_follows_a_new_load_balancer_class() {
+    use serde_json::json;
+    let ns = NetNs::new("lbt-live-kube");
+    ns.ip(&["link", "set", "lo", "up"]);
+    let server = lbagent_tests::apiserver::ApiServer::start_in(&ns);
+    server.apply(json!({
+        "apiVersion": "v1", "kind": "Node", "metadata": {"name": "live-a", "labels": {}},
+    }));
+    let service = |name: &str, ip: &str, class: Option<&str>| {
+        let mut spec = json!({
+            "type": "LoadBalancer",
+            "ipFamilies": ["IPv4"],
+            "externalTrafficPolicy": "Cluster",
+            "ports": [{"name": "http", "port": 80, "protocol": "TCP", "targetPort": 8080}],
+        });
+        if let Some(class) = class {
+            spec["loadBalancerClass"] = class.into();
+        }
+        json!({
+            "apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": name, "namespace": "shop"},
+            "spec": spec,
+            "status": {"loadBalancer": {"ingress": [{"ip": ip, "ipMode": "VIP"}]}},
+        })
+    };
+    server.apply(service("plain", V4, None));
+    server.apply(service("classed", V4B, Some("example.com/lb")));
+
+    let dir = TempDir::new("lbt-live-kube");
+    server.write_kubeconfig(&dir.path().join("kubeconfig"));
+    let write = |source: &str| {
+        dir.write(
+            "lbagent.yaml",
+            &format!(
+                "node: {{name: live-a}}\nsource: {{kubernetes: {source}}}\nstatus: {{path: {}}}\n",
+                dir.path().join("status.json").display()
+            ),
+        )
+    };
+    let config = write("{kubeconfig: kubeconfig}");
+    let mut agent = Agent::start(&ns, &config, dir.path().join("agent.log"));
+    let held = |expected: &[&str]| {
+        let expected: BTreeSet<String> = expected.iter().map(|a| format!("{a}/32")).collect();
+        wait_until(Duration::from_secs(10), || {
+            addresses_on(&ns, "kube-lb0") == expected
+        })
+    };
+    assert!(
+        held(&[V4]),
+        "{:?}\n{}",
+        addresses_on(&ns, "kube-lb0"),
+        agent.log()
+    );
+
+    write("{loadBalancerClass: example.com/lb, kubeconfig: kubeconfig}");
+    assert!(
+        held(&[V4B]),
+        "{:?}\n{}",
+        addresses_on(&ns, "kube-lb0"),
+        agent.log()
+    );
+    // The new class is the one watched now.
+    server.apply(service(
+        "classed-too",
+        "203.0.113.21",
+        Some("example.com/lb"),
+    ));
+    server.apply(service("plain-too", "203.0.113.99", None));
+    assert!(
+        held(&[V4B, "203.0.113.21"]),
+        "{:?}\n{}",
+        addresses_on(&ns, "kube-lb0"),
+        agent.log()
+    );
+    assert_eq!(agent.exited(), None, "{}", agent.log());
+}
