@@ -4,6 +4,7 @@
 //! ```yaml
 //! node:
 //!   name: node-a                 # default: --node-name, $NODE_NAME, then the host name
+//!   labels: {rack: a}            # the file source's node labels (routing nodeSelectors)
 //! source:                       # exactly one of file and kubernetes
 //!   file:
 //!     path: services.yaml        # relative to this file
@@ -30,11 +31,15 @@ use std::{
 use serde::Deserialize;
 
 use crate::{
+    desired::NodeLabels,
     logging::LogFormat,
     sinks::{
         dataplane::DataplaneConfig,
         is_interface_name,
-        routing::model::{RawRouting, RoutingConfig},
+        routing::{
+            model::{FieldError, RawRouting, RoutingConfig},
+            selector,
+        },
     },
     sources::kubernetes::KubernetesSource,
 };
@@ -52,6 +57,9 @@ pub const LIMITS: crate::yaml::Limits = crate::yaml::Limits {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Config {
     pub node_name: String,
+    /// With the file source, the labels routing `nodeSelector`s match (the Kubernetes source
+    /// takes the Node's own).
+    pub node_labels: NodeLabels,
     pub source: Source,
     pub addresses: AddressesConfig,
     pub status_path: PathBuf,
@@ -146,6 +154,8 @@ struct RawDataplane {
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 struct RawNode {
     name: Option<String>,
+    #[serde(default)]
+    labels: std::collections::BTreeMap<String, String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -224,6 +234,18 @@ impl Config {
             }
             None => hostname(),
         };
+
+        let invalid_at = |err: FieldError| ConfigError::InvalidAt {
+            path: path.to_owned(),
+            field: err.field,
+            value: err.value,
+            allowed: err.allowed,
+        };
+        for (key, value) in &raw.node.labels {
+            selector::label_key(key, "node.labels").map_err(invalid_at)?;
+            selector::label_value(value, &format!("node.labels.{key}")).map_err(invalid_at)?;
+        }
+        let node_labels = raw.node.labels;
 
         let base = path.parent().unwrap_or(Path::new("."));
         let source = match (raw.source.file, raw.source.kubernetes) {
@@ -319,12 +341,7 @@ impl Config {
             .routing
             .map(RawRouting::validate)
             .transpose()
-            .map_err(|err| ConfigError::InvalidAt {
-                path: path.to_owned(),
-                field: err.field,
-                value: err.value,
-                allowed: err.allowed,
-            })?;
+            .map_err(invalid_at)?;
 
         let dataplane = match raw.dataplane {
             None => None,
@@ -361,6 +378,7 @@ impl Config {
             http_address,
             routing,
             node_name,
+            node_labels,
             source,
             addresses: AddressesConfig {
                 interface,
@@ -548,6 +566,30 @@ mod tests {
             ),
         ] {
             let err = parse(&format!("source: {{file: {{path: s}}}}\n{text}"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(expected), "{text}: {err}");
+        }
+    }
+
+    #[test]
+    fn node_labels_are_label_shaped() {
+        let config = parse(
+            "node: {labels: {rack: a, topology.kubernetes.io/zone: z1}}\nsource: {file: {path: s}}",
+        )
+        .unwrap();
+        assert_eq!(config.node_labels["rack"], "a");
+        for (text, expected) in [
+            (
+                "node: {labels: {\"rack a\": x}}",
+                "node.labels: \"rack a\" is not allowed",
+            ),
+            (
+                "node: {labels: {rack: \"a/b\"}}",
+                "node.labels.rack: \"a/b\" is not allowed",
+            ),
+        ] {
+            let err = parse(&format!("{text}\nsource: {{file: {{path: s}}}}"))
                 .unwrap_err()
                 .to_string();
             assert!(err.contains(expected), "{text}: {err}");

@@ -26,7 +26,7 @@ use tracing::{debug, error, info, warn};
 use crate::{
     config::{Config, ConfigError, Source},
     dataplane::PinLayout,
-    desired::{AddressStatus, SourceUpdate},
+    desired::{AddressStatus, NodeLabels, SourceUpdate},
     logging::LogFormat,
     metrics,
     reconcile::{Change, Inputs, ReconcileMetrics, Reconciler, Slot, Status},
@@ -167,6 +167,7 @@ pub async fn run(config_path: PathBuf, overrides: Overrides, config: Config) -> 
         overrides,
         changes: changes_tx,
         routing_config: routing_tx,
+        node_labels: watch::Sender::new(config.node_labels.clone()),
         updates: updates_tx,
         reread,
         outcomes: reconciler.outcomes(),
@@ -249,6 +250,8 @@ struct Parts {
     overrides: Overrides,
     changes: mpsc::UnboundedSender<Change>,
     routing_config: watch::Sender<Option<RoutingConfig>>,
+    /// The config's `node.labels`, which the file source puts into its desired state.
+    node_labels: watch::Sender<NodeLabels>,
     updates: watch::Sender<Option<SourceUpdate>>,
     reread: watch::Receiver<u64>,
     outcomes: watch::Receiver<Option<Vec<AddressStatus>>>,
@@ -446,6 +449,11 @@ impl Parts {
             self.change(Change::ResyncInterval(next.addresses.resync_interval));
         }
 
+        if next.node_labels != running.node_labels {
+            info!(labels = ?next.node_labels, "node labels changed");
+            self.node_labels.send_replace(next.node_labels.clone());
+        }
+
         if next.source != running.source {
             info!(
                 "source changed: following the new one; the addresses stay until it has delivered a complete state"
@@ -549,10 +557,22 @@ impl Parts {
         let updates = self.updates.clone();
         let task = match &config.source {
             Source::File { path } => {
-                let watching = sources::file::watch(path.clone(), updates, self.reread.clone());
+                let (file_tx, file_updates) = watch::channel(None);
+                let watching = sources::file::watch(path.clone(), file_tx, self.reread.clone());
+                // Ends with the file's watch, when this source is replaced.
+                tokio::spawn(sources::file::with_node_labels(
+                    file_updates,
+                    self.node_labels.subscribe(),
+                    updates,
+                ));
                 tokio::spawn(async move { watching.await.map_err(anyhow::Error::new) })
             }
             Source::Kubernetes(kubernetes) => {
+                if !config.node_labels.is_empty() {
+                    warn!(
+                        "node.labels is for the file source: with Kubernetes the Node's own labels select routing protocols"
+                    );
+                }
                 let watching = sources::kubernetes::watch(
                     kubernetes.clone(),
                     config.node_name.clone(),

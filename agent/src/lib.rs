@@ -55,3 +55,14 @@ pub use crate::{
         kubernetes::{API_ACCESS, ApiAccess},
     },
 };
+
+/// What the fuzz targets (fuzz/, a crate outside the workspace) feed besides the exports above:
+/// the parsers of outside input that nothing else outside this crate calls.
+#[doc(hidden)]
+pub mod fuzzing {
+    pub use crate::{
+        dataplane::{PinLayout, prepare},
+        sinks::routing::control::{Framed, Framer, parse_protocols},
+        sources::kubernetes::translate::{Selection, translate},
+    };
+}

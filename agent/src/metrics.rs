@@ -239,6 +239,16 @@ impl Collector for StateCollector {
             )?;
             family(
                 &mut encoder,
+                "routing_export_limit_hit",
+                "1 while the neighbour's export ceiling (routing.export.maxRoutes) holds routes back",
+                MetricType::Gauge,
+                routing_protocols
+                    .clone()
+                    .map(|p| (label(p), ConstGauge::new(i64::from(p.export_limit_hit))))
+                    .collect::<Vec<_>>(),
+            )?;
+            family(
+                &mut encoder,
                 "routing_routes_exported",
                 "Routes BIRD exports to the neighbour",
                 MetricType::Gauge,

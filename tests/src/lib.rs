@@ -6,6 +6,7 @@
 
 pub mod apiserver;
 pub mod frame;
+pub mod kubelet;
 pub mod model;
 pub mod routers;
 pub mod testrun;

@@ -64,6 +64,10 @@ enum Task {
         /// How long each target runs.
         #[arg(long, default_value_t = 60)]
         seconds: u32,
+        /// Build without optimisation, as `cargo xtask test` does: a fraction of the build
+        /// time, fewer inputs per second.
+        #[arg(long)]
+        dev: bool,
         /// Only these targets (default: all).
         targets: Vec<String>,
     },
@@ -118,9 +122,18 @@ fn main() -> Result<()> {
                 Bench::Allocator => bench_allocator::run(),
             }
         }
-        Task::Fuzz { seconds, targets } => {
+        Task::Fuzz {
+            seconds,
+            dev,
+            targets,
+        } => {
             setup::run()?;
-            fuzz::run(seconds, &targets)
+            let build = if dev {
+                fuzz::Build::Dev
+            } else {
+                fuzz::Build::Release
+            };
+            fuzz::run(seconds, build, &targets)
         }
     }
 }
@@ -144,7 +157,9 @@ fn test() -> Result<()> {
     // The advisories check needs a network copy of the advisory database: run
     // `cargo deny check advisories` where there is one (see README, Dependencies).
     cmd::cargo(&["deny", "check", "bans", "licenses", "sources"])?;
-    fuzz::run(CI_FUZZ_SECONDS, &[])?;
+    // Unoptimised: the release build of the targets alone took 15 CPU-minutes, more than
+    // every other step together, for a smoke run of seconds.
+    fuzz::run(CI_FUZZ_SECONDS, fuzz::Build::Dev, &[])?;
     eprintln!(
         "xtask test: all passed in {:.0} s",
         started.elapsed().as_secs_f64()

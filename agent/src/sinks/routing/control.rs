@@ -238,6 +238,9 @@ pub struct ProtocolStatus {
     /// channel that is up.
     #[serde(default)]
     pub exported: u64,
+    /// A channel reached its export limit (`routing.export.maxRoutes`): BIRD holds routes back.
+    #[serde(default)]
+    pub export_limit_hit: bool,
 }
 
 impl ProtocolStatus {
@@ -261,6 +264,14 @@ pub fn parse_protocols(reply: &Reply) -> Vec<ProtocolStatus> {
     for line in &reply.lines {
         match line.code {
             1002 => protocols.extend(parse_protocol_row(line)),
+            1006 if line.text.trim().starts_with("Export limit:") => {
+                // `Export limit:   2 [HIT]` while the limit holds routes back.
+                if let Some(protocol) = protocols.last_mut()
+                    && line.text.trim_end().ends_with("[HIT]")
+                {
+                    protocol.export_limit_hit = true;
+                }
+            }
             1006 => {
                 let exported = line
                     .text
@@ -300,6 +311,7 @@ fn parse_protocol_row(line: &ReplyLine) -> Option<ProtocolStatus> {
         since,
         info: rest.trim().to_owned(),
         exported: 0,
+        export_limit_hit: false,
     })
 }
 

@@ -3,14 +3,17 @@
 //! it also runs and supervises BIRD. Address changes never reach this sink: BIRD's direct
 //! protocol follows kube-lb0 by itself.
 //!
-//! Its pass hands BIRD a newly rendered config when the routing section changed; a task of
-//! its own supervises BIRD and reads its protocols, and the sink reports what that task last
-//! saw.
+//! Its pass hands BIRD a newly rendered config when the routing section, the node's labels or
+//! its default gateways changed; a task of its own supervises BIRD and reads its protocols, and
+//! the sink reports what that task last saw. BIRD starts with the first pass, so that it never
+//! runs protocols the node's labels, not yet known, would not select.
 
 pub mod control;
+pub mod gateway;
 pub mod model;
-mod plan;
+pub mod plan;
 pub mod render;
+pub mod selector;
 
 use std::{
     path::{Path, PathBuf},
@@ -22,7 +25,7 @@ use serde::{Deserialize, Serialize};
 use tokio::{
     io::{AsyncBufReadExt as _, BufReader},
     process::{Child, Command},
-    sync::watch,
+    sync::{mpsc, watch},
 };
 use tracing::{debug, error, info, warn};
 
@@ -50,6 +53,10 @@ pub enum RoutingError {
     NoRouterId,
     #[error(transparent)]
     Field(#[from] FieldError),
+    #[error("reading the default routes: {0}")]
+    Netlink(#[from] rtnetlink::Error),
+    #[error("netlink socket: {0}")]
+    Socket(std::io::Error),
 }
 
 /// Where a managed BIRD keeps its files.
@@ -116,6 +123,10 @@ async fn run_managed(
         ..Default::default()
     };
     let mut backoff = FIRST_BACKOFF;
+    tokio::select! {
+        first = configs.wait_for(|text| !text.is_empty()) => if first.is_err() { return Ok(()) },
+        _ = stop.changed() => return Ok(()),
+    }
     loop {
         let text = configs.borrow_and_update().clone();
         if let Err(err) = check_file(&binary, &paths, &text).await {
@@ -257,7 +268,17 @@ async fn refresh(
 ) {
     match control.command("show protocols all").await {
         Ok(reply) => {
-            status.protocols = parse_protocols(&reply);
+            let protocols = parse_protocols(&reply);
+            for protocol in protocols.iter().filter(|p| p.export_limit_hit) {
+                let before = status
+                    .protocols
+                    .iter()
+                    .any(|p| p.name == protocol.name && p.export_limit_hit);
+                if !before {
+                    warn!(protocol = %protocol.name, exported = protocol.exported, "export ceiling reached (routing.export.maxRoutes): BIRD advertises no more routes to this neighbour");
+                }
+            }
+            status.protocols = protocols;
             let announced = status
                 .protocols
                 .iter()
@@ -337,6 +358,9 @@ async fn run_external(
         bird: "operator's".into(),
         ..Default::default()
     };
+    if configs.wait_for(|text| !text.is_empty()).await.is_err() {
+        return;
+    }
     loop {
         let text = configs.borrow_and_update().clone();
         status.last_reload = Some(match apply_external(&include, &socket, &text).await {
@@ -553,6 +577,11 @@ fn publish(published: &watch::Sender<RoutingStatus>, status: &RoutingStatus) {
 pub struct RoutingSink {
     router_id_default: Option<std::net::Ipv4Addr>,
     interface: IfaceName,
+    netlink: rtnetlink::Handle,
+    /// Wakes when a default route changes: a gateway neighbour follows it.
+    route_changes: mpsc::Receiver<()>,
+    /// What the last pass warned about, so each warning is logged once.
+    warned: Vec<String>,
     /// The config BIRD is handed; the task applies each new one.
     handed: watch::Sender<String>,
     status: watch::Receiver<RoutingStatus>,
@@ -607,9 +636,15 @@ impl RoutingSink {
         router_id_default: Option<std::net::Ipv4Addr>,
     ) -> Result<(Self, Bird), RoutingError> {
         let interface = IfaceName::new(interface, "addresses.interface")?;
-        let text = plan::plan(Some(config), router_id_default, &interface, "")
+        config
+            .router_id
+            .or(router_id_default)
             .ok_or(RoutingError::NoRouterId)?;
-        let (handed, configs) = watch::channel(text);
+        let (connection, netlink, _) = rtnetlink::new_connection().map_err(RoutingError::Socket)?;
+        tokio::spawn(connection);
+        let route_changes = gateway::follow().map_err(RoutingError::Socket)?;
+        // Empty until the first pass: the task starts BIRD with the first real config.
+        let (handed, configs) = watch::channel(String::new());
         let (published, status) = watch::channel(RoutingStatus::default());
         let (stop, stopped) = watch::channel(false);
         let task = match config.mode.clone() {
@@ -626,6 +661,9 @@ impl RoutingSink {
         let sink = Self {
             router_id_default,
             interface,
+            netlink,
+            route_changes,
+            warned: Vec::new(),
             handed,
             status,
         };
@@ -633,29 +671,49 @@ impl RoutingSink {
     }
 }
 
-impl Sink for RoutingSink {
-    /// The config BIRD was last handed.
-    type Observed = String;
-    /// A new config to hand it.
-    type Plan = Option<String>;
-    type Error = std::convert::Infallible;
+/// What the routing sink finds: the config BIRD was last handed, and the node's default
+/// gateways.
+pub struct ObservedRouting {
+    pub handed: String,
+    pub gateways: gateway::Gateways,
+}
 
-    async fn observe(&mut self) -> Result<String, Self::Error> {
-        Ok(self.handed.borrow().clone())
+impl Sink for RoutingSink {
+    type Observed = ObservedRouting;
+    type Plan = plan::Plan;
+    type Error = RoutingError;
+
+    async fn observe(&mut self) -> Result<ObservedRouting, RoutingError> {
+        Ok(ObservedRouting {
+            handed: self.handed.borrow().clone(),
+            gateways: gateway::read(&self.netlink).await?,
+        })
     }
 
-    fn plan(&self, wanted: &Wanted<'_>, handed: &String) -> Option<String> {
+    fn plan(&self, wanted: &Wanted<'_>, observed: &ObservedRouting) -> plan::Plan {
         plan::plan(
             wanted.routing,
+            &wanted.desired.node_labels,
+            &observed.gateways,
             self.router_id_default,
             &self.interface,
-            handed,
+            &observed.handed,
         )
     }
 
-    async fn apply(&mut self, plan: Option<String>, _: String, _: &Wanted<'_>) -> Vec<String> {
-        if let Some(text) = plan {
-            info!("routing config changed; reconfiguring BIRD");
+    async fn apply(&mut self, plan: plan::Plan, _: ObservedRouting, _: &Wanted<'_>) -> Vec<String> {
+        for warning in &plan.warnings {
+            if !self.warned.contains(warning) {
+                warn!("{warning}");
+            }
+        }
+        self.warned = plan.warnings;
+        if let Some(text) = plan.config {
+            if self.handed.borrow().is_empty() {
+                info!("first routing config for this node; BIRD starts with it");
+            } else {
+                info!("routing config changed; reconfiguring BIRD");
+            }
             self.handed.send_replace(text);
         }
         Vec::new()
@@ -666,10 +724,11 @@ impl Sink for RoutingSink {
     }
 
     async fn noticed(&mut self) -> Noticed {
-        match self.status.changed().await {
-            Ok(()) => Noticed::Report,
+        tokio::select! {
+            Some(()) = self.route_changes.recv() => Noticed::Drift,
+            Ok(()) = self.status.changed() => Noticed::Report,
             // The task ended: nothing more to notice.
-            Err(_) => std::future::pending().await,
+            else => std::future::pending().await,
         }
     }
 }

@@ -78,6 +78,11 @@ pub fn translate<'a>(
         served.clear();
     }
     translation.update.desired = Desired::from_services(&served);
+    translation.update.desired.node_labels = node
+        .and_then(|node| node.metadata.labels.clone())
+        .unwrap_or_default()
+        .into_iter()
+        .collect();
     translation
 }
 
@@ -351,8 +356,9 @@ mod tests {
         );
         let translation = run(&[web], &[], None);
         assert_eq!(addresses(&translation), ["203.0.113.10", "2001:db8:ff::10"]);
-        let policy =
-            &translation.update.desired.addresses[&"203.0.113.10".parse().unwrap()]["shop/web"];
+        let policy = &translation.update.desired.addresses[&"203.0.113.10".parse().unwrap()]
+            .get("shop/web")
+            .unwrap();
         let ports: Vec<_> = policy.ports.iter().map(|p| (p.port, p.protocol)).collect();
         assert_eq!(
             ports,
@@ -428,8 +434,9 @@ mod tests {
             json!({"metadata": {"annotations": {SOURCE_RANGES_ANNOTATION: "10.0.0.0/8, 2001:db8::/32"}}}),
         );
         let translation = run(&[web], &[], None);
-        let policy =
-            &translation.update.desired.addresses[&"203.0.113.10".parse().unwrap()]["shop/web"];
+        let policy = &translation.update.desired.addresses[&"203.0.113.10".parse().unwrap()]
+            .get("shop/web")
+            .unwrap();
         assert_eq!(policy.source_ranges.len(), 2);
     }
 
@@ -574,5 +581,10 @@ mod tests {
         );
         assert!(!labelled.excluded);
         assert_eq!(labelled.update.desired.addresses.len(), 2);
+        // The routing sink selects protocols by them.
+        assert_eq!(
+            labelled.update.desired.node_labels,
+            [("kubernetes.io/os".to_owned(), "linux".to_owned())].into()
+        );
     }
 }
