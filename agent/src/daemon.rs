@@ -595,6 +595,8 @@ impl Parts {
     ) {
         if let Some(follower) = self.follower.take() {
             follower.abort();
+            // Gone, with the links and maps it holds, before anything is detached.
+            let _ = follower.await;
         }
         self.dataplane_off = None;
         self.change(Change::Off(Slot::Dataplane, None));

@@ -585,6 +585,16 @@ impl Monitor {
         format!("127.77.{}.{}", (n >> 8) & 0xff, n & 0xff)
     }
 
+    /// How many of the event lines printed so far match `predicate` (markers included).
+    pub fn count(&self, predicate: impl Fn(&str) -> bool) -> usize {
+        self.lines
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .filter(|line| predicate(line))
+            .count()
+    }
+
     /// Stops the monitor and returns every event line it printed (markers left out).
     pub fn stop(mut self) -> Vec<String> {
         self.sync();
