@@ -43,13 +43,20 @@ fn with_the_variable_set_run_counters_and_status_use_the_same_pin_root() {
     assert_eq!(node.pins.pinned_files(), Vec::<std::path::PathBuf>::new());
 
     // counters and status, with the same variable, find what the agent wrote.
-    let counters = with_variable(
-        &node.pair.node,
-        variable.path(),
-        &["counters", "-o", "json"],
+    let counters = || {
+        let run = with_variable(
+            &node.pair.node,
+            variable.path(),
+            &["counters", "-o", "json"],
+        );
+        String::from_utf8_lossy(&run.stdout).into_owned()
+    };
+    assert!(
+        wait_until(Duration::from_secs(10), || counters().contains(VIP4)),
+        "{}\n{}",
+        counters(),
+        node.agent.log()
     );
-    let counters = String::from_utf8_lossy(&counters.stdout);
-    assert!(counters.contains(VIP4), "{counters}");
     let status_file = node.status_file();
     let status = with_variable(
         &node.pair.node,
