@@ -1,6 +1,6 @@
 //! The HTTP endpoint: `/metrics` for Prometheus, `/healthz` (the process answers) and
 //! `/readyz` (the first full reconcile has applied: before that, the node may not yet hold
-//! what the source asks for).
+//! what the source asks for; and no configured part is off).
 //!
 //! The agent runs on one thread, which also heals the node: a scrape must never hold it. A
 //! scrape of 10,000 addresses is megabytes of text, so it is encoded on a blocking thread,
@@ -167,6 +167,21 @@ async fn metrics(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
     }
 }
 async fn ready(State(shared): State<Arc<Shared>>) -> (StatusCode, String) {
+    // A configured part that is off (a dataplane whose maps another agent holds, a routing
+    // state directory that cannot be made) is not a passing failure: the node does not do
+    // what its config says until it is back.
+    let off = shared
+        .applied
+        .borrow()
+        .as_ref()
+        .map(|status| status.off.clone())
+        .unwrap_or_default();
+    if !off.is_empty() {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: {}\n", off.join("; ")),
+        );
+    }
     // Ready stays ready: a later failed step is retried and shows in the metrics and status,
     // and taking the pod out of its DaemonSet's rollout would not help it.
     if !shared.ready.load(Ordering::Relaxed) {

@@ -103,6 +103,8 @@ mod tests {
                 }],
                 ..Default::default()
             }),
+            off: vec!["dataplane is off: why".into()],
+            config_refused: Some("node.name: why".into()),
         };
         write(&path, &status).unwrap();
         assert_eq!(read(&path).unwrap(), status);

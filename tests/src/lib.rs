@@ -755,17 +755,20 @@ pub fn udp_ok(ns: &NetNs, addr: std::net::SocketAddr) -> bool {
 }
 
 /// `lbagent cleanup --config CONFIG` inside `ns`, which must succeed; returns its stdout.
-/// Without a dataplane section the config names no pin root, so a test-only one is passed:
-/// a test must never touch the host's /sys/fs/bpf/lbagent.
+/// Without a dataplane section the config names no pin root, so a test-only one is passed
+/// (`--pin-root` wins over the config's, so it is passed only then): a test must never touch
+/// the host's /sys/fs/bpf/lbagent.
 pub fn lbagent_cleanup(ns: &NetNs, config: &Path) -> String {
-    let out = ns
-        .command(&lbagent_bin())
-        .args([
-            "--pin-root",
-            "/sys/fs/bpf/lbagent-test-none",
-            "cleanup",
-            "--config",
-        ])
+    let has_pin_root = lbagent::Config::load(config, None)
+        .expect("the config cleanup reads")
+        .dataplane
+        .is_some();
+    let mut command = ns.command(&lbagent_bin());
+    if !has_pin_root {
+        command.args(["--pin-root", "/sys/fs/bpf/lbagent-test-none"]);
+    }
+    let out = command
+        .args(["cleanup", "--config"])
         .arg(config)
         .output()
         .expect("run lbagent cleanup");

@@ -11,6 +11,7 @@ use std::{
     time::Duration,
 };
 
+use clap::Parser as _;
 use k8s_openapi::{
     api::{
         apps::v1::{DaemonSet, Deployment},
@@ -678,6 +679,58 @@ fn the_cleanup_daemonset_has_the_same_privileges() {
         );
     }
     assert_eq!(cleanup.daemon_sets.len(), 1);
+}
+
+/// The ConfigMap is gone when the cleanup DaemonSet runs: its command must name every path
+/// the shipped config (with its routing example on) makes lbagent use.
+#[test]
+fn the_cleanup_daemonset_passes_the_paths_the_configmap_uses() {
+    let objects = Objects::agent();
+    let loaded = configmap_config(&objects);
+    let dir = TempDir::new("lbt-deploy-cleanup");
+    let config = Config::load(
+        &dir.write("config.yaml", &with_routing_example(&loaded.text)),
+        Some("node-a"),
+    )
+    .expect("the routing example loads");
+    let cleanup = Objects::load(&deploy_dir().join("cleanup"));
+    let command = container(Objects::only(&cleanup.daemon_sets, "DaemonSet"))
+        .command
+        .clone()
+        .unwrap_or_default();
+    let script = command.last().expect("a shell command");
+    let words: Vec<&str> = script
+        .split("&&")
+        .next()
+        .expect("the cleanup comes first")
+        .split_whitespace()
+        .collect();
+    // The real command line parses it.
+    lbagent::Cli::try_parse_from(&words).unwrap_or_else(|err| panic!("{script:?}: {err}"));
+    let flag = |name: &str| {
+        words
+            .iter()
+            .position(|word| *word == name)
+            .and_then(|i| words.get(i + 1))
+            .map(PathBuf::from)
+            .unwrap_or_else(|| panic!("{script:?} passes no {name}"))
+    };
+    let Some(Mode::Managed { state_dir, .. }) = config.routing.as_ref().map(|r| r.mode.clone())
+    else {
+        panic!("the routing example runs BIRD in the pod");
+    };
+    let pin_root = config
+        .dataplane
+        .as_ref()
+        .map(|dataplane| dataplane.pin_root.clone())
+        .expect("the config has a dataplane");
+    assert_eq!(flag("--pin-root"), pin_root);
+    assert_eq!(
+        flag("--interface"),
+        PathBuf::from(&config.addresses.interface)
+    );
+    assert_eq!(flag("--status-file"), config.status_path);
+    assert_eq!(flag("--state-dir"), state_dir);
 }
 
 #[test]

@@ -16,14 +16,24 @@ use crate::{
     },
 };
 
+/// Without `--config`, the flags name what to remove (their defaults are the agent's); with
+/// it, the config does. The pin root follows the rule of every subcommand: `--pin-root`,
+/// else `$LBAGENT_PIN_ROOT`, else the config's `dataplane.pinRoot`, else the default.
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// Read the interface and status file from this config file.
+    /// Read the interface, the status file, BIRD's state directory and the pin root from this
+    /// config file.
     #[arg(long, env = "LBAGENT_CONFIG")]
     config: Option<PathBuf>,
     /// The load-balancer interface, when there is no config file.
     #[arg(long, default_value = config::DEFAULT_INTERFACE, conflicts_with = "config")]
     interface: String,
+    /// The agent's status file (`status.path`), when there is no config file.
+    #[arg(long, default_value = config::DEFAULT_STATUS_PATH, conflicts_with = "config")]
+    status_file: PathBuf,
+    /// A managed BIRD's state directory (`routing.stateDir`), when there is no config file.
+    #[arg(long, default_value = routing::model::DEFAULT_STATE_DIR, conflicts_with = "config")]
+    state_dir: PathBuf,
 }
 
 /// What lbagent may have left on the node, as its config (or the defaults) names it.
@@ -36,26 +46,24 @@ struct Leftovers {
 }
 
 impl Leftovers {
-    fn of(args: Args, pins: PinLayout) -> Result<Self> {
+    fn of(args: Args, pin_root: Option<PathBuf>) -> Result<Self> {
+        let default_pins = || PathBuf::from(PinLayout::DEFAULT_ROOT);
         let Some(path) = args.config else {
             return Ok(Self {
                 interface: args.interface,
-                status_path: PathBuf::from(config::DEFAULT_STATUS_PATH),
-                pins,
-                bird: Some((
-                    PathBuf::from("bird"),
-                    PathBuf::from(routing::model::DEFAULT_STATE_DIR),
-                )),
+                status_path: args.status_file,
+                pins: PinLayout::new(pin_root.unwrap_or_else(default_pins)),
+                bird: Some((PathBuf::from("bird"), args.state_dir)),
             });
         };
         let config = Config::load(&path, None)?;
+        let pin_root = pin_root
+            .or(config.dataplane.map(|dataplane| dataplane.pin_root))
+            .unwrap_or_else(default_pins);
         Ok(Self {
             interface: config.addresses.interface,
             status_path: config.status_path,
-            // The config's pin root wins over the default of --pin-root.
-            pins: config
-                .dataplane
-                .map_or(pins, |dataplane| PinLayout::new(&dataplane.pin_root)),
+            pins: PinLayout::new(pin_root),
             bird: match config.routing.map(|r| r.mode) {
                 Some(Mode::Managed { binary, state_dir }) => Some((binary, state_dir)),
                 _ => None,
@@ -64,8 +72,8 @@ impl Leftovers {
     }
 }
 
-pub fn run(args: Args, pins: PinLayout, out: &mut impl Write) -> Result<()> {
-    cleanup(&Leftovers::of(args, pins)?, out)
+pub fn run(args: Args, pin_root: Option<PathBuf>, out: &mut impl Write) -> Result<()> {
+    cleanup(&Leftovers::of(args, pin_root)?, out)
 }
 
 /// BIRD first, so that peers withdraw the routes before the addresses go; then the interface,

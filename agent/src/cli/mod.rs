@@ -25,9 +25,12 @@ use crate::{
 #[derive(Debug, Parser)]
 #[command(name = "lbagent", version, about)]
 pub struct Cli {
-    /// Directory on bpffs for lbagent's pinned maps and links.
-    #[arg(long, global = true, env = "LBAGENT_PIN_ROOT", default_value = PinLayout::DEFAULT_ROOT)]
-    pub pin_root: PathBuf,
+    /// Directory on bpffs for lbagent's pinned maps and links [default: the config's
+    /// `dataplane.pinRoot` for `run` and `cleanup --config`, else /sys/fs/bpf/lbagent].
+    /// One rule for every subcommand: this flag, else $LBAGENT_PIN_ROOT, else the config's,
+    /// else the default.
+    #[arg(long, global = true, env = "LBAGENT_PIN_ROOT")]
+    pub pin_root: Option<PathBuf>,
 
     /// Log format (logs go to stderr); overrides the config file's `log.format`.
     #[arg(long, global = true, env = "LBAGENT_LOG_FORMAT", value_enum)]
@@ -74,7 +77,11 @@ pub enum Command {
 const QUIET: &str = "warn";
 
 pub fn run(cli: Cli, out: &mut impl Write) -> Result<()> {
-    let pins = PinLayout::new(&cli.pin_root);
+    let pins = PinLayout::new(
+        cli.pin_root
+            .as_deref()
+            .unwrap_or(std::path::Path::new(PinLayout::DEFAULT_ROOT)),
+    );
     // The agent logs at info; the one-shot commands only what needs attention, as their
     // result is what they print.
     // The allocator sets its own level: info when it runs, warn for its one-shot commands.
@@ -85,9 +92,9 @@ pub fn run(cli: Cli, out: &mut impl Write) -> Result<()> {
         logging::init(cli.log_format, QUIET);
     }
     match cli.command {
-        Command::Run(args) => run::run(args, cli.log_format),
+        Command::Run(args) => run::run(args, cli.pin_root, cli.log_format),
         Command::Allocator(args) => crate::allocator::run(args, cli.log_format, out),
-        Command::Cleanup(args) => cleanup::run(args, pins, out),
+        Command::Cleanup(args) => cleanup::run(args, cli.pin_root, out),
         Command::Bird(command) => bird::run(command, out),
         Command::Status(args) => status::run(args, &pins, out),
         Command::Attach(args) => attach::run(args, &pins, out),

@@ -19,8 +19,15 @@ pub struct Args {
     node_name: Option<String>,
 }
 
-pub fn run(args: Args, log_format: Option<LogFormat>) -> Result<()> {
-    let loaded = crate::daemon::load_config(&args.config, args.node_name.as_deref())?;
+/// `pin_root`: `--pin-root` or `$LBAGENT_PIN_ROOT`, which win over the config's
+/// `dataplane.pinRoot`.
+pub fn run(args: Args, pin_root: Option<PathBuf>, log_format: Option<LogFormat>) -> Result<()> {
+    let overrides = crate::daemon::Overrides {
+        node_name: args.node_name,
+        pin_root,
+        log_format,
+    };
+    let loaded = crate::daemon::load_config(&args.config, &overrides)?;
     logging::init(log_format.or(loaded.log_format), "info");
-    super::runtime()?.block_on(crate::daemon::run(args.config, args.node_name, loaded))
+    super::runtime()?.block_on(crate::daemon::run(args.config, overrides, loaded))
 }

@@ -64,6 +64,13 @@ fn degraded(agent: &Status, dataplane: &[Attachment]) -> Vec<String> {
         .iter()
         .map(|err| format!("reconcile: {err}"))
         .collect();
+    degraded.extend(agent.off.iter().cloned());
+    degraded.extend(
+        agent
+            .config_refused
+            .iter()
+            .map(|why| format!("config edit refused, the previous config runs: {why}")),
+    );
     degraded.extend(
         agent
             .rejected

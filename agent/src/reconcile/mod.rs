@@ -5,6 +5,9 @@
 //!
 //! It never acts before the source has delivered a first complete state: an agent that has
 //! just started must not withdraw addresses it simply has not heard about yet.
+//!
+//! Its sinks can change while it runs (a config edit adds, replaces or removes one): each
+//! [`Change`] is taken between two passes, and a pass follows.
 
 mod status;
 
@@ -64,9 +67,35 @@ struct LastPass {
     rejected: Vec<Rejected>,
 }
 
+/// Where a sink sits in the reconciler's order: addresses before the dataplane that serves
+/// them, routing last.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Slot {
+    Addresses,
+    Dataplane,
+    /// Answers ARP and NDP through the dataplane's program: after it, and only with it.
+    Neighbours,
+    Routing,
+}
+
+/// A change to what the reconciler drives, sent by whoever follows the config.
+pub enum Change {
+    /// Puts a sink in its slot (replacing the one there), or empties the slot.
+    Sink(Slot, Option<Box<dyn Driven>>),
+    ResyncInterval(Duration),
+    /// A configured part that is off, with why (`None`: on again). The status shows it and
+    /// the agent is not ready meanwhile.
+    Off(Slot, Option<String>),
+    /// The last config edit lbagent refused, with why (`None`: the running config is the
+    /// file's).
+    ConfigRefused(Option<String>),
+}
+
 pub struct Reconciler {
-    /// In the order they are driven: addresses before the dataplane that serves them.
-    sinks: Vec<Box<dyn Driven>>,
+    /// In slot order.
+    sinks: Vec<(Slot, Box<dyn Driven>)>,
+    off: std::collections::BTreeMap<Slot, String>,
+    config_refused: Option<String>,
     node: String,
     reconciles: u64,
     last: Option<LastPass>,
@@ -82,18 +111,33 @@ pub struct Inputs {
     pub routing: watch::Receiver<Option<RoutingConfig>>,
     pub resync_interval: Duration,
     pub resync_now: mpsc::Receiver<()>,
+    pub changes: mpsc::UnboundedReceiver<Change>,
 }
 
 impl Reconciler {
-    pub fn new(node: String, sinks: Vec<Box<dyn Driven>>) -> Self {
-        Self {
-            sinks,
+    pub fn new(node: String, sinks: Vec<(Slot, Box<dyn Driven>)>) -> Self {
+        let mut reconciler = Self {
+            sinks: Vec::new(),
+            off: Default::default(),
+            config_refused: None,
             node,
             reconciles: 0,
             last: None,
             applied: watch::Sender::new(None),
             outcomes: watch::Sender::new(None),
             metrics: ReconcileMetrics::default(),
+        };
+        for (slot, sink) in sinks {
+            reconciler.set(slot, Some(sink));
+        }
+        reconciler
+    }
+
+    fn set(&mut self, slot: Slot, sink: Option<Box<dyn Driven>>) {
+        self.sinks.retain(|(held, _)| *held != slot);
+        if let Some(sink) = sink {
+            let at = self.sinks.partition_point(|(held, _)| *held < slot);
+            self.sinks.insert(at, (slot, sink));
         }
     }
 
@@ -115,7 +159,8 @@ impl Reconciler {
 
     /// Runs until the source is gone.
     pub async fn run(&mut self, mut inputs: Inputs) {
-        let mut resync = tokio::time::interval(inputs.resync_interval);
+        let mut resync_interval = inputs.resync_interval;
+        let mut resync = tokio::time::interval(resync_interval);
         resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         resync.reset();
         let mut retry: Option<(tokio::time::Instant, Duration)> = None;
@@ -133,10 +178,24 @@ impl Reconciler {
                     Noticed::Report => None,
                 },
                 Some(()) = inputs.resync_now.recv() => Some(Trigger::Signal),
+                Some(change) = inputs.changes.recv() => {
+                    self.take(change, &mut resync_interval).then_some(Trigger::Config)
+                }
                 _ = resync.tick() => Some(Trigger::Resync),
                 () = tokio::time::sleep_until(retry_at), if retry.is_some() => Some(Trigger::Retry),
             };
-            let Some(trigger) = trigger else {
+            // Every change sent so far, whatever woke this pass: no pass runs with a sink
+            // the config has replaced.
+            let mut changed = false;
+            while let Ok(change) = inputs.changes.try_recv() {
+                changed |= self.take(change, &mut resync_interval);
+            }
+            if resync.period() != resync_interval {
+                resync = tokio::time::interval(resync_interval);
+                resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                resync.reset();
+            }
+            let Some(trigger) = trigger.or(changed.then_some(Trigger::Config)) else {
                 self.publish();
                 continue;
             };
@@ -156,9 +215,34 @@ impl Reconciler {
                 .reconcile(update, routing.as_ref(), trigger, &superseded)
                 .await;
             retry = failed.then(|| {
-                let delay = retry.map_or(FIRST_RETRY, |(_, d)| (d * 2).min(inputs.resync_interval));
+                let delay = retry.map_or(FIRST_RETRY, |(_, d)| (d * 2).min(resync_interval));
                 (tokio::time::Instant::now() + delay, delay)
             });
+        }
+    }
+
+    /// Takes one change; returns whether a pass must follow (a sink changed).
+    fn take(&mut self, change: Change, resync_interval: &mut Duration) -> bool {
+        match change {
+            Change::Sink(slot, sink) => {
+                self.set(slot, sink);
+                true
+            }
+            Change::ResyncInterval(interval) => {
+                *resync_interval = interval;
+                false
+            }
+            Change::Off(slot, reason) => {
+                match reason {
+                    Some(reason) => self.off.insert(slot, reason),
+                    None => self.off.remove(&slot),
+                };
+                false
+            }
+            Change::ConfigRefused(reason) => {
+                self.config_refused = reason;
+                false
+            }
         }
     }
 
@@ -179,7 +263,7 @@ impl Reconciler {
             superseded,
         };
         let mut errors = Vec::new();
-        for sink in &mut self.sinks {
+        for (_, sink) in &mut self.sinks {
             errors.extend(sink.pass(&wanted).await);
         }
         // A failure that stays (a full map) is logged when it starts, not on every retry.
@@ -232,8 +316,10 @@ impl Reconciler {
             errors: last.errors.clone(),
             routing: None,
             neighbours: None,
+            off: self.off.values().cloned().collect(),
+            config_refused: self.config_refused.clone(),
         };
-        for sink in &self.sinks {
+        for (_, sink) in &self.sinks {
             match sink.report() {
                 Report::Addresses(report) => {
                     status.interface = report.interface;
@@ -264,11 +350,11 @@ impl Reconciler {
 }
 
 /// The first change any sink notices.
-async fn noticed(sinks: &mut [Box<dyn Driven>]) -> Noticed {
+async fn noticed(sinks: &mut [(Slot, Box<dyn Driven>)]) -> Noticed {
     if sinks.is_empty() {
         return std::future::pending().await;
     }
-    select_all(sinks.iter_mut().map(|sink| sink.noticed()))
+    select_all(sinks.iter_mut().map(|(_, sink)| sink.noticed()))
         .await
         .0
 }

@@ -25,6 +25,13 @@ pub struct Status {
     /// Local addresses: who answers for each, when the neighbours sink runs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub neighbours: Option<NeighbourReport>,
+    /// Configured parts that are off, each with why: the agent is not ready meanwhile.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub off: Vec<String>,
+    /// The last edit of lbagent's config that lbagent refused, with why; the previous config
+    /// keeps running.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config_refused: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

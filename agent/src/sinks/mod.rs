@@ -24,7 +24,7 @@ pub enum Trigger {
     Desired,
     /// What a sink owns changed outside lbagent (netlink said so).
     Kernel,
-    /// lbagent's own config file changed (the routing section).
+    /// lbagent's own config file changed (a section a sink plans from, or a sink itself).
     Config,
     /// The live members changed (`lbagent membership`): local addresses may change owner.
     Membership,

@@ -56,16 +56,23 @@ const SETTLE: Duration = Duration::from_millis(100);
 /// How long a start waits for another process's writer's lock on the maps.
 const BUSY_WAIT: Duration = Duration::from_secs(10);
 
+/// A started dataplane: the maps' sink for the reconciler, and the task that follows the
+/// interfaces (aborted when the config changes the dataplane).
+pub struct Started {
+    pub sink: DataplaneSink,
+    pub follower: Option<tokio::task::JoinHandle<()>>,
+}
+
 /// How often the pins are looked at: one `stat` per pin. Anyone with root can remove them
 /// (`rm -rf` of the pin directory); then the next agent would start a dataplane of its own
 /// beside the one still attached.
 pub(super) const PIN_CHECK: Duration = Duration::from_secs(1);
 
 /// Prepares the maps, attaches to the wanted interfaces that exist, and keeps following
-/// them in a task of its own. Returns the maps' sink for the reconciler, or `None` (with
-/// the reason logged) when there can be no dataplane at all; the rest of the agent runs
-/// either way.
-pub async fn start(config: &DataplaneConfig) -> Option<DataplaneSink> {
+/// them in a task of its own. Returns the maps' sink for the reconciler, or why there can
+/// be no dataplane at all (the caller says so and tries again later); the rest of the agent
+/// runs either way.
+pub async fn start(config: &DataplaneConfig) -> Result<Started, DataplaneError> {
     let pins = PinLayout::new(&config.pin_root);
     let mut prepared = prepare(&pins);
     if let Err(DataplaneError::IncompatibleMap { path, detail }) = &prepared {
@@ -89,23 +96,19 @@ pub async fn start(config: &DataplaneConfig) -> Option<DataplaneSink> {
         delay = (delay * 2).min(Duration::from_secs(1));
         sink = DataplaneSink::open(&pins);
     }
-    let sink = match sink {
-        Ok(sink) => sink,
-        Err(err) => {
-            error!(%err, "the dataplane's maps are not available: the dataplane is off");
-            return None;
-        }
-    };
-    let routes = match rtnetlink::new_connection() {
-        Ok((connection, routes, _)) => {
-            tokio::spawn(connection);
-            routes
-        }
+    let sink = sink?;
+    let (connection, routes) = match rtnetlink::new_connection() {
+        Ok((connection, routes, _)) => (connection, routes),
         Err(err) => {
             error!(%err, "dataplane: no netlink connection; no interface gets the XDP program");
-            return Some(sink);
+            return Ok(Started {
+                sink,
+                follower: None,
+            });
         }
     };
+    // The follower's connections live in its task, so that aborting it closes them.
+    let routes_connection = tokio::spawn(connection);
     // Held for the life of the agent: the same maps can be pinned again if their pins go.
     let maps = match PinnedMaps::open(&pins) {
         Ok(maps) => Some(maps),
@@ -125,20 +128,34 @@ pub async fn start(config: &DataplaneConfig) -> Option<DataplaneSink> {
         refused: BTreeMap::new(),
     };
     follower.first_pass().await;
-    match rtnetlink::new_multicast_connection(&[
+    let follower = match rtnetlink::new_multicast_connection(&[
         MulticastGroup::Link,
         MulticastGroup::Ipv4Route,
         MulticastGroup::Ipv6Route,
     ]) {
-        Ok((connection, _, messages)) => {
-            tokio::spawn(connection);
-            tokio::spawn(follower.follow(messages));
-        }
+        Ok((connection, _, messages)) => Some(tokio::spawn(async move {
+            let _routes = AbortOnDrop(routes_connection);
+            tokio::select! {
+                () = connection => {}
+                () = follower.follow(messages) => {}
+            }
+        })),
         Err(err) => {
-            error!(%err, "dataplane: cannot follow interfaces through netlink; new ones will not get the XDP program")
+            error!(%err, "dataplane: cannot follow interfaces through netlink; new ones will not get the XDP program");
+            routes_connection.abort();
+            None
         }
+    };
+    Ok(Started { sink, follower })
+}
+
+/// Aborts a task when dropped: a connection that serves only its owner's task.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
-    Some(sink)
 }
 
 /// Whether interfaces are attached to at start or as they appear later.

@@ -112,12 +112,13 @@ const FIRST_RETRY: Duration = Duration::from_millis(500);
 
 /// Runs BIRD as a child, applies every new config it is given, restarts it with exponential
 /// backoff when it exits, and stops it with a graceful restart when `stop` fires: a planned
-/// stop, so peers keep the routes until BIRD is back.
+/// stop, so peers keep the routes until BIRD is back (`stop` true: with `down`, so that they
+/// withdraw them).
 async fn run_managed(
     binary: PathBuf,
     paths: BirdPaths,
     mut configs: watch::Receiver<String>,
-    mut stop: watch::Receiver<()>,
+    mut stop: watch::Receiver<bool>,
     published: watch::Sender<RoutingStatus>,
 ) -> Result<(), RoutingError> {
     std::fs::create_dir_all(&paths.dir).map_err(|source| RoutingError::Io {
@@ -240,7 +241,7 @@ async fn supervise(
     child: &mut Child,
     paths: &BirdPaths,
     configs: &mut watch::Receiver<String>,
-    stop: &mut watch::Receiver<()>,
+    stop: &mut watch::Receiver<bool>,
     status: &mut RoutingStatus,
     published: &watch::Sender<RoutingStatus>,
 ) -> Supervised {
@@ -272,7 +273,8 @@ async fn supervise(
             () = tokio::time::sleep_until(retry_at), if retry.is_some() => true,
             _ = poll.tick() => false,
             _ = stop.changed() => {
-                stop_gracefully(child, &mut control).await;
+                let withdraw = *stop.borrow();
+                stop_gracefully(child, &mut control, withdraw).await;
                 status.bird = "stopped".into();
                 status.protocols.clear();
                 publish(published, status);
@@ -327,10 +329,11 @@ async fn supervise(
     }
 }
 
-/// Asks BIRD for a graceful restart (peers keep the routes until the next BIRD is up), and
-/// kills it if it does not answer or does not exit.
-async fn stop_gracefully(child: &mut Child, control: &mut Control) {
-    let command = "graceful restart";
+/// Asks BIRD for a graceful restart (peers keep the routes until the next BIRD is up), or with
+/// `withdraw` for `down` (they drop them now), and kills it if it does not answer or does not
+/// exit.
+async fn stop_gracefully(child: &mut Child, control: &mut Control, withdraw: bool) {
+    let command = if withdraw { "down" } else { "graceful restart" };
     let asked = match control.command(command).await {
         Ok(reply) => {
             info!(command, bird = %reply.message(), "stopping BIRD");
@@ -713,7 +716,8 @@ fn listening_inode(path: &Path) -> Option<u64> {
     })
 }
 
-fn which(binary: &Path) -> Result<(), RoutingError> {
+/// Whether `binary` is there to run (a path, or a name on PATH).
+pub fn which(binary: &Path) -> Result<(), RoutingError> {
     let found = if binary.components().count() > 1 {
         binary.is_file()
     } else {
@@ -764,20 +768,40 @@ pub struct RoutingSink {
 
 /// The task that runs or feeds BIRD.
 pub struct Bird {
-    stop: watch::Sender<()>,
-    task: tokio::task::JoinHandle<()>,
+    stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<Result<(), RoutingError>>,
 }
 
 impl Bird {
     /// Stops a managed BIRD with a graceful restart (peers keep the routes meanwhile), and
     /// waits up to 15 s for it.
     pub async fn stop(self) {
-        let _ = self.stop.send(());
+        self.end(false).await;
+    }
+
+    /// Stops a managed BIRD with `down`: its peers withdraw the routes at once (the config
+    /// no longer has routing).
+    pub async fn shut_down(self) {
+        self.end(true).await;
+    }
+
+    async fn end(self, withdraw: bool) {
+        let _ = self.stop.send(withdraw);
         if tokio::time::timeout(Duration::from_secs(15), self.task)
             .await
             .is_err()
         {
             warn!("BIRD did not stop within 15 s");
+        }
+    }
+
+    /// Resolves when routing stopped by itself, with why (a state directory that cannot be
+    /// made); never while it runs.
+    pub async fn failed(&mut self) -> String {
+        match (&mut self.task).await {
+            Ok(Err(err)) => err.to_string(),
+            Ok(Ok(())) => std::future::pending().await,
+            Err(join) => join.to_string(),
         }
     }
 }
@@ -801,21 +825,17 @@ impl RoutingSink {
         // Empty until the first pass: the task starts BIRD with the first real config.
         let (handed, configs) = watch::channel(String::new());
         let (published, status) = watch::channel(RoutingStatus::default());
-        let (stop, stopped) = watch::channel(());
+        let (stop, stopped) = watch::channel(false);
         let task = match config.mode.clone() {
             Mode::Managed { binary, state_dir } => {
                 which(&binary)?;
-                tokio::spawn(async move {
-                    let paths = BirdPaths::new(&state_dir);
-                    if let Err(err) = run_managed(binary, paths, configs, stopped, published).await
-                    {
-                        error!(%err, "routing stopped");
-                    }
-                })
+                let paths = BirdPaths::new(&state_dir);
+                tokio::spawn(run_managed(binary, paths, configs, stopped, published))
             }
-            Mode::External { include, socket } => {
-                tokio::spawn(run_external(include, socket, configs, published))
-            }
+            Mode::External { include, socket } => tokio::spawn(async move {
+                run_external(include, socket, configs, published).await;
+                Ok(())
+            }),
         };
         let sink = Self {
             router_id_default,
