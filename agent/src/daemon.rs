@@ -173,6 +173,7 @@ pub async fn run(config_path: PathBuf, node_name: Option<String>, config: Config
             tokio::spawn(sources::file::with_node_labels(
                 file_updates,
                 node_labels,
+                attribute_policy(routing_config.clone()),
                 updates_tx,
             ));
             tokio::spawn(async move { watching.await.map_err(anyhow::Error::new) })
@@ -188,6 +189,7 @@ pub async fn run(config_path: PathBuf, node_name: Option<String>, config: Config
                 config.node_name.clone(),
                 updates_tx,
                 reconciler.outcomes(),
+                attribute_policy(routing_config.clone()),
             );
             tokio::spawn(async move { watching.await.map_err(anyhow::Error::new) })
         }
@@ -243,6 +245,37 @@ async fn router_id_default(addresses: &AddressSink) -> Result<Option<Ipv4Addr>> 
         _ => {}
     }
     Ok(addresses.node_ipv4().await?)
+}
+
+/// The routing section's allow-list of Services' BGP attributes, following the section as it
+/// changes: the sources apply it.
+fn attribute_policy(
+    mut routing: watch::Receiver<Option<RoutingConfig>>,
+) -> watch::Receiver<crate::desired::AttributePolicy> {
+    fn policy_of(routing: &Option<RoutingConfig>) -> crate::desired::AttributePolicy {
+        routing
+            .as_ref()
+            .and_then(|routing| routing.service_attributes.as_ref())
+            .map(|attributes| attributes.policy.clone())
+            .unwrap_or_default()
+    }
+    let (policy, following) = watch::channel(policy_of(&routing.borrow_and_update()));
+    tokio::spawn(async move {
+        while routing.changed().await.is_ok() {
+            let next = policy_of(&routing.borrow_and_update());
+            policy.send_if_modified(|current| {
+                let changed = *current != next;
+                if changed {
+                    current.clone_from(&next);
+                }
+                changed
+            });
+            if policy.is_closed() {
+                return;
+            }
+        }
+    });
+    following
 }
 
 /// Follows lbagent's own config file. A routing change goes to the reconciler, which hands

@@ -349,3 +349,121 @@ fn the_export_ceiling_holds_and_is_reported_and_the_neighbours_med_is_set() {
     let route = frr.vtysh(&format!("show bgp ipv4 unicast {learned}/32 json"));
     assert!(route.contains("\"metric\":50"), "{route}");
 }
+
+/// What FRR holds for `prefix`: its AS path, standard and large communities (empty when none).
+fn attributes_at(frr: &Frr, prefix: &str) -> Option<(String, String, String)> {
+    let out = frr.vtysh(&format!("show bgp ipv4 unicast {prefix} json"));
+    let value: serde_json::Value = serde_json::from_str(&out).ok()?;
+    let path = value["paths"].get(0)?;
+    let text = |v: &serde_json::Value| v.as_str().unwrap_or_default().to_owned();
+    Some((
+        text(&path["aspath"]["string"]),
+        text(&path["community"]["string"]),
+        text(&path["largeCommunity"]["string"]),
+    ))
+}
+
+fn attributed(web: &str, extra_web: &[&str]) -> String {
+    let mut web_addresses = vec!["203.0.113.10"];
+    web_addresses.extend_from_slice(extra_web);
+    format!(
+        "services:
+- {{name: web, addresses: [{}], bgp: {web}}}
+- {{name: plain, addresses: [203.0.113.11]}}
+- {{name: bad, addresses: [203.0.113.12], bgp: {{communities: [\"64512:x\", \"64513:1\", \"64512:300\"], asPathPrepend: 5}}}}
+",
+        web_addresses.join(", ")
+    )
+}
+
+#[test]
+fn services_bgp_attributes_reach_the_router_and_a_change_resets_no_session() {
+    let fabric = Fabric::new(1);
+    let frr = Frr::start(&fabric.router, FRR_ROUTER, true);
+    let routing = format!(
+        "  serviceAttributes: {{communities: [\"64512:*\"], largeCommunities: [\"64512:*:*\"], maxPrepend: 2}}\n  bgp:\n    - {{name: up4, neighbor: 10.0.0.1, asn: 64500, localAsn: 64512, {TIMERS}}}\n"
+    );
+    let web = "{communities: [\"64512:100\"], largeCommunities: [\"64512:1:2\"], asPathPrepend: 2}";
+    let node = Node::start(&fabric.nodes[0], &attributed(web, &[]), "{}", &routing);
+    let seen = |prefix: &str, expected: (&str, &str, &str)| {
+        let expected = (
+            expected.0.to_owned(),
+            expected.1.to_owned(),
+            expected.2.to_owned(),
+        );
+        assert!(
+            wait_until(Duration::from_secs(25), || attributes_at(&frr, prefix)
+                .as_ref()
+                == Some(&expected)),
+            "{prefix}: the router has {:?}, expected {expected:?}\n{}",
+            attributes_at(&frr, prefix),
+            node.log()
+        );
+    };
+    seen(
+        "203.0.113.10/32",
+        ("64512 64512 64512", "64512:100", "64512:1:2"),
+    );
+    seen("203.0.113.11/32", ("64512", "", ""));
+    // The bad Service is served; only what it may not set is left out, each named in the log.
+    seen("203.0.113.12/32", ("64512", "64512:300", ""));
+    for refusal in [
+        "bgp.communities[0]: \"64512:x\" is not allowed (a community is ASN:VALUE",
+        "bgp.communities[1]: \"64513:1\" is not allowed (not in routing.serviceAttributes.communities)",
+        "bgp.asPathPrepend: \"5\" is not allowed (at most routing.serviceAttributes.maxPrepend, 2)",
+    ] {
+        assert!(
+            node.log().contains(refusal),
+            "no {refusal:?} in\n{}",
+            node.log()
+        );
+    }
+    let before = session(&frr, &Fabric::node_v4(1));
+    assert_eq!(before.0, 1, "established once");
+    let reloads = |log: &str| log.matches("reconfiguring BIRD").count();
+    let reloads_before = reloads(&node.log());
+
+    // An attribute change: the router sees it, over the same session.
+    node.dir.write(
+        "services.yaml",
+        &attributed("{communities: [\"64512:200\"], asPathPrepend: 1}", &[]),
+    );
+    seen("203.0.113.10/32", ("64512 64512", "64512:200", ""));
+    assert_same_session(&frr, &Fabric::node_v4(1), before);
+    assert!(
+        reloads(&node.log()) > reloads_before,
+        "a new attribute set reloads BIRD's config\n{}",
+        node.log()
+    );
+
+    // An address added to an attributed Service, and one taken away: no reload.
+    let reloads_before = reloads(&node.log());
+    node.dir.write(
+        "services.yaml",
+        &attributed(
+            "{communities: [\"64512:200\"], asPathPrepend: 1}",
+            &["203.0.113.13"],
+        ),
+    );
+    seen("203.0.113.13/32", ("64512 64512", "64512:200", ""));
+    node.dir.write(
+        "services.yaml",
+        &attributed("{communities: [\"64512:200\"], asPathPrepend: 1}", &[]),
+    );
+    assert!(
+        wait_until(Duration::from_secs(15), || next_hops(
+            &fabric.router,
+            "203.0.113.13/32"
+        )
+        .is_empty()),
+        "203.0.113.13 withdrawn"
+    );
+    assert_eq!(
+        reloads(&node.log()),
+        reloads_before,
+        "address changes reload nothing\n{}",
+        node.log()
+    );
+    seen("203.0.113.10/32", ("64512 64512", "64512:200", ""));
+    assert_same_session(&frr, &Fabric::node_v4(1), before);
+}

@@ -38,7 +38,7 @@ use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
 
 use self::translate::{Selection, Translation};
-use crate::desired::{AddressState, AddressStatus, SourceUpdate};
+use crate::desired::{AddressState, AddressStatus, AttributePolicy, Rejected, SourceUpdate};
 
 /// One kind of call lbagent makes to the API server; the deployment's ClusterRole grants
 /// exactly these (a test checks it).
@@ -126,6 +126,7 @@ pub async fn watch(
     node_name: String,
     updates: watch::Sender<Option<SourceUpdate>>,
     mut outcomes: watch::Receiver<Option<Vec<AddressStatus>>>,
+    mut policy: watch::Receiver<AttributePolicy>,
 ) -> Result<(), KubernetesError> {
     let client = client(&config).await?;
     let selection = Selection {
@@ -167,13 +168,23 @@ pub async fn watch(
                         failing = false;
                     }
                     if cluster.apply(event)
-                        && let Some(translation) = cluster.translate(&selection)
+                        && let Some(translation) = cluster.translate(&selection, &policy.borrow())
                     {
                         announcer.source_changed(&cluster, &translation);
                         publish(&updates, translation.update);
                     }
                 }
             },
+            changed = policy.changed() => {
+                if changed.is_err() {
+                    return Ok(());
+                }
+                let translation = cluster.translate(&selection, &policy.borrow_and_update());
+                if let Some(translation) = translation {
+                    announcer.source_changed(&cluster, &translation);
+                    publish(&updates, translation.update);
+                }
+            }
             changed = outcomes.changed() => {
                 if changed.is_err() {
                     return Ok(());
@@ -328,8 +339,13 @@ impl Cluster {
         }
     }
 
-    /// The desired state, once every resource has been listed completely.
-    fn translate(&mut self, selection: &Selection) -> Option<Translation> {
+    /// The desired state, once every resource has been listed completely, with the BGP
+    /// attributes `policy` admits.
+    fn translate(
+        &mut self,
+        selection: &Selection,
+        policy: &AttributePolicy,
+    ) -> Option<Translation> {
         if !(self.services.listed && self.slices.listed && self.nodes.listed) {
             return None;
         }
@@ -341,12 +357,14 @@ impl Cluster {
         let slices = self.slices.objects();
         let slices: Vec<&EndpointSlice> = slices.iter().map(AsRef::as_ref).collect();
         let services = self.services.objects();
-        Some(translate::translate(
+        let mut translation = translate::translate(
             services.iter().map(AsRef::as_ref),
             &slices,
             node.as_deref(),
             selection,
-        ))
+        );
+        policy.apply(&mut translation.update);
+        Some(translation)
     }
 
     /// The Service a `namespace/name` of the desired state names.
@@ -372,6 +390,8 @@ struct Announcer {
     standings: BTreeMap<String, Standing>,
     /// The latest source verdicts: rejected services and why, Local services without endpoints.
     rejected: BTreeMap<String, String>,
+    /// BGP attributes left out of served Services, and why.
+    refused_attributes: Vec<Rejected>,
     withdrawn_reason: BTreeMap<String, String>,
     excluded: bool,
     events: mpsc::Sender<(ObjectReference, Event)>,
@@ -383,6 +403,7 @@ impl Announcer {
             node,
             standings: BTreeMap::new(),
             rejected: BTreeMap::new(),
+            refused_attributes: Vec::new(),
             withdrawn_reason: BTreeMap::new(),
             excluded: false,
             events,
@@ -418,6 +439,29 @@ impl Announcer {
             );
         }
         self.rejected = rejected;
+        for refusal in &translation.update.refused_attributes {
+            if self.refused_attributes.contains(refusal) {
+                continue;
+            }
+            warn!(service = %refusal.service, reason = %refusal.reason, "BGP attribute refused");
+            let event = Event {
+                type_: EventType::Warning,
+                reason: "AttributeRefused".into(),
+                note: Some(refusal.reason.clone()),
+                action: "Announce".into(),
+                secondary: None,
+            };
+            if let Some(object) = cluster.service(&refusal.service)
+                && self
+                    .events
+                    .try_send((object.object_ref(&()), event))
+                    .is_err()
+            {
+                debug!(service = %refusal.service, "Event queue full; dropping an Event");
+            }
+        }
+        self.refused_attributes
+            .clone_from(&translation.update.refused_attributes);
         let mut withdrawn_reason = BTreeMap::new();
         for service in &translation.no_local_endpoint {
             if !self.withdrawn_reason.contains_key(service) {
