@@ -5,10 +5,13 @@
 use std::time::Duration;
 
 use lbagent_tests::{
-    Agent, NetNs, TempDir, http_get, metric,
+    Agent, NetNs, TempDir,
+    apiserver::ApiServer,
+    http_get, metric,
     routers::{FRR_ROUTER, Fabric, Frr, Racks, frr_rack_router, next_hops},
     wait_until,
 };
+use serde_json::json;
 
 const V4: &str = "203.0.113.10";
 const V6: &str = "2001:db8:ff::10";
@@ -466,4 +469,105 @@ fn services_bgp_attributes_reach_the_router_and_a_change_resets_no_session() {
     );
     seen("203.0.113.10/32", ("64512 64512", "64512:200", ""));
     assert_same_session(&frr, &Fabric::node_v4(1), before);
+}
+
+/// With the Kubernetes source: the Node's labels choose the rack (a relabel moves the peering),
+/// and a Service's annotations set its attributes; one over the allowed maximum is refused
+/// with an Event naming the annotation and the value, and the rest still applies.
+#[test]
+fn kubernetes_node_labels_move_the_peering_and_annotations_set_attributes() {
+    let racks = Racks::new(2, 1);
+    let frr = [
+        Frr::start(&racks.routers[0], &frr_rack_router(1, 64500), true),
+        Frr::start(&racks.routers[1], &frr_rack_router(2, 64501), true),
+    ];
+    let ns = &racks.nodes[0];
+    ns.ip(&["link", "set", "lo", "up"]);
+    let server = ApiServer::start_in(ns);
+    let node = |rack: &str| {
+        json!({
+            "apiVersion": "v1", "kind": "Node",
+            "metadata": {"name": "node-a", "labels": {"rack": rack}},
+        })
+    };
+    server.apply(node("a"));
+    server.apply(json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": "web", "namespace": "shop", "annotations": {
+            "lbagent.io/bgp-communities": "64512:100, 64512:101",
+            "lbagent.io/bgp-large-communities": "64512:7:7",
+            "lbagent.io/bgp-as-path-prepend": "3",
+        }},
+        "spec": {"type": "LoadBalancer", "ports": [{"port": 80, "protocol": "TCP"}]},
+        "status": {"loadBalancer": {"ingress": [{"ip": V4}]}},
+    }));
+    let dir = TempDir::new("lbt-rack-kube");
+    server.write_kubeconfig(&dir.path().join("kubeconfig"));
+    dir.write(
+        "lbagent.yaml",
+        &format!(
+            "node: {{name: node-a}}\nsource: {{kubernetes: {{kubeconfig: kubeconfig}}}}\n\
+             status: {{path: {}}}\n\
+             routing:\n  stateDir: {}\n\
+             \x20 serviceAttributes: {{communities: [\"64512:*\"], largeCommunities: [\"64512:*:*\"], maxPrepend: 2}}\n\
+             \x20 bgp:\n\
+             \x20   - {{name: rack_a, neighbor: 10.0.0.1, asn: 64500, localAsn: 64512, {TIMERS}, nodeSelector: {{matchLabels: {{rack: a}}}}}}\n\
+             \x20   - {{name: rack_b, neighbor: 10.0.0.2, asn: 64501, localAsn: 64512, {TIMERS}, nodeSelector: {{matchLabels: {{rack: b}}}}}}\n",
+            dir.path().join("status.json").display(),
+            dir.path().join("bird").display()
+        ),
+    );
+    let agent = Agent::start(
+        ns,
+        &dir.path().join("lbagent.yaml"),
+        dir.path().join("agent.log"),
+    );
+    let prefix = format!("{V4}/32");
+    let expected = Some((
+        "64512".to_owned(),
+        "64512:100 64512:101".to_owned(),
+        "64512:7:7".to_owned(),
+    ));
+    assert!(
+        wait_until(Duration::from_secs(25), || attributes_at(&frr[0], &prefix)
+            == expected),
+        "rack a: {:?}\n{}",
+        attributes_at(&frr[0], &prefix),
+        agent.log()
+    );
+    assert_eq!(next_hops(&racks.routers[1], &prefix), Vec::<String>::new());
+    let refused = "metadata.annotations[lbagent.io/bgp-as-path-prepend]: \"3\" is not allowed (at most routing.serviceAttributes.maxPrepend, 2)";
+    assert!(
+        wait_until(Duration::from_secs(10), || server.events().iter().any(
+            |e| e["regarding"]["name"] == "web"
+                && e["reason"] == "AttributeRefused"
+                && e["note"].as_str().unwrap_or_default().contains(refused)
+        )),
+        "no AttributeRefused Event: {:#?}\n{}",
+        server.events(),
+        agent.log()
+    );
+    assert!(
+        agent.log().contains("BGP attribute refused"),
+        "{}",
+        agent.log()
+    );
+
+    // The Node moves to rack b: the peering follows it, attributes and all.
+    server.apply(node("b"));
+    assert!(
+        wait_until(Duration::from_secs(25), || attributes_at(&frr[1], &prefix)
+            == expected),
+        "rack b: {:?}\n{}",
+        attributes_at(&frr[1], &prefix),
+        agent.log()
+    );
+    assert!(
+        wait_until(Duration::from_secs(15), || next_hops(
+            &racks.routers[0],
+            &prefix
+        )
+        .is_empty()),
+        "rack a still routes {prefix}"
+    );
 }
