@@ -30,6 +30,9 @@ pub const MARKS4: &str = "lbagent_marks4";
 pub const MARKS6: &str = "lbagent_marks6";
 /// Above the direct protocol's 240: where a mark exists, BIRD exports it instead.
 pub const PREFERENCE: u32 = 245;
+/// The routing protocol number lbagent's marks carry (unassigned in iproute2's rt_protos):
+/// lbagent reads and removes only these, whatever else someone puts in the table.
+pub const PROTOCOL: u8 = 211;
 
 /// Each set of attributes in use and its id, which is the metric of its addresses' routes.
 pub type AttributeSets = BTreeMap<BgpAttributes, u32>;
@@ -126,7 +129,7 @@ pub fn plan(
     plan
 }
 
-/// The host routes in `table`, with their metrics.
+/// lbagent's host routes in `table`, with their metrics.
 pub async fn read(handle: &Handle, table: u32) -> Result<Marks, rtnetlink::Error> {
     let mut marks = Marks::new();
     for query in [
@@ -135,7 +138,8 @@ pub async fn read(handle: &Handle, table: u32) -> Result<Marks, rtnetlink::Error
     ] {
         let routes: Vec<RouteMessage> = handle.route().get(query).execute().try_collect().await?;
         for route in routes {
-            if table_of(&route) != table {
+            if table_of(&route) != table || route.header.protocol != RouteProtocol::Other(PROTOCOL)
+            {
                 continue;
             }
             let mut destination = None;
@@ -213,7 +217,7 @@ fn route(address: IpAddr, metric: u32, table: u32, index: u32) -> RouteMessage {
         .output_interface(index)
         .table_id(table)
         .priority(metric)
-        .protocol(RouteProtocol::Static)
+        .protocol(RouteProtocol::Other(PROTOCOL))
         .scope(RouteScope::Link)
         .build()
 }
