@@ -494,7 +494,7 @@ fn kubernetes_node_labels_move_the_peering_and_annotations_set_attributes() {
     server.apply(json!({
         "apiVersion": "v1", "kind": "Service",
         "metadata": {"name": "web", "namespace": "shop", "annotations": {
-            "lbagent.io/bgp-communities": "64512:100, 64512:101",
+            "lbagent.io/bgp-communities": "64512:100, 64512:101, 64512:x",
             "lbagent.io/bgp-large-communities": "64512:7:7",
             "lbagent.io/bgp-as-path-prepend": "3",
         }},
@@ -536,17 +536,21 @@ fn kubernetes_node_labels_move_the_peering_and_annotations_set_attributes() {
         agent.log()
     );
     assert_eq!(next_hops(&racks.routers[1], &prefix), Vec::<String>::new());
-    let refused = "metadata.annotations[lbagent.io/bgp-as-path-prepend]: \"3\" is not allowed (at most routing.serviceAttributes.maxPrepend, 2)";
-    assert!(
-        wait_until(Duration::from_secs(10), || server.events().iter().any(
-            |e| e["regarding"]["name"] == "web"
-                && e["reason"] == "AttributeRefused"
-                && e["note"].as_str().unwrap_or_default().contains(refused)
-        )),
-        "no AttributeRefused Event: {:#?}\n{}",
-        server.events(),
-        agent.log()
-    );
+    for refused in [
+        "metadata.annotations[lbagent.io/bgp-as-path-prepend]: \"3\" is not allowed (at most routing.serviceAttributes.maxPrepend, 2)",
+        "metadata.annotations[lbagent.io/bgp-communities]: \"64512:x\" is not allowed (a community is ASN:VALUE, each 0-65535)",
+    ] {
+        assert!(
+            wait_until(Duration::from_secs(10), || server.events().iter().any(
+                |e| e["regarding"]["name"] == "web"
+                    && e["reason"] == "AttributeRefused"
+                    && e["note"].as_str().unwrap_or_default().contains(refused)
+            )),
+            "no AttributeRefused Event with {refused:?}: {:#?}\n{}",
+            server.events(),
+            agent.log()
+        );
+    }
     assert!(
         agent.log().contains("BGP attribute refused"),
         "{}",

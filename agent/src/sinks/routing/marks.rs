@@ -205,21 +205,20 @@ pub async fn addresses_on(
     Ok(found)
 }
 
-fn route(address: IpAddr, metric: u32, table: u32, index: u32) -> RouteMessage {
+/// `None` only if the builder refused a host address with its own length, which it does not.
+fn route(address: IpAddr, metric: u32, table: u32, index: u32) -> Option<RouteMessage> {
     let host = if address.is_ipv4() { 32 } else { 128 };
-    let builder = rtnetlink::RouteMessageBuilder::<IpAddr>::new();
-    // A host address and its own length: the builder cannot refuse them.
-    let builder = match builder.destination_prefix(address, host) {
-        Ok(builder) => builder,
-        Err(_) => rtnetlink::RouteMessageBuilder::<IpAddr>::new(),
-    };
-    builder
-        .output_interface(index)
-        .table_id(table)
-        .priority(metric)
-        .protocol(RouteProtocol::Other(PROTOCOL))
-        .scope(RouteScope::Link)
-        .build()
+    Some(
+        rtnetlink::RouteMessageBuilder::<IpAddr>::new()
+            .destination_prefix(address, host)
+            .ok()?
+            .output_interface(index)
+            .table_id(table)
+            .priority(metric)
+            .protocol(RouteProtocol::Other(PROTOCOL))
+            .scope(RouteScope::Link)
+            .build(),
+    )
 }
 
 /// Makes the plan's route changes; returns what failed (the next pass retries it).
@@ -227,25 +226,20 @@ pub async fn apply(handle: &Handle, table: u32, index: u32, plan: &MarkPlan) -> 
     let mut errors = Vec::new();
     // New marks first: while an address moves to another set, BIRD keeps a mark to export.
     for (address, metric) in &plan.add {
-        if let Err(err) = handle
-            .route()
-            .add(route(*address, *metric, table, index))
-            .replace()
-            .execute()
-            .await
-        {
+        let Some(message) = route(*address, *metric, table, index) else {
+            continue;
+        };
+        if let Err(err) = handle.route().add(message).replace().execute().await {
             errors.push(format!(
                 "marking {address} (table {table}, metric {metric}): {err}"
             ));
         }
     }
     for (address, metric) in &plan.remove {
-        if let Err(err) = handle
-            .route()
-            .del(route(*address, *metric, table, index))
-            .execute()
-            .await
-        {
+        let Some(message) = route(*address, *metric, table, index) else {
+            continue;
+        };
+        if let Err(err) = handle.route().del(message).execute().await {
             errors.push(format!(
                 "unmarking {address} (table {table}, metric {metric}): {err}"
             ));

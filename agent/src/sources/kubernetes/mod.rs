@@ -439,25 +439,42 @@ impl Announcer {
             );
         }
         self.rejected = rejected;
+        // One Event per Service with all its refusals: the recorder folds Events of one reason
+        // on one object into a series, which would hide every note but the first.
+        let mut by_service: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
         for refusal in &translation.update.refused_attributes {
-            if self.refused_attributes.contains(refusal) {
+            by_service
+                .entry(&refusal.service)
+                .or_default()
+                .push(&refusal.reason);
+            if !self.refused_attributes.contains(refusal) {
+                warn!(service = %refusal.service, reason = %refusal.reason, "BGP attribute refused");
+            }
+        }
+        for (service, reasons) in by_service {
+            let before: Vec<&str> = self
+                .refused_attributes
+                .iter()
+                .filter(|r| r.service == service)
+                .map(|r| r.reason.as_str())
+                .collect();
+            if before == reasons {
                 continue;
             }
-            warn!(service = %refusal.service, reason = %refusal.reason, "BGP attribute refused");
             let event = Event {
                 type_: EventType::Warning,
                 reason: "AttributeRefused".into(),
-                note: Some(refusal.reason.clone()),
+                note: Some(at_most(reasons.join("; "), NOTE_MAX)),
                 action: "Announce".into(),
                 secondary: None,
             };
-            if let Some(object) = cluster.service(&refusal.service)
+            if let Some(object) = cluster.service(service)
                 && self
                     .events
                     .try_send((object.object_ref(&()), event))
                     .is_err()
             {
-                debug!(service = %refusal.service, "Event queue full; dropping an Event");
+                debug!(%service, "Event queue full; dropping an Event");
             }
         }
         self.refused_attributes
@@ -586,6 +603,22 @@ impl Announcer {
             }
         }
     }
+}
+
+/// The API server refuses an Event whose note is longer than this.
+const NOTE_MAX: usize = 1024;
+
+/// `text` cut to at most `max` bytes, on a character boundary, marked when cut.
+fn at_most(mut text: String, max: usize) -> String {
+    if text.len() > max {
+        let mut end = max - 3;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+        text.push_str("...");
+    }
+    text
 }
 
 async fn publish_events(recorder: Recorder, mut queue: mpsc::Receiver<(ObjectReference, Event)>) {
