@@ -21,7 +21,7 @@ use k8s_openapi::{
 };
 use lbagent::{API_ACCESS, Config, Mode, Source};
 use lbagent_tests::{
-    NetNs, PinRoot, TempDir, addresses_on, http_get, lbagent_bin, wait_until, xdp_on,
+    NetNs, PinRoot, TempDir, addresses_on, http_get, kubelet, lbagent_bin, wait_until, xdp_on,
 };
 use serde::{Serialize, de::DeserializeOwned};
 
@@ -371,20 +371,7 @@ fn the_probes_hit_the_port_and_paths_lbagent_serves() {
             .unwrap_or_else(|| panic!("no httpGet probe for {path}"));
         assert_eq!(get.path.as_deref(), Some(path));
         assert!(matches!(get.scheme.as_deref(), None | Some("HTTP")));
-        let port = match &get.port {
-            IntOrString::Int(port) => *port,
-            IntOrString::String(name) => {
-                container
-                    .ports
-                    .iter()
-                    .flatten()
-                    .find(|port| port.name.as_deref() == Some(name))
-                    .unwrap_or_else(|| {
-                        panic!("the probe names port {name:?}, the container has none")
-                    })
-                    .container_port
-            }
-        };
+        let port = kubelet::probe_port(container, get);
         assert_eq!(
             port,
             i32::from(address.port()),

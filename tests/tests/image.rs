@@ -15,15 +15,12 @@ use std::{
     time::{Duration, Instant},
 };
 
-use k8s_openapi::{
-    api::{
-        apps::v1::DaemonSet,
-        core::v1::{ConfigMap, Container, PodSpec, Probe},
-    },
-    apimachinery::pkg::util::intstr::IntOrString,
+use k8s_openapi::api::{
+    apps::v1::DaemonSet,
+    core::v1::{ConfigMap, Container, PodSpec, Probe},
 };
 use lbagent_tests::{
-    NetNs, PinRoot, TempDir, addresses_on, http_get,
+    NetNs, PinRoot, TempDir, addresses_on, http_get, kubelet,
     routers::{FRR_ROUTER, Fabric, Frr, next_hops},
     run, unique_name, wait_until, xdp_on,
 };
@@ -423,18 +420,7 @@ impl Drop for Pod {
 /// the port resolved by name, success for 200-399 within the timeout.
 fn probe_passes(node: &NetNs, host_ip: &str, container: &Container, probe: &Probe) -> bool {
     let get = probe.http_get.as_ref().expect("an httpGet probe");
-    let port = match &get.port {
-        IntOrString::Int(port) => *port,
-        IntOrString::String(name) => {
-            container
-                .ports
-                .iter()
-                .flatten()
-                .find(|p| p.name.as_deref() == Some(name))
-                .unwrap_or_else(|| panic!("probe port {name} is not a container port"))
-                .container_port
-        }
-    };
+    let port = kubelet::probe_port(container, get);
     let addr = SocketAddr::new(host_ip.parse().unwrap(), u16::try_from(port).unwrap());
     let path = get.path.as_deref().unwrap_or("/");
     let started = Instant::now();

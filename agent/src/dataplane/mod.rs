@@ -386,6 +386,106 @@ fn pin_maps(ebpf: &Ebpf, pins: &PinLayout, made: &mut Rollback) -> Result<(), Da
     Ok(())
 }
 
+/// A handle on every pinned map that outlives their pins: a pin removed from outside
+/// lbagent (`rm -rf` of the pin directory) is put back from it, so the programs, the agent
+/// and the next agent all keep the same maps, and their counters.
+pub struct PinnedMaps {
+    maps: Vec<(&'static str, aya::maps::MapData)>,
+}
+
+impl PinnedMaps {
+    /// Opens the maps as pinned now.
+    pub fn open(pins: &PinLayout) -> Result<Self, DataplaneError> {
+        let maps = MAP_SPECS
+            .iter()
+            .map(|spec| {
+                aya::maps::MapData::from_pin(pins.map(spec.name))
+                    .map(|data| (spec.name, data))
+                    .map_err(|source| DataplaneError::Map {
+                        name: spec.name,
+                        source,
+                    })
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(Self { maps })
+    }
+
+    /// Pins again each map whose pin is gone; returns their names.
+    pub fn repin(&self, pins: &PinLayout) -> Result<Vec<&'static str>, DataplaneError> {
+        let mut repinned = Vec::new();
+        for (name, data) in &self.maps {
+            let path = pins.map(name);
+            if path.exists() {
+                continue;
+            }
+            std::fs::create_dir_all(pins.dir()).map_err(|source| DataplaneError::Io {
+                path: pins.dir(),
+                source,
+            })?;
+            data.pin(&path)
+                .map_err(|source| DataplaneError::Pin { path, source })?;
+            repinned.push(*name);
+        }
+        Ok(repinned)
+    }
+}
+
+/// lbagent's own hold on its links, beside their pins: a link whose pin is removed from
+/// outside lbagent stays attached, and is pinned again from here, so traffic never sees
+/// the interface without its program.
+#[derive(Default)]
+pub struct HeldLinks {
+    links: std::collections::BTreeMap<PathBuf, FdLink>,
+}
+
+impl HeldLinks {
+    /// Holds the links of an interface as pinned now.
+    pub fn hold(&mut self, pins: &PinLayout, link: XdpLinkPin) {
+        for path in [pins.xdp_link(link), pins.tc_link(link)] {
+            if let Ok(pinned) = PinnedLink::from_pin(&path) {
+                self.links.insert(path, FdLink::from(pinned));
+            }
+        }
+    }
+
+    /// Lets go of the links of an interface (it is gone, or its pins were removed on purpose).
+    pub fn release(&mut self, pins: &PinLayout, link: XdpLinkPin) {
+        for path in [pins.xdp_link(link), pins.tc_link(link)] {
+            self.links.remove(&path);
+        }
+    }
+
+    /// Pins again each held link of the interface whose pin is gone. Returns how many were
+    /// pinned again, or the error of one that could not be (its link is let go: nothing else
+    /// may hold it, and the interface then needs a new attach).
+    pub fn repin(&mut self, pins: &PinLayout, link: XdpLinkPin) -> Result<usize, DataplaneError> {
+        let mut repinned = 0;
+        for path in [pins.xdp_link(link), pins.tc_link(link)] {
+            if path.exists() {
+                continue;
+            }
+            let Some(held) = self.links.remove(&path) else {
+                continue;
+            };
+            let dir = pins.links_dir();
+            std::fs::create_dir_all(&dir)
+                .map_err(|source| DataplaneError::Io { path: dir, source })?;
+            let pinned = held.pin(&path).map_err(|source| DataplaneError::Pin {
+                path: path.clone(),
+                source,
+            })?;
+            self.links.insert(path, FdLink::from(pinned));
+            repinned += 1;
+        }
+        Ok(repinned)
+    }
+
+    /// Whether an interface's XDP link is held.
+    pub fn holds(&self, pins: &PinLayout, link: XdpLinkPin) -> bool {
+        self.links.contains_key(&pins.xdp_link(link))
+    }
+}
+
 /// Removes the link pins of an interface that is gone (the kernel detached its programs
 /// when it went) or no longer wanted. The maps stay: they serve the other interfaces, and the next one.
 pub fn forget(pins: &PinLayout, link: XdpLinkPin) -> Result<(), DataplaneError> {

@@ -64,6 +64,9 @@ pub struct Wanted<'a> {
     /// The routing section of the running config (`None`: no routing).
     pub routing: Option<&'a routing::model::RoutingConfig>,
     pub trigger: Trigger,
+    /// Whether a newer desired state has arrived since this pass began: a long apply stops
+    /// between batches when it has, and the next pass plans from the newer state.
+    pub superseded: &'a dyn Fn() -> bool,
 }
 
 /// What a sink holds now, as the published status shows it.

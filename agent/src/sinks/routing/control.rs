@@ -169,6 +169,13 @@ pub struct Control {
 impl Control {
     /// Connects and reads BIRD's greeting (`0001 BIRD x.y.z ready.`).
     pub async fn connect(path: &Path) -> Result<Self, ControlError> {
+        Self::connect_within(path, Duration::from_secs(30)).await
+    }
+
+    /// Connects, and gives BIRD `timeout` to answer each command, the greeting included.
+    /// The kernel accepts a connection for a BIRD that is stopped, so only the answer tells
+    /// whether one is listening.
+    pub async fn connect_within(path: &Path, timeout: Duration) -> Result<Self, ControlError> {
         let stream = UnixStream::connect(path)
             .await
             .map_err(|source| ControlError::Connect {
@@ -179,7 +186,7 @@ impl Control {
             stream,
             framer: Framer::default(),
             pending: Default::default(),
-            timeout: Duration::from_secs(30),
+            timeout,
         };
         let greeting = control.read_reply("(greeting)").await?;
         if greeting.code() != 1 {
