@@ -20,6 +20,8 @@
 //!   format: human                # or json
 //! http:
 //!   address: 0.0.0.0:9658        # /metrics, /healthz, /readyz; default: not served
+//! neighbours:                    # answer ARP/NDP for local addresses (needs dataplane:)
+//!   membersFile: /run/lbagent/members.json  # what `lbagent membership` publishes
 //! ```
 
 use std::{
@@ -36,6 +38,7 @@ use crate::{
     sinks::{
         dataplane::DataplaneConfig,
         is_interface_name,
+        neighbours::NeighboursConfig,
         routing::{
             model::{FieldError, RawRouting, RoutingConfig},
             selector,
@@ -70,6 +73,8 @@ pub struct Config {
     pub dataplane: Option<DataplaneConfig>,
     /// Where `/metrics`, `/healthz` and `/readyz` are served; `None`: not served.
     pub http_address: Option<SocketAddr>,
+    /// `None`: local addresses are reported, not answered for (no `neighbours:` section).
+    pub neighbours: Option<NeighboursConfig>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -116,6 +121,7 @@ pub enum ConfigError {
 
 pub const DEFAULT_INTERFACE: &str = "kube-lb0";
 pub const DEFAULT_STATUS_PATH: &str = "/run/lbagent/status.json";
+pub const DEFAULT_MEMBERS_FILE: &str = "/run/lbagent/members.json";
 const MIN_RESYNC: Duration = Duration::from_secs(1);
 
 #[derive(Debug, Default, Deserialize)]
@@ -133,6 +139,13 @@ struct RawConfig {
     routing: Option<RawRouting>,
     dataplane: Option<RawDataplane>,
     http: Option<RawHttp>,
+    neighbours: Option<RawNeighbours>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawNeighbours {
+    members_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -373,8 +386,26 @@ impl Config {
             }
         };
 
+        let neighbours = match raw.neighbours {
+            None => None,
+            Some(_) if dataplane.is_none() => {
+                return Err(invalid(
+                    "neighbours",
+                    "without dataplane",
+                    "a dataplane: section too: the answers come from its XDP program",
+                ));
+            }
+            Some(raw) => Some(NeighboursConfig {
+                members_file: raw
+                    .members_file
+                    .map(|file| base.join(file))
+                    .unwrap_or_else(|| PathBuf::from(DEFAULT_MEMBERS_FILE)),
+            }),
+        };
+
         Ok(Self {
             dataplane,
+            neighbours,
             http_address,
             routing,
             node_name,
@@ -594,6 +625,37 @@ mod tests {
                 .to_string();
             assert!(err.contains(expected), "{text}: {err}");
         }
+    }
+
+    #[test]
+    fn neighbours_need_the_dataplane_and_default_their_member_list() {
+        let config =
+            parse("source: {file: {path: s}}\ndataplane: {interfaces: [eth0]}\nneighbours: {}\n")
+                .unwrap();
+        assert_eq!(
+            config.neighbours.unwrap().members_file,
+            PathBuf::from(DEFAULT_MEMBERS_FILE)
+        );
+        let config =
+            parse("source: {file: {path: s}}\ndataplane: {}\nneighbours: {membersFile: m.json}\n")
+                .unwrap();
+        assert_eq!(
+            config.neighbours.unwrap().members_file,
+            PathBuf::from("/etc/lbagent/m.json")
+        );
+        assert!(
+            parse("source: {file: {path: s}}\n")
+                .unwrap()
+                .neighbours
+                .is_none()
+        );
+        let err = parse("source: {file: {path: s}}\nneighbours: {}\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("neighbours: \"without dataplane\" is not allowed"),
+            "{err}"
+        );
     }
 
     #[test]

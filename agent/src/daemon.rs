@@ -21,7 +21,7 @@ use crate::{
     sinks::{
         Driven,
         addresses::AddressSink,
-        dataplane,
+        dataplane, neighbours,
         routing::{
             RoutingSink,
             model::{Mode, RoutingConfig},
@@ -144,6 +144,9 @@ pub async fn run(config_path: PathBuf, node_name: Option<String>, config: Config
         && let Some(sink) = dataplane::start(dataplane).await
     {
         sinks.push(Box::new(sink));
+        if let Some(neighbours) = &config.neighbours {
+            sinks.extend(neighbours::start(&config.node_name, neighbours, dataplane));
+        }
     }
     let bird = routing.map(|(sink, bird)| {
         sinks.push(Box::new(sink));

@@ -106,6 +106,11 @@ pub struct ServicePolicy {
     pub ports: BTreeSet<PortSpec>,
     pub source_ranges: BTreeSet<IpNet>,
     pub traffic_policy: TrafficPolicy,
+    /// With `externalTrafficPolicy: Local`, the nodes with a ready endpoint, when the source
+    /// knows them (Kubernetes): only those may answer ARP/NDP for a local address. `None`:
+    /// not known (the file source), or not Local.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub endpoint_nodes: Option<BTreeSet<String>>,
 }
 
 /// Everything asked of one address, by service name. An address shared by several services
@@ -184,6 +189,22 @@ pub struct AddressStatus {
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub prefix: Option<IpNet>,
     pub services: Vec<String>,
+    /// With the neighbours sink: who answers ARP/NDP for the address.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub neighbour: Option<NeighbourOutcome>,
+}
+
+/// What the neighbours sink made of a desired address.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase", tag = "role")]
+pub enum NeighbourOutcome {
+    /// This node answers for it; the candidates in order, this node first.
+    Answering { candidates: Vec<String> },
+    /// Another node does.
+    AnsweredBy { owner: String },
+    /// No live node has an interface in its subnet and nothing routes it, so nobody answers
+    /// for it. Set on one node only (the one that reports it), so it is said once.
+    NoSubnet,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
@@ -212,6 +233,15 @@ pub struct Desired {
 
 impl Desired {
     pub fn from_services<'a>(services: impl IntoIterator<Item = &'a Service>) -> Self {
+        Self::with_endpoint_nodes(services, &BTreeMap::new())
+    }
+
+    /// As [`Desired::from_services`], with the nodes that have a ready endpoint of each
+    /// `externalTrafficPolicy: Local` service, by service name.
+    pub fn with_endpoint_nodes<'a>(
+        services: impl IntoIterator<Item = &'a Service>,
+        endpoint_nodes: &BTreeMap<String, BTreeSet<String>>,
+    ) -> Self {
         let mut addresses: BTreeMap<IpAddr, AddressIntent> = BTreeMap::new();
         for service in services {
             for address in &service.addresses {
@@ -224,6 +254,9 @@ impl Desired {
                     .source_ranges
                     .extend(service.source_ranges.iter().copied());
                 policy.traffic_policy = service.traffic_policy;
+                if service.traffic_policy == TrafficPolicy::Local {
+                    policy.endpoint_nodes = endpoint_nodes.get(&service.name).cloned();
+                }
             }
         }
         Self {

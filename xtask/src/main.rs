@@ -3,6 +3,7 @@
 mod bench;
 mod bench_allocator;
 mod bench_dataplane;
+mod bench_failover;
 mod bench_routing;
 mod build_ebpf;
 mod cmd;
@@ -88,6 +89,9 @@ enum Bench {
     /// 10,000 Services assigned by `lbagent allocator` against the same status patches sent
     /// by a bare kube-rs client; peak RSS; a restart's writes and time to ready.
     Allocator,
+    /// Local (L2) addresses: failover time against keepalived (VRRPv3) on the same bridge,
+    /// and what the ARP/NDP responder adds to other frames.
+    Failover,
 }
 
 fn main() -> Result<()> {
@@ -120,6 +124,7 @@ fn main() -> Result<()> {
                 Bench::Routing => bench_routing::run(),
                 Bench::Dataplane => bench_dataplane::run(compare),
                 Bench::Allocator => bench_allocator::run(),
+                Bench::Failover => bench_failover::run(),
             }
         }
         Task::Fuzz {

@@ -129,6 +129,7 @@ impl Reconciler {
                 Ok(()) = inputs.routing.changed() => Some(Trigger::Config),
                 noticed = noticed(&mut self.sinks) => match noticed {
                     Noticed::Drift => Some(Trigger::Kernel),
+                    Noticed::Membership => Some(Trigger::Membership),
                     Noticed::Report => None,
                 },
                 Some(()) = inputs.resync_now.recv() => Some(Trigger::Signal),
@@ -230,6 +231,7 @@ impl Reconciler {
             rejected: last.rejected.clone(),
             errors: last.errors.clone(),
             routing: None,
+            neighbours: None,
         };
         for sink in &self.sinks {
             match sink.report() {
@@ -242,6 +244,12 @@ impl Reconciler {
                 }
                 Report::Dataplane => {}
                 Report::Routing(report) => status.routing = Some(report),
+                Report::Neighbours(report) => status.neighbours = Some(report),
+            }
+        }
+        if let Some(neighbours) = &status.neighbours {
+            for address in &mut status.addresses {
+                address.neighbour = neighbours.outcome(address.address);
             }
         }
         self.outcomes.send_if_modified(|outcomes| {

@@ -164,6 +164,7 @@ fn statuses(wanted: &Wanted<'_>, plan: &Plan) -> Vec<AddressStatus> {
                 state,
                 prefix,
                 services: intent.keys().cloned().collect(),
+                neighbour: None,
             }
         })
         .collect()

@@ -2,7 +2,10 @@
 //! rules (which Services, which addresses, endpoints under `externalTrafficPolicy: Local`, the
 //! node's exclusion label) are tested on real-shaped objects without an API server.
 
-use std::{collections::BTreeSet, net::IpAddr};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+};
 
 use k8s_openapi::api::{
     core::v1::{Node, Service},
@@ -66,6 +69,7 @@ pub fn translate<'a>(
         .and_then(|node| node.metadata.labels.as_ref())
         .is_some_and(|labels| labels.contains_key(EXCLUDE_LABEL));
     let mut served = Vec::new();
+    let mut endpoint_nodes = BTreeMap::new();
     let mut translation = Translation {
         excluded,
         ..Translation::default()
@@ -77,7 +81,13 @@ pub fn translate<'a>(
             Verdict::Serve(served_service) => {
                 let request = attribute_request(service);
                 if request != AttributeRequest::default() {
-                    translation.update.attribute_requests.insert(name, request);
+                    translation
+                        .update
+                        .attribute_requests
+                        .insert(name.clone(), request);
+                }
+                if served_service.traffic_policy == TrafficPolicy::Local {
+                    endpoint_nodes.insert(name, nodes_with_endpoints(service, slices));
                 }
                 served.push(served_service);
             }
@@ -91,7 +101,7 @@ pub fn translate<'a>(
     if excluded {
         served.clear();
     }
-    translation.update.desired = Desired::from_services(&served);
+    translation.update.desired = Desired::with_endpoint_nodes(&served, &endpoint_nodes);
     translation.update.desired.node_labels = node
         .and_then(|node| node.metadata.labels.clone())
         .unwrap_or_default()
@@ -257,7 +267,7 @@ fn verdict(service: &Service, slices: &[&EndpointSlice], selection: &Selection) 
         }
     };
     if traffic_policy == TrafficPolicy::Local
-        && !has_local_endpoint(service, slices, &selection.node_name)
+        && !nodes_with_endpoints(service, slices).contains(&selection.node_name)
     {
         return Verdict::NoLocalEndpoint;
     }
@@ -271,10 +281,10 @@ fn verdict(service: &Service, slices: &[&EndpointSlice], selection: &Selection) 
     })
 }
 
-/// Whether an endpoint of `service` on `node` can take new traffic: ready, or serving and not
-/// terminating. Unset conditions mean what the EndpointSlice API says they mean: ready unless
-/// told otherwise, serving as ready, not terminating.
-fn has_local_endpoint(service: &Service, slices: &[&EndpointSlice], node: &str) -> bool {
+/// The nodes with an endpoint of `service` that can take new traffic: ready, or serving and
+/// not terminating. Unset conditions mean what the EndpointSlice API says they mean: ready
+/// unless told otherwise, serving as ready, not terminating.
+fn nodes_with_endpoints(service: &Service, slices: &[&EndpointSlice]) -> BTreeSet<String> {
     let namespace = service.metadata.namespace.as_deref().unwrap_or("default");
     let name = service.metadata.name.as_deref().unwrap_or_default();
     slices
@@ -289,14 +299,15 @@ fn has_local_endpoint(service: &Service, slices: &[&EndpointSlice], node: &str) 
                 .is_some_and(|owner| owner == name)
         })
         .flat_map(|slice| &slice.endpoints)
-        .filter(|endpoint| endpoint.node_name.as_deref() == Some(node))
-        .any(|endpoint| {
+        .filter(|endpoint| {
             let conditions = endpoint.conditions.as_ref();
             let ready = conditions.and_then(|c| c.ready).unwrap_or(true);
             let serving = conditions.and_then(|c| c.serving).unwrap_or(ready);
             let terminating = conditions.and_then(|c| c.terminating).unwrap_or(false);
             ready || (serving && !terminating)
         })
+        .filter_map(|endpoint| endpoint.node_name.clone())
+        .collect()
 }
 
 #[cfg(test)]
@@ -578,6 +589,31 @@ mod tests {
             );
             assert_eq!(here.no_local_endpoint.is_empty(), served, "{conditions}");
         }
+
+        // Every node with a usable endpoint is named, for the election of local addresses.
+        let both = with(json!([
+            {"addresses": ["10.244.0.5"], "nodeName": "node-a"},
+            {"addresses": ["10.244.1.5"], "nodeName": "node-b", "conditions": {"ready": true}},
+            {"addresses": ["10.244.2.5"], "nodeName": "node-c", "conditions": {"ready": false}},
+        ]));
+        let policies: Vec<_> = both.update.desired.addresses.values().collect();
+        assert!(!policies.is_empty());
+        for policy in policies {
+            assert_eq!(
+                policy.get("shop/web").unwrap().endpoint_nodes,
+                Some(BTreeSet::from(["node-a".to_owned(), "node-b".to_owned()]))
+            );
+        }
+        let cluster = service("api", json!({}));
+        let translation = run(&[cluster], &[], None);
+        assert!(
+            translation
+                .update
+                .desired
+                .addresses
+                .values()
+                .all(|intent| intent.get("shop/api").unwrap().endpoint_nodes.is_none())
+        );
 
         // A slice of another service, or of a same-named service elsewhere, does not count.
         let other = run(
