@@ -571,6 +571,7 @@ impl Parts {
                 tokio::spawn(sources::file::with_node_labels(
                     file_updates,
                     self.node_labels.subscribe(),
+                    attribute_policy(self.routing_config.subscribe()),
                     updates,
                 ));
                 tokio::spawn(async move { watching.await.map_err(anyhow::Error::new) })
@@ -586,6 +587,7 @@ impl Parts {
                     config.node_name.clone(),
                     updates,
                     self.outcomes.clone(),
+                    attribute_policy(self.routing_config.subscribe()),
                 );
                 tokio::spawn(async move { watching.await.map_err(anyhow::Error::new) })
             }
@@ -826,4 +828,35 @@ async fn follow_config(
     if let Err(err) = result {
         error!(%err, "no longer following the config file");
     }
+}
+
+/// The routing section's allow-list of Services' BGP attributes, following the section as it
+/// changes: the sources apply it.
+fn attribute_policy(
+    mut routing: watch::Receiver<Option<RoutingConfig>>,
+) -> watch::Receiver<crate::desired::AttributePolicy> {
+    fn policy_of(routing: &Option<RoutingConfig>) -> crate::desired::AttributePolicy {
+        routing
+            .as_ref()
+            .and_then(|routing| routing.service_attributes.as_ref())
+            .map(|attributes| attributes.policy.clone())
+            .unwrap_or_default()
+    }
+    let (policy, following) = watch::channel(policy_of(&routing.borrow_and_update()));
+    tokio::spawn(async move {
+        while routing.changed().await.is_ok() {
+            let next = policy_of(&routing.borrow_and_update());
+            policy.send_if_modified(|current| {
+                let changed = *current != next;
+                if changed {
+                    current.clone_from(&next);
+                }
+                changed
+            });
+            if policy.is_closed() {
+                return;
+            }
+        }
+    });
+    following
 }

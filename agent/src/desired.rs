@@ -81,6 +81,11 @@ pub struct Rejected {
 pub struct SourceUpdate {
     pub desired: Desired,
     pub rejected: Vec<Rejected>,
+    /// The BGP attributes each Service asks for, as written; [`AttributePolicy::apply`] turns
+    /// them into `desired.service_attributes` and `refused_attributes`.
+    pub attribute_requests: BTreeMap<String, AttributeRequest>,
+    /// Attributes left out of a Service that is still served, and why.
+    pub refused_attributes: Vec<Rejected>,
 }
 
 /// One load-balancer Service as a source reports it, already validated.
@@ -222,6 +227,8 @@ pub type NodeLabels = BTreeMap<String, String>;
 pub struct Desired {
     pub addresses: BTreeMap<IpAddr, AddressIntent>,
     pub node_labels: NodeLabels,
+    /// The BGP attributes each Service's routes carry, by Service name (only those with any).
+    pub service_attributes: BTreeMap<String, BgpAttributes>,
 }
 
 impl Desired {
@@ -254,7 +261,7 @@ impl Desired {
         }
         Self {
             addresses,
-            node_labels: NodeLabels::new(),
+            ..Self::default()
         }
     }
 
@@ -264,6 +271,186 @@ impl Desired {
             .get(address)
             .map(|intent| intent.keys().cloned().collect::<Vec<_>>().join(","))
             .unwrap_or_default()
+    }
+}
+
+/// BGP attributes on a Service's routes: standard and large communities, and how many extra
+/// times the local AS is put on the path (`prepend`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct BgpAttributes {
+    pub communities: BTreeSet<(u16, u16)>,
+    pub large_communities: BTreeSet<(u32, u32, u32)>,
+    pub prepend: u8,
+}
+
+impl BgpAttributes {
+    pub fn is_empty(&self) -> bool {
+        self.communities.is_empty() && self.large_communities.is_empty() && self.prepend == 0
+    }
+
+    /// An address several Services share carries every community of each, and the longest
+    /// prepend.
+    pub fn merge(&mut self, other: &Self) {
+        self.communities.extend(other.communities.iter().copied());
+        self.large_communities
+            .extend(other.large_communities.iter().copied());
+        self.prepend = self.prepend.max(other.prepend);
+    }
+}
+
+/// A standard community, `ASN:VALUE`, each 0-65535.
+pub fn community(text: &str) -> Option<(u16, u16)> {
+    let (asn, value) = text.trim().split_once(':')?;
+    Some((decimal(asn)?, decimal(value)?))
+}
+
+/// A large community, `ASN:DATA1:DATA2`, each 0-4294967295.
+pub fn large_community(text: &str) -> Option<(u32, u32, u32)> {
+    let mut parts = text.trim().split(':');
+    let large = (
+        decimal(parts.next()?)?,
+        decimal(parts.next()?)?,
+        decimal(parts.next()?)?,
+    );
+    parts.next().is_none().then_some(large)
+}
+
+/// Digits only: no sign, no spaces, no `0x`.
+fn decimal<T: std::str::FromStr>(text: &str) -> Option<T> {
+    if text.is_empty() || !text.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    text.parse().ok()
+}
+
+/// What a Service asks for, as written, each value with the field it came from (an
+/// annotation, or a key of the services file), so a refusal can name both.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct AttributeRequest {
+    pub communities: Vec<(String, String)>,
+    pub large_communities: Vec<(String, String)>,
+    pub prepend: Option<(String, String)>,
+}
+
+/// One part of an allowed community: a number, or `*` for any.
+pub type Part = Option<u32>;
+
+/// Which attributes Services may set (the config's `routing.serviceAttributes`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct AttributePolicy {
+    pub communities: Vec<[Part; 2]>,
+    pub large_communities: Vec<[Part; 3]>,
+    pub max_prepend: u8,
+}
+
+fn fits(pattern: &[Part], value: &[u32]) -> bool {
+    pattern.len() == value.len()
+        && pattern
+            .iter()
+            .zip(value)
+            .all(|(p, v)| p.is_none_or(|p| p == *v))
+}
+
+impl AttributePolicy {
+    /// The attributes `request` may have under this policy, and a refusal naming the field and
+    /// the value for each it may not (malformed, or not allowed). The Service is served either
+    /// way; only the refused attribute is left out.
+    pub fn admit(
+        &self,
+        service: &str,
+        request: &AttributeRequest,
+    ) -> (BgpAttributes, Vec<Rejected>) {
+        let mut admitted = BgpAttributes::default();
+        let mut refused = Vec::new();
+        let mut refuse = |field: &str, value: &str, why: String| {
+            refused.push(Rejected {
+                service: service.to_owned(),
+                reason: format!(
+                    "{field}: {value:?} is not allowed ({why}); the Service is served without it"
+                ),
+            });
+        };
+        for (field, text) in &request.communities {
+            match community(text) {
+                None => refuse(field, text, "a community is ASN:VALUE, each 0-65535".into()),
+                Some((asn, value))
+                    if self
+                        .communities
+                        .iter()
+                        .any(|p| fits(p, &[asn.into(), value.into()])) =>
+                {
+                    admitted.communities.insert((asn, value));
+                }
+                Some(_) => refuse(
+                    field,
+                    text,
+                    "not in routing.serviceAttributes.communities".into(),
+                ),
+            }
+        }
+        for (field, text) in &request.large_communities {
+            match large_community(text) {
+                None => refuse(
+                    field,
+                    text,
+                    "a large community is ASN:DATA1:DATA2, each 0-4294967295".into(),
+                ),
+                Some(large)
+                    if self
+                        .large_communities
+                        .iter()
+                        .any(|p| fits(p, &[large.0, large.1, large.2])) =>
+                {
+                    admitted.large_communities.insert(large);
+                }
+                Some(_) => refuse(
+                    field,
+                    text,
+                    "not in routing.serviceAttributes.largeCommunities".into(),
+                ),
+            }
+        }
+        if let Some((field, text)) = &request.prepend {
+            match decimal::<u8>(text.trim()) {
+                Some(count) if count <= self.max_prepend => admitted.prepend = count,
+                Some(_) => refuse(
+                    field,
+                    text,
+                    format!(
+                        "at most routing.serviceAttributes.maxPrepend, {}",
+                        self.max_prepend
+                    ),
+                ),
+                None => refuse(field, text, format!("a count, 0-{}", self.max_prepend)),
+            }
+        }
+        (admitted, refused)
+    }
+
+    /// Fills the update's per-Service attributes from its requests, for the Services it serves,
+    /// and lists what was refused.
+    pub fn apply(&self, update: &mut SourceUpdate) {
+        let served: BTreeSet<&String> = update
+            .desired
+            .addresses
+            .values()
+            .flat_map(AddressIntent::keys)
+            .collect();
+        let mut attributes = BTreeMap::new();
+        let mut refused = Vec::new();
+        for (service, request) in &update.attribute_requests {
+            if !served.contains(service) {
+                continue;
+            }
+            let (admitted, mut refusals) = self.admit(service, request);
+            if !admitted.is_empty() {
+                attributes.insert(service.clone(), admitted);
+            }
+            refused.append(&mut refusals);
+        }
+        update.desired.service_attributes = attributes;
+        update.refused_attributes = refused;
     }
 }
 
@@ -309,5 +496,90 @@ mod tests {
     #[test]
     fn no_services_no_addresses() {
         assert!(Desired::from_services(&[]).addresses.is_empty());
+    }
+
+    #[test]
+    fn the_policy_admits_what_it_allows_and_names_the_rest() {
+        let policy = AttributePolicy {
+            communities: vec![[Some(64512), Some(100)], [Some(64513), None]],
+            large_communities: vec![[Some(64512), None, Some(2)]],
+            max_prepend: 2,
+        };
+        let field = |f: &str| (f.to_owned(), String::new());
+        let request = AttributeRequest {
+            communities: ["64512:100", "64513:7", "64512:101", "64512:x", "1:70000"]
+                .iter()
+                .map(|v| (field("c").0, (*v).to_owned()))
+                .collect(),
+            large_communities: vec![
+                (field("l").0, "64512:9:2".into()),
+                (field("l").0, "64512:9:3".into()),
+            ],
+            prepend: Some((field("p").0, "3".into())),
+        };
+        let (admitted, refused) = policy.admit("web", &request);
+        assert_eq!(
+            admitted,
+            BgpAttributes {
+                communities: [(64512, 100), (64513, 7)].into(),
+                large_communities: [(64512, 9, 2)].into(),
+                prepend: 0,
+            }
+        );
+        let reasons: Vec<&str> = refused.iter().map(|r| r.reason.as_str()).collect();
+        assert_eq!(
+            reasons,
+            [
+                "c: \"64512:101\" is not allowed (not in routing.serviceAttributes.communities); the Service is served without it",
+                "c: \"64512:x\" is not allowed (a community is ASN:VALUE, each 0-65535); the Service is served without it",
+                "c: \"1:70000\" is not allowed (a community is ASN:VALUE, each 0-65535); the Service is served without it",
+                "l: \"64512:9:3\" is not allowed (not in routing.serviceAttributes.largeCommunities); the Service is served without it",
+                "p: \"3\" is not allowed (at most routing.serviceAttributes.maxPrepend, 2); the Service is served without it",
+            ]
+        );
+        assert!(refused.iter().all(|r| r.service == "web"));
+        let (admitted, refused) = policy.admit(
+            "web",
+            &AttributeRequest {
+                prepend: Some(("p".into(), "2".into())),
+                ..AttributeRequest::default()
+            },
+        );
+        assert_eq!((admitted.prepend, refused.len()), (2, 0));
+    }
+
+    #[test]
+    fn only_served_services_get_attributes() {
+        let mut update = SourceUpdate {
+            desired: Desired::from_services(&[service("web", &["203.0.113.10"], &[80])]),
+            attribute_requests: BTreeMap::from([
+                (
+                    "web".to_owned(),
+                    AttributeRequest {
+                        communities: vec![("c".into(), "64512:100".into())],
+                        ..AttributeRequest::default()
+                    },
+                ),
+                (
+                    "gone".to_owned(),
+                    AttributeRequest {
+                        communities: vec![("c".into(), "bad".into())],
+                        ..AttributeRequest::default()
+                    },
+                ),
+            ]),
+            ..SourceUpdate::default()
+        };
+        AttributePolicy {
+            communities: vec![[None, None]],
+            ..AttributePolicy::default()
+        }
+        .apply(&mut update);
+        assert_eq!(
+            update.desired.service_attributes["web"].communities,
+            [(64512, 100)].into()
+        );
+        assert_eq!(update.desired.service_attributes.len(), 1);
+        assert!(update.refused_attributes.is_empty());
     }
 }

@@ -5,10 +5,13 @@
 use std::time::Duration;
 
 use lbagent_tests::{
-    Agent, NetNs, TempDir, http_get, metric,
+    Agent, NetNs, TempDir,
+    apiserver::ApiServer,
+    http_get, metric,
     routers::{FRR_ROUTER, Fabric, Frr, Racks, frr_rack_router, next_hops},
     wait_until,
 };
+use serde_json::json;
 
 const V4: &str = "203.0.113.10";
 const V6: &str = "2001:db8:ff::10";
@@ -348,4 +351,227 @@ fn the_export_ceiling_holds_and_is_reported_and_the_neighbours_med_is_set() {
         .expect("an advertised address");
     let route = frr.vtysh(&format!("show bgp ipv4 unicast {learned}/32 json"));
     assert!(route.contains("\"metric\":50"), "{route}");
+}
+
+/// What FRR holds for `prefix`: its AS path, standard and large communities (empty when none).
+fn attributes_at(frr: &Frr, prefix: &str) -> Option<(String, String, String)> {
+    let out = frr.vtysh(&format!("show bgp ipv4 unicast {prefix} json"));
+    let value: serde_json::Value = serde_json::from_str(&out).ok()?;
+    let path = value["paths"].get(0)?;
+    let text = |v: &serde_json::Value| v.as_str().unwrap_or_default().to_owned();
+    Some((
+        text(&path["aspath"]["string"]),
+        text(&path["community"]["string"]),
+        text(&path["largeCommunity"]["string"]),
+    ))
+}
+
+fn attributed(web: &str, extra_web: &[&str]) -> String {
+    let mut web_addresses = vec!["203.0.113.10"];
+    web_addresses.extend_from_slice(extra_web);
+    format!(
+        "services:
+- {{name: web, addresses: [{}], bgp: {web}}}
+- {{name: plain, addresses: [203.0.113.11]}}
+- {{name: bad, addresses: [203.0.113.12], bgp: {{communities: [\"64512:x\", \"64513:1\", \"64512:300\"], asPathPrepend: 5}}}}
+",
+        web_addresses.join(", ")
+    )
+}
+
+#[test]
+fn services_bgp_attributes_reach_the_router_and_a_change_resets_no_session() {
+    let fabric = Fabric::new(1);
+    let frr = Frr::start(&fabric.router, FRR_ROUTER, true);
+    let routing = format!(
+        "  serviceAttributes: {{communities: [\"64512:*\"], largeCommunities: [\"64512:*:*\"], maxPrepend: 2}}\n  bgp:\n    - {{name: up4, neighbor: 10.0.0.1, asn: 64500, localAsn: 64512, {TIMERS}}}\n"
+    );
+    let web = "{communities: [\"64512:100\"], largeCommunities: [\"64512:1:2\"], asPathPrepend: 2}";
+    let node = Node::start(&fabric.nodes[0], &attributed(web, &[]), "{}", &routing);
+    let seen = |prefix: &str, expected: (&str, &str, &str)| {
+        let expected = (
+            expected.0.to_owned(),
+            expected.1.to_owned(),
+            expected.2.to_owned(),
+        );
+        assert!(
+            wait_until(Duration::from_secs(25), || attributes_at(&frr, prefix)
+                .as_ref()
+                == Some(&expected)),
+            "{prefix}: the router has {:?}, expected {expected:?}\n{}",
+            attributes_at(&frr, prefix),
+            node.log()
+        );
+    };
+    seen(
+        "203.0.113.10/32",
+        ("64512 64512 64512", "64512:100", "64512:1:2"),
+    );
+    seen("203.0.113.11/32", ("64512", "", ""));
+    // The bad Service is served; only what it may not set is left out, each named in the log.
+    seen("203.0.113.12/32", ("64512", "64512:300", ""));
+    for refusal in [
+        "bgp.communities[0]: \"64512:x\" is not allowed (a community is ASN:VALUE",
+        "bgp.communities[1]: \"64513:1\" is not allowed (not in routing.serviceAttributes.communities)",
+        "bgp.asPathPrepend: \"5\" is not allowed (at most routing.serviceAttributes.maxPrepend, 2)",
+    ] {
+        assert!(
+            node.log().contains(refusal),
+            "no {refusal:?} in\n{}",
+            node.log()
+        );
+    }
+    let before = session(&frr, &Fabric::node_v4(1));
+    assert_eq!(before.0, 1, "established once");
+    let reloads = |log: &str| log.matches("reconfiguring BIRD").count();
+    let reloads_before = reloads(&node.log());
+
+    // An attribute change: the router sees it, over the same session.
+    node.dir.write(
+        "services.yaml",
+        &attributed("{communities: [\"64512:200\"], asPathPrepend: 1}", &[]),
+    );
+    seen("203.0.113.10/32", ("64512 64512", "64512:200", ""));
+    assert_same_session(&frr, &Fabric::node_v4(1), before);
+    assert!(
+        reloads(&node.log()) > reloads_before,
+        "a new attribute set reloads BIRD's config\n{}",
+        node.log()
+    );
+
+    // An address added to an attributed Service, and one taken away: no reload.
+    let reloads_before = reloads(&node.log());
+    node.dir.write(
+        "services.yaml",
+        &attributed(
+            "{communities: [\"64512:200\"], asPathPrepend: 1}",
+            &["203.0.113.13"],
+        ),
+    );
+    seen("203.0.113.13/32", ("64512 64512", "64512:200", ""));
+    node.dir.write(
+        "services.yaml",
+        &attributed("{communities: [\"64512:200\"], asPathPrepend: 1}", &[]),
+    );
+    assert!(
+        wait_until(Duration::from_secs(15), || next_hops(
+            &fabric.router,
+            "203.0.113.13/32"
+        )
+        .is_empty()),
+        "203.0.113.13 withdrawn"
+    );
+    assert_eq!(
+        reloads(&node.log()),
+        reloads_before,
+        "address changes reload nothing\n{}",
+        node.log()
+    );
+    seen("203.0.113.10/32", ("64512 64512", "64512:200", ""));
+    assert_same_session(&frr, &Fabric::node_v4(1), before);
+}
+
+/// With the Kubernetes source: the Node's labels choose the rack (a relabel moves the peering),
+/// and a Service's annotations set its attributes; one over the allowed maximum is refused
+/// with an Event naming the annotation and the value, and the rest still applies.
+#[test]
+fn kubernetes_node_labels_move_the_peering_and_annotations_set_attributes() {
+    let racks = Racks::new(2, 1);
+    let frr = [
+        Frr::start(&racks.routers[0], &frr_rack_router(1, 64500), true),
+        Frr::start(&racks.routers[1], &frr_rack_router(2, 64501), true),
+    ];
+    let ns = &racks.nodes[0];
+    ns.ip(&["link", "set", "lo", "up"]);
+    let server = ApiServer::start_in(ns);
+    let node = |rack: &str| {
+        json!({
+            "apiVersion": "v1", "kind": "Node",
+            "metadata": {"name": "node-a", "labels": {"rack": rack}},
+        })
+    };
+    server.apply(node("a"));
+    server.apply(json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": "web", "namespace": "shop", "annotations": {
+            "lbagent.io/bgp-communities": "64512:100, 64512:101, 64512:x",
+            "lbagent.io/bgp-large-communities": "64512:7:7",
+            "lbagent.io/bgp-as-path-prepend": "3",
+        }},
+        "spec": {"type": "LoadBalancer", "ports": [{"port": 80, "protocol": "TCP"}]},
+        "status": {"loadBalancer": {"ingress": [{"ip": V4}]}},
+    }));
+    let dir = TempDir::new("lbt-rack-kube");
+    server.write_kubeconfig(&dir.path().join("kubeconfig"));
+    dir.write(
+        "lbagent.yaml",
+        &format!(
+            "node: {{name: node-a}}\nsource: {{kubernetes: {{kubeconfig: kubeconfig}}}}\n\
+             status: {{path: {}}}\n\
+             routing:\n  stateDir: {}\n\
+             \x20 serviceAttributes: {{communities: [\"64512:*\"], largeCommunities: [\"64512:*:*\"], maxPrepend: 2}}\n\
+             \x20 bgp:\n\
+             \x20   - {{name: rack_a, neighbor: 10.0.0.1, asn: 64500, localAsn: 64512, {TIMERS}, nodeSelector: {{matchLabels: {{rack: a}}}}}}\n\
+             \x20   - {{name: rack_b, neighbor: 10.0.0.2, asn: 64501, localAsn: 64512, {TIMERS}, nodeSelector: {{matchLabels: {{rack: b}}}}}}\n",
+            dir.path().join("status.json").display(),
+            dir.path().join("bird").display()
+        ),
+    );
+    let agent = Agent::start(
+        ns,
+        &dir.path().join("lbagent.yaml"),
+        dir.path().join("agent.log"),
+    );
+    let prefix = format!("{V4}/32");
+    let expected = Some((
+        "64512".to_owned(),
+        "64512:100 64512:101".to_owned(),
+        "64512:7:7".to_owned(),
+    ));
+    assert!(
+        wait_until(Duration::from_secs(25), || attributes_at(&frr[0], &prefix)
+            == expected),
+        "rack a: {:?}\n{}",
+        attributes_at(&frr[0], &prefix),
+        agent.log()
+    );
+    assert_eq!(next_hops(&racks.routers[1], &prefix), Vec::<String>::new());
+    for refused in [
+        "metadata.annotations[lbagent.io/bgp-as-path-prepend]: \"3\" is not allowed (at most routing.serviceAttributes.maxPrepend, 2)",
+        "metadata.annotations[lbagent.io/bgp-communities]: \"64512:x\" is not allowed (a community is ASN:VALUE, each 0-65535)",
+    ] {
+        assert!(
+            wait_until(Duration::from_secs(10), || server.events().iter().any(
+                |e| e["regarding"]["name"] == "web"
+                    && e["reason"] == "AttributeRefused"
+                    && e["note"].as_str().unwrap_or_default().contains(refused)
+            )),
+            "no AttributeRefused Event with {refused:?}: {:#?}\n{}",
+            server.events(),
+            agent.log()
+        );
+    }
+    assert!(
+        agent.log().contains("BGP attribute refused"),
+        "{}",
+        agent.log()
+    );
+
+    // The Node moves to rack b: the peering follows it, attributes and all.
+    server.apply(node("b"));
+    assert!(
+        wait_until(Duration::from_secs(25), || attributes_at(&frr[1], &prefix)
+            == expected),
+        "rack b: {:?}\n{}",
+        attributes_at(&frr[1], &prefix),
+        agent.log()
+    );
+    assert!(
+        wait_until(Duration::from_secs(15), || next_hops(
+            &racks.routers[0],
+            &prefix
+        )
+        .is_empty()),
+        "rack a still routes {prefix}"
+    );
 }

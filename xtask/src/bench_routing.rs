@@ -1,6 +1,8 @@
 //! `cargo xtask bench routing`: how fast an address change reaches an upstream router's
 //! kernel through lbagent and its BIRD, and a bulk add against `ip -batch` onto a kube-lb0
-//! served by a hand-written BIRD config, in the same run.
+//! served by a hand-written BIRD config, in the same run; then how fast a Service's BGP
+//! attribute change reaches the router, against the same change made by hand to a
+//! hand-written BIRD config and `birdc configure`.
 
 use std::{
     collections::BTreeSet,
@@ -19,6 +21,12 @@ use crate::cmd;
 const SEQUENTIAL: usize = 100;
 const BULK_V4: usize = 5_000;
 const BULK_V6: usize = 5_000;
+/// Services in the attribute round, how many of them carry a community, and how many changes.
+const SERVICES: usize = 1_000;
+const ATTRIBUTED: usize = 100;
+const CHANGES: usize = 20;
+/// lbagent's allow-list for the attribute round.
+const ATTRIBUTES: &str = "  serviceAttributes: {communities: [\"64512:*\"]}\n";
 
 pub fn run() -> Result<()> {
     cmd::require_root("bench routing")?;
@@ -29,7 +37,7 @@ pub fn run() -> Result<()> {
     let monitor = RouteMonitor::start(&lab.router)?;
 
     // --- one address at a time, through lbagent ---
-    let mut agent = lab.start_agent(&lbagent, &[])?;
+    let mut agent = lab.start_agent(&lbagent, &[], "")?;
     lab.wait_established()?;
     let mut adds = Vec::new();
     let mut current: Vec<String> = Vec::new();
@@ -84,6 +92,13 @@ pub fn run() -> Result<()> {
     let baseline_bulk = monitor.wait_for_all(&wanted, started, Duration::from_secs(120))?;
     let _ = bird.kill();
     let _ = bird.wait();
+    cmd::output(Command::new("ip").args(["-n", &lab.node, "link", "del", "kube-lb0"]))?;
+    wait(Duration::from_secs(60), || lab.bgp_routes() == 0)
+        .context("the router kept the plain BIRD's routes")?;
+
+    // --- a Service's attribute change: lbagent, then a hand-written BIRD config ---
+    let (lbagent_changes, attribute_reloads) = lbagent_attribute_changes(&lab, &lbagent, &monitor)?;
+    let baseline_changes = plain_attribute_changes(&lab, &monitor)?;
     drop(frr);
 
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
@@ -122,7 +137,178 @@ pub fn run() -> Result<()> {
         lbagent_bulk.as_secs_f64() / baseline_bulk.as_secs_f64()
     );
     println!("| BIRD reloads caused by address changes | {reloads} | 0 |");
+    println!();
+    println!(
+        "| attribute change: one of {ATTRIBUTED} attributed Services (of {SERVICES}) gets a community no Service had, until the router shows it ({CHANGES} changes) | p50 | p99 | target |"
+    );
+    println!("| --- | ---: | ---: | --- |");
+    println!(
+        "| hand-written BIRD config (prefix sets), rewritten + `birdc configure` (baseline) | {:.0} ms | {:.0} ms | |",
+        ms(percentile(&baseline_changes, 50)),
+        ms(percentile(&baseline_changes, 99))
+    );
+    println!(
+        "| lbagent (services file to its BIRD) | {:.0} ms | {:.0} ms | |",
+        ms(percentile(&lbagent_changes, 50)),
+        ms(percentile(&lbagent_changes, 99))
+    );
+    println!(
+        "| ratio lbagent / baseline | {:.2} | {:.2} | <= 1.2 |",
+        percentile(&lbagent_changes, 50).as_secs_f64()
+            / percentile(&baseline_changes, 50).as_secs_f64(),
+        percentile(&lbagent_changes, 99).as_secs_f64()
+            / percentile(&baseline_changes, 99).as_secs_f64()
+    );
+    println!(
+        "| BIRD reloads during the {CHANGES} attribute changes (lbagent) | {attribute_reloads} | {CHANGES} |"
+    );
     Ok(())
+}
+
+fn service_address(i: usize) -> String {
+    format!("100.65.{}.{}", i / 250, i % 250 + 1)
+}
+
+/// The community of Service `i`, if it has one: the first [`ATTRIBUTED`] have 64512:1 until
+/// a change gives one of them its own.
+fn community_of(i: usize, changed: &std::collections::BTreeMap<usize, u32>) -> Option<u32> {
+    changed.get(&i).copied().or((i < ATTRIBUTED).then_some(1))
+}
+
+/// Which Service the `n`th change goes to, and the community no Service had before it.
+fn change(n: usize) -> (usize, u32) {
+    (n * 5 % ATTRIBUTED, 1_000 + n as u32)
+}
+
+fn lbagent_attribute_changes(
+    lab: &Lab,
+    lbagent: &Path,
+    monitor: &RouteMonitor,
+) -> Result<(Vec<Duration>, usize)> {
+    let services = |changed: &std::collections::BTreeMap<usize, u32>| {
+        let mut text = String::from("services:\n");
+        for i in 0..SERVICES {
+            let bgp = community_of(i, changed).map_or_else(String::new, |c| {
+                format!(", bgp: {{communities: [\"64512:{c}\"]}}")
+            });
+            let _ = writeln!(
+                text,
+                "- {{name: s{i}, addresses: [{}]{bgp}}}",
+                service_address(i)
+            );
+        }
+        text
+    };
+    let mut changed = std::collections::BTreeMap::new();
+    monitor.clear();
+    lab.write_services_text(&services(&changed))?;
+    let started = Instant::now();
+    let mut agent = lab.start_agent_with(lbagent, ATTRIBUTES)?;
+    let wanted: BTreeSet<String> = (0..SERVICES).map(service_address).collect();
+    monitor.wait_for_all(&wanted, started, Duration::from_secs(120))?;
+    lab.wait_community(&service_address(0), 1, Duration::from_secs(30))?;
+    let before = agent.log()?.matches("reconfiguring BIRD").count();
+    let mut times = Vec::new();
+    for n in 0..CHANGES {
+        let (i, community) = change(n);
+        changed.insert(i, community);
+        let started = lab.write_services_text(&services(&changed))?;
+        lab.wait_community(&service_address(i), community, Duration::from_secs(30))?;
+        times.push(started.elapsed());
+    }
+    let reloads = agent.log()?.matches("reconfiguring BIRD").count() - before;
+    agent.stop();
+    lab.cleanup(lbagent)?;
+    wait(Duration::from_secs(60), || lab.bgp_routes() == 0)
+        .context("the router kept lbagent's routes")?;
+    Ok((times, reloads))
+}
+
+/// The operator's way: the attributed addresses listed in the export filter by community,
+/// the changed one moved to its own, the file rewritten and `birdc configure`.
+fn plain_attribute_changes(lab: &Lab, monitor: &RouteMonitor) -> Result<Vec<Duration>> {
+    let conf = lab.dir.join("plain-bird.conf");
+    let socket = lab.dir.join("plain-bird.ctl");
+    let write_config = |changed: &std::collections::BTreeMap<usize, u32>| -> Result<()> {
+        let mut by_community: std::collections::BTreeMap<u32, Vec<String>> = Default::default();
+        for i in 0..SERVICES {
+            if let Some(c) = community_of(i, changed) {
+                by_community
+                    .entry(c)
+                    .or_default()
+                    .push(format!("{}/32", service_address(i)));
+            }
+        }
+        let mut filter = String::new();
+        for (c, nets) in &by_community {
+            let _ = writeln!(
+                filter,
+                "  if net ~ [ {} ] then bgp_community.add((64512, {c}));",
+                nets.join(", ")
+            );
+        }
+        let text = format!(
+            "router id 10.0.0.11;
+protocol device {{ scan time 2; }}
+protocol direct {{ ipv4; ipv6; interface \"kube-lb0\"; }}
+filter vips {{
+  if source != RTS_DEVICE then reject;
+{filter}  accept;
+}}
+protocol bgp up4 {{ local as 64512; neighbor 10.0.0.1 as 64500; hold time 9; keepalive time 1; connect retry time 1;
+  ipv4 {{ import none; export filter vips; }}; }}
+protocol bgp up6 {{ local as 64512; neighbor fd00::1 as 64500; hold time 9; keepalive time 1; connect retry time 1;
+  ipv6 {{ import none; export filter vips; }}; }}
+"
+        );
+        std::fs::write(&conf, text)?;
+        Ok(())
+    };
+    let mut changed = std::collections::BTreeMap::new();
+    write_config(&changed)?;
+    let mut bird = Command::new("ip")
+        .args(["netns", "exec", &lab.node, "bird", "-f", "-c"])
+        .arg(&conf)
+        .arg("-s")
+        .arg(&socket)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
+    wait(Duration::from_secs(10), || socket.exists()).context("plain BIRD did not start")?;
+    lab.wait_established()?;
+    let mut batch = String::from("link add kube-lb0 type ifb\nlink set kube-lb0 up\n");
+    for i in 0..SERVICES {
+        writeln!(batch, "address add {}/32 dev kube-lb0", service_address(i))?;
+    }
+    std::fs::write(lab.dir.join("batch"), batch)?;
+    monitor.clear();
+    let started = Instant::now();
+    cmd::output(
+        Command::new("ip")
+            .args(["-n", &lab.node, "-batch"])
+            .arg(lab.dir.join("batch")),
+    )?;
+    let wanted: BTreeSet<String> = (0..SERVICES).map(service_address).collect();
+    monitor.wait_for_all(&wanted, started, Duration::from_secs(120))?;
+    lab.wait_community(&service_address(0), 1, Duration::from_secs(30))?;
+    let mut times = Vec::new();
+    for n in 0..CHANGES {
+        let (i, community) = change(n);
+        changed.insert(i, community);
+        let started = Instant::now();
+        write_config(&changed)?;
+        cmd::output(
+            Command::new("birdc")
+                .arg("-s")
+                .arg(&socket)
+                .arg("configure"),
+        )?;
+        lab.wait_community(&service_address(i), community, Duration::from_secs(30))?;
+        times.push(started.elapsed());
+    }
+    let _ = bird.kill();
+    let _ = bird.wait();
+    Ok(times)
 }
 
 fn percentile(values: &[Duration], p: usize) -> Duration {
@@ -394,10 +580,14 @@ impl Lab {
     }
 
     fn write_services(&self, addresses: &[String]) -> Result<Instant> {
-        let text = format!(
+        self.write_services_text(&format!(
             "services:\n- {{name: bench, addresses: [{}]}}\n",
             addresses.join(", ")
-        );
+        ))
+    }
+
+    /// Writes the services file whole (a rename), and returns when it appeared.
+    fn write_services_text(&self, text: &str) -> Result<Instant> {
         let tmp = self.dir.join("services.yaml.tmp");
         std::fs::write(&tmp, text)?;
         let started = Instant::now();
@@ -409,12 +599,17 @@ impl Lab {
         self.dir.join("lbagent.yaml")
     }
 
-    fn start_agent(&self, lbagent: &Path, addresses: &[String]) -> Result<Agent> {
+    fn start_agent(&self, lbagent: &Path, addresses: &[String], routing: &str) -> Result<Agent> {
         self.write_services(addresses)?;
+        self.start_agent_with(lbagent, routing)
+    }
+
+    /// `routing`: more lines of the routing section, before its `bgp`.
+    fn start_agent_with(&self, lbagent: &Path, routing: &str) -> Result<Agent> {
         std::fs::write(
             self.config(),
             format!(
-                "node: {{name: bench}}\nsource: {{file: {{path: services.yaml}}}}\nstatus: {{path: {dir}/status.json}}\nrouting:\n  stateDir: {dir}/bird\n  bgp:\n    - {{name: up4, neighbor: 10.0.0.1, asn: 64500, localAsn: 64512, holdTime: 9s, keepaliveTime: 1s, connectRetryTime: 1s}}\n    - {{name: up6, neighbor: \"fd00::1\", asn: 64500, localAsn: 64512, holdTime: 9s, keepaliveTime: 1s, connectRetryTime: 1s}}\n",
+                "node: {{name: bench}}\nsource: {{file: {{path: services.yaml}}}}\nstatus: {{path: {dir}/status.json}}\nrouting:\n  stateDir: {dir}/bird\n{routing}  bgp:\n    - {{name: up4, neighbor: 10.0.0.1, asn: 64500, localAsn: 64512, holdTime: 9s, keepaliveTime: 1s, connectRetryTime: 1s}}\n    - {{name: up6, neighbor: \"fd00::1\", asn: 64500, localAsn: 64512, holdTime: 9s, keepaliveTime: 1s, connectRetryTime: 1s}}\n",
                 dir = self.dir.display()
             ),
         )?;
@@ -498,6 +693,22 @@ protocol bgp up6 { local as 64512; neighbor fd00::1 as 64500; hold time 9; keepa
                 })
             })
             .sum()
+    }
+
+    /// Waits until the router's bgpd shows community 64512:`community` on `address`.
+    fn wait_community(&self, address: &str, community: u32, timeout: Duration) -> Result<()> {
+        let vty = self.dir.join("frr");
+        let needle = format!("\"64512:{community}\"");
+        wait(timeout, || {
+            cmd::output(
+                Command::new("vtysh")
+                    .args(["-H", "/dev/null", "--vty_socket"])
+                    .arg(&vty)
+                    .args(["-c", &format!("show bgp ipv4 unicast {address}/32 json")]),
+            )
+            .is_ok_and(|json| json.contains(&needle))
+        })
+        .with_context(|| format!("the router never showed 64512:{community} on {address}"))
     }
 
     /// Waits until the router's bgpd has both sessions up.

@@ -53,6 +53,12 @@ pub fn run(command: Command, out: &mut impl Write) -> Result<()> {
     for warning in warnings {
         tracing::warn!("{warning}");
     }
-    write!(out, "{}", render_for_mode(&node, router_id, &interface))?;
+    // The Services' attribute sets live in the running agent: this shows the config without them.
+    let sets = crate::sinks::routing::marks::AttributeSets::new();
+    write!(
+        out,
+        "{}",
+        render_for_mode(&node, &sets, router_id, &interface)
+    )?;
     Ok(())
 }

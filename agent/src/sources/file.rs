@@ -8,6 +8,10 @@
 //!       - {port: 80, protocol: TCP}     # TCP (default), UDP or SCTP
 //!     sourceRanges: [198.51.100.0/24]   # optional; empty allows every source
 //!     externalTrafficPolicy: Cluster    # optional; Cluster or Local
+//!     bgp:                              # optional; what routing.serviceAttributes allows
+//!       communities: ["64512:100"]
+//!       largeCommunities: ["64512:1:2"]
+//!       asPathPrepend: 2
 //! ```
 //!
 //! An entry that fails validation is rejected with a reason naming the service and the value;
@@ -20,7 +24,7 @@
 //! parsed on a blocking thread, so that even a big file never holds up healing.
 
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeMap, BTreeSet},
     net::IpAddr,
     ops::ControlFlow,
     path::{Path, PathBuf},
@@ -34,8 +38,8 @@ use tracing::{error, info, warn};
 use crate::{
     address,
     desired::{
-        self, Desired, NodeLabels, PortSpec, Protocol, Rejected, Service, SourceUpdate,
-        TrafficPolicy,
+        self, AttributePolicy, AttributeRequest, Desired, NodeLabels, PortSpec, Protocol, Rejected,
+        Service, SourceUpdate, TrafficPolicy,
     },
     watch::FileEvent,
     yaml::{self, Limits},
@@ -108,6 +112,26 @@ struct RawService {
     #[serde(default)]
     source_ranges: Vec<String>,
     external_traffic_policy: Option<String>,
+    bgp: Option<RawBgpAttributes>,
+}
+
+/// As written: the routing section's allow-list decides what is kept.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawBgpAttributes {
+    #[serde(default)]
+    communities: Vec<serde_json::Value>,
+    #[serde(default)]
+    large_communities: Vec<serde_json::Value>,
+    as_path_prepend: Option<serde_json::Value>,
+}
+
+/// A scalar as text (`2` and `"2"` alike), anything else as its JSON.
+fn text(value: &serde_json::Value) -> String {
+    match value {
+        serde_json::Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
 }
 
 #[derive(Deserialize)]
@@ -139,6 +163,7 @@ pub fn parse(text: &str, path: &Path) -> Result<SourceUpdate, FileError> {
 
     let mut services = Vec::new();
     let mut rejected = Vec::new();
+    let mut attribute_requests = BTreeMap::new();
     let mut names = BTreeSet::new();
     for (index, value) in raw.services.into_iter().enumerate() {
         let fallback_name = value
@@ -149,14 +174,19 @@ pub fn parse(text: &str, path: &Path) -> Result<SourceUpdate, FileError> {
             .map_err(|err| format!("services[{index}]: {err}"))
             .and_then(|raw| validate(raw, index));
         match result {
-            Ok(service) if !names.insert(service.name.clone()) => rejected.push(Rejected {
+            Ok((service, _)) if !names.insert(service.name.clone()) => rejected.push(Rejected {
                 service: service.name.clone(),
                 reason: format!(
                     "services[{index}]: name {:?} is used by an earlier entry",
                     service.name
                 ),
             }),
-            Ok(service) => services.push(service),
+            Ok((service, request)) => {
+                if request != AttributeRequest::default() {
+                    attribute_requests.insert(service.name.clone(), request);
+                }
+                services.push(service);
+            }
             Err(reason) => rejected.push(Rejected {
                 service: fallback_name,
                 reason,
@@ -166,10 +196,12 @@ pub fn parse(text: &str, path: &Path) -> Result<SourceUpdate, FileError> {
     Ok(SourceUpdate {
         desired: Desired::from_services(&services),
         rejected,
+        attribute_requests,
+        refused_attributes: Vec::new(),
     })
 }
 
-fn validate(raw: RawService, index: usize) -> Result<Service, String> {
+fn validate(raw: RawService, index: usize) -> Result<(Service, AttributeRequest), String> {
     let at = |field: &str| format!("services[{index}] {:?}: {field}", raw.name);
     if raw.name.trim().is_empty() || raw.name.chars().any(char::is_control) {
         return Err(format!(
@@ -221,13 +253,34 @@ fn validate(raw: RawService, index: usize) -> Result<Service, String> {
             ));
         }
     };
-    Ok(Service {
-        name: raw.name,
-        addresses,
-        ports,
-        source_ranges,
-        traffic_policy,
-    })
+    let mut request = AttributeRequest::default();
+    if let Some(bgp) = &raw.bgp {
+        let field = |f: &str| format!("services[{index}] {:?}: bgp.{f}", raw.name);
+        for (i, value) in bgp.communities.iter().enumerate() {
+            request
+                .communities
+                .push((field(&format!("communities[{i}]")), text(value)));
+        }
+        for (i, value) in bgp.large_communities.iter().enumerate() {
+            request
+                .large_communities
+                .push((field(&format!("largeCommunities[{i}]")), text(value)));
+        }
+        request.prepend = bgp
+            .as_path_prepend
+            .as_ref()
+            .map(|value| (field("asPathPrepend"), text(value)));
+    }
+    Ok((
+        Service {
+            name: raw.name,
+            addresses,
+            ports,
+            source_ranges,
+            traffic_policy,
+        },
+        request,
+    ))
 }
 
 /// Publishes the file's services, then follows every change to it, and re-reads it whenever
@@ -288,17 +341,29 @@ pub async fn watch(
 }
 
 /// Puts the node's labels (the config's `node.labels`, followed as the config changes) into
-/// each update the services file gives, until either side is gone.
+/// each update the services file gives, and the Services' BGP attributes that the routing
+/// section's allow-list admits, until either side is gone.
 pub async fn with_node_labels(
     mut services: watch::Receiver<Option<SourceUpdate>>,
     mut labels: watch::Receiver<NodeLabels>,
+    mut policy: watch::Receiver<AttributePolicy>,
     updates: watch::Sender<Option<SourceUpdate>>,
 ) {
+    let mut refused = Vec::new();
     loop {
         let combined = services.borrow_and_update().clone().map(|mut update| {
             update.desired.node_labels = labels.borrow_and_update().clone();
+            policy.borrow_and_update().apply(&mut update);
             update
         });
+        if let Some(update) = &combined {
+            for refusal in &update.refused_attributes {
+                if !refused.contains(refusal) {
+                    warn!(service = %refusal.service, reason = %refusal.reason, "BGP attribute refused");
+                }
+            }
+            refused.clone_from(&update.refused_attributes);
+        }
         if combined.is_some() {
             updates.send_if_modified(|current| {
                 let changed = *current != combined;
@@ -311,6 +376,7 @@ pub async fn with_node_labels(
         tokio::select! {
             changed = services.changed() => if changed.is_err() { return },
             changed = labels.changed() => if changed.is_err() { return },
+            changed = policy.changed() => if changed.is_err() { return },
             () = updates.closed() => return,
         }
     }

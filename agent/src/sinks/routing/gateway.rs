@@ -135,3 +135,13 @@ pub fn follow() -> std::io::Result<mpsc::Receiver<()>> {
     });
     Ok(rx)
 }
+
+/// The index of the interface named `name`, if there is one.
+pub async fn index_of(handle: &Handle, name: &str) -> Result<Option<u32>, rtnetlink::Error> {
+    let mut links = handle.link().get().match_name(name.to_owned()).execute();
+    match links.try_next().await {
+        Ok(link) => Ok(link.map(|link| link.header.index)),
+        Err(err) if crate::sinks::errno(&err) == Some(libc::ENODEV) => Ok(None),
+        Err(err) => Err(err),
+    }
+}

@@ -10,6 +10,7 @@
 
 pub mod control;
 pub mod gateway;
+pub mod marks;
 pub mod model;
 pub mod plan;
 pub mod render;
@@ -761,6 +762,10 @@ pub struct RoutingSink {
     route_changes: mpsc::Receiver<()>,
     /// What the last pass warned about, so each warning is logged once.
     warned: Vec<String>,
+    /// The kernel table of the marks (per-Service attributes), as last configured.
+    marks_table: u32,
+    /// The attribute sets the config BIRD was handed maps, with their ids.
+    sets: marks::AttributeSets,
     /// The config BIRD is handed; the task applies each new one.
     handed: watch::Sender<String>,
     status: watch::Receiver<RoutingStatus>,
@@ -843,6 +848,11 @@ impl RoutingSink {
             netlink,
             route_changes,
             warned: Vec::new(),
+            marks_table: config
+                .service_attributes
+                .as_ref()
+                .map_or(model::DEFAULT_MARKS_TABLE, |attributes| attributes.table),
+            sets: marks::AttributeSets::new(),
             handed,
             status,
         };
@@ -850,11 +860,14 @@ impl RoutingSink {
     }
 }
 
-/// What the routing sink finds: the config BIRD was last handed, and the node's default
-/// gateways.
+/// What the routing sink finds: the config BIRD was last handed, the node's default
+/// gateways, the marks table and the addresses on the load-balancer interface.
 pub struct ObservedRouting {
     pub handed: String,
     pub gateways: gateway::Gateways,
+    pub marks: marks::Marks,
+    /// The interface's index and addresses (`None`: it is not there).
+    pub interface: Option<(u32, std::collections::BTreeSet<std::net::IpAddr>)>,
 }
 
 impl Sink for RoutingSink {
@@ -863,24 +876,48 @@ impl Sink for RoutingSink {
     type Error = RoutingError;
 
     async fn observe(&mut self) -> Result<ObservedRouting, RoutingError> {
+        let interface = match gateway::index_of(&self.netlink, self.interface.as_str()).await? {
+            Some(index) => Some((index, marks::addresses_on(&self.netlink, index).await?)),
+            None => None,
+        };
         Ok(ObservedRouting {
             handed: self.handed.borrow().clone(),
             gateways: gateway::read(&self.netlink).await?,
+            marks: marks::read(&self.netlink, self.marks_table).await?,
+            interface,
         })
     }
 
     fn plan(&self, wanted: &Wanted<'_>, observed: &ObservedRouting) -> plan::Plan {
-        plan::plan(
+        let none = std::collections::BTreeSet::new();
+        let on_interface = observed.interface.as_ref().map_or(&none, |(_, a)| a);
+        let marks = plan::plan_marks(
             wanted.routing,
-            &wanted.desired.node_labels,
-            &observed.gateways,
-            self.router_id_default,
-            &self.interface,
-            &observed.handed,
-        )
+            wanted.desired,
+            on_interface,
+            &self.sets,
+            &observed.marks,
+        );
+        plan::Plan {
+            marks: marks.clone(),
+            ..plan::plan(
+                wanted.routing,
+                &wanted.desired.node_labels,
+                &observed.gateways,
+                self.router_id_default,
+                &self.interface,
+                &observed.handed,
+                &marks.sets,
+            )
+        }
     }
 
-    async fn apply(&mut self, plan: plan::Plan, _: ObservedRouting, _: &Wanted<'_>) -> Vec<String> {
+    async fn apply(
+        &mut self,
+        plan: plan::Plan,
+        observed: ObservedRouting,
+        wanted: &Wanted<'_>,
+    ) -> Vec<String> {
         for warning in &plan.warnings {
             if !self.warned.contains(warning) {
                 warn!("{warning}");
@@ -895,7 +932,45 @@ impl Sink for RoutingSink {
             }
             self.handed.send_replace(text);
         }
-        Vec::new()
+        if plan.marks.sets != self.sets {
+            info!(
+                sets = plan.marks.sets.len(),
+                "Services' BGP attribute sets changed"
+            );
+        }
+        self.sets = plan.marks.sets.clone();
+        let Some((index, _)) = observed.interface else {
+            return Vec::new();
+        };
+        let table = wanted
+            .routing
+            .and_then(|r| r.service_attributes.as_ref())
+            .map_or(self.marks_table, |attributes| attributes.table);
+        if table == self.marks_table {
+            return marks::apply(&self.netlink, table, index, &plan.marks).await;
+        }
+        // The table moved: empty the old one, fill the new one.
+        let mut errors = marks::apply(
+            &self.netlink,
+            self.marks_table,
+            index,
+            &marks::MarkPlan {
+                remove: observed
+                    .marks
+                    .iter()
+                    .flat_map(|(address, metrics)| metrics.iter().map(|m| (*address, *m)))
+                    .collect(),
+                ..marks::MarkPlan::default()
+            },
+        )
+        .await;
+        self.marks_table = table;
+        let fill = marks::MarkPlan {
+            add: plan.marks.wanted.iter().map(|(a, id)| (*a, *id)).collect(),
+            ..marks::MarkPlan::default()
+        };
+        errors.extend(marks::apply(&self.netlink, table, index, &fill).await);
+        errors
     }
 
     fn report(&self) -> Report {

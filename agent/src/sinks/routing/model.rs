@@ -13,6 +13,7 @@ use ipnet::IpNet;
 use serde::Deserialize;
 
 use super::selector::{NodeSelector, RawSelector};
+use crate::desired::{AttributePolicy, Part};
 
 /// A validation failure: the field (as a path in the config), the value, and what is allowed.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -159,6 +160,8 @@ pub struct RoutingConfig {
     pub bgp: Vec<BgpNeighbor>,
     pub ospf: Vec<Ospf>,
     pub rip: Vec<Rip>,
+    /// `None`: Services set no BGP attributes (any they ask for is refused).
+    pub service_attributes: Option<ServiceAttributes>,
 }
 
 /// What is advertised: kube-lb0's host routes, optionally only inside some prefixes, and
@@ -261,6 +264,7 @@ pub struct RawRouting {
     ospf: Vec<RawOspf>,
     #[serde(default)]
     rip: Vec<RawRip>,
+    service_attributes: Option<RawServiceAttributes>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -699,6 +703,11 @@ impl RawRouting {
             });
         }
 
+        let service_attributes = self
+            .service_attributes
+            .map(RawServiceAttributes::validate)
+            .transpose()?;
+
         Ok(RoutingConfig {
             mode,
             router_id,
@@ -706,8 +715,96 @@ impl RawRouting {
             bgp,
             ospf,
             rip,
+            service_attributes,
         })
     }
+}
+
+/// Per-Service BGP attributes: which values Services may set, and the kernel table that
+/// carries each address's set to BIRD (see `marks.rs`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServiceAttributes {
+    pub table: u32,
+    pub policy: AttributePolicy,
+}
+
+pub const DEFAULT_MARKS_TABLE: u32 = 200;
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawServiceAttributes {
+    kernel_table: Option<i64>,
+    #[serde(default)]
+    communities: Vec<String>,
+    #[serde(default)]
+    large_communities: Vec<String>,
+    max_prepend: Option<i64>,
+}
+
+impl RawServiceAttributes {
+    fn validate(self) -> Result<ServiceAttributes, FieldError> {
+        let at = |f: &str| format!("routing.serviceAttributes.{f}");
+        let table = number::<u32>(
+            self.kernel_table.unwrap_or(DEFAULT_MARKS_TABLE.into()),
+            1,
+            u32::MAX.into(),
+            &at("kernelTable"),
+            "a routing table id no one else uses: 1-252 or 256-4294967295",
+        )?;
+        if matches!(table, 253..=255) {
+            return Err(FieldError::new(
+                at("kernelTable"),
+                table,
+                "a routing table id no one else uses: 1-252 or 256-4294967295",
+            ));
+        }
+        let mut policy = AttributePolicy {
+            max_prepend: self
+                .max_prepend
+                .map(|n| number(n, 0, 32, &at("maxPrepend"), "a count, 0-32"))
+                .transpose()?
+                .unwrap_or(0),
+            ..AttributePolicy::default()
+        };
+        for (i, text) in self.communities.iter().enumerate() {
+            let parts = pattern::<2>(text, u16::MAX.into()).ok_or_else(|| {
+                FieldError::new(
+                    at(&format!("communities[{i}]")),
+                    format!("{text:?}"),
+                    "ASN:VALUE, each 0-65535 or *",
+                )
+            })?;
+            policy.communities.push(parts);
+        }
+        for (i, text) in self.large_communities.iter().enumerate() {
+            let parts = pattern::<3>(text, u32::MAX).ok_or_else(|| {
+                FieldError::new(
+                    at(&format!("largeCommunities[{i}]")),
+                    format!("{text:?}"),
+                    "ASN:DATA1:DATA2, each 0-4294967295 or *",
+                )
+            })?;
+            policy.large_communities.push(parts);
+        }
+        Ok(ServiceAttributes { table, policy })
+    }
+}
+
+/// `N` parts separated by `:`, each a number up to `max` or `*`.
+fn pattern<const N: usize>(text: &str, max: u32) -> Option<[Part; N]> {
+    let mut parts = [None; N];
+    let mut split = text.split(':');
+    for part in &mut parts {
+        let piece = split.next()?;
+        *part = if piece == "*" {
+            None
+        } else if !piece.is_empty() && piece.bytes().all(|b| b.is_ascii_digit()) {
+            Some(piece.parse::<u32>().ok().filter(|n| *n <= max)?)
+        } else {
+            return None;
+        };
+    }
+    split.next().is_none().then_some(parts)
 }
 
 fn family(text: &str, field: &str) -> Result<Family, FieldError> {
@@ -877,6 +974,59 @@ mod tests {
         let config = validate("ospf: [{family: ipv4, area: 1, interfaces: [{name: eth0}]}, {family: ipv6, area: \"0.0.0.2\", interfaces: [{name: eth0}]}]").unwrap();
         assert_eq!(config.ospf[0].area, Ipv4Addr::new(0, 0, 0, 1));
         assert_eq!(config.ospf[1].area, Ipv4Addr::new(0, 0, 0, 2));
+    }
+
+    #[test]
+    fn service_attribute_allow_lists_take_numbers_and_wildcards() {
+        let config = validate(
+            "serviceAttributes: {communities: [\"64512:100\", \"64512:*\"], largeCommunities: [\"64512:*:7\"], maxPrepend: 3}",
+        )
+        .unwrap();
+        let attributes = config.service_attributes.unwrap();
+        assert_eq!(attributes.table, DEFAULT_MARKS_TABLE);
+        assert_eq!(
+            attributes.policy.communities,
+            [[Some(64512), Some(100)], [Some(64512), None]]
+        );
+        assert_eq!(
+            attributes.policy.large_communities,
+            [[Some(64512), None, Some(7)]]
+        );
+        assert_eq!(attributes.policy.max_prepend, 3);
+        for (yaml, field, value) in [
+            (
+                "serviceAttributes: {communities: [\"64512:70000\"]}",
+                "routing.serviceAttributes.communities[0]",
+                "\"64512:70000\"",
+            ),
+            (
+                "serviceAttributes: {communities: [\"64512\"]}",
+                "routing.serviceAttributes.communities[0]",
+                "\"64512\"",
+            ),
+            (
+                "serviceAttributes: {largeCommunities: [\"1:2:3:4\"]}",
+                "routing.serviceAttributes.largeCommunities[0]",
+                "\"1:2:3:4\"",
+            ),
+            (
+                "serviceAttributes: {maxPrepend: 33}",
+                "routing.serviceAttributes.maxPrepend",
+                "33",
+            ),
+            (
+                "serviceAttributes: {kernelTable: 254}",
+                "routing.serviceAttributes.kernelTable",
+                "254",
+            ),
+        ] {
+            let err = validate(yaml).unwrap_err();
+            assert_eq!(
+                (err.field.as_str(), err.value.as_str()),
+                (field, value),
+                "{yaml}"
+            );
+        }
     }
 
     #[test]

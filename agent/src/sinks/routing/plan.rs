@@ -5,14 +5,18 @@
 //! labels (from the desired state), and a `neighbor: gateway` entry becomes one session per
 //! next hop of the node's default route (observed by the sink).
 
-use std::net::Ipv4Addr;
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::{IpAddr, Ipv4Addr},
+};
 
 use super::{
     gateway::Gateways,
+    marks::{self, AttributeSets, MarkPlan, Marks},
     model::{BgpNeighbor, Family, IfaceName, Peer, RoutingConfig, Symbol},
     render::render_for_mode,
 };
-use crate::desired::NodeLabels;
+use crate::desired::{Desired, NodeLabels};
 
 /// What the sink does on a pass.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -22,6 +26,9 @@ pub struct Plan {
     pub config: Option<String>,
     /// Entries this node cannot run as written, each naming the field and the value.
     pub warnings: Vec<String>,
+    /// The marks (per-Service attributes) to add and remove, and the attribute sets the
+    /// config maps.
+    pub marks: MarkPlan,
 }
 
 pub fn plan(
@@ -31,6 +38,7 @@ pub fn plan(
     router_id_default: Option<Ipv4Addr>,
     interface: &IfaceName,
     handed: &str,
+    sets: &AttributeSets,
 ) -> Plan {
     let Some(config) = wanted else {
         return Plan::default();
@@ -39,9 +47,28 @@ pub fn plan(
     let config = config
         .router_id
         .or(router_id_default)
-        .map(|router_id| render_for_mode(&node, router_id, interface))
+        .map(|router_id| render_for_mode(&node, sets, router_id, interface))
         .filter(|text| text != handed);
-    Plan { config, warnings }
+    Plan {
+        config,
+        warnings,
+        marks: MarkPlan::default(),
+    }
+}
+
+/// The marks for the Services' attributes: none when the routing section allows no
+/// attributes (and any left from before go).
+pub fn plan_marks(
+    wanted: Option<&RoutingConfig>,
+    desired: &Desired,
+    on_interface: &BTreeSet<IpAddr>,
+    previous: &AttributeSets,
+    observed: &Marks,
+) -> MarkPlan {
+    match wanted.and_then(|routing| routing.service_attributes.as_ref()) {
+        Some(_) => marks::plan(&marks::wanted(desired, on_interface), previous, observed),
+        None => marks::plan(&BTreeMap::new(), &AttributeSets::new(), observed),
+    }
 }
 
 /// The protocols this node runs: those its labels select, with each gateway entry expanded
@@ -170,27 +197,28 @@ mod tests {
         let id = Some(Ipv4Addr::new(10, 0, 0, 1));
         let none = NodeLabels::new();
         let gw = Gateways::new();
+        let sets = AttributeSets::new();
         let one = config("bgp: [{neighbor: 10.0.0.2, asn: 64500, localAsn: 64512}]");
-        let text = plan(Some(&one), &none, &gw, id, &interface, "")
+        let text = plan(Some(&one), &none, &gw, id, &interface, "", &sets)
             .config
             .expect("a first config");
         assert!(text.contains("64500"), "{text}");
         assert_eq!(
-            plan(Some(&one), &none, &gw, id, &interface, &text).config,
+            plan(Some(&one), &none, &gw, id, &interface, &text, &sets).config,
             None
         );
         let two = config("bgp: [{neighbor: 10.0.0.2, asn: 64501, localAsn: 64512}]");
         assert!(
-            plan(Some(&two), &none, &gw, id, &interface, &text)
+            plan(Some(&two), &none, &gw, id, &interface, &text, &sets)
                 .config
                 .is_some_and(|t| t.contains("64501"))
         );
         assert_eq!(
-            plan(None, &none, &gw, id, &interface, &text),
+            plan(None, &none, &gw, id, &interface, &text, &sets),
             Plan::default()
         );
         assert_eq!(
-            plan(Some(&one), &none, &gw, None, &interface, "").config,
+            plan(Some(&one), &none, &gw, None, &interface, "", &sets).config,
             None,
             "no router id"
         );

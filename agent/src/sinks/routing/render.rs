@@ -3,13 +3,17 @@
 //!
 //! The filters match the direct protocol by name and keep only host routes, so they never
 //! change when addresses do: BIRD follows kube-lb0 by netlink, and address changes need no
-//! reload.
+//! reload. Per-Service attributes come the same way, through the kernel (`marks.rs`): the
+//! filters map attribute sets, never addresses.
 
 use std::{fmt::Write as _, net::Ipv4Addr};
 
 use ipnet::IpNet;
 
-use super::model::{BgpNeighbor, Family, IfaceName, Ospf, OspfType, Peer, Rip, RoutingConfig};
+use super::{
+    marks::{AttributeSets, MARKS4, MARKS6, PREFERENCE},
+    model::{BgpNeighbor, Family, IfaceName, Ospf, OspfType, Peer, Rip, RoutingConfig},
+};
 
 pub const DEVICE: &str = "lbagent_device";
 pub const DIRECT: &str = "lbagent_direct";
@@ -28,8 +32,10 @@ pub enum Scope {
 
 /// The config for `config`'s mode: BIRD's whole config when lbagent runs BIRD, an include
 /// for the operator's BIRD otherwise.
+/// `sets`: the Services' attribute sets in use and their ids (the metrics of their marks).
 pub fn render_for_mode(
     config: &RoutingConfig,
+    sets: &AttributeSets,
     router_id: Ipv4Addr,
     interface: &IfaceName,
 ) -> String {
@@ -37,15 +43,32 @@ pub fn render_for_mode(
         super::model::Mode::Managed { .. } => Scope::WholeConfig,
         super::model::Mode::External { .. } => Scope::Include,
     };
-    render(config, router_id, interface, scope)
+    render_with_sets(config, sets, router_id, interface, scope)
 }
 
+/// Without the Services' attribute sets (the tests' shorthand).
+#[cfg(test)]
 pub fn render(
     config: &RoutingConfig,
     router_id: Ipv4Addr,
     interface: &IfaceName,
     scope: Scope,
 ) -> String {
+    render_with_sets(config, &AttributeSets::new(), router_id, interface, scope)
+}
+
+/// A BGP export filter is made for each combination of these that a neighbour has: the AS
+/// that Services' prepends repeat (eBGP only), its MED and its local preference.
+type FilterKey = (Option<u32>, Option<u32>, Option<u32>);
+
+pub fn render_with_sets(
+    config: &RoutingConfig,
+    sets: &AttributeSets,
+    router_id: Ipv4Addr,
+    interface: &IfaceName,
+    scope: Scope,
+) -> String {
+    let marked = config.service_attributes.is_some();
     let mut w = Writer::default();
     w.line("# Written by lbagent from its config; changes here are overwritten.");
     if scope == Scope::WholeConfig {
@@ -64,33 +87,41 @@ pub fn render(
         w.line("ipv6;");
         w.line(&format!("interface \"{}\";", interface.as_str()));
     });
-    w.block(&format!("filter {EXPORT}"), "", |w| {
-        export_checks(w, &config.export.prefixes)
-    });
-    w.block(&format!("filter {EXPORT_BGP}"), "", |w| {
-        export_checks_without_accept(w, &config.export.prefixes);
-        for (asn, value) in &config.export.communities {
-            w.line(&format!("bgp_community.add(({asn}, {value}));"));
+    if let Some(attributes) = &config.service_attributes {
+        // The marks table: its routes win over the direct ones, and carry the set's id.
+        for (name, family) in [(MARKS4, "ipv4"), (MARKS6, "ipv6")] {
+            w.block(&format!("protocol kernel {name}"), "", |w| {
+                w.line(&format!(
+                    "{family} {{ preference {PREFERENCE}; import all; export none; }};"
+                ));
+                w.line(&format!("kernel table {};", attributes.table));
+                w.line("learn;");
+                w.line("scan time 2;");
+            });
         }
-        w.line("accept;");
+    }
+    w.block(&format!("filter {EXPORT}"), "", |w| {
+        export_checks(w, &config.export.prefixes, marked)
     });
-    // Neighbours with a MED or local preference get a filter per set of values (named by
-    // them, so it stays put while nodes and addresses change): the same checks, then the
-    // attributes. Still no address in it, so addresses never reload BIRD.
-    let attributes: std::collections::BTreeSet<(Option<u32>, Option<u32>)> = config
-        .bgp
-        .iter()
-        .map(|n| (n.med, n.local_pref))
-        .filter(|&(med, local_pref)| med.is_some() || local_pref.is_some())
+    // Every BGP neighbour exports through a filter named by its key (so it stays put while
+    // nodes and addresses change): the same checks, the config's communities, the Services'
+    // attributes by set id, then the neighbour's MED and local preference. Still no address
+    // in it, so addresses never reload BIRD.
+    let prepends = sets.keys().any(|set| set.prepend > 0);
+    let keys: std::collections::BTreeSet<FilterKey> = std::iter::once((None, None, None))
+        .chain(config.bgp.iter().map(|n| filter_key(n, prepends)))
         .collect();
-    for (med, local_pref) in attributes {
+    for (prepend_as, med, local_pref) in keys {
         w.block(
-            &format!("filter {}", attribute_filter(med, local_pref)),
+            &format!("filter {}", bgp_filter(prepend_as, med, local_pref)),
             "",
             |w| {
-                export_checks_without_accept(w, &config.export.prefixes);
+                export_checks_without_accept(w, &config.export.prefixes, marked);
                 for (asn, value) in &config.export.communities {
                     w.line(&format!("bgp_community.add(({asn}, {value}));"));
+                }
+                if marked && !sets.is_empty() {
+                    service_attributes(w, sets, prepend_as);
                 }
                 if let Some(med) = med {
                     w.line(&format!("bgp_med = {med};"));
@@ -107,7 +138,7 @@ pub fn render(
     }
     let limit = config.export.max_routes;
     for neighbor in &config.bgp {
-        bgp(&mut w, neighbor, limit);
+        bgp(&mut w, neighbor, limit, prepends);
     }
     for ospf_config in &config.ospf {
         ospf(&mut w, ospf_config, limit);
@@ -118,15 +149,21 @@ pub fn render(
     w.out
 }
 
-/// Only kube-lb0's host routes: the direct protocol by name, /32 and /128, and inside the
-/// allowed prefixes if any are set.
-fn export_checks(w: &mut Writer, prefixes: &[IpNet]) {
-    export_checks_without_accept(w, prefixes);
+/// Only kube-lb0's host routes: the direct protocol by name (or the marks of its addresses),
+/// /32 and /128, and inside the allowed prefixes if any are set.
+fn export_checks(w: &mut Writer, prefixes: &[IpNet], marked: bool) {
+    export_checks_without_accept(w, prefixes, marked);
     w.line("accept;");
 }
 
-fn export_checks_without_accept(w: &mut Writer, prefixes: &[IpNet]) {
-    w.line(&format!("if proto != \"{DIRECT}\" then reject;"));
+fn export_checks_without_accept(w: &mut Writer, prefixes: &[IpNet], marked: bool) {
+    if marked {
+        w.line(&format!(
+            "if proto != \"{DIRECT}\" && proto != \"{MARKS4}\" && proto != \"{MARKS6}\" then reject;"
+        ));
+    } else {
+        w.line(&format!("if proto != \"{DIRECT}\" then reject;"));
+    }
     w.line("if net.type = NET_IP4 && net.len != 32 then reject;");
     w.line("if net.type = NET_IP6 && net.len != 128 then reject;");
     if prefixes.is_empty() {
@@ -163,14 +200,59 @@ fn channels(w: &mut Writer, families: &[Family], filter: &str, limit: Option<u32
     }
 }
 
-fn attribute_filter(med: Option<u32>, local_pref: Option<u32>) -> String {
+/// A mark's metric is its set's id: each id gets its set's communities and prepends.
+fn service_attributes(w: &mut Writer, sets: &AttributeSets, prepend_as: Option<u32>) {
+    let mut cases = Vec::new();
+    for (set, id) in sets {
+        let mut actions = Vec::new();
+        for (asn, value) in &set.communities {
+            actions.push(format!("bgp_community.add(({asn}, {value}));"));
+        }
+        for (asn, one, two) in &set.large_communities {
+            actions.push(format!("bgp_large_community.add(({asn}, {one}, {two}));"));
+        }
+        if let Some(asn) = prepend_as {
+            for _ in 0..set.prepend {
+                actions.push(format!("bgp_path.prepend({asn});"));
+            }
+        }
+        // A set of prepends only has nothing for an iBGP neighbour.
+        if !actions.is_empty() {
+            cases.push(format!("{id}: {}", actions.join(" ")));
+        }
+    }
+    if cases.is_empty() {
+        return;
+    }
+    w.block(
+        &format!("if proto = \"{MARKS4}\" || proto = \"{MARKS6}\" then"),
+        "",
+        |w| {
+            w.block("case krt_metric", "", |w| {
+                for case in &cases {
+                    w.line(case);
+                }
+            })
+        },
+    );
+}
+
+/// eBGP neighbours repeat their local AS when some Service prepends; iBGP peers would see
+/// their own AS and drop the route, so they get no prepend.
+fn filter_key(n: &BgpNeighbor, prepends: bool) -> FilterKey {
+    let prepend_as = (prepends && n.asn != n.local_asn).then_some(n.local_asn);
+    (prepend_as, n.med, n.local_pref)
+}
+
+fn bgp_filter(prepend_as: Option<u32>, med: Option<u32>, local_pref: Option<u32>) -> String {
+    let prepend_as = prepend_as.map_or_else(String::new, |a| format!("_as{a}"));
     let med = med.map_or_else(String::new, |m| format!("_med{m}"));
     let local_pref = local_pref.map_or_else(String::new, |l| format!("_lp{l}"));
-    format!("{EXPORT_BGP}{med}{local_pref}")
+    format!("{EXPORT_BGP}{prepend_as}{med}{local_pref}")
 }
 
 /// Only a gateway entry has no address, and the plan expands those before rendering.
-fn bgp(w: &mut Writer, n: &BgpNeighbor, limit: Option<u32>) {
+fn bgp(w: &mut Writer, n: &BgpNeighbor, limit: Option<u32>, prepends: bool) {
     let Peer::Address(address) = n.peer else {
         return;
     };
@@ -212,16 +294,13 @@ fn bgp(w: &mut Writer, n: &BgpNeighbor, limit: Option<u32>) {
         } else {
             "graceful restart aware;"
         });
-        if n.med.is_none() && n.local_pref.is_none() {
-            channels(w, &n.families, EXPORT_BGP, limit);
-        } else {
-            channels(
-                w,
-                &n.families,
-                &attribute_filter(n.med, n.local_pref),
-                limit,
-            );
-        }
+        let (prepend_as, med, local_pref) = filter_key(n, prepends);
+        channels(
+            w,
+            &n.families,
+            &bgp_filter(prepend_as, med, local_pref),
+            limit,
+        );
     });
 }
 
@@ -460,5 +539,75 @@ rip:
             "{text}"
         );
         bird_accepts(&text);
+    }
+
+    #[test]
+    fn service_attributes_map_set_ids_to_attributes_and_bird_accepts_them() {
+        use crate::desired::BgpAttributes;
+        let racks = config(
+            "
+serviceAttributes: {kernelTable: 210, communities: [\"64512:*\"], largeCommunities: [\"64512:*:*\"], maxPrepend: 3}
+export: {prefixes: [203.0.113.0/24]}
+bgp:
+  - {name: outer, neighbor: 10.0.0.1, asn: 64500, localAsn: 64512}
+  - {name: inner, neighbor: 10.0.0.2, asn: 64512, localAsn: 64512, med: 10}
+ospf:
+  - {name: o4, family: ipv4, area: 0, interfaces: [{name: eth0}]}
+",
+        );
+        let sets = AttributeSets::from([
+            (
+                BgpAttributes {
+                    communities: [(64512, 100)].into(),
+                    large_communities: [(64512, 1, 2)].into(),
+                    prepend: 2,
+                },
+                1,
+            ),
+            (
+                BgpAttributes {
+                    prepend: 1,
+                    ..BgpAttributes::default()
+                },
+                2,
+            ),
+        ]);
+        let text = render_with_sets(
+            &racks,
+            &sets,
+            Ipv4Addr::LOCALHOST,
+            &kube_lb0(),
+            Scope::WholeConfig,
+        );
+        for needle in [
+            "protocol kernel lbagent_marks4 {",
+            "ipv6 { preference 245; import all; export none; };",
+            "kernel table 210;",
+            "if proto != \"lbagent_direct\" && proto != \"lbagent_marks4\" && proto != \"lbagent_marks6\" then reject;",
+            "filter lbagent_export_bgp_as64512 {",
+            "1: bgp_community.add((64512, 100)); bgp_large_community.add((64512, 1, 2)); bgp_path.prepend(64512); bgp_path.prepend(64512);",
+            "2: bgp_path.prepend(64512);",
+            "export filter lbagent_export_bgp_as64512;",
+            // iBGP: communities, no prepend (its peer would drop a path with its own AS).
+            "filter lbagent_export_bgp_med10 {",
+            "export filter lbagent_export_bgp_med10;",
+        ] {
+            assert!(text.contains(needle), "no {needle:?} in\n{text}");
+        }
+        let ibgp = &text[text.find("filter lbagent_export_bgp_med10 {").unwrap()..];
+        let ibgp = &ibgp[..ibgp.find("\n}").unwrap()];
+        assert!(
+            ibgp.contains("1: bgp_community.add((64512, 100));") && !ibgp.contains("prepend"),
+            "{ibgp}"
+        );
+        bird_accepts(&text);
+        // Without sets in use, the marks are still learnt and the filters stay valid.
+        bird_accepts(&render_with_sets(
+            &racks,
+            &AttributeSets::new(),
+            Ipv4Addr::LOCALHOST,
+            &kube_lb0(),
+            Scope::WholeConfig,
+        ));
     }
 }

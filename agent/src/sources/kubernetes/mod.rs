@@ -40,7 +40,9 @@ use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
 
 use self::translate::{Selection, Translation};
-use crate::desired::{AddressState, AddressStatus, NeighbourOutcome, SourceUpdate};
+use crate::desired::{
+    AddressState, AddressStatus, AttributePolicy, NeighbourOutcome, Rejected, SourceUpdate,
+};
 
 /// One kind of call lbagent makes to the API server; the deployment's ClusterRole grants
 /// exactly these (a test checks it).
@@ -128,6 +130,7 @@ pub async fn watch(
     node_name: String,
     updates: watch::Sender<Option<SourceUpdate>>,
     mut outcomes: watch::Receiver<Option<Vec<AddressStatus>>>,
+    mut policy: watch::Receiver<AttributePolicy>,
 ) -> Result<(), KubernetesError> {
     let client = client(&config).await?;
     let selection = Selection {
@@ -169,13 +172,23 @@ pub async fn watch(
                         failing = false;
                     }
                     if cluster.apply(event)
-                        && let Some(translation) = cluster.translate(&selection)
+                        && let Some(translation) = cluster.translate(&selection, &policy.borrow())
                     {
                         announcer.source_changed(&cluster, &translation);
                         publish(&updates, translation.update);
                     }
                 }
             },
+            changed = policy.changed() => {
+                if changed.is_err() {
+                    return Ok(());
+                }
+                let translation = cluster.translate(&selection, &policy.borrow_and_update());
+                if let Some(translation) = translation {
+                    announcer.source_changed(&cluster, &translation);
+                    publish(&updates, translation.update);
+                }
+            }
             changed = outcomes.changed() => {
                 if changed.is_err() {
                     return Ok(());
@@ -330,8 +343,13 @@ impl Cluster {
         }
     }
 
-    /// The desired state, once every resource has been listed completely.
-    fn translate(&mut self, selection: &Selection) -> Option<Translation> {
+    /// The desired state, once every resource has been listed completely, with the BGP
+    /// attributes `policy` admits.
+    fn translate(
+        &mut self,
+        selection: &Selection,
+        policy: &AttributePolicy,
+    ) -> Option<Translation> {
         if !(self.services.listed && self.slices.listed && self.nodes.listed) {
             return None;
         }
@@ -343,12 +361,14 @@ impl Cluster {
         let slices = self.slices.objects();
         let slices: Vec<&EndpointSlice> = slices.iter().map(AsRef::as_ref).collect();
         let services = self.services.objects();
-        Some(translate::translate(
+        let mut translation = translate::translate(
             services.iter().map(AsRef::as_ref),
             &slices,
             node.as_deref(),
             selection,
-        ))
+        );
+        policy.apply(&mut translation.update);
+        Some(translation)
     }
 
     /// The Service a `namespace/name` of the desired state names.
@@ -376,6 +396,8 @@ struct Announcer {
     standings: BTreeMap<String, Standing>,
     /// The latest source verdicts: rejected services and why, Local services without endpoints.
     rejected: BTreeMap<String, String>,
+    /// BGP attributes left out of served Services, and why.
+    refused_attributes: Vec<Rejected>,
     withdrawn_reason: BTreeMap<String, String>,
     excluded: bool,
     events: mpsc::Sender<(ObjectReference, Event)>,
@@ -387,6 +409,7 @@ impl Announcer {
             node,
             standings: BTreeMap::new(),
             rejected: BTreeMap::new(),
+            refused_attributes: Vec::new(),
             withdrawn_reason: BTreeMap::new(),
             excluded: false,
             events,
@@ -422,6 +445,46 @@ impl Announcer {
             );
         }
         self.rejected = rejected;
+        // One Event per Service with all its refusals: the recorder folds Events of one reason
+        // on one object into a series, which would hide every note but the first.
+        let mut by_service: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+        for refusal in &translation.update.refused_attributes {
+            by_service
+                .entry(&refusal.service)
+                .or_default()
+                .push(&refusal.reason);
+            if !self.refused_attributes.contains(refusal) {
+                warn!(service = %refusal.service, reason = %refusal.reason, "BGP attribute refused");
+            }
+        }
+        for (service, reasons) in by_service {
+            let before: Vec<&str> = self
+                .refused_attributes
+                .iter()
+                .filter(|r| r.service == service)
+                .map(|r| r.reason.as_str())
+                .collect();
+            if before == reasons {
+                continue;
+            }
+            let event = Event {
+                type_: EventType::Warning,
+                reason: "AttributeRefused".into(),
+                note: Some(at_most(reasons.join("; "), NOTE_MAX)),
+                action: "Announce".into(),
+                secondary: None,
+            };
+            if let Some(object) = cluster.service(service)
+                && self
+                    .events
+                    .try_send((object.object_ref(&()), event))
+                    .is_err()
+            {
+                debug!(%service, "Event queue full; dropping an Event");
+            }
+        }
+        self.refused_attributes
+            .clone_from(&translation.update.refused_attributes);
         let mut withdrawn_reason = BTreeMap::new();
         for service in &translation.no_local_endpoint {
             if !self.withdrawn_reason.contains_key(service) {
@@ -575,6 +638,22 @@ impl Announcer {
             }
         }
     }
+}
+
+/// The API server refuses an Event whose note is longer than this.
+const NOTE_MAX: usize = 1024;
+
+/// `text` cut to at most `max` bytes, on a character boundary, marked when cut.
+fn at_most(mut text: String, max: usize) -> String {
+    if text.len() > max {
+        let mut end = max - 3;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+        text.push_str("...");
+    }
+    text
 }
 
 async fn publish_events(recorder: Recorder, mut queue: mpsc::Receiver<(ObjectReference, Event)>) {

@@ -14,7 +14,9 @@ use k8s_openapi::api::{
 
 use crate::{
     address,
-    desired::{self, Desired, PortSpec, Protocol, Rejected, SourceUpdate, TrafficPolicy},
+    desired::{
+        self, AttributeRequest, Desired, PortSpec, Protocol, Rejected, SourceUpdate, TrafficPolicy,
+    },
 };
 
 /// A Service with this annotation set to "true" is left alone by lbagent.
@@ -25,6 +27,12 @@ pub const EXCLUDE_LABEL: &str = "node.kubernetes.io/exclude-from-external-load-b
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 /// The older, annotation form of `spec.loadBalancerSourceRanges`, still honoured by kube-proxy.
 pub const SOURCE_RANGES_ANNOTATION: &str = "service.beta.kubernetes.io/load-balancer-source-ranges";
+/// BGP attributes on a Service's routes, each checked against `routing.serviceAttributes`:
+/// standard communities (`64512:100,64512:200`), large communities (`64512:1:2`), and how many
+/// times to prepend the local AS (`2`).
+pub const COMMUNITIES_ANNOTATION: &str = "lbagent.io/bgp-communities";
+pub const LARGE_COMMUNITIES_ANNOTATION: &str = "lbagent.io/bgp-large-communities";
+pub const PREPEND_ANNOTATION: &str = "lbagent.io/bgp-as-path-prepend";
 
 /// Which Services this node serves.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -71,6 +79,13 @@ pub fn translate<'a>(
         match verdict(service, slices, selection) {
             Verdict::NotOurs => {}
             Verdict::Serve(served_service) => {
+                let request = attribute_request(service);
+                if request != AttributeRequest::default() {
+                    translation
+                        .update
+                        .attribute_requests
+                        .insert(name.clone(), request);
+                }
                 if served_service.traffic_policy == TrafficPolicy::Local {
                     endpoint_nodes.insert(name, nodes_with_endpoints(service, slices));
                 }
@@ -93,6 +108,35 @@ pub fn translate<'a>(
         .into_iter()
         .collect();
     translation
+}
+
+/// The BGP attributes a Service's annotations ask for, each value with its annotation.
+fn attribute_request(service: &Service) -> AttributeRequest {
+    let mut request = AttributeRequest::default();
+    let Some(annotations) = &service.metadata.annotations else {
+        return request;
+    };
+    let list = |key: &str| -> Vec<(String, String)> {
+        annotations
+            .get(key)
+            .map(|text| {
+                text.split(',')
+                    .map(str::trim)
+                    .filter(|value| !value.is_empty())
+                    .map(|value| (format!("metadata.annotations[{key}]"), value.to_owned()))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    request.communities = list(COMMUNITIES_ANNOTATION);
+    request.large_communities = list(LARGE_COMMUNITIES_ANNOTATION);
+    request.prepend = annotations.get(PREPEND_ANNOTATION).map(|value| {
+        (
+            format!("metadata.annotations[{PREPEND_ANNOTATION}]"),
+            value.clone(),
+        )
+    });
+    request
 }
 
 /// `namespace/name`, the name a Service has in lbagent's logs, status and desired state.
