@@ -4,6 +4,7 @@
 //! ```yaml
 //! node:
 //!   name: node-a                 # default: --node-name, $NODE_NAME, then the host name
+//!   labels: {rack: a}            # the file source's node labels (routing nodeSelectors)
 //! source:                       # exactly one of file and kubernetes
 //!   file:
 //!     path: services.yaml        # relative to this file
@@ -19,6 +20,8 @@
 //!   format: human                # or json
 //! http:
 //!   address: 0.0.0.0:9658        # /metrics, /healthz, /readyz; default: not served
+//! neighbours:                    # answer ARP/NDP for local addresses (needs dataplane:)
+//!   membersFile: /run/lbagent/members.json  # what `lbagent membership` publishes
 //! ```
 
 use std::{
@@ -30,11 +33,16 @@ use std::{
 use serde::Deserialize;
 
 use crate::{
+    desired::NodeLabels,
     logging::LogFormat,
     sinks::{
         dataplane::DataplaneConfig,
         is_interface_name,
-        routing::model::{RawRouting, RoutingConfig},
+        neighbours::NeighboursConfig,
+        routing::{
+            model::{FieldError, RawRouting, RoutingConfig},
+            selector,
+        },
     },
     sources::kubernetes::KubernetesSource,
 };
@@ -52,6 +60,9 @@ pub const LIMITS: crate::yaml::Limits = crate::yaml::Limits {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Config {
     pub node_name: String,
+    /// With the file source, the labels routing `nodeSelector`s match (the Kubernetes source
+    /// takes the Node's own).
+    pub node_labels: NodeLabels,
     pub source: Source,
     pub addresses: AddressesConfig,
     pub status_path: PathBuf,
@@ -62,6 +73,8 @@ pub struct Config {
     pub dataplane: Option<DataplaneConfig>,
     /// Where `/metrics`, `/healthz` and `/readyz` are served; `None`: not served.
     pub http_address: Option<SocketAddr>,
+    /// `None`: local addresses are reported, not answered for (no `neighbours:` section).
+    pub neighbours: Option<NeighboursConfig>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -108,6 +121,7 @@ pub enum ConfigError {
 
 pub const DEFAULT_INTERFACE: &str = "kube-lb0";
 pub const DEFAULT_STATUS_PATH: &str = "/run/lbagent/status.json";
+pub const DEFAULT_MEMBERS_FILE: &str = "/run/lbagent/members.json";
 const MIN_RESYNC: Duration = Duration::from_secs(1);
 
 #[derive(Debug, Default, Deserialize)]
@@ -125,6 +139,13 @@ struct RawConfig {
     routing: Option<RawRouting>,
     dataplane: Option<RawDataplane>,
     http: Option<RawHttp>,
+    neighbours: Option<RawNeighbours>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawNeighbours {
+    members_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -146,6 +167,8 @@ struct RawDataplane {
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 struct RawNode {
     name: Option<String>,
+    #[serde(default)]
+    labels: std::collections::BTreeMap<String, String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -224,6 +247,18 @@ impl Config {
             }
             None => hostname(),
         };
+
+        let invalid_at = |err: FieldError| ConfigError::InvalidAt {
+            path: path.to_owned(),
+            field: err.field,
+            value: err.value,
+            allowed: err.allowed,
+        };
+        for (key, value) in &raw.node.labels {
+            selector::label_key(key, "node.labels").map_err(invalid_at)?;
+            selector::label_value(value, &format!("node.labels.{key}")).map_err(invalid_at)?;
+        }
+        let node_labels = raw.node.labels;
 
         let base = path.parent().unwrap_or(Path::new("."));
         let source = match (raw.source.file, raw.source.kubernetes) {
@@ -319,12 +354,7 @@ impl Config {
             .routing
             .map(RawRouting::validate)
             .transpose()
-            .map_err(|err| ConfigError::InvalidAt {
-                path: path.to_owned(),
-                field: err.field,
-                value: err.value,
-                allowed: err.allowed,
-            })?;
+            .map_err(invalid_at)?;
 
         let dataplane = match raw.dataplane {
             None => None,
@@ -356,11 +386,30 @@ impl Config {
             }
         };
 
+        let neighbours = match raw.neighbours {
+            None => None,
+            Some(_) if dataplane.is_none() => {
+                return Err(invalid(
+                    "neighbours",
+                    "without dataplane",
+                    "a dataplane: section too: the answers come from its XDP program",
+                ));
+            }
+            Some(raw) => Some(NeighboursConfig {
+                members_file: raw
+                    .members_file
+                    .map(|file| base.join(file))
+                    .unwrap_or_else(|| PathBuf::from(DEFAULT_MEMBERS_FILE)),
+            }),
+        };
+
         Ok(Self {
             dataplane,
+            neighbours,
             http_address,
             routing,
             node_name,
+            node_labels,
             source,
             addresses: AddressesConfig {
                 interface,
@@ -552,6 +601,61 @@ mod tests {
                 .to_string();
             assert!(err.contains(expected), "{text}: {err}");
         }
+    }
+
+    #[test]
+    fn node_labels_are_label_shaped() {
+        let config = parse(
+            "node: {labels: {rack: a, topology.kubernetes.io/zone: z1}}\nsource: {file: {path: s}}",
+        )
+        .unwrap();
+        assert_eq!(config.node_labels["rack"], "a");
+        for (text, expected) in [
+            (
+                "node: {labels: {\"rack a\": x}}",
+                "node.labels: \"rack a\" is not allowed",
+            ),
+            (
+                "node: {labels: {rack: \"a/b\"}}",
+                "node.labels.rack: \"a/b\" is not allowed",
+            ),
+        ] {
+            let err = parse(&format!("{text}\nsource: {{file: {{path: s}}}}"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(expected), "{text}: {err}");
+        }
+    }
+
+    #[test]
+    fn neighbours_need_the_dataplane_and_default_their_member_list() {
+        let config =
+            parse("source: {file: {path: s}}\ndataplane: {interfaces: [eth0]}\nneighbours: {}\n")
+                .unwrap();
+        assert_eq!(
+            config.neighbours.unwrap().members_file,
+            PathBuf::from(DEFAULT_MEMBERS_FILE)
+        );
+        let config =
+            parse("source: {file: {path: s}}\ndataplane: {}\nneighbours: {membersFile: m.json}\n")
+                .unwrap();
+        assert_eq!(
+            config.neighbours.unwrap().members_file,
+            PathBuf::from("/etc/lbagent/m.json")
+        );
+        assert!(
+            parse("source: {file: {path: s}}\n")
+                .unwrap()
+                .neighbours
+                .is_none()
+        );
+        let err = parse("source: {file: {path: s}}\nneighbours: {}\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("neighbours: \"without dataplane\" is not allowed"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -21,7 +21,7 @@ use crate::{
     sinks::{
         Driven,
         addresses::AddressSink,
-        dataplane,
+        dataplane, neighbours,
         routing::{
             RoutingSink,
             model::{Mode, RoutingConfig},
@@ -126,11 +126,13 @@ pub async fn run(config_path: PathBuf, node_name: Option<String>, config: Config
         }
     });
     let (routing_tx, routing_config) = watch::channel(config.routing.clone());
+    let (labels_tx, node_labels) = watch::channel(config.node_labels.clone());
     tokio::spawn(follow_config(
         config_path,
         node_name,
         config.clone(),
         routing_tx,
+        labels_tx,
         reread.clone(),
     ));
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
@@ -142,6 +144,9 @@ pub async fn run(config_path: PathBuf, node_name: Option<String>, config: Config
         && let Some(sink) = dataplane::start(dataplane).await
     {
         sinks.push(Box::new(sink));
+        if let Some(neighbours) = &config.neighbours {
+            sinks.extend(neighbours::start(&config.node_name, neighbours, dataplane));
+        }
     }
     let bird = routing.map(|(sink, bird)| {
         sinks.push(Box::new(sink));
@@ -166,10 +171,21 @@ pub async fn run(config_path: PathBuf, node_name: Option<String>, config: Config
     }
     let mut source = match &config.source {
         Source::File { path } => {
-            let watching = sources::file::watch(path.clone(), updates_tx, reread);
+            let (file_tx, file_updates) = watch::channel(None);
+            let watching = sources::file::watch(path.clone(), file_tx, reread);
+            tokio::spawn(sources::file::with_node_labels(
+                file_updates,
+                node_labels,
+                updates_tx,
+            ));
             tokio::spawn(async move { watching.await.map_err(anyhow::Error::new) })
         }
         Source::Kubernetes(kubernetes) => {
+            if !config.node_labels.is_empty() {
+                warn!(
+                    "node.labels is for the file source: with Kubernetes the Node's own labels select routing protocols"
+                );
+            }
             let watching = sources::kubernetes::watch(
                 kubernetes.clone(),
                 config.node_name.clone(),
@@ -240,6 +256,7 @@ async fn follow_config(
     node_name: Option<String>,
     mut current: Config,
     routing: watch::Sender<Option<RoutingConfig>>,
+    labels: watch::Sender<crate::desired::NodeLabels>,
     reread: watch::Receiver<u64>,
 ) {
     let result = crate::watch::follow(&path, crate::config::MAX_FILE_BYTES, reread, |event| {
@@ -271,8 +288,13 @@ async fn follow_config(
             (None, Some(_)) | (Some(_), None) => warn!("a routing section was added or removed: restart lbagent to apply it"),
             _ => {}
         }
+        if next.node_labels != current.node_labels {
+            info!(labels = ?next.node_labels, "node labels changed");
+            labels.send_replace(next.node_labels.clone());
+        }
         let mut outside_routing = next.clone();
         outside_routing.routing = current.routing.clone();
+        outside_routing.node_labels = current.node_labels.clone();
         if outside_routing != current {
             warn!("config changes outside `routing` take effect when lbagent restarts");
         }

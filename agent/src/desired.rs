@@ -101,11 +101,77 @@ pub struct ServicePolicy {
     pub ports: BTreeSet<PortSpec>,
     pub source_ranges: BTreeSet<IpNet>,
     pub traffic_policy: TrafficPolicy,
+    /// With `externalTrafficPolicy: Local`, the nodes with a ready endpoint, when the source
+    /// knows them (Kubernetes): only those may answer ARP/NDP for a local address. `None`:
+    /// not known (the file source), or not Local.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub endpoint_nodes: Option<BTreeSet<String>>,
 }
 
 /// Everything asked of one address, by service name. An address shared by several services
 /// has several entries, and stays as long as any is left.
-pub type AddressIntent = BTreeMap<String, ServicePolicy>;
+///
+/// A vector kept sorted by name, not a map: almost every address has one service, and a
+/// `BTreeMap` allocates a node for eleven (9 MB of the agent's heap with 10,000 addresses).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct AddressIntent(Vec<(String, ServicePolicy)>);
+
+impl AddressIntent {
+    /// The policy of `service`, added empty if the address has none for it yet.
+    fn policy_mut(&mut self, service: &str) -> &mut ServicePolicy {
+        let at = match self
+            .0
+            .binary_search_by(|(name, _)| name.as_str().cmp(service))
+        {
+            Ok(at) => at,
+            Err(at) => {
+                self.0
+                    .insert(at, (service.to_owned(), ServicePolicy::default()));
+                at
+            }
+        };
+        &mut self.0[at].1
+    }
+
+    pub fn get(&self, service: &str) -> Option<&ServicePolicy> {
+        self.0
+            .binary_search_by(|(name, _)| name.as_str().cmp(service))
+            .ok()
+            .map(|at| &self.0[at].1)
+    }
+
+    /// The services' names, in order.
+    pub fn keys(&self) -> impl Iterator<Item = &String> {
+        self.0.iter().map(|(name, _)| name)
+    }
+
+    pub fn values(&self) -> impl Iterator<Item = &ServicePolicy> {
+        self.0.iter().map(|(_, policy)| policy)
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&String, &ServicePolicy)> {
+        self.0.iter().map(|(name, policy)| (name, policy))
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl FromIterator<(String, ServicePolicy)> for AddressIntent {
+    /// A service named twice keeps its last policy.
+    fn from_iter<I: IntoIterator<Item = (String, ServicePolicy)>>(entries: I) -> Self {
+        let mut intent = Self::default();
+        for (service, policy) in entries {
+            *intent.policy_mut(&service) = policy;
+        }
+        intent
+    }
+}
 
 /// What became of a desired address on this node: the address sink's answer, which the
 /// published status shows and the Kubernetes source turns into Events.
@@ -118,6 +184,22 @@ pub struct AddressStatus {
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub prefix: Option<IpNet>,
     pub services: Vec<String>,
+    /// With the neighbours sink: who answers ARP/NDP for the address.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub neighbour: Option<NeighbourOutcome>,
+}
+
+/// What the neighbours sink made of a desired address.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase", tag = "role")]
+pub enum NeighbourOutcome {
+    /// This node answers for it; the candidates in order, this node first.
+    Answering { candidates: Vec<String> },
+    /// Another node does.
+    AnsweredBy { owner: String },
+    /// No live node has an interface in its subnet and nothing routes it, so nobody answers
+    /// for it. Set on one node only (the one that reports it), so it is said once.
+    NoSubnet,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
@@ -131,30 +213,49 @@ pub enum AddressState {
     Unsupported,
 }
 
-/// The desired state of the node: every address with the services that want it.
+/// A node's labels: from its Node object, or the config's `node.labels` with the file source.
+pub type NodeLabels = BTreeMap<String, String>;
+
+/// The desired state of the node: every address with the services that want it, and the
+/// node's labels, which choose the routing protocols it runs.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Desired {
     pub addresses: BTreeMap<IpAddr, AddressIntent>,
+    pub node_labels: NodeLabels,
 }
 
 impl Desired {
     pub fn from_services<'a>(services: impl IntoIterator<Item = &'a Service>) -> Self {
+        Self::with_endpoint_nodes(services, &BTreeMap::new())
+    }
+
+    /// As [`Desired::from_services`], with the nodes that have a ready endpoint of each
+    /// `externalTrafficPolicy: Local` service, by service name.
+    pub fn with_endpoint_nodes<'a>(
+        services: impl IntoIterator<Item = &'a Service>,
+        endpoint_nodes: &BTreeMap<String, BTreeSet<String>>,
+    ) -> Self {
         let mut addresses: BTreeMap<IpAddr, AddressIntent> = BTreeMap::new();
         for service in services {
             for address in &service.addresses {
                 let policy = addresses
                     .entry(*address)
                     .or_default()
-                    .entry(service.name.clone())
-                    .or_default();
+                    .policy_mut(&service.name);
                 policy.ports.extend(service.ports.iter().copied());
                 policy
                     .source_ranges
                     .extend(service.source_ranges.iter().copied());
                 policy.traffic_policy = service.traffic_policy;
+                if service.traffic_policy == TrafficPolicy::Local {
+                    policy.endpoint_nodes = endpoint_nodes.get(&service.name).cloned();
+                }
             }
         }
-        Self { addresses }
+        Self {
+            addresses,
+            node_labels: NodeLabels::new(),
+        }
     }
 
     /// Names of the services that want `address`, comma-separated, for log lines.
@@ -194,7 +295,10 @@ mod tests {
         ]);
         let shared = &desired.addresses[&"203.0.113.10".parse().unwrap()];
         assert_eq!(shared.keys().collect::<Vec<_>>(), ["api", "web"]);
-        assert_eq!(shared["web"].ports.iter().next().unwrap().port, 80);
+        assert_eq!(
+            shared.get("web").unwrap().ports.iter().next().unwrap().port,
+            80
+        );
         assert_eq!(desired.addresses.len(), 2);
         assert_eq!(
             desired.services_of(&"203.0.113.10".parse().unwrap()),

@@ -23,6 +23,7 @@ mod desired;
 mod files;
 mod http;
 mod logging;
+mod membership;
 mod metrics;
 mod rates;
 mod reconcile;
@@ -39,15 +40,20 @@ pub use crate::{
     // against these.
     config::{Config, Source},
     // The TestRun tests load the object and drive its maps as the dataplane sink does.
-    dataplane::{Maps, PortId, VipPolicy, object},
+    dataplane::{
+        Lease, Maps, NeighbourCounters, NeighbourMaps, PinLayout, PortId, Role, VipPolicy, object,
+    },
     desired::{Desired, PortSpec, Protocol, Service, TrafficPolicy},
     // The load tests hold the endpoint's limits against these.
     http::{HEADER_TIMEOUT, MAX_CONNECTIONS},
+    // The L2 tests read the member list `lbagent membership` publishes.
+    membership::{Members, kubernetes::API_ACCESS as MEMBERSHIP_API_ACCESS},
     sinks::{
         dataplane::{
             DataplaneSink,
             plan::{Entries, diff, entries},
         },
+        neighbours::{announce::Announcer, election},
         routing::model::Mode,
     },
     sources::{
@@ -55,3 +61,14 @@ pub use crate::{
         kubernetes::{API_ACCESS, ApiAccess},
     },
 };
+
+/// What the fuzz targets (fuzz/, a crate outside the workspace) feed besides the exports above:
+/// the parsers of outside input that nothing else outside this crate calls.
+#[doc(hidden)]
+pub mod fuzzing {
+    pub use crate::{
+        dataplane::{PinLayout, prepare},
+        sinks::routing::control::{Framed, Framer, parse_protocols},
+        sources::kubernetes::translate::{Selection, translate},
+    };
+}

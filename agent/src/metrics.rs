@@ -14,7 +14,7 @@ use prometheus_client::{
 use tokio::sync::watch;
 
 use crate::{
-    dataplane::{PinLayout, PortCounters, VipCounters, VipTable},
+    dataplane::{NeighbourCounters, NeighbourMaps, PinLayout, PortCounters, VipCounters, VipTable},
     desired::AddressState,
     reconcile::{ReconcileMetrics, Status},
     sinks::routing::control::ProtocolStatus,
@@ -223,6 +223,13 @@ impl Collector for StateCollector {
                 )?;
             }
         }
+        if let Some(neighbours) = status.as_ref().and_then(|s| s.neighbours.as_ref()) {
+            let counters = sources
+                .pins
+                .as_ref()
+                .and_then(|root| NeighbourMaps::open(&PinLayout::new(root)).ok());
+            encode_neighbours(&mut encoder, neighbours, counters.as_ref())?;
+        }
         if let Some(routing) = status.as_ref().and_then(|s| s.routing.as_ref()) {
             let label =
                 |p: &ProtocolStatus| vec![("name", p.name.clone()), ("protocol", p.proto.clone())];
@@ -235,6 +242,16 @@ impl Collector for StateCollector {
                 routing_protocols
                     .clone()
                     .map(|p| (label(p), ConstGauge::new(i64::from(p.is_up()))))
+                    .collect::<Vec<_>>(),
+            )?;
+            family(
+                &mut encoder,
+                "routing_export_limit_hit",
+                "1 while the neighbour's export ceiling (routing.export.maxRoutes) holds routes back",
+                MetricType::Gauge,
+                routing_protocols
+                    .clone()
+                    .map(|p| (label(p), ConstGauge::new(i64::from(p.export_limit_hit))))
                     .collect::<Vec<_>>(),
             )?;
             family(
@@ -260,6 +277,76 @@ impl Collector for StateCollector {
         }
         Ok(())
     }
+}
+
+/// Local addresses: who answers (from the published status) and what the XDP responder
+/// counted (from its pinned map, at scrape time).
+fn encode_neighbours(
+    encoder: &mut DescriptorEncoder,
+    report: &crate::sinks::neighbours::NeighbourReport,
+    maps: Option<&NeighbourMaps>,
+) -> Result<(), std::fmt::Error> {
+    let label = |address: &std::net::IpAddr| vec![("address", address.to_string())];
+    family(
+        encoder,
+        "neighbour_owner",
+        "1 while this node answers ARP / neighbour discovery for the local address, 0 while another node does",
+        MetricType::Gauge,
+        report
+            .addresses
+            .iter()
+            .map(|e| (label(&e.address), ConstGauge::new(i64::from(e.answering))))
+            .collect::<Vec<_>>(),
+    )?;
+    family(
+        encoder,
+        "neighbour_candidates",
+        "Live nodes that may answer for the local address (the owner and its successors)",
+        MetricType::Gauge,
+        report
+            .addresses
+            .iter()
+            .map(|e| {
+                let n = i64::try_from(e.candidates.len()).unwrap_or(i64::MAX);
+                (label(&e.address), ConstGauge::new(n))
+            })
+            .collect::<Vec<_>>(),
+    )?;
+    let Some(maps) = maps else {
+        return Ok(());
+    };
+    let counters: Vec<_> = report
+        .addresses
+        .iter()
+        .filter_map(|e| Some((e.address, maps.counters(e.address).ok()??)))
+        .collect();
+    let per = |value: fn(&NeighbourCounters) -> u64| {
+        counters
+            .iter()
+            .map(|(address, c)| (label(address), ConstCounter::new(value(c))))
+            .collect::<Vec<_>>()
+    };
+    family(
+        encoder,
+        "neighbour_answered",
+        "ARP replies and neighbour advertisements the XDP responder sent for the local address",
+        MetricType::Counter,
+        per(|c| c.answered),
+    )?;
+    family(
+        encoder,
+        "neighbour_silenced",
+        "Requests for the local address the XDP responder dropped (another node owns it, or the answering lease lapsed)",
+        MetricType::Counter,
+        per(|c| c.silenced),
+    )?;
+    family(
+        encoder,
+        "neighbour_foreign",
+        "Answers for a local address this node owns from another hardware address (split brain)",
+        MetricType::Counter,
+        per(|c| c.foreign),
+    )
 }
 
 pub fn encode(registry: &Registry) -> Result<String, std::fmt::Error> {

@@ -84,6 +84,7 @@ mod tests {
                 state: AddressState::Local,
                 prefix: Some("10.0.0.0/24".parse().unwrap()),
                 services: vec!["web".into()],
+                neighbour: Some(crate::desired::NeighbourOutcome::AnsweredBy { owner: "m".into() }),
             }],
             rejected: vec![Rejected {
                 service: "bad".into(),
@@ -91,6 +92,17 @@ mod tests {
             }],
             errors: vec![],
             routing: None,
+            neighbours: Some(crate::sinks::neighbours::NeighbourReport {
+                members_file: "/run/lbagent/members.json".into(),
+                members: Some(vec!["n".into(), "m".into()]),
+                addresses: vec![crate::sinks::neighbours::plan::Election {
+                    address: "10.0.0.5".parse().unwrap(),
+                    owner: Some("m".into()),
+                    candidates: vec!["m".into(), "n".into()],
+                    answering: false,
+                }],
+                ..Default::default()
+            }),
         };
         write(&path, &status).unwrap();
         assert_eq!(read(&path).unwrap(), status);

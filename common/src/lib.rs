@@ -10,6 +10,8 @@ use core::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 /// Version of the layout of the pinned maps. Pins live in `<pin root>/v<N>/`, so a new layout
 /// never opens a map written by an older program. Bump it whenever a key or value changes.
+/// A new map does not bump it: the agent creates and pins the maps an older agent's pins
+/// lack (see [`maps::ADDED`]), and reuses the rest.
 pub const PIN_LAYOUT_VERSION: u32 = 4;
 
 /// Name of the XDP ingress program (the kernel keeps the first 15 bytes).
@@ -48,8 +50,22 @@ pub mod maps {
     /// families) have that index. A frame whose destination's index holds 0 is not for an
     /// LB address, and passes after this one lookup, without the bucket tables.
     pub const VIP_FILTER: &str = "LB_VIP_FILTER";
+    /// Hash `NeighbourKey -> NeighbourEntry`: local addresses and what this node does with
+    /// ARP requests and neighbour solicitations for each (answer, or stay silent).
+    pub const NEIGHBOURS: &str = "LB_NEIGHBOURS";
+    /// Per-CPU hash `NeighbourKey -> NeighbourStats`: what the responder did per address.
+    /// Userspace creates each entry (zeroed) with the address; the program only counts.
+    pub const NEIGHBOUR_STATS: &str = "LB_NEIGHBOUR_STATS";
+    /// `u64` array of one entry: until when (`CLOCK_MONOTONIC`, ns) this node may answer
+    /// for the addresses it owns. `lbagent membership` renews it while it runs; a node whose
+    /// processes are frozen stops answering once it lapses, before the others (which no
+    /// longer hear it) take its addresses over. 0: no lease kept, answer regardless.
+    pub const NEIGHBOUR_LEASE: &str = "LB_NEIGHBOUR_LEASE";
+    /// Maps added after layout version 4 was first released: an agent of that version may
+    /// have left pins without them. They are created and pinned beside the reused ones.
+    pub const ADDED: [&str; 3] = [NEIGHBOURS, NEIGHBOUR_STATS, NEIGHBOUR_LEASE];
     /// Every map the object declares.
-    pub const ALL: [&str; 10] = [
+    pub const ALL: [&str; 13] = [
         VIPS_V4,
         VIPS_V6,
         VIP_CONFIG,
@@ -60,7 +76,12 @@ pub mod maps {
         RANGES_V4,
         RANGES_V6,
         VIP_FILTER,
+        NEIGHBOURS,
+        NEIGHBOUR_STATS,
+        NEIGHBOUR_LEASE,
     ];
+    /// Capacity of the neighbour maps: local addresses a node can answer for or silence.
+    pub const MAX_NEIGHBOURS: u32 = 8_192;
     /// Address slots; slot 0 is never used, so this many minus one addresses fit.
     pub const MAX_VIPS: u32 = 16_384;
     /// Buckets of each address table: four ways each, so a full table is a quarter used.
@@ -323,7 +344,96 @@ pub struct RangeKeyV6 {
     pub addr: [u8; 16],
 }
 
+/// `NeighbourEntry::role`: this node owns the address and answers for it.
+pub const NEIGHBOUR_ANSWER: u8 = 1;
+/// `NeighbourEntry::role`: another node owns the address; requests for it are dropped, so
+/// that neither this program nor the kernel (which answers for any address it holds, e.g. on
+/// kube-ipvs0) answers too.
+pub const NEIGHBOUR_SILENT: u8 = 2;
+
+/// Key of the neighbour maps: a local address. `family` is [`FAMILY_V4`] or [`FAMILY_V6`];
+/// `addr` is in network byte order, an IPv4 address in its first four bytes and zeros after.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct NeighbourKey {
+    pub family: u8,
+    pub _pad: [u8; 3],
+    pub addr: [u8; 16],
+}
+
+impl NeighbourKey {
+    pub const fn v4(octets: [u8; 4]) -> Self {
+        let [a, b, c, d] = octets;
+        Self {
+            family: FAMILY_V4,
+            _pad: [0; 3],
+            addr: [a, b, c, d, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+        }
+    }
+
+    pub const fn v6(octets: [u8; 16]) -> Self {
+        Self {
+            family: FAMILY_V6,
+            _pad: [0; 3],
+            addr: octets,
+        }
+    }
+
+    pub fn new(ip: IpAddr) -> Self {
+        match ip {
+            IpAddr::V4(v4) => Self::v4(v4.octets()),
+            IpAddr::V6(v6) => Self::v6(v6.octets()),
+        }
+    }
+
+    /// The address, or `None` for an unknown family.
+    pub fn ip(&self) -> Option<IpAddr> {
+        match self.family {
+            FAMILY_V4 => {
+                let [a, b, c, d, ..] = self.addr;
+                Some(IpAddr::V4(Ipv4Addr::new(a, b, c, d)))
+            }
+            FAMILY_V6 => Some(IpAddr::V6(Ipv6Addr::from(self.addr))),
+            _ => None,
+        }
+    }
+}
+
+/// What this node does with requests for one local address.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NeighbourEntry {
+    /// Interface the answers go out of (host byte order); requests arriving on any other
+    /// interface are dropped. 0: any interface.
+    pub ifindex: u32,
+    /// Hardware address the answers carry: the interface's own, as on the wire.
+    pub mac: [u8; 6],
+    /// [`NEIGHBOUR_ANSWER`] or [`NEIGHBOUR_SILENT`].
+    pub role: u8,
+    pub _pad: u8,
+}
+
+/// What the responder did for one local address on one CPU.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NeighbourStats {
+    /// ARP replies and neighbour advertisements sent (`XDP_TX`).
+    pub answered: u64,
+    /// Requests dropped: another node owns the address, they came in on an interface other
+    /// than the owner's, or the answering lease lapsed.
+    pub silenced: u64,
+    /// ARP replies, gratuitous ARPs or neighbour advertisements for an address this node
+    /// answers for, from another hardware address: someone else answers too (split brain).
+    pub foreign: u64,
+    /// The sender of the last of those, as it appears in the frame.
+    pub foreign_mac: [u8; 6],
+    pub _pad: [u8; 2],
+}
+
 const _: () = {
+    assert!(core::mem::size_of::<NeighbourKey>() == 20);
+    assert!(core::mem::size_of::<NeighbourEntry>() == 12);
+    assert!(core::mem::size_of::<NeighbourStats>() == 32);
     assert!(core::mem::size_of::<TableEntry>() == 16);
     assert!(core::mem::size_of::<Bucket>() == 64);
     assert!(core::mem::size_of::<VipConfig>() == 24);
@@ -340,7 +450,8 @@ const _: () = {
 #[cfg(feature = "user")]
 mod pod {
     use super::{
-        Bucket, PortConfig, PortStats, RangeKeyV4, RangeKeyV6, TableEntry, VipConfig, VipStats,
+        Bucket, NeighbourEntry, NeighbourKey, NeighbourStats, PortConfig, PortStats, RangeKeyV4,
+        RangeKeyV6, TableEntry, VipConfig, VipStats,
     };
 
     // SAFETY: repr(C), built only from integers and byte arrays, no implicit padding (the
@@ -360,6 +471,12 @@ mod pod {
     unsafe impl aya::Pod for RangeKeyV4 {}
     // SAFETY: as above.
     unsafe impl aya::Pod for RangeKeyV6 {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for NeighbourKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for NeighbourEntry {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for NeighbourStats {}
 }
 
 #[cfg(test)]
@@ -427,6 +544,19 @@ mod tests {
         }
         // Equal tails share an index; otherwise 4096 tails land on distinct counters.
         assert!(seen.iter().all(|count| *count <= 2));
+    }
+
+    #[test]
+    fn neighbour_keys_round_trip_and_zero_fill() {
+        let v4: IpAddr = Ipv4Addr::new(10, 0, 0, 10).into();
+        let key = NeighbourKey::new(v4);
+        assert_eq!(key.family, FAMILY_V4);
+        assert_eq!(&key.addr[..4], &[10, 0, 0, 10]);
+        assert!(key.addr[4..].iter().all(|b| *b == 0));
+        assert_eq!(key.ip(), Some(v4));
+        let v6: IpAddr = "fd00::10".parse::<Ipv6Addr>().unwrap().into();
+        assert_eq!(NeighbourKey::new(v6).ip(), Some(v6));
+        assert_eq!(NeighbourKey::default().ip(), None);
     }
 
     #[test]

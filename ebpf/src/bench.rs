@@ -9,7 +9,11 @@ use aya_ebpf::{
     macros::{btf_map, xdp},
     programs::XdpContext,
 };
-use lbagent_ebpf::parse::{self, ETH_IPV4, ETH_IPV6, IPV4_LEN, IPV6_LEN};
+use lbagent_ebpf::{
+    lookup,
+    parse::{self, ETH_IPV4, ETH_IPV6, IPV4_LEN, IPV6_LEN},
+    policy,
+};
 
 /// Entries of the floor's table, as many as an address table has buckets (an array lookup costs
 /// the same at any size).
@@ -64,6 +68,19 @@ pub fn lbagent_floor(ctx: XdpContext) -> u32 {
         Some(&verdict) if verdict != 0 => XDP_DROP,
         _ => XDP_PASS,
     }
+}
+
+/// `lbagent_xdp` without the neighbour responder's hook: the baseline of what the responder
+/// adds to frames that are not ARP or neighbour discovery (`cargo xtask bench failover`).
+#[xdp]
+pub fn lbagent_xdp_no_l2(ctx: XdpContext) -> u32 {
+    let Some(link) = parse::link_layer(&ctx) else {
+        return XDP_PASS;
+    };
+    let Some(packet) = lookup::destination(&ctx, link) else {
+        return XDP_PASS;
+    };
+    policy::enforce(&ctx, packet)
 }
 
 #[cfg(not(target_arch = "bpf"))]

@@ -10,14 +10,14 @@
 //!   fragments, ICMP, and the drop reason.
 //! - [`counters`]: the per-CPU counters by address slot and by port slot.
 //! - [`egress`]: the tc program's part, counting replies that leave from an LB address.
+//! - [`neighbour`]: the ARP and neighbour-discovery responder for local addresses.
 //!
 //! `src/main.rs` builds the production object that the agent embeds (`lbagent_xdp`,
 //! `lbagent_egress`); `src/bench.rs` builds a second object with the benchmarks' reference
 //! programs, so nothing the agent loads carries them.
 //!
-//! Frames that are not IP (ARP, and later NDP's neighbour handling) are told apart right
-//! after [`parse::link_layer`], before any IP header is read: code that answers them belongs
-//! in a module of its own, called from the XDP entry point at that spot.
+//! Frames that are not IP (ARP) and neighbour discovery are told apart right after
+//! [`parse::link_layer`], before any IP header is read, by [`neighbour::respond`].
 //!
 //! Nothing here logs: aya-log would put a ring-buffer write (a call) and a few hundred
 //! verifier instructions on the packet path. The counters say what happened.
@@ -26,6 +26,7 @@
 pub mod counters;
 pub mod egress;
 pub mod lookup;
+pub mod neighbour;
 pub mod parse;
 pub mod policy;
 

@@ -21,14 +21,16 @@ use aya_ebpf::{
     macros::{classifier, xdp},
     programs::{TcContext, XdpContext},
 };
-use lbagent_ebpf::{egress, lookup, parse, policy};
+use lbagent_ebpf::{egress, lookup, neighbour, parse, policy};
 
 #[xdp]
 pub fn lbagent_xdp(ctx: XdpContext) -> u32 {
     let Some(link) = parse::link_layer(&ctx) else {
         return XDP_PASS;
     };
-    // Neighbour handling (ARP, NDP) answers here, on the EtherType, before the IP parse.
+    if let Some(verdict) = neighbour::respond(&ctx, link) {
+        return verdict;
+    }
     let Some(packet) = lookup::destination(&ctx, link) else {
         return XDP_PASS;
     };

@@ -2,7 +2,7 @@
 //! replies or names the malformed line, and `show protocols` parsing never panics.
 #![no_main]
 
-use lbagent::sinks::routing::control::{Framer, parse_protocols};
+use lbagent::fuzzing::{Framed, Framer, parse_protocols};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
@@ -16,12 +16,13 @@ fuzz_target!(|data: &[u8]| {
     let at_once = whole.push(stream);
 
     let mut framer = Framer::default();
-    let mut in_chunks = Ok(Vec::new());
+    let mut in_chunks = Ok(Framed::default());
     for piece in stream.chunks(chunk) {
         match framer.push(piece) {
-            Ok(replies) => {
+            Ok(framed) => {
                 if let Ok(all) = &mut in_chunks {
-                    all.extend(replies);
+                    all.replies.extend(framed.replies);
+                    all.messages.extend(framed.messages);
                 }
             }
             Err(err) => {
@@ -37,7 +38,7 @@ fuzz_target!(|data: &[u8]| {
         (Err(a), Err(b)) => assert_eq!(a.to_string(), b.to_string()),
         _ => panic!("split into {chunk}-byte chunks: {in_chunks:?}, at once: {at_once:?}"),
     }
-    for reply in at_once.iter().flatten() {
+    for reply in at_once.iter().flat_map(|framed| &framed.replies) {
         let _ = (reply.code(), reply.is_error(), reply.message());
         for protocol in parse_protocols(reply) {
             assert!(!protocol.name.is_empty());

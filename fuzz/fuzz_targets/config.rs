@@ -8,10 +8,10 @@ use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|text: &str| {
     let path = Path::new("/etc/lbagent/lbagent.yaml");
-    match lbagent::config::Config::parse(text, path, Some("node-a")) {
+    match lbagent::Config::parse(text, path, Some("node-a")) {
         Ok(config) => {
             // Deterministic: the same text gives the same config.
-            let again = lbagent::config::Config::parse(text, path, Some("node-a"))
+            let again = lbagent::Config::parse(text, path, Some("node-a"))
                 .expect("parsed once, parses again");
             assert_eq!(format!("{config:?}"), format!("{again:?}"));
         }

@@ -7,7 +7,7 @@ use k8s_openapi::api::{
     core::v1::{Node, Service},
     discovery::v1::EndpointSlice,
 };
-use lbagent::sources::kubernetes::translate::{Selection, translate};
+use lbagent::fuzzing::{Selection, translate};
 use libfuzzer_sys::fuzz_target;
 
 /// What the watchers hold at one moment, as JSON (the seeds in fuzz/seeds/kubernetes).

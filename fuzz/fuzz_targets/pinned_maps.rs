@@ -16,7 +16,10 @@ use std::{
 };
 
 use aya::maps::{Array, LpmTrie, Map, MapData, lpm_trie::Key};
-use lbagent::dataplane::{Maps, PinLayout, PortId, VipPolicy};
+use lbagent::{
+    Maps, PortId, VipPolicy,
+    fuzzing::{PinLayout, prepare},
+};
 use lbagent_common::{RangeKeyV4, RangeKeyV6, maps};
 use libfuzzer_sys::fuzz_target;
 
@@ -40,7 +43,7 @@ fn raw() -> &'static Mutex<Raw> {
             .unwrap_or_else(|| format!("/sys/fs/bpf/lbagent-fuzz-{}", std::process::id()).into());
         let _ = std::fs::remove_dir_all(&root);
         let pins = PinLayout::new(&root);
-        lbagent::dataplane::prepare(&pins)
+        prepare(&pins)
             .unwrap_or_else(|err| panic!("pinning the maps under {}: {err}", root.display()));
         let open = |name: &str| {
             let data = MapData::from_pin(pins.map(name))

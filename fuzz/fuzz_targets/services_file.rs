@@ -7,7 +7,7 @@ use std::path::Path;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|text: &str| {
-    match lbagent::sources::file::parse(text, Path::new("services.yaml")) {
+    match lbagent::parse_services(text, Path::new("services.yaml")) {
         Ok(update) => {
             for rejected in &update.rejected {
                 assert!(!rejected.reason.is_empty(), "{rejected:?} has no reason");

@@ -6,6 +6,7 @@
 
 pub mod apiserver;
 pub mod frame;
+pub mod kubelet;
 pub mod model;
 pub mod routers;
 pub mod testrun;
@@ -592,6 +593,16 @@ impl Monitor {
     /// Marker `n`: an address in 127.77.0.0/16, which nothing else in the tests uses.
     fn marker(n: u32) -> String {
         format!("127.77.{}.{}", (n >> 8) & 0xff, n & 0xff)
+    }
+
+    /// How many of the event lines printed so far match `predicate` (markers included).
+    pub fn count(&self, predicate: impl Fn(&str) -> bool) -> usize {
+        self.lines
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .filter(|line| predicate(line))
+            .count()
     }
 
     /// Stops the monitor and returns every event line it printed (markers left out).

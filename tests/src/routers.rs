@@ -257,3 +257,77 @@ impl Drop for BirdRouter {
         crate::kill_child(&mut self.child, "BIRD (router)");
     }
 }
+
+/// Racks on one L2 segment: a switch namespace whose bridge joins routers (`eth0`
+/// 10.0.0.R/24, fd00::R/64, R = 1, 2, ...) and nodes (`eth0` as in [`Fabric`]). Every router
+/// is reachable from every node, so a node changes racks by its labels or its default route
+/// alone. Nodes get no default route: each test sets the one it needs.
+pub struct Racks {
+    pub switch: NetNs,
+    pub routers: Vec<NetNs>,
+    pub nodes: Vec<NetNs>,
+}
+
+impl Racks {
+    pub fn new(count: usize, nodes: usize) -> Self {
+        let switch = NetNs::new("lbt-sw");
+        switch.ip(&["link", "add", "br0", "type", "bridge"]);
+        switch.ip(&["link", "set", "br0", "up"]);
+        let attach = |ns: &NetNs, port: &str| {
+            ns.exec("sysctl", &["-qw", "net.ipv6.conf.all.accept_dad=0"]);
+            ns.exec("sysctl", &["-qw", "net.ipv6.conf.default.accept_dad=0"]);
+            crate::veth((ns, "eth0"), (&switch, port));
+            switch.ip(&["link", "set", port, "master", "br0", "up"]);
+            ns.ip(&["link", "set", "eth0", "up"]);
+        };
+        let mut routers = Vec::new();
+        for r in 1..=count {
+            let router = NetNs::new("lbt-rtr");
+            attach(&router, &format!("r{r}"));
+            router.ip(&[
+                "addr",
+                "add",
+                &format!("{}/24", Self::router_v4(r)),
+                "dev",
+                "eth0",
+            ]);
+            let v6 = format!("{}/64", Self::router_v6(r));
+            router.ip(&["addr", "add", &v6, "dev", "eth0", "nodad"]);
+            routers.push(router);
+        }
+        let mut node_namespaces = Vec::new();
+        for k in 1..=nodes {
+            let node = NetNs::new("lbt-node");
+            attach(&node, &format!("n{k}"));
+            let v4 = format!("{}/24", Fabric::node_v4(k));
+            node.ip(&["addr", "add", &v4, "dev", "eth0"]);
+            let v6 = format!("{}/64", Fabric::node_v6(k));
+            node.ip(&["addr", "add", &v6, "dev", "eth0", "nodad"]);
+            node_namespaces.push(node);
+        }
+        Self {
+            switch,
+            routers,
+            nodes: node_namespaces,
+        }
+    }
+
+    /// Router `r` (1-based).
+    pub fn router_v4(r: usize) -> String {
+        format!("10.0.0.{r}")
+    }
+
+    pub fn router_v6(r: usize) -> String {
+        format!("fd00::{r}")
+    }
+}
+
+/// [`FRR_ROUTER`] for router `r` of [`Racks`]: its own router id, and AS `asn`.
+pub fn frr_rack_router(r: usize, asn: u32) -> String {
+    FRR_ROUTER
+        .replace("router bgp 64500", &format!("router bgp {asn}"))
+        .replace(
+            "bgp router-id 10.0.0.1",
+            &format!("bgp router-id {}", Racks::router_v4(r)),
+        )
+}

@@ -7,7 +7,7 @@ use aya::{
     Ebpf, EbpfLoader, TestRun as _, TestRunOptions, TestRunResult,
     programs::{ProgramError, Xdp},
 };
-use lbagent::{DataplaneSink, Maps, PortId, VipPolicy};
+use lbagent::{DataplaneSink, Lease, Maps, NeighbourMaps, PortId, VipPolicy};
 use lbagent_common::{VipStats, XDP_PROGRAM};
 
 use crate::require_root;
@@ -19,6 +19,8 @@ pub const XDP_PASS: u32 = 2;
 pub struct Harness {
     ebpf: Ebpf,
     sink: DataplaneSink,
+    neighbours: NeighbourMaps,
+    lease: Lease,
 }
 
 impl Harness {
@@ -35,7 +37,24 @@ impl Harness {
         program.load().expect("verifier accepts the program");
         let maps = Maps::from_ebpf(&mut ebpf).expect("maps");
         let sink = DataplaneSink::new(maps).expect("sink");
-        Self { ebpf, sink }
+        let neighbours = NeighbourMaps::from_ebpf(&mut ebpf).expect("neighbour maps");
+        let lease = Lease::from_ebpf(&mut ebpf).expect("lease map");
+        Self {
+            ebpf,
+            sink,
+            neighbours,
+            lease,
+        }
+    }
+
+    /// The neighbour responder's maps, as the neighbours sink writes them.
+    pub fn neighbours(&mut self) -> &mut NeighbourMaps {
+        &mut self.neighbours
+    }
+
+    /// The neighbour responder's answering lease, as `lbagent membership` renews it.
+    pub fn lease(&mut self) -> &mut Lease {
+        &mut self.lease
     }
 
     /// The maps, for what the helpers below do not cover.
@@ -115,7 +134,7 @@ impl Harness {
     }
 
     /// Runs the program once; returns the verdict, after checking the frame came back
-    /// unchanged (the program never rewrites).
+    /// unchanged (the program rewrites only the ARP and NDP requests it answers).
     pub fn verdict(&self, frame: &[u8]) -> u32 {
         let mut out = vec![0u8; frame.len() + 256];
         let result = self

@@ -530,7 +530,12 @@ fn bpftool_prints_named_fields_for_every_map() {
             .collect()
     };
     let mut seen = Vec::new();
-    for map in lbagent_common::maps::ALL {
+    // The neighbour maps hold entries only with local addresses: tests/tests/l2.rs reads
+    // them with bpftool where they have some.
+    for map in lbagent_common::maps::ALL
+        .into_iter()
+        .filter(|map| !lbagent_common::maps::ADDED.contains(map))
+    {
         let entries = dump(map);
         assert!(!entries.is_empty(), "{map}: no formatted entries");
         // Every map has at least one live entry, and it reads as named fields.

@@ -21,7 +21,7 @@ use k8s_openapi::{
 };
 use lbagent::{API_ACCESS, Config, Mode, Source};
 use lbagent_tests::{
-    NetNs, PinRoot, TempDir, addresses_on, http_get, lbagent_bin, wait_until, xdp_on,
+    NetNs, PinRoot, TempDir, addresses_on, http_get, kubelet, lbagent_bin, wait_until, xdp_on,
 };
 use serde::{Serialize, de::DeserializeOwned};
 
@@ -166,14 +166,24 @@ fn pod_spec(daemon_set: &DaemonSet) -> &PodSpec {
         .expect("the DaemonSet has a pod template")
 }
 
+/// The DaemonSet's main container: lbagent (BIRD runs inside it), or the cleanup. The
+/// agent's pod has one more, `membership`, checked by its own test.
 fn container(daemon_set: &DaemonSet) -> &Container {
     let containers = &pod_spec(daemon_set).containers;
-    assert_eq!(
-        containers.len(),
-        1,
-        "one container: lbagent (BIRD runs inside it)"
+    let names: Vec<&str> = containers.iter().map(|c| c.name.as_str()).collect();
+    assert!(
+        matches!(names[..], [_] | [_, "membership"]),
+        "the main container, and at most the membership beside it: {names:?}"
     );
     &containers[0]
+}
+
+fn membership_container(daemon_set: &DaemonSet) -> &Container {
+    pod_spec(daemon_set)
+        .containers
+        .iter()
+        .find(|c| c.name == "membership")
+        .expect("a membership container")
 }
 
 fn volume<'a>(spec: &'a PodSpec, name: &str) -> &'a Volume {
@@ -371,20 +381,7 @@ fn the_probes_hit_the_port_and_paths_lbagent_serves() {
             .unwrap_or_else(|| panic!("no httpGet probe for {path}"));
         assert_eq!(get.path.as_deref(), Some(path));
         assert!(matches!(get.scheme.as_deref(), None | Some("HTTP")));
-        let port = match &get.port {
-            IntOrString::Int(port) => *port,
-            IntOrString::String(name) => {
-                container
-                    .ports
-                    .iter()
-                    .flatten()
-                    .find(|port| port.name.as_deref() == Some(name))
-                    .unwrap_or_else(|| {
-                        panic!("the probe names port {name:?}, the container has none")
-                    })
-                    .container_port
-            }
-        };
+        let port = kubelet::probe_port(container, get);
         assert_eq!(
             port,
             i32::from(address.port()),
@@ -701,6 +698,111 @@ fn node_name_and_host_ip_come_from_the_downward_api() {
         .collect();
     assert_eq!(env.get("NODE_NAME"), Some(&Some("spec.nodeName")));
     assert_eq!(env.get("HOST_IP"), Some(&Some("status.hostIP")));
+}
+
+#[test]
+fn the_membership_runs_beside_the_agent_with_what_it_needs_and_no_more() {
+    use clap::Parser as _;
+    let objects = Objects::agent();
+    let daemon_set = objects.daemon_set();
+    let membership = membership_container(daemon_set);
+    let agent = container(daemon_set);
+    assert_eq!(membership.image, agent.image, "the same image");
+    let args = membership.args.clone().unwrap_or_default();
+    // NODE_NAME and HOST_IP (checked below to come from the downward API) fill `--name` and
+    // `--address`: given here as the flags they stand for.
+    let words: Vec<String> = std::iter::once("lbagent".to_owned())
+        .chain(membership.command.clone().unwrap_or_default())
+        .chain(args.clone())
+        .chain(["--name", "node-a", "--address", "192.0.2.1"].map(str::to_owned))
+        .collect();
+    lbagent::Cli::try_parse_from(&words).unwrap_or_else(|err| panic!("{words:?}: {err}"));
+    assert_eq!(args.first().map(String::as_str), Some("membership"));
+    assert!(
+        args.iter().any(|a| a == "--kubernetes"),
+        "seeds and exclusions from the Nodes: {args:?}"
+    );
+    // It runs under the agent's ServiceAccount: its calls are among those the role grants.
+    for access in lbagent::MEMBERSHIP_API_ACCESS {
+        assert!(
+            API_ACCESS
+                .iter()
+                .any(|granted| granted.group == access.group
+                    && granted.resource == access.resource
+                    && access.verbs.iter().all(|v| granted.verbs.contains(v))),
+            "{access:?} is not granted"
+        );
+    }
+    // Its name and address from the downward API, as the agent's.
+    let env: BTreeMap<&str, Option<&str>> = membership
+        .env
+        .iter()
+        .flatten()
+        .map(|env| {
+            let field = env
+                .value_from
+                .as_ref()
+                .and_then(|from| from.field_ref.as_ref())
+                .map(|field| field.field_path.as_str());
+            (env.name.as_str(), field)
+        })
+        .collect();
+    assert_eq!(env.get("NODE_NAME"), Some(&Some("spec.nodeName")));
+    assert_eq!(env.get("HOST_IP"), Some(&Some("status.hostIP")));
+    // It writes the member list where the agent's config reads it: the same volume.
+    let loaded = configmap_config(&objects);
+    let members_file = loaded
+        .config
+        .neighbours
+        .as_ref()
+        .expect("the ConfigMap answers for local addresses")
+        .members_file
+        .clone();
+    let volume_of = |container: &Container, file: &Path| {
+        container
+            .volume_mounts
+            .iter()
+            .flatten()
+            .filter(|m| file.starts_with(&m.mount_path))
+            .max_by_key(|m| m.mount_path.len())
+            .map(|m| {
+                (
+                    m.name.clone(),
+                    file.strip_prefix(&m.mount_path).unwrap().to_owned(),
+                )
+            })
+            .unwrap_or_else(|| panic!("{}: {} is not on a volume", container.name, file.display()))
+    };
+    assert_eq!(
+        volume_of(membership, &members_file),
+        volume_of(agent, &members_file),
+        "membersFile"
+    );
+    // The pinned lease on the host's bpffs, as the agent's maps.
+    let bpffs = membership
+        .volume_mounts
+        .iter()
+        .flatten()
+        .find(|m| m.mount_path == "/sys/fs/bpf")
+        .expect("bpffs mounted");
+    assert_eq!(bpffs.mount_propagation.as_deref(), Some("HostToContainer"));
+    let security = membership
+        .security_context
+        .as_ref()
+        .expect("securityContext");
+    let capabilities = security.capabilities.as_ref().expect("capabilities");
+    assert_eq!(capabilities.add.as_deref(), Some(&["BPF".to_owned()][..]));
+    assert_eq!(capabilities.drop.as_deref(), Some(&["ALL".to_owned()][..]));
+    assert_eq!(security.read_only_root_filesystem, Some(true));
+    assert_eq!(security.allow_privilege_escalation, Some(false));
+    assert_ne!(security.privileged, Some(true));
+    let resources = membership.resources.as_ref().expect("resources");
+    assert!(
+        resources
+            .limits
+            .as_ref()
+            .is_some_and(|l| l.contains_key("memory"))
+    );
 }
 
 /// A process killed (with what it started) on drop.

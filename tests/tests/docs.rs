@@ -70,6 +70,7 @@ const CONFIG_KEYS: &[&str] = &[
     "http",
     "routing",
     "dataplane",
+    "neighbours",
 ];
 
 fn top_level_keys(text: &str) -> Vec<String> {

@@ -15,15 +15,12 @@ use std::{
     time::{Duration, Instant},
 };
 
-use k8s_openapi::{
-    api::{
-        apps::v1::DaemonSet,
-        core::v1::{ConfigMap, Container, PodSpec, Probe},
-    },
-    apimachinery::pkg::util::intstr::IntOrString,
+use k8s_openapi::api::{
+    apps::v1::DaemonSet,
+    core::v1::{ConfigMap, Container, PodSpec, Probe},
 };
 use lbagent_tests::{
-    NetNs, PinRoot, TempDir, addresses_on, http_get,
+    NetNs, PinRoot, TempDir, addresses_on, http_get, kubelet,
     routers::{FRR_ROUTER, Fabric, Frr, next_hops},
     run, unique_name, wait_until, xdp_on,
 };
@@ -71,14 +68,19 @@ fn parse<T: serde::de::DeserializeOwned>(file: &str) -> T {
     serde_json::from_value(value).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
-/// The pod spec and its only container.
+/// The pod spec and its main container (the agent's pod also runs `membership`, for local
+/// addresses, which the lab here has none of).
 fn pod(file: &str) -> (PodSpec, Container) {
     let daemon_set: DaemonSet = parse(file);
     let spec = daemon_set
         .spec
         .and_then(|s| s.template.spec)
         .expect("a pod template");
-    assert_eq!(spec.containers.len(), 1, "{file}: one container");
+    let names: Vec<&str> = spec.containers.iter().map(|c| c.name.as_str()).collect();
+    assert!(
+        matches!(names[..], [_] | [_, "membership"]),
+        "{file}: the main container, and at most the membership: {names:?}"
+    );
     let container = spec.containers[0].clone();
     (spec, container)
 }
@@ -423,18 +425,7 @@ impl Drop for Pod {
 /// the port resolved by name, success for 200-399 within the timeout.
 fn probe_passes(node: &NetNs, host_ip: &str, container: &Container, probe: &Probe) -> bool {
     let get = probe.http_get.as_ref().expect("an httpGet probe");
-    let port = match &get.port {
-        IntOrString::Int(port) => *port,
-        IntOrString::String(name) => {
-            container
-                .ports
-                .iter()
-                .flatten()
-                .find(|p| p.name.as_deref() == Some(name))
-                .unwrap_or_else(|| panic!("probe port {name} is not a container port"))
-                .container_port
-        }
-    };
+    let port = kubelet::probe_port(container, get);
     let addr = SocketAddr::new(host_ip.parse().unwrap(), u16::try_from(port).unwrap());
     let path = get.path.as_deref().unwrap_or("/");
     let started = Instant::now();

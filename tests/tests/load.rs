@@ -124,6 +124,17 @@ impl Drop for Scrapers {
     }
 }
 
+/// Waits until the agent's `/readyz` answers 200, failing with its log after `within`.
+fn wait_ready(node: &ServedNode, within: Duration) {
+    assert!(
+        wait_until(within, || {
+            http_get(&node.pair.node, http(), "/readyz").is_some_and(|(code, _)| code == 200)
+        }),
+        "{}",
+        node.agent.log()
+    );
+}
+
 #[test]
 fn healing_and_healthz_answer_while_fifty_scrapes_of_ten_thousand_addresses_run_at_once() {
     let node = ServedNode::start(
@@ -132,13 +143,7 @@ fn healing_and_healthz_answer_while_fifty_scrapes_of_ten_thousand_addresses_run_
         &format!("http: {{address: \"{HTTP}\"}}\n"),
     );
     let ns = &node.pair.node;
-    assert!(
-        wait_until(Duration::from_secs(180), || {
-            http_get(ns, http(), "/readyz").is_some_and(|(code, _)| code == 200)
-        }),
-        "{}",
-        node.agent.log()
-    );
+    wait_ready(&node, Duration::from_secs(180));
     assert!(
         wait_until(Duration::from_secs(240), || addresses_on(ns, "kube-lb0")
             .len()
@@ -199,13 +204,7 @@ fn hostile_services_files_are_refused_naming_their_limit_while_healing_goes_on()
     let good = format!("services:\n- {{name: web, addresses: [{vip}], ports: [{{port: 80}}]}}\n");
     let node = ServedNode::start(vip, &good, &format!("http: {{address: \"{HTTP}\"}}\n"));
     let ns = &node.pair.node;
-    assert!(
-        wait_until(Duration::from_secs(30), || {
-            http_get(ns, http(), "/readyz").is_some_and(|(code, _)| code == 200)
-        }),
-        "{}",
-        node.agent.log()
-    );
+    wait_ready(&node, Duration::from_secs(30));
     let held = || addresses_on(ns, "kube-lb0").contains(&format!("{vip}/32"));
     assert!(held());
 
@@ -297,13 +296,7 @@ fn half_sent_requests_are_closed_and_the_connections_counted_back() {
         &format!("http: {{address: \"{HTTP}\"}}\n"),
     );
     let ns = &node.pair.node;
-    assert!(
-        wait_until(Duration::from_secs(30), || {
-            http_get(ns, http(), "/readyz").is_some_and(|(code, _)| code == 200)
-        }),
-        "{}",
-        node.agent.log()
-    );
+    wait_ready(&node, Duration::from_secs(30));
     let pid = node.agent.pid();
     let fds = || std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, Iterator::count);
     let before = fds();

@@ -322,6 +322,30 @@ fn a_config_bird_rejects_leaves_the_running_one_in_place() {
     );
     assert!(!node.dir.path().join("bird/bird.conf.next").exists());
     assert_eq!(node.protocol("up4")["since"], since);
+
+    // A crash while the newest config is one BIRD rejects: the next BIRD runs the live one.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(node.bird_pid()),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    assert!(
+        wait_until(Duration::from_secs(20), || node.routing()["restarts"] == 1
+            && node.protocol("up4")["info"] == "Established"),
+        "{:#}\n{}",
+        node.routing(),
+        node.log()
+    );
+    assert_eq!(
+        std::fs::read_to_string(node.dir.path().join("bird/bird.conf")).unwrap(),
+        live
+    );
+    assert!(
+        node.log()
+            .contains("new routing config not applied; BIRD restarts with the previous one"),
+        "{}",
+        node.log()
+    );
 }
 
 #[test]
@@ -357,6 +381,82 @@ fn a_killed_bird_is_restarted_and_the_router_keeps_forwarding_meanwhile() {
         "restarted without -R:\n{}",
         node.log()
     );
+}
+
+#[test]
+fn a_hung_bird_is_restarted_and_the_change_it_missed_is_applied() {
+    let (_fabric, frr, node) = announced_node();
+    let signal = |pid: i32, signal| {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), signal).expect("signal BIRD")
+    };
+    let next = node.dir.path().join("bird/bird.conf.next");
+    let community = |value: &str| {
+        frr.vtysh(&format!("show bgp ipv4 unicast {V4}/32"))
+            .contains(&format!("Community: {value}"))
+    };
+
+    // Stopped, and never continued: the change reaches BIRD only through a restart.
+    let hung = node.bird_pid();
+    signal(hung, nix::sys::signal::Signal::SIGSTOP);
+    node.write_config(Some(&format!(
+        "  export: {{communities: [\"64512:100\"]}}\n{BGP}"
+    )));
+    assert!(
+        wait_until(Duration::from_secs(10), || next.exists()),
+        "lbagent never tried to hand the stopped BIRD the change\n{}",
+        node.log()
+    );
+    assert!(
+        wait_until(Duration::from_secs(60), || node.routing()["restarts"] == 1
+            && node.protocol("up4")["info"] == "Established"
+            && community("64512:100")),
+        "{:#}\n{}\n{}",
+        node.routing(),
+        frr.vtysh(&format!("show bgp ipv4 unicast {V4}/32")),
+        node.log()
+    );
+    assert_ne!(node.bird_pid(), hung);
+    assert!(
+        !std::path::Path::new(&format!("/proc/{hung}")).exists(),
+        "the hung BIRD is still there"
+    );
+    assert!(!next.exists(), "bird.conf.next left behind");
+    assert!(
+        node.log()
+            .contains("BIRD did not answer its control socket"),
+        "{}",
+        node.log()
+    );
+    assert!(
+        node.log().contains("recovering=true"),
+        "restarted without -R, so peers dropped the routes:\n{}",
+        node.log()
+    );
+
+    // Stopped while a change is on its way, then continued: the change is applied.
+    let stopped = node.bird_pid();
+    signal(stopped, nix::sys::signal::Signal::SIGSTOP);
+    node.write_config(Some(&format!(
+        "  export: {{communities: [\"64512:200\"]}}\n{BGP}"
+    )));
+    assert!(
+        wait_until(Duration::from_secs(10), || next.exists()),
+        "{}",
+        node.log()
+    );
+    signal(stopped, nix::sys::signal::Signal::SIGCONT);
+    assert!(
+        wait_until(Duration::from_secs(30), || community("64512:200")),
+        "{:#}\n{}",
+        node.routing(),
+        node.log()
+    );
+    assert!(
+        wait_until(Duration::from_secs(5), || !next.exists()),
+        "bird.conf.next left behind"
+    );
+    let live = std::fs::read_to_string(node.dir.path().join("bird/bird.conf")).unwrap();
+    assert!(live.contains("64512, 200"), "{live}");
 }
 
 #[test]

@@ -604,7 +604,7 @@ impl Drop for NetnsGuard {
 
 /// Enforcing address in `slot` with TCP 80 and UDP 53 served from anywhere, and TCP 443 from
 /// 10.0.0.0/8 (range set 1). Written by hand into the tables, as lbagent writes them.
-fn serve(ebpf: &mut Ebpf, vip: IpAddr, slot: u32) -> Result<()> {
+pub(crate) fn serve(ebpf: &mut Ebpf, vip: IpAddr, slot: u32) -> Result<()> {
     let mut configs: Array<_, VipConfig> =
         Array::try_from(ebpf.map_mut(maps::VIP_CONFIG).context("map")?)?;
     configs.set(slot, VipConfig::new(vip, VIP_ENFORCE, 0), 0)?;
@@ -691,7 +691,7 @@ fn l4(protocol: u8, port: u16) -> Vec<u8> {
     h
 }
 
-fn frame4(dst: &str, protocol: u8, port: u16) -> Vec<u8> {
+pub(crate) fn frame4(dst: &str, protocol: u8, port: u16) -> Vec<u8> {
     let dst: std::net::Ipv4Addr = dst.parse().expect("address");
     let l4 = l4(protocol, port);
     let mut f = vec![0x02, 0, 0, 0, 0, 2, 0x02, 0, 0, 0, 0, 1, 0x08, 0x00];
@@ -703,7 +703,7 @@ fn frame4(dst: &str, protocol: u8, port: u16) -> Vec<u8> {
     f
 }
 
-fn frame6(dst: &str, protocol: u8, port: u16) -> Vec<u8> {
+pub(crate) fn frame6(dst: &str, protocol: u8, port: u16) -> Vec<u8> {
     let l4 = l4(protocol, port);
     let mut f = vec![
         0x02, 0, 0, 0, 0, 2, 0x02, 0, 0, 0, 0, 1, 0x86, 0xdd, 0x60, 0, 0, 0,
@@ -740,7 +740,7 @@ fn interquartile_mean(values: &[f64]) -> f64 {
 }
 
 /// The `q` quantile (0.5: the median) of `values`, nearest rank.
-fn quantile(values: &mut [f64], q: f64) -> f64 {
+pub(crate) fn quantile(values: &mut [f64], q: f64) -> f64 {
     values.sort_by(f64::total_cmp);
     values[((values.len() - 1) as f64 * q).round() as usize]
 }

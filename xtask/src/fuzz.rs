@@ -30,7 +30,26 @@ struct Outcome {
     seconds: f64,
 }
 
-pub fn run(seconds: u32, only: &[String]) -> Result<()> {
+/// How the targets are compiled.
+#[derive(Clone, Copy)]
+pub enum Build {
+    /// Optimised, as `cargo fuzz` builds by default: for long runs.
+    Release,
+    /// `cargo fuzz --dev`: quick to build, for the short run in `cargo xtask test`.
+    Dev,
+}
+
+impl Build {
+    fn flags(self) -> Vec<&'static str> {
+        let mut flags = BUILD_FLAGS.to_vec();
+        if matches!(self, Build::Dev) {
+            flags.push("--dev");
+        }
+        flags
+    }
+}
+
+pub fn run(seconds: u32, build: Build, only: &[String]) -> Result<()> {
     cmd::require_root("fuzz")?;
     let targets: Vec<&'static str> = if only.is_empty() {
         TARGETS.to_vec()
@@ -47,7 +66,7 @@ pub fn run(seconds: u32, only: &[String]) -> Result<()> {
     };
     let fuzz_dir = cmd::workspace().join("fuzz");
     cmd::step("cargo fuzz build (nightly, debug assertions on)", || {
-        cmd::status(fuzz_command(&fuzz_dir).args(["build"]).args(BUILD_FLAGS))
+        cmd::status(fuzz_command(&fuzz_dir).args(["build"]).args(build.flags()))
     })?;
 
     // The pinned-maps target pins real maps: here, and removed after, whatever happens.
@@ -56,7 +75,7 @@ pub fn run(seconds: u32, only: &[String]) -> Result<()> {
     let mut failure = None;
     for target in targets {
         let result = cmd::step(&format!("fuzz {target} for {seconds} s"), || {
-            run_one(&fuzz_dir, target, seconds, &pin_root)
+            run_one(&fuzz_dir, target, build, seconds, &pin_root)
         });
         match result {
             Ok(outcome) => outcomes.push(outcome),
@@ -107,6 +126,7 @@ fn fuzz_command(fuzz_dir: &Path) -> Command {
 fn run_one(
     fuzz_dir: &Path,
     target: &'static str,
+    build: Build,
     seconds: u32,
     pin_root: &Path,
 ) -> Result<Outcome> {
@@ -120,7 +140,7 @@ fn run_one(
     let started = Instant::now();
     let output = fuzz_command(fuzz_dir)
         .args(["run"])
-        .args(BUILD_FLAGS)
+        .args(build.flags())
         .arg(target)
         .arg(&corpus)
         .arg(&seeds)

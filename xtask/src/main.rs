@@ -3,6 +3,7 @@
 mod bench;
 mod bench_allocator;
 mod bench_dataplane;
+mod bench_failover;
 mod bench_routing;
 mod build_ebpf;
 mod cmd;
@@ -74,6 +75,10 @@ enum Task {
         /// How long each target runs.
         #[arg(long, default_value_t = 60)]
         seconds: u32,
+        /// Build without optimisation, as `cargo xtask test` does: a fraction of the build
+        /// time, fewer inputs per second.
+        #[arg(long)]
+        dev: bool,
         /// Only these targets (default: all).
         targets: Vec<String>,
     },
@@ -97,6 +102,9 @@ enum Bench {
     /// 10,000 Services assigned by `lbagent allocator` against the same status patches sent
     /// by a bare kube-rs client; peak RSS; a restart's writes and time to ready.
     Allocator,
+    /// Local (L2) addresses: failover time against keepalived (VRRPv3) on the same bridge,
+    /// and what the ARP/NDP responder adds to other frames.
+    Failover,
 }
 
 fn main() -> Result<()> {
@@ -129,15 +137,25 @@ fn main() -> Result<()> {
                 Bench::Routing => bench_routing::run(),
                 Bench::Dataplane => bench_dataplane::run(compare),
                 Bench::Allocator => bench_allocator::run(),
+                Bench::Failover => bench_failover::run(),
             }
         }
         Task::Soak { minutes, seed } => {
             setup::run()?;
             soak::run(minutes, seed)
         }
-        Task::Fuzz { seconds, targets } => {
+        Task::Fuzz {
+            seconds,
+            dev,
+            targets,
+        } => {
             setup::run()?;
-            fuzz::run(seconds, &targets)
+            let build = if dev {
+                fuzz::Build::Dev
+            } else {
+                fuzz::Build::Release
+            };
+            fuzz::run(seconds, build, &targets)
         }
     }
 }
@@ -162,7 +180,9 @@ fn test() -> Result<()> {
     // The advisories check needs a network copy of the advisory database: run
     // `cargo deny check advisories` where there is one (see README, Dependencies).
     cmd::cargo(&["deny", "check", "bans", "licenses", "sources"])?;
-    fuzz::run(CI_FUZZ_SECONDS, &[])?;
+    // Unoptimised: the release build of the targets alone took 15 CPU-minutes, more than
+    // every other step together, for a smoke run of seconds.
+    fuzz::run(CI_FUZZ_SECONDS, fuzz::Build::Dev, &[])?;
     eprintln!(
         "xtask test: all passed in {:.0} s",
         started.elapsed().as_secs_f64()

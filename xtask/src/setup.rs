@@ -23,6 +23,9 @@ const APT_PACKAGES: &[&str] = &[
     "util-linux",   // nsenter, mount
     "strace",       // syscall counts in benchmarks
     "g++",          // libFuzzer (C++), which the fuzz targets link
+    "arping",       // ARP probes in the local-address (L2) tests
+    "ndisc6",       // neighbour solicitations, the same for IPv6
+    "keepalived",   // VRRPv3: the failover benchmark's baseline
     // The container image (`cargo xtask image`, tests/tests/image.rs). Installed without
     // recommends, so podman's runtime pieces are named: runc runs the containers (crun 1.8
     // refuses hosts with cgroup v1 and v2 mixed), conmon watches them, netavark is the network

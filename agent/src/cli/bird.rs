@@ -8,13 +8,14 @@ use crate::{
     config::Config,
     sinks::{
         addresses::AddressSink,
-        routing::{model::IfaceName, render::render_for_mode},
+        routing::{gateway, model::IfaceName, plan::for_node, render::render_for_mode},
     },
 };
 
 #[derive(Debug, clap::Subcommand)]
 pub enum Command {
-    /// Print the BIRD config lbagent renders from its config file.
+    /// Print the BIRD config lbagent renders from its config file for this node: the protocols
+    /// its `node.labels` select, gateway neighbours at its current default routes.
     Render {
         #[arg(
             long,
@@ -43,6 +44,15 @@ pub fn run(command: Command, out: &mut impl Write) -> Result<()> {
             .block_on(async { AddressSink::connect(&loaded.addresses.interface)?.node_ipv4().await })?
             .context("routing.routerId: this node has no IPv4 address to default to; set one or pass --router-id")?,
     };
-    write!(out, "{}", render_for_mode(routing, router_id, &interface))?;
+    let gateways = super::runtime()?.block_on(async {
+        let (connection, handle, _) = rtnetlink::new_connection()?;
+        tokio::spawn(connection);
+        anyhow::Ok(gateway::read(&handle).await?)
+    })?;
+    let (node, warnings) = for_node(routing, &loaded.node_labels, &gateways);
+    for warning in warnings {
+        tracing::warn!("{warning}");
+    }
+    write!(out, "{}", render_for_mode(&node, router_id, &interface))?;
     Ok(())
 }

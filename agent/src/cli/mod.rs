@@ -8,6 +8,7 @@ mod bird;
 mod cleanup;
 mod counters;
 mod detach;
+mod membership;
 mod run;
 mod status;
 mod vip;
@@ -66,6 +67,9 @@ pub enum Command {
     Counters(counters::Args),
     /// Assign LoadBalancer addresses from AddressPools (its own leader-elected Deployment).
     Allocator(allocator::Args),
+    /// Run this node's member of the SWIM membership that decides who answers for local
+    /// addresses (beside the agent, in its own process, so that it outlives the agent).
+    Membership(membership::Args),
 }
 
 const QUIET: &str = "warn";
@@ -75,7 +79,10 @@ pub fn run(cli: Cli, out: &mut impl Write) -> Result<()> {
     // The agent logs at info; the one-shot commands only what needs attention, as their
     // result is what they print.
     // The allocator sets its own level: info when it runs, warn for its one-shot commands.
-    if !matches!(cli.command, Command::Run(_) | Command::Allocator(_)) {
+    if !matches!(
+        cli.command,
+        Command::Run(_) | Command::Allocator(_) | Command::Membership(_)
+    ) {
         logging::init(cli.log_format, QUIET);
     }
     match cli.command {
@@ -88,6 +95,7 @@ pub fn run(cli: Cli, out: &mut impl Write) -> Result<()> {
         Command::Detach(args) => detach::run(args, &pins, out),
         Command::Vip(command) => vip::run(command, &pins, out),
         Command::Counters(args) => counters::run(args, &pins, out),
+        Command::Membership(args) => membership::run(args, pins, cli.log_format),
     }
 }
 

@@ -11,7 +11,7 @@ use crate::{
     dataplane::{self, PinLayout, inspect::Attachment},
     desired::AddressState,
     reconcile::Status,
-    sinks::routing::RoutingStatus,
+    sinks::{neighbours::NeighbourReport, routing::RoutingStatus},
     status_file,
 };
 
@@ -77,6 +77,27 @@ fn degraded(agent: &Status, dataplane: &[Attachment]) -> Vec<String> {
             .filter(|a| a.state == AddressState::Unsupported)
             .map(|a| format!("{}: not held, this node has no IPv6", a.address)),
     );
+    if let Some(neighbours) = &agent.neighbours {
+        degraded.extend(neighbours.no_interface.iter().map(|address| {
+            format!(
+                "{address}: this node owns the local address but has no interface in its subnet"
+            )
+        }));
+        degraded.extend(neighbours.foreign.iter().map(|f| {
+            format!(
+                "{}: another host ({}) answers for this local address too (split brain, {} answers)",
+                f.address, f.mac, f.answers
+            )
+        }));
+        for election in &neighbours.addresses {
+            if election.owner.is_none() {
+                degraded.push(format!(
+                    "{}: no live node may answer for it",
+                    election.address
+                ));
+            }
+        }
+    }
     if let Some(routing) = &agent.routing {
         if routing.bird != "running" && routing.mode == "managed" {
             degraded.push(format!("BIRD: {}", routing.bird));
@@ -103,6 +124,9 @@ fn degraded(agent: &Status, dataplane: &[Attachment]) -> Vec<String> {
 
 fn write_report(out: &mut impl Write, report: &StatusReport) -> std::io::Result<()> {
     write_addresses(out, &report.agent)?;
+    if let Some(neighbours) = &report.agent.neighbours {
+        write_neighbours(out, neighbours)?;
+    }
     if let Some(routing) = &report.agent.routing {
         write_routing(out, routing)?;
     }
@@ -174,6 +198,54 @@ fn write_addresses(out: &mut impl Write, status: &Status) -> std::io::Result<()>
             out,
             "{address:<width$}  {state:<state_width$}  {}",
             status.services.join(",")
+        )?;
+    }
+    Ok(())
+}
+
+fn write_neighbours(out: &mut impl Write, report: &NeighbourReport) -> std::io::Result<()> {
+    match &report.members {
+        Some(members) => writeln!(
+            out,
+            "\nlocal addresses: members {} (from {})",
+            members.join(","),
+            report.members_file.display()
+        )?,
+        None => writeln!(
+            out,
+            "\nlocal addresses: no member list yet (from {})",
+            report.members_file.display()
+        )?,
+    }
+    let addresses: Vec<String> = report
+        .addresses
+        .iter()
+        .map(|e| e.address.to_string())
+        .collect();
+    let width = super::column_width("ADDRESS", addresses.iter().map(String::as_str));
+    let owners: Vec<String> = report
+        .addresses
+        .iter()
+        .map(|e| {
+            let owner = e.owner.clone().unwrap_or_else(|| "-".to_owned());
+            if e.answering {
+                format!("{owner} (this node)")
+            } else {
+                owner
+            }
+        })
+        .collect();
+    let owner_width = super::column_width("OWNER", owners.iter().map(String::as_str));
+    writeln!(
+        out,
+        "{:<width$}  {:<owner_width$}  CANDIDATES",
+        "ADDRESS", "OWNER"
+    )?;
+    for ((election, address), owner) in report.addresses.iter().zip(&addresses).zip(&owners) {
+        writeln!(
+            out,
+            "{address:<width$}  {owner:<owner_width$}  {}",
+            election.candidates.join(",")
         )?;
     }
     Ok(())

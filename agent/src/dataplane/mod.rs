@@ -6,6 +6,7 @@
 //! so a refused attach leaves nothing behind.
 
 pub mod inspect;
+mod neighbours;
 mod pins;
 mod tables;
 mod vips;
@@ -24,11 +25,12 @@ use aya::{
     },
 };
 use lbagent_common::{
-    Bucket, PortConfig, PortStats, RangeKeyV4, RangeKeyV6, TC_EGRESS_PROGRAM, VipConfig, VipStats,
-    XDP_PROGRAM, maps,
+    Bucket, NeighbourEntry, NeighbourKey, NeighbourStats, PortConfig, PortStats, RangeKeyV4,
+    RangeKeyV6, TC_EGRESS_PROGRAM, VipConfig, VipStats, XDP_PROGRAM, maps,
 };
 use tracing::{info, warn};
 
+pub use neighbours::{Lease, NeighbourCounters, NeighbourMaps, Role};
 pub use pins::{PinLayout, XdpLinkPin};
 pub use tables::{Maps, PortId, VipPolicy};
 pub use vips::{PortCounters, VipCounters, VipTable};
@@ -190,7 +192,18 @@ const fn trie<K>(name: &'static str) -> MapSpec {
     }
 }
 
-const MAP_SPECS: [MapSpec; 10] = [
+const fn hash<K, V>(name: &'static str, map_type: MapType) -> MapSpec {
+    MapSpec {
+        name,
+        map_type,
+        key_size: size_of::<K>(),
+        value_size: size_of::<V>(),
+        max_entries: maps::MAX_NEIGHBOURS,
+        flags: 0,
+    }
+}
+
+const MAP_SPECS: [MapSpec; 13] = [
     array::<Bucket>(maps::VIPS_V4, maps::VIP_BUCKETS),
     array::<Bucket>(maps::VIPS_V6, maps::VIP_BUCKETS),
     array::<VipConfig>(maps::VIP_CONFIG, maps::MAX_VIPS),
@@ -201,6 +214,16 @@ const MAP_SPECS: [MapSpec; 10] = [
     trie::<RangeKeyV4>(maps::RANGES_V4),
     trie::<RangeKeyV6>(maps::RANGES_V6),
     array::<u64>(maps::VIP_FILTER, maps::VIP_FILTER_ENTRIES),
+    hash::<NeighbourKey, NeighbourEntry>(maps::NEIGHBOURS, MapType::Hash),
+    hash::<NeighbourKey, NeighbourStats>(maps::NEIGHBOUR_STATS, MapType::PerCpuHash),
+    MapSpec {
+        name: maps::NEIGHBOUR_LEASE,
+        map_type: MapType::Array,
+        key_size: 4,
+        value_size: size_of::<u64>(),
+        max_entries: 1,
+        flags: 0,
+    },
 ];
 
 /// Attaches the XDP program to `iface`, reusing the pinned maps if there are any, and the tc
@@ -221,6 +244,10 @@ pub fn attach(pins: &PinLayout, iface: &str, mode: AttachMode) -> Result<Attache
     if link_pin.exists() {
         let existing = XdpLink::try_from(FdLink::from(PinnedLink::from_pin(&link_pin)?))?;
         program.attach_to_link(existing)?;
+        // The new program uses maps an older agent's pins may lack: pin them now.
+        let mut made = Rollback::default();
+        pin_maps(&ebpf, pins, &mut made)?;
+        made.commit();
         info!(
             iface,
             ifindex, "replaced the XDP program in lbagent's existing link"
@@ -242,9 +269,7 @@ pub fn attach(pins: &PinLayout, iface: &str, mode: AttachMode) -> Result<Attache
     // unpinned link then detaches the program, so a failure leaves the kernel as it was.
     let mut made = Rollback::default();
     create_dir(pins.links_dir(), &mut made)?;
-    if !maps_pinned {
-        pin_maps(&ebpf, pins, &mut made)?;
-    }
+    pin_maps(&ebpf, pins, &mut made)?;
     xdp_link
         .pin(&link_pin)
         .map_err(|source| DataplaneError::Pin {
@@ -357,10 +382,11 @@ fn remove_everything(layout: &PinLayout) -> Result<(), DataplaneError> {
 /// the agent's maps exist (and the reconciler can fill them) before any interface does.
 pub fn prepare(pins: &PinLayout) -> Result<(), DataplaneError> {
     pins.check_bpffs()?;
-    if maps_pinned(pins)? {
+    let pinned = maps_pinned(pins)?;
+    if pinned && MAP_SPECS.iter().all(|spec| pins.map(spec.name).exists()) {
         return Ok(());
     }
-    let ebpf = load(pins, false)?;
+    let ebpf = load(pins, pinned)?;
     let mut made = Rollback::default();
     create_dir(pins.dir(), &mut made)?;
     pin_maps(&ebpf, pins, &mut made)?;
@@ -368,9 +394,14 @@ pub fn prepare(pins: &PinLayout) -> Result<(), DataplaneError> {
     Ok(())
 }
 
+/// Pins every map not pinned yet: all of them on a first load; after an upgrade, the ones an
+/// older agent's pins lack ([`maps::ADDED`]).
 fn pin_maps(ebpf: &Ebpf, pins: &PinLayout, made: &mut Rollback) -> Result<(), DataplaneError> {
     for spec in &MAP_SPECS {
         let path = pins.map(spec.name);
+        if path.exists() {
+            continue;
+        }
         let map = ebpf.map(spec.name).ok_or(DataplaneError::Map {
             name: spec.name,
             source: MapError::InvalidName {
@@ -384,6 +415,106 @@ fn pin_maps(ebpf: &Ebpf, pins: &PinLayout, made: &mut Rollback) -> Result<(), Da
         made.paths.push(path);
     }
     Ok(())
+}
+
+/// A handle on every pinned map that outlives their pins: a pin removed from outside
+/// lbagent (`rm -rf` of the pin directory) is put back from it, so the programs, the agent
+/// and the next agent all keep the same maps, and their counters.
+pub struct PinnedMaps {
+    maps: Vec<(&'static str, aya::maps::MapData)>,
+}
+
+impl PinnedMaps {
+    /// Opens the maps as pinned now.
+    pub fn open(pins: &PinLayout) -> Result<Self, DataplaneError> {
+        let maps = MAP_SPECS
+            .iter()
+            .map(|spec| {
+                aya::maps::MapData::from_pin(pins.map(spec.name))
+                    .map(|data| (spec.name, data))
+                    .map_err(|source| DataplaneError::Map {
+                        name: spec.name,
+                        source,
+                    })
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(Self { maps })
+    }
+
+    /// Pins again each map whose pin is gone; returns their names.
+    pub fn repin(&self, pins: &PinLayout) -> Result<Vec<&'static str>, DataplaneError> {
+        let mut repinned = Vec::new();
+        for (name, data) in &self.maps {
+            let path = pins.map(name);
+            if path.exists() {
+                continue;
+            }
+            std::fs::create_dir_all(pins.dir()).map_err(|source| DataplaneError::Io {
+                path: pins.dir(),
+                source,
+            })?;
+            data.pin(&path)
+                .map_err(|source| DataplaneError::Pin { path, source })?;
+            repinned.push(*name);
+        }
+        Ok(repinned)
+    }
+}
+
+/// lbagent's own hold on its links, beside their pins: a link whose pin is removed from
+/// outside lbagent stays attached, and is pinned again from here, so traffic never sees
+/// the interface without its program.
+#[derive(Default)]
+pub struct HeldLinks {
+    links: std::collections::BTreeMap<PathBuf, FdLink>,
+}
+
+impl HeldLinks {
+    /// Holds the links of an interface as pinned now.
+    pub fn hold(&mut self, pins: &PinLayout, link: XdpLinkPin) {
+        for path in [pins.xdp_link(link), pins.tc_link(link)] {
+            if let Ok(pinned) = PinnedLink::from_pin(&path) {
+                self.links.insert(path, FdLink::from(pinned));
+            }
+        }
+    }
+
+    /// Lets go of the links of an interface (it is gone, or its pins were removed on purpose).
+    pub fn release(&mut self, pins: &PinLayout, link: XdpLinkPin) {
+        for path in [pins.xdp_link(link), pins.tc_link(link)] {
+            self.links.remove(&path);
+        }
+    }
+
+    /// Pins again each held link of the interface whose pin is gone. Returns how many were
+    /// pinned again, or the error of one that could not be (its link is let go: nothing else
+    /// may hold it, and the interface then needs a new attach).
+    pub fn repin(&mut self, pins: &PinLayout, link: XdpLinkPin) -> Result<usize, DataplaneError> {
+        let mut repinned = 0;
+        for path in [pins.xdp_link(link), pins.tc_link(link)] {
+            if path.exists() {
+                continue;
+            }
+            let Some(held) = self.links.remove(&path) else {
+                continue;
+            };
+            let dir = pins.links_dir();
+            std::fs::create_dir_all(&dir)
+                .map_err(|source| DataplaneError::Io { path: dir, source })?;
+            let pinned = held.pin(&path).map_err(|source| DataplaneError::Pin {
+                path: path.clone(),
+                source,
+            })?;
+            self.links.insert(path, FdLink::from(pinned));
+            repinned += 1;
+        }
+        Ok(repinned)
+    }
+
+    /// Whether an interface's XDP link is held.
+    pub fn holds(&self, pins: &PinLayout, link: XdpLinkPin) -> bool {
+        self.links.contains_key(&pins.xdp_link(link))
+    }
 }
 
 /// Removes the link pins of an interface that is gone (the kernel detached its programs
@@ -653,7 +784,8 @@ fn load(pins: &PinLayout, reuse_pinned_maps: bool) -> Result<Ebpf, DataplaneErro
         .map(|spec| (spec.name, pins.map(spec.name)))
         .collect();
     if reuse_pinned_maps {
-        for (name, path) in &paths {
+        // A map an older agent did not pin is created new, and pinned after the load.
+        for (name, path) in paths.iter().filter(|(_, path)| path.exists()) {
             loader.map_pin_path(name, path.as_path());
         }
     }
@@ -738,9 +870,11 @@ fn is_busy(err: &ProgramError) -> bool {
 /// program expects (aya reuses a pinned map without looking at it).
 fn maps_pinned(pins: &PinLayout) -> Result<bool, DataplaneError> {
     let mut pinned = 0;
+    let mut added_missing = 0;
     for spec in &MAP_SPECS {
         let path = pins.map(spec.name);
         if !path.exists() {
+            added_missing += usize::from(maps::ADDED.contains(&spec.name));
             continue;
         }
         pinned += 1;
@@ -783,7 +917,7 @@ fn maps_pinned(pins: &PinLayout) -> Result<bool, DataplaneError> {
     }
     match pinned {
         0 => Ok(false),
-        n if n == MAP_SPECS.len() => Ok(true),
+        n if n + added_missing == MAP_SPECS.len() => Ok(true),
         _ => Err(DataplaneError::IncompatibleMap {
             path: pins.dir(),
             detail: "only some of the maps are pinned".to_owned(),

@@ -610,6 +610,25 @@ impl Maps {
             })
     }
 
+    /// Takes the writer's lock again when the pin directory was replaced (removed from
+    /// outside lbagent, and made again when the pins were restored): a lock on the removed
+    /// one would keep no second writer out of the new one.
+    /// Returns whether it did.
+    pub fn relock_if_replaced(&mut self) -> Result<bool, DataplaneError> {
+        use std::os::unix::fs::MetadataExt as _;
+        let (Some(path), Some(writer)) = (&self.lock_path, &self.writer) else {
+            return Ok(false);
+        };
+        let held = writer.metadata().map(|m| (m.dev(), m.ino())).ok();
+        let now = std::fs::metadata(path).map(|m| (m.dev(), m.ino())).ok();
+        if now.is_none() || held == now {
+            return Ok(false);
+        }
+        self.writer = None;
+        self.writing = false;
+        self.take_writer_lock().map(|()| true)
+    }
+
     /// Takes the writer's lock on the pin directory, once: a second writer (an `lbagent vip`
     /// command while the agent runs) is refused instead of handing out a slot twice. Every
     /// change takes it; the agent takes it at start.

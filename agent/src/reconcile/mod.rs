@@ -20,7 +20,7 @@ use prometheus_client::{
     },
 };
 use tokio::sync::{mpsc, watch};
-use tracing::error;
+use tracing::{debug, error};
 
 pub use self::status::{LastReconcile, Status};
 use crate::{
@@ -129,6 +129,7 @@ impl Reconciler {
                 Ok(()) = inputs.routing.changed() => Some(Trigger::Config),
                 noticed = noticed(&mut self.sinks) => match noticed {
                     Noticed::Drift => Some(Trigger::Kernel),
+                    Noticed::Membership => Some(Trigger::Membership),
                     Noticed::Report => None,
                 },
                 Some(()) = inputs.resync_now.recv() => Some(Trigger::Signal),
@@ -148,7 +149,12 @@ impl Reconciler {
                 continue;
             };
             let routing = inputs.routing.borrow_and_update().clone();
-            let failed = self.reconcile(update, routing.as_ref(), trigger).await;
+            // A copy that has seen this update: it tells when a newer one arrives.
+            let newer = inputs.updates.clone();
+            let superseded = move || newer.has_changed().unwrap_or(false);
+            let failed = self
+                .reconcile(update, routing.as_ref(), trigger, &superseded)
+                .await;
             retry = failed.then(|| {
                 let delay = retry.map_or(FIRST_RETRY, |(_, d)| (d * 2).min(inputs.resync_interval));
                 (tokio::time::Instant::now() + delay, delay)
@@ -162,6 +168,7 @@ impl Reconciler {
         update: SourceUpdate,
         routing: Option<&RoutingConfig>,
         trigger: Trigger,
+        superseded: &dyn Fn() -> bool,
     ) -> bool {
         let started = Instant::now();
         self.reconciles += 1;
@@ -169,13 +176,20 @@ impl Reconciler {
             desired: &update.desired,
             routing,
             trigger,
+            superseded,
         };
         let mut errors = Vec::new();
         for sink in &mut self.sinks {
             errors.extend(sink.pass(&wanted).await);
         }
+        // A failure that stays (a full map) is logged when it starts, not on every retry.
+        let before = self.last.as_ref().map(|last| last.errors.as_slice());
         for err in &errors {
-            error!(%err, "reconcile step failed; will retry");
+            if before.is_some_and(|before| before.contains(err)) {
+                debug!(%err, "reconcile step still failing; will retry");
+            } else {
+                error!(%err, "reconcile step failed; will retry");
+            }
         }
         let duration = started.elapsed();
         let failed = !errors.is_empty();
@@ -217,6 +231,7 @@ impl Reconciler {
             rejected: last.rejected.clone(),
             errors: last.errors.clone(),
             routing: None,
+            neighbours: None,
         };
         for sink in &self.sinks {
             match sink.report() {
@@ -229,6 +244,12 @@ impl Reconciler {
                 }
                 Report::Dataplane => {}
                 Report::Routing(report) => status.routing = Some(report),
+                Report::Neighbours(report) => status.neighbours = Some(report),
+            }
+        }
+        if let Some(neighbours) = &status.neighbours {
+            for address in &mut status.addresses {
+                address.neighbour = neighbours.outcome(address.address);
             }
         }
         self.outcomes.send_if_modified(|outcomes| {

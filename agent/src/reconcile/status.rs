@@ -5,7 +5,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     desired::{AddressStatus, Rejected},
-    sinks::routing::RoutingStatus,
+    sinks::{neighbours::NeighbourReport, routing::RoutingStatus},
 };
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -22,6 +22,9 @@ pub struct Status {
     /// BIRD and its protocols, when lbagent runs or feeds one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub routing: Option<RoutingStatus>,
+    /// Local addresses: who answers for each, when the neighbours sink runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub neighbours: Option<NeighbourReport>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

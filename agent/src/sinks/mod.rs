@@ -8,6 +8,7 @@
 
 pub mod addresses;
 pub mod dataplane;
+pub mod neighbours;
 pub mod routing;
 
 use std::{fmt, future::Future};
@@ -25,6 +26,8 @@ pub enum Trigger {
     Kernel,
     /// lbagent's own config file changed (the routing section).
     Config,
+    /// The live members changed (`lbagent membership`): local addresses may change owner.
+    Membership,
     Resync,
     Signal,
     Retry,
@@ -37,6 +40,7 @@ impl Trigger {
             Self::Desired => "desired",
             Self::Kernel => "kernel",
             Self::Config => "config",
+            Self::Membership => "membership",
             Self::Resync => "resync",
             Self::Signal => "signal",
             Self::Retry => "retry",
@@ -50,6 +54,7 @@ impl fmt::Display for Trigger {
             Self::Desired => "desired state changed",
             Self::Kernel => "kernel changed",
             Self::Config => "config file changed",
+            Self::Membership => "members changed",
             Self::Resync => "periodic resync",
             Self::Signal => "SIGHUP",
             Self::Retry => "retry",
@@ -64,6 +69,9 @@ pub struct Wanted<'a> {
     /// The routing section of the running config (`None`: no routing).
     pub routing: Option<&'a routing::model::RoutingConfig>,
     pub trigger: Trigger,
+    /// Whether a newer desired state has arrived since this pass began: a long apply stops
+    /// between batches when it has, and the next pass plans from the newer state.
+    pub superseded: &'a dyn Fn() -> bool,
 }
 
 /// What a sink holds now, as the published status shows it.
@@ -73,6 +81,7 @@ pub enum Report {
     /// The dataplane's state is in its pinned maps, which the status reads itself.
     Dataplane,
     Routing(routing::RoutingStatus),
+    Neighbours(neighbours::NeighbourReport),
 }
 
 /// What a sink noticed between passes.
@@ -82,6 +91,8 @@ pub enum Noticed {
     Drift,
     /// Only its report changed (BIRD's sessions moved): the status is published again.
     Report,
+    /// The live members changed: a pass elects the owners of local addresses again.
+    Membership,
 }
 
 /// The contract every sink keeps.

@@ -33,7 +33,10 @@ use tracing::{error, info, warn};
 
 use crate::{
     address,
-    desired::{self, Desired, PortSpec, Protocol, Rejected, Service, SourceUpdate, TrafficPolicy},
+    desired::{
+        self, Desired, NodeLabels, PortSpec, Protocol, Rejected, Service, SourceUpdate,
+        TrafficPolicy,
+    },
     watch::FileEvent,
     yaml::{self, Limits},
 };
@@ -284,6 +287,35 @@ pub async fn watch(
     }
 }
 
+/// Puts the node's labels (the config's `node.labels`, followed as the config changes) into
+/// each update the services file gives, until either side is gone.
+pub async fn with_node_labels(
+    mut services: watch::Receiver<Option<SourceUpdate>>,
+    mut labels: watch::Receiver<NodeLabels>,
+    updates: watch::Sender<Option<SourceUpdate>>,
+) {
+    loop {
+        let combined = services.borrow_and_update().clone().map(|mut update| {
+            update.desired.node_labels = labels.borrow_and_update().clone();
+            update
+        });
+        if combined.is_some() {
+            updates.send_if_modified(|current| {
+                let changed = *current != combined;
+                if changed {
+                    current.clone_from(&combined);
+                }
+                changed
+            });
+        }
+        tokio::select! {
+            changed = services.changed() => if changed.is_err() { return },
+            changed = labels.changed() => if changed.is_err() { return },
+            () = updates.closed() => return,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::time::Duration;
@@ -300,7 +332,9 @@ mod tests {
             "services:\n- name: web\n  addresses: [203.0.113.10, 2001:db8::10/128]\n  ports: [{port: 80}, {port: 53, protocol: udp}]\n  sourceRanges: [198.51.100.7/24, 10.1.2.3]\n  externalTrafficPolicy: Local\n",
         );
         assert!(update.rejected.is_empty(), "{:?}", update.rejected);
-        let web = &update.desired.addresses[&"203.0.113.10".parse().unwrap()]["web"];
+        let web = &update.desired.addresses[&"203.0.113.10".parse().unwrap()]
+            .get("web")
+            .unwrap();
         assert_eq!(
             web.ports
                 .iter()

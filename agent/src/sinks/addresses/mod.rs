@@ -33,6 +33,10 @@ use super::{errno, link_name, node_has_ipv6};
 /// How many address requests are in flight at once: enough to keep the kernel busy, few
 /// enough to stay well inside the socket's receive buffer for the acks.
 const IN_FLIGHT: usize = 128;
+/// Address changes applied between two looks for a newer desired state. The kernel takes
+/// time linear in the addresses a link holds for each add (70-200 a second at 100,000), so a
+/// batch lasts a few seconds at worst, and a newer state waits no longer than that.
+const BATCH: usize = 256;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AddressError {
@@ -90,6 +94,8 @@ struct Applied {
     pub removed: usize,
     /// Changes that failed; the next reconcile tries them again.
     pub errors: Vec<AddressError>,
+    /// Changes not tried because a newer desired state arrived: (whether an add, address).
+    pub skipped: Vec<(bool, IpNet)>,
 }
 
 pub struct AddressSink {
@@ -262,7 +268,12 @@ impl AddressSink {
 
     /// Applies `plan`. Address changes are independent: one that fails is reported and the
     /// rest still go in. Failing to create the interface stops the apply.
-    async fn apply_plan(&self, plan: &Plan, observed: &Observed) -> Result<Applied, AddressError> {
+    async fn apply_plan(
+        &self,
+        plan: &Plan,
+        observed: &Observed,
+        superseded: &dyn Fn() -> bool,
+    ) -> Result<Applied, AddressError> {
         let mut applied = Applied::default();
         applied.link_index = if plan.create_link {
             let kind = self.create_link().await?;
@@ -293,21 +304,30 @@ impl AddressSink {
             applied.errors.push(err);
         }
 
-        let removals = plan.remove.iter().map(|net| self.remove(index, *net));
-        let additions = plan.add.iter().map(|net| self.add(index, *net));
-        let results: Vec<_> = stream::iter(
-            removals
-                .map(futures::future::Either::Left)
-                .chain(additions.map(futures::future::Either::Right)),
-        )
-        .buffer_unordered(IN_FLIGHT)
-        .collect()
-        .await;
-        for result in results {
-            match result {
-                Ok(Change::Added) => applied.added += 1,
-                Ok(Change::Removed) => applied.removed += 1,
-                Err(err) => applied.errors.push(err),
+        let changes: Vec<(bool, IpNet)> = (plan.remove.iter().map(|net| (false, *net)))
+            .chain(plan.add.iter().map(|net| (true, *net)))
+            .collect();
+        for (n, batch) in changes.chunks(BATCH).enumerate() {
+            if n > 0 && superseded() {
+                applied.skipped = changes[n * BATCH..].to_vec();
+                break;
+            }
+            let results: Vec<_> = stream::iter(batch.iter().map(|(add, net)| async move {
+                if *add {
+                    self.add(index, *net).await
+                } else {
+                    self.remove(index, *net).await
+                }
+            }))
+            .buffer_unordered(IN_FLIGHT)
+            .collect()
+            .await;
+            for result in results {
+                match result {
+                    Ok(Change::Added) => applied.added += 1,
+                    Ok(Change::Removed) => applied.removed += 1,
+                    Err(err) => applied.errors.push(err),
+                }
             }
         }
         // Only now that the addresses are back where they belong: until then the renamed

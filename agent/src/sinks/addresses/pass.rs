@@ -60,10 +60,26 @@ impl Sink for AddressSink {
         let mut held: BTreeSet<IpNet> = plan.virtual_addresses(&observed).copied().collect();
         let (mut added, mut removed) = (0, 0);
         if !plan.changes_nothing() {
-            match self.apply_plan(&plan, &observed).await {
+            match self.apply_plan(&plan, &observed, wanted.superseded).await {
                 Ok(applied) => {
                     if let Some(kind) = applied.created_link {
                         info!(%interface, kind, "created the load-balancer interface");
+                    }
+                    if !applied.skipped.is_empty() {
+                        info!(
+                            %interface,
+                            done = applied.added + applied.removed + applied.errors.len(),
+                            left = applied.skipped.len(),
+                            "a newer desired state arrived: stopping this apply to plan from it"
+                        );
+                    }
+                    // Not tried is not held: the next pass plans from what the kernel has.
+                    for (add, net) in &applied.skipped {
+                        if *add {
+                            held.remove(net);
+                        } else {
+                            held.insert(*net);
+                        }
                     }
                     added = applied.added;
                     removed = applied.removed;
@@ -148,6 +164,7 @@ fn statuses(wanted: &Wanted<'_>, plan: &Plan) -> Vec<AddressStatus> {
                 state,
                 prefix,
                 services: intent.keys().cloned().collect(),
+                neighbour: None,
             }
         })
         .collect()

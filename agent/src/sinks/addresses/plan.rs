@@ -123,7 +123,7 @@ pub fn plan(desired: &Desired, observed: &Observed) -> Plan {
 
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeMap;
+    use crate::desired::AddressIntent;
 
     use proptest::prelude::*;
 
@@ -136,10 +136,11 @@ mod tests {
                 .map(|a| {
                     (
                         a.parse().unwrap(),
-                        BTreeMap::from([("svc".to_owned(), Default::default())]),
+                        AddressIntent::from_iter([("svc".to_owned(), Default::default())]),
                     )
                 })
                 .collect(),
+            ..Desired::default()
         }
     }
 
@@ -322,8 +323,14 @@ mod tests {
         proptest::collection::btree_set(address(), 0..10).prop_map(|addresses| Desired {
             addresses: addresses
                 .into_iter()
-                .map(|a| (a, BTreeMap::from([("svc".to_owned(), Default::default())])))
+                .map(|a| {
+                    (
+                        a,
+                        AddressIntent::from_iter([("svc".to_owned(), Default::default())]),
+                    )
+                })
                 .collect(),
+            ..Desired::default()
         })
     }
 

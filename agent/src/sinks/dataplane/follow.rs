@@ -25,8 +25,8 @@ use tracing::{error, info, warn};
 use super::DataplaneSink;
 use crate::{
     dataplane::{
-        AttachMode, DataplaneError, PinLayout, XdpLinkPin, attach, detach_all, forget, local_link,
-        prepare,
+        AttachMode, DataplaneError, HeldLinks, PinLayout, PinnedMaps, XdpLinkPin, attach,
+        detach_all, forget, local_link, prepare,
     },
     sinks::link_name,
 };
@@ -55,6 +55,11 @@ const SETTLE: Duration = Duration::from_millis(100);
 
 /// How long a start waits for another process's writer's lock on the maps.
 const BUSY_WAIT: Duration = Duration::from_secs(10);
+
+/// How often the pins are looked at: one `stat` per pin. Anyone with root can remove them
+/// (`rm -rf` of the pin directory); then the next agent would start a dataplane of its own
+/// beside the one still attached.
+pub(super) const PIN_CHECK: Duration = Duration::from_secs(1);
 
 /// Prepares the maps, attaches to the wanted interfaces that exist, and keeps following
 /// them in a task of its own. Returns the maps' sink for the reconciler, or `None` (with
@@ -101,8 +106,18 @@ pub async fn start(config: &DataplaneConfig) -> Option<DataplaneSink> {
             return Some(sink);
         }
     };
+    // Held for the life of the agent: the same maps can be pinned again if their pins go.
+    let maps = match PinnedMaps::open(&pins) {
+        Ok(maps) => Some(maps),
+        Err(err) => {
+            error!(%err, "dataplane: cannot hold the pinned maps; pins removed from outside lbagent will not be restored");
+            None
+        }
+    };
     let mut follower = Follower {
         pins,
+        maps,
+        held: HeldLinks::default(),
         mode: config.mode,
         listed: config.interfaces.clone(),
         routes,
@@ -135,6 +150,9 @@ enum When {
 
 struct Follower {
     pins: PinLayout,
+    maps: Option<PinnedMaps>,
+    /// The links of the interfaces in `attached`.
+    held: HeldLinks,
     mode: AttachMode,
     /// The config's interfaces; empty: those of the default routes.
     listed: Vec<String>,
@@ -218,22 +236,83 @@ impl Follower {
     }
 
     async fn follow(mut self, mut messages: Events) {
-        while let Some((message, _)) = messages.next().await {
-            if !relevant(&message.payload) {
-                continue;
-            }
-            // Let the burst finish, then look once.
-            let _ =
-                tokio::time::timeout(SETTLE, async { while messages.next().await.is_some() {} })
+        let mut check = tokio::time::interval(PIN_CHECK);
+        check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                message = messages.next() => {
+                    let Some((message, _)) = message else {
+                        break;
+                    };
+                    if !relevant(&message.payload) {
+                        continue;
+                    }
+                    // Let the burst finish, then look once.
+                    let _ = tokio::time::timeout(SETTLE, async {
+                        while messages.next().await.is_some() {}
+                    })
                     .await;
-            let mut wanted = self.wanted().await;
-            if self.listed.is_empty() {
-                // Default routes: add, never take away while running (see the module doc).
-                wanted.extend(self.attached.keys().cloned());
+                    let mut wanted = self.wanted().await;
+                    if self.listed.is_empty() {
+                        // Default routes: add, never take away while running (see the module doc).
+                        wanted.extend(self.attached.keys().cloned());
+                    }
+                    self.converge(&wanted, When::Following);
+                }
+                _ = check.tick() => self.restore_pins(),
             }
-            self.converge(&wanted, When::Following);
         }
         error!("dataplane: the netlink event stream ended; interfaces are no longer followed");
+    }
+
+    /// Puts back the pins someone removed: the same maps first (the programs and the agent
+    /// still use them; the next agent must find them, counters and all), then each link.
+    fn restore_pins(&mut self) {
+        if let Some(maps) = &self.maps {
+            match maps.repin(&self.pins) {
+                Ok(names) if names.is_empty() => {}
+                Ok(names) => {
+                    warn!(dir = %self.pins.dir().display(), maps = ?names, "the dataplane's map pins were removed from outside lbagent; pinned the same maps again")
+                }
+                Err(err) => {
+                    error!(%err, "the dataplane's map pins were removed and cannot be restored")
+                }
+            }
+        }
+        let lost: Vec<(String, XdpLinkPin)> = self
+            .attached
+            .iter()
+            .filter(|(_, link)| {
+                !self.pins.xdp_link(**link).exists() || !self.pins.tc_link(**link).exists()
+            })
+            .map(|(name, link)| (name.clone(), *link))
+            .collect();
+        let mut reattach = Vec::new();
+        for (name, link) in lost {
+            if !self.held.holds(&self.pins, link) {
+                if !self.pins.xdp_link(link).exists() {
+                    warn!(iface = %name, "lbagent's XDP link pin was removed from outside lbagent; attaching the program again");
+                    self.attached.remove(&name);
+                    reattach.push(name);
+                }
+                continue;
+            }
+            match self.held.repin(&self.pins, link) {
+                Ok(0) => {}
+                Ok(_) => {
+                    warn!(iface = %name, "lbagent's link pins were removed from outside lbagent; pinned the same links again (the program never left the interface)")
+                }
+                Err(err) => {
+                    error!(iface = %name, %err, "lbagent's link pins were removed from outside lbagent and cannot be restored; attaching the program again");
+                    self.held.release(&self.pins, link);
+                    self.attached.remove(&name);
+                    reattach.push(name);
+                }
+            }
+        }
+        if !reattach.is_empty() {
+            self.converge(&reattach, When::Following);
+        }
     }
 
     /// Drops what vanished, attaches what is wanted and present.
@@ -247,6 +326,7 @@ impl Follower {
             .collect();
         for (name, link) in gone {
             self.attached.remove(&name);
+            self.held.release(&self.pins, link);
             match forget(&self.pins, link) {
                 Ok(()) => {
                     info!(iface = %name, ifindex = link.ifindex, "interface vanished: its XDP link pins are removed")
@@ -267,6 +347,7 @@ impl Follower {
                 Ok(done) => {
                     self.refused.remove(name);
                     self.attached.insert(name.clone(), link);
+                    self.held.hold(&self.pins, link);
                     if when == When::Following {
                         info!(iface = %name, mode = ?done.mode, "interface appeared: XDP program attached");
                     } else {

@@ -3,29 +3,36 @@
 //! to `crate::dataplane`; this sink only keeps the map entries right.
 //!
 //! Changes are ordered so that no service that stays sees a moment without its entries:
-//! new range entries, addresses and ports go in first, changed policies are updated in
-//! place, and only then does what is no longer wanted go. A new address filters only once
-//! all its ports are in: until then it is counted and passes everything.
+//! addresses that go entirely (and their ports) go first, freeing their slots for what
+//! comes; then new range entries, addresses and ports go in, changed policies are updated
+//! in place, and only then do the ports and ranges that addresses which stay no longer want
+//! go. A new address filters only once all its ports are in: until then it is counted and
+//! passes everything.
 //!
 //! An entry that does not fit (a full map) is named in the log with what happens instead,
 //! and the rest is applied: an address that does not fit passes unfiltered and uncounted;
-//! an address one of whose ports does not fit is counted but not filtered.
+//! an address one of whose ports does not fit is counted but not filtered. Each such
+//! failure is logged once, when it first happens, not again on every retry.
 
 mod follow;
 pub mod plan;
 
-use std::collections::BTreeSet;
+use std::{collections::BTreeSet, net::IpAddr};
 
-use tracing::{error, info};
+use tracing::{debug, error, info};
 
+use self::follow::PIN_CHECK;
 pub use self::follow::{DataplaneConfig, start};
 use self::plan::{Entries, Observed, Plan};
-use super::{Report, Sink, Wanted, node_has_ipv6};
+use super::{Noticed, Report, Sink, Wanted, node_has_ipv6};
 use crate::dataplane::{DataplaneError, Maps, PinLayout, VipPolicy};
 
 /// The pinned policy maps.
 pub struct DataplaneSink {
     maps: Maps,
+    /// What the last write could not do, as logged: the same failure on the next retry is
+    /// not logged again.
+    failing: BTreeSet<String>,
 }
 
 impl DataplaneSink {
@@ -38,7 +45,10 @@ impl DataplaneSink {
     pub fn new(mut maps: Maps) -> Result<Self, DataplaneError> {
         // Take the writer's lock now, so that a second writer is refused from the start.
         maps.take_writer_lock()?;
-        Ok(Self { maps })
+        Ok(Self {
+            maps,
+            failing: BTreeSet::new(),
+        })
     }
 
     /// The maps this sink writes.
@@ -74,10 +84,29 @@ impl DataplaneSink {
     /// its fallback and the rest still applied; the result names the first failure.
     pub fn write(&mut self, changes: &Plan) -> Result<(), DataplaneError> {
         let mut failures = Vec::new();
+        // What failed, with what happens instead, as the log says it.
+        let mut failing = BTreeSet::new();
         let maps = &mut self.maps;
+        let leaving: BTreeSet<IpAddr> = changes.remove_vips.iter().copied().collect();
+        for address in &changes.remove_vips {
+            if let Err(err) = maps.remove_vip(*address) {
+                failures.push(err);
+            }
+        }
+        for port in changes
+            .remove_ports
+            .iter()
+            .filter(|port| leaving.contains(&port.address))
+        {
+            if let Err(err) = maps.remove_port(*port) {
+                failures.push(err);
+            }
+        }
         for (set, range) in &changes.add_ranges {
             if let Err(err) = maps.set_range(*set, *range, true) {
-                error!(%err, "source range not added: its sources are refused until it fits");
+                failing.insert(format!(
+                    "source range not added: its sources are refused until it fits: {err}"
+                ));
                 failures.push(err);
             }
         }
@@ -97,7 +126,7 @@ impl DataplaneSink {
                 Ok(()) if policy.enforce && *new => to_enforce.push((*address, *policy)),
                 Ok(()) => {}
                 Err(err) => {
-                    error!(%address, %err, "LB address not in the dataplane: its traffic passes unfiltered and uncounted");
+                    failing.insert(format!("LB address {address} not in the dataplane: its traffic passes unfiltered and uncounted: {err}"));
                     failures.push(err);
                 }
             }
@@ -111,7 +140,7 @@ impl DataplaneSink {
             };
             if let Err(err) = result {
                 if maps.vip_slot(port.address).is_some() {
-                    error!(address = %port.address, %err, "port not in the dataplane: the address is counted but not filtered until it fits");
+                    failing.insert(format!("port not in the dataplane: LB address {} is counted but not filtered until it fits: {err}", port.address));
                     unfiltered.insert(port.address);
                 }
                 failures.push(err);
@@ -137,13 +166,12 @@ impl DataplaneSink {
                 failures.push(err);
             }
         }
-        for port in &changes.remove_ports {
+        for port in changes
+            .remove_ports
+            .iter()
+            .filter(|port| !leaving.contains(&port.address))
+        {
             if let Err(err) = maps.remove_port(*port) {
-                failures.push(err);
-            }
-        }
-        for address in &changes.remove_vips {
-            if let Err(err) = maps.remove_vip(*address) {
                 failures.push(err);
             }
         }
@@ -152,6 +180,14 @@ impl DataplaneSink {
                 failures.push(err);
             }
         }
+        for line in &failing {
+            if self.failing.contains(line) {
+                debug!("{line} (still)");
+            } else {
+                error!("{line}");
+            }
+        }
+        self.failing = failing;
         match failures.into_iter().next() {
             Some(first) => Err(first),
             None => Ok(()),
@@ -165,6 +201,7 @@ impl Sink for DataplaneSink {
     type Error = DataplaneError;
 
     async fn observe(&mut self) -> Result<Observed, DataplaneError> {
+        self.relock()?;
         Ok(Observed {
             entries: self.entries()?,
             ipv6: node_has_ipv6(),
@@ -177,6 +214,7 @@ impl Sink for DataplaneSink {
 
     async fn apply(&mut self, plan: Plan, _: Observed, _: &Wanted<'_>) -> Vec<String> {
         if plan.is_empty() {
+            self.failing.clear();
             return Vec::new();
         }
         info!(
@@ -195,5 +233,31 @@ impl Sink for DataplaneSink {
 
     fn report(&self) -> Report {
         Report::Dataplane
+    }
+
+    /// Looks every second whether the pin directory was replaced (removed from outside
+    /// lbagent, and made again as its pins were restored), to lock the new one.
+    async fn noticed(&mut self) -> Noticed {
+        loop {
+            tokio::time::sleep(PIN_CHECK).await;
+            match self.relock() {
+                Ok(true) => return Noticed::Report,
+                Ok(false) => {}
+                Err(err) => {
+                    error!(%err, "cannot take the writer's lock on the new pin directory");
+                    return Noticed::Drift;
+                }
+            }
+        }
+    }
+}
+
+impl DataplaneSink {
+    fn relock(&mut self) -> Result<bool, DataplaneError> {
+        let relocked = self.maps.relock_if_replaced()?;
+        if relocked {
+            info!("the pin directory was made again: took the writer's lock on the new one");
+        }
+        Ok(relocked)
     }
 }

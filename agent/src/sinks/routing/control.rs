@@ -169,6 +169,13 @@ pub struct Control {
 impl Control {
     /// Connects and reads BIRD's greeting (`0001 BIRD x.y.z ready.`).
     pub async fn connect(path: &Path) -> Result<Self, ControlError> {
+        Self::connect_within(path, Duration::from_secs(30)).await
+    }
+
+    /// Connects, and gives BIRD `timeout` to answer each command, the greeting included.
+    /// The kernel accepts a connection for a BIRD that is stopped, so only the answer tells
+    /// whether one is listening.
+    pub async fn connect_within(path: &Path, timeout: Duration) -> Result<Self, ControlError> {
         let stream = UnixStream::connect(path)
             .await
             .map_err(|source| ControlError::Connect {
@@ -179,7 +186,7 @@ impl Control {
             stream,
             framer: Framer::default(),
             pending: Default::default(),
-            timeout: Duration::from_secs(30),
+            timeout,
         };
         let greeting = control.read_reply("(greeting)").await?;
         if greeting.code() != 1 {
@@ -238,6 +245,9 @@ pub struct ProtocolStatus {
     /// channel that is up.
     #[serde(default)]
     pub exported: u64,
+    /// A channel reached its export limit (`routing.export.maxRoutes`): BIRD holds routes back.
+    #[serde(default)]
+    pub export_limit_hit: bool,
 }
 
 impl ProtocolStatus {
@@ -261,6 +271,14 @@ pub fn parse_protocols(reply: &Reply) -> Vec<ProtocolStatus> {
     for line in &reply.lines {
         match line.code {
             1002 => protocols.extend(parse_protocol_row(line)),
+            1006 if line.text.trim().starts_with("Export limit:") => {
+                // `Export limit:   2 [HIT]` while the limit holds routes back.
+                if let Some(protocol) = protocols.last_mut()
+                    && line.text.trim_end().ends_with("[HIT]")
+                {
+                    protocol.export_limit_hit = true;
+                }
+            }
             1006 => {
                 let exported = line
                     .text
@@ -300,6 +318,7 @@ fn parse_protocol_row(line: &ReplyLine) -> Option<ProtocolStatus> {
         since,
         info: rest.trim().to_owned(),
         exported: 0,
+        export_limit_hit: false,
     })
 }
 

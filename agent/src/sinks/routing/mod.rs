@@ -3,14 +3,17 @@
 //! it also runs and supervises BIRD. Address changes never reach this sink: BIRD's direct
 //! protocol follows kube-lb0 by itself.
 //!
-//! Its pass hands BIRD a newly rendered config when the routing section changed; a task of
-//! its own supervises BIRD and reads its protocols, and the sink reports what that task last
-//! saw.
+//! Its pass hands BIRD a newly rendered config when the routing section, the node's labels or
+//! its default gateways changed; a task of its own supervises BIRD and reads its protocols, and
+//! the sink reports what that task last saw. BIRD starts with the first pass, so that it never
+//! runs protocols the node's labels, not yet known, would not select.
 
 pub mod control;
+pub mod gateway;
 pub mod model;
-mod plan;
+pub mod plan;
 pub mod render;
+pub mod selector;
 
 use std::{
     path::{Path, PathBuf},
@@ -22,7 +25,7 @@ use serde::{Deserialize, Serialize};
 use tokio::{
     io::{AsyncBufReadExt as _, BufReader},
     process::{Child, Command},
-    sync::watch,
+    sync::{mpsc, watch},
 };
 use tracing::{debug, error, info, warn};
 
@@ -50,6 +53,10 @@ pub enum RoutingError {
     NoRouterId,
     #[error(transparent)]
     Field(#[from] FieldError),
+    #[error("reading the default routes: {0}")]
+    Netlink(#[from] rtnetlink::Error),
+    #[error("netlink socket: {0}")]
+    Socket(std::io::Error),
 }
 
 /// Where a managed BIRD keeps its files.
@@ -94,6 +101,14 @@ const MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// A BIRD that ran this long is healthy again: the next failure restarts it after 1 s.
 const STABLE: Duration = Duration::from_secs(60);
 const POLL: Duration = Duration::from_secs(2);
+/// How long BIRD may leave a command unanswered before it counts as hung and is restarted.
+/// Far above what a healthy BIRD takes (milliseconds; a reconfiguration of a thousand
+/// sessions, well under a second), and far below BGP's default hold time (BIRD: 240 s), so
+/// peers that hold lbagent's routes through a graceful restart see a new BIRD in time.
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
+/// First retry of a config BIRD could not be handed (not one it rejected); doubles up to
+/// [`MAX_BACKOFF`].
+const FIRST_RETRY: Duration = Duration::from_millis(500);
 
 /// Runs BIRD as a child, applies every new config it is given, restarts it with exponential
 /// backoff when it exits, and stops it with a graceful restart when `stop` fires: a planned
@@ -109,23 +124,57 @@ async fn run_managed(
         path: paths.dir.clone(),
         source,
     })?;
+    // What an earlier lbagent left half-way through a reload is no config of anyone's.
+    let _ = std::fs::remove_file(&paths.next);
     let mut status = RoutingStatus {
         mode: "managed".into(),
         bird: "starting".into(),
         ..Default::default()
     };
     let mut backoff = FIRST_BACKOFF;
+    tokio::select! {
+        first = configs.wait_for(|text| !text.is_empty()) => if first.is_err() { return Ok(()) },
+        _ = stop.changed() => return Ok(()),
+    }
+    // Whether `paths.config` holds a config that passed the check in this run.
+    let mut checked = false;
     loop {
         let text = configs.borrow_and_update().clone();
-        if let Err(err) = check_file(&binary, &paths, &text).await {
-            error!(%err, "not starting BIRD until the routing config is fixed");
-            status.bird = "waiting for a valid config".into();
-            status.last_reload = Some(err.to_string());
+        match check_file(&binary, &paths, &text).await {
+            Ok(()) => checked = true,
+            // A restart (BIRD crashed or hung) keeps the routes with the config that ran.
+            Err(err) if checked => {
+                error!(%err, "new routing config not applied; BIRD restarts with the previous one");
+                status.last_reload = Some(err.to_string());
+            }
+            Err(err) => {
+                error!(%err, "not starting BIRD until the routing config is fixed");
+                status.bird = "waiting for a valid config".into();
+                status.last_reload = Some(err.to_string());
+                publish(&published, &status);
+                tokio::select! {
+                    _ = configs.changed() => continue,
+                    _ = stop.changed() => return Ok(()),
+                }
+            }
+        }
+        if let Some(holder) = socket_holder(&paths.socket) {
+            let why = format!(
+                "{holder} holds BIRD's control socket {}; BIRD cannot start until it lets go",
+                paths.socket.display()
+            );
+            if status.bird != why {
+                error!("{why}");
+            }
+            status.bird = why;
+            status.protocols.clear();
             publish(&published, &status);
             tokio::select! {
-                _ = configs.changed() => continue,
+                _ = tokio::time::sleep(backoff) => {}
                 _ = stop.changed() => return Ok(()),
             }
+            backoff = (backoff * 2).min(MAX_BACKOFF);
+            continue;
         }
         let recovering = paths.announced.exists();
         let mut child = spawn(&binary, &paths, recovering)?;
@@ -200,8 +249,12 @@ async fn supervise(
         Err(why) => return Supervised::Exited(why),
     };
     let mut poll = tokio::time::interval(POLL);
+    // The config BIRD could not be handed (not one it rejected) is handed again, with
+    // backoff, until it is applied or a newer one replaces it.
+    let mut retry: Option<(tokio::time::Instant, Duration)> = None;
     loop {
-        tokio::select! {
+        let retry_at = retry.map_or_else(tokio::time::Instant::now, |(at, _)| at);
+        let handing = tokio::select! {
             exit = child.wait() => {
                 return match exit {
                     Ok(status) if status.success() => Supervised::ShutDown,
@@ -213,36 +266,114 @@ async fn supervise(
                 if changed.is_err() {
                     continue;
                 }
-                let text = configs.borrow_and_update().clone();
-                let outcome = reload(&mut control, &paths.next, &paths.config, &text).await;
-                status.last_reload = Some(match &outcome {
-                    Ok(message) => {
-                        info!(bird = %message, "BIRD reconfigured");
-                        message.clone()
-                    }
-                    Err(err) => {
-                        error!(%err, "new routing config not applied; BIRD keeps running the previous one");
-                        err.to_string()
-                    }
-                });
-                refresh(&mut control, paths, status, published).await;
+                retry = None;
+                true
             }
-            _ = poll.tick() => refresh(&mut control, paths, status, published).await,
+            () = tokio::time::sleep_until(retry_at), if retry.is_some() => true,
+            _ = poll.tick() => false,
             _ = stop.changed() => {
-                let command = "graceful restart";
-                match control.command(command).await {
-                    Ok(reply) => info!(command, bird = %reply.message(), "stopping BIRD"),
-                    Err(err) => warn!(command, %err, "cannot ask BIRD to stop; killing it"),
-                }
-                if tokio::time::timeout(Duration::from_secs(10), child.wait()).await.is_err() {
-                    let _ = child.kill().await;
-                }
+                stop_gracefully(child, &mut control).await;
                 status.bird = "stopped".into();
                 status.protocols.clear();
                 publish(published, status);
                 return Supervised::Stopped;
             }
+        };
+        let mut handed = Ok(true);
+        if handing {
+            let text = configs.borrow_and_update().clone();
+            handed = hand_over(&mut control, paths, &text, status).await;
         }
+        let outcome = match handed {
+            Ok(applied) => refresh(&mut control, paths, status, published)
+                .await
+                .map(|()| applied),
+            Err(err) => Err(err),
+        };
+        let applied = match outcome {
+            Ok(applied) => applied,
+            Err(err) => {
+                // A connection that timed out or went wrong cannot be trusted to pair the
+                // next reply with its command: a fresh one, or a fresh BIRD.
+                let fresh = match err {
+                    ControlError::Timeout { .. } => None,
+                    _ => Control::connect_within(&paths.socket, ANSWER_TIMEOUT)
+                        .await
+                        .ok(),
+                };
+                let Some(fresh) = fresh else {
+                    let why =
+                        format!("BIRD did not answer its control socket ({err}); restarting it");
+                    error!(pid = child.id(), "{why}");
+                    publish(published, status);
+                    // SIGKILL: a stopped BIRD can do nothing else. Its peers see the session
+                    // close and keep the routes, as through any graceful restart, until the
+                    // next BIRD (started with -R) takes them over.
+                    let _ = child.kill().await;
+                    return Supervised::Exited(why);
+                };
+                warn!(%err, "reconnected to BIRD's control socket");
+                control = fresh;
+                !handing
+            }
+        };
+        if handing && !applied {
+            let delay = retry.map_or(FIRST_RETRY, |(_, d)| (d * 2).min(MAX_BACKOFF));
+            warn!(retry_in = ?delay, "the routing config will be handed to BIRD again");
+            retry = Some((tokio::time::Instant::now() + delay, delay));
+        } else if handing {
+            retry = None;
+        }
+    }
+}
+
+/// Asks BIRD for a graceful restart (peers keep the routes until the next BIRD is up), and
+/// kills it if it does not answer or does not exit.
+async fn stop_gracefully(child: &mut Child, control: &mut Control) {
+    let command = "graceful restart";
+    let asked = match control.command(command).await {
+        Ok(reply) => {
+            info!(command, bird = %reply.message(), "stopping BIRD");
+            true
+        }
+        Err(err) => {
+            warn!(command, %err, "cannot ask BIRD to stop; killing it");
+            false
+        }
+    };
+    if !asked
+        || tokio::time::timeout(Duration::from_secs(10), child.wait())
+            .await
+            .is_err()
+    {
+        let _ = child.kill().await;
+    }
+}
+
+/// Hands BIRD `text` through the safe reload cycle. `Ok(true)`: applied, or rejected by
+/// BIRD (handing it again would change nothing); `Ok(false)`: not handed over, to retry;
+/// `Err`: the control connection failed (the config is retried too).
+async fn hand_over(
+    control: &mut Control,
+    paths: &BirdPaths,
+    text: &str,
+    status: &mut RoutingStatus,
+) -> Result<bool, ControlError> {
+    let outcome = reload(control, &paths.next, &paths.config, text).await;
+    status.last_reload = Some(match &outcome {
+        Ok(message) => {
+            info!(bird = %message, "BIRD reconfigured");
+            message.clone()
+        }
+        Err(err) => {
+            error!(%err, "new routing config not applied; BIRD keeps running the previous one");
+            err.to_string()
+        }
+    });
+    match outcome {
+        Ok(_) | Err(RoutingError::Rejected(_)) => Ok(true),
+        Err(RoutingError::Control(err)) => Err(err),
+        Err(_) => Ok(false),
     }
 }
 
@@ -253,21 +384,30 @@ async fn refresh(
     paths: &BirdPaths,
     status: &mut RoutingStatus,
     published: &watch::Sender<RoutingStatus>,
-) {
-    match control.command("show protocols all").await {
-        Ok(reply) => {
-            status.protocols = parse_protocols(&reply);
-            let announced = status
+) -> Result<(), ControlError> {
+    let reply = control.command("show protocols all").await;
+    if let Ok(reply) = &reply {
+        let protocols = parse_protocols(reply);
+        for protocol in protocols.iter().filter(|p| p.export_limit_hit) {
+            let before = status
                 .protocols
                 .iter()
-                .any(|p| p.proto == "BGP" && p.is_up());
-            if announced && !paths.announced.exists() {
-                let _ = std::fs::write(&paths.announced, b"");
+                .any(|p| p.name == protocol.name && p.export_limit_hit);
+            if !before {
+                warn!(protocol = %protocol.name, exported = protocol.exported, "export ceiling reached (routing.export.maxRoutes): BIRD advertises no more routes to this neighbour");
             }
         }
-        Err(err) => warn!(%err, "cannot read BIRD's protocols"),
+        status.protocols = protocols;
+        let announced = status
+            .protocols
+            .iter()
+            .any(|p| p.proto == "BGP" && p.is_up());
+        if announced && !paths.announced.exists() {
+            let _ = std::fs::write(&paths.announced, b"");
+        }
     }
     publish(published, status);
+    reply.map(|_| ())
 }
 
 /// The safe reload cycle: write the new config beside the live one, have BIRD check it,
@@ -278,12 +418,24 @@ pub async fn reload(
     live: &Path,
     text: &str,
 ) -> Result<String, RoutingError> {
+    let result = check_and_configure(control, next, live, text).await;
+    // Whatever went wrong before the rename (a timeout, a write error) leaves no half-made
+    // config behind; after it, there is nothing at `next`.
+    let _ = std::fs::remove_file(next);
+    result
+}
+
+async fn check_and_configure(
+    control: &mut Control,
+    next: &Path,
+    live: &Path,
+    text: &str,
+) -> Result<String, RoutingError> {
     write(next, text)?;
     let check = control
         .command(&format!("configure check \"{}\"", next.display()))
         .await?;
     if check.is_error() {
-        let _ = std::fs::remove_file(next);
         return Err(RoutingError::Rejected(check.message().to_owned()));
     }
     std::fs::rename(next, live).map_err(|source| RoutingError::Io {
@@ -336,6 +488,9 @@ async fn run_external(
         bird: "operator's".into(),
         ..Default::default()
     };
+    if configs.wait_for(|text| !text.is_empty()).await.is_err() {
+        return;
+    }
     loop {
         let text = configs.borrow_and_update().clone();
         status.last_reload = Some(match apply_external(&include, &socket, &text).await {
@@ -415,25 +570,31 @@ pub async fn withdraw_stale(binary: &Path, paths: &BirdPaths) -> Result<bool, Ro
     Ok(true)
 }
 
-/// Before BIRD runs there is no socket to check through: `bird -p` parses the file.
+/// Before BIRD runs there is no socket to check through: `bird -p` parses the file. Only a
+/// config that passes replaces the live one.
 async fn check_file(binary: &Path, paths: &BirdPaths, text: &str) -> Result<(), RoutingError> {
-    write(&paths.config, text)?;
+    write(&paths.next, text)?;
     let output = Command::new(binary)
         .args(["-p", "-c"])
-        .arg(&paths.config)
+        .arg(&paths.next)
         .output()
-        .await
-        .map_err(|source| RoutingError::Io {
+        .await;
+    let result = match output {
+        Ok(output) if output.status.success() => std::fs::rename(&paths.next, &paths.config)
+            .map_err(|source| RoutingError::Io {
+                path: paths.config.clone(),
+                source,
+            }),
+        Ok(output) => Err(RoutingError::Rejected(
+            String::from_utf8_lossy(&output.stderr).trim().to_owned(),
+        )),
+        Err(source) => Err(RoutingError::Io {
             path: binary.to_owned(),
             source,
-        })?;
-    if output.status.success() {
-        Ok(())
-    } else {
-        Err(RoutingError::Rejected(
-            String::from_utf8_lossy(&output.stderr).trim().to_owned(),
-        ))
-    }
+        }),
+    };
+    let _ = std::fs::remove_file(&paths.next);
+    result
 }
 
 fn spawn(binary: &Path, paths: &BirdPaths, recovering: bool) -> Result<Child, RoutingError> {
@@ -499,7 +660,7 @@ async fn wait_for_socket(child: &mut Child, socket: &Path) -> Result<Control, St
         if let Ok(Some(status)) = child.try_wait() {
             return Err(format!("exited during start-up ({status})"));
         }
-        match Control::connect(socket).await {
+        match Control::connect_within(socket, ANSWER_TIMEOUT).await {
             Ok(control) => return Ok(control),
             Err(_) if Instant::now() < deadline => {
                 tokio::time::sleep(Duration::from_millis(20)).await
@@ -510,6 +671,46 @@ async fn wait_for_socket(child: &mut Child, socket: &Path) -> Result<Control, St
             }
         }
     }
+}
+
+/// Who listens on `socket`, if anyone does: BIRD would only say "I found another BIRD
+/// running" and exit. Named from /proc when the listener is in this network namespace.
+fn socket_holder(socket: &Path) -> Option<String> {
+    std::os::unix::net::UnixStream::connect(socket).ok()?;
+    let described = listening_inode(socket).and_then(|inode| {
+        let target = format!("socket:[{inode}]");
+        std::fs::read_dir("/proc")
+            .ok()?
+            .flatten()
+            .find_map(|entry| {
+                let pid: u32 = entry.file_name().to_str()?.parse().ok()?;
+                let holds = std::fs::read_dir(entry.path().join("fd"))
+                    .ok()?
+                    .flatten()
+                    .any(|fd| {
+                        std::fs::read_link(fd.path()).is_ok_and(|link| link == Path::new(&target))
+                    });
+                holds.then(|| {
+                    let comm =
+                        std::fs::read_to_string(entry.path().join("comm")).unwrap_or_default();
+                    format!("another process ({}, pid {pid})", comm.trim())
+                })
+            })
+    });
+    Some(described.unwrap_or_else(|| "another process".to_owned()))
+}
+
+/// The inode of the socket listening at `path`, from /proc/net/unix (this network
+/// namespace's): `Num RefCount Protocol Flags Type St Inode Path`.
+fn listening_inode(path: &Path) -> Option<u64> {
+    let table = std::fs::read_to_string("/proc/net/unix").ok()?;
+    table.lines().skip(1).find_map(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        // Flags 00010000: __SO_ACCEPTCON, a listening socket.
+        (fields.len() >= 8 && fields[3] == "00010000" && Path::new(fields[7]) == path)
+            .then(|| fields[6].parse().ok())
+            .flatten()
+    })
 }
 
 fn which(binary: &Path) -> Result<(), RoutingError> {
@@ -551,6 +752,11 @@ fn publish(published: &watch::Sender<RoutingStatus>, status: &RoutingStatus) {
 pub struct RoutingSink {
     router_id_default: Option<std::net::Ipv4Addr>,
     interface: IfaceName,
+    netlink: rtnetlink::Handle,
+    /// Wakes when a default route changes: a gateway neighbour follows it.
+    route_changes: mpsc::Receiver<()>,
+    /// What the last pass warned about, so each warning is logged once.
+    warned: Vec<String>,
     /// The config BIRD is handed; the task applies each new one.
     handed: watch::Sender<String>,
     status: watch::Receiver<RoutingStatus>,
@@ -585,9 +791,15 @@ impl RoutingSink {
         router_id_default: Option<std::net::Ipv4Addr>,
     ) -> Result<(Self, Bird), RoutingError> {
         let interface = IfaceName::new(interface, "addresses.interface")?;
-        let text = plan::plan(Some(config), router_id_default, &interface, "")
+        config
+            .router_id
+            .or(router_id_default)
             .ok_or(RoutingError::NoRouterId)?;
-        let (handed, configs) = watch::channel(text);
+        let (connection, netlink, _) = rtnetlink::new_connection().map_err(RoutingError::Socket)?;
+        tokio::spawn(connection);
+        let route_changes = gateway::follow().map_err(RoutingError::Socket)?;
+        // Empty until the first pass: the task starts BIRD with the first real config.
+        let (handed, configs) = watch::channel(String::new());
         let (published, status) = watch::channel(RoutingStatus::default());
         let (stop, stopped) = watch::channel(());
         let task = match config.mode.clone() {
@@ -608,6 +820,9 @@ impl RoutingSink {
         let sink = Self {
             router_id_default,
             interface,
+            netlink,
+            route_changes,
+            warned: Vec::new(),
             handed,
             status,
         };
@@ -615,29 +830,49 @@ impl RoutingSink {
     }
 }
 
-impl Sink for RoutingSink {
-    /// The config BIRD was last handed.
-    type Observed = String;
-    /// A new config to hand it.
-    type Plan = Option<String>;
-    type Error = std::convert::Infallible;
+/// What the routing sink finds: the config BIRD was last handed, and the node's default
+/// gateways.
+pub struct ObservedRouting {
+    pub handed: String,
+    pub gateways: gateway::Gateways,
+}
 
-    async fn observe(&mut self) -> Result<String, Self::Error> {
-        Ok(self.handed.borrow().clone())
+impl Sink for RoutingSink {
+    type Observed = ObservedRouting;
+    type Plan = plan::Plan;
+    type Error = RoutingError;
+
+    async fn observe(&mut self) -> Result<ObservedRouting, RoutingError> {
+        Ok(ObservedRouting {
+            handed: self.handed.borrow().clone(),
+            gateways: gateway::read(&self.netlink).await?,
+        })
     }
 
-    fn plan(&self, wanted: &Wanted<'_>, handed: &String) -> Option<String> {
+    fn plan(&self, wanted: &Wanted<'_>, observed: &ObservedRouting) -> plan::Plan {
         plan::plan(
             wanted.routing,
+            &wanted.desired.node_labels,
+            &observed.gateways,
             self.router_id_default,
             &self.interface,
-            handed,
+            &observed.handed,
         )
     }
 
-    async fn apply(&mut self, plan: Option<String>, _: String, _: &Wanted<'_>) -> Vec<String> {
-        if let Some(text) = plan {
-            info!("routing config changed; reconfiguring BIRD");
+    async fn apply(&mut self, plan: plan::Plan, _: ObservedRouting, _: &Wanted<'_>) -> Vec<String> {
+        for warning in &plan.warnings {
+            if !self.warned.contains(warning) {
+                warn!("{warning}");
+            }
+        }
+        self.warned = plan.warnings;
+        if let Some(text) = plan.config {
+            if self.handed.borrow().is_empty() {
+                info!("first routing config for this node; BIRD starts with it");
+            } else {
+                info!("routing config changed; reconfiguring BIRD");
+            }
             self.handed.send_replace(text);
         }
         Vec::new()
@@ -648,10 +883,11 @@ impl Sink for RoutingSink {
     }
 
     async fn noticed(&mut self) -> Noticed {
-        match self.status.changed().await {
-            Ok(()) => Noticed::Report,
+        tokio::select! {
+            Some(()) = self.route_changes.recv() => Noticed::Drift,
+            Ok(()) = self.status.changed() => Noticed::Report,
             // The task ended: nothing more to notice.
-            Err(_) => std::future::pending().await,
+            else => std::future::pending().await,
         }
     }
 }

@@ -12,6 +12,8 @@ use std::{
 use ipnet::IpNet;
 use serde::Deserialize;
 
+use super::selector::{NodeSelector, RawSelector};
+
 /// A validation failure: the field (as a path in the config), the value, and what is allowed.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[error("{field}: {value} is not allowed ({allowed})")]
@@ -22,7 +24,11 @@ pub struct FieldError {
 }
 
 impl FieldError {
-    fn new(field: impl Into<String>, value: impl fmt::Display, allowed: &'static str) -> Self {
+    pub(crate) fn new(
+        field: impl Into<String>,
+        value: impl fmt::Display,
+        allowed: &'static str,
+    ) -> Self {
         Self {
             field: field.into(),
             value: value.to_string(),
@@ -161,12 +167,26 @@ pub struct RoutingConfig {
 pub struct Export {
     pub prefixes: Vec<IpNet>,
     pub communities: Vec<(u16, u16)>,
+    /// The most routes one channel (a session's family) advertises; BIRD blocks the rest.
+    pub max_routes: Option<u32>,
+}
+
+/// Whom a BGP entry peers with.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Peer {
+    Address(IpAddr),
+    /// The next hops of the node's default route, per family in `families`: one session each.
+    Gateway,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BgpNeighbor {
     pub name: Symbol,
-    pub address: IpAddr,
+    pub peer: Peer,
+    /// The interface a link-local neighbour is reached through (a gateway's, found at run time).
+    pub interface: Option<IfaceName>,
+    /// `None`: every node runs it.
+    pub node_selector: Option<NodeSelector>,
     pub port: u16,
     pub asn: u32,
     pub local_asn: u32,
@@ -181,6 +201,10 @@ pub struct BgpNeighbor {
     pub bfd: bool,
     pub graceful_restart: bool,
     pub families: Vec<Family>,
+    /// MED on every route to this neighbour.
+    pub med: Option<u32>,
+    /// Local preference on every route to this neighbour (iBGP carries it; eBGP drops it).
+    pub local_pref: Option<u32>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -201,6 +225,7 @@ pub struct OspfInterface {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Ospf {
     pub name: Symbol,
+    pub node_selector: Option<NodeSelector>,
     /// IPv4 runs OSPFv2, IPv6 OSPFv3.
     pub family: Family,
     pub area: Ipv4Addr,
@@ -210,6 +235,7 @@ pub struct Ospf {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Rip {
     pub name: Symbol,
+    pub node_selector: Option<NodeSelector>,
     /// IPv4 runs RIP, IPv6 RIPng.
     pub family: Family,
     pub interfaces: Vec<IfaceName>,
@@ -244,12 +270,14 @@ struct RawExport {
     prefixes: Vec<String>,
     #[serde(default)]
     communities: Vec<String>,
+    max_routes: Option<i64>,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 struct RawBgp {
     name: Option<String>,
+    node_selector: Option<RawSelector>,
     neighbor: String,
     port: Option<i64>,
     asn: i64,
@@ -265,12 +293,15 @@ struct RawBgp {
     bfd: bool,
     graceful_restart: Option<bool>,
     families: Option<Vec<String>>,
+    med: Option<i64>,
+    local_pref: Option<i64>,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 struct RawOspf {
     name: Option<String>,
+    node_selector: Option<RawSelector>,
     family: String,
     area: serde_json::Value,
     interfaces: Vec<RawOspfInterface>,
@@ -291,12 +322,15 @@ struct RawOspfInterface {
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 struct RawRip {
     name: Option<String>,
+    node_selector: Option<RawSelector>,
     family: String,
     interfaces: Vec<String>,
     update_time: Option<i64>,
 }
 
 pub const DEFAULT_STATE_DIR: &str = "/run/lbagent/bird";
+/// Room for `_` and an IPv6 address in a BIRD symbol of at most 64 characters.
+const GATEWAY_NAME_MAX: usize = 20;
 
 impl RawRouting {
     pub fn validate(self) -> Result<RoutingConfig, FieldError> {
@@ -374,6 +408,19 @@ impl RawRouting {
                 })?;
             export.communities.push(community);
         }
+        export.max_routes = self
+            .export
+            .max_routes
+            .map(|n| {
+                number(
+                    n,
+                    1,
+                    u32::MAX.into(),
+                    "routing.export.maxRoutes",
+                    "a route count, 1-4294967295",
+                )
+            })
+            .transpose()?;
 
         let mut names = std::collections::BTreeSet::new();
         let mut unique = |name: &Symbol, field: &str| {
@@ -391,20 +438,35 @@ impl RawRouting {
         let mut bgp = Vec::new();
         for (i, raw) in self.bgp.into_iter().enumerate() {
             let at = |f: &str| format!("routing.bgp[{i}].{f}");
-            let address: IpAddr = raw.neighbor.parse().map_err(|_| {
-                FieldError::new(
-                    at("neighbor"),
-                    format!("{:?}", raw.neighbor),
-                    "an IPv4 or IPv6 address",
-                )
-            })?;
+            let peer = if raw.neighbor == "gateway" {
+                Peer::Gateway
+            } else {
+                Peer::Address(raw.neighbor.parse().map_err(|_| {
+                    FieldError::new(
+                        at("neighbor"),
+                        format!("{:?}", raw.neighbor),
+                        "an IPv4 or IPv6 address, or gateway",
+                    )
+                })?)
+            };
             let name = Symbol::new(
                 raw.name.as_deref().unwrap_or(&format!("bgp{i}")),
                 &at("name"),
             )?;
+            // A gateway's sessions are named after the entry and the next hop's address.
+            if peer == Peer::Gateway && name.as_str().len() > GATEWAY_NAME_MAX {
+                return Err(FieldError::new(
+                    at("name"),
+                    format!("{:?}", name.as_str()),
+                    "at most 20 characters for a gateway neighbour",
+                ));
+            }
             unique(&name, &at("name"))?;
             let families = match raw.families {
-                None => vec![Family::of(&address)],
+                None => vec![match &peer {
+                    Peer::Address(address) => Family::of(address),
+                    Peer::Gateway => Family::Ipv4,
+                }],
                 Some(list) if list.is_empty() => {
                     return Err(FieldError::new(
                         at("families"),
@@ -420,7 +482,12 @@ impl RawRouting {
             };
             let neighbor = BgpNeighbor {
                 name,
-                address,
+                peer,
+                interface: None,
+                node_selector: raw
+                    .node_selector
+                    .map(|s| s.validate(&at("nodeSelector")))
+                    .transpose()?,
                 port: number(
                     raw.port.unwrap_or(179),
                     1,
@@ -487,6 +554,22 @@ impl RawRouting {
                 bfd: raw.bfd,
                 graceful_restart: raw.graceful_restart.unwrap_or(true),
                 families,
+                med: raw
+                    .med
+                    .map(|m| number(m, 0, u32::MAX.into(), &at("med"), "a MED, 0-4294967295"))
+                    .transpose()?,
+                local_pref: raw
+                    .local_pref
+                    .map(|l| {
+                        number(
+                            l,
+                            0,
+                            u32::MAX.into(),
+                            &at("localPref"),
+                            "a local preference, 0-4294967295",
+                        )
+                    })
+                    .transpose()?,
             };
             if let Some(keepalive) = neighbor.keepalive_time
                 && keepalive > neighbor.hold_time
@@ -570,6 +653,10 @@ impl RawRouting {
             }
             ospf.push(Ospf {
                 name,
+                node_selector: raw
+                    .node_selector
+                    .map(|s| s.validate(&at("nodeSelector")))
+                    .transpose()?,
                 family,
                 area,
                 interfaces,
@@ -594,6 +681,10 @@ impl RawRouting {
             }
             rip.push(Rip {
                 name,
+                node_selector: raw
+                    .node_selector
+                    .map(|s| s.validate(&at("nodeSelector")))
+                    .transpose()?,
                 family,
                 interfaces: raw
                     .interfaces

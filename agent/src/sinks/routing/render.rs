@@ -9,7 +9,7 @@ use std::{fmt::Write as _, net::Ipv4Addr};
 
 use ipnet::IpNet;
 
-use super::model::{BgpNeighbor, Family, IfaceName, Ospf, OspfType, Rip, RoutingConfig};
+use super::model::{BgpNeighbor, Family, IfaceName, Ospf, OspfType, Peer, Rip, RoutingConfig};
 
 pub const DEVICE: &str = "lbagent_device";
 pub const DIRECT: &str = "lbagent_direct";
@@ -74,17 +74,46 @@ pub fn render(
         }
         w.line("accept;");
     });
+    // Neighbours with a MED or local preference get a filter per set of values (named by
+    // them, so it stays put while nodes and addresses change): the same checks, then the
+    // attributes. Still no address in it, so addresses never reload BIRD.
+    let attributes: std::collections::BTreeSet<(Option<u32>, Option<u32>)> = config
+        .bgp
+        .iter()
+        .map(|n| (n.med, n.local_pref))
+        .filter(|&(med, local_pref)| med.is_some() || local_pref.is_some())
+        .collect();
+    for (med, local_pref) in attributes {
+        w.block(
+            &format!("filter {}", attribute_filter(med, local_pref)),
+            "",
+            |w| {
+                export_checks_without_accept(w, &config.export.prefixes);
+                for (asn, value) in &config.export.communities {
+                    w.line(&format!("bgp_community.add(({asn}, {value}));"));
+                }
+                if let Some(med) = med {
+                    w.line(&format!("bgp_med = {med};"));
+                }
+                if let Some(local_pref) = local_pref {
+                    w.line(&format!("bgp_local_pref = {local_pref};"));
+                }
+                w.line("accept;");
+            },
+        );
+    }
     if config.bgp.iter().any(|n| n.bfd) {
         w.block(&format!("protocol bfd {BFD}"), "", |_| {});
     }
+    let limit = config.export.max_routes;
     for neighbor in &config.bgp {
-        bgp(&mut w, neighbor);
+        bgp(&mut w, neighbor, limit);
     }
     for ospf_config in &config.ospf {
-        ospf(&mut w, ospf_config);
+        ospf(&mut w, ospf_config, limit);
     }
     for rip_config in &config.rip {
-        rip(&mut w, rip_config);
+        rip(&mut w, rip_config, limit);
     }
     w.out
 }
@@ -120,28 +149,40 @@ fn export_checks_without_accept(w: &mut Writer, prefixes: &[IpNet]) {
     }
 }
 
-fn channels(w: &mut Writer, families: &[Family], filter: &str) {
+/// `limit`: the export ceiling; BIRD blocks the routes over it and logs that it was hit.
+fn channels(w: &mut Writer, families: &[Family], filter: &str, limit: Option<u32>) {
+    let limit = limit.map_or_else(String::new, |n| format!(" export limit {n} action block;"));
     for family in families {
         let name = match family {
             Family::Ipv4 => "ipv4",
             Family::Ipv6 => "ipv6",
         };
         w.line(&format!(
-            "{name} {{ import none; export filter {filter}; }};"
+            "{name} {{ import none; export filter {filter};{limit} }};"
         ));
     }
 }
 
-fn bgp(w: &mut Writer, n: &BgpNeighbor) {
+fn attribute_filter(med: Option<u32>, local_pref: Option<u32>) -> String {
+    let med = med.map_or_else(String::new, |m| format!("_med{m}"));
+    let local_pref = local_pref.map_or_else(String::new, |l| format!("_lp{l}"));
+    format!("{EXPORT_BGP}{med}{local_pref}")
+}
+
+/// Only a gateway entry has no address, and the plan expands those before rendering.
+fn bgp(w: &mut Writer, n: &BgpNeighbor, limit: Option<u32>) {
+    let Peer::Address(address) = n.peer else {
+        return;
+    };
     w.block(&format!("protocol bgp {}", n.name.as_str()), "", |w| {
         match n.source_address {
             Some(source) => w.line(&format!("local {source} as {};", n.local_asn)),
             None => w.line(&format!("local as {};", n.local_asn)),
         }
-        w.line(&format!(
-            "neighbor {} port {} as {};",
-            n.address, n.port, n.asn
-        ));
+        w.line(&format!("neighbor {address} port {} as {};", n.port, n.asn));
+        if let Some(interface) = &n.interface {
+            w.line(&format!("interface \"{}\";", interface.as_str()));
+        }
         if let Some(password) = &n.password {
             w.line(&format!("password \"{}\";", password.as_str()));
         }
@@ -171,11 +212,20 @@ fn bgp(w: &mut Writer, n: &BgpNeighbor) {
         } else {
             "graceful restart aware;"
         });
-        channels(w, &n.families, EXPORT_BGP);
+        if n.med.is_none() && n.local_pref.is_none() {
+            channels(w, &n.families, EXPORT_BGP, limit);
+        } else {
+            channels(
+                w,
+                &n.families,
+                &attribute_filter(n.med, n.local_pref),
+                limit,
+            );
+        }
     });
 }
 
-fn ospf(w: &mut Writer, o: &Ospf) {
+fn ospf(w: &mut Writer, o: &Ospf, limit: Option<u32>) {
     let version = match o.family {
         Family::Ipv4 => "v2",
         Family::Ipv6 => "v3",
@@ -184,7 +234,7 @@ fn ospf(w: &mut Writer, o: &Ospf) {
         &format!("protocol ospf {version} {}", o.name.as_str()),
         "",
         |w| {
-            channels(w, &[o.family], EXPORT);
+            channels(w, &[o.family], EXPORT, limit);
             w.block(&format!("area {}", o.area), ";", |w| {
                 for iface in &o.interfaces {
                     w.block(
@@ -213,13 +263,13 @@ fn ospf(w: &mut Writer, o: &Ospf) {
     );
 }
 
-fn rip(w: &mut Writer, r: &Rip) {
+fn rip(w: &mut Writer, r: &Rip, limit: Option<u32>) {
     let kind = match r.family {
         Family::Ipv4 => "rip",
         Family::Ipv6 => "rip ng",
     };
     w.block(&format!("protocol {kind} {}", r.name.as_str()), "", |w| {
-        channels(w, &[r.family], EXPORT);
+        channels(w, &[r.family], EXPORT, limit);
         for iface in &r.interfaces {
             w.block(&format!("interface \"{}\"", iface.as_str()), ";", |w| {
                 if let Some(update) = r.update_time {
@@ -290,11 +340,11 @@ mod tests {
 
     const FULL: &str = "
 routerId: 10.0.0.11
-export: {prefixes: [203.0.113.0/24, 2001:db8:ff::/64], communities: [\"64512:100\"]}
+export: {prefixes: [203.0.113.0/24, 2001:db8:ff::/64], communities: [\"64512:100\"], maxRoutes: 100}
 bgp:
   - {name: uplink4, neighbor: 10.0.0.1, asn: 64500, localAsn: 64512, holdTime: 9s, keepaliveTime: 1s, password: \"s3cret pass\", bfd: true}
   - {name: uplink6, neighbor: \"fd00::1\", asn: 64500, localAsn: 64512, sourceAddress: \"fd00::11\", multihop: 2, port: 1179, gracefulRestart: false}
-  - {name: mp, neighbor: 10.0.0.2, asn: 64501, localAsn: 64512, families: [ipv4, ipv6], connectRetryTime: 2s, connectDelayTime: 1s}
+  - {name: mp, neighbor: 10.0.0.2, asn: 64501, localAsn: 64512, families: [ipv4, ipv6], connectRetryTime: 2s, connectDelayTime: 1s, med: 50, localPref: 200}
 ospf:
   - {name: o4, family: ipv4, area: 0, interfaces: [{name: eth0, cost: 10, type: broadcast, hello: 1, dead: 4}]}
   - {name: o6, family: ipv6, area: \"0.0.0.1\", interfaces: [{name: eth1, type: ptp}]}
@@ -331,6 +381,11 @@ rip:
             "type ptp;",
             "protocol rip ng r6",
             "import none;",
+            "export limit 100 action block;",
+            "filter lbagent_export_bgp_med50_lp200 {",
+            "bgp_med = 50;",
+            "bgp_local_pref = 200;",
+            "export filter lbagent_export_bgp_med50_lp200;",
         ] {
             assert!(text.contains(needle), "no {needle:?} in\n{text}");
         }
@@ -364,6 +419,32 @@ rip:
             &kube_lb0(),
             Scope::WholeConfig,
         ));
+    }
+
+    #[test]
+    fn a_link_local_gateway_session_names_its_interface() {
+        use crate::sinks::routing::gateway::{Gateway, Gateways};
+        let racks = config(
+            "bgp: [{name: tor, neighbor: gateway, asn: 64500, localAsn: 64512, families: [ipv6]}]",
+        );
+        let gateways = Gateways::from([(
+            Family::Ipv6,
+            [Gateway {
+                address: "fe80::1".parse().unwrap(),
+                interface: Some("eth0".into()),
+            }]
+            .into(),
+        )]);
+        let (node, _) =
+            crate::sinks::routing::plan::for_node(&racks, &Default::default(), &gateways);
+        let text = render(&node, Ipv4Addr::LOCALHOST, &kube_lb0(), Scope::WholeConfig);
+        assert!(
+            text.contains("protocol bgp tor_fe80__1 {")
+                && text.contains("neighbor fe80::1 port 179 as 64500;")
+                && text.contains("interface \"eth0\";"),
+            "{text}"
+        );
+        bird_accepts(&text);
     }
 
     #[test]

@@ -7,7 +7,9 @@
 //! the watchers reconnect with backoff.
 //!
 //! The source also records Events on Services: `Announced` once the reconciler holds their
-//! addresses, `NotAnnounced` with the reason when it cannot, and `Withdrawn`.
+//! addresses, `NotAnnounced` with the reason when it cannot, and `Withdrawn`. For a local
+//! address answered through ARP/NDP (the neighbours sink), the node that takes it records
+//! `LocalAddressOwner` naming itself and the candidates after it.
 
 pub mod translate;
 
@@ -39,7 +41,7 @@ use tokio::sync::{mpsc, watch};
 use tracing::{debug, error, info, warn};
 
 use self::translate::{Selection, Translation};
-use crate::desired::{AddressState, AddressStatus, SourceUpdate};
+use crate::desired::{AddressState, AddressStatus, NeighbourOutcome, SourceUpdate};
 
 /// One kind of call lbagent makes to the API server; the deployment's ClusterRole grants
 /// exactly these (a test checks it).
@@ -429,6 +431,8 @@ impl Cluster {
 struct Standing {
     announced: BTreeSet<IpAddr>,
     not_announced: Option<String>,
+    /// Local addresses this node answers ARP/NDP for, with the candidates in order.
+    answering: BTreeMap<IpAddr, Vec<String>>,
 }
 
 /// Turns the source's verdicts and the reconciler's results into Events and log lines.
@@ -477,8 +481,8 @@ impl Announcer {
                 cluster,
                 service,
                 Standing {
-                    announced: BTreeSet::new(),
                     not_announced: Some(reason.clone()),
+                    ..Standing::default()
                 },
             );
         }
@@ -524,6 +528,20 @@ impl Announcer {
                             address.address, self.node
                         ));
                     }
+                }
+                match &address.neighbour {
+                    Some(NeighbourOutcome::Answering { candidates }) => {
+                        standing
+                            .answering
+                            .insert(address.address, candidates.clone());
+                    }
+                    Some(NeighbourOutcome::NoSubnet) => {
+                        standing.not_announced = Some(format!(
+                            "{}: no live node has an interface in its subnet, and no routing advertises it: nobody answers for it",
+                            address.address
+                        ));
+                    }
+                    Some(NeighbourOutcome::AnsweredBy { .. }) | None => {}
                 }
             }
         }
@@ -579,6 +597,21 @@ impl Announcer {
                 action: "Withdraw".into(),
                 secondary: None,
             });
+        }
+        for (address, candidates) in &standing.answering {
+            if before.answering.get(address) != Some(candidates) {
+                events.push(Event {
+                    type_: EventType::Normal,
+                    reason: "LocalAddressOwner".into(),
+                    note: Some(format!(
+                        "{address}: node {} answers ARP/NDP for it (candidates in order: {})",
+                        self.node,
+                        candidates.join(", ")
+                    )),
+                    action: "Answer".into(),
+                    secondary: None,
+                });
+            }
         }
         if let Some(reason) = &standing.not_announced
             && before.not_announced.as_ref() != Some(reason)

@@ -2,7 +2,10 @@
 //! rules (which Services, which addresses, endpoints under `externalTrafficPolicy: Local`, the
 //! node's exclusion label) are tested on real-shaped objects without an API server.
 
-use std::{collections::BTreeSet, net::IpAddr};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+};
 
 use k8s_openapi::api::{
     core::v1::{Node, Service},
@@ -99,6 +102,7 @@ pub fn translate<'a>(
         .and_then(|node| node.metadata.labels.as_ref())
         .is_some_and(|labels| labels.contains_key(EXCLUDE_LABEL));
     let mut served = Vec::new();
+    let mut endpoint_nodes = BTreeMap::new();
     let mut translation = Translation {
         excluded,
         ..Translation::default()
@@ -107,7 +111,12 @@ pub fn translate<'a>(
         let name = service_name(service);
         match verdict(service, slices, selection) {
             Verdict::NotOurs => {}
-            Verdict::Serve(service) => served.push(service),
+            Verdict::Serve(served_service) => {
+                if served_service.traffic_policy == TrafficPolicy::Local {
+                    endpoint_nodes.insert(name, nodes_with_endpoints(service, slices));
+                }
+                served.push(served_service);
+            }
             Verdict::NoLocalEndpoint => translation.no_local_endpoint.push(name),
             Verdict::Reject(reason) => translation.update.rejected.push(Rejected {
                 service: name,
@@ -118,7 +127,12 @@ pub fn translate<'a>(
     if excluded {
         served.clear();
     }
-    translation.update.desired = Desired::from_services(&served);
+    translation.update.desired = Desired::with_endpoint_nodes(&served, &endpoint_nodes);
+    translation.update.desired.node_labels = node
+        .and_then(|node| node.metadata.labels.clone())
+        .unwrap_or_default()
+        .into_iter()
+        .collect();
     translation
 }
 
@@ -261,7 +275,7 @@ fn verdict(service: &Service, slices: &[&EndpointSlice], selection: &Selection) 
         }
     };
     if traffic_policy == TrafficPolicy::Local
-        && !has_local_endpoint(service, slices, &selection.node_name)
+        && !nodes_with_endpoints(service, slices).contains(&selection.node_name)
     {
         return Verdict::NoLocalEndpoint;
     }
@@ -275,10 +289,10 @@ fn verdict(service: &Service, slices: &[&EndpointSlice], selection: &Selection) 
     })
 }
 
-/// Whether an endpoint of `service` on `node` can take new traffic: ready, or serving and not
-/// terminating. Unset conditions mean what the EndpointSlice API says they mean: ready unless
-/// told otherwise, serving as ready, not terminating.
-fn has_local_endpoint(service: &Service, slices: &[&EndpointSlice], node: &str) -> bool {
+/// The nodes with an endpoint of `service` that can take new traffic: ready, or serving and
+/// not terminating. Unset conditions mean what the EndpointSlice API says they mean: ready
+/// unless told otherwise, serving as ready, not terminating.
+fn nodes_with_endpoints(service: &Service, slices: &[&EndpointSlice]) -> BTreeSet<String> {
     let namespace = service.metadata.namespace.as_deref().unwrap_or("default");
     let name = service.metadata.name.as_deref().unwrap_or_default();
     slices
@@ -293,14 +307,15 @@ fn has_local_endpoint(service: &Service, slices: &[&EndpointSlice], node: &str) 
                 .is_some_and(|owner| owner == name)
         })
         .flat_map(|slice| &slice.endpoints)
-        .filter(|endpoint| endpoint.node_name.as_deref() == Some(node))
-        .any(|endpoint| {
+        .filter(|endpoint| {
             let conditions = endpoint.conditions.as_ref();
             let ready = conditions.and_then(|c| c.ready).unwrap_or(true);
             let serving = conditions.and_then(|c| c.serving).unwrap_or(ready);
             let terminating = conditions.and_then(|c| c.terminating).unwrap_or(false);
             ready || (serving && !terminating)
         })
+        .filter_map(|endpoint| endpoint.node_name.clone())
+        .collect()
 }
 
 #[cfg(test)]
@@ -437,8 +452,9 @@ mod tests {
         );
         let translation = run(&[web], &[], None);
         assert_eq!(addresses(&translation), ["203.0.113.10", "2001:db8:ff::10"]);
-        let policy =
-            &translation.update.desired.addresses[&"203.0.113.10".parse().unwrap()]["shop/web"];
+        let policy = &translation.update.desired.addresses[&"203.0.113.10".parse().unwrap()]
+            .get("shop/web")
+            .unwrap();
         let ports: Vec<_> = policy.ports.iter().map(|p| (p.port, p.protocol)).collect();
         assert_eq!(
             ports,
@@ -514,8 +530,9 @@ mod tests {
             json!({"metadata": {"annotations": {SOURCE_RANGES_ANNOTATION: "10.0.0.0/8, 2001:db8::/32"}}}),
         );
         let translation = run(&[web], &[], None);
-        let policy =
-            &translation.update.desired.addresses[&"203.0.113.10".parse().unwrap()]["shop/web"];
+        let policy = &translation.update.desired.addresses[&"203.0.113.10".parse().unwrap()]
+            .get("shop/web")
+            .unwrap();
         assert_eq!(policy.source_ranges.len(), 2);
     }
 
@@ -615,6 +632,31 @@ mod tests {
             assert_eq!(here.no_local_endpoint.is_empty(), served, "{conditions}");
         }
 
+        // Every node with a usable endpoint is named, for the election of local addresses.
+        let both = with(json!([
+            {"addresses": ["10.244.0.5"], "nodeName": "node-a"},
+            {"addresses": ["10.244.1.5"], "nodeName": "node-b", "conditions": {"ready": true}},
+            {"addresses": ["10.244.2.5"], "nodeName": "node-c", "conditions": {"ready": false}},
+        ]));
+        let policies: Vec<_> = both.update.desired.addresses.values().collect();
+        assert!(!policies.is_empty());
+        for policy in policies {
+            assert_eq!(
+                policy.get("shop/web").unwrap().endpoint_nodes,
+                Some(BTreeSet::from(["node-a".to_owned(), "node-b".to_owned()]))
+            );
+        }
+        let cluster = service("api", json!({}));
+        let translation = run(&[cluster], &[], None);
+        assert!(
+            translation
+                .update
+                .desired
+                .addresses
+                .values()
+                .all(|intent| intent.get("shop/api").unwrap().endpoint_nodes.is_none())
+        );
+
         // A slice of another service, or of a same-named service elsewhere, does not count.
         let other = run(
             std::slice::from_ref(&web),
@@ -660,5 +702,10 @@ mod tests {
         );
         assert!(!labelled.excluded);
         assert_eq!(labelled.update.desired.addresses.len(), 2);
+        // The routing sink selects protocols by them.
+        assert_eq!(
+            labelled.update.desired.node_labels,
+            [("kubernetes.io/os".to_owned(), "linux".to_owned())].into()
+        );
     }
 }

@@ -1,0 +1,472 @@
+//! What the neighbour map must hold: for each local address, whether this node answers
+//! (and from which interface) or stays silent. A pure function of the desired addresses, the
+//! live members and what the map and the node's interfaces hold.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+};
+
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+
+use super::election::{self, Endpoints, NodeView};
+use crate::{
+    dataplane::Role,
+    desired::{AddressIntent, Desired, TrafficPolicy},
+};
+
+/// One of this node's interfaces, as far as answering goes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Link {
+    pub ifindex: u32,
+    pub mac: [u8; 6],
+    pub prefixes: Vec<IpNet>,
+}
+
+/// What the sink observed: the map's entries, the node's interfaces and the live members.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Observed {
+    pub roles: BTreeMap<IpAddr, Role>,
+    pub links: Vec<Link>,
+    /// The live members as `lbagent membership` last published them; `None` before the
+    /// first list arrived.
+    pub members: Option<Vec<NodeView>>,
+    /// Whether the node has IPv6 (an IPv6 address is not served without it).
+    pub ipv6: bool,
+}
+
+/// Who holds one local address: the live candidates in order, the owner first.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Election {
+    pub address: IpAddr,
+    /// The owner (the first candidate); `None` when no live node may hold it.
+    pub owner: Option<String>,
+    pub candidates: Vec<String>,
+    /// Whether this node answers for it.
+    pub answering: bool,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Plan {
+    /// Entries to write (new ones, or a changed role).
+    pub set: BTreeMap<IpAddr, Role>,
+    /// Entries of addresses that are no longer local LB addresses.
+    pub remove: Vec<IpAddr>,
+    /// Addresses this node starts answering for: announce them.
+    pub taken: Vec<IpAddr>,
+    /// Addresses this node stops answering for.
+    pub released: Vec<IpAddr>,
+    /// Every local address with its candidates.
+    pub elections: Vec<Election>,
+    /// Addresses this node won but has no interface in the subnet of (it stays silent).
+    pub no_interface: Vec<IpAddr>,
+    /// Desired addresses inside one of this node's subnets while no member list has arrived:
+    /// nothing is decided for them (answering without a view of the others could duplicate
+    /// them).
+    pub waiting: Vec<IpAddr>,
+    /// Desired addresses that no live member has a subnet for, when nothing routes them
+    /// (no routing section): nobody can answer for them. Only the member that scores highest
+    /// for such an address over all members lists it, so one node reports it.
+    pub no_subnet: Vec<IpAddr>,
+}
+
+impl Plan {
+    pub fn changes_nothing(&self) -> bool {
+        self.set.is_empty() && self.remove.is_empty()
+    }
+}
+
+/// `node`: this node's name; `routed`: a routing section advertises the addresses that are
+/// not local. The desired addresses inside a member's subnet are local (L2)
+/// addresses. Each gets an entry even when this node has no interface in its subnet (its
+/// link is down, say, and the address went onto the LB interface): the kernel answers ARP for
+/// any address it holds, on any interface, and only the program's silence keeps it from
+/// answering for another node's address.
+pub fn plan(node: &str, desired: &Desired, routed: bool, observed: &Observed) -> Plan {
+    let mut plan = Plan::default();
+    let served: Vec<IpAddr> = desired
+        .addresses
+        .keys()
+        .filter(|address| address.is_ipv4() || observed.ipv6)
+        .copied()
+        .collect();
+    let Some(members) = &observed.members else {
+        plan.waiting = served
+            .into_iter()
+            .filter(|address| link_for(&observed.links, address).is_some())
+            .collect();
+        return plan;
+    };
+    let (local, elsewhere): (Vec<IpAddr>, Vec<IpAddr>) = served.into_iter().partition(|address| {
+        members
+            .iter()
+            .any(|m| m.subnets.iter().any(|s| s.contains(address)))
+    });
+    if !routed {
+        plan.no_subnet = elsewhere
+            .into_iter()
+            .filter(|address| {
+                let reporter = members
+                    .iter()
+                    .max_by_key(|m| (election::score(*address, &m.name), &m.name));
+                reporter.is_some_and(|m| m.name == node)
+            })
+            .collect();
+    }
+    for address in &local {
+        let endpoint_nodes = desired.addresses.get(address).and_then(endpoint_nodes);
+        let endpoints = match &endpoint_nodes {
+            Some(nodes) => Endpoints::On(nodes),
+            None => Endpoints::Anywhere,
+        };
+        let candidates = election::candidates(*address, members, endpoints);
+        let owner = candidates.first().map(|n| n.name.clone());
+        let role = if owner.as_deref() == Some(node) {
+            match link_for(&observed.links, address) {
+                Some(link) => Role::Answer {
+                    ifindex: link.ifindex,
+                    mac: link.mac,
+                },
+                None => {
+                    plan.no_interface.push(*address);
+                    Role::Silent
+                }
+            }
+        } else {
+            Role::Silent
+        };
+        let before = observed.roles.get(address);
+        if before != Some(&role) {
+            plan.set.insert(*address, role);
+            match (before, role) {
+                (_, Role::Answer { .. }) => plan.taken.push(*address),
+                (Some(Role::Answer { .. }), Role::Silent) => plan.released.push(*address),
+                _ => {}
+            }
+        }
+        plan.elections.push(Election {
+            address: *address,
+            owner,
+            candidates: candidates.iter().map(|n| n.name.clone()).collect(),
+            answering: matches!(role, Role::Answer { .. }),
+        });
+    }
+    plan.remove = observed
+        .roles
+        .keys()
+        .filter(|address| !local.contains(address))
+        .copied()
+        .collect();
+    plan
+}
+
+/// The nodes that may hold an address under `externalTrafficPolicy: Local`: those with a
+/// ready endpoint of any of its services, when every service wanting it is Local and the
+/// source knows its endpoints; `None` (any node) otherwise.
+fn endpoint_nodes(intent: &AddressIntent) -> Option<BTreeSet<String>> {
+    let mut nodes = BTreeSet::new();
+    for policy in intent.values() {
+        match (&policy.traffic_policy, &policy.endpoint_nodes) {
+            (TrafficPolicy::Local, Some(with_endpoints)) => nodes.extend(with_endpoints.clone()),
+            _ => return None,
+        }
+    }
+    (!intent.is_empty()).then_some(nodes)
+}
+
+/// The interface whose subnet holds `address`.
+fn link_for<'a>(links: &'a [Link], address: &IpAddr) -> Option<&'a Link> {
+    links
+        .iter()
+        .find(|link| link.prefixes.iter().any(|p| p.contains(address)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::desired::{AddressIntent, Desired};
+
+    const SUBNET: &str = "10.0.0.0/24";
+
+    /// The plan with a routing section (addresses outside every subnet are routed).
+    fn plan(node: &str, desired: &Desired, observed: &Observed) -> Plan {
+        super::plan(node, desired, true, observed)
+    }
+
+    fn members(names: &[&str]) -> Vec<NodeView> {
+        names
+            .iter()
+            .map(|name| NodeView {
+                name: (*name).to_owned(),
+                subnets: vec![SUBNET.parse().unwrap(), "fd00::/64".parse().unwrap()],
+                excluded: false,
+                alive: true,
+            })
+            .collect()
+    }
+
+    fn observed(roles: BTreeMap<IpAddr, Role>, view: &[NodeView]) -> Observed {
+        Observed {
+            roles,
+            links: vec![Link {
+                ifindex: 2,
+                mac: [2, 0, 0, 0, 0, 1],
+                prefixes: vec![SUBNET.parse().unwrap(), "fd00::/64".parse().unwrap()],
+            }],
+            members: Some(view.to_vec()),
+            ipv6: true,
+        }
+    }
+
+    fn desired(addresses: &[IpAddr]) -> Desired {
+        Desired {
+            addresses: addresses
+                .iter()
+                .map(|a| (*a, AddressIntent::default()))
+                .collect(),
+            ..Desired::default()
+        }
+    }
+
+    fn addresses(n: u8) -> Vec<IpAddr> {
+        (1..=n)
+            .map(|i| IpAddr::from([10, 0, 0, 100 + i]))
+            .chain(std::iter::once("fd00::100".parse().unwrap()))
+            .collect()
+    }
+
+    #[test]
+    fn exactly_one_node_answers_for_each_address() {
+        let names = ["node-a", "node-b", "node-c"];
+        let view = members(&names);
+        let local = addresses(30);
+        let mut answering: BTreeMap<IpAddr, Vec<&str>> = BTreeMap::new();
+        for node in names {
+            let plan = plan(node, &desired(&local), &observed(BTreeMap::new(), &view));
+            assert_eq!(plan.set.len(), local.len(), "every address gets an entry");
+            for (address, role) in &plan.set {
+                if matches!(role, Role::Answer { .. }) {
+                    answering.entry(*address).or_default().push(node);
+                }
+            }
+            for election in &plan.elections {
+                assert_eq!(election.candidates.len(), 3);
+                assert_eq!(election.owner.as_deref(), Some(&*election.candidates[0]));
+                assert_eq!(election.answering, election.owner.as_deref() == Some(node));
+            }
+        }
+        assert_eq!(answering.len(), local.len());
+        assert!(
+            answering.values().all(|nodes| nodes.len() == 1),
+            "{answering:?}"
+        );
+        // Spread: no node got everything.
+        for node in names {
+            let owned = answering.values().filter(|n| n[0] == node).count();
+            assert!(owned > 0 && owned < local.len(), "{node}: {owned}");
+        }
+    }
+
+    #[test]
+    fn an_unchanged_map_needs_nothing_and_a_dead_owner_moves_its_addresses() {
+        let local = desired(&addresses(10));
+        let view = members(&["node-a", "node-b"]);
+        let first = plan("node-b", &local, &observed(BTreeMap::new(), &view));
+        let applied = observed(first.set.clone(), &view);
+        let again = plan("node-b", &local, &applied);
+        assert!(again.changes_nothing(), "{again:?}");
+        assert!(again.taken.is_empty());
+        // node-a dies: node-b takes exactly what node-a held, and announces it.
+        let alone = Observed {
+            members: Some(members(&["node-b"])),
+            ..applied
+        };
+        let after = plan("node-b", &local, &alone);
+        let held_by_a: Vec<IpAddr> = first
+            .set
+            .iter()
+            .filter(|(_, role)| **role == Role::Silent)
+            .map(|(address, _)| *address)
+            .collect();
+        assert!(!held_by_a.is_empty());
+        assert_eq!(after.taken, held_by_a);
+        assert!(after.released.is_empty());
+        assert!(
+            after
+                .set
+                .values()
+                .all(|r| matches!(r, Role::Answer { ifindex: 2, .. }))
+        );
+    }
+
+    #[test]
+    fn a_returning_owner_is_handed_its_addresses_back() {
+        let local = desired(&addresses(10));
+        let alone = plan(
+            "node-b",
+            &local,
+            &observed(BTreeMap::new(), &members(&["node-b"])),
+        );
+        let applied = observed(alone.set.clone(), &members(&["node-a", "node-b"]));
+        let back = plan("node-b", &local, &applied);
+        assert!(!back.released.is_empty());
+        assert!(back.taken.is_empty());
+        assert!(back.released.iter().all(|a| back.set[a] == Role::Silent));
+    }
+
+    #[test]
+    fn addresses_no_longer_desired_are_removed() {
+        let view = members(&["node-a"]);
+        let all = addresses(3);
+        let applied = observed(
+            plan("node-a", &desired(&all), &observed(BTreeMap::new(), &view)).set,
+            &view,
+        );
+        let fewer = plan("node-a", &desired(&all[1..]), &applied);
+        assert_eq!(fewer.remove, vec![all[0]]);
+        assert!(fewer.set.is_empty());
+    }
+
+    #[test]
+    fn addresses_outside_every_members_subnet_are_not_local() {
+        let view = members(&["node-a"]);
+        let virtual_address: IpAddr = "203.0.113.10".parse().unwrap();
+        let local: IpAddr = "10.0.0.101".parse().unwrap();
+        let plan = plan(
+            "node-a",
+            &desired(&[virtual_address, local]),
+            &observed(BTreeMap::new(), &view),
+        );
+        assert_eq!(plan.set.keys().collect::<Vec<_>>(), [&local]);
+        assert_eq!(plan.elections.len(), 1);
+    }
+
+    #[test]
+    fn a_winner_without_an_interface_in_the_subnet_stays_silent_and_says_so() {
+        let view = members(&["node-a"]);
+        let mut seen = observed(BTreeMap::new(), &view);
+        seen.links.clear();
+        let address: IpAddr = "10.0.0.101".parse().unwrap();
+        let plan = plan("node-a", &desired(&[address]), &seen);
+        assert_eq!(plan.no_interface, vec![address]);
+        assert_eq!(plan.set[&address], Role::Silent);
+        assert!(!plan.elections[0].answering);
+    }
+
+    #[test]
+    fn without_this_node_in_the_view_nothing_is_answered() {
+        let plan = plan(
+            "node-x",
+            &desired(&addresses(5)),
+            &observed(BTreeMap::new(), &members(&["node-a"])),
+        );
+        assert!(plan.set.values().all(|r| *r == Role::Silent));
+    }
+
+    #[test]
+    fn without_a_member_list_nothing_is_decided_and_the_waiting_addresses_are_named() {
+        let view = members(&["node-a"]);
+        let mut seen = observed(BTreeMap::new(), &view);
+        seen.members = None;
+        let elsewhere: IpAddr = "203.0.113.10".parse().unwrap();
+        let mut wanted = addresses(2);
+        wanted.push(elsewhere);
+        let plan = plan("node-a", &desired(&wanted), &seen);
+        assert!(plan.changes_nothing());
+        assert!(plan.elections.is_empty());
+        assert_eq!(plan.waiting, addresses(2));
+    }
+
+    #[test]
+    fn without_routing_an_address_outside_every_subnet_is_reported_by_one_node() {
+        let names = ["node-a", "node-b", "node-c"];
+        let view = members(&names);
+        let nowhere: Vec<IpAddr> = (1..=20).map(|i| IpAddr::from([203, 0, 113, i])).collect();
+        let mut wanted = nowhere.clone();
+        wanted.push("10.0.0.101".parse().unwrap());
+        let mut reported: Vec<IpAddr> = Vec::new();
+        for node in names {
+            let routed = super::plan(
+                node,
+                &desired(&wanted),
+                true,
+                &observed(BTreeMap::new(), &view),
+            );
+            assert!(routed.no_subnet.is_empty(), "routing advertises them");
+            let plan = super::plan(
+                node,
+                &desired(&wanted),
+                false,
+                &observed(BTreeMap::new(), &view),
+            );
+            assert_eq!(plan.elections.len(), 1, "only the local address is elected");
+            assert!(plan.no_subnet.len() < nowhere.len(), "{node}: spread");
+            reported.extend(plan.no_subnet);
+        }
+        reported.sort();
+        assert_eq!(reported, nowhere, "each reported exactly once");
+    }
+
+    #[test]
+    fn with_local_traffic_only_nodes_with_an_endpoint_are_candidates() {
+        use crate::desired::ServicePolicy;
+        let names = ["node-a", "node-b", "node-c"];
+        let view = members(&names);
+        let address: IpAddr = "10.0.0.101".parse().unwrap();
+        let local = |nodes: Option<&[&str]>| ServicePolicy {
+            traffic_policy: TrafficPolicy::Local,
+            endpoint_nodes: nodes.map(|n| n.iter().map(|s| (*s).to_owned()).collect()),
+            ..ServicePolicy::default()
+        };
+        let with = |intent: AddressIntent| Desired {
+            addresses: BTreeMap::from([(address, intent)]),
+            ..Desired::default()
+        };
+        let candidates = |desired: &Desired| {
+            plan("node-a", desired, &observed(BTreeMap::new(), &view)).elections[0]
+                .candidates
+                .clone()
+        };
+        let only_c = with(AddressIntent::from_iter([(
+            "web".to_owned(),
+            local(Some(&["node-c"])),
+        )]));
+        assert_eq!(candidates(&only_c), ["node-c"]);
+        // The owner moves with the endpoint.
+        let only_b = with(AddressIntent::from_iter([(
+            "web".to_owned(),
+            local(Some(&["node-b"])),
+        )]));
+        assert_eq!(candidates(&only_b), ["node-b"]);
+        // Two Local services share it: either's nodes.
+        let shared = with(AddressIntent::from_iter([
+            ("web".to_owned(), local(Some(&["node-b"]))),
+            ("api".to_owned(), local(Some(&["node-c"]))),
+        ]));
+        let mut both = candidates(&shared);
+        both.sort();
+        assert_eq!(both, ["node-b", "node-c"]);
+        // A Cluster service shares it, or the source does not know the endpoints: any node.
+        let mixed = with(AddressIntent::from_iter([
+            ("web".to_owned(), local(Some(&["node-b"]))),
+            ("api".to_owned(), ServicePolicy::default()),
+        ]));
+        assert_eq!(candidates(&mixed).len(), 3);
+        let unknown = with(AddressIntent::from_iter([("web".to_owned(), local(None))]));
+        assert_eq!(candidates(&unknown).len(), 3);
+    }
+
+    #[test]
+    fn ipv6_addresses_wait_for_a_node_with_ipv6() {
+        let view = members(&["node-a"]);
+        let mut seen = observed(BTreeMap::new(), &view);
+        seen.ipv6 = false;
+        let plan = plan("node-a", &desired(&addresses(1)), &seen);
+        assert_eq!(
+            plan.set.keys().copied().collect::<Vec<_>>(),
+            vec![IpAddr::from([10, 0, 0, 101])]
+        );
+    }
+}
