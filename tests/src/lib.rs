@@ -433,6 +433,16 @@ pub fn wait_until(timeout: std::time::Duration, mut condition: impl FnMut() -> b
     }
 }
 
+/// A field of `/proc/PID/status` in kB (`VmRSS`, `VmHWM`), 0 when unreadable.
+pub fn memory_kb(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
 /// A running `lbagent run`, inside a namespace, logging to a file. Killed on drop.
 pub struct Agent {
     child: std::process::Child,

@@ -96,6 +96,11 @@ pub fn next_hops(ns: &NetNs, prefix: &str) -> Vec<String> {
     let Some(route) = routes.as_array().and_then(|r| r.first()) else {
         return Vec::new();
     };
+    gateways(route)
+}
+
+/// The gateways of one route of `ip -j route`, sorted: its next hops' or its own.
+pub fn gateways(route: &serde_json::Value) -> Vec<String> {
     let mut hops: Vec<String> = match route["nexthops"].as_array() {
         Some(hops) => hops
             .iter()

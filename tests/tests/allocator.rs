@@ -16,7 +16,7 @@ use std::{
 use lbagent::allocator::API_ACCESS;
 use lbagent_tests::{
     Agent, TempDir, addresses_on,
-    apiserver::ApiServer,
+    apiserver::{ApiServer, merge_patch},
     lbagent_bin, require_root,
     routers::{FRR_ROUTER, Fabric, Frr, next_hops},
     wait_until,
@@ -118,7 +118,7 @@ impl Cluster {
             "metadata": {"name": name},
             "spec": {"addresses": addresses},
         });
-        merge(&mut pool, extra);
+        merge_patch(&mut pool, &extra);
         self.server.apply(pool);
     }
 
@@ -144,12 +144,7 @@ impl Cluster {
 
     /// The notes of the Events on `service` with `reason`.
     fn events(&self, service: &str, reason: &str) -> Vec<String> {
-        self.server
-            .events()
-            .into_iter()
-            .filter(|e| e["regarding"]["name"] == service && e["reason"] == reason)
-            .map(|e| e["note"].as_str().unwrap_or_default().to_owned())
-            .collect()
+        self.server.event_notes(service, reason)
     }
 
     fn wait_event(&self, service: &str, reason: &str, note: &str, allocator: &Allocator) {
@@ -200,17 +195,7 @@ impl Cluster {
 
     /// Every request so far was one the allocator's ClusterRole allows.
     fn assert_api_access(&self) {
-        for request in self.server.request_log() {
-            let (group, resource, verb) = request
-                .rbac()
-                .unwrap_or_else(|| panic!("not an API call: {request:?}"));
-            assert!(
-                API_ACCESS
-                    .iter()
-                    .any(|a| a.group == group && a.resource == resource && a.verbs.contains(&verb)),
-                "{verb} {group}/{resource} is not in the allocator's API_ACCESS: {request:?}"
-            );
-        }
+        self.server.assert_requests_within(API_ACCESS);
     }
 }
 
@@ -220,7 +205,7 @@ fn service(name: &str, extra: Value) -> Value {
         "metadata": {"name": name, "namespace": "default"},
         "spec": {"type": "LoadBalancer", "ports": [{"port": 80, "protocol": "TCP"}]},
     });
-    merge(&mut service, extra);
+    merge_patch(&mut service, &extra);
     service
 }
 
@@ -231,17 +216,6 @@ fn ingress(service: &Value) -> Vec<String> {
         .flatten()
         .filter_map(|i| i["ip"].as_str().map(str::to_owned))
         .collect()
-}
-
-fn merge(target: &mut Value, patch: Value) {
-    match (target, patch) {
-        (Value::Object(target), Value::Object(patch)) => {
-            for (key, value) in patch {
-                merge(target.entry(key).or_insert(Value::Null), value);
-            }
-        }
-        (target, patch) => *target = patch,
-    }
 }
 
 #[test]
@@ -944,4 +918,70 @@ fn a_service_gets_addresses_that_two_nodes_announce_and_deleted_they_leave() {
             .is_some_and(|p| p["status"]["ipv4"]["inUse"] == 0)),
         "{pool}"
     );
+}
+
+#[test]
+fn a_sharing_member_its_groups_pool_excludes_is_refused_until_the_pool_admits_it() {
+    let cluster = Cluster::new();
+    cluster.pool(
+        "team",
+        &["192.0.2.0/30"],
+        json!({"spec": {"serviceSelector": {"matchLabels": {"team": "a"}}}}),
+    );
+    cluster.pool(
+        "general",
+        &["198.51.100.0/30"],
+        json!({"spec": {"priority": 10}}),
+    );
+    let allocator = Allocator::start(&cluster, "alloc-a");
+    let member = |port: u16, labels: Value| {
+        json!({"metadata": {"labels": labels,
+                            "annotations": {"lbagent.io/sharing-key": "web"}},
+               "spec": {"ports": [{"port": port, "protocol": "TCP"}]}})
+    };
+    cluster.service("a", member(80, json!({"team": "a"})));
+    cluster.wait_addresses("a", &["192.0.2.0"], &allocator);
+    cluster.service("b", member(443, json!({})));
+    cluster.wait_event(
+        "b",
+        "AllocationFailed",
+        "metadata.annotations[\"lbagent.io/sharing-key\"]: \"web\": sharing refused: 192.0.2.0 \
+         (held by default/a) is from pool \"team\", which this Service may not use",
+        &allocator,
+    );
+    assert!(cluster.addresses("b").is_empty(), "{}", allocator.log());
+    cluster.wait_pool("general", |s| s["ipv4"]["inUse"] == 0, &allocator);
+    // Labelled so that the pool admits it, it shares.
+    cluster.service("b", member(443, json!({"team": "a"})));
+    cluster.wait_addresses("b", &["192.0.2.0"], &allocator);
+    cluster.wait_pool("team", |s| s["ipv4"]["inUse"] == 1, &allocator);
+}
+
+#[test]
+fn more_events_at_once_than_a_thousand_are_all_recorded() {
+    const SERVICES: usize = 1500;
+    let cluster = Cluster::new();
+    cluster.pool("p", &["10.0.0.0/20"], json!({}));
+    for i in 0..SERVICES {
+        cluster.service(&format!("s{i}"), json!({}));
+    }
+    // Started on them all: its first pass assigns 1,500 at once.
+    let allocator = Allocator::start(&cluster, "alloc-a");
+    let told = || -> BTreeSet<String> {
+        cluster
+            .server
+            .events()
+            .iter()
+            .filter(|e| e["reason"] == "AddressAssigned")
+            .filter_map(|e| e["regarding"]["name"].as_str().map(str::to_owned))
+            .collect()
+    };
+    assert!(
+        wait_until(Duration::from_secs(180), || told().len() == SERVICES),
+        "{} of {SERVICES} Services got their AddressAssigned Event\n{}",
+        told().len(),
+        allocator.log()
+    );
+    cluster.wait_pool("p", |s| s["ipv4"]["inUse"] == SERVICES, &allocator);
+    cluster.assert_api_access();
 }

@@ -7,7 +7,9 @@ use std::{collections::BTreeSet, sync::Arc, time::Duration};
 
 use lbagent::API_ACCESS;
 use lbagent_tests::{
-    Agent, Monitor, NetNs, TempDir, addresses_on, apiserver::ApiServer, wait_until,
+    Agent, Monitor, NetNs, TempDir, addresses_on,
+    apiserver::{ApiServer, merge_patch},
+    memory_kb, wait_until,
 };
 use serde_json::{Value, json};
 
@@ -64,20 +66,11 @@ impl Cluster {
         );
     }
 
-    /// Events recorded on `service` with `reason`, their notes.
-    fn events(&self, service: &str, reason: &str) -> Vec<String> {
-        self.server
-            .events()
-            .into_iter()
-            .filter(|e| e["regarding"]["name"] == service && e["reason"] == reason)
-            .map(|e| e["note"].as_str().unwrap_or_default().to_owned())
-            .collect()
-    }
-
     fn wait_event(&self, service: &str, reason: &str, needle: &str) {
         assert!(
             wait_until(Duration::from_secs(10), || self
-                .events(service, reason)
+                .server
+                .event_notes(service, reason)
                 .iter()
                 .any(|note| note.contains(needle))),
             "no {reason} Event on {service} with {needle:?}: {:#?}\n{}",
@@ -106,19 +99,8 @@ fn service(name: &str, ips: &[&str], patch: Value) -> Value {
         },
         "status": {"loadBalancer": {"ingress": ips.iter().map(|ip| json!({"ip": ip, "ipMode": "VIP"})).collect::<Vec<_>>()}},
     });
-    merge(&mut object, patch);
+    merge_patch(&mut object, &patch);
     object
-}
-
-fn merge(target: &mut Value, patch: Value) {
-    match (target, patch) {
-        (Value::Object(target), Value::Object(patch)) => {
-            for (key, value) in patch {
-                merge(target.entry(key).or_insert(Value::Null), value);
-            }
-        }
-        (target, patch) => *target = patch,
-    }
 }
 
 fn slice(service: &str, node_name: &str, conditions: Value) -> Value {
@@ -164,17 +146,7 @@ fn services_appear_change_and_go_with_events() {
     cluster.wait_held(&["203.0.113.20"]);
 
     // Every call the agent made is in API_ACCESS, which the deployment's ClusterRole grants.
-    for request in cluster.server.request_log() {
-        let (group, resource, verb) = request
-            .rbac()
-            .unwrap_or_else(|| panic!("not an API call: {request:?}"));
-        assert!(
-            API_ACCESS
-                .iter()
-                .any(|a| a.group == group && a.resource == resource && a.verbs.contains(&verb)),
-            "{verb} {group}/{resource} is not in API_ACCESS: {request:?}"
-        );
-    }
+    cluster.server.assert_requests_within(API_ACCESS);
 }
 
 #[test]
@@ -400,5 +372,71 @@ fn an_address_of_a_family_the_node_lacks_gets_a_warning_event() {
         "dual",
         "NotAnnounced",
         &format!("2001:db8:ff::70: node {NODE} has no IPv6"),
+    );
+}
+
+#[test]
+fn two_hundred_thousand_services_and_a_megabyte_annotation_keep_memory_bounded() {
+    let cluster = Cluster::start();
+    cluster
+        .server
+        .apply(service("web", &["203.0.113.50"], json!({})));
+    cluster.wait_held(&["203.0.113.50"]);
+    // Over Kubernetes' 256 KiB for all annotations: refused naming the limit, and not kept.
+    let huge = "x".repeat(1 << 20);
+    cluster.server.apply(service(
+        "big",
+        &["203.0.113.51"],
+        json!({"metadata": {"annotations": {"note": huge}}}),
+    ));
+    cluster.wait_event(
+        "big",
+        "NotAnnounced",
+        "metadata.annotations: 1048580 bytes, over the limit of 262144 bytes",
+    );
+    let pid = cluster.agent.pid();
+    let before = memory_kb(pid, "VmRSS");
+
+    // A cluster's worth of other Services: read, and not kept.
+    const SERVICES: usize = 200_000;
+    for i in 0..SERVICES {
+        cluster.server.apply(json!({
+            "apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": format!("internal-{i}"), "namespace": "shop",
+                         "annotations": {"note": "x".repeat(200)}},
+            "spec": {"type": "ClusterIP", "clusterIP": "10.96.0.10",
+                     "ports": [{"name": "http", "port": 80, "protocol": "TCP"}]},
+        }));
+    }
+    cluster
+        .server
+        .apply(service("late", &["203.0.113.52"], json!({})));
+    let expected: BTreeSet<String> = ["203.0.113.50/32", "203.0.113.52/32"]
+        .map(str::to_owned)
+        .into();
+    assert!(
+        wait_until(Duration::from_secs(600), || cluster.held() == expected),
+        "{:?}\n{}",
+        cluster.held(),
+        cluster.agent.log()
+    );
+    // And once more from a full list of them all, as after a 410 Gone.
+    cluster.server.compact();
+    cluster.server.drop_watches();
+    cluster
+        .server
+        .apply(service("relisted", &["203.0.113.53"], json!({})));
+    assert!(
+        wait_until(Duration::from_secs(600), || cluster
+            .held()
+            .contains("203.0.113.53/32")),
+        "{:?}\n{}",
+        cluster.held(),
+        cluster.agent.log()
+    );
+    let peak = memory_kb(pid, "VmHWM");
+    assert!(
+        peak < before + 64 * 1024,
+        "peak RSS {peak} kB with {SERVICES} other Services, {before} kB before them"
     );
 }

@@ -14,7 +14,7 @@ use std::{
     time::Duration,
 };
 
-use lbagent_tests::{NetNs, ServedNode, addresses_on, http_get, wait_until};
+use lbagent_tests::{NetNs, ServedNode, addresses_on, http_get, memory_kb, wait_until};
 
 const HTTP: &str = "127.0.0.1:9658";
 const ADDRESSES: usize = 10_000;
@@ -42,15 +42,6 @@ fn many_services(n: usize) -> String {
 }
 
 /// A field of /proc/PID/status, in kB.
-fn memory_kb(pid: u32, field: &str) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find_map(|line| line.strip_prefix(field)?.strip_prefix(':'))
-        .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0)
-}
-
 fn link_exists(ns: &NetNs, name: &str) -> bool {
     ns.exec("ip", &["link", "show", "dev", name])
         .status

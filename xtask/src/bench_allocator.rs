@@ -3,17 +3,25 @@
 //! run. The measuring lives in tests/src/bin/allocator_bench.rs, beside the API server it
 //! drives; this builds both in release mode and runs it.
 
-use std::process::Command;
+use std::{path::PathBuf, process::Command};
 
 use anyhow::Result;
 
 use crate::cmd;
 
 pub fn run() -> Result<()> {
-    cmd::cargo(&[
-        "build",
-        "--quiet",
-        "--release",
+    let release = build_with_agent("allocator_bench", true)?;
+    cmd::status(Command::new(release.join("allocator_bench")).arg(release.join("lbagent")))
+}
+
+/// Builds `lbagent` and the tests crate's binary `bin` (optimised or not); returns the
+/// directory both are in.
+pub fn build_with_agent(bin: &str, release: bool) -> Result<PathBuf> {
+    let mut args = vec!["build"];
+    if release {
+        args.push("--release");
+    }
+    args.extend([
         "--package",
         "lbagent",
         "--package",
@@ -21,8 +29,8 @@ pub fn run() -> Result<()> {
         "--bin",
         "lbagent",
         "--bin",
-        "allocator_bench",
-    ])?;
-    let release = crate::bench::target_dir().join("release");
-    cmd::status(Command::new(release.join("allocator_bench")).arg(release.join("lbagent")))
+        bin,
+    ]);
+    cmd::cargo(&args)?;
+    Ok(crate::bench::target_dir().join(if release { "release" } else { "debug" }))
 }

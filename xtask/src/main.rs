@@ -12,6 +12,7 @@ mod fuzz;
 mod image;
 mod model;
 mod setup;
+mod soak;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -30,7 +31,7 @@ enum Task {
     /// Build the eBPF object (with BTF) that the agent embeds, and check it.
     BuildEbpf,
     /// Set up, then run formatting, lint and dependency checks, unit, TestRun and namespace
-    /// tests, and each fuzz target briefly (as root).
+    /// tests, a one-minute soak under faults, and each fuzz target briefly (as root).
     Test,
     /// Set up, then show lbagent counting real traffic between two network namespaces (as root).
     Demo,
@@ -60,6 +61,15 @@ enum Task {
         #[arg(long, value_name = "OBJECT")]
         compare: Option<std::path::PathBuf>,
     },
+    /// Set up, then run lbagent on two nodes and a router under Service churn and injected
+    /// faults, checking its invariants after each (as root).
+    Soak {
+        #[arg(long, default_value_t = 30.0)]
+        minutes: f64,
+        /// The fault generator's seed (default: from the clock); the soak prints it.
+        #[arg(long)]
+        seed: Option<u64>,
+    },
     /// Set up, then run every libFuzzer target in fuzz/ for a while each (as root).
     Fuzz {
         /// How long each target runs.
@@ -77,6 +87,9 @@ enum Task {
 /// How long `cargo xtask test` runs each fuzz target: long enough to replay the seeds and
 /// explore around them, short enough that five targets add little to CI.
 const CI_FUZZ_SECONDS: u32 = 15;
+
+/// How long `cargo xtask test` soaks: a few faults of random kinds, each checked.
+const CI_SOAK_MINUTES: f64 = 1.0;
 
 #[derive(Clone, Copy, clap::ValueEnum)]
 enum Bench {
@@ -127,6 +140,10 @@ fn main() -> Result<()> {
                 Bench::Failover => bench_failover::run(),
             }
         }
+        Task::Soak { minutes, seed } => {
+            setup::run()?;
+            soak::run(minutes, seed)
+        }
         Task::Fuzz {
             seconds,
             dev,
@@ -151,6 +168,7 @@ fn test() -> Result<()> {
     // another package.
     cmd::cargo(&["build", "--workspace", "--bins"])?;
     cmd::cargo(&["test", "--workspace"])?;
+    soak::run(CI_SOAK_MINUTES, None)?;
     cmd::cargo(&[
         "clippy",
         "--workspace",

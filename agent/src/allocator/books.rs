@@ -16,6 +16,9 @@ use super::{
     request::{FamilyPolicy, POOL_ANNOTATION, Request, SHARING_ANNOTATION, ServiceKey},
 };
 
+/// The outcome of a Service entered but not yet given its addresses.
+const PENDING: &str = "not placed yet";
+
 /// A pool resource as listed.
 #[derive(Clone, Debug, PartialEq)]
 pub struct PoolInput {
@@ -411,7 +414,7 @@ impl Books {
             key,
             Entry {
                 request,
-                outcome: Outcome::Failed("not placed yet".into()),
+                outcome: Outcome::Failed(PENDING.into()),
                 owner: Some(owner),
             },
         );
@@ -428,30 +431,38 @@ impl Books {
         };
         let request = entry.request.clone();
         let mut errors = Vec::new();
+        let mut granted = Vec::new();
         for &family in &request.families {
-            if let Some((held, _)) = self.groups[&owner].addresses.get(&family) {
+            if let Some(&(held, pool)) = self.groups[&owner].addresses.get(&family) {
+                // A member shares only what it may hold itself: the group's address can come
+                // from a pool whose selectors or name exclude this member.
+                if let Some(refusal) = self.shared_pool_refusal(&request, &owner, held, pool) {
+                    errors.push(refusal);
+                    continue;
+                }
                 let asked = request
                     .requested
                     .iter()
                     .find(|(r, _)| Family::of(*r) == family);
-                if let Some((ip, field)) = asked.filter(|(r, _)| Addr::from(*r) != *held) {
+                if let Some((ip, field)) = asked.filter(|(r, _)| Addr::from(*r) != held) {
                     errors.push(format!(
                         "{field}: \"{ip}\": its sharing key's Services hold {held} instead"
                     ));
                 }
+                granted.push((held, pool));
                 continue;
             }
             match self.pick(&request, family, &owner) {
-                Ok((addr, pool)) => self.take(addr, pool, &owner),
+                Ok((addr, pool)) => {
+                    self.take(addr, pool, &owner);
+                    granted.push((addr, pool));
+                }
                 Err(err) => errors.push(err),
             }
         }
-        let group = &self.groups[&owner];
-        let addresses: Vec<(IpAddr, String)> = request
-            .families
-            .iter()
-            .filter_map(|family| group.addresses.get(family))
-            .map(|(addr, pool)| (IpAddr::from(*addr), self.pools[*pool].pool.name.clone()))
+        let addresses: Vec<(IpAddr, String)> = granted
+            .into_iter()
+            .map(|(addr, pool)| (IpAddr::from(addr), self.pools[pool].pool.name.clone()))
             .collect();
         let all_or_none = request.policy != FamilyPolicy::PreferDual;
         let outcome = if addresses.is_empty() || (all_or_none && !errors.is_empty()) {
@@ -591,13 +602,15 @@ impl Books {
             return false;
         };
         group.members.remove(key);
-        // The group keeps the addresses its remaining members hold.
+        // The group keeps the addresses its remaining members hold, or will hold once placed.
         let wanted: BTreeSet<Family> = group
             .members
             .iter()
             .filter_map(|member| self.services.get(member))
-            .flat_map(|entry| entry.outcome.addresses())
-            .map(Family::of)
+            .flat_map(|entry| match &entry.outcome {
+                Outcome::Failed(reason) if reason == PENDING => entry.request.families.clone(),
+                outcome => outcome.addresses().into_iter().map(Family::of).collect(),
+            })
             .collect();
         let unwanted: Vec<Family> = group
             .addresses
@@ -674,6 +687,32 @@ impl Books {
         None
     }
 
+    /// Why a member of a sharing group may not hold the group's `held` address of `pool`.
+    fn shared_pool_refusal(
+        &self,
+        request: &Request,
+        owner: &Owner,
+        held: Addr,
+        pool: usize,
+    ) -> Option<String> {
+        let Owner::Shared { key: sharing, .. } = owner else {
+            return None;
+        };
+        if self.may_use(request, pool) {
+            return None;
+        }
+        let held_by = self
+            .groups
+            .get(owner)
+            .and_then(|g| g.members.iter().find(|m| **m != request.key))
+            .map_or_else(|| self.first_member(owner), Clone::clone);
+        Some(format!(
+            "metadata.annotations[\"{SHARING_ANNOTATION}\"]: {sharing:?}: sharing refused: \
+             {held} (held by {held_by}) is from pool {:?}, which this Service may not use",
+            self.pools[pool].pool.name
+        ))
+    }
+
     fn first_member(&self, owner: &Owner) -> ServiceKey {
         match owner {
             Owner::Alone(key) => key.clone(),
@@ -721,14 +760,7 @@ mod tests {
         PoolInput {
             name: name.into(),
             created: created.into(),
-            spec: AddressPoolSpec {
-                addresses: addresses.iter().map(|a| (*a).to_owned()).collect(),
-                auto_assign: true,
-                avoid_buggy_ips: false,
-                priority: 0,
-                namespace_selector: None,
-                service_selector: None,
-            },
+            spec: crate::allocator::pool::tests::spec(addresses),
         }
     }
 
@@ -848,6 +880,50 @@ mod tests {
             ["192.0.2.0"],
             "its port no longer clashes"
         );
+    }
+
+    #[test]
+    fn a_member_the_groups_pool_excludes_is_refused_and_joins_once_admitted() {
+        let pools = || {
+            let mut team = pool("team", "1", &["192.0.2.0/30"]);
+            team.spec.service_selector = Some(
+                serde_json::from_value(serde_json::json!({"matchLabels": {"team": "a"}})).unwrap(),
+            );
+            let mut general = pool("general", "2", &["203.0.113.0/30"]);
+            general.spec.priority = 10;
+            [team, general]
+        };
+        let shared = |name: &str, port: i32, team: bool| {
+            let mut r = request(name, "1");
+            r.sharing_key = Some("k".into());
+            r.ports = [("TCP".to_owned(), port)].into();
+            if team {
+                r.labels.insert("team".into(), "a".into());
+            }
+            r
+        };
+        let mut books = Books::new(&pools(), HashMap::new());
+        books.upsert(shared("a", 80, true));
+        books.upsert(shared("b", 443, false));
+        assert_eq!(ips(&books, "a"), ["192.0.2.0"]);
+        assert_eq!(
+            failure(&books, "b"),
+            "metadata.annotations[\"lbagent.io/sharing-key\"]: \"k\": sharing refused: \
+             192.0.2.0 (held by default/a) is from pool \"team\", which this Service may not use"
+        );
+        assert_eq!(books.pool_reports()[0].families, [(Family::V4, 4, 0)]);
+        // Admitted by the pool, it shares.
+        books.upsert(shared("b", 443, true));
+        assert_eq!(ips(&books, "b"), ["192.0.2.0"]);
+
+        // Rebuilt with the excluded member older: it founds the group from `general`, which
+        // admits both, and the other shares that.
+        let mut older = shared("b", 443, false);
+        older.created = "0".into();
+        let books = Books::rebuild(&pools(), HashMap::new(), vec![shared("a", 80, true), older]);
+        assert_eq!(ips(&books, "b"), ["203.0.113.0"]);
+        assert_eq!(ips(&books, "a"), ["203.0.113.0"]);
+        assert_eq!(books.pool_reports()[1].families, [(Family::V4, 4, 0)]);
     }
 
     #[test]

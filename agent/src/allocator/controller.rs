@@ -17,17 +17,19 @@ use kube::{
     Api, Client, ResourceExt as _,
     api::{Patch, PatchParams},
     runtime::{
-        WatchStreamExt as _,
-        events::{Event, EventType, Recorder, Reporter},
+        events::{Event, EventType, Reporter},
         watcher,
     },
 };
 use serde_json::{Value, json};
-use tokio::{sync::mpsc, time::Instant};
+use tokio::time::Instant;
 use tracing::{debug, info, warn};
+
+use crate::sources::kubernetes::watch_kind;
 
 use super::{
     books::{Books, Conflict, Outcome, PoolInput, PoolReport},
+    events::EventQueue,
     pool::{AddressPool, AddressPoolStatus, Family, FamilyUsage, PoolCondition},
     request::{self, Request, ServiceKey},
 };
@@ -36,7 +38,6 @@ use super::{
 pub const WRITE_CONCURRENCY: usize = 16;
 /// Watch events taken in one batch before writing.
 const BATCH: usize = 512;
-const EVENT_QUEUE: usize = 1024;
 const RETRY_AFTER: Duration = Duration::from_secs(1);
 
 #[derive(Clone, Debug)]
@@ -215,25 +216,17 @@ fn service_cache_key(key: &ServiceKey) -> String {
 }
 
 fn changes(client: &Client) -> BoxStream<'static, Result<Change, watcher::Error>> {
-    let services = watcher(
-        Api::<Service>::all(client.clone()),
-        watcher::Config::default(),
-    )
-    .default_backoff()
-    .map(|e| e.map(|e| Change::Service(Box::new(e))));
-    let pools = watcher(
-        Api::<AddressPool>::all(client.clone()),
-        watcher::Config::default(),
-    )
-    .default_backoff()
-    .map(|e| e.map(|e| Change::Pool(Box::new(e))));
-    let namespaces = watcher(
-        Api::<Namespace>::all(client.clone()),
-        watcher::Config::default(),
-    )
-    .default_backoff()
-    .map(|e| e.map(|e| Change::Namespace(Box::new(e))));
-    futures::stream::select_all([services.boxed(), pools.boxed(), namespaces.boxed()]).boxed()
+    let all = watcher::Config::default;
+    futures::stream::select_all([
+        watch_kind(Api::<Service>::all(client.clone()), all(), Change::Service),
+        watch_kind(Api::<AddressPool>::all(client.clone()), all(), Change::Pool),
+        watch_kind(
+            Api::<Namespace>::all(client.clone()),
+            all(),
+            Change::Namespace,
+        ),
+    ])
+    .boxed()
 }
 
 pub struct Controller {
@@ -253,22 +246,18 @@ pub struct Controller {
     /// The last Event told per Service, so each outcome is told once.
     told: HashMap<ServiceKey, String>,
     retry_at: Option<Instant>,
-    events: mpsc::Sender<(ObjectReference, Event)>,
+    events: EventQueue,
 }
 
 impl Controller {
     pub fn new(client: Client, settings: Settings) -> Self {
-        let (events, queue) = mpsc::channel(EVENT_QUEUE);
-        tokio::spawn(publish_events(
-            Recorder::new(
-                client.clone(),
-                Reporter {
-                    controller: super::CONTROLLER.into(),
-                    instance: Some(settings.identity.clone()),
-                },
-            ),
-            queue,
-        ));
+        let events = EventQueue::start(
+            client.clone(),
+            Reporter {
+                controller: super::CONTROLLER.into(),
+                instance: Some(settings.identity.clone()),
+            },
+        );
         Self {
             client,
             settings,
@@ -507,9 +496,7 @@ impl Controller {
             action: "Allocate".into(),
             secondary: None,
         };
-        if self.events.try_send((seen.reference(), event)).is_err() {
-            debug!(service = %key, "Event queue full; dropping an Event");
-        }
+        self.events.push(seen.reference(), event);
     }
 
     /// Tells a Service's outcome once its status shows it.
@@ -738,18 +725,5 @@ pub fn pool_status(report: &PoolReport, observed: &AddressPoolStatus) -> Address
         ipv4: usage(Family::V4),
         ipv6: usage(Family::V6),
         conditions: vec![condition],
-    }
-}
-
-async fn publish_events(recorder: Recorder, mut queue: mpsc::Receiver<(ObjectReference, Event)>) {
-    while let Some((reference, event)) = queue.recv().await {
-        if let Err(err) = recorder.publish(&event, &reference).await {
-            warn!(
-                service = %format!("{}/{}", reference.namespace.unwrap_or_default(), reference.name.unwrap_or_default()),
-                reason = %event.reason,
-                %err,
-                "cannot record an Event"
-            );
-        }
     }
 }

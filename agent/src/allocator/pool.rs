@@ -419,10 +419,11 @@ pub fn crds_yaml() -> Result<String, serde_saphyr::ser::Error> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
 
-    fn spec(addresses: &[&str]) -> AddressPoolSpec {
+    /// An automatic pool of `addresses`, priority 0, for every Service.
+    pub(in crate::allocator) fn spec(addresses: &[&str]) -> AddressPoolSpec {
         AddressPoolSpec {
             addresses: addresses.iter().map(|a| (*a).to_owned()).collect(),
             auto_assign: true,

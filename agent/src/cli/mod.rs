@@ -2,6 +2,7 @@
 //! it does. `run` starts the agent; the others are one-shot commands that print their result on
 //! stdout and log only what needs attention.
 
+mod allocator;
 mod attach;
 mod bird;
 mod cleanup;
@@ -68,7 +69,7 @@ pub enum Command {
     /// Print packet and byte counters per address.
     Counters(counters::Args),
     /// Assign LoadBalancer addresses from AddressPools (its own leader-elected Deployment).
-    Allocator(crate::allocator::Args),
+    Allocator(allocator::Args),
     /// Run this node's member of the SWIM membership that decides who answers for local
     /// addresses (beside the agent, in its own process, so that it outlives the agent).
     Membership(membership::Args),
@@ -93,7 +94,7 @@ pub fn run(cli: Cli, out: &mut impl Write) -> Result<()> {
     }
     match cli.command {
         Command::Run(args) => run::run(args, cli.pin_root, cli.log_format),
-        Command::Allocator(args) => crate::allocator::run(args, cli.log_format, out),
+        Command::Allocator(args) => allocator::run(args, cli.log_format, out),
         Command::Cleanup(args) => cleanup::run(args, cli.pin_root, out),
         Command::Bird(command) => bird::run(command, out),
         Command::Status(args) => status::run(args, &pins, out),

@@ -327,8 +327,8 @@ fn object_name(object: &Value, revision: u64) -> Result<String, Status> {
     }
 }
 
-/// RFC 7386 JSON merge patch.
-pub(super) fn merge_patch(target: &mut Value, patch: &Value) {
+/// RFC 7386 JSON merge patch (tests build objects with it too).
+pub fn merge_patch(target: &mut Value, patch: &Value) {
     let Value::Object(patch) = patch else {
         *target = patch.clone();
         return;

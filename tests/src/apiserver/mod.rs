@@ -36,6 +36,7 @@ use tokio::{
     sync::{oneshot, watch},
 };
 
+pub use self::http::merge_patch;
 use crate::NetNs;
 use store::Store;
 
@@ -300,6 +301,30 @@ impl ApiServer {
         let mut events = self.objects("events.k8s.io/v1", "Event");
         events.extend(self.objects("v1", "Event"));
         events
+    }
+
+    /// The notes of the Events recorded on the object named `name` with `reason`.
+    pub fn event_notes(&self, name: &str, reason: &str) -> Vec<String> {
+        self.events()
+            .into_iter()
+            .filter(|e| e["regarding"]["name"] == name && e["reason"] == reason)
+            .map(|e| e["note"].as_str().unwrap_or_default().to_owned())
+            .collect()
+    }
+
+    /// Panics unless every request so far is one of `access` (what a ClusterRole grants).
+    pub fn assert_requests_within(&self, access: &[lbagent::ApiAccess]) {
+        for request in self.request_log() {
+            let (group, resource, verb) = request
+                .rbac()
+                .unwrap_or_else(|| panic!("not an API call: {request:?}"));
+            assert!(
+                access
+                    .iter()
+                    .any(|a| a.group == group && a.resource == resource && a.verbs.contains(&verb)),
+                "{verb} {group}/{resource} is not in the declared API access: {request:?}"
+            );
+        }
     }
 
     /// The newest resourceVersion.

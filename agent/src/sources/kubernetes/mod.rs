@@ -36,8 +36,9 @@ use kube::{
         watcher,
     },
 };
+use serde::de::DeserializeOwned;
 use tokio::sync::{mpsc, watch};
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 use self::translate::{Selection, Translation};
 use crate::desired::{
@@ -94,7 +95,15 @@ pub enum KubernetesError {
     Infer(#[from] kube::config::InferConfigError),
     #[error("cannot create the Kubernetes client: {0}")]
     Client(#[from] kube::Error),
+    #[error(
+        "{count} LoadBalancer Services, over the limit of {MAX_LOAD_BALANCERS}: keeping the last \
+         state until there are fewer"
+    )]
+    TooManyLoadBalancers { count: usize },
 }
+
+/// The most LoadBalancer Services lbagent takes in, as the services file's limit.
+pub const MAX_LOAD_BALANCERS: usize = crate::sources::file::MAX_SERVICES;
 
 /// The `source.kubernetes` section of lbagent's config.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -229,26 +238,42 @@ fn watch_all(
     client: &Client,
     node_name: &str,
 ) -> BoxStream<'static, Result<Watched, watcher::Error>> {
-    let services = watcher(
-        Api::<Service>::all(client.clone()),
-        watcher::Config::default(),
-    )
-    .default_backoff()
-    .map(|event| event.map(|event| Watched::Service(Box::new(event))));
-    // Only slices that belong to a Service matter for `externalTrafficPolicy: Local`.
-    let slices = watcher(
-        Api::<EndpointSlice>::all(client.clone()),
-        watcher::Config::default().labels(translate::SERVICE_NAME_LABEL),
-    )
-    .default_backoff()
-    .map(|event| event.map(|event| Watched::Slice(Box::new(event))));
-    let nodes = watcher(
-        Api::<Node>::all(client.clone()),
-        watcher::Config::default().fields(&format!("metadata.name={node_name}")),
-    )
-    .default_backoff()
-    .map(|event| event.map(|event| Watched::Node(Box::new(event))));
-    futures::stream::select_all([services.boxed(), slices.boxed(), nodes.boxed()]).boxed()
+    futures::stream::select_all([
+        watch_kind(
+            Api::<Service>::all(client.clone()),
+            watcher::Config::default(),
+            Watched::Service,
+        ),
+        // Only slices that belong to a Service matter for `externalTrafficPolicy: Local`.
+        watch_kind(
+            Api::<EndpointSlice>::all(client.clone()),
+            watcher::Config::default().labels(translate::SERVICE_NAME_LABEL),
+            Watched::Slice,
+        ),
+        watch_kind(
+            Api::<Node>::all(client.clone()),
+            watcher::Config::default().fields(&format!("metadata.name={node_name}")),
+            Watched::Node,
+        ),
+    ])
+    .boxed()
+}
+
+/// A watcher of `api` that reconnects with kube-runtime's default backoff, its events wrapped
+/// by `wrap` so that watchers of several kinds merge into one stream (the allocator's too).
+pub fn watch_kind<K, V>(
+    api: Api<K>,
+    config: watcher::Config,
+    wrap: fn(Box<watcher::Event<K>>) -> V,
+) -> BoxStream<'static, Result<V, watcher::Error>>
+where
+    K: Resource + Clone + DeserializeOwned + std::fmt::Debug + Send + 'static,
+    V: Send + 'static,
+{
+    watcher(api, config)
+        .default_backoff()
+        .map(move |event| event.map(|event| wrap(Box::new(event))))
+        .boxed()
 }
 
 /// One resource's objects, in kube-runtime's reflector store. Its writer already does what a
@@ -332,25 +357,65 @@ struct Cluster {
     slices: Cache<EndpointSlice>,
     nodes: Cache<Node>,
     warned_missing_node: bool,
+    over_limit: bool,
 }
 
 impl Cluster {
     fn apply(&mut self, watched: Watched) -> bool {
         match watched {
-            Watched::Service(event) => self.services.apply((*event).modify(in_default_namespace)),
+            Watched::Service(event) => {
+                // Only LoadBalancer Services are kept; one that stops being one leaves.
+                let event = match *event {
+                    watcher::Event::InitApply(service)
+                        if !translate::is_load_balancer(&service) =>
+                    {
+                        return false;
+                    }
+                    watcher::Event::Apply(service) if !translate::is_load_balancer(&service) => {
+                        watcher::Event::Delete(service)
+                    }
+                    event => event,
+                };
+                self.services.apply(event.modify(|service| {
+                    in_default_namespace(service);
+                    translate::slim(service);
+                }))
+            }
             Watched::Slice(event) => self.slices.apply((*event).modify(in_default_namespace)),
             Watched::Node(event) => self.nodes.apply(*event),
         }
     }
 
-    /// The desired state, once every resource has been listed completely, with the BGP
-    /// attributes `policy` admits.
+    /// The desired state, once every resource has been listed completely and the
+    /// LoadBalancer Services are within [`MAX_LOAD_BALANCERS`] (over it, the last state stays),
+    /// with the BGP attributes `policy` admits.
     fn translate(
         &mut self,
         selection: &Selection,
         policy: &AttributePolicy,
     ) -> Option<Translation> {
         if !(self.services.listed && self.slices.listed && self.nodes.listed) {
+            return None;
+        }
+        let load_balancers = self.services.store.len();
+        let over = load_balancers > MAX_LOAD_BALANCERS;
+        if over != self.over_limit {
+            if over {
+                error!(
+                    "{}",
+                    KubernetesError::TooManyLoadBalancers {
+                        count: load_balancers
+                    }
+                );
+            } else {
+                info!(
+                    load_balancers,
+                    "LoadBalancer Services are within the limit again"
+                );
+            }
+            self.over_limit = over;
+        }
+        if over {
             return None;
         }
         let node = self.nodes.objects().into_iter().next();
@@ -680,8 +745,79 @@ mod tests {
         serde_json::from_value(json!({
             "apiVersion": "v1", "kind": "Service",
             "metadata": {"name": name, "namespace": "ns", "resourceVersion": version},
+            "spec": {"type": "LoadBalancer"},
         }))
         .unwrap()
+    }
+
+    fn listed_cluster(services: impl IntoIterator<Item = Service>) -> Cluster {
+        let mut cluster = Cluster::default();
+        cluster.apply(Watched::Service(Box::new(watcher::Event::Init)));
+        for service in services {
+            cluster.apply(Watched::Service(Box::new(watcher::Event::InitApply(
+                service,
+            ))));
+        }
+        cluster.apply(Watched::Service(Box::new(watcher::Event::InitDone)));
+        cluster.apply(Watched::Slice(Box::new(watcher::Event::InitDone)));
+        cluster.apply(Watched::Node(Box::new(watcher::Event::InitDone)));
+        cluster
+    }
+
+    fn selection() -> Selection {
+        Selection {
+            node_name: "node-a".into(),
+            load_balancer_class: None,
+        }
+    }
+
+    #[test]
+    fn only_load_balancers_are_kept_and_one_that_stops_being_one_leaves() {
+        let mut internal = service("internal", "1");
+        internal.spec = None;
+        let mut cluster = listed_cluster([service("web", "2"), internal.clone()]);
+        assert_eq!(cluster.services.store.len(), 1);
+        let mut web = service("web", "3");
+        web.spec.as_mut().unwrap().type_ = Some("ClusterIP".into());
+        assert!(cluster.apply(Watched::Service(Box::new(watcher::Event::Apply(web)))));
+        assert!(cluster.services.store.is_empty());
+        assert!(!cluster.apply(Watched::Service(Box::new(watcher::Event::Apply(internal)))));
+    }
+
+    #[test]
+    fn more_load_balancers_than_the_limit_keep_the_last_state_naming_the_limit() {
+        let services = |count: usize| (0..count).map(|i| service(&format!("s{i}"), "1"));
+        let mut cluster = listed_cluster(services(MAX_LOAD_BALANCERS));
+        assert!(
+            cluster
+                .translate(&selection(), &AttributePolicy::default())
+                .is_some()
+        );
+        let mut cluster = listed_cluster(services(MAX_LOAD_BALANCERS + 1));
+        assert!(
+            cluster
+                .translate(&selection(), &AttributePolicy::default())
+                .is_none()
+        );
+        assert!(cluster.over_limit);
+        assert_eq!(
+            KubernetesError::TooManyLoadBalancers {
+                count: MAX_LOAD_BALANCERS + 1
+            }
+            .to_string(),
+            "100001 LoadBalancer Services, over the limit of 100000: keeping the last state \
+             until there are fewer"
+        );
+        // One gone, it translates again.
+        cluster.apply(Watched::Service(Box::new(watcher::Event::Delete(service(
+            "s0", "2",
+        )))));
+        assert!(
+            cluster
+                .translate(&selection(), &AttributePolicy::default())
+                .is_some()
+        );
+        assert!(!cluster.over_limit);
     }
 
     #[test]

@@ -51,6 +51,47 @@ pub struct Translation {
     pub excluded: bool,
 }
 
+/// Kubernetes' own cap on an object's annotations together (keys and values, in bytes): the
+/// API server refuses more, so a Service over it is refused here too, and not kept.
+pub const ANNOTATIONS_LIMIT: usize = 256 * 1024;
+/// Stands for annotations over the limit, with their size; not a valid annotation key (it has
+/// spaces), so no real object carries it.
+const OVER_LIMIT: &str = "lbagent.io/annotations over the limit";
+
+/// Whether lbagent may serve `service` at all: only these are kept (a cluster's other Services,
+/// however many, cost nothing beyond reading them).
+pub fn is_load_balancer(service: &Service) -> bool {
+    service
+        .spec
+        .as_ref()
+        .is_some_and(|spec| spec.type_.as_deref() == Some("LoadBalancer"))
+}
+
+/// A Service as kept: without what translating never reads (managed fields, the cluster IPs,
+/// the selector), and annotations over [`ANNOTATIONS_LIMIT`] replaced by their size, so one
+/// Service costs a bounded amount however large it arrived.
+pub fn slim(service: &mut Service) {
+    service.metadata.managed_fields = None;
+    if let Some(spec) = &mut service.spec {
+        spec.cluster_ip = None;
+        spec.cluster_ips = None;
+        spec.selector = None;
+        spec.external_ips = None;
+    }
+    let Some(annotations) = &mut service.metadata.annotations else {
+        return;
+    };
+    let bytes: usize = annotations.iter().map(|(k, v)| k.len() + v.len()).sum();
+    if bytes > ANNOTATIONS_LIMIT {
+        let ignore = annotations.remove(IGNORE_ANNOTATION);
+        annotations.clear();
+        annotations.insert(OVER_LIMIT.into(), bytes.to_string());
+        if let Some(ignore) = ignore {
+            annotations.insert(IGNORE_ANNOTATION.into(), ignore);
+        }
+    }
+}
+
 enum Verdict {
     /// Not a Service for lbagent on this node (type, class, annotation, no address yet).
     NotOurs,
@@ -163,6 +204,17 @@ fn verdict(service: &Service, slices: &[&EndpointSlice], selection: &Selection) 
         || ignored
     {
         return Verdict::NotOurs;
+    }
+    if let Some(bytes) = service
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(OVER_LIMIT))
+    {
+        return Verdict::Reject(format!(
+            "metadata.annotations: {bytes} bytes, over the limit of {ANNOTATIONS_LIMIT} bytes \
+             (keys and values together, as Kubernetes allows)"
+        ));
     }
     let ingress = service
         .status
@@ -398,6 +450,40 @@ mod tests {
             .keys()
             .map(ToString::to_string)
             .collect()
+    }
+
+    #[test]
+    fn annotations_over_the_limit_are_not_kept_and_refuse_the_service_naming_it() {
+        let huge = "x".repeat(1024 * 1024);
+        let mut big = service(
+            "big",
+            json!({"metadata": {"annotations": {"note": huge, "other": "y"}}}),
+        );
+        slim(&mut big);
+        let kept: usize = big
+            .metadata
+            .annotations
+            .iter()
+            .flatten()
+            .map(|(k, v)| k.len() + v.len())
+            .sum();
+        assert!(kept < 100, "{kept} bytes of annotations kept");
+        let mut fine = service(
+            "fine",
+            json!({"metadata": {"annotations": {"note": "x".repeat(ANNOTATIONS_LIMIT - 4)}}}),
+        );
+        slim(&mut fine);
+        let translation = run(&[big, fine], &[], None);
+        assert_eq!(
+            translation.update.rejected,
+            [Rejected {
+                service: "shop/big".into(),
+                reason: "metadata.annotations: 1048586 bytes, over the limit of 262144 bytes \
+                         (keys and values together, as Kubernetes allows)"
+                    .into(),
+            }]
+        );
+        assert_eq!(addresses(&translation).len(), 2, "the other is served");
     }
 
     #[test]

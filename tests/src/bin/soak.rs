@@ -1,0 +1,614 @@
+//! The soak under faults that `cargo xtask soak --minutes N` runs (xtask/src/soak.rs builds
+//! and starts it; it needs root): an FRR router, two nodes running `lbagent run` in Kubernetes
+//! mode against the in-process API server (with the dataplane and BGP), and a client on the
+//! router probing the Services that exist throughout. Services churn (created, changed,
+//! deleted) while faults are injected at random intervals: agent SIGKILL, BIRD SIGKILL, the
+//! API server killed and restarted, kube-lb0 and its addresses tampered with, a node's uplink
+//! set down and up. After each fault the churn pauses and the invariants must hold again
+//! within a deadline:
+//!
+//! - every node's kube-lb0 and dataplane map hold exactly the Services' addresses;
+//! - the router holds exactly those routes, each through both nodes;
+//! - each agent's RSS and open descriptors stay within bounds; one BIRD and one agent per
+//!   node; the pinned files are those of the first settled state;
+//! - no agent log holds a panic;
+//! - no probe of a Service that existed throughout failed outside a fault window.
+//!
+//! Usage: `soak --minutes N [--seed S]`. Prints operations, faults, checks passed and
+//! violations; exits non-zero on any violation.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::SocketAddr,
+    path::PathBuf,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail};
+use lbagent_tests::{
+    Agent, NetNs, PinRoot, Servers, TempDir, addresses_on,
+    apiserver::ApiServer,
+    lbagent, memory_kb,
+    routers::{FRR_ROUTER, Fabric, Frr, gateways},
+    tcp_ok, wait_until,
+};
+use serde_json::{Value, json};
+
+/// Services that exist throughout: the client probes these.
+const STABLE: usize = 3;
+/// Churned Services at most.
+const CHURNED: usize = 20;
+/// How long the invariants may take to hold again after a fault.
+const SETTLE: Duration = Duration::from_secs(90);
+/// A probe takes up to a second (its timeout); failures this close to a window are in it.
+const PROBE_GRACE: Duration = Duration::from_secs(2);
+const MAX_RSS_KB: u64 = 256 * 1024;
+const MAX_FDS: usize = 256;
+const PORT: u16 = 80;
+
+const BGP: &str = "  bgp:
+    - {name: up4, neighbor: 10.0.0.1, asn: 64500, localAsn: 64512, holdTime: 3s, keepaliveTime: 1s, connectRetryTime: 1s, connectDelayTime: 1s}
+";
+
+fn main() -> Result<()> {
+    let mut args = std::env::args().skip(1);
+    let mut minutes = 1.0_f64;
+    let mut seed = None;
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "--minutes" => minutes = args.next().context("--minutes N")?.parse()?,
+            "--seed" => seed = Some(args.next().context("--seed S")?.parse()?),
+            other => bail!("unknown argument {other:?}; usage: soak --minutes N [--seed S]"),
+        }
+    }
+    let seed = seed.unwrap_or_else(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(1)
+            | 1
+    });
+    println!("soak: {minutes} min, seed {seed}");
+    let mut soak = Soak::start(seed)?;
+    let report = soak.run(Duration::from_secs_f64(minutes * 60.0));
+    report.print();
+    if report.violations.is_empty() {
+        Ok(())
+    } else {
+        bail!("{} violations", report.violations.len())
+    }
+}
+
+/// xorshift64*: enough randomness for choosing faults, and a seed reruns a soak.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+
+    fn millis(&mut self, low: u64, high: u64) -> Duration {
+        Duration::from_millis(low + self.below(high - low))
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Fault {
+    AgentKill,
+    BirdKill,
+    ApiServerRestart,
+    Kubelb0AddressDeleted,
+    Kubelb0StrayAddress,
+    Kubelb0Deleted,
+    UplinkDownUp,
+}
+
+const FAULTS: [Fault; 7] = [
+    Fault::AgentKill,
+    Fault::BirdKill,
+    Fault::ApiServerRestart,
+    Fault::Kubelb0AddressDeleted,
+    Fault::Kubelb0StrayAddress,
+    Fault::Kubelb0Deleted,
+    Fault::UplinkDownUp,
+];
+
+struct Node {
+    ns: NetNs,
+    pins: PinRoot,
+    config: PathBuf,
+    dir: PathBuf,
+    agent: Option<Agent>,
+    incarnation: usize,
+    _servers: Servers,
+}
+
+impl Node {
+    fn log(&self, incarnation: usize) -> PathBuf {
+        self.dir.join(format!("agent-{incarnation}.log"))
+    }
+
+    fn start_agent(&mut self) {
+        self.incarnation += 1;
+        self.agent = Some(Agent::start(
+            &self.ns,
+            &self.config,
+            self.log(self.incarnation),
+        ));
+    }
+
+    fn pid(&self) -> u32 {
+        self.agent.as_ref().map_or(0, Agent::pid)
+    }
+
+    fn logs(&self) -> String {
+        (1..=self.incarnation)
+            .map(|i| std::fs::read_to_string(self.log(i)).unwrap_or_default())
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    /// Processes in the namespace by command name.
+    fn processes(&self, comm: &str) -> Vec<i32> {
+        let out = std::process::Command::new("ip")
+            .args(["netns", "pids", self.ns.name()])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default();
+        out.split_whitespace()
+            .filter_map(|pid| pid.parse().ok())
+            .filter(|pid| {
+                std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == comm)
+            })
+            .collect()
+    }
+}
+
+#[derive(Default)]
+struct Report {
+    operations: usize,
+    faults: BTreeMap<String, usize>,
+    checks: usize,
+    violations: Vec<String>,
+    probes: usize,
+    probe_failures_in_windows: usize,
+}
+
+impl Report {
+    fn print(&self) {
+        println!("| measure | value |");
+        println!("| --- | ---: |");
+        println!(
+            "| Service operations (create, change, delete) | {} |",
+            self.operations
+        );
+        for (fault, count) in &self.faults {
+            println!("| fault: {fault} | {count} |");
+        }
+        println!(
+            "| faults injected | {} |",
+            self.faults.values().sum::<usize>()
+        );
+        println!("| invariant checks passed | {} |", self.checks);
+        println!("| client probes | {} |", self.probes);
+        println!(
+            "| probes failed inside fault windows | {} |",
+            self.probe_failures_in_windows
+        );
+        println!("| violations | {} |", self.violations.len());
+        for violation in &self.violations {
+            println!("violation: {violation}");
+        }
+    }
+}
+
+/// What the client saw: every failed probe of a stable Service, and the fault windows.
+#[derive(Default)]
+struct Probes {
+    count: usize,
+    failures: Vec<(Instant, SocketAddr)>,
+    windows: Vec<(Instant, Option<Instant>)>,
+}
+
+struct Soak {
+    rng: Rng,
+    server: Arc<ApiServer>,
+    router: Arc<NetNs>,
+    nodes: Vec<Node>,
+    /// Service name -> (address, port).
+    services: BTreeMap<String, (String, u16)>,
+    next_service: usize,
+    probes: Arc<Mutex<Probes>>,
+    probing: Arc<AtomicBool>,
+    pinned: Option<Vec<BTreeSet<PathBuf>>>,
+    _frr: Frr,
+    _dir: TempDir,
+}
+
+impl Soak {
+    fn start(seed: u64) -> Result<Self> {
+        let fabric = Fabric::new(2);
+        let frr = Frr::start(&fabric.router, FRR_ROUTER, true);
+        let server = Arc::new(ApiServer::start_in_at(
+            &fabric.router,
+            Fabric::ROUTER_V4.parse()?,
+        ));
+        server.apply(json!({"apiVersion": "v1", "kind": "Namespace",
+            "metadata": {"name": "default"}}));
+        let dir = TempDir::new("lb-soak");
+        let Fabric { router, nodes } = fabric;
+        let mut soak_nodes = Vec::new();
+        for (i, ns) in nodes.into_iter().enumerate() {
+            let name = format!("node-{}", i + 1);
+            server.apply(json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": name}}));
+            let node_dir = dir.path().join(&name);
+            std::fs::create_dir_all(&node_dir)?;
+            server.write_kubeconfig(&node_dir.join("kubeconfig"));
+            let pins = PinRoot::new();
+            let config = node_dir.join("lbagent.yaml");
+            std::fs::write(
+                &config,
+                format!(
+                    "node: {{name: {name}}}\nsource: {{kubernetes: {{kubeconfig: kubeconfig}}}}\n\
+                     status: {{path: {}}}\ndataplane: {{pinRoot: {}}}\n\
+                     routing:\n  stateDir: {}\n{BGP}",
+                    node_dir.join("status.json").display(),
+                    pins.path().display(),
+                    node_dir.join("bird").display()
+                ),
+            )?;
+            // Any address kube-lb0 holds answers on the port.
+            let servers = Servers::start(&ns, &[SocketAddr::from(([0, 0, 0, 0], PORT))], &[]);
+            let mut node = Node {
+                ns,
+                pins,
+                config,
+                dir: node_dir,
+                agent: None,
+                incarnation: 0,
+                _servers: servers,
+            };
+            node.start_agent();
+            soak_nodes.push(node);
+        }
+        let mut soak = Self {
+            rng: Rng(seed),
+            server,
+            router: Arc::new(router),
+            nodes: soak_nodes,
+            services: BTreeMap::new(),
+            next_service: 0,
+            probes: Arc::default(),
+            probing: Arc::new(AtomicBool::new(true)),
+            pinned: None,
+            _frr: frr,
+            _dir: dir,
+        };
+        for i in 0..STABLE {
+            soak.put_service(&format!("stable-{i}"), format!("203.0.113.{}", i + 1), PORT);
+        }
+        Ok(soak)
+    }
+
+    fn put_service(&mut self, name: &str, address: String, port: u16) {
+        self.server.apply(json!({
+            "apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": name, "namespace": "default"},
+            "spec": {"type": "LoadBalancer", "ipFamilies": ["IPv4"],
+                     "externalTrafficPolicy": "Cluster",
+                     "ports": [{"port": port, "protocol": "TCP"}]},
+            "status": {"loadBalancer": {"ingress": [{"ip": address, "ipMode": "VIP"}]}},
+        }));
+        self.services.insert(name.to_owned(), (address, port));
+    }
+
+    fn free_address(&mut self) -> String {
+        let taken: BTreeSet<&String> = self.services.values().map(|(a, _)| a).collect();
+        loop {
+            let candidate = format!("203.0.113.{}", 100 + self.rng.below(100));
+            if !taken.contains(&candidate) {
+                return candidate;
+            }
+        }
+    }
+
+    /// One random change to the churned Services.
+    fn churn(&mut self, report: &mut Report) {
+        let churned: Vec<String> = self
+            .services
+            .keys()
+            .filter(|n| n.starts_with("churn-"))
+            .cloned()
+            .collect();
+        match self.rng.below(3) {
+            0 if churned.len() < CHURNED => {
+                let name = format!("churn-{}", self.next_service);
+                self.next_service += 1;
+                let address = self.free_address();
+                self.put_service(&name, address, PORT);
+            }
+            1 if !churned.is_empty() => {
+                let name = &churned[self.rng.below(churned.len() as u64) as usize];
+                let address = self.free_address();
+                let port = [PORT, 8080, 443][self.rng.below(3) as usize];
+                self.put_service(&name.clone(), address, port);
+            }
+            _ if !churned.is_empty() => {
+                let name = churned[self.rng.below(churned.len() as u64) as usize].clone();
+                self.server.delete("v1", "Service", Some("default"), &name);
+                self.services.remove(&name);
+            }
+            _ => return,
+        }
+        report.operations += 1;
+    }
+
+    fn start_probing(&self) -> std::thread::JoinHandle<()> {
+        let targets: Vec<SocketAddr> = (0..STABLE)
+            .map(|i| SocketAddr::from(([203, 0, 113, i as u8 + 1], PORT)))
+            .collect();
+        let router = self.router.clone();
+        let probes = self.probes.clone();
+        let probing = self.probing.clone();
+        std::thread::spawn(move || {
+            let mut i = 0;
+            while probing.load(Ordering::Relaxed) {
+                let target = targets[i % targets.len()];
+                i += 1;
+                let started = Instant::now();
+                let ok = tcp_ok(&router, target);
+                let mut probes = probes.lock().expect("probes");
+                probes.count += 1;
+                if !ok {
+                    probes.failures.push((started, target));
+                }
+                drop(probes);
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        })
+    }
+
+    fn run(&mut self, duration: Duration) -> Report {
+        let mut report = Report::default();
+        let started = Instant::now();
+        // The first state, before any fault.
+        self.settle(&mut report, "start");
+        let prober = self.start_probing();
+        while started.elapsed() < duration {
+            let quiet_until = Instant::now() + self.rng.millis(3_000, 10_000);
+            while Instant::now() < quiet_until {
+                self.churn(&mut report);
+                std::thread::sleep(self.rng.millis(100, 500));
+            }
+            let fault = FAULTS[self.rng.below(FAULTS.len() as u64) as usize];
+            let window = self.open_window();
+            let what = self.inject(fault, &mut report);
+            *report.faults.entry(format!("{fault:?}")).or_default() += 1;
+            self.settle(&mut report, &what);
+            self.close_window(window);
+        }
+        self.probing.store(false, Ordering::Relaxed);
+        let _ = prober.join();
+        self.judge_probes(&mut report);
+        report
+    }
+
+    fn open_window(&self) -> usize {
+        let mut probes = self.probes.lock().expect("probes");
+        probes.windows.push((Instant::now(), None));
+        probes.windows.len() - 1
+    }
+
+    fn close_window(&self, window: usize) {
+        self.probes.lock().expect("probes").windows[window].1 = Some(Instant::now());
+    }
+
+    fn judge_probes(&self, report: &mut Report) {
+        let probes = self.probes.lock().expect("probes");
+        report.probes = probes.count;
+        for (at, target) in &probes.failures {
+            let inside = probes.windows.iter().any(|(from, to)| {
+                *at + PROBE_GRACE >= *from && to.is_none_or(|to| *at <= to + PROBE_GRACE)
+            });
+            if inside {
+                report.probe_failures_in_windows += 1;
+            } else {
+                report.violations.push(format!(
+                    "a probe of {target} failed outside every fault window, {:.1} s into the soak",
+                    at.duration_since(probes.windows.first().map_or(*at, |w| w.0))
+                        .as_secs_f64()
+                ));
+            }
+        }
+    }
+
+    /// Injects `fault` and returns what it did.
+    fn inject(&mut self, fault: Fault, report: &mut Report) -> String {
+        let k = self.rng.below(self.nodes.len() as u64) as usize;
+        let node = &mut self.nodes[k];
+        let on = format!("node-{}", k + 1);
+        match fault {
+            Fault::AgentKill => {
+                // Dropping it sends SIGKILL (std's `Child::kill`) and reaps it.
+                drop(node.agent.take());
+                std::thread::sleep(self.rng.millis(0, 2_000));
+                self.nodes[k].start_agent();
+                format!("agent SIGKILL on {on}")
+            }
+            Fault::BirdKill => {
+                for pid in node.processes("bird") {
+                    signal(pid, nix::sys::signal::Signal::SIGKILL);
+                }
+                format!("BIRD SIGKILL on {on}")
+            }
+            Fault::ApiServerRestart => {
+                self.server.stop();
+                // The cluster changes while the agents cannot see it.
+                let down_until = Instant::now() + self.rng.millis(1_000, 5_000);
+                while Instant::now() < down_until {
+                    self.churn(report);
+                    std::thread::sleep(Duration::from_millis(300));
+                }
+                self.server.restart();
+                "API server killed and restarted".to_owned()
+            }
+            Fault::Kubelb0AddressDeleted => {
+                if let Some(address) = addresses_on(&node.ns, "kube-lb0").into_iter().next() {
+                    let _ = node
+                        .ns
+                        .exec("ip", &["addr", "del", &address, "dev", "kube-lb0"]);
+                }
+                format!("an address deleted from kube-lb0 on {on}")
+            }
+            Fault::Kubelb0StrayAddress => {
+                let _ = node.ns.exec(
+                    "ip",
+                    &["addr", "add", "198.51.100.77/32", "dev", "kube-lb0"],
+                );
+                format!("a stray address put on kube-lb0 on {on}")
+            }
+            Fault::Kubelb0Deleted => {
+                let _ = node.ns.exec("ip", &["link", "del", "kube-lb0"]);
+                format!("kube-lb0 deleted on {on}")
+            }
+            Fault::UplinkDownUp => {
+                node.ns.ip(&["link", "set", "eth0", "down"]);
+                std::thread::sleep(self.rng.millis(500, 4_000));
+                let ns = &self.nodes[k].ns;
+                ns.ip(&["link", "set", "eth0", "up"]);
+                // The kernel dropped the default route with the link; as a node's network
+                // setup would, it comes back (the dataplane follows the default route's
+                // interface).
+                ns.ip(&["route", "replace", "default", "via", Fabric::ROUTER_V4]);
+                format!("uplink down and up on {on}")
+            }
+        }
+    }
+
+    /// Waits until every invariant holds; a violation for each one that does not by the
+    /// deadline.
+    fn settle(&mut self, report: &mut Report, after: &str) {
+        let mut failing = Vec::new();
+        let held = wait_until(SETTLE, || {
+            failing = self.check();
+            failing.is_empty()
+        });
+        if held {
+            report.checks += 1;
+            if self.pinned.is_none() {
+                self.pinned = Some(self.nodes.iter().map(pinned).collect());
+            }
+        } else {
+            for failure in failing {
+                report.violations.push(format!("after {after}: {failure}"));
+            }
+        }
+    }
+
+    /// What does not hold now, as sentences.
+    fn check(&self) -> Vec<String> {
+        let wanted: BTreeSet<String> = self
+            .services
+            .values()
+            .map(|(address, _)| format!("{address}/32"))
+            .collect();
+        let mut failing = Vec::new();
+        for (k, node) in self.nodes.iter().enumerate() {
+            let on = format!("node-{}", k + 1);
+            let held = addresses_on(&node.ns, "kube-lb0");
+            if held != wanted {
+                failing.push(format!("{on}: kube-lb0 holds {held:?}, want {wanted:?}"));
+            }
+            let mapped = dataplane_addresses(node);
+            if mapped != wanted {
+                failing.push(format!("{on}: the dataplane holds {mapped:?}"));
+            }
+            let pid = node.pid();
+            let rss = memory_kb(pid, "VmRSS");
+            if rss > MAX_RSS_KB {
+                failing.push(format!("{on}: agent RSS {rss} kB > {MAX_RSS_KB} kB"));
+            }
+            let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, Iterator::count);
+            if fds > MAX_FDS {
+                failing.push(format!("{on}: agent has {fds} open descriptors"));
+            }
+            let birds = node.processes("bird").len();
+            let agents = node.processes("lbagent").len();
+            if birds != 1 || agents != 1 {
+                failing.push(format!("{on}: {agents} agents and {birds} BIRDs running"));
+            }
+            if let Some(pinned_then) = self.pinned.as_ref().map(|p| &p[k]) {
+                let now = pinned(node);
+                if now != *pinned_then {
+                    failing.push(format!("{on}: pinned {now:?}, first {pinned_then:?}"));
+                }
+            }
+            let logs = node.logs();
+            if let Some(line) = logs.lines().find(|l| l.contains("panicked")) {
+                failing.push(format!("{on}: a panic: {line}"));
+            }
+        }
+        let routes = router_routes(&self.router);
+        let want_routes: BTreeMap<String, Vec<String>> = wanted
+            .iter()
+            .map(|p| (p.clone(), vec![Fabric::node_v4(1), Fabric::node_v4(2)]))
+            .collect();
+        if routes != want_routes {
+            failing.push(format!("the router has {routes:?}"));
+        }
+        failing
+    }
+}
+
+fn signal(pid: i32, signal: nix::sys::signal::Signal) {
+    if pid > 0 {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), signal);
+    }
+}
+
+fn pinned(node: &Node) -> BTreeSet<PathBuf> {
+    node.pins.pinned_files().into_iter().collect()
+}
+
+/// The addresses in the dataplane's map, as `lbagent counters` reads them.
+fn dataplane_addresses(node: &Node) -> BTreeSet<String> {
+    let run = lbagent(&node.ns, &node.pins, &["counters", "-o", "json"]);
+    let json: Value = serde_json::from_str(&run.stdout).unwrap_or_default();
+    json["vips"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|v| v["address"].as_str().map(|a| format!("{a}/32")))
+        .collect()
+}
+
+/// The router's BGP routes: prefix -> next hops, sorted.
+fn router_routes(router: &NetNs) -> BTreeMap<String, Vec<String>> {
+    let out = router.ip(&["-4", "-j", "route", "show", "proto", "bgp"]);
+    let routes: Value = serde_json::from_str(&out).unwrap_or_default();
+    routes
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|route| {
+            let dst = route["dst"].as_str().unwrap_or_default();
+            let prefix = if dst.contains('/') {
+                dst.to_owned()
+            } else {
+                format!("{dst}/32")
+            };
+            (prefix, gateways(route))
+        })
+        .collect()
+}
