@@ -534,10 +534,15 @@ fn ports_that_do_not_fit_leave_their_address_counted_but_unfiltered_and_the_rest
         .into(),
         ranges: Default::default(),
     };
+    // The filler is still wanted too: a write frees the slots of what goes before it adds,
+    // so only what stays can crowd the new ports out.
     let observed = h.sink().entries().unwrap();
+    let mut crowded = observed.clone();
+    crowded.vips.extend(wanted.vips.clone());
+    crowded.ports.extend(wanted.ports.clone());
     let err = h
         .sink()
-        .write(&diff(&wanted, &observed))
+        .write(&diff(&crowded, &observed))
         .expect_err("two ports do not fit");
     assert!(
         err.to_string().starts_with("map LB_PORT_CONFIG is full"),
@@ -551,8 +556,8 @@ fn ports_that_do_not_fit_leave_their_address_counted_but_unfiltered_and_the_rest
     check(&h, first, &tcp4(first, 80), Expect::Pass);
     check(&h, first, &tcp4(first, 8443), Expect::Port);
     check(&h, second, &tcp4(second, 8443), Expect::Pass);
-    // The filler went after the ports were tried; with the room it left, the next
-    // reconcile applies everything.
+    // Once the filler is no longer wanted, the next reconcile frees its slots first and
+    // applies everything.
     let observed = h.sink().entries().unwrap();
     h.sink().write(&diff(&wanted, &observed)).unwrap();
     assert_eq!(h.sink().entries().unwrap(), wanted);
