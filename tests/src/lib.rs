@@ -111,6 +111,24 @@ impl NetNs {
         ns
     }
 
+    /// The pids of the processes named `comm` (as /proc shows it) that live in this namespace.
+    pub fn processes(&self, comm: &str) -> Vec<u32> {
+        use std::os::unix::fs::MetadataExt as _;
+        let netns = std::fs::metadata(format!("/run/netns/{}", self.name))
+            .expect("the namespace")
+            .ino();
+        std::fs::read_dir("/proc")
+            .expect("/proc")
+            .flatten()
+            .filter_map(|entry| entry.file_name().to_str()?.parse::<u32>().ok())
+            .filter(|pid| {
+                std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == comm)
+                    && std::fs::metadata(format!("/proc/{pid}/ns/net"))
+                        .is_ok_and(|m| m.ino() == netns)
+            })
+            .collect()
+    }
+
     pub fn name(&self) -> &str {
         &self.name
     }

@@ -111,22 +111,7 @@ impl Scene {
     }
 
     fn bird_processes(&self) -> Vec<u32> {
-        use std::os::unix::fs::MetadataExt as _;
-        let ns = &self.fabric.nodes[0];
-        let netns = std::fs::metadata(format!("/run/netns/{}", ns.name()))
-            .expect("the namespace")
-            .ino();
-        std::fs::read_dir("/proc")
-            .expect("/proc")
-            .flatten()
-            .filter_map(|entry| entry.file_name().to_str()?.parse::<u32>().ok())
-            .filter(|pid| {
-                std::fs::read_to_string(format!("/proc/{pid}/comm"))
-                    .is_ok_and(|c| c.trim() == "bird")
-                    && std::fs::metadata(format!("/proc/{pid}/ns/net"))
-                        .is_ok_and(|m| m.ino() == netns)
-            })
-            .collect()
+        self.fabric.nodes[0].processes("bird")
     }
 
     /// Stops the agent with `signal`; its BIRD must be gone with it, the route must stay; then

@@ -322,37 +322,22 @@ fn routing_is_added_restarted_elsewhere_and_removed_live() {
         node.status(),
         node.log()
     );
-    assert_eq!(bird_processes(&node.ns).len(), 1, "{}", node.log());
+    assert_eq!(node.ns.processes("bird").len(), 1, "{}", node.log());
     assert!(hops(1), "{}", node.log());
 
     // Gone from the config: BIRD shuts down, and the router withdraws the route at once.
     node.config("live-a", "services.yaml", "");
     assert!(hops(0), "the router kept {prefix}:\n{}", node.log());
     assert!(
-        wait_until(Duration::from_secs(10), || bird_processes(&node.ns)
+        wait_until(Duration::from_secs(10), || node
+            .ns
+            .processes("bird")
             .is_empty()),
         "{}",
         node.log()
     );
     node.expect("kube-lb0", &[V4]);
     node.still_running();
-}
-
-/// The pids of the `bird` processes in `ns`'s network namespace.
-fn bird_processes(ns: &NetNs) -> Vec<u32> {
-    use std::os::unix::fs::MetadataExt as _;
-    let netns = std::fs::metadata(format!("/run/netns/{}", ns.name()))
-        .expect("the namespace")
-        .ino();
-    std::fs::read_dir("/proc")
-        .expect("/proc")
-        .flatten()
-        .filter_map(|entry| entry.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|pid| {
-            std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == "bird")
-                && std::fs::metadata(format!("/proc/{pid}/ns/net")).is_ok_and(|m| m.ino() == netns)
-        })
-        .collect()
 }
 
 #[test]

@@ -676,7 +676,7 @@ fn restarting_lbagent_keeps_the_route_and_cleanup_withdraws_it() {
     );
 
     assert_eq!(
-        bird_processes(&fabric.nodes[0]).len(),
+        fabric.nodes[0].processes("bird").len(),
         1,
         "one BIRD runs on the node"
     );
@@ -710,29 +710,12 @@ fn restarting_lbagent_keeps_the_route_and_cleanup_withdraws_it() {
     );
     // Decided: no BIRD runs on the node, so nothing can announce the route again.
     assert_eq!(
-        bird_processes(&fabric.nodes[0]),
+        fabric.nodes[0].processes("bird"),
         Vec::<u32>::new(),
         "{}",
         node.log()
     );
     assert!(next_hops(&fabric.router, &format!("{V4}/32")).is_empty());
-}
-
-/// The pids of the `bird` processes in `ns`'s network namespace.
-fn bird_processes(ns: &NetNs) -> Vec<u32> {
-    use std::os::unix::fs::MetadataExt as _;
-    let netns = std::fs::metadata(format!("/run/netns/{}", ns.name()))
-        .expect("the namespace")
-        .ino();
-    std::fs::read_dir("/proc")
-        .expect("/proc")
-        .flatten()
-        .filter_map(|entry| entry.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|pid| {
-            std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == "bird")
-                && std::fs::metadata(format!("/proc/{pid}/ns/net")).is_ok_and(|m| m.ino() == netns)
-        })
-        .collect()
 }
 
 #[test]
