@@ -7,7 +7,7 @@ use std::{collections::BTreeSet, net::SocketAddr, time::Duration};
 
 use lbagent_tests::{
     Agent, NetNs, Pair, PinRoot, TempDir, addresses_on, http_get, lbagent,
-    routers::{FRR_ROUTER, Fabric, Frr, next_hops},
+    routers::{BirdRouter, FRR_ROUTER, Fabric, Frr, next_hops},
     wait_until, xdp_on,
 };
 
@@ -238,6 +238,38 @@ fn the_dataplane_is_attached_changed_moved_and_detached_live() {
         node.log()
     );
 
+    // Another interface joins the list, then leaves it: the program follows the list.
+    node.ns.ip(&[
+        "link", "add", "lbx0", "type", "veth", "peer", "name", "lby0",
+    ]);
+    node.ns.ip(&["link", "set", "lbx0", "up"]);
+    node.ns.ip(&["link", "set", "lby0", "up"]);
+    node.config(
+        "live-a",
+        "services.yaml",
+        &format!(
+            "dataplane: {{interfaces: [eth0, lbx0], mode: generic, pinRoot: {}}}\n",
+            pins.path().display()
+        ),
+    );
+    assert!(
+        wait_until(Duration::from_secs(10), || xdp_on(&node.ns, "lbx0")
+            .is_some()
+            && xdp_on(&node.ns, "eth0").is_some()),
+        "{:?}\n{}",
+        xdp_on(&node.ns, "lbx0"),
+        node.log()
+    );
+    node.config("live-a", "services.yaml", &dataplane(&pins, "generic"));
+    assert!(
+        wait_until(Duration::from_secs(10), || xdp_on(&node.ns, "lbx0")
+            .is_none()
+            && xdp_on(&node.ns, "eth0").is_some()),
+        "{:?}\n{}",
+        xdp_on(&node.ns, "lbx0"),
+        node.log()
+    );
+
     node.config("live-a", "services.yaml", &dataplane(&moved, "generic"));
     assert!(
         wait_until(Duration::from_secs(10), || pins.pinned_files().is_empty()
@@ -337,6 +369,88 @@ fn routing_is_added_restarted_elsewhere_and_removed_live() {
         node.log()
     );
     node.expect("kube-lb0", &[V4]);
+    node.still_running();
+}
+
+/// `routing.mode` changed from managed to external: lbagent's own BIRD stops, and the
+/// operator's BIRD takes the sessions from the file lbagent now writes for it.
+#[test]
+fn routing_moves_from_its_own_bird_to_the_operators_live() {
+    let fabric = Fabric::new(1);
+    let _frr = Frr::start(&fabric.router, FRR_ROUTER, true);
+    let Fabric { router, mut nodes } = fabric;
+    let mut node = Node::start(nodes.remove(0), "");
+    let prefix = format!("{V4}/32");
+    node.config(
+        "live-a",
+        "services.yaml",
+        &format!(
+            "routing:\n  stateDir: {}\n{BGP}",
+            node.dir.path().join("bird").display()
+        ),
+    );
+    assert!(
+        wait_until(Duration::from_secs(30), || next_hops(&router, &prefix)
+            .len()
+            == 1),
+        "the router never learned {prefix}:\n{}",
+        node.log()
+    );
+    let own = node.ns.processes("bird");
+    assert_eq!(own.len(), 1, "{}", node.log());
+
+    // The operator's BIRD (as a CNI would run it), including the file lbagent is to write.
+    let include = node.dir.path().join("operator-lbagent.conf");
+    std::fs::write(&include, "").unwrap();
+    let operator = BirdRouter::start(
+        &node.ns,
+        &format!(
+            "log stderr all;\nrouter id {};\nprotocol device {{ scan time 2; }}\ninclude \"{}\";\n",
+            Fabric::node_v4(1),
+            include.display()
+        ),
+    );
+    let socket = operator.socket().display().to_string();
+    node.config(
+        "live-a",
+        "services.yaml",
+        &format!(
+            "routing:\n  mode: external\n  include: {}\n  socket: {socket}\n{BGP}",
+            include.display()
+        ),
+    );
+    let established = || {
+        let output = node
+            .ns
+            .exec("birdc", &["-s", &socket, "show", "protocols", "up4"]);
+        String::from_utf8_lossy(&output.stdout).contains("Established")
+    };
+    assert!(
+        wait_until(Duration::from_secs(30), established),
+        "the operator's BIRD never established up4:\n{}\n{}",
+        node.log(),
+        operator.log()
+    );
+    let written = std::fs::read_to_string(&include).unwrap();
+    assert!(written.contains("protocol bgp up4"), "{written}");
+    // lbagent's own BIRD is gone; the operator's is the only one left.
+    assert!(
+        wait_until(Duration::from_secs(10), || !node
+            .ns
+            .processes("bird")
+            .iter()
+            .any(|pid| own.contains(pid))),
+        "{}",
+        node.log()
+    );
+    assert!(
+        wait_until(Duration::from_secs(30), || next_hops(&router, &prefix)
+            .len()
+            == 1),
+        "{}\n{}",
+        node.log(),
+        operator.log()
+    );
     node.still_running();
 }
 
