@@ -45,7 +45,12 @@ pub fn run(compare: Option<PathBuf>) -> Result<()> {
     cmd::require_root("bench dataplane")?;
     // The agent's build script builds both objects; nothing else is needed.
     let objects = build_ebpf::run()?;
-    // One CPU, no bpf_stats: the kernel's own timing, with nothing else added per run.
+    quiet_test_runs(|| measure(&objects, compare.as_deref()))
+}
+
+/// Runs `measure` on CPU 0 with bpf_stats off, so BPF_PROG_TEST_RUN times the kernel's own
+/// run with nothing else added per repeat; bpf_stats is put back as it was after.
+pub fn quiet_test_runs(measure: impl FnOnce() -> Result<()>) -> Result<()> {
     nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &{
         let mut set = nix::sched::CpuSet::new();
         set.set(0)?;
@@ -54,7 +59,7 @@ pub fn run(compare: Option<PathBuf>) -> Result<()> {
     let stats_before =
         std::fs::read_to_string("/proc/sys/kernel/bpf_stats_enabled").unwrap_or_default();
     std::fs::write("/proc/sys/kernel/bpf_stats_enabled", "0").context("turning bpf_stats off")?;
-    let result = measure(&objects, compare.as_deref());
+    let result = measure();
     let _ = std::fs::write("/proc/sys/kernel/bpf_stats_enabled", stats_before.trim());
     result
 }

@@ -29,7 +29,7 @@ use lbagent_common::{
 };
 
 use crate::{
-    bench_dataplane::{frame4, frame6, quantile, serve},
+    bench_dataplane::{self, frame4, frame6, quantile, serve},
     build_ebpf::{self, Objects},
     cmd,
 };
@@ -46,17 +46,7 @@ pub fn run() -> Result<()> {
     cmd::cargo(&["build", "--quiet", "--release", "--package", "lbagent"])?;
     failover::run(&crate::bench::target_dir().join("release/lbagent"))?;
     let objects = build_ebpf::run()?;
-    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &{
-        let mut set = nix::sched::CpuSet::new();
-        set.set(0)?;
-        set
-    })?;
-    let stats_before =
-        std::fs::read_to_string("/proc/sys/kernel/bpf_stats_enabled").unwrap_or_default();
-    std::fs::write("/proc/sys/kernel/bpf_stats_enabled", "0").context("turning bpf_stats off")?;
-    let result = responder_cost(&objects);
-    let _ = std::fs::write("/proc/sys/kernel/bpf_stats_enabled", stats_before.trim());
-    result
+    bench_dataplane::quiet_test_runs(|| responder_cost(&objects))
 }
 
 fn load(object: &Path, program: &str) -> Result<Ebpf> {
