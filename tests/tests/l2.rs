@@ -1104,6 +1104,11 @@ fn with_kubernetes_the_nodes_seed_the_membership_the_owner_records_itself_and_an
  {
     let cluster = Cluster::start(true);
     let server = cluster.server.as_ref().expect("API server");
+    // Every node's kernel holds the local addresses too, as with kube-proxy's IPVS mode: only
+    // the programs' silence keeps the others from answering.
+    for i in 0..3 {
+        cluster.ipvs_like(i);
+    }
     // A local address, and one no node has a subnet for (and nothing routes).
     server.apply(service_object("web", &[L2_VIP4, L2_VIP6]));
     server.apply(service_object("nowhere", &["203.0.113.77"]));
@@ -1161,6 +1166,22 @@ fn with_kubernetes_the_nodes_seed_the_membership_the_owner_records_itself_and_an
     assert!(published, "{}", cluster.logs());
     cluster.wait_owners(&others);
     let next = cluster.owner(L2_VIP4, &others);
+    // The excluded node serves nothing, yet keeps the addresses silent: its kernel, which
+    // holds them on kube-ipvs0, never answers.
+    for _ in 0..3 {
+        assert_eq!(
+            arping(&cluster.client, "eth0", L2_VIP4, 3),
+            BTreeSet::from([cluster.macs[next].clone()]),
+            "{}",
+            cluster.logs()
+        );
+    }
+    let silenced = NeighbourMaps::open(&PinLayout::new(cluster.pins[owner].path()))
+        .unwrap()
+        .counters(L2_VIP4.parse().unwrap())
+        .unwrap()
+        .expect("the excluded node keeps an entry");
+    assert!(silenced.silenced >= 1, "{silenced:?}");
     let recorded = wait_until(Duration::from_secs(10), || {
         about_v4(events(server, "web", "LocalAddressOwner"))
             .iter()

@@ -115,6 +115,13 @@ pub fn plan(node: &str, desired: &Desired, routed: bool, observed: &Observed) ->
         .filter(|address| address.is_ipv4() || observed.ipv6)
         .copied()
         .collect();
+    let unserved: Vec<IpAddr> = desired
+        .unserved
+        .iter()
+        .filter(|address| address.is_ipv4() || observed.ipv6)
+        .filter(|address| !desired.addresses.contains_key(address))
+        .copied()
+        .collect();
     let Some(members) = &observed.members else {
         plan.waiting = served
             .into_iter()
@@ -192,10 +199,29 @@ pub fn plan(node: &str, desired: &Desired, routed: bool, observed: &Observed) ->
             answering: matches!(role, Role::Answer { .. }),
         });
     }
+    // Served nowhere here (this node is excluded), but local: silent, so that this node's
+    // kernel cannot answer for the node that holds it.
+    let silenced: Vec<IpAddr> = unserved
+        .into_iter()
+        .filter(|address| {
+            members
+                .iter()
+                .any(|m| m.subnets.iter().any(|s| s.contains(address)))
+        })
+        .collect();
+    for address in &silenced {
+        let before = observed.roles.get(address);
+        if before != Some(&Role::Silent) {
+            plan.set.insert(*address, Role::Silent);
+            if matches!(before, Some(Role::Answer { .. })) {
+                plan.released.push(*address);
+            }
+        }
+    }
     plan.remove = observed
         .roles
         .keys()
-        .filter(|address| !local.contains(address))
+        .filter(|address| !local.contains(address) && !silenced.contains(address))
         .copied()
         .collect();
     plan
@@ -444,6 +470,49 @@ mod tests {
         seen.refused = refused(2);
         let outside = desired(&["203.0.113.10".parse().unwrap()]);
         assert!(plan("node-a", &outside, &seen).kernel.is_empty());
+    }
+
+    #[test]
+    fn an_excluded_node_keeps_the_addresses_it_does_not_serve_silent() {
+        let mut view = members(&["node-a", "node-b"]);
+        view[0].excluded = true;
+        let local = addresses(5);
+        let excluded = Desired {
+            unserved: local.iter().copied().collect(),
+            ..Desired::default()
+        };
+        let answered: BTreeMap<IpAddr, Role> = local
+            .iter()
+            .map(|a| {
+                (
+                    *a,
+                    Role::Answer {
+                        ifindex: 2,
+                        mac: [2, 0, 0, 0, 0, 1],
+                    },
+                )
+            })
+            .collect();
+        let plan = plan("node-a", &excluded, &observed(answered, &view));
+        assert!(plan.remove.is_empty(), "{:?}", plan.remove);
+        assert_eq!(plan.set.len(), local.len());
+        assert!(plan.set.values().all(|role| *role == Role::Silent));
+        assert_eq!(plan.released.len(), local.len());
+        assert!(plan.taken.is_empty() && plan.elections.is_empty());
+        // Already silent: nothing to do; outside every subnet: no entry.
+        let silent = observed(plan.set.clone(), &view);
+        assert!(super::plan("node-a", &excluded, false, &silent).changes_nothing());
+        let elsewhere = Desired {
+            unserved: BTreeSet::from(["203.0.113.10".parse().unwrap()]),
+            ..Desired::default()
+        };
+        let plan = super::plan(
+            "node-a",
+            &elsewhere,
+            false,
+            &observed(BTreeMap::new(), &view),
+        );
+        assert!(plan.set.is_empty() && plan.no_subnet.is_empty());
     }
 
     #[test]
