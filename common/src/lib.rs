@@ -59,8 +59,14 @@ pub mod maps {
     /// `u64` array of one entry: until when (`CLOCK_MONOTONIC`, ns) this node may answer
     /// for the addresses it owns. `lbagent membership` renews it while it runs; a node whose
     /// processes are frozen stops answering once it lapses, before the others (which no
-    /// longer hear it) take its addresses over. 0: no lease kept, answer regardless.
+    /// longer hear it) take its addresses over. 0: no lease kept, answer regardless. Bit 0
+    /// ([`NEIGHBOUR_LEASE_LEAVING`]) set: the node is leaving.
     pub const NEIGHBOUR_LEASE: &str = "LB_NEIGHBOUR_LEASE";
+    /// Set in the lease while `lbagent membership` leaves the cluster (a clean stop): the
+    /// program answers for each address until another node claims it (its announcement or
+    /// answer), then stops at once, so the successor answers before this node falls silent
+    /// and never beside it for longer than the claim takes to arrive.
+    pub const NEIGHBOUR_LEASE_LEAVING: u64 = 1;
     /// Maps added after layout version 4 was first released: an agent of that version may
     /// have left pins without them. They are created and pinned beside the reused ones.
     pub const ADDED: [&str; 3] = [NEIGHBOURS, NEIGHBOUR_STATS, NEIGHBOUR_LEASE];

@@ -29,7 +29,8 @@ use aya_ebpf::{
 };
 use lbagent_common::{
     NEIGHBOUR_ANSWER, NEIGHBOUR_SILENT, NeighbourEntry, NeighbourKey, NeighbourStats,
-    maps::MAX_NEIGHBOURS, proto,
+    maps::{MAX_NEIGHBOURS, NEIGHBOUR_LEASE_LEAVING},
+    proto,
 };
 
 use crate::parse::{ETH_IPV6, ETH_LEN, IPV6_LEN, LinkLayer, ptr_at};
@@ -248,29 +249,46 @@ fn decide(ctx: &XdpContext, key: &NeighbourKey) -> Option<NeighbourEntry> {
 /// gone, so the other nodes are about to take the addresses over).
 #[inline(always)]
 fn lapsed() -> bool {
-    let Some(until) = LB_NEIGHBOUR_LEASE.get_ptr(0) else {
-        return false;
-    };
-    // SAFETY: an array value, read once; userspace writes it as one aligned 8-byte store.
-    let until = unsafe { core::ptr::read_volatile(until) };
+    let until = lease();
     // SAFETY: a helper without arguments.
     until != 0 && unsafe { bpf_ktime_get_ns() } > until
 }
 
+/// Whether the membership is leaving the cluster: each address is handed over when another
+/// node claims it.
+#[inline(always)]
+fn leaving() -> bool {
+    lease() & NEIGHBOUR_LEASE_LEAVING != 0
+}
+
+#[inline(always)]
+fn lease() -> u64 {
+    let Some(until) = LB_NEIGHBOUR_LEASE.get_ptr(0) else {
+        return 0;
+    };
+    // SAFETY: an array value, read once; userspace writes it as one aligned 8-byte store.
+    unsafe { core::ptr::read_volatile(until) }
+}
+
 /// Someone with hardware address `mac` claims the address `key`: counted when this node
-/// answers for it from another address.
+/// answers for it from another address. While this node leaves, that claim is its
+/// successor taking over: this node falls silent for the address right then.
 #[inline(always)]
 fn note_claim(key: NeighbourKey, mac: [u8; 6]) {
-    let Some(entry) = LB_NEIGHBOURS.get_ptr(key) else {
+    let Some(pointer) = LB_NEIGHBOURS.get_ptr_mut(key) else {
         return;
     };
     // SAFETY: a map value, read by copy.
-    let entry = unsafe { *entry };
+    let entry = unsafe { *pointer };
     if entry.role == NEIGHBOUR_ANSWER && entry.mac != mac {
         count(&key, |stats| {
             stats.foreign += 1;
             stats.foreign_mac = mac;
         });
+        if leaving() {
+            // SAFETY: a map value; one byte stored, which readers take whole.
+            unsafe { (*pointer).role = NEIGHBOUR_SILENT };
+        }
     }
 }
 

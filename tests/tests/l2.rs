@@ -1372,3 +1372,63 @@ fn on_interfaces_that_refuse_the_program_the_kernel_answers_for_the_owner_alone_
         "{held:?}"
     );
 }
+
+#[test]
+fn a_clean_stop_hands_each_address_over_before_the_owner_falls_silent() {
+    use nix::sys::signal::Signal;
+    let mut cluster = Cluster::new();
+    let all = [0, 1, 2];
+    cluster.wait_owners(&all);
+    let owner = cluster.owner(L2_VIP4, &all);
+    let others: Vec<usize> = all.into_iter().filter(|i| *i != owner).collect();
+    let successor = cluster.owner(L2_VIP4, &others);
+    // A request every 10 ms across the owner's clean stop (its membership and its agent get
+    // SIGTERM, as when the node shuts down).
+    let client = cluster.client.name().to_owned();
+    let asking = std::thread::spawn(move || {
+        std::process::Command::new("ip")
+            .args([
+                "netns", "exec", &client, "arping", "-c", "100", "-W", "0.01", "-i", "eth0",
+                L2_VIP4,
+            ])
+            .output()
+            .expect("arping")
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    cluster.members[owner].signal(Signal::SIGTERM);
+    let agent = cluster.agents[owner].take().expect("agent");
+    agent.stop();
+    let out = asking.join().expect("arping thread");
+    let text = String::from_utf8_lossy(&out.stdout);
+    // Every request answered, none twice: the successor answered before the owner fell
+    // silent, and the owner fell silent as soon as it heard the successor.
+    assert!(
+        text.contains("100 packets transmitted, 100 packets received")
+            && text.contains("(0 extra)"),
+        "{text}\n{}",
+        cluster.logs()
+    );
+    let answerers: BTreeSet<String> = text
+        .lines()
+        .filter_map(|line| line.split(" bytes from ").nth(1))
+        .filter_map(|rest| rest.split_whitespace().next())
+        .map(str::to_ascii_lowercase)
+        .collect();
+    assert_eq!(
+        answerers,
+        BTreeSet::from([cluster.macs[owner].clone(), cluster.macs[successor].clone()]),
+        "{text}"
+    );
+    let log = cluster.members[owner].log();
+    assert!(log.contains("every local address handed over"), "{log}");
+    assert!(log.contains("left the cluster"), "{log}");
+    // Its view says it holds nothing, and the program stays silent.
+    let roles = NeighbourMaps::open(&PinLayout::new(cluster.pins[owner].path()))
+        .unwrap()
+        .roles();
+    assert!(
+        roles.values().all(|role| *role == Role::Silent),
+        "{roles:?}"
+    );
+    cluster.wait_answered_by(successor, cluster.owner(L2_VIP6, &others));
+}

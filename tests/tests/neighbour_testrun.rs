@@ -418,3 +418,38 @@ fn a_lapsed_lease_silences_the_owner_and_a_renewed_one_restores_it() {
     h.lease().renew(None).unwrap();
     assert_eq!(run(&h, &arp_request(OWNED4, None)).0, XDP_TX);
 }
+
+#[test]
+fn while_leaving_each_address_is_answered_until_another_node_claims_it() {
+    let mut h = harness();
+    h.lease().leave(Duration::from_secs(5)).unwrap();
+    // Leaving, but nobody took over yet: still answered.
+    assert_eq!(run(&h, &arp_request(OWNED4, None)).0, XDP_TX);
+    let ns = solicitation(ASKER6, OWNED6, 255, &[]);
+    assert_eq!(run(&h, &ns).0, XDP_TX);
+    // The successor announces the IPv4 address: silent for it from then on, at once.
+    let mut garp = ethernet([0xff; 6], OTHER_MAC, None, 0x0806);
+    garp.extend(arp(1, OTHER_MAC, OWNED4, [0; 6], OWNED4));
+    assert_eq!(verdict_untouched(&h, &garp), XDP_PASS);
+    assert_eq!(verdict_untouched(&h, &arp_request(OWNED4, None)), XDP_DROP);
+    assert_eq!(h.neighbours().roles()[&IpAddr::from(OWNED4)], Role::Silent);
+    // The IPv6 address is still ours until its own successor advertises it.
+    assert_eq!(run(&h, &ns).0, XDP_TX);
+    assert_eq!(
+        verdict_untouched(&h, &advertisement(OTHER_MAC, OWNED6)),
+        XDP_PASS
+    );
+    assert_eq!(verdict_untouched(&h, &ns), XDP_DROP);
+    // Our own announcement is no claim by another node.
+    h.neighbours().set(OWNED4.into(), answer(LOOPBACK)).unwrap();
+    let mut ours = ethernet([0xff; 6], OUR_MAC, None, 0x0806);
+    ours.extend(arp(1, OUR_MAC, OWNED4, [0; 6], OWNED4));
+    assert_eq!(verdict_untouched(&h, &ours), XDP_PASS);
+    assert_eq!(run(&h, &arp_request(OWNED4, None)).0, XDP_TX);
+    // Not leaving (a renewed lease), a foreign claim is split brain: counted, and this node
+    // goes on answering until the election settles it.
+    h.lease().renew(Some(Duration::from_secs(5))).unwrap();
+    assert_eq!(verdict_untouched(&h, &garp), XDP_PASS);
+    assert_eq!(run(&h, &arp_request(OWNED4, None)).0, XDP_TX);
+    assert_eq!(counters(&mut h, OWNED4).foreign, 2);
+}

@@ -233,18 +233,19 @@ impl Lease {
     /// Lets the node answer until `for_` from now; `None` lifts the lease (answer always).
     pub fn renew(&mut self, for_: Option<std::time::Duration>) -> Result<(), DataplaneError> {
         let until = match for_ {
-            Some(duration) => {
-                let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).map_err(
-                    |errno| DataplaneError::Io {
-                        path: "CLOCK_MONOTONIC".into(),
-                        source: errno.into(),
-                    },
-                )?;
-                let now = Duration::from(now);
-                u64::try_from((now + duration).as_nanos()).unwrap_or(u64::MAX)
-            }
+            Some(duration) => deadline(duration)? & !maps::NEIGHBOUR_LEASE_LEAVING,
             None => 0,
         };
+        self.write(until)
+    }
+
+    /// The node leaves: each address is answered until another node claims it, and none
+    /// after `for_` from now (see `maps::NEIGHBOUR_LEASE_LEAVING`).
+    pub fn leave(&mut self, for_: std::time::Duration) -> Result<(), DataplaneError> {
+        self.write(deadline(for_)? | maps::NEIGHBOUR_LEASE_LEAVING)
+    }
+
+    fn write(&mut self, until: u64) -> Result<(), DataplaneError> {
         self.until
             .set(0, until, 0)
             .map_err(|source| DataplaneError::Map {
@@ -252,6 +253,17 @@ impl Lease {
                 source,
             })
     }
+}
+
+/// `CLOCK_MONOTONIC` `for_` from now, in ns, as the program's `bpf_ktime_get_ns` reads it.
+fn deadline(for_: std::time::Duration) -> Result<u64, DataplaneError> {
+    let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).map_err(|errno| {
+        DataplaneError::Io {
+            path: "CLOCK_MONOTONIC".into(),
+            source: errno.into(),
+        }
+    })?;
+    Ok(u64::try_from((Duration::from(now) + for_).as_nanos()).unwrap_or(u64::MAX))
 }
 
 fn invalid_name(name: &'static str) -> DataplaneError {

@@ -32,7 +32,7 @@ use tokio::{
 use tracing::{debug, info, warn};
 
 use self::kubernetes::NodeFacts;
-use crate::dataplane::{Lease, PinLayout};
+use crate::dataplane::{Lease, NeighbourMaps, PinLayout, Role};
 
 /// Probe timing. A dead member is first probed within about one period (each member probes
 /// one other per period); unanswered directly within `PROBE_RTT` and indirectly by the end
@@ -47,6 +47,12 @@ pub const SUSPECT_TO_DOWN: Duration = Duration::from_millis(200);
 /// `SUSPECT_TO_DOWN` plus detection, start.
 pub const LEASE: Duration = Duration::from_millis(300);
 const LEASE_RENEWAL: Duration = Duration::from_millis(50);
+/// On a clean stop, how long this node goes on answering for an address no other node has
+/// claimed: the successors take over within milliseconds of hearing it leave, and an
+/// address nobody else may hold is left unanswered after this.
+pub const HANDOVER_LIMIT: Duration = Duration::from_secs(1);
+/// How often the hand-over is looked at.
+const HANDOVER_CHECK: Duration = Duration::from_millis(2);
 /// Seeds that are not members yet (started later, or across a healed partition) are
 /// announced to this often.
 const REANNOUNCE: Duration = Duration::from_millis(500);
@@ -279,10 +285,23 @@ pub async fn run(
             _ = reannounce.tick() => member.announce_to_strangers(&mut swim, &mut runtime),
             _ = renewal.tick() => renew(&member.settings, &mut lease),
             () = &mut shutdown => {
+                // Answer until each successor claims its address, never after the limit.
+                if let Some(open) = lease.as_mut()
+                    && let Err(err) = open.leave(HANDOVER_LIMIT)
+                {
+                    warn!(%err, "membership: cannot mark the answering lease as leaving");
+                }
                 if let Err(err) = swim.leave_cluster(&mut runtime) {
                     warn!(%err, "membership: leaving the cluster failed");
                 }
                 member.flush(&swim, &mut runtime).await?;
+                member.hand_over().await;
+                member.publish_left()?;
+                if let Some(open) = lease.as_mut()
+                    && let Err(err) = open.renew(Some(Duration::ZERO))
+                {
+                    warn!(%err, "membership: cannot end the answering lease");
+                }
                 info!("membership: left the cluster");
                 return Ok(());
             }
@@ -350,6 +369,48 @@ impl Member {
                 warn!(%err, %seed, "membership: announce failed");
             }
         }
+    }
+
+    /// Waits until the program has handed every address it answered for over to the node
+    /// that claimed it (see `maps::NEIGHBOUR_LEASE_LEAVING`), or [`HANDOVER_LIMIT`].
+    async fn hand_over(&self) {
+        let Some(maps) = self
+            .settings
+            .pins
+            .as_ref()
+            .and_then(|pins| NeighbourMaps::open(pins).ok())
+        else {
+            return;
+        };
+        let answering = || {
+            maps.roles()
+                .into_iter()
+                .filter(|(_, role)| matches!(role, Role::Answer { .. }))
+                .map(|(address, _)| address)
+                .collect::<Vec<_>>()
+        };
+        let started = tokio::time::Instant::now();
+        let mut left = answering();
+        while !left.is_empty() && started.elapsed() < HANDOVER_LIMIT {
+            tokio::time::sleep(HANDOVER_CHECK).await;
+            left = answering();
+        }
+        if left.is_empty() {
+            info!(after = ?started.elapsed(), "membership: every local address handed over");
+        } else {
+            warn!(addresses = ?left, "membership: no other node claimed these local addresses; they go unanswered");
+        }
+    }
+
+    /// Publishes the view without this node, so that its agent agrees with the others that
+    /// it holds nothing (and does not take back what the program handed over).
+    fn publish_left(&mut self) -> Result<(), MembershipError> {
+        let mut members = self.published.clone().unwrap_or_default();
+        members.node = self.settings.name.clone();
+        members.alive.remove(&self.settings.name);
+        members.write(&self.settings.members_file)?;
+        self.published = Some(members);
+        Ok(())
     }
 
     /// Sends what foca queued, arms its timers, and republishes the view if it changed.

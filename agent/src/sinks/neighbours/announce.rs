@@ -134,18 +134,43 @@ impl Announcer {
         ifindex: u32,
         mac: [u8; 6],
     ) -> Result<(), AnnounceError> {
-        let link = link_address(ifindex)?;
+        self.send(&Prepared::new(address, ifindex, mac)?)
+    }
+
+    /// Sends an announcement prepared beforehand.
+    pub fn send(&self, prepared: &Prepared) -> Result<(), AnnounceError> {
         sendto(
             self.socket.as_raw_fd(),
-            &frame(address, mac),
-            &link,
+            &prepared.frame,
+            &prepared.link,
             MsgFlags::empty(),
         )
         .map(drop)
         .map_err(|source| AnnounceError::Send {
+            address: prepared.address,
+            ifindex: prepared.ifindex,
+            source,
+        })
+    }
+}
+
+/// An announcement ready to go: sent right after the map entry that makes this node answer
+/// is written, so that a node handing the address over (which stops answering when it hears
+/// it) and this one answer together for no longer than the frame takes to arrive.
+pub struct Prepared {
+    address: IpAddr,
+    ifindex: u32,
+    link: LinkAddr,
+    frame: Vec<u8>,
+}
+
+impl Prepared {
+    pub fn new(address: IpAddr, ifindex: u32, mac: [u8; 6]) -> Result<Self, AnnounceError> {
+        Ok(Self {
             address,
             ifindex,
-            source,
+            link: link_address(ifindex)?,
+            frame: frame(address, mac),
         })
     }
 }
@@ -171,6 +196,8 @@ enum Request {
 /// The handle of the task that sends announcements; the task ends with it.
 pub struct Announcements {
     requests: mpsc::UnboundedSender<Request>,
+    /// For the first announcement of a taken address, sent by the sink itself.
+    now: Announcer,
 }
 
 impl Announcements {
@@ -179,9 +206,19 @@ impl Announcements {
         let announcer = Announcer::new()?;
         let (requests, received) = mpsc::unbounded_channel();
         tokio::spawn(send_on_schedule(announcer, received));
-        Ok(Self { requests })
+        Ok(Self {
+            requests,
+            now: Announcer::new()?,
+        })
     }
 
+    /// Sends the first announcement of a taken address at once, from the caller.
+    pub fn first(&self, prepared: &Prepared) -> Result<(), AnnounceError> {
+        self.now.send(prepared)
+    }
+
+    /// This node took `address` and sent its first announcement ([`Self::first`]): the
+    /// later ones follow on [`SCHEDULE`].
     pub fn taken(&self, address: IpAddr, ifindex: u32, mac: [u8; 6]) {
         let _ = self.requests.send(Request::Taken {
             address,
@@ -214,7 +251,11 @@ async fn send_on_schedule(announcer: Announcer, mut requests: mpsc::UnboundedRec
                 Some(Request::Taken { address, ifindex, mac }) => {
                     let now = Instant::now();
                     pending.retain(|p| p.1 != address);
-                    pending.extend(SCHEDULE.map(|delay| (now + delay, address, ifindex, mac)));
+                    pending.extend(
+                        SCHEDULE[1..]
+                            .iter()
+                            .map(|delay| (now + *delay, address, ifindex, mac)),
+                    );
                 }
                 Some(Request::Again { address, ifindex, mac }) => {
                     pending.push((Instant::now(), address, ifindex, mac));

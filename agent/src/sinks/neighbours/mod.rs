@@ -163,8 +163,21 @@ impl NeighbourSink {
     fn write(&mut self, plan: &Plan) -> BTreeMap<IpAddr, DataplaneError> {
         let mut failed = BTreeMap::new();
         for (address, role) in &plan.set {
+            // Ready before the entry is written, sent right after it.
+            let first = match role {
+                Role::Answer { ifindex, mac } if plan.taken.contains(address) => {
+                    announce::Prepared::new(*address, *ifindex, *mac)
+                        .map_err(|err| warn!(%address, %err, "announcement not prepared"))
+                        .ok()
+                }
+                _ => None,
+            };
             if let Err(err) = self.maps.set(*address, *role) {
                 failed.insert(*address, err);
+            } else if let Some(first) = first
+                && let Err(err) = self.announcements.first(&first)
+            {
+                warn!(%address, %err, "announcement not sent");
             }
         }
         for address in &plan.remove {
