@@ -1,14 +1,15 @@
 //! The soak under faults that `cargo xtask soak --minutes N` runs (xtask/src/soak.rs builds
 //! and starts it; it needs root): an FRR router, two nodes running `lbagent run` in Kubernetes
-//! mode against the in-process API server (with the dataplane and BGP), and a client on the
-//! router probing the Services that exist throughout. Services churn (created, changed,
-//! deleted) while faults are injected at random intervals: agent SIGKILL, BIRD SIGKILL, the
-//! API server killed and restarted, kube-lb0 and its addresses tampered with, a node's uplink
-//! set down and up. After each fault the churn pauses and the invariants must hold again
+//! mode against the in-process API server (with the dataplane and BGP over IPv4 and IPv6), and
+//! a client on the router probing both addresses of the dual-stack Services that exist
+//! throughout. Services of either family or both churn (created, changed, deleted) while
+//! faults are injected at random intervals: agent SIGKILL, BIRD SIGKILL, the API server killed
+//! and restarted, kube-lb0 and its addresses tampered with, a node's uplink set down and up. After each fault the churn pauses and the invariants must hold again
 //! within a deadline:
 //!
-//! - every node's kube-lb0 and dataplane map hold exactly the Services' addresses;
-//! - the router holds exactly those routes, each through both nodes;
+//! - every node's kube-lb0 and dataplane map hold exactly the Services' addresses, IPv4 and
+//!   IPv6;
+//! - the router holds exactly those routes, each through both nodes' addresses of its family;
 //! - each agent's RSS and open descriptors stay within bounds; one BIRD and one agent per
 //!   node; the pinned files are those of the first settled state;
 //! - no agent log holds a panic;
@@ -52,7 +53,60 @@ const PORT: u16 = 80;
 
 const BGP: &str = "  bgp:
     - {name: up4, neighbor: 10.0.0.1, asn: 64500, localAsn: 64512, holdTime: 3s, keepaliveTime: 1s, connectRetryTime: 1s, connectDelayTime: 1s}
+    - {name: up6, neighbor: \"fd00::1\", asn: 64500, localAsn: 64512, holdTime: 3s, keepaliveTime: 1s, connectRetryTime: 1s, connectDelayTime: 1s}
 ";
+
+/// The address families a Service asks for, as `spec.ipFamilies` lists them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Families {
+    V4,
+    V6,
+    Dual,
+}
+
+impl Families {
+    const ALL: [Families; 3] = [Families::V4, Families::V6, Families::Dual];
+
+    fn ip_families(self) -> Value {
+        match self {
+            Families::V4 => json!(["IPv4"]),
+            Families::V6 => json!(["IPv6"]),
+            Families::Dual => json!(["IPv4", "IPv6"]),
+        }
+    }
+
+    fn policy(self) -> &'static str {
+        match self {
+            Families::Dual => "RequireDualStack",
+            _ => "SingleStack",
+        }
+    }
+
+    fn v4(self) -> bool {
+        self != Families::V6
+    }
+
+    fn v6(self) -> bool {
+        self != Families::V4
+    }
+}
+
+/// A stable Service's addresses: the client probes both.
+fn stable_addresses(i: usize) -> [String; 2] {
+    [
+        format!("203.0.113.{}", i + 1),
+        format!("2001:db8:ff::{}", i + 1),
+    ]
+}
+
+/// `address` as kube-lb0 holds it: a host prefix of its family.
+fn host_prefix(address: &str) -> String {
+    if address.contains(':') {
+        format!("{address}/128")
+    } else {
+        format!("{address}/32")
+    }
+}
 
 fn main() -> Result<()> {
     let mut args = std::env::args().skip(1);
@@ -221,13 +275,19 @@ struct Probes {
     windows: Vec<(Instant, Option<Instant>)>,
 }
 
+/// A Service of the soak as it was last written.
+struct Service {
+    families: Families,
+    port: u16,
+    addresses: Vec<String>,
+}
+
 struct Soak {
     rng: Rng,
     server: Arc<ApiServer>,
     router: Arc<NetNs>,
     nodes: Vec<Node>,
-    /// Service name -> (address, port).
-    services: BTreeMap<String, (String, u16)>,
+    services: BTreeMap<String, Service>,
     next_service: usize,
     probes: Arc<Mutex<Probes>>,
     probing: Arc<AtomicBool>,
@@ -268,8 +328,8 @@ impl Soak {
                     node_dir.join("bird").display()
                 ),
             )?;
-            // Any address kube-lb0 holds answers on the port.
-            let servers = Servers::start(&ns, &[SocketAddr::from(([0, 0, 0, 0], PORT))], &[]);
+            // Any address kube-lb0 holds answers on the port, of either family.
+            let servers = Servers::start(&ns, &[SocketAddr::from(([0u16; 8], PORT))], &[]);
             let mut node = Node {
                 ns,
                 pins,
@@ -296,31 +356,55 @@ impl Soak {
             _dir: dir,
         };
         for i in 0..STABLE {
-            soak.put_service(&format!("stable-{i}"), format!("203.0.113.{}", i + 1), PORT);
+            let service = Service {
+                families: Families::Dual,
+                port: PORT,
+                addresses: stable_addresses(i).into(),
+            };
+            soak.put_service(&format!("stable-{i}"), service);
         }
         Ok(soak)
     }
 
-    fn put_service(&mut self, name: &str, address: String, port: u16) {
+    fn put_service(&mut self, name: &str, service: Service) {
+        let ingress: Vec<Value> = service
+            .addresses
+            .iter()
+            .map(|ip| json!({"ip": ip, "ipMode": "VIP"}))
+            .collect();
         self.server.apply(json!({
             "apiVersion": "v1", "kind": "Service",
             "metadata": {"name": name, "namespace": "default"},
-            "spec": {"type": "LoadBalancer", "ipFamilies": ["IPv4"],
+            "spec": {"type": "LoadBalancer", "ipFamilies": service.families.ip_families(),
+                     "ipFamilyPolicy": service.families.policy(),
                      "externalTrafficPolicy": "Cluster",
-                     "ports": [{"port": port, "protocol": "TCP"}]},
-            "status": {"loadBalancer": {"ingress": [{"ip": address, "ipMode": "VIP"}]}},
+                     "ports": [{"port": service.port, "protocol": "TCP"}]},
+            "status": {"loadBalancer": {"ingress": ingress}},
         }));
-        self.services.insert(name.to_owned(), (address, port));
+        self.services.insert(name.to_owned(), service);
     }
 
-    fn free_address(&mut self) -> String {
-        let taken: BTreeSet<&String> = self.services.values().map(|(a, _)| a).collect();
-        loop {
-            let candidate = format!("203.0.113.{}", 100 + self.rng.below(100));
+    /// Addresses of `families` that no Service holds.
+    fn free_addresses(&mut self, families: Families) -> Vec<String> {
+        let taken: BTreeSet<String> = self
+            .services
+            .values()
+            .flat_map(|s| s.addresses.iter().cloned())
+            .collect();
+        let mut pick = |format: fn(u64) -> String| loop {
+            let candidate = format(100 + self.rng.below(100));
             if !taken.contains(&candidate) {
                 return candidate;
             }
+        };
+        let mut addresses = Vec::new();
+        if families.v4() {
+            addresses.push(pick(|n| format!("203.0.113.{n}")));
         }
+        if families.v6() {
+            addresses.push(pick(|n| format!("2001:db8:ff::{n:x}")));
+        }
+        addresses
     }
 
     /// One random change to the churned Services.
@@ -335,14 +419,26 @@ impl Soak {
             0 if churned.len() < CHURNED => {
                 let name = format!("churn-{}", self.next_service);
                 self.next_service += 1;
-                let address = self.free_address();
-                self.put_service(&name, address, PORT);
+                let families = Families::ALL[self.rng.below(3) as usize];
+                let addresses = self.free_addresses(families);
+                let service = Service {
+                    families,
+                    port: PORT,
+                    addresses,
+                };
+                self.put_service(&name, service);
             }
             1 if !churned.is_empty() => {
-                let name = &churned[self.rng.below(churned.len() as u64) as usize];
-                let address = self.free_address();
+                let name = churned[self.rng.below(churned.len() as u64) as usize].clone();
+                let families = Families::ALL[self.rng.below(3) as usize];
+                let addresses = self.free_addresses(families);
                 let port = [PORT, 8080, 443][self.rng.below(3) as usize];
-                self.put_service(&name.clone(), address, port);
+                let service = Service {
+                    families,
+                    port,
+                    addresses,
+                };
+                self.put_service(&name, service);
             }
             _ if !churned.is_empty() => {
                 let name = churned[self.rng.below(churned.len() as u64) as usize].clone();
@@ -356,7 +452,9 @@ impl Soak {
 
     fn start_probing(&self) -> std::thread::JoinHandle<()> {
         let targets: Vec<SocketAddr> = (0..STABLE)
-            .map(|i| SocketAddr::from(([203, 0, 113, i as u8 + 1], PORT)))
+            .flat_map(stable_addresses)
+            .filter_map(|a| a.parse().ok())
+            .map(|ip| SocketAddr::new(ip, PORT))
             .collect();
         let router = self.router.clone();
         let probes = self.probes.clone();
@@ -464,18 +562,19 @@ impl Soak {
                 "API server killed and restarted".to_owned()
             }
             Fault::Kubelb0AddressDeleted => {
-                if let Some(address) = addresses_on(&node.ns, "kube-lb0").into_iter().next() {
+                let held: Vec<String> = addresses_on(&node.ns, "kube-lb0").into_iter().collect();
+                if let Some(address) = held.get(self.rng.below(held.len() as u64) as usize) {
                     let _ = node
                         .ns
-                        .exec("ip", &["addr", "del", &address, "dev", "kube-lb0"]);
+                        .exec("ip", &["addr", "del", address, "dev", "kube-lb0"]);
                 }
                 format!("an address deleted from kube-lb0 on {on}")
             }
             Fault::Kubelb0StrayAddress => {
-                let _ = node.ns.exec(
-                    "ip",
-                    &["addr", "add", "198.51.100.77/32", "dev", "kube-lb0"],
-                );
+                let stray = ["198.51.100.77/32", "2001:db8:77::77/128"][self.rng.below(2) as usize];
+                let _ = node
+                    .ns
+                    .exec("ip", &["addr", "add", stray, "dev", "kube-lb0", "nodad"]);
                 format!("a stray address put on kube-lb0 on {on}")
             }
             Fault::Kubelb0Deleted => {
@@ -487,10 +586,20 @@ impl Soak {
                 std::thread::sleep(self.rng.millis(500, 4_000));
                 let ns = &self.nodes[k].ns;
                 ns.ip(&["link", "set", "eth0", "up"]);
-                // The kernel dropped the default route with the link; as a node's network
-                // setup would, it comes back (the dataplane follows the default route's
-                // interface).
+                // The kernel dropped the default routes with the link, and its IPv6 address;
+                // as a node's network setup would, they come back (the dataplane follows the
+                // default route's interface).
                 ns.ip(&["route", "replace", "default", "via", Fabric::ROUTER_V4]);
+                let v6 = format!("{}/64", Fabric::node_v6(k + 1));
+                ns.ip(&["addr", "replace", &v6, "dev", "eth0", "nodad"]);
+                ns.ip(&[
+                    "-6",
+                    "route",
+                    "replace",
+                    "default",
+                    "via",
+                    Fabric::ROUTER_V6,
+                ]);
                 format!("uplink down and up on {on}")
             }
         }
@@ -521,7 +630,7 @@ impl Soak {
         let wanted: BTreeSet<String> = self
             .services
             .values()
-            .map(|(address, _)| format!("{address}/32"))
+            .flat_map(|s| s.addresses.iter().map(|a| host_prefix(a)))
             .collect();
         let mut failing = Vec::new();
         for (k, node) in self.nodes.iter().enumerate() {
@@ -559,10 +668,31 @@ impl Soak {
                 failing.push(format!("{on}: a panic: {line}"));
             }
         }
-        let routes = router_routes(&self.router);
+        // FRR installs IPv6 routes through the nodes' link-local addresses: a next hop is
+        // named by the node it is an address of.
+        let mut node_of = BTreeMap::new();
+        for (k, node) in self.nodes.iter().enumerate() {
+            let on = format!("node-{}", k + 1);
+            node_of.insert(Fabric::node_v4(k + 1), on.clone());
+            node_of.insert(Fabric::node_v6(k + 1), on.clone());
+            if let Some(link_local) = link_local(&node.ns, "eth0") {
+                node_of.insert(link_local, on);
+            }
+        }
+        let routes: BTreeMap<String, Vec<String>> = router_routes(&self.router)
+            .into_iter()
+            .map(|(prefix, hops)| {
+                let mut nodes: Vec<String> = hops
+                    .iter()
+                    .map(|hop| node_of.get(hop).cloned().unwrap_or_else(|| hop.clone()))
+                    .collect();
+                nodes.sort();
+                (prefix, nodes)
+            })
+            .collect();
         let want_routes: BTreeMap<String, Vec<String>> = wanted
             .iter()
-            .map(|p| (p.clone(), vec![Fabric::node_v4(1), Fabric::node_v4(2)]))
+            .map(|p| (p.clone(), vec!["node-1".to_owned(), "node-2".to_owned()]))
             .collect();
         if routes != want_routes {
             failing.push(format!("the router has {routes:?}"));
@@ -589,26 +719,35 @@ fn dataplane_addresses(node: &Node) -> BTreeSet<String> {
         .as_array()
         .into_iter()
         .flatten()
-        .filter_map(|v| v["address"].as_str().map(|a| format!("{a}/32")))
+        .filter_map(|v| v["address"].as_str().map(host_prefix))
         .collect()
 }
 
-/// The router's BGP routes: prefix -> next hops, sorted.
+/// The IPv6 link-local address of `iface` in `ns`, without its prefix length.
+fn link_local(ns: &NetNs, iface: &str) -> Option<String> {
+    let out = ns.ip(&["-6", "-j", "addr", "show", "dev", iface, "scope", "link"]);
+    let links: Value = serde_json::from_str(&out).ok()?;
+    links[0]["addr_info"]
+        .as_array()?
+        .iter()
+        .find_map(|info| info["local"].as_str().map(str::to_owned))
+}
+
+/// The router's BGP routes of both families: prefix -> next hops, sorted.
 fn router_routes(router: &NetNs) -> BTreeMap<String, Vec<String>> {
-    let out = router.ip(&["-4", "-j", "route", "show", "proto", "bgp"]);
-    let routes: Value = serde_json::from_str(&out).unwrap_or_default();
-    routes
-        .as_array()
-        .into_iter()
-        .flatten()
-        .map(|route| {
+    let mut routes = BTreeMap::new();
+    for family in ["-4", "-6"] {
+        let out = router.ip(&[family, "-j", "route", "show", "proto", "bgp"]);
+        let listed: Value = serde_json::from_str(&out).unwrap_or_default();
+        for route in listed.as_array().into_iter().flatten() {
             let dst = route["dst"].as_str().unwrap_or_default();
             let prefix = if dst.contains('/') {
                 dst.to_owned()
             } else {
-                format!("{dst}/32")
+                host_prefix(dst)
             };
-            (prefix, gateways(route))
-        })
-        .collect()
+            routes.insert(prefix, gateways(route));
+        }
+    }
+    routes
 }
