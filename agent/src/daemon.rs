@@ -178,6 +178,7 @@ pub async fn run(config_path: PathBuf, overrides: Overrides, config: Config) -> 
         status_writer: None,
         http: None,
         follower: None,
+        refused: None,
         dataplane_off: None,
         bird: None,
         routing_off: None,
@@ -263,6 +264,8 @@ struct Parts {
     http: Option<JoinHandle<()>>,
     /// The task that follows the dataplane's interfaces.
     follower: Option<JoinHandle<()>>,
+    /// The interfaces that refused the program, from the follower (for the neighbours sink).
+    refused: Option<watch::Receiver<dataplane::Refused>>,
     dataplane_off: Option<Off>,
     bird: Option<Bird>,
     routing_off: Option<Off>,
@@ -646,6 +649,7 @@ impl Parts {
             Ok(started) => {
                 self.change(Change::Sink(Slot::Dataplane, Some(Box::new(started.sink))));
                 self.follower = started.follower;
+                self.refused = Some(started.refused);
                 let running = self.running.clone();
                 self.start_neighbours(&running);
                 if self.dataplane_off.take().is_some() {
@@ -668,7 +672,12 @@ impl Parts {
     fn start_neighbours(&mut self, config: &Config) {
         let sink = match (&config.neighbours, &config.dataplane) {
             (Some(neighbours), Some(dataplane)) if self.dataplane_off.is_none() => {
-                neighbours::start(&config.node_name, neighbours, dataplane)
+                neighbours::start(
+                    &config.node_name,
+                    neighbours,
+                    dataplane,
+                    self.refused.clone(),
+                )
             }
             _ => None,
         };

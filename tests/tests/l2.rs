@@ -575,6 +575,8 @@ struct Cluster {
     /// With the Kubernetes source: the API server every node reaches (in the client's
     /// namespace, on the segment).
     server: Option<ApiServer>,
+    /// Every node's eth0 refuses the program (see [`Cluster::refusing`]).
+    refusing: bool,
 }
 
 impl Cluster {
@@ -585,7 +587,27 @@ impl Cluster {
     /// `kubernetes`: Services, Nodes and Events through an API server on the segment, and the
     /// membership seeded from the Nodes; else the services file and `--seed`.
     fn start(kubernetes: bool) -> Self {
+        Self::start_with(kubernetes, false)
+    }
+
+    /// Every node's eth0 refuses the XDP program: the agents ask for driver mode only, and a
+    /// veth refuses driver-mode XDP while its peer's MTU is over what one page holds ("Peer
+    /// MTU is too large to set XDP", `veth_xdp_set`). The bridge's ports get a 9000-byte MTU.
+    fn refusing() -> Self {
+        Self::start_with(false, true)
+    }
+
+    fn start_with(kubernetes: bool, refusing: bool) -> Self {
         let segment = Segment::new(3);
+        if refusing {
+            for i in 0..3 {
+                segment
+                    .bridge
+                    .ip(&["link", "set", &format!("p{i}"), "mtu", "9000"]);
+                // Not the default, so that its restoration shows.
+                segment.nodes[i].exec("sysctl", &["-qw", "net.ipv4.conf.eth0.arp_announce=1"]);
+            }
+        }
         let client = segment.client();
         let dir = TempDir::new("lbt-l2-cluster");
         dir.write("services.yaml", &services(true));
@@ -621,6 +643,7 @@ impl Cluster {
             agents: Vec::new(),
             macs,
             server,
+            refusing,
         };
         cluster.agents = (0..3).map(|i| Some(cluster.start_agent(i))).collect();
         cluster
@@ -637,7 +660,7 @@ impl Cluster {
                  source: {source}\n\
                  addresses: {{interface: lbl2-{i}}}\n\
                  status: {{path: {dir}/status-{i}.json}}\n\
-                 dataplane: {{interfaces: [eth0], mode: generic, pinRoot: {pins}}}\n\
+                 dataplane: {{interfaces: [eth0], mode: {mode}, pinRoot: {pins}}}\n\
                  neighbours: {{membersFile: {dir}/members-{i}.json}}\n\
                  http: {{address: \"10.201.0.1{i}:9658\"}}\n",
                 name = Segment::name(i),
@@ -648,6 +671,7 @@ impl Cluster {
                 },
                 dir = dir.display(),
                 pins = self.pins[i].path().display(),
+                mode = if self.refusing { "driver" } else { "generic" },
             ),
         );
         lbagent_tests::Agent::start(
@@ -743,6 +767,54 @@ impl Cluster {
         assert!(
             reached,
             "alive {alive:?}: expected {expected:?}, got {last:?} (macs {:?})\n{}",
+            self.macs,
+            self.logs()
+        );
+    }
+
+    /// Puts both local addresses on an interface of node `i` of their own, as kube-proxy in
+    /// IPVS mode does on kube-ipvs0 (an `ifb`: these kernels have no `dummy`): the node's
+    /// kernel would answer ARP for them on any interface.
+    fn ipvs_like(&self, i: usize) {
+        let node = &self.segment.nodes[i];
+        node.ip(&["link", "add", "kube-ipvs0", "type", "ifb"]);
+        node.ip(&["addr", "add", &format!("{L2_VIP4}/32"), "dev", "kube-ipvs0"]);
+        node.ip(&[
+            "addr",
+            "add",
+            &format!("{L2_VIP6}/128"),
+            "dev",
+            "kube-ipvs0",
+            "nodad",
+        ]);
+        node.ip(&["link", "set", "kube-ipvs0", "up"]);
+    }
+
+    /// An IPv4 sysctl of node `i`'s eth0.
+    fn sysctl(&self, i: usize, name: &str) -> String {
+        let out =
+            self.segment.nodes[i].exec("sysctl", &["-n", &format!("net.ipv4.conf.eth0.{name}")]);
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    }
+
+    /// Polls until the client sees exactly node `v4`'s MAC answer for the IPv4 address and
+    /// node `v6`'s for the IPv6 one, whoever answers (the program or a kernel).
+    fn wait_answered_by(&self, v4: usize, v6: usize) {
+        let expected = (
+            BTreeSet::from([self.macs[v4].clone()]),
+            BTreeSet::from([self.macs[v6].clone()]),
+        );
+        let mut last = (BTreeSet::new(), BTreeSet::new());
+        let reached = wait_until(Duration::from_secs(15), || {
+            last = (
+                arping(&self.client, "eth0", L2_VIP4, 2),
+                ndisc6(&self.client, "eth0", L2_VIP6),
+            );
+            last == expected
+        });
+        assert!(
+            reached,
+            "expected {expected:?}, got {last:?} (macs {:?})\n{}",
             self.macs,
             self.logs()
         );
@@ -1032,6 +1104,11 @@ fn with_kubernetes_the_nodes_seed_the_membership_the_owner_records_itself_and_an
  {
     let cluster = Cluster::start(true);
     let server = cluster.server.as_ref().expect("API server");
+    // Every node's kernel holds the local addresses too, as with kube-proxy's IPVS mode: only
+    // the programs' silence keeps the others from answering.
+    for i in 0..3 {
+        cluster.ipvs_like(i);
+    }
     // A local address, and one no node has a subnet for (and nothing routes).
     server.apply(service_object("web", &[L2_VIP4, L2_VIP6]));
     server.apply(service_object("nowhere", &["203.0.113.77"]));
@@ -1089,6 +1166,22 @@ fn with_kubernetes_the_nodes_seed_the_membership_the_owner_records_itself_and_an
     assert!(published, "{}", cluster.logs());
     cluster.wait_owners(&others);
     let next = cluster.owner(L2_VIP4, &others);
+    // The excluded node serves nothing, yet keeps the addresses silent: its kernel, which
+    // holds them on kube-ipvs0, never answers.
+    for _ in 0..3 {
+        assert_eq!(
+            arping(&cluster.client, "eth0", L2_VIP4, 3),
+            BTreeSet::from([cluster.macs[next].clone()]),
+            "{}",
+            cluster.logs()
+        );
+    }
+    let silenced = NeighbourMaps::open(&PinLayout::new(cluster.pins[owner].path()))
+        .unwrap()
+        .counters(L2_VIP4.parse().unwrap())
+        .unwrap()
+        .expect("the excluded node keeps an entry");
+    assert!(silenced.silenced >= 1, "{silenced:?}");
     let recorded = wait_until(Duration::from_secs(10), || {
         about_v4(events(server, "web", "LocalAddressOwner"))
             .iter()
@@ -1179,4 +1272,103 @@ fn external_traffic_policy_local_moves_the_owner_to_a_node_with_an_endpoint() {
         .expect("a third");
     server.apply(slice_object("web", &[second, third]));
     cluster.wait_owners(&[second, third]);
+}
+
+#[test]
+fn on_interfaces_that_refuse_the_program_the_kernel_answers_for_the_owner_alone_and_ownership_still_moves()
+ {
+    let mut cluster = Cluster::refusing();
+    let all = [0, 1, 2];
+    // Every node's kernel holds both addresses elsewhere, as with kube-proxy's IPVS mode.
+    for i in all {
+        cluster.ipvs_like(i);
+    }
+    // Each agent names the interface and why the program was refused, and sets the kernel
+    // so that only an address on eth0 itself is answered there.
+    for i in all {
+        let named = wait_until(Duration::from_secs(15), || {
+            cluster.agents[i].as_ref().is_some_and(|agent| {
+                agent.log().lines().any(|line| {
+                    line.contains("the XDP program was refused on this interface")
+                        && line.contains("iface=eth0")
+                        && line.contains("driver-mode XDP refused on eth0")
+                })
+            })
+        });
+        assert!(named, "node {i}\n{}", cluster.logs());
+        assert_eq!(
+            lbagent_tests::xdp_on(&cluster.segment.nodes[i], "eth0"),
+            None
+        );
+    }
+    let owner4 = cluster.owner(L2_VIP4, &all);
+    let owner6 = cluster.owner(L2_VIP6, &all);
+    cluster.wait_answered_by(owner4, owner6);
+    for i in all {
+        assert_eq!(
+            (
+                cluster.sysctl(i, "arp_ignore"),
+                cluster.sysctl(i, "arp_announce")
+            ),
+            ("1".to_owned(), "2".to_owned()),
+            "node {i}"
+        );
+    }
+    // Steady: every request answered, by the owner alone.
+    for _ in 0..3 {
+        assert_eq!(
+            arping(&cluster.client, "eth0", L2_VIP4, 3),
+            BTreeSet::from([cluster.macs[owner4].clone()])
+        );
+    }
+    // The status names the interface, why, and what this node holds there.
+    let status: serde_json::Value =
+        serde_json::from_str(&cluster.status(owner4, "json")).expect("status json");
+    let fallback = &status["neighbours"]["kernelResponder"][0];
+    assert_eq!(fallback["interface"], "eth0", "{status}");
+    assert!(
+        fallback["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("driver-mode XDP refused on eth0")),
+        "{status}"
+    );
+    assert!(
+        fallback["owned"]
+            .as_array()
+            .is_some_and(|owned| owned.contains(&serde_json::json!(L2_VIP4))),
+        "{status}"
+    );
+
+    // The owner's link goes down: a survivor's kernel answers, alone.
+    let others: Vec<usize> = all.into_iter().filter(|i| *i != owner4).collect();
+    cluster.segment.nodes[owner4].ip(&["link", "set", "eth0", "down"]);
+    cluster.wait_answered_by(
+        cluster.owner(L2_VIP4, &others),
+        cluster.owner(L2_VIP6, if owner6 == owner4 { &others } else { &all }),
+    );
+    // Back, it takes its addresses back and the interim owner lets them go.
+    cluster.segment.nodes[owner4].ip(&["link", "set", "eth0", "up"]);
+    cluster.wait_answered_by(owner4, owner6);
+
+    // Stopped and cleaned up, the node gets its sysctls back and holds no local address on
+    // eth0 any more.
+    let agent = cluster.agents[owner4].take().expect("agent");
+    agent.stop();
+    let config = cluster.dir.path().join(format!("lbagent-{owner4}.yaml"));
+    let out = lbagent_tests::lbagent_cleanup(&cluster.segment.nodes[owner4], &config);
+    assert!(out.contains("kernel responder: sysctls restored"), "{out}");
+    assert_eq!(
+        (
+            cluster.sysctl(owner4, "arp_ignore"),
+            cluster.sysctl(owner4, "arp_announce")
+        ),
+        ("0".to_owned(), "1".to_owned())
+    );
+    let held = lbagent_tests::addresses_on(&cluster.segment.nodes[owner4], "eth0");
+    assert!(
+        !held
+            .iter()
+            .any(|a| a.starts_with(L2_VIP4) || a.starts_with(L2_VIP6)),
+        "{held:?}"
+    );
 }

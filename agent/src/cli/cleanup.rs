@@ -12,6 +12,7 @@ use crate::{
     dataplane::{self, PinLayout},
     sinks::{
         addresses::AddressSink,
+        neighbours::kernel,
         routing::{self, BirdPaths, model::Mode},
     },
 };
@@ -43,6 +44,8 @@ struct Leftovers {
     pins: PinLayout,
     /// A managed BIRD: its binary and state directory.
     bird: Option<(PathBuf, PathBuf)>,
+    /// What the kernel responder changed on interfaces that refused the XDP program.
+    kernel_state: PathBuf,
 }
 
 impl Leftovers {
@@ -54,9 +57,14 @@ impl Leftovers {
                 status_path: args.status_file,
                 pins: PinLayout::new(pin_root.unwrap_or_else(default_pins)),
                 bird: Some((PathBuf::from("bird"), args.state_dir)),
+                kernel_state: kernel::state_path(Path::new(config::DEFAULT_MEMBERS_FILE)),
             });
         };
         let config = Config::load(&path, None)?;
+        let members_file = config.neighbours.as_ref().map_or_else(
+            || PathBuf::from(config::DEFAULT_MEMBERS_FILE),
+            |neighbours| neighbours.members_file.clone(),
+        );
         let pin_root = pin_root
             .or(config.dataplane.map(|dataplane| dataplane.pin_root))
             .unwrap_or_else(default_pins);
@@ -68,6 +76,7 @@ impl Leftovers {
                 Some(Mode::Managed { binary, state_dir }) => Some((binary, state_dir)),
                 _ => None,
             },
+            kernel_state: kernel::state_path(&members_file),
         })
     }
 }
@@ -117,6 +126,14 @@ fn cleanup(leftovers: &Leftovers, out: &mut impl Write) -> Result<()> {
                 return Err(err).with_context(|| format!("removing {}", state_dir.display()));
             }
         }
+    }
+    let restored = runtime.block_on(kernel::undo_all(&leftovers.kernel_state))?;
+    if !restored.is_empty() {
+        writeln!(
+            out,
+            "kernel responder: sysctls restored and local addresses removed on {}",
+            restored.join(", ")
+        )?;
     }
     if leftovers.pins.check_bpffs().is_ok() {
         let detached = dataplane::detach_all(&leftovers.pins)?;

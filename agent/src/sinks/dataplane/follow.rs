@@ -20,6 +20,7 @@ use rtnetlink::{
         route::{RouteAttribute, RouteMessage},
     },
 };
+use tokio::sync::watch;
 use tracing::{error, info, warn};
 
 use super::DataplaneSink;
@@ -61,6 +62,20 @@ const BUSY_WAIT: Duration = Duration::from_secs(10);
 pub struct Started {
     pub sink: DataplaneSink,
     pub follower: Option<tokio::task::JoinHandle<()>>,
+    /// The interfaces that refused the program, as the follower last saw them.
+    pub refused: watch::Receiver<Refused>,
+}
+
+/// Interfaces that refused the XDP program, by name: the neighbours sink has the kernel
+/// answer there instead (see `sinks::neighbours::kernel`).
+pub type Refused = BTreeMap<String, Refusal>;
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Refusal {
+    /// The interface that refused (a re-created interface of the same name is tried again).
+    pub ifindex: u32,
+    /// Why, as the attach failed.
+    pub reason: String,
 }
 
 /// How often the pins are looked at: one `stat` per pin. Anyone with root can remove them
@@ -101,9 +116,11 @@ pub async fn start(config: &DataplaneConfig) -> Result<Started, DataplaneError> 
         Ok((connection, routes, _)) => (connection, routes),
         Err(err) => {
             error!(%err, "dataplane: no netlink connection; no interface gets the XDP program");
+            let (_, refused) = watch::channel(Refused::new());
             return Ok(Started {
                 sink,
                 follower: None,
+                refused,
             });
         }
     };
@@ -117,6 +134,7 @@ pub async fn start(config: &DataplaneConfig) -> Result<Started, DataplaneError> 
             None
         }
     };
+    let (refusals, refused) = watch::channel(Refused::new());
     let mut follower = Follower {
         pins,
         maps,
@@ -126,6 +144,7 @@ pub async fn start(config: &DataplaneConfig) -> Result<Started, DataplaneError> 
         routes,
         attached: BTreeMap::new(),
         refused: BTreeMap::new(),
+        refusals,
     };
     follower.first_pass().await;
     let follower = match rtnetlink::new_multicast_connection(&[
@@ -146,7 +165,11 @@ pub async fn start(config: &DataplaneConfig) -> Result<Started, DataplaneError> 
             None
         }
     };
-    Ok(Started { sink, follower })
+    Ok(Started {
+        sink,
+        follower,
+        refused,
+    })
 }
 
 /// Aborts a task when dropped: a connection that serves only its owner's task.
@@ -179,6 +202,8 @@ struct Follower {
     attached: BTreeMap<String, XdpLinkPin>,
     /// Interfaces that refused it, not tried again until they are replaced.
     refused: BTreeMap<String, XdpLinkPin>,
+    /// The refusals with why, for the neighbours sink.
+    refusals: watch::Sender<Refused>,
 }
 
 impl Follower {
@@ -363,6 +388,8 @@ impl Follower {
             match attach(&self.pins, name, self.mode) {
                 Ok(done) => {
                     self.refused.remove(name);
+                    self.refusals
+                        .send_if_modified(|refused| refused.remove(name).is_some());
                     self.attached.insert(name.clone(), link);
                     self.held.hold(&self.pins, link);
                     if when == When::Following {
@@ -373,6 +400,13 @@ impl Follower {
                 }
                 Err(err) => {
                     self.refused.insert(name.clone(), link);
+                    let refusal = Refusal {
+                        ifindex: link.ifindex,
+                        reason: err.to_string(),
+                    };
+                    self.refusals.send_if_modified(|refused| {
+                        refused.insert(name.clone(), refusal.clone()) != Some(refusal)
+                    });
                     error!(iface = %name, %err, "XDP program not attached to this interface; continuing without it");
                 }
             }

@@ -22,7 +22,7 @@ use std::{collections::BTreeSet, net::IpAddr};
 use tracing::{debug, error, info};
 
 use self::follow::PIN_CHECK;
-pub use self::follow::{DataplaneConfig, start};
+pub use self::follow::{DataplaneConfig, Refusal, Refused, start};
 use self::plan::{Entries, Observed, Plan};
 use super::{Noticed, Report, Sink, Wanted, node_has_ipv6};
 use crate::dataplane::{DataplaneError, Maps, PinLayout, VipPolicy};

@@ -10,6 +10,7 @@
 
 pub mod announce;
 pub mod election;
+pub mod kernel;
 pub mod plan;
 
 use std::{collections::BTreeMap, net::IpAddr, ops::ControlFlow, path::PathBuf, time::Duration};
@@ -21,9 +22,10 @@ use tracing::{info, warn};
 use self::{
     announce::Announcements,
     election::NodeView,
-    plan::{Election, Link, Observed, Plan},
+    kernel::KernelResponder,
+    plan::{Election, KernelInterface, Link, Observed, Plan},
 };
-use super::{Noticed, Report, Sink, Wanted, node_has_ipv6};
+use super::{Noticed, Report, Sink, Wanted, dataplane::Refused, node_has_ipv6};
 use crate::{
     dataplane::{DataplaneError, NeighbourMaps, PinLayout, Role},
     desired::NeighbourOutcome,
@@ -41,6 +43,8 @@ pub enum NeighbourError {
     Maps(#[from] DataplaneError),
     #[error("announcements: {0}")]
     Announce(#[from] announce::AnnounceError),
+    #[error("kernel responder: {0}")]
+    Kernel(#[from] kernel::KernelError),
 }
 
 /// The config's `neighbours:` section.
@@ -74,6 +78,10 @@ pub struct NeighbourReport {
     /// (split brain), with that address, since the agent started.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub foreign: Vec<ForeignAnswer>,
+    /// Interfaces that refused the XDP program, where the kernel answers instead, with why
+    /// and the addresses this node holds there.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub kernel_responder: Vec<KernelInterface>,
 }
 
 impl NeighbourReport {
@@ -110,6 +118,9 @@ pub struct NeighbourSink {
     maps: NeighbourMaps,
     announcements: Announcements,
     members: watch::Receiver<Option<Members>>,
+    /// The interfaces that refused the program (from the dataplane's follower).
+    refused: Option<watch::Receiver<Refused>>,
+    kernel: KernelResponder,
     /// Foreign answers counted so far, per address this node answers for.
     foreign_seen: BTreeMap<IpAddr, (u64, [u8; 6])>,
     check: tokio::time::Interval,
@@ -123,9 +134,11 @@ impl NeighbourSink {
         node: String,
         pins: &PinLayout,
         members_file: PathBuf,
+        refused: Option<watch::Receiver<Refused>>,
     ) -> Result<Self, NeighbourError> {
         let maps = NeighbourMaps::open(pins)?;
         let announcements = Announcements::start()?;
+        let kernel = KernelResponder::start(kernel::state_path(&members_file))?;
         let members = follow_members(members_file.clone());
         let mut check = tokio::time::interval(SPLIT_BRAIN_CHECK);
         check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -135,6 +148,8 @@ impl NeighbourSink {
             maps,
             announcements,
             members,
+            refused,
+            kernel,
             foreign_seen: BTreeMap::new(),
             check,
             report: NeighbourReport {
@@ -218,11 +233,17 @@ impl Sink for NeighbourSink {
 
     async fn observe(&mut self) -> Result<Observed, NeighbourError> {
         let members = self.members.borrow_and_update().as_ref().map(view);
+        let refused = self
+            .refused
+            .as_mut()
+            .map(|refused| refused.borrow_and_update().clone())
+            .unwrap_or_default();
         Ok(Observed {
             roles: self.maps.roles(),
             links: links(),
             members,
             ipv6: node_has_ipv6(),
+            refused,
         })
     }
 
@@ -244,6 +265,7 @@ impl Sink for NeighbourSink {
             );
         }
         let failed = self.write(&plan);
+        let kernel_failed = self.kernel.apply(&plan.kernel, &observed.links).await;
         for address in &plan.taken {
             let Some(Role::Answer { ifindex, mac }) = plan.set.get(address) else {
                 continue;
@@ -273,6 +295,7 @@ impl Sink for NeighbourSink {
         let mut failed: Vec<String> = failed
             .into_iter()
             .map(|(address, err)| format!("local address {address}: {err}"))
+            .chain(kernel_failed)
             .collect();
         if !plan.waiting.is_empty() {
             failed.push(format!(
@@ -295,6 +318,7 @@ impl Sink for NeighbourSink {
             waiting: plan.waiting,
             no_subnet: plan.no_subnet,
             foreign: self.foreign_answers(),
+            kernel_responder: plan.kernel.into_values().collect(),
         };
         failed
     }
@@ -316,6 +340,18 @@ impl Sink for NeighbourSink {
                 _ = self.check.tick() => if self.check_split_brain() {
                     return Noticed::Report;
                 },
+                changed = async {
+                    match self.refused.as_mut() {
+                        Some(refused) => refused.changed().await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    if changed.is_err() {
+                        // The follower is gone: the last refusals stay in force.
+                        self.refused = None;
+                    }
+                    return Noticed::Drift;
+                }
             }
         }
     }
@@ -327,9 +363,10 @@ pub fn start(
     node: &str,
     config: &NeighboursConfig,
     dataplane: &super::dataplane::DataplaneConfig,
+    refused: Option<watch::Receiver<Refused>>,
 ) -> Option<Box<dyn super::Driven>> {
     let pins = PinLayout::new(&dataplane.pin_root);
-    match NeighbourSink::start(node.to_owned(), &pins, config.members_file.clone()) {
+    match NeighbourSink::start(node.to_owned(), &pins, config.members_file.clone(), refused) {
         Ok(sink) => Some(Box::new(sink)),
         Err(err) => {
             tracing::error!(%err, "local addresses are not answered for");
@@ -388,6 +425,7 @@ fn links() -> Vec<Link> {
         return Vec::new();
     };
     let mut by_name: BTreeMap<String, Vec<ipnet::IpNet>> = BTreeMap::new();
+    let mut hosts: BTreeMap<String, std::collections::BTreeSet<IpAddr>> = BTreeMap::new();
     for entry in addresses {
         let (Some(address), Some(netmask)) = (entry.address, entry.netmask) else {
             continue;
@@ -404,12 +442,18 @@ fn links() -> Vec<Link> {
         if let Some((ip, mask)) = pair
             && let Ok(prefix) = ipnet::ip_mask_to_prefix(mask)
             && let Ok(net) = ipnet::IpNet::new(ip, prefix)
-            && net.prefix_len() < net.max_prefix_len()
         {
-            by_name
-                .entry(entry.interface_name.clone())
-                .or_default()
-                .push(net.trunc());
+            if net.prefix_len() < net.max_prefix_len() {
+                by_name
+                    .entry(entry.interface_name.clone())
+                    .or_default()
+                    .push(net.trunc());
+            } else {
+                hosts
+                    .entry(entry.interface_name.clone())
+                    .or_default()
+                    .insert(ip);
+            }
         }
     }
     by_name
@@ -417,7 +461,9 @@ fn links() -> Vec<Link> {
         .filter_map(|(name, prefixes)| {
             let ifindex = nix::net::if_::if_nametoindex(name.as_str()).ok()?;
             let mac = announce::hardware_address(ifindex)?;
-            (mac != [0; 6]).then_some(Link {
+            (mac != [0; 6]).then(|| Link {
+                hosts: hosts.get(&name).cloned().unwrap_or_default(),
+                name,
                 ifindex,
                 mac,
                 prefixes,

@@ -14,14 +14,33 @@ use super::election::{self, Endpoints, NodeView};
 use crate::{
     dataplane::Role,
     desired::{AddressIntent, Desired, TrafficPolicy},
+    sinks::dataplane::{Refusal, Refused},
 };
 
 /// One of this node's interfaces, as far as answering goes.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Link {
+    pub name: String,
     pub ifindex: u32,
     pub mac: [u8; 6],
     pub prefixes: Vec<IpNet>,
+    /// Its host addresses (/32, /128): where the kernel's responder is used, the local
+    /// addresses this node owns are held there.
+    pub hosts: BTreeSet<IpAddr>,
+}
+
+/// An interface in a local address's subnet that refused the XDP program: the kernel
+/// answers there instead, for exactly the addresses this node owns, which it holds on that
+/// interface (see `kernel.rs`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct KernelInterface {
+    pub interface: String,
+    pub ifindex: u32,
+    /// Why the program was refused.
+    pub reason: String,
+    /// The local addresses this node owns there.
+    pub owned: BTreeSet<IpAddr>,
 }
 
 /// What the sink observed: the map's entries, the node's interfaces and the live members.
@@ -34,6 +53,8 @@ pub struct Observed {
     pub members: Option<Vec<NodeView>>,
     /// Whether the node has IPv6 (an IPv6 address is not served without it).
     pub ipv6: bool,
+    /// The interfaces that refused the XDP program.
+    pub refused: Refused,
 }
 
 /// Who holds one local address: the live candidates in order, the owner first.
@@ -70,6 +91,8 @@ pub struct Plan {
     /// (no routing section): nobody can answer for them. Only the member that scores highest
     /// for such an address over all members lists it, so one node reports it.
     pub no_subnet: Vec<IpAddr>,
+    /// The interfaces where the kernel answers instead of the program, by name.
+    pub kernel: BTreeMap<String, KernelInterface>,
 }
 
 impl Plan {
@@ -90,6 +113,13 @@ pub fn plan(node: &str, desired: &Desired, routed: bool, observed: &Observed) ->
         .addresses
         .keys()
         .filter(|address| address.is_ipv4() || observed.ipv6)
+        .copied()
+        .collect();
+    let unserved: Vec<IpAddr> = desired
+        .unserved
+        .iter()
+        .filter(|address| address.is_ipv4() || observed.ipv6)
+        .filter(|address| !desired.addresses.contains_key(address))
         .copied()
         .collect();
     let Some(members) = &observed.members else {
@@ -123,8 +153,24 @@ pub fn plan(node: &str, desired: &Desired, routed: bool, observed: &Observed) ->
         };
         let candidates = election::candidates(*address, members, endpoints);
         let owner = candidates.first().map(|n| n.name.clone());
+        let link = link_for(&observed.links, address);
+        let refusal = link.and_then(|link| {
+            observed
+                .refused
+                .get(&link.name)
+                .filter(|refusal| refusal.ifindex == link.ifindex)
+                .map(|refusal| (link, refusal))
+        });
+        let kernel = refusal.map(|(link, refusal)| {
+            plan.kernel
+                .entry(link.name.clone())
+                .or_insert_with(|| KernelInterface::on(link, refusal))
+        });
         let role = if owner.as_deref() == Some(node) {
-            match link_for(&observed.links, address) {
+            if let Some(kernel) = kernel {
+                kernel.owned.insert(*address);
+            }
+            match link {
                 Some(link) => Role::Answer {
                     ifindex: link.ifindex,
                     mac: link.mac,
@@ -153,10 +199,29 @@ pub fn plan(node: &str, desired: &Desired, routed: bool, observed: &Observed) ->
             answering: matches!(role, Role::Answer { .. }),
         });
     }
+    // Served nowhere here (this node is excluded), but local: silent, so that this node's
+    // kernel cannot answer for the node that holds it.
+    let silenced: Vec<IpAddr> = unserved
+        .into_iter()
+        .filter(|address| {
+            members
+                .iter()
+                .any(|m| m.subnets.iter().any(|s| s.contains(address)))
+        })
+        .collect();
+    for address in &silenced {
+        let before = observed.roles.get(address);
+        if before != Some(&Role::Silent) {
+            plan.set.insert(*address, Role::Silent);
+            if matches!(before, Some(Role::Answer { .. })) {
+                plan.released.push(*address);
+            }
+        }
+    }
     plan.remove = observed
         .roles
         .keys()
-        .filter(|address| !local.contains(address))
+        .filter(|address| !local.contains(address) && !silenced.contains(address))
         .copied()
         .collect();
     plan
@@ -174,6 +239,17 @@ fn endpoint_nodes(intent: &AddressIntent) -> Option<BTreeSet<String>> {
         }
     }
     (!intent.is_empty()).then_some(nodes)
+}
+
+impl KernelInterface {
+    fn on(link: &Link, refusal: &Refusal) -> Self {
+        Self {
+            interface: link.name.clone(),
+            ifindex: link.ifindex,
+            reason: refusal.reason.clone(),
+            owned: BTreeSet::new(),
+        }
+    }
 }
 
 /// The interface whose subnet holds `address`.
@@ -211,12 +287,15 @@ mod tests {
         Observed {
             roles,
             links: vec![Link {
+                name: "eth0".to_owned(),
                 ifindex: 2,
                 mac: [2, 0, 0, 0, 0, 1],
                 prefixes: vec![SUBNET.parse().unwrap(), "fd00::/64".parse().unwrap()],
+                hosts: BTreeSet::new(),
             }],
             members: Some(view.to_vec()),
             ipv6: true,
+            refused: Refused::new(),
         }
     }
 
@@ -341,6 +420,99 @@ mod tests {
         );
         assert_eq!(plan.set.keys().collect::<Vec<_>>(), [&local]);
         assert_eq!(plan.elections.len(), 1);
+    }
+
+    #[test]
+    fn on_an_interface_that_refused_the_program_the_kernel_holds_exactly_the_owned_addresses() {
+        use crate::sinks::dataplane::Refusal;
+        let names = ["node-a", "node-b", "node-c"];
+        let view = members(&names);
+        let local = addresses(20);
+        let refused = |ifindex| {
+            Refused::from([(
+                "eth0".to_owned(),
+                Refusal {
+                    ifindex,
+                    reason: "driver-mode XDP refused on eth0".to_owned(),
+                },
+            )])
+        };
+        let mut owned_somewhere = BTreeSet::new();
+        for node in names {
+            let mut seen = observed(BTreeMap::new(), &view);
+            seen.refused = refused(2);
+            let plan = plan(node, &desired(&local), &seen);
+            // Every node with local addresses there keeps the interface in the fallback
+            // (its sysctls keep a non-owner silent), holding what it answers for only.
+            let kernel = &plan.kernel["eth0"];
+            assert_eq!(
+                (kernel.ifindex, kernel.reason.as_str()),
+                (2, "driver-mode XDP refused on eth0")
+            );
+            let answering: BTreeSet<IpAddr> = plan
+                .elections
+                .iter()
+                .filter(|e| e.answering)
+                .map(|e| e.address)
+                .collect();
+            assert_eq!(kernel.owned, answering, "{node}");
+            for address in &kernel.owned {
+                assert!(owned_somewhere.insert(*address), "{address} owned twice");
+            }
+        }
+        assert_eq!(owned_somewhere, local.iter().copied().collect());
+        // A refusal of an interface since replaced (another index) is no refusal of this one.
+        let mut seen = observed(BTreeMap::new(), &view);
+        seen.refused = refused(7);
+        assert!(plan("node-a", &desired(&local), &seen).kernel.is_empty());
+        // No local address in its subnets: the interface needs no fallback.
+        let mut seen = observed(BTreeMap::new(), &view);
+        seen.refused = refused(2);
+        let outside = desired(&["203.0.113.10".parse().unwrap()]);
+        assert!(plan("node-a", &outside, &seen).kernel.is_empty());
+    }
+
+    #[test]
+    fn an_excluded_node_keeps_the_addresses_it_does_not_serve_silent() {
+        let mut view = members(&["node-a", "node-b"]);
+        view[0].excluded = true;
+        let local = addresses(5);
+        let excluded = Desired {
+            unserved: local.iter().copied().collect(),
+            ..Desired::default()
+        };
+        let answered: BTreeMap<IpAddr, Role> = local
+            .iter()
+            .map(|a| {
+                (
+                    *a,
+                    Role::Answer {
+                        ifindex: 2,
+                        mac: [2, 0, 0, 0, 0, 1],
+                    },
+                )
+            })
+            .collect();
+        let plan = plan("node-a", &excluded, &observed(answered, &view));
+        assert!(plan.remove.is_empty(), "{:?}", plan.remove);
+        assert_eq!(plan.set.len(), local.len());
+        assert!(plan.set.values().all(|role| *role == Role::Silent));
+        assert_eq!(plan.released.len(), local.len());
+        assert!(plan.taken.is_empty() && plan.elections.is_empty());
+        // Already silent: nothing to do; outside every subnet: no entry.
+        let silent = observed(plan.set.clone(), &view);
+        assert!(super::plan("node-a", &excluded, false, &silent).changes_nothing());
+        let elsewhere = Desired {
+            unserved: BTreeSet::from(["203.0.113.10".parse().unwrap()]),
+            ..Desired::default()
+        };
+        let plan = super::plan(
+            "node-a",
+            &elsewhere,
+            false,
+            &observed(BTreeMap::new(), &view),
+        );
+        assert!(plan.set.is_empty() && plan.no_subnet.is_empty());
     }
 
     #[test]

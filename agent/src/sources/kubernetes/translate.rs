@@ -139,10 +139,16 @@ pub fn translate<'a>(
             }),
         }
     }
-    if excluded {
-        served.clear();
-    }
+    let unserved = if excluded {
+        std::mem::take(&mut served)
+            .iter()
+            .flat_map(|service| service.addresses.iter().copied())
+            .collect()
+    } else {
+        Default::default()
+    };
     translation.update.desired = Desired::with_endpoint_nodes(&served, &endpoint_nodes);
+    translation.update.desired.unserved = unserved;
     translation.update.desired.node_labels = node
         .and_then(|node| node.metadata.labels.clone())
         .unwrap_or_default()
@@ -739,6 +745,8 @@ mod tests {
         );
         assert!(excluded.excluded);
         assert!(excluded.update.desired.addresses.is_empty());
+        // Still known, so that the neighbours sink keeps them silent.
+        assert!(!excluded.update.desired.unserved.is_empty());
         let labelled = run(
             &[web],
             &[],
