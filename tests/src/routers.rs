@@ -175,6 +175,11 @@ impl Frr {
         frr
     }
 
+    /// What `daemon` (`zebra`, `bgpd`) has logged so far.
+    pub fn log(&self, daemon: &str) -> String {
+        std::fs::read_to_string(self.dir.path().join(format!("{daemon}.log"))).unwrap_or_default()
+    }
+
     /// Runs one vtysh command against this instance.
     pub fn vtysh(&self, command: &str) -> String {
         run_ok(

@@ -575,3 +575,134 @@ fn kubernetes_node_labels_move_the_peering_and_annotations_set_attributes() {
         "rack a still routes {prefix}"
     );
 }
+
+/// The communities of each UPDATE bgpd received for `prefix`, in order (bgpd logs them under
+/// `debug bgp updates in`): `None` for a withdrawal, `Some("")` for a route without any.
+fn updates_for(log: &str, prefix: &str) -> Vec<Option<String>> {
+    let mut attributes = String::new();
+    let mut updates = Vec::new();
+    for line in log.lines() {
+        if let Some((_, attr)) = line.split_once("rcvd UPDATE w/ attr: ") {
+            attributes = attr
+                .split(", ")
+                .find_map(|field| field.strip_prefix("community "))
+                .unwrap_or_default()
+                .to_owned();
+        } else if line.contains(&format!("rcvd UPDATE about {prefix} "))
+            && line.contains("withdrawn")
+        {
+            updates.push(None);
+        } else if line.contains(&format!("rcvd {prefix} "))
+            || line.ends_with(&format!("rcvd {prefix}"))
+        {
+            updates.push(Some(attributes.clone()));
+        }
+    }
+    updates
+}
+
+/// The marks lbagent keeps in the node's table 200 (per-Service attributes): each address
+/// and metric.
+fn marks(ns: &NetNs) -> Vec<String> {
+    let mut marks: Vec<String> = ns
+        .ip(&["route", "show", "table", "200", "proto", "211"])
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    marks.sort();
+    marks
+}
+
+/// A Service moving to a set of attributes no Service had (so BIRD's config must learn it)
+/// reaches the router with its old attributes, then its new ones: never without any, never
+/// with another set's. BIRD is held still (SIGSTOP) while lbagent takes each change in, as a
+/// slow reload would hold it, so a mark that went ahead of BIRD's config would be exported
+/// before the config that maps it, every time. bgpd logs every UPDATE it receives, so a route
+/// that went out wrong even for a moment is seen.
+#[test]
+fn a_brand_new_attribute_set_never_reaches_the_router_without_its_attributes() {
+    use nix::{sys::signal, unistd::Pid};
+
+    let fabric = Fabric::new(1);
+    let frr = Frr::start(
+        &fabric.router,
+        &format!("debug bgp updates in\n{FRR_ROUTER}"),
+        true,
+    );
+    let routing = format!(
+        "  serviceAttributes: {{communities: [\"64512:*\"]}}\n  bgp:\n    - {{name: up4, neighbor: 10.0.0.1, asn: 64500, localAsn: 64512, {TIMERS}}}\n"
+    );
+    // `twin` keeps the first set in use, so `web` moving away from it moves its mark.
+    let services = |web: u32| {
+        format!(
+            "services:
+- {{name: web, addresses: [{V4}], bgp: {{communities: [\"64512:{web}\"]}}}}
+- {{name: twin, addresses: [203.0.113.11], bgp: {{communities: [\"64512:100\"]}}}}
+"
+        )
+    };
+    let node = Node::start(&fabric.nodes[0], &services(100), "{}", &routing);
+    let prefix = format!("{V4}/32");
+    let community = |c: u32| format!("64512:{c}");
+    let shows = |c: u32| {
+        attributes_at(&frr, &prefix).is_some_and(|(_, communities, _)| communities == community(c))
+    };
+    assert!(
+        wait_until(Duration::from_secs(25), || shows(100)),
+        "{prefix}: the router has {:?}\n{}",
+        attributes_at(&frr, &prefix),
+        node.log()
+    );
+    let bird: i32 = std::fs::read_to_string(node.dir.path().join("bird/bird.pid"))
+        .expect("BIRD's pid file")
+        .trim()
+        .parse()
+        .expect("a pid");
+    let waiting = |log: &str| log.matches("wait until BIRD runs the config").count();
+    let mut from = 100;
+    // Each round moves `web` to a set no Service had, then back to the one `twin` holds; the
+    // second new set takes the id BIRD's config still gives the first.
+    for to in [201, 100, 202, 100] {
+        let logged = frr.log("bgpd").len();
+        let (marks_before, waiting_before) = (marks(&fabric.nodes[0]), waiting(&node.log()));
+        // Stopped for less than FRR's hold time (3 s), so the session stays.
+        signal::kill(Pid::from_raw(bird), signal::Signal::SIGSTOP).expect("stop BIRD");
+        node.dir.write("services.yaml", &services(to));
+        let taken_in = wait_until(Duration::from_secs(2), || {
+            marks(&fabric.nodes[0]) != marks_before || waiting(&node.log()) > waiting_before
+        });
+        signal::kill(Pid::from_raw(bird), signal::Signal::SIGCONT).expect("resume BIRD");
+        assert!(
+            taken_in,
+            "lbagent neither moved the mark nor held it back\n{}",
+            node.log()
+        );
+        let arrived = || {
+            updates_for(&frr.log("bgpd")[logged..], &prefix)
+                .last()
+                .is_some_and(|last| last.as_deref() == Some(community(to).as_str()))
+        };
+        assert!(
+            wait_until(Duration::from_secs(25), || shows(to) && arrived()),
+            "{prefix}: the router has {:?}, expected {}\n{}",
+            attributes_at(&frr, &prefix),
+            community(to),
+            node.log()
+        );
+        let updates = updates_for(&frr.log("bgpd")[logged..], &prefix);
+        let allowed = [Some(community(from)), Some(community(to))];
+        assert!(
+            updates.iter().all(|update| allowed.contains(update)),
+            "{} -> {}: the router received {updates:?} for {prefix} (None: withdrawn, \"\": no communities)\n{}",
+            community(from),
+            community(to),
+            node.log()
+        );
+        from = to;
+    }
+    assert_eq!(
+        session(&frr, &Fabric::node_v4(1)).0,
+        1,
+        "BIRD's session outlived every stop"
+    );
+}

@@ -1,17 +1,22 @@
 //! The soak under faults that `cargo xtask soak --minutes N` runs (xtask/src/soak.rs builds
 //! and starts it; it needs root): an FRR router, two nodes running `lbagent run` in Kubernetes
-//! mode against the in-process API server (with the dataplane and BGP), and a client on the
-//! router probing the Services that exist throughout. Services churn (created, changed,
-//! deleted) while faults are injected at random intervals: agent SIGKILL, BIRD SIGKILL, the
-//! API server killed and restarted, kube-lb0 and its addresses tampered with, a node's uplink
-//! set down and up. After each fault the churn pauses and the invariants must hold again
+//! mode against the in-process API server (with the dataplane and BGP over IPv4 and IPv6),
+//! `lbagent allocator` assigning the Services' addresses from an AddressPool per family, and a
+//! client on the router probing both addresses of the dual-stack Services that exist
+//! throughout (their addresses requested). Services of either family or both churn (created,
+//! changed, deleted) while faults are injected at random intervals: agent SIGKILL, BIRD
+//! SIGKILL, allocator SIGKILL, the API server killed and restarted, kube-lb0 and its addresses
+//! tampered with, a node's uplink set down and up. After each fault the churn pauses and the invariants must hold again
 //! within a deadline:
 //!
-//! - every node's kube-lb0 and dataplane map hold exactly the Services' addresses;
-//! - the router holds exactly those routes, each through both nodes;
+//! - every LoadBalancer Service of the soak has one address per family it lists (those it
+//!   requested, if it did), and no address is held by two Services;
+//! - every node's kube-lb0 and dataplane map hold exactly the Services' addresses, IPv4 and
+//!   IPv6;
+//! - the router holds exactly those routes, each through both nodes' addresses of its family;
 //! - each agent's RSS and open descriptors stay within bounds; one BIRD and one agent per
-//!   node; the pinned files are those of the first settled state;
-//! - no agent log holds a panic;
+//!   node, one allocator; the pinned files are those of the first settled state;
+//! - no agent or allocator log holds a panic;
 //! - no probe of a Service that existed throughout failed outside a fault window.
 //!
 //! Usage: `soak --minutes N [--seed S]`. Prints operations, faults, checks passed and
@@ -32,7 +37,7 @@ use anyhow::{Context as _, Result, bail};
 use lbagent_tests::{
     Agent, NetNs, PinRoot, Servers, TempDir, addresses_on,
     apiserver::ApiServer,
-    lbagent, memory_kb,
+    kill_child, lbagent, lbagent_bin, memory_kb,
     routers::{FRR_ROUTER, Fabric, Frr, gateways},
     tcp_ok, wait_until,
 };
@@ -52,7 +57,72 @@ const PORT: u16 = 80;
 
 const BGP: &str = "  bgp:
     - {name: up4, neighbor: 10.0.0.1, asn: 64500, localAsn: 64512, holdTime: 3s, keepaliveTime: 1s, connectRetryTime: 1s, connectDelayTime: 1s}
+    - {name: up6, neighbor: \"fd00::1\", asn: 64500, localAsn: 64512, holdTime: 3s, keepaliveTime: 1s, connectRetryTime: 1s, connectDelayTime: 1s}
 ";
+
+/// The address families a Service asks for, as `spec.ipFamilies` lists them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Families {
+    V4,
+    V6,
+    Dual,
+}
+
+impl Families {
+    const ALL: [Families; 3] = [Families::V4, Families::V6, Families::Dual];
+
+    fn ip_families(self) -> Value {
+        match self {
+            Families::V4 => json!(["IPv4"]),
+            Families::V6 => json!(["IPv6"]),
+            Families::Dual => json!(["IPv4", "IPv6"]),
+        }
+    }
+
+    fn policy(self) -> &'static str {
+        match self {
+            Families::Dual => "RequireDualStack",
+            _ => "SingleStack",
+        }
+    }
+
+    fn v4(self) -> bool {
+        self != Families::V6
+    }
+
+    fn v6(self) -> bool {
+        self != Families::V4
+    }
+}
+
+/// The pools the allocator assigns from on its own, one per family.
+const AUTO_POOLS: [(&str, &str); 2] = [
+    ("soak-v4", "203.0.113.0/25"),
+    ("soak-v6", "2001:db8:ff::/121"),
+];
+/// The pools only Services asking for their addresses get them from (`autoAssign: false`), so
+/// that a request never races the allocator's own choice for another Service.
+const REQUESTED_POOLS: [(&str, &str); 2] = [
+    ("soak-requested-v4", "203.0.113.128/25"),
+    ("soak-requested-v6", "2001:db8:ff::80/121"),
+];
+
+/// A stable Service's addresses, requested: the client probes both.
+fn stable_addresses(i: usize) -> [String; 2] {
+    [
+        format!("203.0.113.{}", 129 + i),
+        format!("2001:db8:ff::{:x}", 0x81 + i),
+    ]
+}
+
+/// `address` as kube-lb0 holds it: a host prefix of its family.
+fn host_prefix(address: &str) -> String {
+    if address.contains(':') {
+        format!("{address}/128")
+    } else {
+        format!("{address}/32")
+    }
+}
 
 fn main() -> Result<()> {
     let mut args = std::env::args().skip(1);
@@ -107,6 +177,7 @@ impl Rng {
 enum Fault {
     AgentKill,
     BirdKill,
+    AllocatorKill,
     ApiServerRestart,
     Kubelb0AddressDeleted,
     Kubelb0StrayAddress,
@@ -114,9 +185,10 @@ enum Fault {
     UplinkDownUp,
 }
 
-const FAULTS: [Fault; 7] = [
+const FAULTS: [Fault; 8] = [
     Fault::AgentKill,
     Fault::BirdKill,
+    Fault::AllocatorKill,
     Fault::ApiServerRestart,
     Fault::Kubelb0AddressDeleted,
     Fault::Kubelb0StrayAddress,
@@ -175,6 +247,65 @@ impl Node {
     }
 }
 
+/// `lbagent allocator` in the router's namespace, where the API server listens; each
+/// incarnation logs to a file of its own.
+struct Allocator {
+    router: Arc<NetNs>,
+    kubeconfig: PathBuf,
+    dir: PathBuf,
+    child: Option<std::process::Child>,
+    incarnation: usize,
+}
+
+impl Allocator {
+    const IDENTITY: &str = "soak-allocator";
+
+    fn log(&self, incarnation: usize) -> PathBuf {
+        self.dir.join(format!("allocator-{incarnation}.log"))
+    }
+
+    fn start(&mut self) -> Result<()> {
+        self.incarnation += 1;
+        let log = std::fs::File::create(self.log(self.incarnation))?;
+        let child = self
+            .router
+            .command(&lbagent_bin())
+            .arg("allocator")
+            .arg("--kubeconfig")
+            .arg(&self.kubeconfig)
+            .args(["--lease-namespace", "lbagent", "--identity", Self::IDENTITY])
+            .args(["--lease-duration", "3s", "--renew-deadline", "2s"])
+            .args(["--retry-period", "250ms"])
+            .env("LBAGENT_LOG", "info")
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("start lbagent allocator")?;
+        self.child = Some(child);
+        Ok(())
+    }
+
+    /// SIGKILL (std's `Child::kill`), reaped.
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            kill_child(&mut child, "lbagent allocator");
+        }
+    }
+
+    fn logs(&self) -> String {
+        (1..=self.incarnation)
+            .map(|i| std::fs::read_to_string(self.log(i)).unwrap_or_default())
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+}
+
+impl Drop for Allocator {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
 #[derive(Default)]
 struct Report {
     operations: usize,
@@ -221,13 +352,21 @@ struct Probes {
     windows: Vec<(Instant, Option<Instant>)>,
 }
 
+/// A Service of the soak as it was last written; the allocator gives it its addresses.
+struct Service {
+    families: Families,
+    port: u16,
+    /// Asked for through `lbagent.io/addresses`, from the pools that assign only on request.
+    requested: Vec<String>,
+}
+
 struct Soak {
     rng: Rng,
     server: Arc<ApiServer>,
     router: Arc<NetNs>,
     nodes: Vec<Node>,
-    /// Service name -> (address, port).
-    services: BTreeMap<String, (String, u16)>,
+    allocator: Allocator,
+    services: BTreeMap<String, Service>,
     next_service: usize,
     probes: Arc<Mutex<Probes>>,
     probing: Arc<AtomicBool>,
@@ -244,10 +383,33 @@ impl Soak {
             &fabric.router,
             Fabric::ROUTER_V4.parse()?,
         ));
-        server.apply(json!({"apiVersion": "v1", "kind": "Namespace",
-            "metadata": {"name": "default"}}));
+        for namespace in ["default", "lbagent"] {
+            server.apply(json!({"apiVersion": "v1", "kind": "Namespace",
+                "metadata": {"name": namespace}}));
+        }
+        for (pools, auto_assign) in [(AUTO_POOLS, true), (REQUESTED_POOLS, false)] {
+            for (name, range) in pools {
+                server.apply(json!({
+                    "apiVersion": "lbagent.io/v1alpha1", "kind": "AddressPool",
+                    "metadata": {"name": name},
+                    "spec": {"addresses": [range], "autoAssign": auto_assign,
+                             "avoidBuggyIPs": true},
+                }));
+            }
+        }
         let dir = TempDir::new("lb-soak");
-        let Fabric { router, nodes } = fabric;
+        let router = Arc::new(fabric.router);
+        let kubeconfig = dir.path().join("allocator.kubeconfig");
+        server.write_kubeconfig_as(&kubeconfig, Some(Allocator::IDENTITY));
+        let mut allocator = Allocator {
+            router: router.clone(),
+            kubeconfig,
+            dir: dir.path().to_owned(),
+            child: None,
+            incarnation: 0,
+        };
+        allocator.start()?;
+        let nodes = fabric.nodes;
         let mut soak_nodes = Vec::new();
         for (i, ns) in nodes.into_iter().enumerate() {
             let name = format!("node-{}", i + 1);
@@ -268,8 +430,8 @@ impl Soak {
                     node_dir.join("bird").display()
                 ),
             )?;
-            // Any address kube-lb0 holds answers on the port.
-            let servers = Servers::start(&ns, &[SocketAddr::from(([0, 0, 0, 0], PORT))], &[]);
+            // Any address kube-lb0 holds answers on the port, of either family.
+            let servers = Servers::start(&ns, &[SocketAddr::from(([0u16; 8], PORT))], &[]);
             let mut node = Node {
                 ns,
                 pins,
@@ -285,8 +447,9 @@ impl Soak {
         let mut soak = Self {
             rng: Rng(seed),
             server,
-            router: Arc::new(router),
+            router,
             nodes: soak_nodes,
+            allocator,
             services: BTreeMap::new(),
             next_service: 0,
             probes: Arc::default(),
@@ -296,31 +459,66 @@ impl Soak {
             _dir: dir,
         };
         for i in 0..STABLE {
-            soak.put_service(&format!("stable-{i}"), format!("203.0.113.{}", i + 1), PORT);
+            let service = Service {
+                families: Families::Dual,
+                port: PORT,
+                requested: stable_addresses(i).into(),
+            };
+            soak.put_service(&format!("stable-{i}"), service);
         }
         Ok(soak)
     }
 
-    fn put_service(&mut self, name: &str, address: String, port: u16) {
-        self.server.apply(json!({
+    /// Writes the Service's spec as a user would; its status is the allocator's.
+    fn put_service(&mut self, name: &str, service: Service) {
+        let annotations = if service.requested.is_empty() {
+            json!({})
+        } else {
+            json!({"lbagent.io/addresses": service.requested.join(", ")})
+        };
+        let mut object = json!({
             "apiVersion": "v1", "kind": "Service",
-            "metadata": {"name": name, "namespace": "default"},
-            "spec": {"type": "LoadBalancer", "ipFamilies": ["IPv4"],
+            "metadata": {"name": name, "namespace": "default", "annotations": annotations},
+            "spec": {"type": "LoadBalancer", "ipFamilies": service.families.ip_families(),
+                     "ipFamilyPolicy": service.families.policy(),
                      "externalTrafficPolicy": "Cluster",
-                     "ports": [{"port": port, "protocol": "TCP"}]},
-            "status": {"loadBalancer": {"ingress": [{"ip": address, "ipMode": "VIP"}]}},
-        }));
-        self.services.insert(name.to_owned(), (address, port));
+                     "ports": [{"port": service.port, "protocol": "TCP"}]},
+        });
+        // A change keeps the status the allocator wrote, as an object write does in a cluster.
+        if let Some(status) = self
+            .server
+            .get("v1", "Service", Some("default"), name)
+            .map(|s| s["status"].clone())
+        {
+            object["status"] = status;
+        }
+        self.server.apply(object);
+        self.services.insert(name.to_owned(), service);
     }
 
-    fn free_address(&mut self) -> String {
-        let taken: BTreeSet<&String> = self.services.values().map(|(a, _)| a).collect();
-        loop {
-            let candidate = format!("203.0.113.{}", 100 + self.rng.below(100));
+    /// Addresses of `families` from the pools that assign only on request, that no Service
+    /// of the soak asks for.
+    fn free_requested(&mut self, families: Families) -> Vec<String> {
+        let taken: BTreeSet<String> = self
+            .services
+            .values()
+            .flat_map(|s| s.requested.iter().cloned())
+            .collect();
+        // .129 to .254, ::81 to ::fe: inside the pools, clear of the buggy .255.
+        let mut pick = |format: fn(u64) -> String| loop {
+            let candidate = format(0x81 + self.rng.below(0x7e));
             if !taken.contains(&candidate) {
                 return candidate;
             }
+        };
+        let mut addresses = Vec::new();
+        if families.v4() {
+            addresses.push(pick(|n| format!("203.0.113.{n}")));
         }
+        if families.v6() {
+            addresses.push(pick(|n| format!("2001:db8:ff::{n:x}")));
+        }
+        addresses
     }
 
     /// One random change to the churned Services.
@@ -335,14 +533,30 @@ impl Soak {
             0 if churned.len() < CHURNED => {
                 let name = format!("churn-{}", self.next_service);
                 self.next_service += 1;
-                let address = self.free_address();
-                self.put_service(&name, address, PORT);
+                let families = Families::ALL[self.rng.below(3) as usize];
+                let service = Service {
+                    families,
+                    port: PORT,
+                    requested: Vec::new(),
+                };
+                self.put_service(&name, service);
             }
             1 if !churned.is_empty() => {
-                let name = &churned[self.rng.below(churned.len() as u64) as usize];
-                let address = self.free_address();
+                // Another port, other families, or addresses asked for (or no longer).
+                let name = churned[self.rng.below(churned.len() as u64) as usize].clone();
+                let families = Families::ALL[self.rng.below(3) as usize];
+                let requested = if self.rng.below(3) == 0 {
+                    self.free_requested(families)
+                } else {
+                    Vec::new()
+                };
                 let port = [PORT, 8080, 443][self.rng.below(3) as usize];
-                self.put_service(&name.clone(), address, port);
+                let service = Service {
+                    families,
+                    port,
+                    requested,
+                };
+                self.put_service(&name, service);
             }
             _ if !churned.is_empty() => {
                 let name = churned[self.rng.below(churned.len() as u64) as usize].clone();
@@ -356,7 +570,9 @@ impl Soak {
 
     fn start_probing(&self) -> std::thread::JoinHandle<()> {
         let targets: Vec<SocketAddr> = (0..STABLE)
-            .map(|i| SocketAddr::from(([203, 0, 113, i as u8 + 1], PORT)))
+            .flat_map(stable_addresses)
+            .filter_map(|a| a.parse().ok())
+            .map(|ip| SocketAddr::new(ip, PORT))
             .collect();
         let router = self.router.clone();
         let probes = self.probes.clone();
@@ -452,6 +668,17 @@ impl Soak {
                 }
                 format!("BIRD SIGKILL on {on}")
             }
+            Fault::AllocatorKill => {
+                self.allocator.kill();
+                std::thread::sleep(self.rng.millis(0, 2_000));
+                // It restarts as a Deployment's pod would; a failure to is a violation.
+                if let Err(err) = self.allocator.start() {
+                    report
+                        .violations
+                        .push(format!("the allocator did not restart: {err:#}"));
+                }
+                "allocator SIGKILL and restart".to_owned()
+            }
             Fault::ApiServerRestart => {
                 self.server.stop();
                 // The cluster changes while the agents cannot see it.
@@ -464,18 +691,19 @@ impl Soak {
                 "API server killed and restarted".to_owned()
             }
             Fault::Kubelb0AddressDeleted => {
-                if let Some(address) = addresses_on(&node.ns, "kube-lb0").into_iter().next() {
+                let held: Vec<String> = addresses_on(&node.ns, "kube-lb0").into_iter().collect();
+                if let Some(address) = held.get(self.rng.below(held.len() as u64) as usize) {
                     let _ = node
                         .ns
-                        .exec("ip", &["addr", "del", &address, "dev", "kube-lb0"]);
+                        .exec("ip", &["addr", "del", address, "dev", "kube-lb0"]);
                 }
                 format!("an address deleted from kube-lb0 on {on}")
             }
             Fault::Kubelb0StrayAddress => {
-                let _ = node.ns.exec(
-                    "ip",
-                    &["addr", "add", "198.51.100.77/32", "dev", "kube-lb0"],
-                );
+                let stray = ["198.51.100.77/32", "2001:db8:77::77/128"][self.rng.below(2) as usize];
+                let _ = node
+                    .ns
+                    .exec("ip", &["addr", "add", stray, "dev", "kube-lb0", "nodad"]);
                 format!("a stray address put on kube-lb0 on {on}")
             }
             Fault::Kubelb0Deleted => {
@@ -487,10 +715,20 @@ impl Soak {
                 std::thread::sleep(self.rng.millis(500, 4_000));
                 let ns = &self.nodes[k].ns;
                 ns.ip(&["link", "set", "eth0", "up"]);
-                // The kernel dropped the default route with the link; as a node's network
-                // setup would, it comes back (the dataplane follows the default route's
-                // interface).
+                // The kernel dropped the default routes with the link, and its IPv6 address;
+                // as a node's network setup would, they come back (the dataplane follows the
+                // default route's interface).
                 ns.ip(&["route", "replace", "default", "via", Fabric::ROUTER_V4]);
+                let v6 = format!("{}/64", Fabric::node_v6(k + 1));
+                ns.ip(&["addr", "replace", &v6, "dev", "eth0", "nodad"]);
+                ns.ip(&[
+                    "-6",
+                    "route",
+                    "replace",
+                    "default",
+                    "via",
+                    Fabric::ROUTER_V6,
+                ]);
                 format!("uplink down and up on {on}")
             }
         }
@@ -518,12 +756,13 @@ impl Soak {
 
     /// What does not hold now, as sentences.
     fn check(&self) -> Vec<String> {
-        let wanted: BTreeSet<String> = self
-            .services
-            .values()
-            .map(|(address, _)| format!("{address}/32"))
-            .collect();
         let mut failing = Vec::new();
+        let assigned = self.assigned(&mut failing);
+        let wanted: BTreeSet<String> = assigned
+            .values()
+            .flatten()
+            .map(|a| host_prefix(a))
+            .collect();
         for (k, node) in self.nodes.iter().enumerate() {
             let on = format!("node-{}", k + 1);
             let held = addresses_on(&node.ns, "kube-lb0");
@@ -559,15 +798,100 @@ impl Soak {
                 failing.push(format!("{on}: a panic: {line}"));
             }
         }
-        let routes = router_routes(&self.router);
+        if self.allocator.child.is_none() {
+            failing.push("no allocator runs".to_owned());
+        }
+        let allocators = self.router.processes("lbagent").len();
+        if allocators != 1 {
+            failing.push(format!("{allocators} allocators running"));
+        }
+        if let Some(line) = self
+            .allocator
+            .logs()
+            .lines()
+            .find(|l| l.contains("panicked"))
+        {
+            failing.push(format!("the allocator: a panic: {line}"));
+        }
+        // FRR installs IPv6 routes through the nodes' link-local addresses: a next hop is
+        // named by the node it is an address of.
+        let mut node_of = BTreeMap::new();
+        for (k, node) in self.nodes.iter().enumerate() {
+            let on = format!("node-{}", k + 1);
+            node_of.insert(Fabric::node_v4(k + 1), on.clone());
+            node_of.insert(Fabric::node_v6(k + 1), on.clone());
+            if let Some(link_local) = link_local(&node.ns, "eth0") {
+                node_of.insert(link_local, on);
+            }
+        }
+        let routes: BTreeMap<String, Vec<String>> = router_routes(&self.router)
+            .into_iter()
+            .map(|(prefix, hops)| {
+                let mut nodes: Vec<String> = hops
+                    .iter()
+                    .map(|hop| node_of.get(hop).cloned().unwrap_or_else(|| hop.clone()))
+                    .collect();
+                nodes.sort();
+                (prefix, nodes)
+            })
+            .collect();
         let want_routes: BTreeMap<String, Vec<String>> = wanted
             .iter()
-            .map(|p| (p.clone(), vec![Fabric::node_v4(1), Fabric::node_v4(2)]))
+            .map(|p| (p.clone(), vec!["node-1".to_owned(), "node-2".to_owned()]))
             .collect();
         if routes != want_routes {
             failing.push(format!("the router has {routes:?}"));
         }
         failing
+    }
+}
+
+impl Soak {
+    /// The addresses each Service of the soak holds, as the API server has them; what is
+    /// wrong with them goes to `failing`: a Service without one address per family it lists
+    /// (or without those it asked for), an address held by two Services.
+    fn assigned(&self, failing: &mut Vec<String>) -> BTreeMap<String, Vec<String>> {
+        let mut assigned = BTreeMap::new();
+        let mut holders = BTreeMap::<String, Vec<String>>::new();
+        for object in self.server.objects("v1", "Service") {
+            let name = object["metadata"]["name"].as_str().unwrap_or_default();
+            let ingress: Vec<String> = object["status"]["loadBalancer"]["ingress"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|i| i["ip"].as_str().map(str::to_owned))
+                .collect();
+            for address in &ingress {
+                holders
+                    .entry(address.clone())
+                    .or_default()
+                    .push(name.to_owned());
+            }
+            assigned.insert(name.to_owned(), ingress);
+        }
+        for (address, names) in &holders {
+            if names.len() > 1 {
+                failing.push(format!("{address} is held by {names:?}"));
+            }
+        }
+        for (name, service) in &self.services {
+            let held = assigned.get(name).cloned().unwrap_or_default();
+            let v4 = held.iter().filter(|a| !a.contains(':')).count();
+            let v6 = held.len() - v4;
+            let families_ok = v4 == usize::from(service.families.v4())
+                && v6 == usize::from(service.families.v6());
+            let requested: BTreeSet<&String> = service.requested.iter().collect();
+            let requests_ok =
+                requested.is_empty() || held.iter().collect::<BTreeSet<_>>() == requested;
+            if !(families_ok && requests_ok) {
+                failing.push(format!(
+                    "{name} ({:?}, asking for {:?}) holds {held:?}",
+                    service.families, service.requested
+                ));
+            }
+        }
+        assigned.retain(|name, _| self.services.contains_key(name));
+        assigned
     }
 }
 
@@ -589,26 +913,35 @@ fn dataplane_addresses(node: &Node) -> BTreeSet<String> {
         .as_array()
         .into_iter()
         .flatten()
-        .filter_map(|v| v["address"].as_str().map(|a| format!("{a}/32")))
+        .filter_map(|v| v["address"].as_str().map(host_prefix))
         .collect()
 }
 
-/// The router's BGP routes: prefix -> next hops, sorted.
+/// The IPv6 link-local address of `iface` in `ns`, without its prefix length.
+fn link_local(ns: &NetNs, iface: &str) -> Option<String> {
+    let out = ns.ip(&["-6", "-j", "addr", "show", "dev", iface, "scope", "link"]);
+    let links: Value = serde_json::from_str(&out).ok()?;
+    links[0]["addr_info"]
+        .as_array()?
+        .iter()
+        .find_map(|info| info["local"].as_str().map(str::to_owned))
+}
+
+/// The router's BGP routes of both families: prefix -> next hops, sorted.
 fn router_routes(router: &NetNs) -> BTreeMap<String, Vec<String>> {
-    let out = router.ip(&["-4", "-j", "route", "show", "proto", "bgp"]);
-    let routes: Value = serde_json::from_str(&out).unwrap_or_default();
-    routes
-        .as_array()
-        .into_iter()
-        .flatten()
-        .map(|route| {
+    let mut routes = BTreeMap::new();
+    for family in ["-4", "-6"] {
+        let out = router.ip(&[family, "-j", "route", "show", "proto", "bgp"]);
+        let listed: Value = serde_json::from_str(&out).unwrap_or_default();
+        for route in listed.as_array().into_iter().flatten() {
             let dst = route["dst"].as_str().unwrap_or_default();
             let prefix = if dst.contains('/') {
                 dst.to_owned()
             } else {
-                format!("{dst}/32")
+                host_prefix(dst)
             };
-            (prefix, gateways(route))
-        })
-        .collect()
+            routes.insert(prefix, gateways(route));
+        }
+    }
+    routes
 }

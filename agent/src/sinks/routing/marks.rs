@@ -129,6 +129,46 @@ pub fn plan(
     plan
 }
 
+/// Pure: splits `plan` into what can change now and what must wait until BIRD runs the config
+/// that maps `plan.sets`. BIRD exports an address's lowest mark through the config it runs: a
+/// new mark whose id means another set there (or none, for a set it does not know yet) would
+/// go out with the wrong attributes, or without any. Such a mark waits, and so does the removal
+/// of the same address's old mark, which keeps it exported as before meanwhile. `running`: the
+/// sets of the config BIRD runs.
+pub fn until_reloaded(plan: &MarkPlan, running: &AttributeSets) -> (MarkPlan, MarkPlan) {
+    let waits = |id: u32| meaning(&plan.sets, id) != meaning(running, id);
+    let held: BTreeSet<IpAddr> = plan
+        .add
+        .iter()
+        .filter(|(_, id)| waits(*id))
+        .map(|(address, _)| *address)
+        .collect();
+    let (later_add, now_add) = plan
+        .add
+        .iter()
+        .partition(|(address, _)| held.contains(address));
+    let (later_remove, now_remove) = plan
+        .remove
+        .iter()
+        .partition(|(address, _)| held.contains(address));
+    let now = MarkPlan {
+        add: now_add,
+        remove: now_remove,
+        ..plan.clone()
+    };
+    let later = MarkPlan {
+        add: later_add,
+        remove: later_remove,
+        ..plan.clone()
+    };
+    (now, later)
+}
+
+/// The set that `id` stands for in `sets`.
+fn meaning(sets: &AttributeSets, id: u32) -> Option<&BgpAttributes> {
+    sets.iter().find(|(_, i)| **i == id).map(|(set, _)| set)
+}
+
 /// lbagent's host routes in `table`, with their metrics.
 pub async fn read(handle: &Handle, table: u32) -> Result<Marks, rtnetlink::Error> {
     let mut marks = Marks::new();
@@ -318,5 +358,73 @@ mod tests {
         // Unmarked: every route of the address goes.
         let gone = plan(&BTreeMap::new(), &previous, &observed);
         assert_eq!(gone.remove, [(ip("2001:db8::1"), 1)]);
+    }
+
+    #[test]
+    fn a_mark_whose_id_bird_does_not_run_yet_waits_with_its_addresses_old_one() {
+        let a = set(1, 0);
+        let b = set(2, 0);
+        let c = set(3, 0);
+        let running = AttributeSets::from([(a.clone(), 1), (b.clone(), 2)]);
+        // 192.0.2.1 moves from a to c (a new set: id 3), 192.0.2.2 from a to b (known),
+        // 192.0.2.3 is new in b, 192.0.2.4 loses its attributes.
+        let observed = Marks::from([
+            (ip("192.0.2.1"), [1].into()),
+            (ip("192.0.2.2"), [1].into()),
+            (ip("192.0.2.4"), [2].into()),
+        ]);
+        let wanted = BTreeMap::from([
+            (ip("192.0.2.1"), c.clone()),
+            (ip("192.0.2.2"), b.clone()),
+            (ip("192.0.2.3"), b.clone()),
+            (ip("192.0.2.5"), a.clone()),
+        ]);
+        let moved = plan(&wanted, &running, &observed);
+        assert_eq!(
+            moved.sets,
+            AttributeSets::from([(a.clone(), 1), (b.clone(), 2), (c.clone(), 3)])
+        );
+        let (now, later) = until_reloaded(&moved, &running);
+        assert_eq!(
+            now.add,
+            [
+                (ip("192.0.2.2"), 2),
+                (ip("192.0.2.3"), 2),
+                (ip("192.0.2.5"), 1)
+            ]
+        );
+        assert_eq!(now.remove, [(ip("192.0.2.2"), 1), (ip("192.0.2.4"), 2)]);
+        assert_eq!(later.add, [(ip("192.0.2.1"), 3)]);
+        assert_eq!(
+            later.remove,
+            [(ip("192.0.2.1"), 1)],
+            "keeps a till c is known"
+        );
+        assert_eq!(
+            (now.sets.clone(), later.sets.clone()),
+            (moved.sets.clone(), moved.sets.clone())
+        );
+
+        // Once BIRD runs the new config, nothing waits.
+        let (now, later) = until_reloaded(&moved, &moved.sets);
+        assert_eq!(
+            (now.add, now.remove),
+            (moved.add.clone(), moved.remove.clone())
+        );
+        assert!(later.add.is_empty() && later.remove.is_empty());
+
+        // An id that BIRD's config gives another set waits too: b is dropped, c reuses id 2.
+        let reused = plan(
+            &BTreeMap::from([(ip("192.0.2.1"), a.clone()), (ip("192.0.2.2"), c.clone())]),
+            &running,
+            &Marks::from([(ip("192.0.2.1"), [1].into()), (ip("192.0.2.2"), [1].into())]),
+        );
+        assert_eq!(reused.sets, AttributeSets::from([(a, 1), (c, 2)]));
+        let (now, later) = until_reloaded(&reused, &running);
+        assert!(now.add.is_empty() && now.remove.is_empty(), "{now:?}");
+        assert_eq!(
+            (later.add, later.remove),
+            (vec![(ip("192.0.2.2"), 2)], vec![(ip("192.0.2.2"), 1)])
+        );
     }
 }

@@ -121,6 +121,7 @@ async fn run_managed(
     mut configs: watch::Receiver<String>,
     mut stop: watch::Receiver<bool>,
     published: watch::Sender<RoutingStatus>,
+    running: watch::Sender<String>,
 ) -> Result<(), RoutingError> {
     std::fs::create_dir_all(&paths.dir).map_err(|source| RoutingError::Io {
         path: paths.dir.clone(),
@@ -143,7 +144,11 @@ async fn run_managed(
     loop {
         let text = configs.borrow_and_update().clone();
         match check_file(&binary, &paths, &text).await {
-            Ok(()) => checked = true,
+            // The BIRD started next runs it.
+            Ok(()) => {
+                checked = true;
+                running.send_replace(text);
+            }
             // A restart (BIRD crashed or hung) keeps the routes with the config that ran.
             Err(err) if checked => {
                 error!(%err, "new routing config not applied; BIRD restarts with the previous one");
@@ -191,6 +196,7 @@ async fn run_managed(
             &mut stop,
             &mut status,
             &published,
+            &running,
         )
         .await;
         match exit {
@@ -245,6 +251,7 @@ async fn supervise(
     stop: &mut watch::Receiver<bool>,
     status: &mut RoutingStatus,
     published: &watch::Sender<RoutingStatus>,
+    running: &watch::Sender<String>,
 ) -> Supervised {
     let mut control = match wait_for_socket(child, &paths.socket).await {
         Ok(control) => control,
@@ -285,7 +292,7 @@ async fn supervise(
         let mut handed = Ok(true);
         if handing {
             let text = configs.borrow_and_update().clone();
-            handed = hand_over(&mut control, paths, &text, status).await;
+            handed = hand_over(&mut control, paths, text, status, running).await;
         }
         let outcome = match handed {
             Ok(applied) => refresh(&mut control, paths, status, published)
@@ -354,19 +361,22 @@ async fn stop_gracefully(child: &mut Child, control: &mut Control, withdraw: boo
     }
 }
 
-/// Hands BIRD `text` through the safe reload cycle. `Ok(true)`: applied, or rejected by
-/// BIRD (handing it again would change nothing); `Ok(false)`: not handed over, to retry;
-/// `Err`: the control connection failed (the config is retried too).
+/// Hands BIRD `text` through the safe reload cycle, and says on `running` once BIRD runs it.
+/// `Ok(true)`: applied, or rejected by BIRD (handing it again would change nothing);
+/// `Ok(false)`: not handed over, to retry; `Err`: the control connection failed (the config
+/// is retried too).
 async fn hand_over(
     control: &mut Control,
     paths: &BirdPaths,
-    text: &str,
+    text: String,
     status: &mut RoutingStatus,
+    running: &watch::Sender<String>,
 ) -> Result<bool, ControlError> {
-    let outcome = reload(control, &paths.next, &paths.config, text).await;
+    let outcome = reload(control, &paths.next, &paths.config, &text).await;
     status.last_reload = Some(match &outcome {
         Ok(message) => {
             info!(bird = %message, "BIRD reconfigured");
+            running.send_replace(text);
             message.clone()
         }
         Err(err) => {
@@ -486,6 +496,7 @@ async fn run_external(
     socket: PathBuf,
     mut configs: watch::Receiver<String>,
     published: watch::Sender<RoutingStatus>,
+    running: watch::Sender<String>,
 ) {
     let mut status = RoutingStatus {
         mode: "external".into(),
@@ -500,6 +511,7 @@ async fn run_external(
         status.last_reload = Some(match apply_external(&include, &socket, &text).await {
             Ok(message) => {
                 info!(bird = %message, include = %include.display(), "BIRD reconfigured");
+                running.send_replace(text);
                 message
             }
             Err(err) => {
@@ -766,8 +778,15 @@ pub struct RoutingSink {
     marks_table: u32,
     /// The attribute sets the config BIRD was handed maps, with their ids.
     sets: marks::AttributeSets,
+    /// The attribute sets of the config BIRD runs, as far as the sink knows: those of the
+    /// last config the task said it runs.
+    running_sets: marks::AttributeSets,
+    /// Marks wait for BIRD to run the config that maps their sets: a pass follows it.
+    waiting: bool,
     /// The config BIRD is handed; the task applies each new one.
     handed: watch::Sender<String>,
+    /// The config BIRD runs (managed: also the one it starts with), as the task last said.
+    running: watch::Receiver<String>,
     status: watch::Receiver<RoutingStatus>,
 }
 
@@ -830,15 +849,18 @@ impl RoutingSink {
         // Empty until the first pass: the task starts BIRD with the first real config.
         let (handed, configs) = watch::channel(String::new());
         let (published, status) = watch::channel(RoutingStatus::default());
+        let (runs, running) = watch::channel(String::new());
         let (stop, stopped) = watch::channel(false);
         let task = match config.mode.clone() {
             Mode::Managed { binary, state_dir } => {
                 which(&binary)?;
                 let paths = BirdPaths::new(&state_dir);
-                tokio::spawn(run_managed(binary, paths, configs, stopped, published))
+                tokio::spawn(run_managed(
+                    binary, paths, configs, stopped, published, runs,
+                ))
             }
             Mode::External { include, socket } => tokio::spawn(async move {
-                run_external(include, socket, configs, published).await;
+                run_external(include, socket, configs, published, runs).await;
                 Ok(())
             }),
         };
@@ -853,10 +875,64 @@ impl RoutingSink {
                 .as_ref()
                 .map_or(model::DEFAULT_MARKS_TABLE, |attributes| attributes.table),
             sets: marks::AttributeSets::new(),
+            running_sets: marks::AttributeSets::new(),
+            waiting: false,
             handed,
+            running,
             status,
         };
         Ok((sink, Bird { stop, task }))
+    }
+}
+
+/// How long a pass waits for BIRD to run a new config before the marks that need it are left
+/// to the pass that follows the reload. A reload takes milliseconds; this bounds how long
+/// a slow or restarting BIRD holds up the other sinks.
+const RELOAD_WAIT: Duration = Duration::from_secs(1);
+
+impl RoutingSink {
+    /// Notes the sets of the config BIRD runs, when that is the config it was last handed.
+    fn follow_running(&mut self) {
+        if *self.running.borrow_and_update() == *self.handed.borrow() {
+            self.running_sets.clone_from(&self.sets);
+        }
+    }
+
+    /// Waits (at most [`RELOAD_WAIT`]) until BIRD runs the config it was last handed.
+    async fn wait_for_reload(&mut self) -> bool {
+        let handed = self.handed.borrow().clone();
+        let ran = tokio::time::timeout(
+            RELOAD_WAIT,
+            self.running.wait_for(|running| *running == handed),
+        )
+        .await
+        .is_ok_and(|reply| reply.is_ok());
+        self.follow_running();
+        ran
+    }
+
+    /// Applies the marks `plan` moves in `table`: those BIRD's running config maps at once,
+    /// the rest once it runs the one just handed.
+    async fn apply_marks(&mut self, table: u32, index: u32, plan: &marks::MarkPlan) -> Vec<String> {
+        let (now, later) = marks::until_reloaded(plan, &self.running_sets);
+        let mut errors = marks::apply(&self.netlink, table, index, &now).await;
+        self.waiting = false;
+        if later.add.is_empty() && later.remove.is_empty() {
+            return errors;
+        }
+        if self.wait_for_reload().await {
+            let (now, later) = marks::until_reloaded(&later, &self.running_sets);
+            errors.extend(marks::apply(&self.netlink, table, index, &now).await);
+            if later.add.is_empty() && later.remove.is_empty() {
+                return errors;
+            }
+        }
+        self.waiting = true;
+        errors.push(format!(
+            "{} marks wait until BIRD runs the config that maps their attribute sets; their addresses keep the attributes they had",
+            later.add.len()
+        ));
+        errors
     }
 }
 
@@ -876,6 +952,7 @@ impl Sink for RoutingSink {
     type Error = RoutingError;
 
     async fn observe(&mut self) -> Result<ObservedRouting, RoutingError> {
+        self.follow_running();
         let interface = match gateway::index_of(&self.netlink, self.interface.as_str()).await? {
             Some(index) => Some((index, marks::addresses_on(&self.netlink, index).await?)),
             None => None,
@@ -947,29 +1024,32 @@ impl Sink for RoutingSink {
             .and_then(|r| r.service_attributes.as_ref())
             .map_or(self.marks_table, |attributes| attributes.table);
         if table == self.marks_table {
-            return marks::apply(&self.netlink, table, index, &plan.marks).await;
+            return self.apply_marks(table, index, &plan.marks).await;
         }
-        // The table moved: empty the old one, fill the new one.
-        let mut errors = marks::apply(
-            &self.netlink,
-            self.marks_table,
-            index,
-            &marks::MarkPlan {
-                remove: observed
-                    .marks
-                    .iter()
-                    .flat_map(|(address, metrics)| metrics.iter().map(|m| (*address, *m)))
-                    .collect(),
-                ..marks::MarkPlan::default()
-            },
-        )
-        .await;
-        self.marks_table = table;
+        // The table moved: fill the new one once BIRD learns it, then empty the old one.
         let fill = marks::MarkPlan {
             add: plan.marks.wanted.iter().map(|(a, id)| (*a, *id)).collect(),
             ..marks::MarkPlan::default()
         };
+        let mut errors = Vec::new();
+        if !self.wait_for_reload().await {
+            self.waiting = true;
+            errors.push(format!(
+                "routing.serviceAttributes.kernelTable: {table}: the marks move there once BIRD runs the config that learns it"
+            ));
+            return errors;
+        }
         errors.extend(marks::apply(&self.netlink, table, index, &fill).await);
+        let empty = marks::MarkPlan {
+            remove: observed
+                .marks
+                .iter()
+                .flat_map(|(address, metrics)| metrics.iter().map(|m| (*address, *m)))
+                .collect(),
+            ..marks::MarkPlan::default()
+        };
+        errors.extend(marks::apply(&self.netlink, self.marks_table, index, &empty).await);
+        self.marks_table = table;
         errors
     }
 
@@ -980,6 +1060,8 @@ impl Sink for RoutingSink {
     async fn noticed(&mut self) -> Noticed {
         tokio::select! {
             Some(()) = self.route_changes.recv() => Noticed::Drift,
+            // BIRD runs a new config: the marks that waited for it go out.
+            Ok(()) = self.running.changed(), if self.waiting => Noticed::Drift,
             Ok(()) = self.status.changed() => Noticed::Report,
             // The task ended: nothing more to notice.
             else => std::future::pending().await,
