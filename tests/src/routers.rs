@@ -6,7 +6,115 @@ use std::{
     time::Duration,
 };
 
-use crate::{NetNs, TempDir, run_ok, wait_until};
+use crate::{Agent, NetNs, TempDir, run_ok, wait_until};
+
+/// `lbagent run` on a node with the file source, its files in a directory of its own:
+/// `services.yaml`, `lbagent.yaml`, the status file and BIRD's state directory (`bird/`).
+pub struct RoutingNode {
+    pub dir: TempDir,
+    pub agent: Option<Agent>,
+}
+
+impl RoutingNode {
+    /// The agent's HTTP address: inside each node's namespace, so every node can use the same.
+    pub const METRICS: &'static str = "127.0.0.1:9658";
+
+    /// Writes the node's files (see [`Self::write_config`]); no agent runs yet.
+    pub fn new(prefix: &str, services: &str, node: &str, routing: Option<&str>) -> Self {
+        let files = Self {
+            dir: TempDir::new(prefix),
+            agent: None,
+        };
+        files.dir.write("services.yaml", services);
+        files.write_config(node, routing);
+        files
+    }
+
+    /// Writes the node's files and runs lbagent on them in `ns`.
+    pub fn start(
+        ns: &NetNs,
+        prefix: &str,
+        services: &str,
+        node: &str,
+        routing: Option<&str>,
+    ) -> Self {
+        let mut started = Self::new(prefix, services, node, routing);
+        started.agent = Some(Agent::start(
+            ns,
+            &started.config(),
+            started.dir.path().join("agent.log"),
+        ));
+        started
+    }
+
+    pub fn config(&self) -> std::path::PathBuf {
+        self.dir.path().join("lbagent.yaml")
+    }
+
+    /// `node`: the config's `node:` section (`{labels: {rack: a}}`), empty for none;
+    /// `routing`: the body of its `routing:` section (the state directory is added), `None`
+    /// for no routing.
+    pub fn write_config(&self, node: &str, routing: Option<&str>) {
+        let node = if node.is_empty() {
+            String::new()
+        } else {
+            format!("node: {node}\n")
+        };
+        let routing = routing.map_or_else(String::new, |body| {
+            format!(
+                "routing:\n  stateDir: {}\n{body}",
+                self.dir.path().join("bird").display()
+            )
+        });
+        self.dir.write(
+            "lbagent.yaml",
+            &format!(
+                "{node}source: {{file: {{path: services.yaml}}}}\nstatus: {{path: {}}}\n\
+                 http: {{address: \"{}\"}}\n{routing}",
+                self.dir.path().join("status.json").display(),
+                Self::METRICS
+            ),
+        );
+    }
+
+    pub fn log(&self) -> String {
+        self.agent.as_ref().map(Agent::log).unwrap_or_default()
+    }
+
+    /// The routing part of the agent's status file.
+    pub fn routing(&self) -> serde_json::Value {
+        std::fs::read_to_string(self.dir.path().join("status.json"))
+            .ok()
+            .and_then(|text| serde_json::from_str::<serde_json::Value>(&text).ok())
+            .map(|status| status["routing"].clone())
+            .unwrap_or_default()
+    }
+
+    /// The `show protocols` row of `name`, as lbagent last read it.
+    pub fn protocol(&self, name: &str) -> serde_json::Value {
+        self.routing()["protocols"]
+            .as_array()
+            .and_then(|rows| rows.iter().find(|row| row["name"] == name).cloned())
+            .unwrap_or_default()
+    }
+
+    /// The pid of the BIRD lbagent runs, from its pid file.
+    pub fn bird_pid(&self) -> i32 {
+        std::fs::read_to_string(self.dir.path().join("bird/bird.pid"))
+            .expect("bird.pid")
+            .trim()
+            .parse()
+            .expect("pid")
+    }
+}
+
+/// A services file with one Service, `web`, on `addresses`.
+pub fn web_services(addresses: &[&str]) -> String {
+    format!(
+        "services:\n- {{name: web, addresses: [{}]}}\n",
+        addresses.join(", ")
+    )
+}
 
 /// A router namespace with a bridge `br0` (10.0.0.1/24, fd00::1/64), and nodes whose `eth0`
 /// (10.0.0.1N/24, fd00::1N/64) is a port of that bridge.

@@ -8,7 +8,9 @@ use lbagent_tests::{
     Agent, NetNs, TempDir,
     apiserver::ApiServer,
     http_get, metric,
-    routers::{FRR_ROUTER, Fabric, Frr, Racks, frr_rack_router, next_hops},
+    routers::{
+        FRR_ROUTER, Fabric, Frr, Racks, RoutingNode, frr_rack_router, next_hops, web_services,
+    },
     wait_until,
 };
 use serde_json::json;
@@ -16,81 +18,35 @@ use serde_json::json;
 const V4: &str = "203.0.113.10";
 const V6: &str = "2001:db8:ff::10";
 /// Inside each node's namespace, so every node can use the same.
-const METRICS: &str = "127.0.0.1:9658";
+const METRICS: &str = RoutingNode::METRICS;
 const TIMERS: &str = "holdTime: 9s, keepaliveTime: 1s, connectRetryTime: 1s, connectDelayTime: 1s";
 
 /// `lbagent run` with the file source: its services, its `node.labels` and a `routing:` body.
-struct Node {
-    dir: TempDir,
-    agent: Option<Agent>,
-}
-
-impl Node {
-    fn start(ns: &NetNs, services: &str, labels: &str, routing: &str) -> Self {
-        let dir = TempDir::new("lbt-rack");
-        let mut node = Self { dir, agent: None };
-        node.dir.write("services.yaml", services);
-        node.write_config(labels, routing);
-        node.agent = Some(Agent::start(
-            ns,
-            &node.dir.path().join("lbagent.yaml"),
-            node.dir.path().join("agent.log"),
-        ));
-        node
-    }
-
-    fn write_config(&self, labels: &str, routing: &str) {
-        self.dir.write(
-            "lbagent.yaml",
-            &format!(
-                "node: {{labels: {labels}}}\nsource: {{file: {{path: services.yaml}}}}\n\
-                 status: {{path: {}}}\nhttp: {{address: \"{METRICS}\"}}\n\
-                 routing:\n  stateDir: {}\n{routing}",
-                self.dir.path().join("status.json").display(),
-                self.dir.path().join("bird").display()
-            ),
-        );
-    }
-
-    fn log(&self) -> String {
-        self.agent.as_ref().map(Agent::log).unwrap_or_default()
-    }
-
-    fn routing(&self) -> serde_json::Value {
-        std::fs::read_to_string(self.dir.path().join("status.json"))
-            .ok()
-            .and_then(|text| serde_json::from_str::<serde_json::Value>(&text).ok())
-            .map(|status| status["routing"].clone())
-            .unwrap_or_default()
-    }
-
-    /// The names of the BGP protocols BIRD runs, as lbagent last read them.
-    fn sessions(&self) -> Vec<String> {
-        let mut names: Vec<String> = self.routing()["protocols"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter(|row| row["proto"] == "BGP")
-            .filter_map(|row| row["name"].as_str().map(str::to_owned))
-            .collect();
-        names.sort();
-        names
-    }
-
-    fn established(&self, name: &str) -> bool {
-        self.routing()["protocols"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .any(|row| row["name"] == name && row["info"] == "Established")
-    }
-}
-
-fn services(addresses: &[&str]) -> String {
-    format!(
-        "services:\n- {{name: web, addresses: [{}]}}\n",
-        addresses.join(", ")
+fn start(ns: &NetNs, services: &str, labels: &str, routing: &str) -> RoutingNode {
+    RoutingNode::start(
+        ns,
+        "lbt-rack",
+        services,
+        &format!("{{labels: {labels}}}"),
+        Some(routing),
     )
+}
+
+/// The names of the BGP protocols BIRD runs, as lbagent last read them.
+fn sessions(node: &RoutingNode) -> Vec<String> {
+    let mut names: Vec<String> = node.routing()["protocols"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|row| row["proto"] == "BGP")
+        .filter_map(|row| row["name"].as_str().map(str::to_owned))
+        .collect();
+    names.sort();
+    names
+}
+
+fn established(node: &RoutingNode, name: &str) -> bool {
+    node.protocol(name)["info"] == "Established"
 }
 
 fn wait_hops(
@@ -145,16 +101,16 @@ fn each_node_peers_only_with_its_racks_router_and_a_label_change_moves_it() {
 "
     );
     let labels = ["{rack: a}", "{rack: a}", "{rack: b}"];
-    let nodes: Vec<Node> = racks
+    let nodes: Vec<RoutingNode> = racks
         .nodes
         .iter()
         .zip(labels)
-        .map(|(ns, labels)| Node::start(ns, &services(&[V4]), labels, &routing))
+        .map(|(ns, labels)| start(ns, &web_services(&[V4]), labels, &routing))
         .collect();
     let logs = || {
         nodes
             .iter()
-            .map(Node::log)
+            .map(RoutingNode::log)
             .collect::<Vec<_>>()
             .join("\n---\n")
     };
@@ -162,8 +118,8 @@ fn each_node_peers_only_with_its_racks_router_and_a_label_change_moves_it() {
     let hops = |ks: &[usize]| ks.iter().map(|k| Fabric::node_v4(*k)).collect::<Vec<_>>();
     wait_hops(&racks.routers[0], &prefix, &hops(&[1, 2]), "rack a", logs);
     wait_hops(&racks.routers[1], &prefix, &hops(&[3]), "rack b", logs);
-    assert_eq!(nodes[0].sessions(), ["rack_a"], "{:#}", nodes[0].routing());
-    assert_eq!(nodes[2].sessions(), ["rack_b"], "{:#}", nodes[2].routing());
+    assert_eq!(sessions(&nodes[0]), ["rack_a"], "{:#}", nodes[0].routing());
+    assert_eq!(sessions(&nodes[2]), ["rack_b"], "{:#}", nodes[2].routing());
     // The routers know only their own rack's nodes.
     assert_eq!(session(&frr[1], &Fabric::node_v4(1)).0, 0);
     assert_eq!(session(&frr[0], &Fabric::node_v4(3)).0, 0);
@@ -174,7 +130,7 @@ fn each_node_peers_only_with_its_racks_router_and_a_label_change_moves_it() {
     assert_eq!(node3_at_b.0, 1, "node 3 established once");
 
     // Node 1 moves to rack b: BIRD's reload drops one session and opens the other.
-    nodes[0].write_config("{rack: b}", &routing);
+    nodes[0].write_config("{labels: {rack: b}}", Some(&routing));
     wait_hops(
         &racks.routers[1],
         &prefix,
@@ -190,9 +146,9 @@ fn each_node_peers_only_with_its_racks_router_and_a_label_change_moves_it() {
         logs,
     );
     assert!(
-        wait_until(Duration::from_secs(10), || nodes[0].sessions()
+        wait_until(Duration::from_secs(10), || sessions(&nodes[0])
             == ["rack_b"]
-            && nodes[0].established("rack_b")),
+            && established(&nodes[0], "rack_b")),
         "{:#}",
         nodes[0].routing()
     );
@@ -202,8 +158,8 @@ fn each_node_peers_only_with_its_racks_router_and_a_label_change_moves_it() {
 
     // A selector that does not parse: the config is refused, naming the field; the sessions stay.
     nodes[2].write_config(
-        "{rack: b}",
-        &routing.replace("operator: In", "operator: Inside"),
+        "{labels: {rack: b}}",
+        Some(&routing.replace("operator: In", "operator: Inside")),
     );
     assert!(
         wait_until(Duration::from_secs(5), || nodes[2].log().contains(
@@ -214,7 +170,7 @@ fn each_node_peers_only_with_its_racks_router_and_a_label_change_moves_it() {
     );
     std::thread::sleep(Duration::from_secs(2));
     assert_same_session(&frr[1], &Fabric::node_v4(3), node3_at_b);
-    assert!(nodes[2].established("rack_b"));
+    assert!(established(&nodes[2], "rack_b"));
 }
 
 #[test]
@@ -230,7 +186,7 @@ fn a_gateway_neighbour_follows_the_default_route() {
     let routing = format!(
         "  bgp:\n    - {{name: tor, neighbor: gateway, families: [ipv4, ipv6], asn: 64500, localAsn: 64512, {TIMERS}}}\n"
     );
-    let node = Node::start(ns, &services(&[V4, V6]), "{}", &routing);
+    let node = start(ns, &web_services(&[V4, V6]), "{}", &routing);
     let logs = || node.log();
     let (v4, v6) = (format!("{V4}/32"), format!("{V6}/128"));
     let me = vec![Fabric::node_v4(1)];
@@ -269,10 +225,10 @@ fn a_gateway_neighbour_follows_the_default_route() {
     wait_hops(&racks.routers[0], &v4, &me, "ECMP, router 1", logs);
     wait_hops(&racks.routers[1], &v4, &me, "ECMP, router 2", logs);
     assert!(
-        wait_until(Duration::from_secs(10), || node.sessions()
+        wait_until(Duration::from_secs(10), || sessions(&node)
             == ["tor_10_0_0_1", "tor_10_0_0_2", "tor_fd00__1"]),
         "{:?}",
-        node.sessions()
+        sessions(&node)
     );
 
     // No IPv4 default route: a log line naming the field; the IPv6 session is unaffected.
@@ -315,7 +271,7 @@ fn the_export_ceiling_holds_and_is_reported_and_the_neighbours_med_is_set() {
     let routing = format!(
         "  export: {{maxRoutes: 2}}\n  bgp:\n    - {{name: up4, neighbor: 10.0.0.1, asn: 64500, localAsn: 64512, med: 50, {TIMERS}}}\n"
     );
-    let node = Node::start(&fabric.nodes[0], &services(&addresses), "{}", &routing);
+    let node = start(&fabric.nodes[0], &web_services(&addresses), "{}", &routing);
     let advertised = || {
         addresses
             .iter()
@@ -387,7 +343,7 @@ fn services_bgp_attributes_reach_the_router_and_a_change_resets_no_session() {
         "  serviceAttributes: {{communities: [\"64512:*\"], largeCommunities: [\"64512:*:*\"], maxPrepend: 2}}\n  bgp:\n    - {{name: up4, neighbor: 10.0.0.1, asn: 64500, localAsn: 64512, {TIMERS}}}\n"
     );
     let web = "{communities: [\"64512:100\"], largeCommunities: [\"64512:1:2\"], asPathPrepend: 2}";
-    let node = Node::start(&fabric.nodes[0], &attributed(web, &[]), "{}", &routing);
+    let node = start(&fabric.nodes[0], &attributed(web, &[]), "{}", &routing);
     let seen = |prefix: &str, expected: (&str, &str, &str)| {
         let expected = (
             expected.0.to_owned(),
@@ -641,7 +597,7 @@ fn a_brand_new_attribute_set_never_reaches_the_router_without_its_attributes() {
 "
         )
     };
-    let node = Node::start(&fabric.nodes[0], &services(100), "{}", &routing);
+    let node = start(&fabric.nodes[0], &services(100), "{}", &routing);
     let prefix = format!("{V4}/32");
     let community = |c: u32| format!("64512:{c}");
     let shows = |c: u32| {

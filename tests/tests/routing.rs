@@ -6,13 +6,13 @@ use std::time::{Duration, Instant};
 
 use lbagent_tests::{
     Agent, NetNs, TempDir, http_get, metric,
-    routers::{BirdRouter, FRR_ROUTER, Fabric, Frr, next_hops},
+    routers::{BirdRouter, FRR_ROUTER, Fabric, Frr, RoutingNode, next_hops, web_services},
     run_ok, wait_until,
 };
 
 const V4: &str = "203.0.113.10";
 /// Inside each node's namespace, so every node can use the same.
-const METRICS: &str = "127.0.0.1:9658";
+const METRICS: &str = RoutingNode::METRICS;
 const V6: &str = "2001:db8:ff::10";
 
 /// The FRR recipe of the README, as shipped in deploy/: the test runs it unchanged.
@@ -23,111 +23,34 @@ const BGP: &str = "  bgp:
     - {name: up6, neighbor: \"fd00::1\", asn: 64500, localAsn: 64512, holdTime: 9s, keepaliveTime: 1s, connectRetryTime: 1s, connectDelayTime: 1s}
 ";
 
-/// `lbagent run` on one node of the fabric, with its files in a directory of its own.
-struct Node {
-    dir: TempDir,
-    agent: Option<Agent>,
+/// `lbagent run` on one node of the fabric; `routing`: the body of its `routing:` section.
+fn start(ns: &NetNs, services: &str, routing: Option<&str>) -> RoutingNode {
+    RoutingNode::start(ns, "lbt-route", services, "", routing)
 }
 
-impl Node {
-    /// `routing`: the body of the `routing:` section, or `None` for no routing.
-    fn start(ns: &NetNs, services: &str, routing: Option<&str>) -> Self {
-        let dir = TempDir::new("lbt-route");
-        let node = Self { dir, agent: None };
-        node.write(services, routing);
-        let agent = Agent::start(
-            ns,
-            &node.dir.path().join("lbagent.yaml"),
-            node.dir.path().join("agent.log"),
-        );
-        Self {
-            agent: Some(agent),
-            ..node
-        }
-    }
-
-    fn write(&self, services: &str, routing: Option<&str>) {
-        self.dir.write("services.yaml", services);
-        self.write_config(routing);
-    }
-
-    fn write_config(&self, routing: Option<&str>) {
-        let routing = routing.map_or_else(String::new, |body| {
-            format!(
-                "routing:\n  stateDir: {}\n{body}",
-                self.dir.path().join("bird").display()
-            )
-        });
-        self.dir.write(
-            "lbagent.yaml",
-            &format!(
-                "source: {{file: {{path: services.yaml}}}}\nstatus: {{path: {}}}\n\
-                 http: {{address: \"{METRICS}\"}}\n{routing}",
-                self.dir.path().join("status.json").display()
-            ),
-        );
-    }
-
-    fn log(&self) -> String {
-        self.agent.as_ref().map(Agent::log).unwrap_or_default()
-    }
-
-    /// The routing part of the agent's status file.
-    fn routing(&self) -> serde_json::Value {
-        std::fs::read_to_string(self.dir.path().join("status.json"))
-            .ok()
-            .and_then(|text| serde_json::from_str::<serde_json::Value>(&text).ok())
-            .map(|status| status["routing"].clone())
-            .unwrap_or_default()
-    }
-
-    /// The `show protocols` row of `name`, as lbagent last read it.
-    fn protocol(&self, name: &str) -> serde_json::Value {
-        self.routing()["protocols"]
-            .as_array()
-            .and_then(|rows| rows.iter().find(|row| row["name"] == name).cloned())
-            .unwrap_or_default()
-    }
-
-    fn wait_established(&self, names: &[&str]) {
-        assert!(
-            wait_until(Duration::from_secs(20), || names
-                .iter()
-                .all(|name| self.protocol(name)["info"] == "Established")),
-            "sessions {names:?} not established: {:#}\n{}",
-            self.routing(),
-            self.log()
-        );
-    }
-
-    /// The `since` of protocol `name` as BIRD tells it now through its control socket, not
-    /// as lbagent last polled it.
-    fn bird_since(&self, name: &str) -> String {
-        let socket = self.dir.path().join("bird/bird.ctl");
-        let socket = socket.to_str().expect("UTF-8 path");
-        let reply = run_ok("birdc", &["-s", socket, "show", "protocols", name]);
-        reply
-            .lines()
-            .map(|line| line.split_whitespace().collect::<Vec<_>>())
-            .find(|fields| fields.first() == Some(&name))
-            .and_then(|fields| fields.get(4).map(|since| (*since).to_owned()))
-            .unwrap_or_else(|| panic!("no {name} in BIRD's reply:\n{reply}"))
-    }
-
-    fn bird_pid(&self) -> i32 {
-        std::fs::read_to_string(self.dir.path().join("bird/bird.pid"))
-            .expect("bird.pid")
-            .trim()
-            .parse()
-            .expect("pid")
-    }
+fn wait_established(node: &RoutingNode, names: &[&str]) {
+    assert!(
+        wait_until(Duration::from_secs(20), || names
+            .iter()
+            .all(|name| node.protocol(name)["info"] == "Established")),
+        "sessions {names:?} not established: {:#}\n{}",
+        node.routing(),
+        node.log()
+    );
 }
 
-fn services(addresses: &[&str]) -> String {
-    format!(
-        "services:\n- {{name: web, addresses: [{}]}}\n",
-        addresses.join(", ")
-    )
+/// The `since` of protocol `name` as BIRD tells it now through its control socket, not as
+/// lbagent last polled it.
+fn bird_since(node: &RoutingNode, name: &str) -> String {
+    let socket = node.dir.path().join("bird/bird.ctl");
+    let socket = socket.to_str().expect("UTF-8 path");
+    let reply = run_ok("birdc", &["-s", socket, "show", "protocols", name]);
+    reply
+        .lines()
+        .map(|line| line.split_whitespace().collect::<Vec<_>>())
+        .find(|fields| fields.first() == Some(&name))
+        .and_then(|fields| fields.get(4).map(|since| (*since).to_owned()))
+        .unwrap_or_else(|| panic!("no {name} in BIRD's reply:\n{reply}"))
 }
 
 fn wait_hops(router: &NetNs, prefix: &str, expected: usize, what: &str, logs: impl Fn() -> String) {
@@ -144,15 +67,15 @@ fn wait_hops(router: &NetNs, prefix: &str, expected: usize, what: &str, logs: im
 fn two_nodes_are_ecmp_next_hops_over_bgp_and_a_withdrawal_takes_one_away() {
     let fabric = Fabric::new(2);
     let _frr = Frr::start(&fabric.router, FRR_ROUTER, true);
-    let nodes: Vec<Node> = fabric
+    let nodes: Vec<RoutingNode> = fabric
         .nodes
         .iter()
-        .map(|ns| Node::start(ns, &services(&[V4, V6]), Some(BGP)))
+        .map(|ns| start(ns, &web_services(&[V4, V6]), Some(BGP)))
         .collect();
     let logs = || {
         nodes
             .iter()
-            .map(Node::log)
+            .map(RoutingNode::log)
             .collect::<Vec<_>>()
             .join("\n---\n")
     };
@@ -217,8 +140,8 @@ fn two_nodes_are_ecmp_next_hops_over_bgp_and_a_withdrawal_takes_one_away() {
 fn a_filter_change_reloads_without_resetting_sessions_and_a_hold_time_change_restarts_one() {
     let fabric = Fabric::new(1);
     let frr = Frr::start(&fabric.router, FRR_ROUTER, true);
-    let node = Node::start(&fabric.nodes[0], &services(&[V4, V6]), Some(BGP));
-    node.wait_established(&["up4", "up6"]);
+    let node = start(&fabric.nodes[0], &web_services(&[V4, V6]), Some(BGP));
+    wait_established(&node, &["up4", "up6"]);
     wait_hops(&fabric.router, &format!("{V4}/32"), 1, "route", || {
         node.log()
     });
@@ -229,12 +152,15 @@ fn a_filter_change_reloads_without_resetting_sessions_and_a_hold_time_change_res
             .to_owned()
     };
     let (up4, up6) = (since("up4"), since("up6"));
-    let (live4, live6) = (node.bird_since("up4"), node.bird_since("up6"));
+    let (live4, live6) = (bird_since(&node, "up4"), bird_since(&node, "up6"));
 
     // A community is a filter change: BIRD reloads the channels, the sessions stay.
-    node.write_config(Some(&format!(
-        "  export: {{communities: [\"64512:100\"]}}\n{BGP}"
-    )));
+    node.write_config(
+        "",
+        Some(&format!(
+            "  export: {{communities: [\"64512:100\"]}}\n{BGP}"
+        )),
+    );
     assert!(
         wait_until(Duration::from_secs(5), || node.routing()["lastReload"]
             == "Reconfigured"),
@@ -251,16 +177,19 @@ fn a_filter_change_reloads_without_resetting_sessions_and_a_hold_time_change_res
     );
     // The router has the new attribute: a reset session would have been down before that.
     assert_eq!(
-        (node.bird_since("up4"), node.bird_since("up6")),
+        (bird_since(&node, "up4"), bird_since(&node, "up6")),
         (live4, live6),
         "a session was reset"
     );
 
     // A hold time is a session parameter: only that session restarts.
-    node.write_config(Some(&format!(
-        "  export: {{communities: [\"64512:100\"]}}\n{}",
-        BGP.replacen("holdTime: 9s", "holdTime: 12s", 1)
-    )));
+    node.write_config(
+        "",
+        Some(&format!(
+            "  export: {{communities: [\"64512:100\"]}}\n{}",
+            BGP.replacen("holdTime: 9s", "holdTime: 12s", 1)
+        )),
+    );
     assert!(
         wait_until(Duration::from_secs(15), || since("up4") != up4
             && node.protocol("up4")["info"] == "Established"),
@@ -274,13 +203,13 @@ fn a_filter_change_reloads_without_resetting_sessions_and_a_hold_time_change_res
 fn a_config_bird_rejects_leaves_the_running_one_in_place() {
     let fabric = Fabric::new(1);
     let _frr = Frr::start(&fabric.router, FRR_ROUTER, true);
-    let node = Node::start(&fabric.nodes[0], &services(&[V4]), Some(BGP));
-    node.wait_established(&["up4"]);
+    let node = start(&fabric.nodes[0], &web_services(&[V4]), Some(BGP));
+    wait_established(&node, &["up4"]);
     let live = std::fs::read_to_string(node.dir.path().join("bird/bird.conf")).unwrap();
-    let since = node.bird_since("up4");
+    let since = bird_since(&node, "up4");
 
     // lbagent accepts the name; BIRD does not (`ipv4` is one of its keywords).
-    node.write_config(Some(&BGP.replacen("name: up4", "name: ipv4", 1)));
+    node.write_config("", Some(&BGP.replacen("name: up4", "name: ipv4", 1)));
     assert!(
         wait_until(Duration::from_secs(5), || node.routing()["lastReload"]
             .as_str()
@@ -299,14 +228,14 @@ fn a_config_bird_rejects_leaves_the_running_one_in_place() {
         live
     );
     // BIRD refused the file, so nothing of it ever ran: the session is the same one.
-    assert_eq!(node.bird_since("up4"), since);
+    assert_eq!(bird_since(&node, "up4"), since);
     assert_eq!(
         next_hops(&fabric.router, &format!("{V4}/32")),
         [Fabric::node_v4(1)]
     );
 
     // A value lbagent itself rejects never reaches BIRD: the field is named, nothing written.
-    node.write_config(Some(&BGP.replacen("asn: 64500", "asn: 0", 1)));
+    node.write_config("", Some(&BGP.replacen("asn: 64500", "asn: 0", 1)));
     assert!(
         wait_until(Duration::from_secs(5), || {
             node.log().contains(
@@ -398,9 +327,12 @@ fn a_hung_bird_is_restarted_and_the_change_it_missed_is_applied() {
     // Stopped, and never continued: the change reaches BIRD only through a restart.
     let hung = node.bird_pid();
     signal(hung, nix::sys::signal::Signal::SIGSTOP);
-    node.write_config(Some(&format!(
-        "  export: {{communities: [\"64512:100\"]}}\n{BGP}"
-    )));
+    node.write_config(
+        "",
+        Some(&format!(
+            "  export: {{communities: [\"64512:100\"]}}\n{BGP}"
+        )),
+    );
     assert!(
         wait_until(Duration::from_secs(10), || next.exists()),
         "lbagent never tried to hand the stopped BIRD the change\n{}",
@@ -436,9 +368,12 @@ fn a_hung_bird_is_restarted_and_the_change_it_missed_is_applied() {
     // Stopped while a change is on its way, then continued: the change is applied.
     let stopped = node.bird_pid();
     signal(stopped, nix::sys::signal::Signal::SIGSTOP);
-    node.write_config(Some(&format!(
-        "  export: {{communities: [\"64512:200\"]}}\n{BGP}"
-    )));
+    node.write_config(
+        "",
+        Some(&format!(
+            "  export: {{communities: [\"64512:200\"]}}\n{BGP}"
+        )),
+    );
     assert!(
         wait_until(Duration::from_secs(10), || next.exists()),
         "{}",
@@ -465,7 +400,7 @@ fn frr_on_the_node_redistributes_kube_lb0_as_lbagent_keeps_it() {
     let _router = Frr::start(&fabric.router, FRR_ROUTER, true);
     // lbagent only keeps kube-lb0; the node's own FRR advertises it with the recipe the README
     // shows, as shipped: FRR's defaults, IPv4 and IPv6.
-    let node = Node::start(&fabric.nodes[0], &services(&[V4, V6]), None);
+    let node = start(&fabric.nodes[0], &web_services(&[V4, V6]), None);
     let _node_frr = Frr::start(&fabric.nodes[0], FRR_NODE_RECIPE, false);
     wait_hops(
         &fabric.router,
@@ -523,7 +458,7 @@ fn frr_on_the_node_redistributes_kube_lb0_as_lbagent_keeps_it() {
 fn a_missing_bird_stops_the_start_with_one_line() {
     let fabric = Fabric::new(1);
     let dir = TempDir::new("lbt-nobird");
-    dir.write("services.yaml", &services(&[V4]));
+    dir.write("services.yaml", &web_services(&[V4]));
     dir.write(
         "lbagent.yaml",
         &format!(
@@ -572,10 +507,10 @@ fn a_bird_router_learns_the_addresses_over_ospf_v2_and_v3() {
     - {name: o4, family: ipv4, area: 0, interfaces: [{name: eth0, type: broadcast, hello: 1, dead: 4}]}
     - {name: o6, family: ipv6, area: \"0.0.0.0\", interfaces: [{name: eth0, type: broadcast, hello: 1, dead: 4}]}
 ";
-    let nodes: Vec<Node> = fabric
+    let nodes: Vec<RoutingNode> = fabric
         .nodes
         .iter()
-        .map(|ns| Node::start(ns, &services(&[V4, V6]), Some(routing)))
+        .map(|ns| start(ns, &web_services(&[V4, V6]), Some(routing)))
         .collect();
     let logs = || {
         format!(
@@ -583,7 +518,7 @@ fn a_bird_router_learns_the_addresses_over_ospf_v2_and_v3() {
             router.log(),
             nodes
                 .iter()
-                .map(Node::log)
+                .map(RoutingNode::log)
                 .collect::<Vec<_>>()
                 .join("\n---\n")
         )
@@ -606,9 +541,9 @@ protocol rip r4 { ecmp yes; ipv4 { import all; export none; }; interface \"br0\"
 protocol rip ng r6 { ecmp yes; ipv6 { import all; export none; }; interface \"br0\" { update time 5; timeout time 15; }; }
 ",
     );
-    let node = Node::start(
+    let node = start(
         &fabric.nodes[0],
-        &services(&[V4, V6]),
+        &web_services(&[V4, V6]),
         Some(
             "  rip:\n    - {name: r4, family: ipv4, interfaces: [eth0], updateTime: 5}\n    - {name: r6, family: ipv6, interfaces: [eth0], updateTime: 5}\n",
         ),
@@ -624,11 +559,11 @@ protocol rip ng r6 { ecmp yes; ipv6 { import all; export none; }; interface \"br
 
 /// One node whose BGP session to an FRR router is up, whose route the router has, and whose
 /// BIRD is marked as having announced (so the next one starts with -R).
-fn announced_node() -> (Fabric, Frr, Node) {
+fn announced_node() -> (Fabric, Frr, RoutingNode) {
     let fabric = Fabric::new(1);
     let frr = Frr::start(&fabric.router, FRR_ROUTER, true);
-    let node = Node::start(&fabric.nodes[0], &services(&[V4]), Some(BGP));
-    node.wait_established(&["up4"]);
+    let node = start(&fabric.nodes[0], &web_services(&[V4]), Some(BGP));
+    wait_established(&node, &["up4"]);
     wait_hops(&fabric.router, &format!("{V4}/32"), 1, "route", || {
         node.log()
     });
@@ -669,7 +604,7 @@ fn restarting_lbagent_keeps_the_route_and_cleanup_withdraws_it() {
         "BIRD not restarted with -R:\n{}",
         node.log()
     );
-    node.wait_established(&["up4"]);
+    wait_established(&node, &["up4"]);
     assert_eq!(
         next_hops(&fabric.router, &format!("{V4}/32")),
         [Fabric::node_v4(1)]
@@ -734,9 +669,9 @@ fn external_mode_writes_an_include_and_reloads_the_operators_bird() {
         ),
     );
     let socket = operator_socket(&operator);
-    let node = Node::start(
+    let node = start(
         &fabric.nodes[0],
-        &services(&[V4]),
+        &web_services(&[V4]),
         Some(&format!(
             "  mode: external\n  include: {}\n  socket: {}\n  bgp:\n    - {{name: up4, neighbor: 10.0.0.1, asn: 64500, localAsn: 64512, holdTime: 9s, keepaliveTime: 1s, connectRetryTime: 1s}}\n",
             include.display(),
@@ -806,7 +741,7 @@ fn cleanup_after_a_graceful_stop_still_makes_the_router_withdraw() {
 }
 
 /// BIRD processes whose command line names this node's state directory.
-fn pgrep_bird_in(node: &Node) -> String {
+fn pgrep_bird_in(node: &RoutingNode) -> String {
     let out = lbagent_tests::run(
         "pgrep",
         &["-f", &format!("bird -f -c {}", node.dir.path().display())],
@@ -854,11 +789,7 @@ fn metrics_show_each_session_and_the_routes_it_exports() {
 #[test]
 fn host_ip_from_the_downward_api_is_the_default_router_id() {
     let fabric = Fabric::new(1);
-    let node = Node {
-        dir: TempDir::new("lbt-route"),
-        agent: None,
-    };
-    node.write(&services(&[V4]), Some(BGP));
+    let node = RoutingNode::new("lbt-route", &web_services(&[V4]), "", Some(BGP));
     let agent = Agent::start_with_env(
         &fabric.nodes[0],
         &node.dir.path().join("lbagent.yaml"),
