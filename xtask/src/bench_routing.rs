@@ -1,11 +1,12 @@
 //! `cargo xtask bench routing`: how fast an address change reaches an upstream router's
-//! kernel through lbagent and its BIRD, and a bulk add against `ip -batch` onto a kube-lb0
-//! served by a hand-written BIRD config, in the same run; then how fast a Service's BGP
-//! attribute change reaches the router, against the same change made by hand to a
-//! hand-written BIRD config and `birdc configure`.
+//! kernel through lbagent and its BIRD; a bulk add against `ip -batch` onto a kube-lb0 served
+//! by a hand-written BIRD config; and how fast a Service's BGP attribute change reaches the
+//! router, against the same change made by hand to a hand-written BIRD config and `birdc
+//! configure`. lbagent runs on one node, the hand-written BIRD on another, both peering with
+//! the same FRR router, so that every comparison alternates between them in the same run.
 
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeMap, BTreeSet},
     fmt::Write as _,
     io::BufRead as _,
     path::{Path, PathBuf},
@@ -21,24 +22,41 @@ use crate::cmd;
 const SEQUENTIAL: usize = 100;
 const BULK_V4: usize = 5_000;
 const BULK_V6: usize = 5_000;
-/// Services in the attribute round, how many of them carry a community, and how many changes.
+/// Bulk adds on each side: one is at the mercy of where BIRD's device scan (2 s) falls.
+const BULK_ROUNDS: usize = 5;
+/// Services in the attribute round, and how many of them carry a community; each of those
+/// gets one change, so there are as many changes on each side.
 const SERVICES: usize = 1_000;
 const ATTRIBUTED: usize = 100;
-const CHANGES: usize = 20;
 /// lbagent's allow-list for the attribute round.
 const ATTRIBUTES: &str = "  serviceAttributes: {communities: [\"64512:*\"]}\n";
+/// The router gives a route whose community is one of the changed ones (64512:1000 and up)
+/// this next hop (an inbound route-map), so the change shows in its kernel table, where `ip
+/// monitor` times it, instead of in bgpd's, which only polling would see.
+const CHANGED_VIA: &str = "10.0.0.99";
+const FRR_CHANGED: &str = "bgp community-list expanded CHANGED seq 5 permit 64512:1[0-9][0-9][0-9]
+route-map CHANGED permit 10
+ match community CHANGED
+ set ip next-hop 10.0.0.99
+route-map CHANGED permit 20
+";
+const NODE_V4: &str = "10.0.0.11";
+const BASE_V4: &str = "10.0.0.12";
 
 pub fn run() -> Result<()> {
     cmd::require_root("bench routing")?;
     cmd::cargo(&["build", "--quiet", "--release", "--package", "lbagent"])?;
     let lbagent = crate::bench::target_dir().join("release/lbagent");
+    let load_before = load_average();
     let lab = Lab::new()?;
     let frr = lab.start_frr()?;
     let monitor = RouteMonitor::start(&lab.router)?;
 
+    let mut agent = lab.start_agent(&lbagent)?;
+    let mut plain = PlainBird::start(&lab)?;
+    lab.wait_established(4)?;
+
     // --- one address at a time, through lbagent ---
-    let mut agent = lab.start_agent(&lbagent, &[], "")?;
-    lab.wait_established()?;
     let mut adds = Vec::new();
     let mut current: Vec<String> = Vec::new();
     for i in 0..SEQUENTIAL {
@@ -52,27 +70,14 @@ pub fn run() -> Result<()> {
         let started = lab.write_services(&current)?;
         removes.push(monitor.wait_for(&address, false, started, Duration::from_secs(10))?);
     }
-    let reloads = agent.log()?.matches("reconfiguring BIRD").count();
 
-    // --- 10,000 at once: lbagent, then ip -batch under a hand-written BIRD ---
+    // --- 10,000 at once: lbagent and ip -batch under a hand-written BIRD, alternating ---
     let bulk: Vec<String> = (0..BULK_V4)
         .map(|i| format!("100.64.{}.{}", i / 250, i % 250 + 1))
         .chain((0..BULK_V6).map(|i| format!("2001:db8:1::{:x}", i + 1)))
         .collect();
     let wanted: BTreeSet<String> = bulk.iter().cloned().collect();
-    monitor.clear();
-    let started = lab.write_services(&bulk)?;
-    let lbagent_bulk = monitor.wait_for_all(&wanted, started, Duration::from_secs(120))?;
-    agent.stop();
-    lab.cleanup(&lbagent)?;
-    // The kernel drops routes that hang off a deleted nexthop group without a notification
-    // per route, so this waits on the table, not on the monitor.
-    wait(Duration::from_secs(60), || lab.bgp_routes() == 0)
-        .context("the router kept lbagent's routes")?;
-
-    let mut bird = lab.start_plain_bird()?;
-    lab.wait_established()?;
-    let mut batch = String::from("link add kube-lb0 type ifb\nlink set kube-lb0 up\n");
+    let mut batch = String::new();
     for address in &bulk {
         let (len, nodad) = if address.contains(':') {
             (128, " nodad")
@@ -81,174 +86,312 @@ pub fn run() -> Result<()> {
         };
         writeln!(batch, "address add {address}/{len} dev kube-lb0{nodad}")?;
     }
-    std::fs::write(lab.dir.join("batch"), batch)?;
+    let batch_file = lab.dir.join("batch");
+    std::fs::write(&batch_file, batch)?;
+    let (mut lbagent_bulk, mut baseline_bulk) = (Vec::new(), Vec::new());
+    for _ in 0..BULK_ROUNDS {
+        monitor.clear();
+        let started = lab.write_services(&bulk)?;
+        lbagent_bulk.push(monitor.wait_for_all(&wanted, started, Duration::from_secs(120))?);
+        lab.write_services(&[])?;
+        lab.wait_no_bgp_routes("lbagent's bulk")?;
+
+        monitor.clear();
+        let started = Instant::now();
+        cmd::output(
+            Command::new("ip")
+                .args(["-n", &lab.base, "-batch"])
+                .arg(&batch_file),
+        )?;
+        baseline_bulk.push(monitor.wait_for_all(&wanted, started, Duration::from_secs(120))?);
+        cmd::output(
+            Command::new("ip").args(["-n", &lab.base, "addr", "flush", "dev", "kube-lb0"]),
+        )?;
+        lab.wait_no_bgp_routes("the plain BIRD's bulk")?;
+    }
+    let reloads = agent.reloads()?;
+
+    // --- a Service's attribute change: lbagent and a hand-written BIRD config, alternating ---
+    let mut changed = BTreeMap::new();
     monitor.clear();
-    let started = Instant::now();
-    cmd::output(
-        Command::new("ip")
-            .args(["-n", &lab.node, "-batch"])
-            .arg(lab.dir.join("batch")),
-    )?;
-    let baseline_bulk = monitor.wait_for_all(&wanted, started, Duration::from_secs(120))?;
-    let _ = bird.kill();
-    let _ = bird.wait();
-    cmd::output(Command::new("ip").args(["-n", &lab.node, "link", "del", "kube-lb0"]))?;
-    wait(Duration::from_secs(60), || lab.bgp_routes() == 0)
-        .context("the router kept the plain BIRD's routes")?;
+    let started = lab.write_services_text(&attributed_services(&changed))?;
+    let lbagent_set: BTreeSet<String> = (0..SERVICES).map(service_address).collect();
+    monitor.wait_for_all(&lbagent_set, started, Duration::from_secs(120))?;
+    lab.wait_community(&service_address(0), 1, Duration::from_secs(30))?;
+    plain.serve_attributed(&lab, &monitor)?;
+    let reloads_before = agent.reloads()?;
+    let (mut lbagent_changes, mut baseline_changes) = (Vec::new(), Vec::new());
+    // When each lbagent change was written (seconds of the day, UTC, as its log says), and
+    // how long each `birdc configure` took.
+    let (mut written, mut configures) = (Vec::new(), Vec::new());
+    for i in 0..ATTRIBUTED {
+        let community = 1_000 + i as u32;
+        changed.insert(i, community);
+        let started = lab.write_services_text(&attributed_services(&changed))?;
+        written.push(seconds_of_day(std::time::SystemTime::now()));
+        lbagent_changes.push(monitor.wait_for_via(
+            &service_address(i),
+            CHANGED_VIA,
+            started,
+            Duration::from_secs(30),
+        )?);
+        let started = Instant::now();
+        plain.configure(&attributed_config(&changed))?;
+        configures.push(started.elapsed());
+        baseline_changes.push(monitor.wait_for_via(
+            &base_address(i),
+            CHANGED_VIA,
+            started,
+            Duration::from_secs(30),
+        )?);
+    }
+    let attribute_reloads = agent.reloads()? - reloads_before;
+    let steps = agent.reload_steps(&written, &lbagent_changes)?;
 
-    // --- a Service's attribute change: lbagent, then a hand-written BIRD config ---
-    let (lbagent_changes, attribute_reloads) = lbagent_attribute_changes(&lab, &lbagent, &monitor)?;
-    let baseline_changes = plain_attribute_changes(&lab, &monitor)?;
+    agent.stop();
+    lab.cleanup(&lbagent)?;
+    drop(plain);
     drop(frr);
+    let load_after = load_average();
 
-    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    let ms = |d: Duration| format!("{:.0} ms", d.as_secs_f64() * 1e3);
+    let ratio = |a: Duration, b: Duration| format!("{:.2}", a.as_secs_f64() / b.as_secs_f64());
     println!();
     println!(
-        "routing benchmark: a node running lbagent with a managed BIRD, an FRR router (bgpd + zebra); times until the router's kernel has (or no longer has) the route"
+        "routing benchmark: lbagent with its managed BIRD on one node, a hand-written BIRD config on another, an FRR router (bgpd + zebra); times until the router's kernel has (or no longer has) the route; load average {load_before} before, {load_after} after"
     );
-    println!("| measure | p50 | p99 | target |");
-    println!("| --- | ---: | ---: | --- |");
-    println!(
-        "| add one address ({SEQUENTIAL} in sequence) | {:.0} ms | {:.0} ms | p50 <= 150 ms, p99 <= 500 ms |",
-        ms(percentile(&adds, 50)),
-        ms(percentile(&adds, 99))
+    let sequential = |what: &str, times: &[Duration]| {
+        [
+            format!("{what} one address ({SEQUENTIAL} in sequence)"),
+            ms(percentile(times, 50)),
+            ms(percentile(times, 99)),
+            "p50 <= 150 ms, p99 <= 500 ms".to_owned(),
+        ]
+    };
+    print_table(
+        &["measure", "p50", "p99", "target"],
+        &[sequential("add", &adds), sequential("remove", &removes)],
     );
-    println!(
-        "| remove one address ({SEQUENTIAL} in sequence) | {:.0} ms | {:.0} ms | p50 <= 150 ms, p99 <= 500 ms |",
-        ms(percentile(&removes, 50)),
-        ms(percentile(&removes, 99))
+    let median = |times: &[Duration]| percentile(times, 50);
+    let range = |times: &[Duration]| {
+        format!(
+            "{}-{}",
+            ms(*times.iter().min().unwrap_or(&Duration::ZERO)),
+            ms(*times.iter().max().unwrap_or(&Duration::ZERO))
+        )
+    };
+    print_table(
+        &[
+            &format!(
+                "bulk: {} addresses at once ({BULK_V4} IPv4 + {BULK_V6} IPv6), all at the router, {BULK_ROUNDS} rounds each, alternating",
+                bulk.len()
+            ),
+            "median",
+            "range",
+            "target",
+        ],
+        &[
+            [
+                "`ip -batch` onto kube-lb0, hand-written BIRD config (baseline)".to_owned(),
+                ms(median(&baseline_bulk)),
+                range(&baseline_bulk),
+                String::new(),
+            ],
+            [
+                "lbagent (services file to kube-lb0, its BIRD)".to_owned(),
+                ms(median(&lbagent_bulk)),
+                range(&lbagent_bulk),
+                String::new(),
+            ],
+            [
+                "ratio of the medians, lbagent / baseline".to_owned(),
+                ratio(median(&lbagent_bulk), median(&baseline_bulk)),
+                String::new(),
+                "<= 1.2".to_owned(),
+            ],
+            [
+                "BIRD reloads caused by address changes".to_owned(),
+                reloads.to_string(),
+                String::new(),
+                "0".to_owned(),
+            ],
+        ],
     );
-    println!();
-    println!(
-        "| bulk: {} addresses at once ({BULK_V4} IPv4 + {BULK_V6} IPv6) | all at the router | target |",
-        bulk.len()
+    let p = |times: &[Duration], n| percentile(times, n);
+    print_table(
+        &[
+            &format!(
+                "attribute change: each of {ATTRIBUTED} attributed Services (of {SERVICES}) gets a community no Service had, until the router shows it; alternating"
+            ),
+            "p50",
+            "p99",
+            "target",
+        ],
+        &[
+            [
+                "hand-written BIRD config (prefix sets), rewritten + `birdc configure` (baseline)"
+                    .to_owned(),
+                ms(p(&baseline_changes, 50)),
+                ms(p(&baseline_changes, 99)),
+                String::new(),
+            ],
+            [
+                "lbagent (services file to its BIRD)".to_owned(),
+                ms(p(&lbagent_changes, 50)),
+                ms(p(&lbagent_changes, 99)),
+                String::new(),
+            ],
+            [
+                "ratio lbagent / baseline".to_owned(),
+                ratio(p(&lbagent_changes, 50), p(&baseline_changes, 50)),
+                ratio(p(&lbagent_changes, 99), p(&baseline_changes, 99)),
+                "<= 1.2".to_owned(),
+            ],
+            [
+                format!("BIRD reloads during the {ATTRIBUTED} attribute changes (lbagent)"),
+                attribute_reloads.to_string(),
+                String::new(),
+                ATTRIBUTED.to_string(),
+            ],
+        ],
     );
-    println!("| --- | ---: | --- |");
-    println!(
-        "| `ip -batch` onto kube-lb0, hand-written BIRD config (baseline) | {:.0} ms | |",
-        ms(baseline_bulk)
-    );
-    println!(
-        "| lbagent (services file to kube-lb0, its BIRD) | {:.0} ms | |",
-        ms(lbagent_bulk)
-    );
-    println!(
-        "| ratio lbagent / baseline | {:.2} | <= 1.2 |",
-        lbagent_bulk.as_secs_f64() / baseline_bulk.as_secs_f64()
-    );
-    println!("| BIRD reloads caused by address changes | {reloads} | 0 |");
-    println!();
-    println!(
-        "| attribute change: one of {ATTRIBUTED} attributed Services (of {SERVICES}) gets a community no Service had, until the router shows it ({CHANGES} changes) | p50 | p99 | target |"
-    );
-    println!("| --- | ---: | ---: | --- |");
-    println!(
-        "| hand-written BIRD config (prefix sets), rewritten + `birdc configure` (baseline) | {:.0} ms | {:.0} ms | |",
-        ms(percentile(&baseline_changes, 50)),
-        ms(percentile(&baseline_changes, 99))
-    );
-    println!(
-        "| lbagent (services file to its BIRD) | {:.0} ms | {:.0} ms | |",
-        ms(percentile(&lbagent_changes, 50)),
-        ms(percentile(&lbagent_changes, 99))
-    );
-    println!(
-        "| ratio lbagent / baseline | {:.2} | {:.2} | <= 1.2 |",
-        percentile(&lbagent_changes, 50).as_secs_f64()
-            / percentile(&baseline_changes, 50).as_secs_f64(),
-        percentile(&lbagent_changes, 99).as_secs_f64()
-            / percentile(&baseline_changes, 99).as_secs_f64()
-    );
-    println!(
-        "| BIRD reloads during the {CHANGES} attribute changes (lbagent) | {attribute_reloads} | {CHANGES} |"
+    let tail: Vec<Duration> = baseline_changes
+        .iter()
+        .zip(&configures)
+        .map(|(total, configure)| total.saturating_sub(*configure))
+        .collect();
+    let step =
+        |what: &str, times: &[Duration]| [what.to_owned(), ms(p(times, 50)), ms(p(times, 99))];
+    print_table(
+        &["where an attribute change's time goes", "p50", "p99"],
+        &[
+            step(
+                "lbagent: services file written until the config is handed to BIRD (file source, reconcile pass, render)",
+                &steps.pass,
+            ),
+            step(
+                "lbagent: config handed until BIRD reconfigured (write, `configure`)",
+                &steps.reload,
+            ),
+            step(
+                "lbagent: BIRD reconfigured until the router's kernel has it (marks, BIRD's export, BGP, FRR, zebra)",
+                &steps.after,
+            ),
+            step("baseline: config written + `birdc configure`", &configures),
+            step(
+                "baseline: `birdc configure` returned until the router's kernel has it",
+                &tail,
+            ),
+        ],
     );
     Ok(())
 }
 
+/// Seconds since midnight UTC.
+fn seconds_of_day(time: std::time::SystemTime) -> f64 {
+    time.duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |since| since.as_secs_f64() % 86_400.0)
+}
+
+/// Seconds since midnight of an RFC 3339 UTC timestamp (`2026-12-01T15:25:00.123456Z`).
+fn stamp_of_day(stamp: &str) -> Option<f64> {
+    let time = stamp.split_once('T')?.1.trim_end_matches('Z');
+    let mut parts = time.splitn(3, ':');
+    let hours: f64 = parts.next()?.parse().ok()?;
+    let minutes: f64 = parts.next()?.parse().ok()?;
+    let seconds: f64 = parts.next()?.parse().ok()?;
+    Some(hours * 3600.0 + minutes * 60.0 + seconds)
+}
+
+/// An attribute change through lbagent, in three steps.
+#[derive(Default)]
+struct ReloadSteps {
+    pass: Vec<Duration>,
+    reload: Vec<Duration>,
+    after: Vec<Duration>,
+}
+
+/// A Markdown table: a header row, then the rows; every column but the first right-aligned.
+fn print_table<const N: usize>(header: &[&str; N], rows: &[[String; N]]) {
+    println!();
+    println!("| {} |", header.join(" | "));
+    let align: Vec<&str> = (0..N)
+        .map(|i| if i == 0 || i == N - 1 { "---" } else { "---:" })
+        .collect();
+    println!("| {} |", align.join(" | "));
+    for row in rows {
+        println!("| {} |", row.join(" | "));
+    }
+}
+
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|text| {
+            text.split_whitespace()
+                .take(3)
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
+        .unwrap_or_default()
+}
+
+/// Service `i`'s address on lbagent's node.
 fn service_address(i: usize) -> String {
     format!("100.65.{}.{}", i / 250, i % 250 + 1)
 }
 
+/// The same Service's address on the hand-written BIRD's node.
+fn base_address(i: usize) -> String {
+    format!("100.66.{}.{}", i / 250, i % 250 + 1)
+}
+
 /// The community of Service `i`, if it has one: the first [`ATTRIBUTED`] have 64512:1 until
 /// a change gives one of them its own.
-fn community_of(i: usize, changed: &std::collections::BTreeMap<usize, u32>) -> Option<u32> {
+fn community_of(i: usize, changed: &BTreeMap<usize, u32>) -> Option<u32> {
     changed.get(&i).copied().or((i < ATTRIBUTED).then_some(1))
 }
 
-/// Which Service the `n`th change goes to, and the community no Service had before it.
-fn change(n: usize) -> (usize, u32) {
-    (n * 5 % ATTRIBUTED, 1_000 + n as u32)
-}
-
-fn lbagent_attribute_changes(
-    lab: &Lab,
-    lbagent: &Path,
-    monitor: &RouteMonitor,
-) -> Result<(Vec<Duration>, usize)> {
-    let services = |changed: &std::collections::BTreeMap<usize, u32>| {
-        let mut text = String::from("services:\n");
-        for i in 0..SERVICES {
-            let bgp = community_of(i, changed).map_or_else(String::new, |c| {
-                format!(", bgp: {{communities: [\"64512:{c}\"]}}")
-            });
-            let _ = writeln!(
-                text,
-                "- {{name: s{i}, addresses: [{}]{bgp}}}",
-                service_address(i)
-            );
-        }
-        text
-    };
-    let mut changed = std::collections::BTreeMap::new();
-    monitor.clear();
-    lab.write_services_text(&services(&changed))?;
-    let started = Instant::now();
-    let mut agent = lab.start_agent_with(lbagent, ATTRIBUTES)?;
-    let wanted: BTreeSet<String> = (0..SERVICES).map(service_address).collect();
-    monitor.wait_for_all(&wanted, started, Duration::from_secs(120))?;
-    lab.wait_community(&service_address(0), 1, Duration::from_secs(30))?;
-    let before = agent.log()?.matches("reconfiguring BIRD").count();
-    let mut times = Vec::new();
-    for n in 0..CHANGES {
-        let (i, community) = change(n);
-        changed.insert(i, community);
-        let started = lab.write_services_text(&services(&changed))?;
-        lab.wait_community(&service_address(i), community, Duration::from_secs(30))?;
-        times.push(started.elapsed());
+fn attributed_services(changed: &BTreeMap<usize, u32>) -> String {
+    let mut text = String::from("services:\n");
+    for i in 0..SERVICES {
+        let bgp = community_of(i, changed).map_or_else(String::new, |c| {
+            format!(", bgp: {{communities: [\"64512:{c}\"]}}")
+        });
+        let _ = writeln!(
+            text,
+            "- {{name: s{i}, addresses: [{}]{bgp}}}",
+            service_address(i)
+        );
     }
-    let reloads = agent.log()?.matches("reconfiguring BIRD").count() - before;
-    agent.stop();
-    lab.cleanup(lbagent)?;
-    wait(Duration::from_secs(60), || lab.bgp_routes() == 0)
-        .context("the router kept lbagent's routes")?;
-    Ok((times, reloads))
+    text
 }
 
-/// The operator's way: the attributed addresses listed in the export filter by community,
-/// the changed one moved to its own, the file rewritten and `birdc configure`.
-fn plain_attribute_changes(lab: &Lab, monitor: &RouteMonitor) -> Result<Vec<Duration>> {
-    let conf = lab.dir.join("plain-bird.conf");
-    let socket = lab.dir.join("plain-bird.ctl");
-    let write_config = |changed: &std::collections::BTreeMap<usize, u32>| -> Result<()> {
-        let mut by_community: std::collections::BTreeMap<u32, Vec<String>> = Default::default();
-        for i in 0..SERVICES {
-            if let Some(c) = community_of(i, changed) {
-                by_community
-                    .entry(c)
-                    .or_default()
-                    .push(format!("{}/32", service_address(i)));
-            }
+/// The operator's way: the attributed addresses listed in the export filter by community.
+fn attributed_config(changed: &BTreeMap<usize, u32>) -> String {
+    let mut by_community: BTreeMap<u32, Vec<String>> = BTreeMap::new();
+    for i in 0..SERVICES {
+        if let Some(c) = community_of(i, changed) {
+            by_community
+                .entry(c)
+                .or_default()
+                .push(format!("{}/32", base_address(i)));
         }
-        let mut filter = String::new();
-        for (c, nets) in &by_community {
-            let _ = writeln!(
-                filter,
-                "  if net ~ [ {} ] then bgp_community.add((64512, {c}));",
-                nets.join(", ")
-            );
-        }
-        let text = format!(
-            "router id 10.0.0.11;
+    }
+    let mut filter = String::new();
+    for (c, nets) in &by_community {
+        let _ = writeln!(
+            filter,
+            "  if net ~ [ {} ] then bgp_community.add((64512, {c}));",
+            nets.join(", ")
+        );
+    }
+    plain_config(&filter)
+}
+
+/// A hand-written BIRD config for the baseline node: `filter` goes into its export filter.
+fn plain_config(filter: &str) -> String {
+    format!(
+        "router id {BASE_V4};
 protocol device {{ scan time 2; }}
 protocol direct {{ ipv4; ipv6; interface \"kube-lb0\"; }}
 filter vips {{
@@ -260,69 +403,32 @@ protocol bgp up4 {{ local as 64512; neighbor 10.0.0.1 as 64500; hold time 9; kee
 protocol bgp up6 {{ local as 64512; neighbor fd00::1 as 64500; hold time 9; keepalive time 1; connect retry time 1;
   ipv6 {{ import none; export filter vips; }}; }}
 "
-        );
-        std::fs::write(&conf, text)?;
-        Ok(())
-    };
-    let mut changed = std::collections::BTreeMap::new();
-    write_config(&changed)?;
-    let mut bird = Command::new("ip")
-        .args(["netns", "exec", &lab.node, "bird", "-f", "-c"])
-        .arg(&conf)
-        .arg("-s")
-        .arg(&socket)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()?;
-    wait(Duration::from_secs(10), || socket.exists()).context("plain BIRD did not start")?;
-    lab.wait_established()?;
-    let mut batch = String::from("link add kube-lb0 type ifb\nlink set kube-lb0 up\n");
-    for i in 0..SERVICES {
-        writeln!(batch, "address add {}/32 dev kube-lb0", service_address(i))?;
-    }
-    std::fs::write(lab.dir.join("batch"), batch)?;
-    monitor.clear();
-    let started = Instant::now();
-    cmd::output(
-        Command::new("ip")
-            .args(["-n", &lab.node, "-batch"])
-            .arg(lab.dir.join("batch")),
-    )?;
-    let wanted: BTreeSet<String> = (0..SERVICES).map(service_address).collect();
-    monitor.wait_for_all(&wanted, started, Duration::from_secs(120))?;
-    lab.wait_community(&service_address(0), 1, Duration::from_secs(30))?;
-    let mut times = Vec::new();
-    for n in 0..CHANGES {
-        let (i, community) = change(n);
-        changed.insert(i, community);
-        let started = Instant::now();
-        write_config(&changed)?;
-        cmd::output(
-            Command::new("birdc")
-                .arg("-s")
-                .arg(&socket)
-                .arg("configure"),
-        )?;
-        lab.wait_community(&service_address(i), community, Duration::from_secs(30))?;
-        times.push(started.elapsed());
-    }
-    let _ = bird.kill();
-    let _ = bird.wait();
-    Ok(times)
+    )
 }
 
 fn percentile(values: &[Duration], p: usize) -> Duration {
     let mut sorted = values.to_vec();
     sorted.sort_unstable();
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
     let index = ((sorted.len() * p).div_ceil(100)).clamp(1, sorted.len()) - 1;
     sorted[index]
 }
 
-/// `ip monitor route` in the router namespace: each route line, timestamped on arrival.
+/// One line of `ip monitor route`: when it arrived, whether the route was added (or
+/// replaced) rather than deleted, its prefix and its gateway.
+struct RouteEvent {
+    at: Instant,
+    added: bool,
+    prefix: String,
+    via: Option<String>,
+}
+
+/// `ip monitor route` in the router namespace: each BGP route line, timestamped on arrival.
 struct RouteMonitor {
-    child: Child,
-    events: mpsc::Receiver<(Instant, bool, String)>,
-    seen: std::cell::RefCell<Vec<(Instant, bool, String)>>,
+    _child: Killed,
+    events: mpsc::Receiver<RouteEvent>,
 }
 
 impl RouteMonitor {
@@ -344,29 +450,56 @@ impl RouteMonitor {
                 }
                 let (added, rest) = match line.strip_prefix("Deleted ") {
                     Some(rest) => (false, rest),
-                    None => (true, line.as_str()),
+                    None => (true, line.strip_prefix("Replaced ").unwrap_or(&line)),
                 };
-                let prefix = rest
-                    .split_whitespace()
-                    .next()
-                    .unwrap_or_default()
-                    .to_owned();
-                if tx.send((Instant::now(), added, prefix)).is_err() {
+                let mut words = rest.split_whitespace();
+                let prefix = words.next().unwrap_or_default().to_owned();
+                let via = words
+                    .skip_while(|word| *word != "via")
+                    .nth(1)
+                    .map(str::to_owned);
+                let event = RouteEvent {
+                    at: Instant::now(),
+                    added,
+                    prefix,
+                    via,
+                };
+                if tx.send(event).is_err() {
                     return;
                 }
             }
         });
         std::thread::sleep(Duration::from_millis(100));
         Ok(Self {
-            child,
+            _child: Killed(child),
             events,
-            seen: Default::default(),
         })
     }
 
     fn clear(&self) {
         while self.events.try_recv().is_ok() {}
-        self.seen.borrow_mut().clear();
+    }
+
+    /// Time from `started` until the first event for `address` that `matches`.
+    fn wait_until(
+        &self,
+        address: &str,
+        what: &str,
+        started: Instant,
+        timeout: Duration,
+        matches: impl Fn(&RouteEvent) -> bool,
+    ) -> Result<Duration> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let event = self
+                .events
+                .recv_timeout(left)
+                .with_context(|| format!("{address} never {what} at the router"))?;
+            if event.prefix == address && matches(&event) {
+                return Ok(event.at.saturating_duration_since(started));
+            }
+        }
     }
 
     /// Time from `started` until `address` was added (or removed) at the router.
@@ -377,19 +510,24 @@ impl RouteMonitor {
         started: Instant,
         timeout: Duration,
     ) -> Result<Duration> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let (at, was_added, prefix) = self.events.recv_timeout(left).with_context(|| {
-                format!(
-                    "{address} never {} at the router",
-                    if added { "arrived" } else { "left" }
-                )
-            })?;
-            if was_added == added && prefix == address {
-                return Ok(at.saturating_duration_since(started));
-            }
-        }
+        let what = if added { "arrived" } else { "left" };
+        self.wait_until(address, what, started, timeout, |event| {
+            event.added == added
+        })
+    }
+
+    /// Time from `started` until the router routes `address` through `via`.
+    fn wait_for_via(
+        &self,
+        address: &str,
+        via: &str,
+        started: Instant,
+        timeout: Duration,
+    ) -> Result<Duration> {
+        let what = format!("went through {via}");
+        self.wait_until(address, &what, started, timeout, |event| {
+            event.added && event.via.as_deref() == Some(via)
+        })
     }
 
     /// Time from `started` until every address in `wanted` was added at the router.
@@ -404,47 +542,138 @@ impl RouteMonitor {
         let mut last = started;
         while !missing.is_empty() {
             let left = deadline.saturating_duration_since(Instant::now());
-            let Ok((at, added, prefix)) = self.events.recv_timeout(left) else {
+            let Ok(event) = self.events.recv_timeout(left) else {
                 bail!(
                     "{} of {} addresses never reached the router",
                     missing.len(),
                     wanted.len()
                 );
             };
-            if added && missing.remove(&prefix) {
-                last = at;
+            if event.added && missing.remove(&event.prefix) {
+                last = event.at;
             }
         }
         Ok(last.saturating_duration_since(started))
     }
 }
 
-impl Drop for RouteMonitor {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 struct Agent {
-    child: Child,
+    child: Killed,
     log: PathBuf,
 }
 
 impl Agent {
-    fn log(&self) -> Result<String> {
-        Ok(std::fs::read_to_string(&self.log)?)
+    /// Splits each change (written at `written[n]`, seen at the router `totals[n]` later) at
+    /// lbagent's log lines: the config handed to BIRD, and BIRD reconfigured.
+    fn reload_steps(&self, written: &[f64], totals: &[Duration]) -> Result<ReloadSteps> {
+        let log = std::fs::read_to_string(&self.log)?;
+        let at = |needle: &str| -> Vec<f64> {
+            log.lines()
+                .filter(|line| line.contains(needle))
+                .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+                .filter_map(|line| stamp_of_day(line["timestamp"].as_str()?))
+                .collect()
+        };
+        let (handed, reconfigured) = (at("reconfiguring BIRD"), at("BIRD reconfigured"));
+        let after = |times: &[f64], from: f64| times.iter().copied().find(|t| *t >= from);
+        let span = |from: f64, to: f64| Duration::from_secs_f64((to - from).max(0.0));
+        let mut steps = ReloadSteps::default();
+        for (start, total) in written.iter().zip(totals) {
+            let (Some(hand), seen) = (after(&handed, *start), start + total.as_secs_f64()) else {
+                bail!("no \"reconfiguring BIRD\" in lbagent's log after a change");
+            };
+            let Some(done) = after(&reconfigured, hand) else {
+                bail!("no \"BIRD reconfigured\" in lbagent's log after a change");
+            };
+            steps.pass.push(span(*start, hand));
+            steps.reload.push(span(hand, done));
+            steps.after.push(span(done, seen));
+        }
+        Ok(steps)
+    }
+
+    /// How often lbagent has reconfigured its BIRD so far.
+    fn reloads(&self) -> Result<usize> {
+        Ok(std::fs::read_to_string(&self.log)?
+            .matches("reconfiguring BIRD")
+            .count())
     }
 
     fn stop(&mut self) {
-        let _ = cmd::terminate(&mut self.child);
+        let _ = cmd::terminate(&mut self.child.0);
     }
 }
 
-impl Drop for Agent {
+/// BIRD with a config written by hand (not by lbagent), as an operator would run it, on the
+/// baseline node.
+struct PlainBird {
+    _child: Killed,
+    conf: PathBuf,
+    socket: PathBuf,
+}
+
+impl PlainBird {
+    fn start(lab: &Lab) -> Result<Self> {
+        let conf = lab.dir.join("plain-bird.conf");
+        std::fs::write(&conf, plain_config(""))?;
+        let socket = lab.dir.join("plain-bird.ctl");
+        let child = Command::new("ip")
+            .args(["netns", "exec", &lab.base, "bird", "-f", "-c"])
+            .arg(&conf)
+            .arg("-s")
+            .arg(&socket)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?;
+        wait(Duration::from_secs(10), || socket.exists()).context("plain BIRD did not start")?;
+        Ok(Self {
+            _child: Killed(child),
+            conf,
+            socket,
+        })
+    }
+
+    /// Rewrites the config and `birdc configure`, as an operator would.
+    fn configure(&self, text: &str) -> Result<()> {
+        std::fs::write(&self.conf, text)?;
+        cmd::output(
+            Command::new("birdc")
+                .arg("-s")
+                .arg(&self.socket)
+                .arg("configure"),
+        )?;
+        Ok(())
+    }
+
+    /// The attribute round's start: the config with the communities, the 1,000 addresses.
+    fn serve_attributed(&mut self, lab: &Lab, monitor: &RouteMonitor) -> Result<()> {
+        self.configure(&attributed_config(&BTreeMap::new()))?;
+        let mut batch = String::new();
+        for i in 0..SERVICES {
+            writeln!(batch, "address add {}/32 dev kube-lb0", base_address(i))?;
+        }
+        let file = lab.dir.join("batch-attributed");
+        std::fs::write(&file, batch)?;
+        monitor.clear();
+        let started = Instant::now();
+        cmd::output(
+            Command::new("ip")
+                .args(["-n", &lab.base, "-batch"])
+                .arg(&file),
+        )?;
+        let wanted: BTreeSet<String> = (0..SERVICES).map(base_address).collect();
+        monitor.wait_for_all(&wanted, started, Duration::from_secs(120))?;
+        lab.wait_community(&base_address(0), 1, Duration::from_secs(30))
+    }
+}
+
+/// A process of the benchmark's, killed when it goes out of scope.
+struct Killed(Child);
+
+impl Drop for Killed {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        let _ = self.0.kill();
+        let _ = self.0.wait();
     }
 }
 
@@ -460,10 +689,12 @@ impl Drop for Frr {
     }
 }
 
-/// A router namespace with a bridge, one node namespace on it; removed on drop.
+/// A router namespace with a bridge; lbagent's node and the baseline's node on it; removed
+/// on drop.
 struct Lab {
     router: String,
     node: String,
+    base: String,
     dir: PathBuf,
 }
 
@@ -473,30 +704,23 @@ impl Lab {
         let lab = Self {
             router: format!("lbbr-rtr-{id}"),
             node: format!("lbbr-node-{id}"),
+            base: format!("lbbr-base-{id}"),
             dir: std::env::temp_dir().join(format!("lbbr-{id}")),
         };
         std::fs::create_dir_all(lab.dir.join("frr"))?;
         let ip = |args: &[&str]| cmd::output(Command::new("ip").args(args));
-        let (router, node) = (lab.router.as_str(), lab.node.as_str());
+        let sysctl = |ns: &str, setting: &str| {
+            cmd::output(Command::new("ip").args(["netns", "exec", ns, "sysctl", "-qw", setting]))
+        };
+        let router = lab.router.as_str();
         ip(&["netns", "add", router])?;
-        ip(&["netns", "add", node])?;
-        for (ns, sysctls) in [
-            (
-                router,
-                &[
-                    "net.ipv4.ip_forward=1",
-                    "net.ipv6.conf.all.forwarding=1",
-                    "net.ipv6.conf.all.accept_dad=0",
-                ][..],
-            ),
-            (node, &["net.ipv6.conf.all.accept_dad=0"][..]),
+        ip(&["-n", router, "link", "set", "lo", "up"])?;
+        for setting in [
+            "net.ipv4.ip_forward=1",
+            "net.ipv6.conf.all.forwarding=1",
+            "net.ipv6.conf.all.accept_dad=0",
         ] {
-            ip(&["-n", ns, "link", "set", "lo", "up"])?;
-            for sysctl in sysctls {
-                cmd::output(
-                    Command::new("ip").args(["netns", "exec", ns, "sysctl", "-qw", sysctl]),
-                )?;
-            }
+            sysctl(router, setting)?;
         }
         ip(&["-n", router, "link", "add", "br0", "type", "bridge"])?;
         ip(&["-n", router, "link", "set", "br0", "up"])?;
@@ -511,31 +735,44 @@ impl Lab {
             "br0",
             "nodad",
         ])?;
-        ip(&[
-            "link", "add", "eth0", "netns", node, "type", "veth", "peer", "name", "v1", "netns",
-            router,
-        ])?;
-        ip(&["-n", router, "link", "set", "v1", "master", "br0", "up"])?;
-        ip(&["-n", node, "link", "set", "eth0", "up"])?;
-        ip(&["-n", node, "addr", "add", "10.0.0.11/24", "dev", "eth0"])?;
-        ip(&[
-            "-n",
-            node,
-            "addr",
-            "add",
-            "fd00::11/64",
-            "dev",
-            "eth0",
-            "nodad",
-        ])?;
+        for (k, (ns, v4)) in [(&lab.node, NODE_V4), (&lab.base, BASE_V4)]
+            .into_iter()
+            .enumerate()
+        {
+            let port = format!("v{}", k + 1);
+            ip(&["netns", "add", ns])?;
+            ip(&["-n", ns, "link", "set", "lo", "up"])?;
+            sysctl(ns, "net.ipv6.conf.all.accept_dad=0")?;
+            ip(&[
+                "link", "add", "eth0", "netns", ns, "type", "veth", "peer", "name", &port, "netns",
+                router,
+            ])?;
+            ip(&["-n", router, "link", "set", &port, "master", "br0", "up"])?;
+            ip(&["-n", ns, "link", "set", "eth0", "up"])?;
+            ip(&["-n", ns, "addr", "add", &format!("{v4}/24"), "dev", "eth0"])?;
+            let v6 = format!("fd00::{}/64", 11 + k);
+            ip(&["-n", ns, "addr", "add", &v6, "dev", "eth0", "nodad"])?;
+        }
+        let base = lab.base.as_str();
+        ip(&["-n", base, "link", "add", "kube-lb0", "type", "ifb"])?;
+        ip(&["-n", base, "link", "set", "kube-lb0", "up"])?;
         Ok(lab)
     }
 
     fn start_frr(&self) -> Result<Frr> {
         let dir = self.dir.join("frr");
         std::fs::write(dir.join("zebra.conf"), "hostname router\n")?;
-        let bgpd =
+        let fixture =
             std::fs::read_to_string(cmd::workspace().join("tests/fixtures/frr-router-bgpd.conf"))?;
+        let activate = "  neighbor NODES4 activate\n";
+        if !fixture.contains(activate) {
+            bail!("tests/fixtures/frr-router-bgpd.conf no longer has {activate:?}");
+        }
+        let bgpd = fixture.replacen(
+            activate,
+            &format!("{activate}  neighbor NODES4 route-map CHANGED in\n"),
+            1,
+        ) + FRR_CHANGED;
         std::fs::write(dir.join("bgpd.conf"), bgpd)?;
         cmd::output(Command::new("chown").arg("frr:frr").arg(&dir))?;
         let path = |name: &str| dir.join(name).display().to_string();
@@ -599,17 +836,13 @@ impl Lab {
         self.dir.join("lbagent.yaml")
     }
 
-    fn start_agent(&self, lbagent: &Path, addresses: &[String], routing: &str) -> Result<Agent> {
-        self.write_services(addresses)?;
-        self.start_agent_with(lbagent, routing)
-    }
-
-    /// `routing`: more lines of the routing section, before its `bgp`.
-    fn start_agent_with(&self, lbagent: &Path, routing: &str) -> Result<Agent> {
+    /// lbagent with no Services yet, allowing the attribute round's communities.
+    fn start_agent(&self, lbagent: &Path) -> Result<Agent> {
+        self.write_services(&[])?;
         std::fs::write(
             self.config(),
             format!(
-                "node: {{name: bench}}\nsource: {{file: {{path: services.yaml}}}}\nstatus: {{path: {dir}/status.json}}\nrouting:\n  stateDir: {dir}/bird\n{routing}  bgp:\n    - {{name: up4, neighbor: 10.0.0.1, asn: 64500, localAsn: 64512, holdTime: 9s, keepaliveTime: 1s, connectRetryTime: 1s}}\n    - {{name: up6, neighbor: \"fd00::1\", asn: 64500, localAsn: 64512, holdTime: 9s, keepaliveTime: 1s, connectRetryTime: 1s}}\n",
+                "node: {{name: bench}}\nlog: {{format: json}}\nsource: {{file: {{path: services.yaml}}}}\nstatus: {{path: {dir}/status.json}}\nrouting:\n  stateDir: {dir}/bird\n{ATTRIBUTES}  bgp:\n    - {{name: up4, neighbor: 10.0.0.1, asn: 64500, localAsn: 64512, holdTime: 9s, keepaliveTime: 1s, connectRetryTime: 1s}}\n    - {{name: up6, neighbor: \"fd00::1\", asn: 64500, localAsn: 64512, holdTime: 9s, keepaliveTime: 1s, connectRetryTime: 1s}}\n",
                 dir = self.dir.display()
             ),
         )?;
@@ -624,7 +857,10 @@ impl Lab {
             .stdout(Stdio::null())
             .stderr(file)
             .spawn()?;
-        Ok(Agent { child, log })
+        Ok(Agent {
+            child: Killed(child),
+            log,
+        })
     }
 
     fn cleanup(&self, lbagent: &Path) -> Result<()> {
@@ -642,34 +878,6 @@ impl Lab {
                 .arg(self.config()),
         )?;
         Ok(())
-    }
-
-    /// BIRD with a config written by hand (not by lbagent), as an operator would run it.
-    fn start_plain_bird(&self) -> Result<Child> {
-        let conf = self.dir.join("plain-bird.conf");
-        std::fs::write(
-            &conf,
-            "router id 10.0.0.11;
-protocol device { scan time 2; }
-protocol direct { ipv4; ipv6; interface \"kube-lb0\"; }
-filter vips { if source != RTS_DEVICE then reject; accept; }
-protocol bgp up4 { local as 64512; neighbor 10.0.0.1 as 64500; hold time 9; keepalive time 1; connect retry time 1;
-  ipv4 { import none; export filter vips; }; }
-protocol bgp up6 { local as 64512; neighbor fd00::1 as 64500; hold time 9; keepalive time 1; connect retry time 1;
-  ipv6 { import none; export filter vips; }; }
-",
-        )?;
-        let socket = self.dir.join("plain-bird.ctl");
-        let child = Command::new("ip")
-            .args(["netns", "exec", &self.node, "bird", "-f", "-c"])
-            .arg(&conf)
-            .arg("-s")
-            .arg(&socket)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()?;
-        wait(Duration::from_secs(10), || socket.exists()).context("plain BIRD did not start")?;
-        Ok(child)
     }
 
     fn bgp_routes(&self) -> usize {
@@ -695,41 +903,45 @@ protocol bgp up6 { local as 64512; neighbor fd00::1 as 64500; hold time 9; keepa
             .sum()
     }
 
+    /// Waits on the router's table (a route can go without a notification of its own when
+    /// its next-hop group does) until it has no BGP route left.
+    fn wait_no_bgp_routes(&self, whose: &str) -> Result<()> {
+        wait(Duration::from_secs(60), || self.bgp_routes() == 0)
+            .with_context(|| format!("the router kept {whose} routes"))
+    }
+
     /// Waits until the router's bgpd shows community 64512:`community` on `address`.
     fn wait_community(&self, address: &str, community: u32, timeout: Duration) -> Result<()> {
-        let vty = self.dir.join("frr");
         let needle = format!("\"64512:{community}\"");
         wait(timeout, || {
-            cmd::output(
-                Command::new("vtysh")
-                    .args(["-H", "/dev/null", "--vty_socket"])
-                    .arg(&vty)
-                    .args(["-c", &format!("show bgp ipv4 unicast {address}/32 json")]),
-            )
-            .is_ok_and(|json| json.contains(&needle))
+            self.vtysh(&format!("show bgp ipv4 unicast {address}/32 json"))
+                .is_ok_and(|json| json.contains(&needle))
         })
         .with_context(|| format!("the router never showed 64512:{community} on {address}"))
     }
 
-    /// Waits until the router's bgpd has both sessions up.
-    fn wait_established(&self) -> Result<()> {
-        let vty = self.dir.join("frr");
+    /// Waits until the router's bgpd has `sessions` sessions up.
+    fn wait_established(&self, sessions: usize) -> Result<()> {
         wait(Duration::from_secs(30), || {
-            cmd::output(
-                Command::new("vtysh")
-                    .args(["-H", "/dev/null", "--vty_socket"])
-                    .arg(&vty)
-                    .args(["-c", "show bgp summary json"]),
-            )
-            .is_ok_and(|json| json.matches("\"state\":\"Established\"").count() >= 2)
+            self.vtysh("show bgp summary json")
+                .is_ok_and(|json| json.matches("\"state\":\"Established\"").count() >= sessions)
         })
         .context("BGP sessions did not come up")
+    }
+
+    fn vtysh(&self, command: &str) -> Result<String> {
+        cmd::output(
+            Command::new("vtysh")
+                .args(["-H", "/dev/null", "--vty_socket"])
+                .arg(self.dir.join("frr"))
+                .args(["-c", command]),
+        )
     }
 }
 
 impl Drop for Lab {
     fn drop(&mut self) {
-        for ns in [&self.node, &self.router] {
+        for ns in [&self.node, &self.base, &self.router] {
             let _ = Command::new("ip").args(["netns", "del", ns]).status();
         }
         let _ = std::fs::remove_dir_all(&self.dir);
