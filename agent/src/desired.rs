@@ -229,9 +229,11 @@ pub struct Desired {
     pub node_labels: NodeLabels,
     /// The BGP attributes each Service's routes carry, by Service name (only those with any).
     pub service_attributes: BTreeMap<String, BgpAttributes>,
-    /// LB addresses this node serves none of (it carries the exclusion label): no sink
-    /// serves them, but the neighbours sink keeps them silent, so that no kernel here (with
-    /// kube-proxy's IPVS mode holding them on kube-ipvs0) answers for another node's address.
+    /// LB addresses this node serves none of (it carries the exclusion label, or they are
+    /// an `externalTrafficPolicy: Local` Service's with no endpoint here): no sink serves
+    /// them, but the neighbours sink keeps them silent (handed over first, when this node
+    /// answered for one), so that no kernel here (with kube-proxy's IPVS mode holding them
+    /// on kube-ipvs0) answers for another node's address.
     pub unserved: BTreeSet<IpAddr>,
 }
 

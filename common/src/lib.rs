@@ -356,6 +356,12 @@ pub const NEIGHBOUR_ANSWER: u8 = 1;
 /// that neither this program nor the kernel (which answers for any address it holds, e.g. on
 /// kube-ipvs0) answers too.
 pub const NEIGHBOUR_SILENT: u8 = 2;
+/// `NeighbourEntry::role`: another node has just won the address; this node answers for it
+/// until that node claims it (an ARP reply, gratuitous ARP or neighbour advertisement from
+/// another hardware address), then the program makes the entry [`NEIGHBOUR_SILENT`] itself.
+/// The old owner's side of an ordered handover: no moment without an answerer, and two
+/// answerers only for as long as the claim takes to arrive.
+pub const NEIGHBOUR_HANDOVER: u8 = 3;
 
 /// Key of the neighbour maps: a local address. `family` is [`FAMILY_V4`] or [`FAMILY_V6`];
 /// `addr` is in network byte order, an IPv4 address in its first four bytes and zeros after.
@@ -414,7 +420,7 @@ pub struct NeighbourEntry {
     pub ifindex: u32,
     /// Hardware address the answers carry: the interface's own, as on the wire.
     pub mac: [u8; 6],
-    /// [`NEIGHBOUR_ANSWER`] or [`NEIGHBOUR_SILENT`].
+    /// [`NEIGHBOUR_ANSWER`], [`NEIGHBOUR_SILENT`] or [`NEIGHBOUR_HANDOVER`].
     pub role: u8,
     pub _pad: u8,
 }

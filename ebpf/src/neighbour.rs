@@ -28,7 +28,8 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use lbagent_common::{
-    NEIGHBOUR_ANSWER, NEIGHBOUR_SILENT, NeighbourEntry, NeighbourKey, NeighbourStats,
+    NEIGHBOUR_ANSWER, NEIGHBOUR_HANDOVER, NEIGHBOUR_SILENT, NeighbourEntry, NeighbourKey,
+    NeighbourStats,
     maps::{MAX_NEIGHBOURS, NEIGHBOUR_LEASE_LEAVING},
     proto,
 };
@@ -119,7 +120,7 @@ fn arp(ctx: &XdpContext, l3: usize) -> u32 {
     let Some(entry) = decide(ctx, &key) else {
         return XDP_PASS;
     };
-    if entry.role != NEIGHBOUR_ANSWER {
+    if entry.role == NEIGHBOUR_SILENT {
         return XDP_DROP;
     }
     let Some(eth) = ptr_at_mut::<[u8; 12]>(ctx, 0) else {
@@ -174,7 +175,7 @@ fn ndp(ctx: &XdpContext, l3: usize) -> Option<u32> {
     let mut asker = [0u8; 16];
     asker.copy_from_slice(&ip[8..24]);
     let entry = decide(ctx, &key)?;
-    if entry.role != NEIGHBOUR_ANSWER {
+    if entry.role == NEIGHBOUR_SILENT {
         return Some(XDP_DROP);
     }
     // From the unspecified address (duplicate address detection) the asker has no address
@@ -238,11 +239,18 @@ fn decide(ctx: &XdpContext, key: &NeighbourKey) -> Option<NeighbourEntry> {
     // SAFETY: a map value, read once by copy; userspace replaces entries whole.
     let mut entry = unsafe { *LB_NEIGHBOURS.get_ptr(key)? };
     let elsewhere = entry.ifindex != 0 && entry.ifindex as usize != ctx.ingress_ifindex();
-    if entry.role != NEIGHBOUR_ANSWER || elsewhere || lapsed() {
+    if !answers(entry.role) || elsewhere || lapsed() {
         entry.role = NEIGHBOUR_SILENT;
         count(key, |stats| stats.silenced += 1);
     }
     Some(entry)
+}
+
+/// Whether an entry in `role` answers requests: its owner's, or its old owner's until the
+/// successor claims it.
+#[inline(always)]
+fn answers(role: u8) -> bool {
+    role == NEIGHBOUR_ANSWER || role == NEIGHBOUR_HANDOVER
 }
 
 /// Whether the membership's lease on answering has run out (its process is frozen or
@@ -271,8 +279,9 @@ fn lease() -> u64 {
 }
 
 /// Someone with hardware address `mac` claims the address `key`: counted when this node
-/// answers for it from another address. While this node leaves, that claim is its
-/// successor taking over: this node falls silent for the address right then.
+/// answers for it from another address. While this node leaves, or hands this address over,
+/// that claim is its successor taking over: this node falls silent for the address right
+/// then.
 #[inline(always)]
 fn note_claim(key: NeighbourKey, mac: [u8; 6]) {
     let Some(pointer) = LB_NEIGHBOURS.get_ptr_mut(key) else {
@@ -280,15 +289,22 @@ fn note_claim(key: NeighbourKey, mac: [u8; 6]) {
     };
     // SAFETY: a map value, read by copy.
     let entry = unsafe { *pointer };
-    if entry.role == NEIGHBOUR_ANSWER && entry.mac != mac {
-        count(&key, |stats| {
-            stats.foreign += 1;
-            stats.foreign_mac = mac;
-        });
-        if leaving() {
-            // SAFETY: a map value; one byte stored, which readers take whole.
-            unsafe { (*pointer).role = NEIGHBOUR_SILENT };
-        }
+    if !answers(entry.role) || entry.mac == mac {
+        return;
+    }
+    if entry.role == NEIGHBOUR_HANDOVER {
+        // The successor's claim, expected: not split brain.
+        // SAFETY: a map value; one byte stored, which readers take whole.
+        unsafe { (*pointer).role = NEIGHBOUR_SILENT };
+        return;
+    }
+    count(&key, |stats| {
+        stats.foreign += 1;
+        stats.foreign_mac = mac;
+    });
+    if leaving() {
+        // SAFETY: a map value; one byte stored, which readers take whole.
+        unsafe { (*pointer).role = NEIGHBOUR_SILENT };
     }
 }
 

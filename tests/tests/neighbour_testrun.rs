@@ -453,3 +453,44 @@ fn while_leaving_each_address_is_answered_until_another_node_claims_it() {
     assert_eq!(run(&h, &arp_request(OWNED4, None)).0, XDP_TX);
     assert_eq!(counters(&mut h, OWNED4).foreign, 2);
 }
+
+#[test]
+fn an_address_handed_over_is_answered_until_its_new_owner_claims_it() {
+    let mut h = harness();
+    let handing = |ifindex| Role::HandOver {
+        ifindex,
+        mac: OUR_MAC,
+    };
+    h.neighbours()
+        .set(OWNED4.into(), handing(LOOPBACK))
+        .unwrap();
+    h.neighbours().set(OWNED6.into(), handing(0)).unwrap();
+    // Another node won them, but has not claimed them yet: still answered, as an owner would.
+    let (verdict, reply) = run(&h, &arp_request(OWNED4, None));
+    assert_eq!(verdict, XDP_TX);
+    assert_eq!(&reply[6..12], &OUR_MAC);
+    let ns = solicitation(ASKER6, OWNED6, 255, &[]);
+    assert_eq!(run(&h, &ns).0, XDP_TX);
+    // Our own announcement is no claim.
+    let mut ours = ethernet([0xff; 6], OUR_MAC, None, 0x0806);
+    ours.extend(arp(1, OUR_MAC, OWNED4, [0; 6], OWNED4));
+    assert_eq!(verdict_untouched(&h, &ours), XDP_PASS);
+    assert_eq!(run(&h, &arp_request(OWNED4, None)).0, XDP_TX);
+    // The new owner announces the IPv4 address: silent for it at once, and that claim is
+    // the expected one, not split brain.
+    let mut garp = ethernet([0xff; 6], OTHER_MAC, None, 0x0806);
+    garp.extend(arp(1, OTHER_MAC, OWNED4, [0; 6], OWNED4));
+    assert_eq!(verdict_untouched(&h, &garp), XDP_PASS);
+    assert_eq!(verdict_untouched(&h, &arp_request(OWNED4, None)), XDP_DROP);
+    assert_eq!(h.neighbours().roles()[&IpAddr::from(OWNED4)], Role::Silent);
+    assert_eq!(counters(&mut h, OWNED4).foreign, 0);
+    // The IPv6 one stays answered until its own claim, an advertisement.
+    assert_eq!(run(&h, &ns).0, XDP_TX);
+    assert_eq!(
+        verdict_untouched(&h, &advertisement(OTHER_MAC, OWNED6)),
+        XDP_PASS
+    );
+    assert_eq!(verdict_untouched(&h, &ns), XDP_DROP);
+    assert_eq!(h.neighbours().roles()[&IpAddr::from(OWNED6)], Role::Silent);
+    assert_eq!(counters(&mut h, OWNED6).foreign, 0);
+}

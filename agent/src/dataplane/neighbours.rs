@@ -9,7 +9,8 @@ use aya::{
     maps::{Array, HashMap, Map, MapData, MapError, PerCpuHashMap, PerCpuValues},
 };
 use lbagent_common::{
-    NEIGHBOUR_ANSWER, NEIGHBOUR_SILENT, NeighbourEntry, NeighbourKey, NeighbourStats, maps,
+    NEIGHBOUR_ANSWER, NEIGHBOUR_HANDOVER, NEIGHBOUR_SILENT, NeighbourEntry, NeighbourKey,
+    NeighbourStats, maps,
 };
 use serde::Serialize;
 
@@ -21,17 +22,31 @@ use super::{DataplaneError, PinLayout};
 pub enum Role {
     /// Answers on interface `ifindex` with hardware address `mac`.
     Answer { ifindex: u32, mac: [u8; 6] },
+    /// Another node has just won the address: answers as [`Role::Answer`] until that node
+    /// claims it, when the program makes the entry [`Role::Silent`] itself.
+    HandOver { ifindex: u32, mac: [u8; 6] },
     /// Another node answers: requests are dropped here.
     Silent,
 }
 
 impl Role {
+    /// Whether the program answers requests for the address.
+    pub fn answers(self) -> bool {
+        !matches!(self, Self::Silent)
+    }
+
     fn entry(self) -> NeighbourEntry {
         match self {
             Self::Answer { ifindex, mac } => NeighbourEntry {
                 ifindex,
                 mac,
                 role: NEIGHBOUR_ANSWER,
+                _pad: 0,
+            },
+            Self::HandOver { ifindex, mac } => NeighbourEntry {
+                ifindex,
+                mac,
+                role: NEIGHBOUR_HANDOVER,
                 _pad: 0,
             },
             Self::Silent => NeighbourEntry {
@@ -44,6 +59,10 @@ impl Role {
     fn from_entry(entry: &NeighbourEntry) -> Option<Self> {
         match entry.role {
             NEIGHBOUR_ANSWER => Some(Self::Answer {
+                ifindex: entry.ifindex,
+                mac: entry.mac,
+            }),
+            NEIGHBOUR_HANDOVER => Some(Self::HandOver {
                 ifindex: entry.ifindex,
                 mac: entry.mac,
             }),

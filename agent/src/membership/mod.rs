@@ -32,7 +32,7 @@ use tokio::{
 use tracing::{debug, info, warn};
 
 use self::kubernetes::NodeFacts;
-use crate::dataplane::{Lease, NeighbourMaps, PinLayout, Role};
+use crate::dataplane::{Lease, NeighbourMaps, PinLayout};
 
 /// Probe timing. A dead member is first probed within about one period (each member probes
 /// one other per period); unanswered directly within `PROBE_RTT` and indirectly by the end
@@ -385,7 +385,7 @@ impl Member {
         let answering = || {
             maps.roles()
                 .into_iter()
-                .filter(|(_, role)| matches!(role, Role::Answer { .. }))
+                .filter(|(_, role)| role.answers())
                 .map(|(address, _)| address)
                 .collect::<Vec<_>>()
         };

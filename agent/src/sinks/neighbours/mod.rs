@@ -13,7 +13,13 @@ pub mod election;
 pub mod kernel;
 pub mod plan;
 
-use std::{collections::BTreeMap, net::IpAddr, ops::ControlFlow, path::PathBuf, time::Duration};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+    ops::ControlFlow,
+    path::PathBuf,
+    time::{Duration, Instant},
+};
 
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
@@ -34,8 +40,12 @@ use crate::{
 
 /// Largest member list read (thousands of nodes fit).
 const MAX_MEMBERS_BYTES: u64 = 4 << 20;
-/// How often the responder's counters are read for foreign answers.
+/// How often the responder's counters are read for foreign answers, and handovers looked at.
 const SPLIT_BRAIN_CHECK: Duration = Duration::from_secs(1);
+/// How long an address handed over is answered while the new owner's claim is awaited. The
+/// new owner announces as soon as it writes its entry, so the claim normally comes within
+/// milliseconds; this bounds the two-answerer window if it is lost.
+const HANDOVER_LIMIT: Duration = Duration::from_secs(1);
 
 #[derive(Debug, thiserror::Error)]
 pub enum NeighbourError {
@@ -123,6 +133,8 @@ pub struct NeighbourSink {
     kernel: KernelResponder,
     /// Foreign answers counted so far, per address this node answers for.
     foreign_seen: BTreeMap<IpAddr, (u64, [u8; 6])>,
+    /// When each address being handed over ([`Role::HandOver`]) was, by this agent.
+    handovers: BTreeMap<IpAddr, Instant>,
     check: tokio::time::Interval,
     report: NeighbourReport,
 }
@@ -151,6 +163,7 @@ impl NeighbourSink {
             refused,
             kernel,
             foreign_seen: BTreeMap::new(),
+            handovers: BTreeMap::new(),
             check,
             report: NeighbourReport {
                 members_file,
@@ -174,7 +187,14 @@ impl NeighbourSink {
             };
             if let Err(err) = self.maps.set(*address, *role) {
                 failed.insert(*address, err);
-            } else if let Some(first) = first
+                continue;
+            }
+            if matches!(role, Role::HandOver { .. }) {
+                self.handovers.entry(*address).or_insert_with(Instant::now);
+            } else {
+                self.handovers.remove(address);
+            }
+            if let Some(first) = first
                 && let Err(err) = self.announcements.first(&first)
             {
                 warn!(%address, %err, "announcement not sent");
@@ -184,6 +204,7 @@ impl NeighbourSink {
             match self.maps.remove(*address) {
                 Ok(_) => {
                     self.foreign_seen.remove(address);
+                    self.handovers.remove(address);
                 }
                 Err(err) => {
                     failed.insert(*address, err);
@@ -226,6 +247,27 @@ impl NeighbourSink {
         seen_new
     }
 
+    /// The addresses this node answers for whose foreign count grew since the last split
+    /// brain check.
+    fn claimed(&self, roles: &BTreeMap<IpAddr, Role>) -> BTreeSet<IpAddr> {
+        roles
+            .iter()
+            .filter(|(_, role)| matches!(role, Role::Answer { .. }))
+            .filter(|(address, _)| {
+                let seen = self.foreign_seen.get(address).map_or(0, |seen| seen.0);
+                matches!(self.maps.counters(**address), Ok(Some(c)) if c.foreign > seen)
+            })
+            .map(|(address, _)| *address)
+            .collect()
+    }
+
+    fn handovers_lapsed(&self) -> impl Iterator<Item = IpAddr> + '_ {
+        self.handovers
+            .iter()
+            .filter(|(_, since)| since.elapsed() >= HANDOVER_LIMIT)
+            .map(|(address, _)| *address)
+    }
+
     fn foreign_answers(&self) -> Vec<ForeignAnswer> {
         self.foreign_seen
             .iter()
@@ -251,8 +293,20 @@ impl Sink for NeighbourSink {
             .as_mut()
             .map(|refused| refused.borrow_and_update().clone())
             .unwrap_or_default();
+        let roles = self.maps.roles();
+        // A handover the program ended (the claim came) needs no clock any more; one an
+        // agent before this one began (adopted pins) gets its full time from now.
+        self.handovers
+            .retain(|address, _| matches!(roles.get(address), Some(Role::HandOver { .. })));
+        for (address, role) in &roles {
+            if matches!(role, Role::HandOver { .. }) {
+                self.handovers.entry(*address).or_insert_with(Instant::now);
+            }
+        }
         Ok(Observed {
-            roles: self.maps.roles(),
+            handovers_lapsed: self.handovers_lapsed().collect(),
+            claimed: self.claimed(&roles),
+            roles,
             links: links(),
             members,
             ipv6: node_has_ipv6(),
@@ -350,8 +404,13 @@ impl Sink for NeighbourSink {
                     }
                     return Noticed::Membership;
                 }
-                _ = self.check.tick() => if self.check_split_brain() {
-                    return Noticed::Report;
+                _ = self.check.tick() => {
+                    if self.handovers_lapsed().next().is_some() {
+                        return Noticed::Drift;
+                    }
+                    if self.check_split_brain() {
+                        return Noticed::Report;
+                    }
                 },
                 changed = async {
                     match self.refused.as_mut() {

@@ -55,6 +55,13 @@ pub struct Observed {
     pub ipv6: bool,
     /// The interfaces that refused the XDP program.
     pub refused: Refused,
+    /// Addresses handed over ([`Role::HandOver`]) for longer than the sink waits for the
+    /// new owner's claim: silent now, whether or not the claim was heard.
+    pub handovers_lapsed: BTreeSet<IpAddr>,
+    /// Addresses this node answers for that another host has claimed since the sink last
+    /// looked: when this node now yields one, the new owner already answers, so it falls
+    /// silent at once instead of handing over.
+    pub claimed: BTreeSet<IpAddr>,
 }
 
 /// Who holds one local address: the live candidates in order, the owner first.
@@ -181,14 +188,16 @@ pub fn plan(node: &str, desired: &Desired, routed: bool, observed: &Observed) ->
                 }
             }
         } else {
-            Role::Silent
+            yielded(observed, address, owner.is_some())
         };
         let before = observed.roles.get(address);
         if before != Some(&role) {
             plan.set.insert(*address, role);
             match (before, role) {
                 (_, Role::Answer { .. }) => plan.taken.push(*address),
-                (Some(Role::Answer { .. }), Role::Silent) => plan.released.push(*address),
+                (Some(Role::Answer { .. }), Role::Silent | Role::HandOver { .. }) => {
+                    plan.released.push(*address)
+                }
                 _ => {}
             }
         }
@@ -211,8 +220,9 @@ pub fn plan(node: &str, desired: &Desired, routed: bool, observed: &Observed) ->
         .collect();
     for address in &silenced {
         let before = observed.roles.get(address);
-        if before != Some(&Role::Silent) {
-            plan.set.insert(*address, Role::Silent);
+        let role = yielded(observed, address, true);
+        if before != Some(&role) {
+            plan.set.insert(*address, role);
             if matches!(before, Some(Role::Answer { .. })) {
                 plan.released.push(*address);
             }
@@ -225,6 +235,27 @@ pub fn plan(node: &str, desired: &Desired, routed: bool, observed: &Observed) ->
         .copied()
         .collect();
     plan
+}
+
+/// The role of an address this node does not own. One it answered for, now won by another
+/// node (`to_other`), is handed over: it keeps answering until the new owner claims it (the
+/// program then silences the entry itself), or until the handover has lapsed
+/// ([`Observed::handovers_lapsed`]) or the new owner's claim was heard before this node
+/// knew it lost the address ([`Observed::claimed`]). Anything else is silent.
+fn yielded(observed: &Observed, address: &IpAddr, to_other: bool) -> Role {
+    match observed.roles.get(address) {
+        Some(Role::Answer { ifindex, mac } | Role::HandOver { ifindex, mac })
+            if to_other
+                && !observed.handovers_lapsed.contains(address)
+                && !observed.claimed.contains(address) =>
+        {
+            Role::HandOver {
+                ifindex: *ifindex,
+                mac: *mac,
+            }
+        }
+        _ => Role::Silent,
+    }
 }
 
 /// The nodes that may hold an address under `externalTrafficPolicy: Local`: those with a
@@ -296,6 +327,8 @@ mod tests {
             members: Some(view.to_vec()),
             ipv6: true,
             refused: Refused::new(),
+            handovers_lapsed: BTreeSet::new(),
+            claimed: BTreeSet::new(),
         }
     }
 
@@ -392,7 +425,48 @@ mod tests {
         let back = plan("node-b", &local, &applied);
         assert!(!back.released.is_empty());
         assert!(back.taken.is_empty());
-        assert!(back.released.iter().all(|a| back.set[a] == Role::Silent));
+        // Handed over, not dropped: answered until node-a claims them.
+        assert!(
+            back.released
+                .iter()
+                .all(|a| matches!(back.set[a], Role::HandOver { ifindex: 2, .. })),
+            "{back:?}"
+        );
+        let mut roles = applied.roles.clone();
+        roles.extend(back.set.clone());
+        let handing = Observed {
+            roles: roles.clone(),
+            ..applied.clone()
+        };
+        assert!(plan("node-b", &local, &handing).changes_nothing());
+        // The program silenced one on node-a's claim: nothing to write for it.
+        let claimed = back.released[0];
+        roles.insert(claimed, Role::Silent);
+        let after_claim = Observed {
+            roles,
+            ..handing.clone()
+        };
+        assert!(plan("node-b", &local, &after_claim).changes_nothing());
+        // No claim heard in time: silent anyway.
+        let lapsed = Observed {
+            handovers_lapsed: back.released.iter().copied().collect(),
+            ..handing
+        };
+        let silenced = plan("node-b", &local, &lapsed);
+        assert_eq!(
+            silenced.set.keys().copied().collect::<Vec<_>>(),
+            back.released
+        );
+        assert!(silenced.set.values().all(|r| *r == Role::Silent));
+        assert!(silenced.released.is_empty());
+        // node-a's claim heard before node-b learnt it lost them: silent at once.
+        let claimed = Observed {
+            claimed: back.released.iter().copied().collect(),
+            ..applied
+        };
+        let at_once = plan("node-b", &local, &claimed);
+        assert_eq!(at_once.released, back.released);
+        assert!(at_once.set.values().all(|r| *r == Role::Silent));
     }
 
     #[test]
@@ -496,9 +570,21 @@ mod tests {
         let plan = plan("node-a", &excluded, &observed(answered, &view));
         assert!(plan.remove.is_empty(), "{:?}", plan.remove);
         assert_eq!(plan.set.len(), local.len());
-        assert!(plan.set.values().all(|role| *role == Role::Silent));
+        // Handed over to node-b (answered until it claims them), then silent.
+        assert!(
+            plan.set
+                .values()
+                .all(|role| matches!(role, Role::HandOver { ifindex: 2, .. }))
+        );
         assert_eq!(plan.released.len(), local.len());
         assert!(plan.taken.is_empty() && plan.elections.is_empty());
+        let lapsed = Observed {
+            handovers_lapsed: local.iter().copied().collect(),
+            ..observed(plan.set.clone(), &view)
+        };
+        let plan = super::plan("node-a", &excluded, false, &lapsed);
+        assert!(plan.set.values().all(|role| *role == Role::Silent));
+        assert!(plan.released.is_empty());
         // Already silent: nothing to do; outside every subnet: no entry.
         let silent = observed(plan.set.clone(), &view);
         assert!(super::plan("node-a", &excluded, false, &silent).changes_nothing());

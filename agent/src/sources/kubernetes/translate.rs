@@ -96,7 +96,8 @@ enum Verdict {
     /// Not a Service for lbagent on this node (type, class, annotation, no address yet).
     NotOurs,
     Serve(desired::Service),
-    NoLocalEndpoint,
+    /// With its addresses: another node serves them, this one keeps them silent.
+    NoLocalEndpoint(Vec<IpAddr>),
     Reject(String),
 }
 
@@ -111,6 +112,7 @@ pub fn translate<'a>(
         .is_some_and(|labels| labels.contains_key(EXCLUDE_LABEL));
     let mut served = Vec::new();
     let mut endpoint_nodes = BTreeMap::new();
+    let mut no_endpoint_here = BTreeSet::new();
     let mut translation = Translation {
         excluded,
         ..Translation::default()
@@ -132,21 +134,24 @@ pub fn translate<'a>(
                 }
                 served.push(served_service);
             }
-            Verdict::NoLocalEndpoint => translation.no_local_endpoint.push(name),
+            Verdict::NoLocalEndpoint(addresses) => {
+                translation.no_local_endpoint.push(name);
+                no_endpoint_here.extend(addresses);
+            }
             Verdict::Reject(reason) => translation.update.rejected.push(Rejected {
                 service: name,
                 reason,
             }),
         }
     }
-    let unserved = if excluded {
-        std::mem::take(&mut served)
-            .iter()
-            .flat_map(|service| service.addresses.iter().copied())
-            .collect()
-    } else {
-        Default::default()
-    };
+    let mut unserved: BTreeSet<IpAddr> = no_endpoint_here;
+    if excluded {
+        unserved.extend(
+            std::mem::take(&mut served)
+                .iter()
+                .flat_map(|service| service.addresses.iter().copied()),
+        );
+    }
     translation.update.desired = Desired::with_endpoint_nodes(&served, &endpoint_nodes);
     translation.update.desired.unserved = unserved;
     translation.update.desired.node_labels = node
@@ -327,7 +332,7 @@ fn verdict(service: &Service, slices: &[&EndpointSlice], selection: &Selection) 
     if traffic_policy == TrafficPolicy::Local
         && !nodes_with_endpoints(service, slices).contains(&selection.node_name)
     {
-        return Verdict::NoLocalEndpoint;
+        return Verdict::NoLocalEndpoint(addresses);
     }
 
     Verdict::Serve(desired::Service {
@@ -652,6 +657,12 @@ mod tests {
             json!([{"addresses": ["10.244.1.5"], "nodeName": "node-b", "conditions": {"ready": true}}]),
         );
         assert!(elsewhere.update.desired.addresses.is_empty());
+        // Not served here, but kept silent here for the node that serves them.
+        assert!(!elsewhere.update.desired.unserved.is_empty());
+        assert_eq!(
+            elsewhere.update.desired.unserved,
+            none.update.desired.unserved
+        );
 
         for (conditions, served) in [
             (
