@@ -58,7 +58,8 @@ pub use crate::{
     },
     sources::{
         file::parse as parse_services,
-        kubernetes::{API_ACCESS, ApiAccess},
+        // The Kubernetes tests fill a cluster past this.
+        kubernetes::{API_ACCESS, ApiAccess, MAX_LOAD_BALANCERS},
     },
 };
 

@@ -5,7 +5,7 @@
 
 use std::{collections::BTreeSet, sync::Arc, time::Duration};
 
-use lbagent::API_ACCESS;
+use lbagent::{API_ACCESS, MAX_LOAD_BALANCERS};
 use lbagent_tests::{
     Agent, Monitor, NetNs, TempDir, addresses_on,
     apiserver::{ApiServer, merge_patch},
@@ -439,4 +439,110 @@ fn two_hundred_thousand_services_and_a_megabyte_annotation_keep_memory_bounded()
         peak < before + 64 * 1024,
         "peak RSS {peak} kB with {SERVICES} other Services, {before} kB before them"
     );
+}
+
+/// Past the limit of LoadBalancer Services the agent keeps the last state and says so naming
+/// the limit, and keeps no more than the limit's worth of them: of the rest only a hash of the
+/// key each, to count them, and past twice the limit not even that. Back within the limit it
+/// lists them again and serves what holds.
+#[test]
+fn past_the_load_balancer_limit_the_last_state_stays_and_memory_stops_growing() {
+    let cluster = Cluster::start();
+    cluster
+        .server
+        .apply(service("web", &["203.0.113.50"], json!({})));
+    cluster.wait_held(&["203.0.113.50"]);
+    let pid = cluster.agent.pid();
+    let before = memory_kb(pid, "VmRSS");
+    let log_has = |needle: &str| {
+        wait_until(Duration::from_secs(600), || {
+            cluster.agent.log().contains(needle)
+        })
+    };
+    // LoadBalancer Services without an address yet: counted and kept, not served.
+    let filler = |i: usize| {
+        json!({
+            "apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": format!("lb-{i}"), "namespace": "fill",
+                         "annotations": {"note": "x".repeat(200)}},
+            "spec": {"type": "LoadBalancer", "ipFamilies": ["IPv4"],
+                     "ports": [{"name": "http", "port": 80, "protocol": "TCP"}]},
+        })
+    };
+    // The limit exactly, the last of them served: all were read. They come in one list (the
+    // history compacted while the API server was away), as an agent starting in a full cluster
+    // reads them.
+    cluster.server.stop();
+    for i in 0..MAX_LOAD_BALANCERS - 2 {
+        cluster.server.apply(filler(i));
+    }
+    cluster
+        .server
+        .apply(service("late", &["203.0.113.52"], json!({})));
+    cluster.server.compact();
+    cluster.server.restart();
+    assert!(
+        wait_until(Duration::from_secs(600), || cluster.held().len() == 2),
+        "{:?}\n{}",
+        cluster.held(),
+        cluster.agent.log()
+    );
+    let at_limit = memory_kb(pid, "VmRSS");
+    // One more: refused, naming the limit; the last state stays.
+    cluster.server.apply(filler(MAX_LOAD_BALANCERS));
+    assert!(
+        log_has("100001 LoadBalancer Services, over the limit of 100000: keeping the last state"),
+        "{}",
+        cluster.agent.log()
+    );
+    // As many again: the last one is past what is counted, and said so.
+    for i in MAX_LOAD_BALANCERS + 1..2 * MAX_LOAD_BALANCERS + 1 {
+        cluster.server.apply(filler(i));
+    }
+    assert!(
+        log_has("more than 200000 LoadBalancer Services, over the limit of 100000"),
+        "{}",
+        cluster.agent.log()
+    );
+    let past_twice = memory_kb(pid, "VmRSS");
+    let expected: BTreeSet<String> = ["203.0.113.50/32", "203.0.113.52/32"]
+        .map(str::to_owned)
+        .into();
+    assert_eq!(cluster.held(), expected, "the last state stays");
+    println!(
+        "RSS {before} kB with one Service, {at_limit} kB with {MAX_LOAD_BALANCERS}, \
+         {past_twice} kB with {} LoadBalancer Services",
+        2 * MAX_LOAD_BALANCERS + 1
+    );
+    // What the agent keeps is bounded by the unit tests in sources/kubernetes/ (the limit's
+    // worth of Services, as many key hashes); RSS here also holds a relist's buffer and what
+    // the allocator does not give back, so it is printed, not held to a ratio.
+    assert!(
+        past_twice < 2 * at_limit + 64 * 1024,
+        "{past_twice} kB with {} LoadBalancer Services, {at_limit} kB with the limit's worth",
+        2 * MAX_LOAD_BALANCERS + 1
+    );
+
+    // Back within the limit: listed again, and what holds is served.
+    // The kept fillers and four past them: one fewer than the limit are left.
+    for i in (0..MAX_LOAD_BALANCERS - 2).chain(MAX_LOAD_BALANCERS..MAX_LOAD_BALANCERS + 4) {
+        cluster
+            .server
+            .delete("v1", "Service", Some("fill"), &format!("lb-{i}"));
+    }
+    cluster
+        .server
+        .apply(service("again", &["203.0.113.53"], json!({})));
+    assert!(
+        wait_until(Duration::from_secs(600), || cluster
+            .held()
+            .contains("203.0.113.53/32")),
+        "{:?}\n{}",
+        cluster.held(),
+        cluster.agent.log()
+    );
+    // A relist it starts itself ("listing them again"), or one the API server's compacted
+    // history forces: either way it counts them anew.
+    assert!(log_has("LoadBalancer Services are within the limit again"));
+    println!("peak RSS {} kB", memory_kb(pid, "VmHWM"));
 }

@@ -100,10 +100,18 @@ pub enum KubernetesError {
          state until there are fewer"
     )]
     TooManyLoadBalancers { count: usize },
+    #[error(
+        "more than {count} LoadBalancer Services, over the limit of {MAX_LOAD_BALANCERS}: \
+         keeping the last state until there are fewer, counting no more of them"
+    )]
+    TooManyLoadBalancersToCount { count: usize },
 }
 
 /// The most LoadBalancer Services lbagent takes in, as the services file's limit.
 pub const MAX_LOAD_BALANCERS: usize = crate::sources::file::MAX_SERVICES;
+/// Of the LoadBalancer Services past [`MAX_LOAD_BALANCERS`] only a hash of the key is kept, to
+/// count them, and of at most this many: the watcher's memory is bounded however many exist.
+const MAX_COUNTED_BEYOND: usize = MAX_LOAD_BALANCERS;
 
 /// The `source.kubernetes` section of lbagent's config.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -152,6 +160,7 @@ pub async fn watch(
         "watching Services, EndpointSlices and this node's Node"
     );
     let mut watched = watch_all(&client, &node_name);
+    let relist_client = client.clone();
     let (events, queue) = mpsc::channel(EVENT_QUEUE);
     tokio::spawn(publish_events(
         Recorder::new(
@@ -185,6 +194,14 @@ pub async fn watch(
                     {
                         announcer.source_changed(&cluster, &translation);
                         publish(&updates, translation.update);
+                    }
+                    if cluster.services.needs_relist() {
+                        info!(
+                            "LoadBalancer Services may be within the limit again; listing them \
+                             again for those not kept"
+                        );
+                        cluster.services.relisting();
+                        watched = watch_all(&relist_client, &selection.node_name);
                     }
                 }
             },
@@ -280,6 +297,9 @@ where
 /// partial view needs: a relist fills a buffer beside the store and replaces it only at
 /// `InitDone`, so a list that breaks off half way withdraws nothing. On top, `listed` says
 /// whether a first list has completed: lbagent translates only once all three have one.
+///
+/// A bounded cache keeps at most `limit` objects (and as many more in a relist's buffer);
+/// of those past it, only a hash of the key, to count them (at most [`MAX_COUNTED_BEYOND`]).
 struct Cache<K>
 where
     K: Resource + Clone + 'static,
@@ -288,6 +308,35 @@ where
     writer: Writer<K>,
     store: Store<K>,
     listed: bool,
+    limit: usize,
+    beyond: Beyond,
+    /// While a list is under way: how many objects it gave the writer, and those past them.
+    relist: Option<(usize, Beyond)>,
+    hasher: std::collections::hash_map::RandomState,
+}
+
+/// The objects past a cache's limit, not kept: hashes of their keys.
+#[derive(Default)]
+struct Beyond {
+    keys: std::collections::HashSet<u64>,
+    /// More than [`MAX_COUNTED_BEYOND`] were past the limit: some are not counted.
+    uncounted: bool,
+}
+
+impl Beyond {
+    fn insert(&mut self, key: u64) -> bool {
+        if self.keys.len() < MAX_COUNTED_BEYOND {
+            self.keys.insert(key)
+        } else {
+            let first = !self.uncounted;
+            self.uncounted = true;
+            first
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.keys.is_empty() && !self.uncounted
+    }
 }
 
 impl<K> Default for Cache<K>
@@ -296,13 +345,7 @@ where
     K::DynamicType: Eq + Hash + Clone + Default,
 {
     fn default() -> Self {
-        let writer = Writer::default();
-        let store = writer.as_reader();
-        Self {
-            writer,
-            store,
-            listed: false,
-        }
+        Self::bounded(usize::MAX)
     }
 }
 
@@ -311,21 +354,92 @@ where
     K: Resource + Clone + 'static,
     K::DynamicType: Eq + Hash + Clone + Default,
 {
-    /// Whether the objects in force changed.
+    fn bounded(limit: usize) -> Self {
+        let writer = Writer::default();
+        let store = writer.as_reader();
+        Self {
+            writer,
+            store,
+            listed: false,
+            limit,
+            beyond: Beyond::default(),
+            relist: None,
+            hasher: Default::default(),
+        }
+    }
+
+    fn key(&self, object: &K) -> u64 {
+        use std::hash::BuildHasher as _;
+        self.hasher.hash_one(ObjectRef::from_obj(object))
+    }
+
+    /// Whether the objects in force, or how many there are, changed.
     fn apply(&mut self, event: watcher::Event<K>) -> bool {
         let changed = match &event {
-            watcher::Event::Init | watcher::Event::InitApply(_) => false,
+            watcher::Event::Init => {
+                self.relist = Some((0, Beyond::default()));
+                false
+            }
+            watcher::Event::InitApply(object) => {
+                let key = self.key(object);
+                match &mut self.relist {
+                    Some((kept, beyond)) if *kept >= self.limit => {
+                        beyond.insert(key);
+                        return false;
+                    }
+                    Some((kept, _)) => *kept += 1,
+                    None => {}
+                }
+                false
+            }
             watcher::Event::InitDone => {
                 self.listed = true;
+                if let Some((_, beyond)) = self.relist.take() {
+                    self.beyond = beyond;
+                }
                 true
             }
-            watcher::Event::Apply(_) => true,
+            watcher::Event::Apply(object) => {
+                if self.store.get(&ObjectRef::from_obj(object)).is_none()
+                    && self.store.len() >= self.limit
+                {
+                    let key = self.key(object);
+                    return !self.beyond.keys.contains(&key) && self.beyond.insert(key);
+                }
+                true
+            }
             watcher::Event::Delete(object) => {
-                self.store.get(&ObjectRef::from_obj(object)).is_some()
+                if self.store.get(&ObjectRef::from_obj(object)).is_none() {
+                    let key = self.key(object);
+                    return self.beyond.keys.remove(&key);
+                }
+                true
             }
         };
         self.writer.apply_watcher_event(&event);
         changed
+    }
+
+    /// A new list is on its way (the watchers were started again).
+    fn relisting(&mut self) {
+        self.relist = Some((0, Beyond::default()));
+    }
+
+    /// How many objects there are, as far as counted; whether some were not.
+    fn count(&self) -> (usize, bool) {
+        (
+            self.store.len() + self.beyond.keys.len(),
+            self.beyond.uncounted,
+        )
+    }
+
+    /// Some objects were not kept, yet so few are counted now that they may all fit: only a
+    /// new list can tell, and give the ones not kept.
+    fn needs_relist(&self) -> bool {
+        self.listed
+            && self.relist.is_none()
+            && !self.beyond.is_empty()
+            && self.count().0 <= self.limit
     }
 
     /// The objects in force, in the order of their keys, so that a translation of the same
@@ -351,13 +465,28 @@ fn in_default_namespace<K: Resource>(object: &mut K) {
         .get_or_insert_with(|| "default".to_owned());
 }
 
-#[derive(Default)]
 struct Cluster {
+    /// LoadBalancer Services: past [`MAX_LOAD_BALANCERS`] counted, not kept.
     services: Cache<Service>,
     slices: Cache<EndpointSlice>,
     nodes: Cache<Node>,
     warned_missing_node: bool,
     over_limit: bool,
+    /// Over the limit by more than could be counted (and said so).
+    over_uncounted: bool,
+}
+
+impl Default for Cluster {
+    fn default() -> Self {
+        Self {
+            services: Cache::bounded(MAX_LOAD_BALANCERS),
+            slices: Cache::default(),
+            nodes: Cache::default(),
+            warned_missing_node: false,
+            over_limit: false,
+            over_uncounted: false,
+        }
+    }
 }
 
 impl Cluster {
@@ -387,8 +516,9 @@ impl Cluster {
     }
 
     /// The desired state, once every resource has been listed completely and the
-    /// LoadBalancer Services are within [`MAX_LOAD_BALANCERS`] (over it, the last state stays),
-    /// with the BGP attributes `policy` admits.
+    /// LoadBalancer Services are within [`MAX_LOAD_BALANCERS`] (over it, the last state stays;
+    /// back within it, the Services not kept are listed again first), with the BGP attributes
+    /// `policy` admits.
     fn translate(
         &mut self,
         selection: &Selection,
@@ -397,10 +527,18 @@ impl Cluster {
         if !(self.services.listed && self.slices.listed && self.nodes.listed) {
             return None;
         }
-        let load_balancers = self.services.store.len();
+        let (load_balancers, uncounted) = self.services.count();
         let over = load_balancers > MAX_LOAD_BALANCERS;
-        if over != self.over_limit {
-            if over {
+        let uncounted = over && uncounted;
+        if (over, uncounted) != (self.over_limit, self.over_uncounted) {
+            if over && uncounted {
+                error!(
+                    "{}",
+                    KubernetesError::TooManyLoadBalancersToCount {
+                        count: load_balancers
+                    }
+                );
+            } else if over {
                 error!(
                     "{}",
                     KubernetesError::TooManyLoadBalancers {
@@ -414,8 +552,9 @@ impl Cluster {
                 );
             }
             self.over_limit = over;
+            self.over_uncounted = uncounted;
         }
-        if over {
+        if over || self.services.needs_relist() {
             return None;
         }
         let node = self.nodes.objects().into_iter().next();
@@ -808,16 +947,83 @@ mod tests {
             "100001 LoadBalancer Services, over the limit of 100000: keeping the last state \
              until there are fewer"
         );
-        // One gone, it translates again.
+        // One gone, it lists them again for the one it did not keep, then translates again.
+        assert_eq!(cluster.services.store.len(), MAX_LOAD_BALANCERS);
         cluster.apply(Watched::Service(Box::new(watcher::Event::Delete(service(
             "s0", "2",
         )))));
+        assert!(cluster.services.needs_relist());
+        assert!(
+            cluster
+                .translate(&selection(), &AttributePolicy::default())
+                .is_none()
+        );
+        cluster.services.relisting();
+        assert!(!cluster.services.needs_relist());
+        cluster.apply(Watched::Service(Box::new(watcher::Event::Init)));
+        for service in services(MAX_LOAD_BALANCERS + 1).skip(1) {
+            cluster.apply(Watched::Service(Box::new(watcher::Event::InitApply(
+                service,
+            ))));
+        }
+        cluster.apply(Watched::Service(Box::new(watcher::Event::InitDone)));
+        assert!(!cluster.services.needs_relist());
+        let translation = cluster.translate(&selection(), &AttributePolicy::default());
+        assert!(translation.is_some());
+        assert!(!cluster.over_limit);
+        assert!(
+            cluster
+                .service(&format!("ns/s{MAX_LOAD_BALANCERS}"))
+                .is_some()
+        );
+    }
+
+    #[test]
+    fn past_the_limit_services_are_counted_not_kept_and_past_twice_it_not_counted() {
+        let services =
+            |range: std::ops::Range<usize>| range.map(|i| service(&format!("s{i}"), "1"));
+        let mut cluster = listed_cluster(services(0..MAX_LOAD_BALANCERS));
+        let apply = |cluster: &mut Cluster, service: Service| {
+            cluster.apply(Watched::Service(Box::new(watcher::Event::Apply(service))))
+        };
+        // Past the limit: counted by key, once however often it changes, and not kept.
+        assert!(apply(&mut cluster, service("extra", "1")));
+        assert!(!apply(&mut cluster, service("extra", "2")));
+        assert_eq!(cluster.services.store.len(), MAX_LOAD_BALANCERS);
+        assert_eq!(cluster.services.count(), (MAX_LOAD_BALANCERS + 1, false));
+        assert!(cluster.service("ns/extra").is_none());
+        // Gone again, it is no longer counted, and nothing is missing.
+        assert!(
+            cluster.apply(Watched::Service(Box::new(watcher::Event::Delete(service(
+                "extra", "3"
+            )))))
+        );
+        assert_eq!(cluster.services.count(), (MAX_LOAD_BALANCERS, false));
+        assert!(!cluster.services.needs_relist());
         assert!(
             cluster
                 .translate(&selection(), &AttributePolicy::default())
                 .is_some()
         );
-        assert!(!cluster.over_limit);
+        // Past twice the limit the keys are not counted either: a relist of them all keeps
+        // the limit's worth of Services and of keys.
+        let mut cluster = listed_cluster(services(0..2 * MAX_LOAD_BALANCERS + 10));
+        assert_eq!(cluster.services.store.len(), MAX_LOAD_BALANCERS);
+        assert_eq!(cluster.services.count(), (2 * MAX_LOAD_BALANCERS, true));
+        assert!(
+            cluster
+                .translate(&selection(), &AttributePolicy::default())
+                .is_none()
+        );
+        assert_eq!(
+            KubernetesError::TooManyLoadBalancersToCount {
+                count: 2 * MAX_LOAD_BALANCERS
+            }
+            .to_string(),
+            "more than 200000 LoadBalancer Services, over the limit of 100000: keeping the last \
+             state until there are fewer, counting no more of them"
+        );
+        assert!(!cluster.services.needs_relist());
     }
 
     #[test]
