@@ -279,6 +279,12 @@ fn one_address_per_family_as_the_policy_asks_and_the_pools_show_their_use() {
         },
         &allocator,
     );
+    // A pool's use is written at most every second: v4only's may follow dual's.
+    cluster.wait_pool(
+        "v4only",
+        |s| s["ipv4"] == json!({"total": "4", "inUse": 1}),
+        &allocator,
+    );
     assert!(cluster.addresses("other-class").is_empty());
     assert!(cluster.addresses("cluster-ip").is_empty());
 

@@ -3,7 +3,11 @@
 //! network namespace. The API server listens inside the node's namespace, as a cluster's
 //! would be reachable from the node.
 
-use std::{collections::BTreeSet, sync::Arc, time::Duration};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    sync::Arc,
+    time::Duration,
+};
 
 use lbagent::{API_ACCESS, MAX_LOAD_BALANCERS};
 use lbagent_tests::{
@@ -147,6 +151,56 @@ fn services_appear_change_and_go_with_events() {
 
     // Every call the agent made is in API_ACCESS, which the deployment's ClusterRole grants.
     cluster.server.assert_requests_within(API_ACCESS);
+}
+
+#[test]
+fn more_events_than_a_queue_of_1024_are_all_recorded() {
+    // The agent once queued 256 Events and dropped the rest: past 1,024 at once, every one
+    // must still reach the API server.
+    const SERVICES: usize = 1_500;
+    let cluster = Cluster::start();
+    let address = |i: usize| format!("10.77.{}.{}", i / 250, 1 + i % 250);
+    for i in 0..SERVICES {
+        cluster
+            .server
+            .apply(service(&format!("svc-{i}"), &[&address(i)], json!({})));
+    }
+    assert!(
+        wait_until(Duration::from_secs(120), || cluster.held().len()
+            == SERVICES),
+        "{} of {SERVICES} addresses held\n{}",
+        cluster.held().len(),
+        cluster.agent.log()
+    );
+    let announced = || {
+        cluster
+            .server
+            .events()
+            .iter()
+            .filter(|e| e["reason"] == "Announced")
+            .filter_map(|e| {
+                Some((
+                    e["regarding"]["name"].as_str()?.to_owned(),
+                    e["note"].clone(),
+                ))
+            })
+            .collect::<BTreeMap<String, Value>>()
+    };
+    assert!(
+        wait_until(Duration::from_secs(120), || announced().len() == SERVICES),
+        "Announced Events on {} of {SERVICES} Services\n{}",
+        announced().len(),
+        cluster.agent.log()
+    );
+    let announced = announced();
+    for i in 0..SERVICES {
+        let name = format!("svc-{i}");
+        assert_eq!(
+            announced.get(&name),
+            Some(&json!(format!("{} held by node {NODE}", address(i)))),
+            "{name}"
+        );
+    }
 }
 
 #[test]

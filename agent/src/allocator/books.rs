@@ -100,7 +100,9 @@ pub struct Books {
     auto_order: Vec<usize>,
     owners: HashMap<Addr, Owner>,
     groups: HashMap<Owner, Group>,
-    services: BTreeMap<ServiceKey, Entry>,
+    /// Boxed: a map's nodes are half empty after ordered inserts, which for entries this
+    /// large was megabytes of nothing at 10,000 Services.
+    services: BTreeMap<ServiceKey, Box<Entry>>,
     namespaces: HashMap<String, BTreeMap<String, String>>,
     conflicts: Vec<Conflict>,
     /// Services without an address that may get one when addresses free up.
@@ -315,7 +317,7 @@ impl Books {
             self.before.insert(key.clone(), old);
         }
         self.settle(&key, &entry.outcome, entry.request.invalid.is_some());
-        self.services.insert(key, entry);
+        self.services.insert(key, Box::new(entry));
     }
 
     fn settle(&mut self, key: &ServiceKey, outcome: &Outcome, invalid: bool) {
@@ -676,7 +678,10 @@ impl Books {
                     policy(other.request.local_traffic)
                 ));
             }
-            if let Some((protocol, port)) = request.ports.intersection(&other.request.ports).next()
+            if let Some((protocol, port)) = request
+                .ports
+                .iter()
+                .find(|port| other.request.ports.contains(port))
             {
                 return Some(format!(
                     "{field}: {sharing:?}: sharing refused: port {protocol}/{port} is also used \

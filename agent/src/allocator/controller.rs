@@ -6,12 +6,16 @@
 //! change it has not seen gets 409 Conflict; the Service is then read again and decided anew.
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     net::IpAddr,
     time::Duration,
 };
 
-use futures::{FutureExt as _, StreamExt as _, stream::BoxStream};
+use futures::{
+    FutureExt as _, StreamExt as _,
+    future::BoxFuture,
+    stream::{BoxStream, FuturesUnordered},
+};
 use k8s_openapi::api::core::v1::{Namespace, ObjectReference, Service};
 use kube::{
     Api, Client, ResourceExt as _,
@@ -25,20 +29,25 @@ use serde_json::{Value, json};
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
-use crate::sources::kubernetes::watch_kind;
+use crate::sources::kubernetes::{
+    events::{EventQueue, Replace},
+    watch_kind,
+};
 
 use super::{
     books::{Books, Conflict, Outcome, PoolInput, PoolReport},
-    events::EventQueue,
     pool::{AddressPool, AddressPoolStatus, Family, FamilyUsage, PoolCondition},
     request::{self, Request, ServiceKey},
 };
 
 /// Status writes in flight at once.
 pub const WRITE_CONCURRENCY: usize = 16;
-/// Watch events taken in one batch before writing.
+/// Watch events decided in one batch.
 const BATCH: usize = 512;
 const RETRY_AFTER: Duration = Duration::from_secs(1);
+/// A pool's status is written at most this often: every assignment changes its use, and
+/// three status writes after each handful of Services held up the Services' own.
+const POOL_STATUS_EVERY: Duration = Duration::from_secs(1);
 
 #[derive(Clone, Debug)]
 pub struct Settings {
@@ -67,8 +76,9 @@ struct SeenService {
     name: String,
     uid: Option<String>,
     version: String,
-    /// `Some` for a Service of type LoadBalancer of the allocator's class.
-    request: Option<Request>,
+    /// `Some` for a Service of type LoadBalancer of the allocator's class. Boxed, so the
+    /// cache's half-empty map nodes hold a pointer where the rest of the map has none.
+    request: Option<Box<Request>>,
     /// The addresses its status shows.
     addresses: Vec<IpAddr>,
 }
@@ -80,7 +90,7 @@ impl SeenService {
             name: service.name_any(),
             uid: service.uid(),
             version: service.resource_version().unwrap_or_default(),
-            request: request::is_ours(service, class).then(|| request::read(service)),
+            request: request::is_ours(service, class).then(|| Box::new(request::read(service))),
             addresses: request::status_addresses(service),
         }
     }
@@ -243,9 +253,16 @@ pub struct Controller {
     dirty: BTreeSet<ServiceKey>,
     /// Services that left the books while still existing: their addresses are cleared.
     released: BTreeSet<ServiceKey>,
-    /// The last Event told per Service, so each outcome is told once.
-    told: HashMap<ServiceKey, String>,
+    /// A digest of the last outcome told per Service, so each outcome is told once.
+    told: HashMap<ServiceKey, u64>,
+    /// Services whose write failed, written again at `retry_at`.
+    waiting: BTreeSet<ServiceKey>,
+    /// Services with a status write under way.
+    writing: HashSet<ServiceKey>,
     retry_at: Option<Instant>,
+    /// When the pools' status was last written, and when it may be written next.
+    pools_written: Option<Instant>,
+    pools_due: Option<Instant>,
     events: EventQueue,
 }
 
@@ -257,6 +274,7 @@ impl Controller {
                 controller: super::CONTROLLER.into(),
                 instance: Some(settings.identity.clone()),
             },
+            Replace::SameReason,
         );
         Self {
             client,
@@ -270,58 +288,97 @@ impl Controller {
             dirty: BTreeSet::new(),
             released: BTreeSet::new(),
             told: HashMap::new(),
+            waiting: BTreeSet::new(),
+            writing: HashSet::new(),
             retry_at: None,
+            pools_written: None,
+            pools_due: None,
             events,
         }
     }
 
     /// Runs until the watch streams end (they retry on their own while the API server is
-    /// unreachable).
+    /// unreachable). Status writes run beside the watches, [`WRITE_CONCURRENCY`] at a time: a
+    /// write that ends makes room for the next at once, and watch events are taken in
+    /// meanwhile, so 10,000 new Services keep the writes as busy as a bare client keeps them.
     pub async fn run(mut self) -> Result<(), ControllerError> {
         let mut changes = changes(&self.client);
+        let mut writes = FuturesUnordered::new();
         let mut failing = false;
         loop {
             let retry = self.retry_at;
-            let first = tokio::select! {
-                change = changes.next() => match change {
-                    None => return Err(ControllerError::WatchEnded),
-                    Some(change) => Some(change),
-                },
-                () = sleep_until(retry), if retry.is_some() => None,
-            };
-            let mut batch: Vec<Result<Change, watcher::Error>> = first.into_iter().collect();
-            while batch.len() < BATCH {
-                match changes.next().now_or_never() {
-                    Some(Some(change)) => batch.push(change),
-                    _ => break,
-                }
-            }
-            let mut touched = BTreeSet::new();
-            let mut relisted = false;
-            for change in batch {
-                match change {
-                    Err(err) => {
-                        if !failing {
-                            warn!(%err, "watch failed; keeping the books and retrying");
-                        }
-                        failing = true;
-                    }
-                    Ok(change) => {
-                        if failing {
-                            info!("watches are back");
-                            failing = false;
-                        }
-                        match self.apply(change) {
-                            Some(keys) => touched.extend(keys),
-                            None => relisted = true,
+            let pools_due = self.pools_due;
+            tokio::select! {
+                change = changes.next() => {
+                    let Some(first) = change else {
+                        return Err(ControllerError::WatchEnded);
+                    };
+                    let mut batch = vec![first];
+                    while batch.len() < BATCH {
+                        match changes.next().now_or_never() {
+                            Some(Some(change)) => batch.push(change),
+                            _ => break,
                         }
                     }
+                    self.take_changes(batch, &mut failing);
+                }
+                Some((key, written)) = writes.next(), if !writes.is_empty() => {
+                    self.written(key, written);
+                    while let Some(Some((key, written))) = writes.next().now_or_never() {
+                        self.written(key, written);
+                    }
+                }
+                () = sleep_until(retry), if retry.is_some() => {
+                    self.retry_at = None;
+                    let waited = std::mem::take(&mut self.waiting);
+                    self.dirty.extend(waited);
+                }
+                () = sleep_until(pools_due), if pools_due.is_some() => {
+                    self.pools_due = None;
                 }
             }
-            self.decide(touched, relisted);
-            self.retry_at = None;
-            self.write().await;
+            self.start_writes(&mut writes);
+            // The pools' use is written once the Services' writes settle, and at most every
+            // POOL_STATUS_EVERY.
+            if writes.is_empty() {
+                match self.pools_written {
+                    Some(at) if at.elapsed() < POOL_STATUS_EVERY => {
+                        self.pools_due = Some(at + POOL_STATUS_EVERY);
+                    }
+                    _ => {
+                        if self.write_pools().await {
+                            self.pools_written = Some(Instant::now());
+                        }
+                    }
+                }
+            }
         }
+    }
+
+    fn take_changes(&mut self, batch: Vec<Result<Change, watcher::Error>>, failing: &mut bool) {
+        let mut touched = BTreeSet::new();
+        let mut relisted = false;
+        for change in batch {
+            match change {
+                Err(err) => {
+                    if !*failing {
+                        warn!(%err, "watch failed; keeping the books and retrying");
+                    }
+                    *failing = true;
+                }
+                Ok(change) => {
+                    if *failing {
+                        info!("watches are back");
+                        *failing = false;
+                    }
+                    match self.apply(change) {
+                        Some(keys) => touched.extend(keys),
+                        None => relisted = true,
+                    }
+                }
+            }
+        }
+        self.decide(touched, relisted);
     }
 
     fn apply(&mut self, change: Change) -> Option<Vec<String>> {
@@ -397,7 +454,7 @@ impl Controller {
                     ..
                 }) => {
                     self.released.remove(&key);
-                    self.dirty.extend(books.upsert(request.clone()));
+                    self.dirty.extend(books.upsert(Request::clone(request)));
                     self.dirty.insert(key);
                 }
                 still_there => {
@@ -429,7 +486,7 @@ impl Controller {
             .services
             .objects
             .values()
-            .filter_map(|seen| seen.request.clone())
+            .filter_map(|seen| seen.request.as_deref().cloned())
             .collect();
         let count = requests.len();
         let mut books = Books::rebuild(&pool_inputs, namespace_labels.clone(), requests);
@@ -534,14 +591,24 @@ impl Controller {
         }
     }
 
-    /// Writes every dirty Service's status that differs from the books, then the pools'.
-    async fn write(&mut self) {
+    /// Starts writing the dirty Services whose status differs from the books, while fewer
+    /// than [`WRITE_CONCURRENCY`] writes are under way; one that already shows what the books
+    /// say is told. A Service being written waits dirty for its write to end.
+    fn start_writes(&mut self, writes: &mut FuturesUnordered<StatusWrite>) {
         let Some(books) = &self.books else {
             return;
         };
-        let mut writes = Vec::new();
         let mut settled = Vec::new();
-        for key in std::mem::take(&mut self.dirty) {
+        while writes.len() < WRITE_CONCURRENCY {
+            let Some(key) = self
+                .dirty
+                .iter()
+                .find(|key| !self.writing.contains(*key))
+                .cloned()
+            else {
+                break;
+            };
+            self.dirty.remove(&key);
             let Some(seen) = self.services.objects.get(&service_cache_key(&key)) else {
                 continue;
             };
@@ -552,74 +619,74 @@ impl Controller {
             };
             if seen.addresses == desired {
                 settled.push(key);
-            } else {
-                writes.push((key, desired, seen.version.clone()));
+                continue;
             }
+            let api = Api::<Service>::namespaced(self.client.clone(), &key.namespace);
+            let version = seen.version.clone();
+            self.writing.insert(key.clone());
+            writes.push(
+                async move {
+                    let written = write_service_status(&api, &key.name, &desired, &version).await;
+                    (key, written)
+                }
+                .boxed(),
+            );
         }
         for key in settled {
             self.tell(&key);
         }
-        let client = self.client.clone();
+    }
+
+    /// Takes in how a status write ended.
+    fn written(&mut self, key: ServiceKey, written: Written) {
+        self.writing.remove(&key);
         let class = self.settings.load_balancer_class.clone();
-        let results: Vec<_> = futures::stream::iter(writes)
-            .map(|(key, desired, version)| {
-                let api = Api::<Service>::namespaced(client.clone(), &key.namespace);
-                async move {
-                    let result = write_service_status(&api, &key.name, &desired, &version).await;
-                    (key, result)
-                }
-            })
-            .buffer_unordered(WRITE_CONCURRENCY)
-            .collect()
-            .await;
-        for (key, result) in results {
-            match result {
-                Ok(service) => {
-                    self.services
-                        .insert_newer(SeenService::new(&service, class.as_deref()));
+        match written {
+            Written::Done(service) => {
+                self.services
+                    .insert_newer(SeenService::new(&service, class.as_deref()));
+                // Decided anew while it was written: told once that write ends.
+                if !self.dirty.contains(&key) {
                     self.tell(&key);
                 }
-                Err(kube::Error::Api(status)) if status.code == 409 => {
-                    debug!(service = %key, "the Service changed under the write; reading it again");
-                    let api = Api::<Service>::namespaced(self.client.clone(), &key.namespace);
-                    match api.get_opt(&key.name).await {
-                        Ok(Some(service)) => {
-                            self.services
-                                .insert_newer(SeenService::new(&service, class.as_deref()));
-                            self.decide([service_cache_key(&key)].into(), false);
-                        }
-                        Ok(None) => {
-                            self.services.objects.remove(&service_cache_key(&key));
-                            self.decide([service_cache_key(&key)].into(), false);
-                        }
-                        Err(err) => {
-                            warn!(service = %key, %err, "cannot read the Service again");
-                            self.retry(key.clone());
-                        }
+            }
+            Written::Conflict(Ok(service)) => {
+                debug!(service = %key, "the Service changed under the write; read it again");
+                match service {
+                    Some(service) => self
+                        .services
+                        .insert_newer(SeenService::new(&service, class.as_deref())),
+                    None => {
+                        self.services.objects.remove(&service_cache_key(&key));
                     }
-                    self.dirty.insert(key);
-                    self.retry_at.get_or_insert_with(Instant::now);
                 }
-                Err(kube::Error::Api(status)) if status.code == 404 => {}
-                Err(err) => {
-                    warn!(service = %key, %err, "cannot write the Service's status; retrying");
-                    self.retry(key);
-                }
+                self.decide([service_cache_key(&key)].into(), false);
+                self.dirty.insert(key);
+            }
+            Written::Conflict(Err(err)) => {
+                warn!(service = %key, %err, "cannot read the Service again");
+                self.retry(key);
+            }
+            Written::Gone => {}
+            Written::Failed(err) => {
+                warn!(service = %key, %err, "cannot write the Service's status; retrying");
+                self.retry(key);
             }
         }
-        self.write_pools().await;
     }
 
     fn retry(&mut self, key: ServiceKey) {
-        self.dirty.insert(key);
+        self.waiting.insert(key);
         self.retry_at
             .get_or_insert_with(|| Instant::now() + RETRY_AFTER);
     }
 
-    async fn write_pools(&mut self) {
+    /// Writes the pools' status where it differs from the books; returns whether it wrote.
+    async fn write_pools(&mut self) -> bool {
         let Some(books) = &self.books else {
-            return;
+            return false;
         };
+        let mut wrote = false;
         let api = Api::<AddressPool>::all(self.client.clone());
         for report in books.pool_reports() {
             let Some(pool) = self.pools.objects.get(&report.name) else {
@@ -633,6 +700,7 @@ impl Controller {
             if let Some(err) = &report.error {
                 warn!(pool = %report.name, %err, "pool refused");
             }
+            wrote = true;
             let patch = json!({"status": {
                 "ipv4": desired.ipv4,
                 "ipv6": desired.ipv6,
@@ -650,11 +718,15 @@ impl Controller {
                 }
             }
         }
+        wrote
     }
 }
 
-fn told_key(outcome: &Outcome) -> String {
-    format!("{outcome:?}")
+fn told_key(outcome: &Outcome) -> u64 {
+    use std::hash::{DefaultHasher, Hash as _, Hasher as _};
+    let mut hasher = DefaultHasher::new();
+    format!("{outcome:?}").hash(&mut hasher);
+    hasher.finish()
 }
 
 async fn sleep_until(at: Option<Instant>) {
@@ -663,12 +735,25 @@ async fn sleep_until(at: Option<Instant>) {
     }
 }
 
+/// How a status write ended.
+enum Written {
+    /// The Service as written.
+    Done(Service),
+    /// 409: it changed under the write; the Service read again (`None`: it is gone).
+    Conflict(Result<Option<Service>, kube::Error>),
+    /// 404: it is gone.
+    Gone,
+    Failed(kube::Error),
+}
+
+type StatusWrite = BoxFuture<'static, (ServiceKey, Written)>;
+
 async fn write_service_status(
     api: &Api<Service>,
     name: &str,
     addresses: &[IpAddr],
     version: &str,
-) -> Result<Service, kube::Error> {
+) -> Written {
     let ingress: Value = if addresses.is_empty() {
         Value::Null
     } else {
@@ -681,8 +766,17 @@ async fn write_service_status(
         "metadata": {"resourceVersion": version},
         "status": {"loadBalancer": {"ingress": ingress}},
     });
-    api.patch_status(name, &PatchParams::default(), &Patch::Merge(&patch))
+    match api
+        .patch_status(name, &PatchParams::default(), &Patch::Merge(&patch))
         .await
+    {
+        Ok(service) => Written::Done(service),
+        Err(kube::Error::Api(status)) if status.code == 409 => {
+            Written::Conflict(api.get_opt(name).await)
+        }
+        Err(kube::Error::Api(status)) if status.code == 404 => Written::Gone,
+        Err(err) => Written::Failed(err),
+    }
 }
 
 /// A pool's status from its report; a condition that did not change keeps its time.

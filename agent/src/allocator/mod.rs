@@ -4,7 +4,6 @@
 
 pub mod books;
 pub mod controller;
-mod events;
 pub mod lease;
 pub mod pool;
 pub mod request;

@@ -411,6 +411,13 @@ impl ApiServer {
     pub fn request_log(&self) -> Vec<RequestRecord> {
         self.shared.log.lock().expect("log lock").clone()
     }
+
+    /// The requests after the first `from` of the log, for a poll that must stay cheap while
+    /// the log grows to tens of thousands.
+    pub fn request_log_since(&self, from: usize) -> Vec<RequestRecord> {
+        let log = self.shared.log.lock().expect("log lock");
+        log.get(from..).map(<[_]>::to_vec).unwrap_or_default()
+    }
 }
 
 impl Drop for ApiServer {

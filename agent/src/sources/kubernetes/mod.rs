@@ -11,6 +11,7 @@
 //! address answered through ARP/NDP (the neighbours sink), the node that takes it records
 //! `LocalAddressOwner` naming itself and the candidates after it.
 
+pub mod events;
 pub mod translate;
 
 use std::{
@@ -23,7 +24,7 @@ use std::{
 
 use futures::{StreamExt as _, stream::BoxStream};
 use k8s_openapi::api::{
-    core::v1::{Node, ObjectReference, Service},
+    core::v1::{Node, Service},
     discovery::v1::EndpointSlice,
 };
 use kube::{
@@ -31,16 +32,19 @@ use kube::{
     config::{KubeConfigOptions, Kubeconfig},
     runtime::{
         WatchStreamExt as _,
-        events::{Event, EventType, Recorder, Reporter},
+        events::{Event, EventType, Reporter},
         reflector::{ObjectRef, Store, store::Writer},
         watcher,
     },
 };
 use serde::de::DeserializeOwned;
-use tokio::sync::{mpsc, watch};
-use tracing::{debug, error, info, warn};
+use tokio::sync::watch;
+use tracing::{error, info, warn};
 
-use self::translate::{Selection, Translation};
+use self::{
+    events::{EventQueue, Replace},
+    translate::{Selection, Translation},
+};
 use crate::desired::{
     AddressState, AddressStatus, AttributePolicy, NeighbourOutcome, Rejected, SourceUpdate,
 };
@@ -71,7 +75,7 @@ pub const API_ACCESS: &[ApiAccess] = &[
         resource: "nodes",
         verbs: &["list", "watch"],
     },
-    // kube's Recorder creates an Event, then patches it into a series when it repeats.
+    // kube's Recorder creates an Event, and patches it into a series when it repeats one.
     ApiAccess {
         group: "events.k8s.io",
         resource: "events",
@@ -81,8 +85,6 @@ pub const API_ACCESS: &[ApiAccess] = &[
 
 /// The name lbagent reports Events under.
 const CONTROLLER: &str = "lbagent";
-/// Events waiting to be published; beyond this (API server gone) newer ones are dropped.
-const EVENT_QUEUE: usize = 256;
 
 #[derive(Debug, thiserror::Error)]
 pub enum KubernetesError {
@@ -161,17 +163,16 @@ pub async fn watch(
     );
     let mut watched = watch_all(&client, &node_name);
     let relist_client = client.clone();
-    let (events, queue) = mpsc::channel(EVENT_QUEUE);
-    tokio::spawn(publish_events(
-        Recorder::new(
-            client,
-            Reporter {
-                controller: CONTROLLER.into(),
-                instance: Some(node_name.clone()),
-            },
-        ),
-        queue,
-    ));
+    // None is dropped: a Service's Events wait beside each other, and only one that says
+    // exactly the same as a waiting one takes its place.
+    let events = EventQueue::start(
+        client,
+        Reporter {
+            controller: CONTROLLER.into(),
+            instance: Some(node_name.clone()),
+        },
+        Replace::SameNote,
+    );
     let mut cluster = Cluster::default();
     let mut announcer = Announcer::new(node_name, events);
     let mut failing = false;
@@ -604,11 +605,11 @@ struct Announcer {
     refused_attributes: Vec<Rejected>,
     withdrawn_reason: BTreeMap<String, String>,
     excluded: bool,
-    events: mpsc::Sender<(ObjectReference, Event)>,
+    events: EventQueue,
 }
 
 impl Announcer {
-    fn new(node: String, events: mpsc::Sender<(ObjectReference, Event)>) -> Self {
+    fn new(node: String, events: EventQueue) -> Self {
         Self {
             node,
             standings: BTreeMap::new(),
@@ -678,13 +679,8 @@ impl Announcer {
                 action: "Announce".into(),
                 secondary: None,
             };
-            if let Some(object) = cluster.service(service)
-                && self
-                    .events
-                    .try_send((object.object_ref(&()), event))
-                    .is_err()
-            {
-                debug!(%service, "Event queue full; dropping an Event");
+            if let Some(object) = cluster.service(service) {
+                self.events.push(object.object_ref(&()), event);
             }
         }
         self.refused_attributes
@@ -837,9 +833,7 @@ impl Announcer {
         };
         let reference = object.object_ref(&());
         for event in events {
-            if self.events.try_send((reference.clone(), event)).is_err() {
-                debug!(%service, "Event queue full; dropping an Event");
-            }
+            self.events.push(reference.clone(), event);
         }
     }
 }
@@ -858,19 +852,6 @@ fn at_most(mut text: String, max: usize) -> String {
         text.push_str("...");
     }
     text
-}
-
-async fn publish_events(recorder: Recorder, mut queue: mpsc::Receiver<(ObjectReference, Event)>) {
-    while let Some((reference, event)) = queue.recv().await {
-        if let Err(err) = recorder.publish(&event, &reference).await {
-            warn!(
-                service = %format!("{}/{}", reference.namespace.unwrap_or_default(), reference.name.unwrap_or_default()),
-                reason = %event.reason,
-                %err,
-                "cannot record an Event"
-            );
-        }
-    }
 }
 
 #[cfg(test)]
