@@ -130,6 +130,11 @@ impl AddressIntent {
         {
             Ok(at) => at,
             Err(at) => {
+                // A first push would reserve room for four; almost every address keeps
+                // one service, so room for one (3.4 MB of the heap with 10,000 addresses).
+                if self.0.is_empty() {
+                    self.0.reserve_exact(1);
+                }
                 self.0
                     .insert(at, (service.to_owned(), ServicePolicy::default()));
                 at

@@ -79,6 +79,9 @@ fn single<M: EncodeMetric>(
     value.encode(encoder.encode_descriptor(name, help, None, value.metric_type())?)
 }
 
+/// A counter family of the dataplane: its name, its help, and what it counts of each `T`.
+type Family<T> = (&'static str, &'static str, fn(&T) -> u64);
+
 /// One metric with its labelled values.
 fn family<M: EncodeMetric>(
     encoder: &mut DescriptorEncoder,
@@ -140,20 +143,21 @@ impl Collector for StateCollector {
                         })
                         .collect::<Vec<_>>()
                 };
-                family(
-                    &mut encoder,
-                    "dataplane_port_received_packets",
-                    "Packets to a service port of a load-balancer address that the XDP program let through",
-                    MetricType::Counter,
-                    per(|p| p.packets),
-                )?;
-                family(
-                    &mut encoder,
-                    "dataplane_port_received_bytes",
-                    "Bytes to a service port of a load-balancer address that the XDP program let through",
-                    MetricType::Counter,
-                    per(|p| p.bytes),
-                )?;
+                let families: [Family<PortCounters>; 2] = [
+                    (
+                        "dataplane_port_received_packets",
+                        "Packets to a service port of a load-balancer address that the XDP program let through",
+                        |p| p.packets,
+                    ),
+                    (
+                        "dataplane_port_received_bytes",
+                        "Bytes to a service port of a load-balancer address that the XDP program let through",
+                        |p| p.bytes,
+                    ),
+                ];
+                for (name, help, value) in families {
+                    family(&mut encoder, name, help, MetricType::Counter, per(value))?;
+                }
             }
             if let Some(counters) = table.as_ref().and_then(|t| t.counters().ok()) {
                 let per = |value: fn(&VipCounters) -> u64| {
@@ -167,34 +171,31 @@ impl Collector for StateCollector {
                         })
                         .collect::<Vec<_>>()
                 };
-                family(
-                    &mut encoder,
-                    "dataplane_received_packets",
-                    "Packets to a load-balancer address seen by the XDP program",
-                    MetricType::Counter,
-                    per(|c| c.packets),
-                )?;
-                family(
-                    &mut encoder,
-                    "dataplane_received_bytes",
-                    "Bytes to a load-balancer address seen by the XDP program",
-                    MetricType::Counter,
-                    per(|c| c.bytes),
-                )?;
-                family(
-                    &mut encoder,
-                    "dataplane_sent_packets",
-                    "Packets from a load-balancer address seen by the tc egress program",
-                    MetricType::Counter,
-                    per(|c| c.tx_packets),
-                )?;
-                family(
-                    &mut encoder,
-                    "dataplane_sent_bytes",
-                    "Bytes from a load-balancer address seen by the tc egress program",
-                    MetricType::Counter,
-                    per(|c| c.tx_bytes),
-                )?;
+                let families: [Family<VipCounters>; 4] = [
+                    (
+                        "dataplane_received_packets",
+                        "Packets to a load-balancer address seen by the XDP program",
+                        |c| c.packets,
+                    ),
+                    (
+                        "dataplane_received_bytes",
+                        "Bytes to a load-balancer address seen by the XDP program",
+                        |c| c.bytes,
+                    ),
+                    (
+                        "dataplane_sent_packets",
+                        "Packets from a load-balancer address seen by the tc egress program",
+                        |c| c.tx_packets,
+                    ),
+                    (
+                        "dataplane_sent_bytes",
+                        "Bytes from a load-balancer address seen by the tc egress program",
+                        |c| c.tx_bytes,
+                    ),
+                ];
+                for (name, help, value) in families {
+                    family(&mut encoder, name, help, MetricType::Counter, per(value))?;
+                }
                 let drops = counters.iter().flat_map(|c| {
                     let d = &c.drops;
                     [

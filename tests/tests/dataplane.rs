@@ -29,6 +29,11 @@ impl std::ops::DerefMut for Node {
     }
 }
 
+/// The services file most tests here use: one service, `web`, on [`VIP4`] port 8080.
+fn web_on_8080() -> String {
+    format!("services:\n- {{name: web, addresses: [{VIP4}], ports: [{{port: 8080}}]}}\n")
+}
+
 impl Node {
     fn start(services: &str) -> Self {
         Self::start_with(services, "", |_| {})
@@ -44,16 +49,15 @@ impl Node {
         ))
     }
 
+    /// Listeners on the node for the served port (8080) and one the address does not
+    /// serve (9090).
+    fn servers(&self) -> Servers {
+        Servers::start(&self.pair.node, &[addr(8080), addr(9090)], &[])
+    }
+
     /// Waits for the first reconcile to fill the policy maps.
     fn wait_policy(&self) {
-        assert!(
-            wait_until(Duration::from_secs(5), || self
-                .agent
-                .log()
-                .contains("updating the dataplane's policy maps")),
-            "{}",
-            self.agent.log()
-        );
+        wait_logged(&self.agent, "updating the dataplane's policy maps");
     }
 
     fn drops(&self) -> serde_json::Value {
@@ -199,9 +203,7 @@ fn pings_answered_across_a_kill_and_restart(node: &mut Node, env: &[(&str, &str)
 
 #[test]
 fn a_killed_agent_leaves_the_dataplane_counting_and_a_new_one_adopts_it_without_loss() {
-    let mut node = Node::start(&format!(
-        "services:\n- {{name: web, addresses: [{VIP4}], ports: [{{port: 8080}}]}}\n"
-    ));
+    let mut node = Node::start(&web_on_8080());
     node.wait_policy();
     let program = lbagent_tests::xdp_on(&node.pair.node, "eth0").expect("attached");
 
@@ -230,37 +232,33 @@ fn a_killed_agent_leaves_the_dataplane_counting_and_a_new_one_adopts_it_without_
 
 #[test]
 fn a_pinned_map_with_another_layout_is_replaced_not_reused() {
-    let node = Node::start_with(
-        &format!("services:\n- {{name: web, addresses: [{VIP4}], ports: [{{port: 8080}}]}}\n"),
-        "",
-        |pins| {
-            // A map under this layout's name with another shape: LB_VIP_CONFIG as a hash map
-            // with 4-byte values, as layout v1's address map was; v3 wants a shared array.
-            let dir = pins
-                .path()
-                .join(format!("v{}", lbagent_common::PIN_LAYOUT_VERSION));
-            std::fs::create_dir_all(&dir).unwrap();
-            lbagent_tests::run_ok(
-                "bpftool",
-                &[
-                    "map",
-                    "create",
-                    dir.join("LB_VIP_CONFIG").to_str().unwrap(),
-                    "type",
-                    "hash",
-                    "key",
-                    "20",
-                    "value",
-                    "4",
-                    "entries",
-                    "16",
-                    "name",
-                    "LB_VIP_CONFIG",
-                ],
-            );
-        },
-    );
-    let _servers = Servers::start(&node.pair.node, &[addr(8080), addr(9090)], &[]);
+    let node = Node::start_with(&web_on_8080(), "", |pins| {
+        // A map under this layout's name with another shape: LB_VIP_CONFIG as a hash map
+        // with 4-byte values, as layout v1's address map was; v3 wants a shared array.
+        let dir = pins
+            .path()
+            .join(format!("v{}", lbagent_common::PIN_LAYOUT_VERSION));
+        std::fs::create_dir_all(&dir).unwrap();
+        lbagent_tests::run_ok(
+            "bpftool",
+            &[
+                "map",
+                "create",
+                dir.join("LB_VIP_CONFIG").to_str().unwrap(),
+                "type",
+                "hash",
+                "key",
+                "20",
+                "value",
+                "4",
+                "entries",
+                "16",
+                "name",
+                "LB_VIP_CONFIG",
+            ],
+        );
+    });
+    let _servers = node.servers();
     assert!(
         wait_until(Duration::from_secs(5), || node.agent.log().contains(
             "pinned map has another layout; replacing the dataplane's pins"
@@ -341,26 +339,23 @@ fn add_eth1(pair: &Pair) -> u32 {
     links[0]["ifindex"].as_u64().unwrap() as u32
 }
 
-fn log_has(agent: &Agent, needle: &str) -> bool {
-    wait_until(Duration::from_secs(5), || agent.log().contains(needle))
+/// Waits until `agent` has logged `needle`; fails with its log.
+fn wait_logged(agent: &Agent, needle: &str) {
+    assert!(
+        wait_until(Duration::from_secs(5), || agent.log().contains(needle)),
+        "{needle:?} not logged:\n{}",
+        agent.log()
+    );
 }
 
 #[test]
 fn listed_interfaces_get_the_program_when_they_appear_and_lose_their_pins_when_they_vanish() {
-    let node = Node::start_with(
-        &format!("services:\n- {{name: web, addresses: [{VIP4}], ports: [{{port: 8080}}]}}\n"),
-        ", interfaces: [eth0, eth1]",
-        |_| {},
-    );
-    let _servers = Servers::start(&node.pair.node, &[addr(8080), addr(9090)], &[]);
+    let node = Node::start_with(&web_on_8080(), ", interfaces: [eth0, eth1]", |_| {});
+    let _servers = node.servers();
     node.wait_policy();
-    assert!(
-        log_has(
-            &node.agent,
-            "interface not present; it gets the XDP program when it appears iface=eth1"
-        ),
-        "{}",
-        node.agent.log()
+    wait_logged(
+        &node.agent,
+        "interface not present; it gets the XDP program when it appears iface=eth1",
     );
     assert!(lbagent_tests::xdp_on(&node.pair.node, "eth0").is_some());
 
@@ -373,13 +368,9 @@ fn listed_interfaces_get_the_program_when_they_appear_and_lose_their_pins_when_t
         "via",
         "10.201.0.2",
     ]);
-    assert!(
-        log_has(
-            &node.agent,
-            "interface appeared: XDP program attached iface=eth1"
-        ),
-        "{}",
-        node.agent.log()
+    wait_logged(
+        &node.agent,
+        "interface appeared: XDP program attached iface=eth1",
     );
     let program = lbagent_tests::xdp_on(&node.pair.node, "eth1").expect("attached to eth1");
     assert_eq!(program.name, "lbagent_xdp");
@@ -407,13 +398,9 @@ fn listed_interfaces_get_the_program_when_they_appear_and_lose_their_pins_when_t
 
     // eth1 vanishes: its pins go, eth0 keeps its program and the policy.
     node.pair.node.ip(&["link", "del", "eth1"]);
-    assert!(
-        log_has(
-            &node.agent,
-            "interface vanished: its XDP link pins are removed iface=eth1"
-        ),
-        "{}",
-        node.agent.log()
+    wait_logged(
+        &node.agent,
+        "interface vanished: its XDP link pins are removed iface=eth1",
     );
     assert!(
         !pin("/xdp_ns") && !pin("/tc_ns"),
@@ -434,9 +421,7 @@ fn listed_interfaces_get_the_program_when_they_appear_and_lose_their_pins_when_t
 
 #[test]
 fn an_interface_that_gains_a_default_route_gets_the_program() {
-    let node = Node::start(&format!(
-        "services:\n- {{name: web, addresses: [{VIP4}], ports: [{{port: 8080}}]}}\n"
-    ));
+    let node = Node::start(&web_on_8080());
     node.wait_policy();
     add_eth1(&node.pair);
     // A later interface with a default route: once the agent has attached to it, it has
@@ -460,13 +445,9 @@ fn an_interface_that_gains_a_default_route_gets_the_program() {
         "metric",
         "300",
     ]);
-    assert!(
-        log_has(
-            &node.agent,
-            "interface appeared: XDP program attached iface=eth2"
-        ),
-        "{}",
-        node.agent.log()
+    wait_logged(
+        &node.agent,
+        "interface appeared: XDP program attached iface=eth2",
     );
     assert_eq!(lbagent_tests::xdp_on(&node.pair.node, "eth1"), None);
 
@@ -481,13 +462,9 @@ fn an_interface_that_gains_a_default_route_gets_the_program() {
         "metric",
         "200",
     ]);
-    assert!(
-        log_has(
-            &node.agent,
-            "interface appeared: XDP program attached iface=eth1"
-        ),
-        "{}",
-        node.agent.log()
+    wait_logged(
+        &node.agent,
+        "interface appeared: XDP program attached iface=eth1",
     );
     assert!(lbagent_tests::xdp_on(&node.pair.node, "eth1").is_some());
     assert!(lbagent_tests::xdp_on(&node.pair.node, "eth0").is_some());
@@ -594,21 +571,17 @@ fn bpftool_prints_named_fields_for_every_map() {
 #[test]
 fn an_interface_that_refuses_the_program_is_named_with_the_fallback_and_the_rest_works() {
     let node = Node::start_with(
-        &format!("services:\n- {{name: web, addresses: [{VIP4}], ports: [{{port: 8080}}]}}\n"),
+        &web_on_8080(),
         // An ifb has no native XDP: driver mode alone is refused there.
         ", mode: driver, interfaces: [ifb9, eth0]",
         |_| {},
     );
-    let _servers = Servers::start(&node.pair.node, &[addr(8080), addr(9090)], &[]);
+    let _servers = node.servers();
     // ifb9 appears as the agent starts: whichever pass sees it first reports the refusal.
     node.pair.node.ip(&["link", "add", "ifb9", "type", "ifb"]);
     node.pair.node.ip(&["link", "set", "ifb9", "up"]);
     node.wait_policy();
-    assert!(
-        log_has(&node.agent, "driver-mode XDP refused on ifb9"),
-        "{}",
-        node.agent.log()
-    );
+    wait_logged(&node.agent, "driver-mode XDP refused on ifb9");
     let log = node.agent.log();
     let line = log
         .lines()
@@ -745,10 +718,7 @@ fn an_upgrade_adopts_the_links_of_the_older_layout_without_a_gap_and_retires_its
     });
     std::thread::sleep(Duration::from_millis(300));
     let dir = TempDir::new("lbt-dp");
-    dir.write(
-        "services.yaml",
-        &format!("services:\n- {{name: web, addresses: [{VIP4}], ports: [{{port: 8080}}]}}\n"),
-    );
+    dir.write("services.yaml", &web_on_8080());
     dir.write(
         "lbagent.yaml",
         &format!(
@@ -762,11 +732,7 @@ fn an_upgrade_adopts_the_links_of_the_older_layout_without_a_gap_and_retires_its
         &dir.path().join("lbagent.yaml"),
         dir.path().join("agent.log"),
     );
-    assert!(
-        log_has(&agent, "adopting lbagent's link from another map layout"),
-        "{}",
-        agent.log()
-    );
+    wait_logged(&agent, "adopting lbagent's link from another map layout");
     let output = pings.join().unwrap();
     let summary = String::from_utf8_lossy(&output.stdout);
     assert!(
@@ -806,7 +772,7 @@ fn without_tcx_the_egress_counter_is_a_classic_filter_that_a_restart_swaps_witho
     const CLASSIC: &[(&str, &str)] = &[("LBAGENT_TC_ATTACH", "classic")];
     let mut node = Node(ServedNode::start_with_env(
         VIP4,
-        &format!("services:\n- {{name: web, addresses: [{VIP4}], ports: [{{port: 8080}}]}}\n"),
+        &web_on_8080(),
         "",
         "",
         CLASSIC,

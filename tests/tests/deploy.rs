@@ -196,6 +196,24 @@ fn volume<'a>(spec: &'a PodSpec, name: &str) -> &'a Volume {
 }
 
 /// The value after `--config` in the container's args, else `$LBAGENT_CONFIG`.
+/// Each environment variable of `container`, with the Pod field it comes from (downward API),
+/// if any.
+fn downward_fields(container: &Container) -> BTreeMap<&str, Option<&str>> {
+    container
+        .env
+        .iter()
+        .flatten()
+        .map(|env| {
+            let field = env
+                .value_from
+                .as_ref()
+                .and_then(|from| from.field_ref.as_ref())
+                .map(|field| field.field_path.as_str());
+            (env.name.as_str(), field)
+        })
+        .collect()
+}
+
 fn config_path(container: &Container) -> PathBuf {
     let args = container.args.as_deref().unwrap_or_default();
     if let Some(i) = args.iter().position(|arg| arg == "--config") {
@@ -736,19 +754,7 @@ fn the_cleanup_daemonset_passes_the_paths_the_configmap_uses() {
 #[test]
 fn node_name_and_host_ip_come_from_the_downward_api() {
     let objects = Objects::agent();
-    let env: BTreeMap<&str, Option<&str>> = container(objects.daemon_set())
-        .env
-        .iter()
-        .flatten()
-        .map(|env| {
-            let field = env
-                .value_from
-                .as_ref()
-                .and_then(|from| from.field_ref.as_ref())
-                .map(|field| field.field_path.as_str());
-            (env.name.as_str(), field)
-        })
-        .collect();
+    let env = downward_fields(container(objects.daemon_set()));
     assert_eq!(env.get("NODE_NAME"), Some(&Some("spec.nodeName")));
     assert_eq!(env.get("HOST_IP"), Some(&Some("status.hostIP")));
 }
@@ -787,19 +793,7 @@ fn the_membership_runs_beside_the_agent_with_what_it_needs_and_no_more() {
         );
     }
     // Its name and address from the downward API, as the agent's.
-    let env: BTreeMap<&str, Option<&str>> = membership
-        .env
-        .iter()
-        .flatten()
-        .map(|env| {
-            let field = env
-                .value_from
-                .as_ref()
-                .and_then(|from| from.field_ref.as_ref())
-                .map(|field| field.field_path.as_str());
-            (env.name.as_str(), field)
-        })
-        .collect();
+    let env = downward_fields(membership);
     assert_eq!(env.get("NODE_NAME"), Some(&Some("spec.nodeName")));
     assert_eq!(env.get("HOST_IP"), Some(&Some("status.hostIP")));
     // It writes the member list where the agent's config reads it: the same volume.

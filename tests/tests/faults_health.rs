@@ -12,6 +12,17 @@ use lbagent_tests::{
 
 const VIP4: &str = "203.0.113.10";
 
+/// Waits up to `seconds` until `agent` has logged `needle`; fails with its log.
+fn wait_logged(agent: &Agent, seconds: u64, needle: &str) {
+    assert!(
+        wait_until(Duration::from_secs(seconds), || agent
+            .log()
+            .contains(needle)),
+        "{needle:?} not logged:\n{}",
+        agent.log()
+    );
+}
+
 /// A node namespace with an eth0 on 10.77.0.0/24 and a directory for the agent's files.
 struct Node {
     ns: NetNs,
@@ -100,14 +111,7 @@ fn pins_removed_under_a_running_agent_come_back_with_the_same_links_and_maps() {
         &format!("services:\n- {{name: web, addresses: [{VIP4}], ports: [{{port: 8080}}]}}\n"),
         "",
     );
-    assert!(
-        wait_until(Duration::from_secs(10), || node
-            .agent
-            .log()
-            .contains("updating the dataplane's policy maps")),
-        "{}",
-        node.agent.log()
-    );
+    wait_logged(&node.agent, 10, "updating the dataplane's policy maps");
     let program = xdp_on(&node.pair.node, "eth0").expect("attached");
     ping(&node, 5);
     assert_eq!(packets(&node), 5);
@@ -137,14 +141,7 @@ fn pins_removed_under_a_running_agent_come_back_with_the_same_links_and_maps() {
     ping(&node, 3);
     assert_eq!(packets(&node), 8);
     // And the agent is their one writer again: a second is refused.
-    assert!(
-        wait_until(Duration::from_secs(5), || node
-            .agent
-            .log()
-            .contains("took the writer's lock on the new one")),
-        "{}",
-        node.agent.log()
-    );
+    wait_logged(&node.agent, 5, "took the writer's lock on the new one");
     lbagent(&node.pair.node, &node.pins, &["vip", "add", "203.0.113.99"])
         .assert_one_line_error("another lbagent process is changing the maps");
 
@@ -255,13 +252,7 @@ fn another_process_on_birds_control_socket_is_named_in_one_error() {
     // Once it lets go, BIRD starts; the error was said once.
     drop(listener);
     std::fs::remove_file(&socket).expect("remove the socket file");
-    assert!(
-        wait_until(Duration::from_secs(60), || agent
-            .log()
-            .contains("BIRD started")),
-        "{}",
-        agent.log()
-    );
+    wait_logged(&agent, 60, "BIRD started");
     let log = agent.log();
     assert_eq!(
         log.lines()

@@ -148,13 +148,18 @@ fn all_answered(summary: &str) {
     );
 }
 
+/// A scene whose agent was stopped with `signal` and started again while the client pinged
+/// the address through the router, every ping answered.
+fn restarted_under_pings(signal: nix::sys::signal::Signal) -> Scene {
+    let mut scene = Scene::start();
+    let summary = scene.pings_across(|scene| scene.stop_and_restart(signal, "agent2.log"));
+    all_answered(&summary);
+    scene
+}
+
 #[test]
 fn a_killed_agent_takes_its_bird_along_and_the_router_keeps_forwarding() {
-    let mut scene = Scene::start();
-    let summary = scene.pings_across(|scene| {
-        scene.stop_and_restart(nix::sys::signal::Signal::SIGKILL, "agent2.log");
-    });
-    all_answered(&summary);
+    let scene = restarted_under_pings(nix::sys::signal::Signal::SIGKILL);
     assert!(
         wait_until(Duration::from_secs(10), || scene
             .log()
@@ -168,11 +173,7 @@ fn a_killed_agent_takes_its_bird_along_and_the_router_keeps_forwarding() {
 
 #[test]
 fn a_stopped_agent_takes_its_bird_along_and_the_router_keeps_forwarding() {
-    let mut scene = Scene::start();
-    let summary = scene.pings_across(|scene| {
-        scene.stop_and_restart(nix::sys::signal::Signal::SIGTERM, "agent2.log");
-    });
-    all_answered(&summary);
+    let scene = restarted_under_pings(nix::sys::signal::Signal::SIGTERM);
     scene.wait_announced();
     assert_eq!(scene.bird_processes().len(), 1);
 }

@@ -28,6 +28,19 @@ struct Cluster {
 }
 
 impl Cluster {
+    /// A cluster with Service `name` on `ip`, once the node holds it.
+    fn holding(name: &str, ip: &str) -> Self {
+        let cluster = Self::start();
+        cluster.apply_service(name, &[ip], json!({}));
+        cluster.wait_held(&[ip]);
+        cluster
+    }
+
+    /// Creates or replaces Service `name` in namespace `shop` (see [`service`]).
+    fn apply_service(&self, name: &str, ips: &[&str], patch: Value) {
+        self.server.apply(service(name, ips, patch));
+    }
+
     fn start() -> Self {
         let ns = NetNs::new("lbt-kube");
         ns.ip(&["link", "set", "lo", "up"]);
@@ -121,14 +134,12 @@ fn slice(service: &str, node_name: &str, conditions: Value) -> Value {
 #[test]
 fn services_appear_change_and_go_with_events() {
     let cluster = Cluster::start();
-    cluster
-        .server
-        .apply(service("web", &["203.0.113.10"], json!({})));
-    cluster.server.apply(service(
+    cluster.apply_service("web", &["203.0.113.10"], json!({}));
+    cluster.apply_service(
         "internal",
         &["10.96.5.5"],
         json!({"spec": {"type": "ClusterIP"}}),
-    ));
+    );
     cluster.wait_held(&["203.0.113.10"]);
     cluster.wait_event(
         "web",
@@ -136,15 +147,11 @@ fn services_appear_change_and_go_with_events() {
         &format!("203.0.113.10 held by node {NODE}"),
     );
 
-    cluster
-        .server
-        .apply(service("web", &["203.0.113.11"], json!({})));
+    cluster.apply_service("web", &["203.0.113.11"], json!({}));
     cluster.wait_held(&["203.0.113.11"]);
     cluster.wait_event("web", "Withdrawn", "203.0.113.10 no longer held");
 
-    cluster
-        .server
-        .apply(service("api", &["203.0.113.20"], json!({})));
+    cluster.apply_service("api", &["203.0.113.20"], json!({}));
     cluster.wait_held(&["203.0.113.11", "203.0.113.20"]);
     cluster.server.delete("v1", "Service", Some("shop"), "web");
     cluster.wait_held(&["203.0.113.20"]);
@@ -206,17 +213,13 @@ fn more_events_than_a_queue_of_1024_are_all_recorded() {
 #[test]
 fn garbage_in_a_service_skips_it_with_an_event() {
     let cluster = Cluster::start();
-    cluster
-        .server
-        .apply(service("bad", &["203.0.113.300"], json!({})));
-    cluster.server.apply(service(
+    cluster.apply_service("bad", &["203.0.113.300"], json!({}));
+    cluster.apply_service(
         "bad-port",
         &["203.0.113.31"],
         json!({"spec": {"ports": [{"port": 80, "protocol": "ICMP"}]}}),
-    ));
-    cluster
-        .server
-        .apply(service("good", &["203.0.113.30"], json!({})));
+    );
+    cluster.apply_service("good", &["203.0.113.30"], json!({}));
     cluster.wait_held(&["203.0.113.30"]);
     cluster.wait_event(
         "bad",
@@ -230,9 +233,7 @@ fn garbage_in_a_service_skips_it_with_an_event() {
     );
     assert!(cluster.agent.log().contains("Service skipped"));
     // Fixed, it is served.
-    cluster
-        .server
-        .apply(service("bad", &["203.0.113.32"], json!({})));
+    cluster.apply_service("bad", &["203.0.113.32"], json!({}));
     cluster.wait_held(&["203.0.113.30", "203.0.113.32"]);
 }
 
@@ -240,15 +241,9 @@ fn garbage_in_a_service_skips_it_with_an_event() {
 fn local_traffic_policy_follows_endpoints_on_this_node() {
     let cluster = Cluster::start();
     let local = json!({"spec": {"externalTrafficPolicy": "Local"}});
-    cluster
-        .server
-        .apply(service("web", &["203.0.113.40"], local.clone()));
-    cluster
-        .server
-        .apply(service("other", &["203.0.113.41"], json!({})));
-    cluster
-        .server
-        .apply(service("probe", &["203.0.113.42"], local.clone()));
+    cluster.apply_service("web", &["203.0.113.40"], local.clone());
+    cluster.apply_service("other", &["203.0.113.41"], json!({}));
+    cluster.apply_service("probe", &["203.0.113.42"], local.clone());
     cluster.wait_held(&["203.0.113.41"]);
 
     cluster
@@ -297,11 +292,7 @@ fn local_traffic_policy_follows_endpoints_on_this_node() {
 
 #[test]
 fn the_exclusion_label_withdraws_everything_and_back() {
-    let cluster = Cluster::start();
-    cluster
-        .server
-        .apply(service("web", &["203.0.113.50"], json!({})));
-    cluster.wait_held(&["203.0.113.50"]);
+    let cluster = Cluster::holding("web", "203.0.113.50");
     cluster.server.apply(node(
         json!({"node.kubernetes.io/exclude-from-external-load-balancers": "true"}),
     ));
@@ -313,11 +304,7 @@ fn the_exclusion_label_withdraws_everything_and_back() {
 
 #[test]
 fn state_holds_while_the_api_server_is_gone_and_relists_converge() {
-    let cluster = Cluster::start();
-    cluster
-        .server
-        .apply(service("web", &["203.0.113.60"], json!({})));
-    cluster.wait_held(&["203.0.113.60"]);
+    let cluster = Cluster::holding("web", "203.0.113.60");
 
     // Killed: nothing changes on the node, and the agent keeps running.
     let monitor = Monitor::start(&cluster.ns);
@@ -332,9 +319,7 @@ fn state_holds_while_the_api_server_is_gone_and_relists_converge() {
     );
     assert_eq!(cluster.held().len(), 1);
     // Changed while the agent could not see it: picked up after the restart.
-    cluster
-        .server
-        .apply(service("api", &["203.0.113.61"], json!({})));
+    cluster.apply_service("api", &["203.0.113.61"], json!({}));
     cluster.server.restart();
     cluster.wait_held(&["203.0.113.60", "203.0.113.61"]);
     let events = monitor.stop();
@@ -358,11 +343,11 @@ fn a_relist_that_fails_half_way_withdraws_nothing() {
     let cluster = Cluster::start();
     // More Services than kube's list page (500), so a list takes two pages.
     for i in 0..520 {
-        cluster.server.apply(service(
+        cluster.apply_service(
             &format!("svc-{i:03}"),
             &[&format!("203.0.{}.{}", 114 + i / 250, 1 + i % 250)],
             json!({}),
-        ));
+        );
     }
     assert!(
         wait_until(Duration::from_secs(20), || cluster.held().len() == 520),
@@ -390,9 +375,7 @@ fn a_relist_that_fails_half_way_withdraws_nothing() {
         cluster.server.request_log()
     );
     // A Service added after the relist: once it is held, the relist has been applied.
-    cluster
-        .server
-        .apply(service("after", &["203.0.117.1"], json!({})));
+    cluster.apply_service("after", &["203.0.117.1"], json!({}));
     assert!(
         wait_until(Duration::from_secs(10), || cluster
             .held()
@@ -415,11 +398,11 @@ fn an_address_of_a_family_the_node_lacks_gets_a_warning_event() {
     cluster
         .ns
         .exec("sysctl", &["-qw", "net.ipv6.conf.all.disable_ipv6=1"]);
-    cluster.server.apply(service(
+    cluster.apply_service(
         "dual",
         &["203.0.113.70", "2001:db8:ff::70"],
         json!({"spec": {"ipFamilies": ["IPv4", "IPv6"]}}),
-    ));
+    );
     cluster.wait_held(&["203.0.113.70"]);
     cluster.wait_event("dual", "Announced", "203.0.113.70 held by node");
     cluster.wait_event(
@@ -431,18 +414,14 @@ fn an_address_of_a_family_the_node_lacks_gets_a_warning_event() {
 
 #[test]
 fn two_hundred_thousand_services_and_a_megabyte_annotation_keep_memory_bounded() {
-    let cluster = Cluster::start();
-    cluster
-        .server
-        .apply(service("web", &["203.0.113.50"], json!({})));
-    cluster.wait_held(&["203.0.113.50"]);
+    let cluster = Cluster::holding("web", "203.0.113.50");
     // Over Kubernetes' 256 KiB for all annotations: refused naming the limit, and not kept.
     let huge = "x".repeat(1 << 20);
-    cluster.server.apply(service(
+    cluster.apply_service(
         "big",
         &["203.0.113.51"],
         json!({"metadata": {"annotations": {"note": huge}}}),
-    ));
+    );
     cluster.wait_event(
         "big",
         "NotAnnounced",
@@ -462,9 +441,7 @@ fn two_hundred_thousand_services_and_a_megabyte_annotation_keep_memory_bounded()
                      "ports": [{"name": "http", "port": 80, "protocol": "TCP"}]},
         }));
     }
-    cluster
-        .server
-        .apply(service("late", &["203.0.113.52"], json!({})));
+    cluster.apply_service("late", &["203.0.113.52"], json!({}));
     let expected: BTreeSet<String> = ["203.0.113.50/32", "203.0.113.52/32"]
         .map(str::to_owned)
         .into();
@@ -477,9 +454,7 @@ fn two_hundred_thousand_services_and_a_megabyte_annotation_keep_memory_bounded()
     // And once more from a full list of them all, as after a 410 Gone.
     cluster.server.compact();
     cluster.server.drop_watches();
-    cluster
-        .server
-        .apply(service("relisted", &["203.0.113.53"], json!({})));
+    cluster.apply_service("relisted", &["203.0.113.53"], json!({}));
     assert!(
         wait_until(Duration::from_secs(600), || cluster
             .held()

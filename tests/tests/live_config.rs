@@ -22,6 +22,21 @@ struct Node {
 }
 
 impl Node {
+    /// Waits until the dataplane pinned under `pins` counts [`V4`]: its policy maps hold it.
+    fn wait_counted(&self, pins: &PinRoot) {
+        assert!(
+            wait_until(Duration::from_secs(5), || lbagent(
+                &self.ns,
+                pins,
+                &["counters", "-o", "json"]
+            )
+            .stdout
+            .contains(V4)),
+            "{}",
+            self.log()
+        );
+    }
+
     /// `sections`: the config after `node`, `source` and `status`, each line ending in `\n`.
     fn start(ns: NetNs, sections: &str) -> Self {
         let dir = TempDir::new("lbt-live");
@@ -217,17 +232,7 @@ fn the_dataplane_is_attached_changed_moved_and_detached_live() {
         node.log()
     );
     // The policy maps are filled: the address is in the dataplane.
-    assert!(
-        wait_until(Duration::from_secs(5), || lbagent(
-            &node.ns,
-            &pins,
-            &["counters", "-o", "json"]
-        )
-        .stdout
-        .contains(V4)),
-        "{}",
-        node.log()
-    );
+    node.wait_counted(&pins);
 
     node.config("live-a", "services.yaml", &dataplane(&pins, "generic"));
     assert!(
@@ -280,17 +285,7 @@ fn the_dataplane_is_attached_changed_moved_and_detached_live() {
         moved.pinned_files(),
         node.log()
     );
-    assert!(
-        wait_until(Duration::from_secs(5), || lbagent(
-            &node.ns,
-            &moved,
-            &["counters", "-o", "json"]
-        )
-        .stdout
-        .contains(V4)),
-        "{}",
-        node.log()
-    );
+    node.wait_counted(&moved);
 
     node.config("live-a", "services.yaml", "");
     assert!(

@@ -13,6 +13,7 @@ use std::{
     net::IpAddr,
     path::{Path, PathBuf},
     process::{Command, Stdio},
+    time::Duration,
 };
 
 use anyhow::{Context as _, Result, bail};
@@ -78,18 +79,80 @@ fn xdp<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut Xdp> {
     Ok(program.try_into()?)
 }
 
+/// The object at `path` with its XDP program `program` loaded and its maps serving
+/// [`VIP4`] in slot 1 and [`VIP6`] in slot 2, as `serve` says.
+pub(crate) fn load_serving(path: &Path, program: &str) -> Result<Ebpf> {
+    let mut ebpf = load(path)?;
+    xdp(&mut ebpf, program)?.load()?;
+    serve(&mut ebpf, VIP4.parse()?, 1)?;
+    serve(&mut ebpf, VIP6.parse()?, 2)?;
+    Ok(ebpf)
+}
+
 /// A production object with its programs loaded and its maps filled as `serve` says.
 fn production(path: &Path) -> Result<Ebpf> {
-    let mut ebpf = load(path)?;
-    xdp(&mut ebpf, XDP_PROGRAM)?.load()?;
+    let mut ebpf = load_serving(path, XDP_PROGRAM)?;
     let egress: &mut SchedClassifier = ebpf
         .program_mut(TC_EGRESS_PROGRAM)
         .context("program")?
         .try_into()?;
     egress.load()?;
-    serve(&mut ebpf, "203.0.113.10".parse()?, 1)?;
-    serve(&mut ebpf, "2001:db8:ff::10".parse()?, 2)?;
     Ok(ebpf)
+}
+
+/// One BPF_PROG_TEST_RUN of `name` in `ebpf` over `frame`, `repeat` times: the verdict and
+/// the kernel's time per run.
+pub(crate) fn test_run(
+    ebpf: &Ebpf,
+    name: &str,
+    frame: &[u8],
+    repeat: u32,
+) -> Result<(u32, Duration)> {
+    let program: &Xdp = ebpf.program(name).context("program")?.try_into()?;
+    let result = program.test_run(TestRunOptions {
+        data_in: Some(frame),
+        repeat,
+        ..Default::default()
+    })?;
+    Ok((result.return_value, result.duration))
+}
+
+/// The served addresses (see `serve`) and an address next to them that is not one.
+pub(crate) const VIP4: &str = "203.0.113.10";
+pub(crate) const VIP6: &str = "2001:db8:ff::10";
+const OTHER4: &str = "203.0.113.99";
+const OTHER6: &str = "2001:db8:ff::99";
+
+/// A frame to `dst` (IPv4 or IPv6 by its form) of `protocol` to `port`.
+fn frame(dst: &str, protocol: u8, port: u16) -> Vec<u8> {
+    if dst.contains(':') {
+        frame6(dst, protocol, port)
+    } else {
+        frame4(dst, protocol, port)
+    }
+}
+
+/// The frames the TestRun benchmarks time, with their labels: those of a non-LB address,
+/// then those an LB address serves, then those it judges further.
+pub(crate) fn cases() -> Vec<(&'static str, Vec<u8>)> {
+    let (tcp, udp) = (proto::TCP, proto::UDP);
+    vec![
+        ("non-LB packet (UDP, IPv4)", frame(OTHER4, udp, 80)),
+        ("non-LB packet (UDP, IPv6)", frame(OTHER6, udp, 80)),
+        (
+            "non-LB packet (UDP, IPv4, QinQ)",
+            qinq(frame(OTHER4, udp, 80)),
+        ),
+        ("allowed LB packet, TCP IPv4", frame(VIP4, tcp, 80)),
+        ("allowed LB packet, UDP IPv4", frame(VIP4, udp, 53)),
+        ("allowed LB packet, TCP IPv6", frame(VIP6, tcp, 80)),
+        ("allowed LB packet, UDP IPv6", frame(VIP6, udp, 53)),
+        (
+            "LB packet checked against source ranges (TCP 443, IPv4)",
+            frame(VIP4, tcp, 443),
+        ),
+        ("denied LB packet (TCP port 81, IPv4)", frame(VIP4, tcp, 81)),
+    ]
 }
 
 fn measure(objects: &Objects, compare: Option<&Path>) -> Result<()> {
@@ -100,52 +163,10 @@ fn measure(objects: &Objects, compare: Option<&Path>) -> Result<()> {
     }
     let other = compare.map(production).transpose()?;
 
-    let cases: Vec<(&str, Vec<u8>)> = vec![
-        (
-            "non-LB packet (UDP, IPv4)",
-            frame4("203.0.113.99", proto::UDP, 80),
-        ),
-        (
-            "non-LB packet (UDP, IPv6)",
-            frame6("2001:db8:ff::99", proto::UDP, 80),
-        ),
-        (
-            "non-LB packet (UDP, IPv4, QinQ)",
-            qinq(frame4("203.0.113.99", proto::UDP, 80)),
-        ),
-        (
-            "allowed LB packet, TCP IPv4",
-            frame4("203.0.113.10", proto::TCP, 80),
-        ),
-        (
-            "allowed LB packet, UDP IPv4",
-            frame4("203.0.113.10", proto::UDP, 53),
-        ),
-        (
-            "allowed LB packet, TCP IPv6",
-            frame6("2001:db8:ff::10", proto::TCP, 80),
-        ),
-        (
-            "allowed LB packet, UDP IPv6",
-            frame6("2001:db8:ff::10", proto::UDP, 53),
-        ),
-        (
-            "LB packet checked against source ranges (TCP 443, IPv4)",
-            frame4("203.0.113.10", proto::TCP, 443),
-        ),
-        (
-            "denied LB packet (TCP port 81, IPv4)",
-            frame4("203.0.113.10", proto::TCP, 81),
-        ),
-    ];
+    let cases = cases();
     let run = |ebpf: &Ebpf, name: &str, frame: &[u8], repeat: u32| -> Result<(u32, f64)> {
-        let program: &Xdp = ebpf.program(name).context("program")?.try_into()?;
-        let result = program.test_run(TestRunOptions {
-            data_in: Some(frame),
-            repeat,
-            ..Default::default()
-        })?;
-        Ok((result.return_value, result.duration.as_secs_f64() * 1e9))
+        let (verdict, time) = test_run(ebpf, name, frame, repeat)?;
+        Ok((verdict, time.as_secs_f64() * 1e9))
     };
 
     println!();

@@ -15,21 +15,17 @@
 
 mod failover;
 
-use std::{net::IpAddr, path::Path, time::Duration};
+use std::net::IpAddr;
 
 use anyhow::{Context as _, Result};
-use aya::{
-    Ebpf, EbpfLoader, TestRun as _, TestRunOptions,
-    maps::{HashMap, PerCpuHashMap, PerCpuValues},
-    programs::Xdp,
-};
+use aya::maps::{HashMap, PerCpuHashMap, PerCpuValues};
 use lbagent_common::{
     NEIGHBOUR_ANSWER, NEIGHBOUR_SILENT, NeighbourEntry, NeighbourKey, NeighbourStats, XDP_PROGRAM,
     maps, proto,
 };
 
 use crate::{
-    bench_dataplane::{self, frame4, frame6, quantile, serve},
+    bench_dataplane::{self, frame6, load_serving, quantile},
     build_ebpf::{self, Objects},
     cmd,
 };
@@ -49,19 +45,9 @@ pub fn run() -> Result<()> {
     bench_dataplane::quiet_test_runs(|| responder_cost(&objects))
 }
 
-fn load(object: &Path, program: &str) -> Result<Ebpf> {
-    let bytes = std::fs::read(object).with_context(|| format!("reading {}", object.display()))?;
-    let mut ebpf = EbpfLoader::new().load(&bytes)?;
-    let xdp: &mut Xdp = ebpf.program_mut(program).context("program")?.try_into()?;
-    xdp.load()?;
-    serve(&mut ebpf, "203.0.113.10".parse()?, 1)?;
-    serve(&mut ebpf, "2001:db8:ff::10".parse()?, 2)?;
-    Ok(ebpf)
-}
-
 fn responder_cost(objects: &Objects) -> Result<()> {
-    let without = load(&objects.bench, WITHOUT_RESPONDER)?;
-    let mut ebpf = load(&objects.production, XDP_PROGRAM)?;
+    let without = load_serving(&objects.bench, WITHOUT_RESPONDER)?;
+    let mut ebpf = load_serving(&objects.production, XDP_PROGRAM)?;
     // A populated neighbour map, as on a node: some addresses owned, more silenced.
     let cpus = aya::util::nr_cpus().map_err(|(_, err)| err)?;
     for i in 0..64u8 {
@@ -94,43 +80,23 @@ fn responder_cost(objects: &Objects) -> Result<()> {
         }
     }
 
-    let cases: Vec<(&str, Vec<u8>, bool)> = vec![
-        (
-            "non-LB packet (UDP, IPv4)",
-            frame4("203.0.113.99", proto::UDP, 80),
-            true,
-        ),
-        (
-            "non-LB packet (UDP, IPv6)",
-            frame6("2001:db8:ff::99", proto::UDP, 80),
-            true,
-        ),
-        (
-            "allowed LB packet, TCP IPv4",
-            frame4("203.0.113.10", proto::TCP, 80),
-            true,
-        ),
-        (
-            "allowed LB packet, TCP IPv6",
-            frame6("2001:db8:ff::10", proto::TCP, 80),
-            true,
-        ),
-        ("ICMPv6 echo to a non-LB address", echo6(), false),
-        (
-            "ARP request for an address not in the map",
-            arp_request([10, 0, 9, 9]),
-            false,
-        ),
-    ];
-    let run = |ebpf: &Ebpf, name: &str, frame: &[u8], repeat: u32| -> Result<(u32, Duration)> {
-        let program: &Xdp = ebpf.program(name).context("program")?.try_into()?;
-        let result = program.test_run(TestRunOptions {
-            data_in: Some(frame),
-            repeat,
-            ..Default::default()
-        })?;
-        Ok((result.return_value, result.duration))
-    };
+    // The frames the responder must not slow down (the non-LB and allowed ones of
+    // `bench dataplane`, QinQ and UDP to an LB address aside), then two it looks into.
+    let mut cases: Vec<(&str, Vec<u8>, bool)> = bench_dataplane::cases()
+        .into_iter()
+        .filter(|(label, _)| {
+            label.starts_with("non-LB packet (UDP, IPv") && !label.contains("QinQ")
+                || label.starts_with("allowed LB packet, TCP")
+        })
+        .map(|(label, frame)| (label, frame, true))
+        .collect();
+    cases.push(("ICMPv6 echo to a non-LB address", echo6(), false));
+    cases.push((
+        "ARP request for an address not in the map",
+        arp_request([10, 0, 9, 9]),
+        false,
+    ));
+    let run = bench_dataplane::test_run;
 
     println!();
     println!(

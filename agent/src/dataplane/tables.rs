@@ -505,34 +505,20 @@ impl Maps {
         };
         match range {
             IpNet::V4(net) => {
-                let key = Key::new(
-                    prefix,
-                    RangeKeyV4 {
-                        set,
-                        addr: net.addr().octets(),
-                    },
-                );
-                if add {
-                    self.ranges_v4.insert(&key, 1, 0)
-                } else {
-                    ignore_missing(self.ranges_v4.remove(&key))
-                }
-                .map_err(full(maps::RANGES_V4))
+                let key = RangeKeyV4 {
+                    set,
+                    addr: net.addr().octets(),
+                };
+                add_or_remove(&mut self.ranges_v4, Key::new(prefix, key), add)
+                    .map_err(full(maps::RANGES_V4))
             }
             IpNet::V6(net) => {
-                let key = Key::new(
-                    prefix,
-                    RangeKeyV6 {
-                        set,
-                        addr: net.addr().octets(),
-                    },
-                );
-                if add {
-                    self.ranges_v6.insert(&key, 1, 0)
-                } else {
-                    ignore_missing(self.ranges_v6.remove(&key))
-                }
-                .map_err(full(maps::RANGES_V6))
+                let key = RangeKeyV6 {
+                    set,
+                    addr: net.addr().octets(),
+                };
+                add_or_remove(&mut self.ranges_v6, Key::new(prefix, key), add)
+                    .map_err(full(maps::RANGES_V6))
             }
         }
     }
@@ -579,35 +565,11 @@ impl Maps {
     }
 
     fn zero_vip_stats(&mut self, slot: u32) -> Result<(), DataplaneError> {
-        let zero =
-            PerCpuValues::try_from(vec![VipStats::default(); self.cpus]).map_err(|source| {
-                DataplaneError::Io {
-                    path: "per-CPU values".into(),
-                    source,
-                }
-            })?;
-        self.vip_stats
-            .set(slot, zero, 0)
-            .map_err(|source| DataplaneError::Map {
-                name: maps::VIP_STATS,
-                source,
-            })
+        zero_per_cpu(&mut self.vip_stats, maps::VIP_STATS, self.cpus, slot)
     }
 
     fn zero_port_stats(&mut self, slot: u32) -> Result<(), DataplaneError> {
-        let zero =
-            PerCpuValues::try_from(vec![PortStats::default(); self.cpus]).map_err(|source| {
-                DataplaneError::Io {
-                    path: "per-CPU values".into(),
-                    source,
-                }
-            })?;
-        self.port_stats
-            .set(slot, zero, 0)
-            .map_err(|source| DataplaneError::Map {
-                name: maps::PORT_STATS,
-                source,
-            })
+        zero_per_cpu(&mut self.port_stats, maps::PORT_STATS, self.cpus, slot)
     }
 
     /// Takes the writer's lock again when the pin directory was replaced (removed from
@@ -781,6 +743,36 @@ fn next_free(next: &mut u32, capacity: u32, used: impl Fn(u32) -> bool) -> Optio
         .find(|slot| !used(*slot))?;
     *next = if slot + 1 >= capacity { 1 } else { slot + 1 };
     Some(slot)
+}
+
+/// Sets `slot` of the per-CPU array `name` to zero on each of the `cpus`.
+fn zero_per_cpu<T: aya::Pod + Default>(
+    array: &mut PerCpuArray<MapData, T>,
+    name: &'static str,
+    cpus: usize,
+    slot: u32,
+) -> Result<(), DataplaneError> {
+    let zero = PerCpuValues::try_from((0..cpus).map(|_| T::default()).collect::<Vec<_>>())
+        .map_err(|source| DataplaneError::Io {
+            path: "per-CPU values".into(),
+            source,
+        })?;
+    array
+        .set(slot, zero, 0)
+        .map_err(|source| DataplaneError::Map { name, source })
+}
+
+/// Puts `key` in a range trie (`add`) or takes it out (already out is fine).
+fn add_or_remove<K: aya::Pod>(
+    trie: &mut LpmTrie<MapData, K, u8>,
+    key: Key<K>,
+    add: bool,
+) -> Result<(), MapError> {
+    if add {
+        trie.insert(&key, 1, 0)
+    } else {
+        ignore_missing(trie.remove(&key))
+    }
 }
 
 fn ignore_missing(result: Result<(), MapError>) -> Result<(), MapError> {
