@@ -16,8 +16,10 @@
 //! `lbagent_egress`); `src/bench.rs` builds a second object with the benchmarks' reference
 //! programs, so nothing the agent loads carries them.
 //!
-//! Frames that are not IP (ARP) and neighbour discovery are told apart right after
-//! [`parse::link_layer`], before any IP header is read, by [`neighbour::respond`].
+//! ARP is told apart by its EtherType right after [`parse::link_layer`]; neighbour
+//! discovery by the IPv6 next header, read from the one bounds check of the IPv6 header that
+//! the lookup uses too. Both go to [`neighbour::respond`]; IPv4 and other IPv6 frames go
+//! straight to [`lookup`].
 //!
 //! Nothing here logs: aya-log would put a ring-buffer write (a call) and a few hundred
 //! verifier instructions on the packet path. The counters say what happened.

@@ -51,23 +51,40 @@ pub struct Packet {
 #[inline(always)]
 pub fn destination(ctx: &XdpContext, link: LinkLayer) -> Option<Packet> {
     if link.ether_type == ETH_IPV4 {
-        let ip = bytes_at::<IPV4_LEN>(ctx, link.l3)?;
-        let slot = vip4_slot(u32::from_le_bytes([ip[16], ip[17], ip[18], ip[19]]))?;
-        Some(Packet {
-            slot,
-            ip: ipv4_layout(ip, link.l3),
-        })
+        destination_v4(ctx, link.l3)
     } else if link.ether_type == ETH_IPV6 {
-        let ip = bytes_at::<IPV6_LEN>(ctx, link.l3)?;
-        let slot = vip6_slot(word_at(ip, 24), word_at(ip, 32))?;
-        Some(Packet {
-            slot,
-            ip: ipv6_layout(ip, link.l3),
-        })
+        destination_v6(bytes_at::<IPV6_LEN>(ctx, link.l3)?, link.l3)
     } else {
         None
     }
 }
+
+/// [`destination`] of an IPv4 frame whose IP header starts at `l3`.
+#[inline(always)]
+pub fn destination_v4(ctx: &XdpContext, l3: usize) -> Option<Packet> {
+    let ip = bytes_at::<IPV4_LEN>(ctx, l3)?;
+    let slot = vip4_slot(u32::from_le_bytes([ip[16], ip[17], ip[18], ip[19]]))?;
+    Some(Packet {
+        slot,
+        ip: ipv4_layout(ip, l3),
+    })
+}
+
+/// [`destination`] of an IPv6 frame whose fixed header, already bounds-checked, is `ip`,
+/// at `l3`. The filter looks at the address's last four bytes (one load) before the two
+/// halves are read, so a non-LB frame reads no more of the address than an IPv4 one.
+#[inline(always)]
+pub fn destination_v6(ip: &[u8; IPV6_LEN], l3: usize) -> Option<Packet> {
+    if !may_be_vip(u32::from_le_bytes([ip[36], ip[37], ip[38], ip[39]])) {
+        return None;
+    }
+    let slot = vip6_slot_filtered(word_at(ip, 24), word_at(ip, 32))?;
+    Some(Packet {
+        slot,
+        ip: ipv6_layout(ip, l3),
+    })
+}
+
 /// The eight bytes of `ip` at `offset` as one little-endian word (one load).
 #[inline(always)]
 fn word_at(ip: &[u8; IPV6_LEN], offset: usize) -> u64 {
@@ -111,6 +128,12 @@ pub fn vip6_slot(high: u64, low: u64) -> Option<u32> {
     if !may_be_vip((low >> 32) as u32) {
         return None;
     }
+    vip6_slot_filtered(high, low)
+}
+
+/// [`vip6_slot`] once the filter has said the address may be an LB one.
+#[inline(always)]
+fn vip6_slot_filtered(high: u64, low: u64) -> Option<u32> {
     let slot = find(&LB_VIPS_V6, VIP_BUCKETS, vip6_key_of_halves(high, low));
     if slot == 0 {
         return None;

@@ -21,20 +21,44 @@ use aya_ebpf::{
     macros::{classifier, xdp},
     programs::{TcContext, XdpContext},
 };
-use lbagent_ebpf::{egress, lookup, neighbour, parse, policy};
+use lbagent_common::proto;
+use lbagent_ebpf::{
+    egress, lookup, neighbour,
+    parse::{self, ETH_IPV4, ETH_IPV6, IPV6_LEN},
+    policy,
+};
 
 #[xdp]
 pub fn lbagent_xdp(ctx: XdpContext) -> u32 {
     let Some(link) = parse::link_layer(&ctx) else {
         return XDP_PASS;
     };
-    if let Some(verdict) = neighbour::respond(&ctx, link) {
-        return verdict;
-    }
-    let Some(packet) = lookup::destination(&ctx, link) else {
-        return XDP_PASS;
+    // The responder only ever answers ARP and ICMPv6: an IPv4 frame, or an IPv6 one with
+    // another next header, goes straight to the lookup, and an IPv6 header is bounds-checked
+    // once for both questions.
+    let packet = if link.ether_type == ETH_IPV4 {
+        lookup::destination_v4(&ctx, link.l3)
+    } else if link.ether_type == ETH_IPV6 {
+        let Some(ip) = parse::bytes_at::<IPV6_LEN>(&ctx, link.l3) else {
+            return XDP_PASS;
+        };
+        if ip[6] == proto::ICMPV6 {
+            if let Some(verdict) = neighbour::respond(&ctx, link) {
+                return verdict;
+            }
+            // The responder may have moved the frame's end: read the header again.
+            parse::bytes_at::<IPV6_LEN>(&ctx, link.l3)
+                .and_then(|ip| lookup::destination_v6(ip, link.l3))
+        } else {
+            lookup::destination_v6(ip, link.l3)
+        }
+    } else {
+        return neighbour::respond(&ctx, link).unwrap_or(XDP_PASS);
     };
-    policy::enforce(&ctx, packet)
+    match packet {
+        Some(packet) => policy::enforce(&ctx, packet),
+        None => XDP_PASS,
+    }
 }
 
 /// TC_ACT_UNSPEC: this program only counts; the next one (or the default) decides.
