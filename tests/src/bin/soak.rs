@@ -314,6 +314,8 @@ struct Report {
     faults: BTreeMap<String, usize>,
     checks: usize,
     violations: Vec<String>,
+    /// What the allocator said of each Service that did not hold what it asked for.
+    explanations: Vec<String>,
     probes: usize,
     probe_failures_in_windows: usize,
     /// The most any agent held when the invariants held.
@@ -350,6 +352,9 @@ impl Report {
         println!("| violations | {} |", self.violations.len());
         for violation in &self.violations {
             println!("violation: {violation}");
+        }
+        for explanation in &self.explanations {
+            println!("explained: {explanation}");
         }
     }
 }
@@ -767,6 +772,9 @@ impl Soak {
             for failure in failing {
                 report.violations.push(format!("after {after}: {failure}"));
             }
+            for name in self.misplaced() {
+                report.explanations.push(self.explain(&name));
+            }
         }
     }
 
@@ -871,12 +879,7 @@ impl Soak {
         let mut holders = BTreeMap::<String, Vec<String>>::new();
         for object in self.server.objects("v1", "Service") {
             let name = object["metadata"]["name"].as_str().unwrap_or_default();
-            let ingress: Vec<String> = object["status"]["loadBalancer"]["ingress"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .filter_map(|i| i["ip"].as_str().map(str::to_owned))
-                .collect();
+            let ingress = ingress(&object);
             for address in &ingress {
                 holders
                     .entry(address.clone())
@@ -892,14 +895,7 @@ impl Soak {
         }
         for (name, service) in &self.services {
             let held = assigned.get(name).cloned().unwrap_or_default();
-            let v4 = held.iter().filter(|a| !a.contains(':')).count();
-            let v6 = held.len() - v4;
-            let families_ok = v4 == usize::from(service.families.v4())
-                && v6 == usize::from(service.families.v6());
-            let requested: BTreeSet<&String> = service.requested.iter().collect();
-            let requests_ok =
-                requested.is_empty() || held.iter().collect::<BTreeSet<_>>() == requested;
-            if !(families_ok && requests_ok) {
+            if !service.holds_what_it_asks(&held) {
                 failing.push(format!(
                     "{name} ({:?}, asking for {:?}) holds {held:?}",
                     service.families, service.requested
@@ -909,6 +905,101 @@ impl Soak {
         assigned.retain(|name, _| self.services.contains_key(name));
         assigned
     }
+
+    /// The Services of the soak that do not hold what they ask for, now.
+    fn misplaced(&self) -> Vec<String> {
+        self.services
+            .iter()
+            .filter(|(name, service)| !service.holds_what_it_asks(&self.status_of(name)))
+            .map(|(name, _)| name.clone())
+            .collect()
+    }
+
+    fn status_of(&self, name: &str) -> Vec<String> {
+        self.server
+            .get("v1", "Service", Some("default"), name)
+            .map(|s| ingress(&s))
+            .unwrap_or_default()
+    }
+
+    /// What the allocator said of a Service that does not hold what it asks for: its Events
+    /// and log lines, and who holds each address it asks for; so that such a violation
+    /// explains itself.
+    fn explain(&self, name: &str) -> String {
+        let events: Vec<String> = self
+            .server
+            .events()
+            .iter()
+            .filter(|e| e["regarding"]["name"] == name)
+            .map(|e| {
+                format!(
+                    "{} {}",
+                    e["reason"].as_str().unwrap_or_default(),
+                    e["note"].as_str().unwrap_or_default()
+                )
+            })
+            .collect();
+        let key = format!("default/{name}");
+        let logs = self.allocator.logs();
+        let lines: Vec<&str> = logs.lines().filter(|line| names(line, &key)).collect();
+        let mut text = format!(
+            "{name}: its Events {events:?}; the allocator's last log lines of it: {:?}",
+            &lines[lines.len().saturating_sub(8)..]
+        );
+        let requested = self
+            .services
+            .get(name)
+            .map(|s| s.requested.clone())
+            .unwrap_or_default();
+        for address in requested {
+            for object in self.server.objects("v1", "Service") {
+                let holder = object["metadata"]["name"].as_str().unwrap_or_default();
+                if holder != name && ingress(&object).contains(&address) {
+                    let asks = object["metadata"]["annotations"]["lbagent.io/addresses"]
+                        .as_str()
+                        .unwrap_or("nothing");
+                    text.push_str(&format!(
+                        "; {address} is held by {holder}, which asks for {asks}"
+                    ));
+                }
+            }
+        }
+        text
+    }
+}
+
+impl Service {
+    /// One address per family it lists, those it asks for if it does.
+    fn holds_what_it_asks(&self, held: &[String]) -> bool {
+        let v4 = held.iter().filter(|a| !a.contains(':')).count();
+        let v6 = held.len() - v4;
+        let families_ok =
+            v4 == usize::from(self.families.v4()) && v6 == usize::from(self.families.v6());
+        let requested: BTreeSet<&String> = self.requested.iter().collect();
+        let requests_ok = requested.is_empty() || held.iter().collect::<BTreeSet<_>>() == requested;
+        families_ok && requests_ok
+    }
+}
+
+/// Whether a log line names the Service `key` (namespace/name), not one whose name only
+/// starts alike.
+fn names(line: &str, key: &str) -> bool {
+    line.match_indices(key).any(|(at, _)| {
+        !line[at + key.len()..]
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.')
+    })
+}
+
+/// The addresses of a Service's status.
+fn ingress(service: &Value) -> Vec<String> {
+    service["status"]["loadBalancer"]["ingress"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|i| i["ip"].as_str().map(str::to_owned))
+        .collect()
 }
 
 fn signal(pid: i32, signal: nix::sys::signal::Signal) {
