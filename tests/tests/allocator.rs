@@ -991,3 +991,52 @@ fn more_events_at_once_than_a_thousand_are_all_recorded() {
     cluster.wait_pool("p", |s| s["ipv4"]["inUse"] == SERVICES, &allocator);
     cluster.assert_api_access();
 }
+
+/// Found by the soak: a Service that stopped asking for an address of a pool that assigns only
+/// on request kept it, so another Service asking for it later was refused for as long as the
+/// first one lived.
+#[test]
+fn an_address_of_a_request_only_pool_is_released_when_no_longer_asked_for() {
+    let cluster = Cluster::new();
+    cluster.pool("auto", &["192.0.2.0/30"], json!({}));
+    cluster.pool(
+        "on-request",
+        &["198.51.100.0/30"],
+        json!({"spec": {"autoAssign": false}}),
+    );
+    let allocator = Allocator::start(&cluster, "alloc-a");
+    let asking = json!({"metadata": {"annotations": {"lbagent.io/addresses": "198.51.100.2"}}});
+    cluster.service("first", asking.clone());
+    cluster.wait_addresses("first", &["198.51.100.2"], &allocator);
+    cluster.service("second", asking);
+    cluster.wait_event(
+        "second",
+        "AllocationFailed",
+        "metadata.annotations[\"lbagent.io/addresses\"]: \"198.51.100.2\" is already taken by \
+         default/first",
+        &allocator,
+    );
+    // The first stops asking (its status kept, as an object write keeps it): it gets an
+    // address of the automatic pool, and the one waiting gets the address it asked for.
+    let mut first = cluster
+        .server
+        .get("v1", "Service", Some("default"), "first")
+        .expect("first");
+    first["metadata"]["annotations"] = json!({});
+    cluster.server.apply(first);
+    cluster.wait_addresses("first", &["192.0.2.0"], &allocator);
+    cluster.wait_addresses("second", &["198.51.100.2"], &allocator);
+    // Naming the pool is asking for its addresses: such a Service keeps what it holds.
+    let mut second = cluster
+        .server
+        .get("v1", "Service", Some("default"), "second")
+        .expect("second");
+    second["metadata"]["annotations"] = json!({"lbagent.io/pool": "on-request"});
+    cluster.server.apply(second);
+    // Services are decided in the order they change: once the next one is served, that
+    // change was decided too.
+    cluster.service("third", json!({}));
+    cluster.wait_addresses("third", &["192.0.2.1"], &allocator);
+    assert_eq!(cluster.addresses("second"), ["198.51.100.2"]);
+    cluster.assert_api_access();
+}

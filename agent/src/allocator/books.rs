@@ -399,6 +399,12 @@ impl Books {
             if requested.is_none() && self.pools[pool].pool.avoid_buggy_ips && is_buggy(addr) {
                 continue;
             }
+            // A pool that assigns only on request keeps an address for a Service only while
+            // it asks for it or names the pool: one that stopped asking would otherwise hold
+            // it against the next Service that asks (the soak found one refused for good).
+            if requested.is_none() && request.pool.is_none() && !self.pools[pool].pool.auto_assign {
+                continue;
+            }
             match self.owners.get(&addr) {
                 Some(holder) if *holder != owner => {
                     let kept_by = self.first_member(holder);
@@ -854,6 +860,43 @@ mod tests {
         // Freed, the address goes to the one that asked for it.
         books.remove(&ServiceKey::new("default", "asks"));
         assert_eq!(ips(&books, "also"), ["192.0.2.2"]);
+    }
+
+    #[test]
+    fn an_address_of_a_request_only_pool_goes_back_when_no_longer_asked_for() {
+        let mut manual = pool("manual", "1", &["198.51.100.0/30"]);
+        manual.spec.auto_assign = false;
+        let pools = [manual, pool("auto", "2", &["192.0.2.0/30"])];
+        let mut books = Books::new(&pools, HashMap::new());
+        let mut asks = request("first", "1");
+        asks.requested = vec![(
+            "198.51.100.2".parse().unwrap(),
+            "spec.loadBalancerIP".into(),
+        )];
+        books.upsert(asks.clone());
+        asks.key.name = "second".into();
+        books.upsert(asks.clone());
+        assert_eq!(
+            failure(&books, "second"),
+            "spec.loadBalancerIP: \"198.51.100.2\" is already taken by default/first"
+        );
+        let mut stopped = request("first", "1");
+        stopped.current = vec!["198.51.100.2".parse().unwrap()];
+        let changed = books.upsert(stopped.clone());
+        assert_eq!(ips(&books, "first"), ["192.0.2.0"]);
+        assert_eq!(ips(&books, "second"), ["198.51.100.2"]);
+        assert!(changed.contains(&ServiceKey::new("default", "second")));
+        // Rebuilt from statuses that still show it, the one asking gets it, though younger.
+        let mut second = asks;
+        second.created = "2".into();
+        let books = Books::rebuild(&pools, HashMap::new(), vec![stopped.clone(), second]);
+        assert_eq!(ips(&books, "second"), ["198.51.100.2"]);
+        assert_eq!(ips(&books, "first"), ["192.0.2.0"]);
+        // Naming the pool is asking for its addresses: what it holds stays.
+        let mut named = stopped;
+        named.pool = Some("manual".into());
+        let books = Books::rebuild(&pools, HashMap::new(), vec![named]);
+        assert_eq!(ips(&books, "first"), ["198.51.100.2"]);
     }
 
     #[test]
