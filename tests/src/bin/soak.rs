@@ -37,9 +37,9 @@ use anyhow::{Context as _, Result, bail};
 use lbagent_tests::{
     Agent, NetNs, PinRoot, Servers, TempDir, addresses_on,
     apiserver::ApiServer,
-    kill_child, lbagent, lbagent_bin, memory_kb,
+    in_netns, kill_child, lbagent, lbagent_bin, memory_kb,
     routers::{FRR_ROUTER, Fabric, Frr, gateways},
-    tcp_ok, wait_until,
+    wait_until,
 };
 use serde_json::{Value, json};
 
@@ -363,7 +363,8 @@ impl Report {
 #[derive(Default)]
 struct Probes {
     count: usize,
-    failures: Vec<(Instant, SocketAddr)>,
+    /// When, to where, and why (connect or reply, and the error).
+    failures: Vec<(Instant, SocketAddr, String)>,
     windows: Vec<(Instant, Option<Instant>)>,
 }
 
@@ -598,11 +599,12 @@ impl Soak {
                 let target = targets[i % targets.len()];
                 i += 1;
                 let started = Instant::now();
-                let ok = tcp_ok(&router, target);
+                let probed = probe(&router, target);
                 let mut probes = probes.lock().expect("probes");
                 probes.count += 1;
-                if !ok {
-                    probes.failures.push((started, target));
+                if let Err(why) = probed {
+                    let why = format!("{why}; load average {}", load_average());
+                    probes.failures.push((started, target, why));
                 }
                 drop(probes);
                 std::thread::sleep(Duration::from_millis(100));
@@ -648,7 +650,7 @@ impl Soak {
     fn judge_probes(&self, report: &mut Report) {
         let probes = self.probes.lock().expect("probes");
         report.probes = probes.count;
-        for (at, target) in &probes.failures {
+        for (at, target, why) in &probes.failures {
             let inside = probes.windows.iter().any(|(from, to)| {
                 *at + PROBE_GRACE >= *from && to.is_none_or(|to| *at <= to + PROBE_GRACE)
             });
@@ -656,7 +658,8 @@ impl Soak {
                 report.probe_failures_in_windows += 1;
             } else {
                 report.violations.push(format!(
-                    "a probe of {target} failed outside every fault window, {:.1} s into the soak",
+                    "a probe of {target} failed outside every fault window, {:.1} s into the \
+                     soak ({why})",
                     at.duration_since(probes.windows.first().map_or(*at, |w| w.0))
                         .as_secs_f64()
                 ));
@@ -1000,6 +1003,34 @@ fn ingress(service: &Value) -> Vec<String> {
         .flatten()
         .filter_map(|i| i["ip"].as_str().map(str::to_owned))
         .collect()
+}
+
+/// As `tcp_ok` probes, saying which step failed: connect, or the server's "ok" within 1 s.
+fn probe(router: &NetNs, target: SocketAddr) -> Result<(), String> {
+    in_netns(router, move || {
+        use std::io::Read as _;
+        let started = Instant::now();
+        let mut stream = std::net::TcpStream::connect_timeout(&target, Duration::from_secs(1))
+            .map_err(|err| format!("connect: {err}"))?;
+        let connected = started.elapsed();
+        let _ = stream.set_read_timeout(Some(Duration::from_secs(1)));
+        let mut reply = [0u8; 2];
+        match stream.read_exact(&mut reply) {
+            Ok(()) if &reply == b"ok" => Ok(()),
+            Ok(()) => Err(format!("replied {reply:?}")),
+            Err(err) => Err(format!(
+                "connected in {} ms, then no reply: {err}",
+                connected.as_millis()
+            )),
+        }
+    })
+}
+
+/// The machine's load average now (it may be shared with builds).
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
 }
 
 fn signal(pid: i32, signal: nix::sys::signal::Signal) {
