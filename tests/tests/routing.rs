@@ -54,8 +54,9 @@ fn bird_since(node: &RoutingNode, name: &str) -> String {
 }
 
 /// Whether two `since` stamps BIRD printed name the same moment. BIRD keeps the moment on its
-/// monotonic clock and prints it through the current offset to wall time, both rounded to the
-/// millisecond, so one unchanged moment can print 1 ms apart from one call to the next.
+/// monotonic clock and prints it through the offset to wall time at the moment of asking, which
+/// moves while the clock is slewed (NTP on a freshly booted machine) and by rounding: CI saw one
+/// unchanged moment print 1 ms apart from one call to the next.
 fn same_moment(a: &str, b: &str) -> bool {
     let millis = |stamp: &str| -> Option<i64> {
         let time = stamp.split_whitespace().last()?;
