@@ -93,21 +93,37 @@ pub async fn follow(
         if flow.is_break() {
             return Ok(());
         }
-        // Wait for a change, then let a burst of events (a ConfigMap swap is several) settle.
+        // Wait for a change, then let a burst of events (a ConfigMap swap is several) settle,
+        // unless it ends in one that leaves the file whole: a rename onto its name, or a write
+        // to it closed (what other names in its directory do cannot change it after that).
+        let mut whole = false;
         tokio::select! {
             event = events.next() => match event {
-                Some(Ok(event)) => watched.saw(&event),
+                Some(Ok(event)) => {
+                    watched.saw(&event);
+                    whole = completes(&event, path);
+                }
                 Some(Err(source)) => return Err(watch_err(source)),
                 None => return Ok(()),
             },
             changed = reread.changed(), if reread_open => reread_open = changed.is_ok(),
         }
-        while let Ok(Some(Ok(event))) =
-            tokio::time::timeout(Duration::from_millis(5), events.next()).await
+        while !whole
+            && let Ok(Some(Ok(event))) =
+                tokio::time::timeout(Duration::from_millis(5), events.next()).await
         {
             watched.saw(&event);
+            whole = completes(&event, path);
         }
     }
+}
+
+/// Whether `event` leaves the file at `path` whole: renamed onto, or written and closed.
+fn completes<S: AsRef<std::ffi::OsStr>>(event: &inotify::Event<S>, path: &Path) -> bool {
+    event
+        .mask
+        .intersects(EventMask::MOVED_TO | EventMask::CLOSE_WRITE)
+        && event.name.as_ref().map(AsRef::as_ref) == path.file_name()
 }
 
 /// The watches, by the directory (device, inode) each is on.

@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use lbagent_tests::{
-    Agent, NetNs, TempDir,
+    Agent, NetNs, TempDir, addresses_on,
     apiserver::ApiServer,
     http_get, metric,
     routers::{
@@ -660,5 +660,71 @@ fn a_brand_new_attribute_set_never_reaches_the_router_without_its_attributes() {
         session(&frr, &Fabric::node_v4(1)).0,
         1,
         "BIRD's session outlived every stop"
+    );
+}
+
+/// A pass for a Service's attribute change skips the address sink when the desired addresses
+/// are those it last applied; an address someone removes just before that change must still
+/// be put back (the removal is noticed, so that sink is no longer settled), and the attributes
+/// reach the router all the same.
+#[test]
+fn an_address_removed_as_attributes_change_is_still_put_back() {
+    let fabric = Fabric::new(1);
+    let frr = Frr::start(&fabric.router, FRR_ROUTER, true);
+    let routing = format!(
+        "  serviceAttributes: {{communities: [\"64512:*\"]}}\n  bgp:\n    - {{name: up4, neighbor: 10.0.0.1, asn: 64500, localAsn: 64512, {TIMERS}}}\n"
+    );
+    let web = |community: u32| format!("{{communities: [\"64512:{community}\"]}}");
+    let ns = &fabric.nodes[0];
+    let node = start(ns, &attributed(&web(100), &[]), "{}", &routing);
+    let community_at = |prefix: &str| attributes_at(&frr, prefix).map(|(_, c, _)| c);
+    assert!(
+        wait_until(Duration::from_secs(25), || community_at("203.0.113.10/32")
+            .as_deref()
+            == Some("64512:100")
+            && addresses_on(ns, "kube-lb0").contains("203.0.113.11/32")),
+        "the first state: the router has {:?}\n{}",
+        community_at("203.0.113.10/32"),
+        node.log()
+    );
+    for round in 1..=5 {
+        let community = 100 + round;
+        // Removed (as by someone else) right before the change: the netlink notice and the
+        // new desired state reach lbagent a few milliseconds apart.
+        ns.ip(&["addr", "del", "203.0.113.11/32", "dev", "kube-lb0"]);
+        node.dir
+            .write("services.yaml", &attributed(&web(community), &[]));
+        let expected = format!("64512:{community}");
+        assert!(
+            wait_until(Duration::from_secs(15), || community_at("203.0.113.10/32")
+                .as_deref()
+                == Some(expected.as_str())),
+            "round {round}: the router has {:?}, expected {expected}\n{}",
+            community_at("203.0.113.10/32"),
+            node.log()
+        );
+        // Well within the 30 s resync: the notice itself brings the repair.
+        assert!(
+            wait_until(Duration::from_secs(10), || addresses_on(ns, "kube-lb0")
+                .contains("203.0.113.11/32")),
+            "round {round}: 203.0.113.11 not put back on kube-lb0: {:?}\n{}",
+            addresses_on(ns, "kube-lb0"),
+            node.log()
+        );
+    }
+    assert!(
+        wait_until(Duration::from_secs(25), || next_hops(
+            &fabric.router,
+            "203.0.113.11/32"
+        ) == [Fabric::node_v4(1)]),
+        "the router lost 203.0.113.11: {:?}\n{}",
+        next_hops(&fabric.router, "203.0.113.11/32"),
+        node.log()
+    );
+    assert!(
+        node.log()
+            .contains("repairing: 203.0.113.11/32 was removed from kube-lb0 outside lbagent"),
+        "{}",
+        node.log()
     );
 }

@@ -128,7 +128,11 @@ pub fn run() -> Result<()> {
         let community = 1_000 + i as u32;
         changed.insert(i, community);
         let started = lab.write_services_text(&attributed_services(&changed))?;
-        written.push(seconds_of_day(std::time::SystemTime::now()));
+        // When the file was renamed into place: lbagent may log its reading of it before
+        // this line runs.
+        written.push(seconds_of_day(
+            std::time::SystemTime::now() - started.elapsed(),
+        ));
         lbagent_changes.push(monitor.wait_for_via(
             &service_address(i),
             CHANGED_VIA,
@@ -262,27 +266,58 @@ pub fn run() -> Result<()> {
         .collect();
     let step =
         |what: &str, times: &[Duration]| [what.to_owned(), ms(p(times, 50)), ms(p(times, 99))];
+    let sub_ms = |d: Duration| format!("{:.1} ms", d.as_secs_f64() * 1e3);
+    let sub = |what: &str, times: &[Duration]| {
+        [
+            format!(
+                "  of which {what} ({} of {ATTRIBUTED} changes)",
+                times.len()
+            ),
+            sub_ms(p(times, 50)),
+            sub_ms(p(times, 99)),
+        ]
+    };
+    let mut rows = vec![
+        step(
+            "lbagent: services file written until the config is handed to BIRD (file source, reconcile pass, render)",
+            &steps.pass,
+        ),
+        sub(
+            "written until read by the file source (inotify, settling, read)",
+            &steps.read,
+        ),
+        sub(
+            "parsing 1,000 Services into the desired state",
+            &steps.parse,
+        ),
+        sub("parsed until the reconcile pass starts", &steps.queued),
+    ];
+    for (slot, times) in &steps.sinks {
+        let what = if slot == "Routing" {
+            "the routing sink's observe and plan (render)".to_owned()
+        } else {
+            format!("the {} sink's pass", slot.to_lowercase())
+        };
+        rows.push(sub(&what, times));
+    }
+    rows.extend([
+        step(
+            "lbagent: config handed until BIRD reconfigured (write, `configure`)",
+            &steps.reload,
+        ),
+        step(
+            "lbagent: BIRD reconfigured until the router's kernel has it (marks, BIRD's export, BGP, FRR, zebra)",
+            &steps.after,
+        ),
+        step("baseline: config written + `birdc configure`", &configures),
+        step(
+            "baseline: `birdc configure` returned until the router's kernel has it",
+            &tail,
+        ),
+    ]);
     print_table(
         &["where an attribute change's time goes", "p50", "p99"],
-        &[
-            step(
-                "lbagent: services file written until the config is handed to BIRD (file source, reconcile pass, render)",
-                &steps.pass,
-            ),
-            step(
-                "lbagent: config handed until BIRD reconfigured (write, `configure`)",
-                &steps.reload,
-            ),
-            step(
-                "lbagent: BIRD reconfigured until the router's kernel has it (marks, BIRD's export, BGP, FRR, zebra)",
-                &steps.after,
-            ),
-            step("baseline: config written + `birdc configure`", &configures),
-            step(
-                "baseline: `birdc configure` returned until the router's kernel has it",
-                &tail,
-            ),
-        ],
+        &rows,
     );
     Ok(())
 }
@@ -303,12 +338,20 @@ fn stamp_of_day(stamp: &str) -> Option<f64> {
     Some(hours * 3600.0 + minutes * 60.0 + seconds)
 }
 
-/// An attribute change through lbagent, in three steps.
+/// An attribute change through lbagent, in three steps, the first split at its debug lines.
 #[derive(Default)]
 struct ReloadSteps {
     pass: Vec<Duration>,
     reload: Vec<Duration>,
     after: Vec<Duration>,
+    /// Written until the file source has read the new text (inotify, settling, reading).
+    read: Vec<Duration>,
+    /// Parsing it (and building the desired state).
+    parse: Vec<Duration>,
+    /// Parsed until the reconciler's pass starts.
+    queued: Vec<Duration>,
+    /// Each sink's pass, by its slot (the routing sink's until the config is handed).
+    sinks: BTreeMap<String, Vec<Duration>>,
 }
 
 /// A Markdown table: a header row, then the rows; every column but the first right-aligned.
@@ -564,21 +607,38 @@ struct Agent {
 
 impl Agent {
     /// Splits each change (written at `written[n]`, seen at the router `totals[n]` later) at
-    /// lbagent's log lines: the config handed to BIRD, and BIRD reconfigured.
+    /// lbagent's log lines: the file read and parsed, the reconciler's pass and each sink's,
+    /// the config handed to BIRD, and BIRD reconfigured.
     fn reload_steps(&self, written: &[f64], totals: &[Duration]) -> Result<ReloadSteps> {
         let log = std::fs::read_to_string(&self.log)?;
+        let lines: Vec<(f64, serde_json::Value)> = log
+            .lines()
+            .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+            .filter_map(|line| Some((stamp_of_day(line["timestamp"].as_str()?)?, line)))
+            .collect();
+        let message = |line: &serde_json::Value| {
+            line["fields"]["message"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned()
+        };
         let at = |needle: &str| -> Vec<f64> {
-            log.lines()
-                .filter(|line| line.contains(needle))
-                .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
-                .filter_map(|line| stamp_of_day(line["timestamp"].as_str()?))
+            lines
+                .iter()
+                .filter(|(_, line)| message(line).contains(needle))
+                .map(|(t, _)| *t)
                 .collect()
         };
         let (handed, reconfigured) = (at("reconfiguring BIRD"), at("BIRD reconfigured"));
+        let (read, parsed) = (at("services file changed"), at("services file parsed"));
         let after = |times: &[f64], from: f64| times.iter().copied().find(|t| *t >= from);
         let span = |from: f64, to: f64| Duration::from_secs_f64((to - from).max(0.0));
+        let field_ms = |line: &serde_json::Value, field: &str| {
+            line["fields"][field].as_f64().unwrap_or_default()
+        };
         let mut steps = ReloadSteps::default();
-        for (start, total) in written.iter().zip(totals) {
+        for (n, (start, total)) in written.iter().zip(totals).enumerate() {
+            let next = written.get(n + 1).copied().unwrap_or(f64::MAX);
             let (Some(hand), seen) = (after(&handed, *start), start + total.as_secs_f64()) else {
                 bail!("no \"reconfiguring BIRD\" in lbagent's log after a change");
             };
@@ -588,6 +648,44 @@ impl Agent {
             steps.pass.push(span(*start, hand));
             steps.reload.push(span(hand, done));
             steps.after.push(span(done, seen));
+            // The finer split needs lbagent's debug lines (LBAGENT_LOG): without them, none.
+            let (Some(read_at), Some(parsed_at)) = (after(&read, *start), after(&parsed, *start))
+            else {
+                continue;
+            };
+            steps.read.push(span(*start, read_at));
+            steps.parse.push(span(read_at, parsed_at));
+            let mut first_sink: Option<f64> = None;
+            // The pass for this change is each sink's first after the parse; a pass that
+            // follows (a drift noticed) is not the change's.
+            let mut passed = BTreeSet::new();
+            for (t, line) in lines.iter().filter(|(t, _)| *t >= parsed_at && *t < next) {
+                if message(line) != "sink pass" {
+                    continue;
+                }
+                let slot = line["span"]["slot"].as_str().unwrap_or("?").to_owned();
+                if !passed.insert(slot.clone()) {
+                    continue;
+                }
+                let observe = field_ms(line, "observe_ms");
+                let plan = field_ms(line, "plan_ms");
+                let apply = field_ms(line, "apply_ms");
+                let ms = if slot == "Routing" {
+                    observe + plan
+                } else {
+                    observe + plan + apply
+                };
+                let began = t - (observe + plan + apply) / 1e3;
+                first_sink = Some(first_sink.map_or(began, |first| first.min(began)));
+                steps
+                    .sinks
+                    .entry(slot)
+                    .or_default()
+                    .push(Duration::from_secs_f64(ms / 1e3));
+            }
+            steps
+                .queued
+                .push(span(parsed_at, first_sink.unwrap_or(parsed_at)));
         }
         Ok(steps)
     }
@@ -854,6 +952,8 @@ impl Lab {
             .arg(lbagent)
             .args(["run", "--config"])
             .arg(self.config())
+            // Its debug lines time each step of a pass (file read, parse, each sink).
+            .env("LBAGENT_LOG", "info,lbagent=debug")
             .stdout(Stdio::null())
             .stderr(file)
             .spawn()?;

@@ -23,7 +23,7 @@ use prometheus_client::{
     },
 };
 use tokio::sync::{mpsc, watch};
-use tracing::{debug, error};
+use tracing::{Instrument as _, debug, debug_span, error};
 
 pub use self::status::{LastReconcile, Status};
 use crate::{
@@ -65,6 +65,8 @@ struct LastPass {
     duration: Duration,
     errors: Vec<String>,
     rejected: Vec<Rejected>,
+    /// The sinks it skipped as settled: they changed nothing.
+    skipped: Vec<Slot>,
 }
 
 /// Where a sink sits in the reconciler's order: addresses before the dataplane that serves
@@ -195,6 +197,9 @@ impl Reconciler {
                 resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
                 resync.reset();
             }
+            // Only a pass for a new desired state alone may skip the sinks it leaves as
+            // they are: anything else (a drift, a resync, a sink replaced) runs every sink.
+            let for_desired = trigger == Some(Trigger::Desired) && !changed;
             let Some(trigger) = trigger.or(changed.then_some(Trigger::Config)) else {
                 self.publish();
                 continue;
@@ -212,7 +217,7 @@ impl Reconciler {
             let newer = inputs.updates.clone();
             let superseded = move || newer.has_changed().unwrap_or(false);
             let failed = self
-                .reconcile(update, routing.as_ref(), trigger, &superseded)
+                .reconcile(update, routing.as_ref(), trigger, for_desired, &superseded)
                 .await;
             retry = failed.then(|| {
                 let delay = retry.map_or(FIRST_RETRY, |(_, d)| (d * 2).min(resync_interval));
@@ -246,12 +251,14 @@ impl Reconciler {
         }
     }
 
-    /// One pass of every sink, then the status published. Returns whether anything failed.
+    /// One pass of every sink (with `skip_settled`, of every sink not settled for this
+    /// wanted state), then the status published. Returns whether anything failed.
     pub async fn reconcile(
         &mut self,
         update: SourceUpdate,
         routing: Option<&RoutingConfig>,
         trigger: Trigger,
+        skip_settled: bool,
         superseded: &dyn Fn() -> bool,
     ) -> bool {
         let started = Instant::now();
@@ -263,8 +270,15 @@ impl Reconciler {
             superseded,
         };
         let mut errors = Vec::new();
-        for (_, sink) in &mut self.sinks {
-            errors.extend(sink.pass(&wanted).await);
+        let mut skipped = Vec::new();
+        for (slot, sink) in &mut self.sinks {
+            if skip_settled && sink.settled(&wanted) {
+                debug!(?slot, "sink settled for this desired state: pass skipped");
+                skipped.push(*slot);
+                continue;
+            }
+            let span = debug_span!("sink", slot = ?slot);
+            errors.extend(sink.pass(&wanted).instrument(span).await);
         }
         // A failure that stays (a full map) is logged when it starts, not on every retry.
         let before = self.last.as_ref().map(|last| last.errors.as_slice());
@@ -276,6 +290,7 @@ impl Reconciler {
             }
         }
         let duration = started.elapsed();
+        debug!(%trigger, ms = duration.as_secs_f64() * 1e3, "reconcile pass");
         let failed = !errors.is_empty();
         let label = TriggerLabel {
             trigger: trigger.label().to_owned(),
@@ -290,6 +305,7 @@ impl Reconciler {
             duration,
             errors,
             rejected: update.rejected,
+            skipped,
         });
         self.publish();
         failed
@@ -319,14 +335,17 @@ impl Reconciler {
             off: self.off.values().cloned().collect(),
             config_refused: self.config_refused.clone(),
         };
-        for (_, sink) in &self.sinks {
+        for (slot, sink) in &self.sinks {
             match sink.report() {
                 Report::Addresses(report) => {
                     status.interface = report.interface;
                     status.addresses = report.addresses;
-                    status.last_reconcile.added = report.added;
-                    status.last_reconcile.removed = report.removed;
-                    status.last_reconcile.repairs = report.repairs;
+                    // What its last pass changed; a skipped sink changed nothing.
+                    if !last.skipped.contains(slot) {
+                        status.last_reconcile.added = report.added;
+                        status.last_reconcile.removed = report.removed;
+                        status.last_reconcile.repairs = report.repairs;
+                    }
                 }
                 Report::Dataplane => {}
                 Report::Routing(report) => status.routing = Some(report),

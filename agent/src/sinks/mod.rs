@@ -11,9 +11,10 @@ pub mod dataplane;
 pub mod neighbours;
 pub mod routing;
 
-use std::{fmt, future::Future};
+use std::{fmt, future::Future, time::Instant};
 
 use futures::future::LocalBoxFuture;
+use tracing::debug;
 
 use crate::desired::Desired;
 
@@ -124,6 +125,16 @@ pub trait Sink {
     fn noticed(&mut self) -> impl Future<Output = Noticed> {
         std::future::pending()
     }
+
+    /// Whether a pass for `wanted` would find nothing to do: the part of `wanted` the sink
+    /// plans from is the one its last pass applied in full (no error, nothing left for a
+    /// later pass), and it has noticed nothing since (so only a sink that notices changes to
+    /// what it owns can be settled). A pass for a new desired state skips a settled sink;
+    /// every other trigger (a noticed change, a resync, a retry, SIGHUP, a config edit) runs
+    /// every sink. The default: never settled.
+    fn settled(&self, _wanted: &Wanted<'_>) -> bool {
+        false
+    }
 }
 
 /// A sink as the reconciler holds it: any [`Sink`], driven the same way.
@@ -132,15 +143,26 @@ pub trait Driven {
     fn pass<'a>(&'a mut self, wanted: &'a Wanted<'a>) -> LocalBoxFuture<'a, Vec<String>>;
     fn report(&self) -> Report;
     fn noticed(&mut self) -> LocalBoxFuture<'_, Noticed>;
+    fn settled(&self, wanted: &Wanted<'_>) -> bool;
 }
 
 impl<S: Sink> Driven for S {
     fn pass<'a>(&'a mut self, wanted: &'a Wanted<'a>) -> LocalBoxFuture<'a, Vec<String>> {
         Box::pin(async move {
+            let started = Instant::now();
             match self.observe().await {
                 Ok(observed) => {
+                    let observed_at = Instant::now();
                     let plan = Sink::plan(self, wanted, &observed);
-                    self.apply(plan, observed, wanted).await
+                    let planned_at = Instant::now();
+                    let errors = self.apply(plan, observed, wanted).await;
+                    debug!(
+                        observe_ms = (observed_at - started).as_secs_f64() * 1e3,
+                        plan_ms = (planned_at - observed_at).as_secs_f64() * 1e3,
+                        apply_ms = planned_at.elapsed().as_secs_f64() * 1e3,
+                        "sink pass"
+                    );
+                    errors
                 }
                 Err(err) => vec![err.to_string()],
             }
@@ -153,6 +175,10 @@ impl<S: Sink> Driven for S {
 
     fn noticed(&mut self) -> LocalBoxFuture<'_, Noticed> {
         Box::pin(Sink::noticed(self))
+    }
+
+    fn settled(&self, wanted: &Wanted<'_>) -> bool {
+        Sink::settled(self, wanted)
     }
 }
 

@@ -33,7 +33,7 @@ use std::{
 
 use serde::{Deserialize, Deserializer, de::Error as _};
 use tokio::sync::watch;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::{
     address,
@@ -296,6 +296,7 @@ pub async fn watch(
     let following = crate::watch::follow(&path, MAX_FILE_BYTES, reread, |event| {
         match event {
             FileEvent::Changed(text) => {
+                debug!(bytes = text.len(), "services file changed");
                 texts_tx.send_replace(Some(text.into()));
             }
             FileEvent::Unreadable(err) => {
@@ -314,8 +315,13 @@ pub async fn watch(
                 continue;
             };
             let file = path.clone();
+            let started = std::time::Instant::now();
             match tokio::task::spawn_blocking(move || parse(&text, &file)).await {
                 Ok(Ok(update)) => {
+                    debug!(
+                        parse_ms = started.elapsed().as_secs_f64() * 1e3,
+                        "services file parsed"
+                    );
                     for rejected in &update.rejected {
                         warn!(service = %rejected.service, reason = %rejected.reason, "service rejected");
                     }

@@ -112,6 +112,8 @@ pub struct AddressSink {
     /// What the last pass left in the kernel: anything different found later was changed by
     /// someone else, and putting it back is a repair.
     expected: Option<Expected>,
+    /// The desired addresses its last pass applied in full, until it notices a change.
+    settled: Option<std::collections::BTreeMap<std::net::IpAddr, crate::desired::AddressIntent>>,
     report: AddressReport,
 }
 
@@ -127,6 +129,7 @@ impl AddressSink {
             no_dummy: AtomicBool::new(false),
             kernel_changes: None,
             expected: None,
+            settled: None,
             report: AddressReport {
                 interface: interface.to_owned(),
                 ..AddressReport::default()

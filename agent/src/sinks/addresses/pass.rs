@@ -45,6 +45,7 @@ impl Sink for AddressSink {
     type Error = AddressError;
 
     async fn observe(&mut self) -> Result<Observed, AddressError> {
+        self.settled = None;
         AddressSink::observe(self).await
     }
 
@@ -59,6 +60,7 @@ impl Sink for AddressSink {
         let mut link_index = observed.link.map(|l| l.index);
         let mut held: BTreeSet<IpNet> = plan.virtual_addresses(&observed).copied().collect();
         let (mut added, mut removed) = (0, 0);
+        let mut complete = true;
         if !plan.changes_nothing() {
             match self.apply_plan(&plan, &observed, wanted.superseded).await {
                 Ok(applied) => {
@@ -66,6 +68,7 @@ impl Sink for AddressSink {
                         info!(%interface, kind, "created the load-balancer interface");
                     }
                     if !applied.skipped.is_empty() {
+                        complete = false;
                         info!(
                             %interface,
                             done = applied.added + applied.removed + applied.errors.len(),
@@ -117,6 +120,7 @@ impl Sink for AddressSink {
             link_index,
             addresses: held,
         });
+        self.settled = (complete && errors.is_empty()).then(|| wanted.desired.addresses.clone());
         self.report = AddressReport {
             interface,
             addresses: statuses(wanted, &plan),
@@ -131,6 +135,16 @@ impl Sink for AddressSink {
         Report::Addresses(self.report.clone())
     }
 
+    /// Its plan reads the desired addresses (and its report their Services); it notices any
+    /// change to addresses or to its interface, so without one pending nothing else moved.
+    fn settled(&self, wanted: &Wanted<'_>) -> bool {
+        self.settled.as_ref() == Some(&wanted.desired.addresses)
+            && self
+                .kernel_changes
+                .as_ref()
+                .is_some_and(|changes| changes.is_empty())
+    }
+
     async fn noticed(&mut self) -> Noticed {
         let Some(changes) = &mut self.kernel_changes else {
             return std::future::pending().await;
@@ -138,6 +152,8 @@ impl Sink for AddressSink {
         if changes.recv().await.is_none() {
             return std::future::pending().await;
         }
+        // Before the wait: a pass that starts meanwhile must not count this sink settled.
+        self.settled = None;
         tokio::time::sleep(SETTLE).await;
         while changes.try_recv().is_ok() {}
         Noticed::Drift

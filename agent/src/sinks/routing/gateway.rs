@@ -12,7 +12,7 @@ use rtnetlink::{
     packet_core::NetlinkPayload,
     packet_route::{
         RouteNetlinkMessage,
-        route::{RouteAddress, RouteAttribute, RouteMessage},
+        route::{RouteAddress, RouteAttribute, RouteMessage, RouteProtocol},
     },
 };
 use tokio::sync::mpsc;
@@ -36,14 +36,20 @@ pub type Gateways = BTreeMap<Family, BTreeSet<Gateway>>;
 /// Reads the main table's default routes, both families.
 pub async fn read(handle: &Handle) -> Result<Gateways, rtnetlink::Error> {
     let mut found: BTreeMap<Family, BTreeSet<(IpAddr, u32)>> = BTreeMap::new();
+    // On a socket with strict checking the kernel sends only the main table's unicast routes
+    // (of any protocol), not the local routes of every address on kube-lb0.
     for (family, query) in [
         (
             Family::Ipv4,
-            rtnetlink::RouteMessageBuilder::<Ipv4Addr>::new().build(),
+            rtnetlink::RouteMessageBuilder::<Ipv4Addr>::new()
+                .protocol(RouteProtocol::Unspec)
+                .build(),
         ),
         (
             Family::Ipv6,
-            rtnetlink::RouteMessageBuilder::<Ipv6Addr>::new().build(),
+            rtnetlink::RouteMessageBuilder::<Ipv6Addr>::new()
+                .protocol(RouteProtocol::Unspec)
+                .build(),
         ),
     ] {
         let routes: Vec<RouteMessage> = handle.route().get(query).execute().try_collect().await?;

@@ -172,9 +172,18 @@ fn meaning(sets: &AttributeSets, id: u32) -> Option<&BgpAttributes> {
 /// lbagent's host routes in `table`, with their metrics.
 pub async fn read(handle: &Handle, table: u32) -> Result<Marks, rtnetlink::Error> {
     let mut marks = Marks::new();
+    // On a socket with strict checking the kernel sends only this table's routes of lbagent's
+    // protocol, not the local routes of every address on kube-lb0; elsewhere it sends every
+    // route, and the filter below keeps the same ones.
     for query in [
-        rtnetlink::RouteMessageBuilder::<Ipv4Addr>::new().build(),
-        rtnetlink::RouteMessageBuilder::<Ipv6Addr>::new().build(),
+        rtnetlink::RouteMessageBuilder::<Ipv4Addr>::new()
+            .table_id(table)
+            .protocol(RouteProtocol::Other(PROTOCOL))
+            .build(),
+        rtnetlink::RouteMessageBuilder::<Ipv6Addr>::new()
+            .table_id(table)
+            .protocol(RouteProtocol::Other(PROTOCOL))
+            .build(),
     ] {
         let routes: Vec<RouteMessage> = handle.route().get(query).execute().try_collect().await?;
         for route in routes {
@@ -227,12 +236,19 @@ pub async fn addresses_on(
     index: u32,
 ) -> Result<BTreeSet<IpAddr>, rtnetlink::Error> {
     let mut found = BTreeSet::new();
-    let mut dump = handle
-        .address()
-        .get()
-        .set_link_index_filter(index)
-        .execute();
-    while let Some(message) = dump.try_next().await? {
+    let mut request = handle.address().get().set_link_index_filter(index);
+    // Filtered by the kernel on a socket with strict checking; by the filter here elsewhere.
+    request.message_mut().header.index = index;
+    let mut dump = request.execute();
+    loop {
+        let message = match dump.try_next().await {
+            Ok(Some(message)) => message,
+            Ok(None) => break,
+            // Filtered by the kernel, a dump of an interface that has just gone fails: it
+            // holds no addresses.
+            Err(err) if crate::sinks::errno(&err) == Some(libc::ENODEV) => break,
+            Err(err) => return Err(err),
+        };
         if message.header.index != index {
             continue;
         }

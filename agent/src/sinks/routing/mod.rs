@@ -22,6 +22,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use rtnetlink::sys::AsyncSocket as _;
 use serde::{Deserialize, Serialize};
 use tokio::{
     io::{AsyncBufReadExt as _, BufReader},
@@ -424,42 +425,42 @@ async fn refresh(
     reply.map(|_| ())
 }
 
-/// The safe reload cycle: write the new config beside the live one, have BIRD check it,
-/// rename it into place, then `configure`. A config BIRD rejects never replaces the live one.
+/// The safe reload cycle: write the new config beside the live one, have BIRD reconfigure
+/// from it, and only once BIRD runs it rename it into place. A config BIRD rejects never
+/// replaces the live one (which a restarted BIRD reads).
 pub async fn reload(
     control: &mut Control,
     next: &Path,
     live: &Path,
     text: &str,
 ) -> Result<String, RoutingError> {
-    let result = check_and_configure(control, next, live, text).await;
+    let result = configure_from(control, next, live, text).await;
     // Whatever went wrong before the rename (a timeout, a write error) leaves no half-made
     // config behind; after it, there is nothing at `next`.
     let _ = std::fs::remove_file(next);
     result
 }
 
-async fn check_and_configure(
+async fn configure_from(
     control: &mut Control,
     next: &Path,
     live: &Path,
     text: &str,
 ) -> Result<String, RoutingError> {
     write(next, text)?;
-    let check = control
-        .command(&format!("configure check \"{}\"", next.display()))
+    // `configure "file"` parses the file and either reconfigures from it or rejects it and
+    // keeps running what it ran: the check a `configure check` would make, in the same
+    // round trip. BIRD still reads the live path when it starts.
+    let reply = control
+        .command(&format!("configure \"{}\"", next.display()))
         .await?;
-    if check.is_error() {
-        return Err(RoutingError::Rejected(check.message().to_owned()));
+    if reply.is_error() {
+        return Err(RoutingError::Rejected(reply.message().to_owned()));
     }
     std::fs::rename(next, live).map_err(|source| RoutingError::Io {
         path: live.to_owned(),
         source,
     })?;
-    let reply = control.command("configure").await?;
-    if reply.is_error() {
-        return Err(RoutingError::Rejected(reply.message().to_owned()));
-    }
     Ok(reply.message().to_owned())
 }
 
@@ -843,7 +844,19 @@ impl RoutingSink {
             .router_id
             .or(router_id_default)
             .ok_or(RoutingError::NoRouterId)?;
-        let (connection, netlink, _) = rtnetlink::new_connection().map_err(RoutingError::Socket)?;
+        let (mut connection, netlink, _) =
+            rtnetlink::new_connection().map_err(RoutingError::Socket)?;
+        // Each pass reads the marks table, the default routes and kube-lb0's addresses: with
+        // strict checking the kernel filters those dumps, instead of sending the local route of
+        // every address on the node to be dropped here. A kernel without it (before 4.20)
+        // sends everything, and the readers' own filters keep the same routes.
+        if let Err(err) = connection
+            .socket_mut()
+            .socket_ref()
+            .set_netlink_get_strict_chk(true)
+        {
+            debug!(%err, "netlink strict checking unavailable; filtering dumps here");
+        }
         tokio::spawn(connection);
         let route_changes = gateway::follow().map_err(RoutingError::Socket)?;
         // Empty until the first pass: the task starts BIRD with the first real config.
