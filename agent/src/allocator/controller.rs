@@ -356,6 +356,7 @@ impl Controller {
     }
 
     fn take_changes(&mut self, batch: Vec<Result<Change, watcher::Error>>, failing: &mut bool) {
+        debug!(changes = batch.len(), "watch changes taken");
         let mut touched = BTreeSet::new();
         let mut relisted = false;
         for change in batch {

@@ -143,6 +143,7 @@ pub(super) async fn handle(
             .and_then(|v| v.strip_prefix("Bearer "))
             .unwrap_or_default()
             .to_owned(),
+        at: std::time::Instant::now(),
     });
     response
 }
@@ -250,8 +251,20 @@ async fn route(
                     return Err(Status::not_found(spec.plural, &key.2));
                 };
                 let mut object = stored.object.clone();
-                merge_patch(&mut object, &patch);
-                let object = split_status(spec.status, target.subresource, &stored.object, object);
+                match (spec.status, target.subresource) {
+                    // A status write changes the status alone: only that part of the patch
+                    // applies (one copy of the stored object, not two).
+                    (true, Some(_)) => {
+                        if let Some(status) = patch.get("status") {
+                            merge_patch(&mut object, &json!({"status": status}));
+                        }
+                    }
+                    _ => {
+                        merge_patch(&mut object, &patch);
+                        object =
+                            split_status(spec.status, target.subresource, &stored.object, object);
+                    }
+                }
                 store.put(key, object, expected.as_deref())
             })?;
             Ok(json_response(StatusCode::OK, &patched))

@@ -27,6 +27,7 @@ use std::{
         atomic::{AtomicUsize, Ordering},
     },
     thread::JoinHandle,
+    time::Instant,
 };
 
 use axum::{Router, extract::Query, http::Uri};
@@ -116,6 +117,8 @@ pub struct RequestRecord {
     /// Who asked: the bearer token the client sent (see [`ApiServer::write_kubeconfig_as`]),
     /// `""` if none. Nothing is refused for it; it tells clients apart.
     pub user: String,
+    /// When it was answered (a watch: when its stream started), for timing what a client did.
+    pub at: Instant,
 }
 
 impl RequestRecord {
@@ -459,20 +462,24 @@ struct Running {
 impl Running {
     fn start(socket: TcpSocket, shared: Arc<Shared>) -> Self {
         let (stop, stopped) = oneshot::channel::<()>();
-        let thread = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("test API server runtime");
-            runtime.block_on(async move {
-                let listener = socket.listen(1024).expect("listen");
-                let app = Router::new().fallback(http::handle).with_state(shared);
-                tokio::select! {
-                    result = axum::serve(listener, app) => result.expect("serve"),
-                    _ = stopped => {}
-                }
-            });
-        });
+        // Named, so a profile of a test tells the server's work from the test's.
+        let thread = std::thread::Builder::new()
+            .name("test-apiserver".into())
+            .spawn(move || {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .expect("test API server runtime");
+                runtime.block_on(async move {
+                    let listener = socket.listen(1024).expect("listen");
+                    let app = Router::new().fallback(http::handle).with_state(shared);
+                    tokio::select! {
+                        result = axum::serve(listener, app) => result.expect("serve"),
+                        _ = stopped => {}
+                    }
+                });
+            })
+            .expect("spawn the test API server thread");
         Self { stop, thread }
     }
 

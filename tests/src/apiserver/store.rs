@@ -70,11 +70,12 @@ impl Store {
         let (resource, namespace, name) = &key;
         let spec = &RESOURCES[*resource];
         let revision = self.revision + 1;
-        let (previous, created) = match self.objects.get(&key) {
-            Some(stored) => (Some(stored.object.clone()), stored.created),
-            None => (None, revision),
-        };
-        if let (Some(expected), Some(current)) = (expected_version, &previous)
+        // Borrowed, not copied: the stored object moves into the history only if this
+        // write changes it.
+        let existing = self.objects.get(&key);
+        let created = existing.map_or(revision, |stored| stored.created);
+        let previous = existing.map(|stored| &stored.object);
+        if let (Some(expected), Some(current)) = (expected_version, previous)
             && current["metadata"]["resourceVersion"] != expected
         {
             return Err(Status::new(
@@ -99,7 +100,7 @@ impl Store {
         if spec.namespaced {
             object["metadata"]["namespace"] = namespace.as_str().into();
         }
-        let (uid, created_at, version) = match &previous {
+        let (uid, created_at, version) = match previous {
             Some(old) => {
                 let old = &old["metadata"];
                 let field = |name: &str| old[name].clone();
@@ -122,19 +123,22 @@ impl Store {
         metadata["uid"] = uid;
         metadata["creationTimestamp"] = created_at;
         metadata["resourceVersion"] = version;
-        if previous.as_ref() == Some(&object) {
+        if previous == Some(&object) {
             // An unchanged update is no change: no new version, no watch event.
             return Ok(object);
         }
         object["metadata"]["resourceVersion"] = revision.to_string().into();
         self.revision = revision;
-        self.objects.insert(
-            key.clone(),
-            Stored {
-                object: object.clone(),
-                created,
-            },
-        );
+        let previous = self
+            .objects
+            .insert(
+                key.clone(),
+                Stored {
+                    object: object.clone(),
+                    created,
+                },
+            )
+            .map(|stored| stored.object);
         let kind = if previous.is_some() {
             ChangeType::Modified
         } else {

@@ -87,10 +87,24 @@ impl Drop for OpenWatch {
 }
 
 fn event_line(kind: &str, object: &Value) -> Bytes {
-    let mut line = json!({"type": kind, "object": object}).to_string();
-    line.push('\n');
+    let mut line = Vec::new();
+    push_event_line(&mut line, kind, object);
     Bytes::from(line)
 }
+
+/// Appends one watch event line to `out`, without copying `object` into a new `Value`.
+fn push_event_line(out: &mut Vec<u8>, kind: &str, object: &Value) {
+    out.extend_from_slice(b"{\"type\":\"");
+    out.extend_from_slice(kind.as_bytes());
+    out.extend_from_slice(b"\",\"object\":");
+    // Writing a `Value` into a `Vec` cannot fail.
+    let _ = serde_json::to_writer(&mut *out, object);
+    out.extend_from_slice(b"}\n");
+}
+
+/// Lines are sent in chunks of about this many bytes: one write per chunk, as a real server
+/// buffers, rather than one per event.
+const CHUNK: usize = 64 * 1024;
 
 fn bookmark_line(filter: &Filter, revision: u64, initial_events_end: bool) -> Bytes {
     let spec = &RESOURCES[filter.resource];
@@ -102,8 +116,8 @@ fn bookmark_line(filter: &Filter, revision: u64, initial_events_end: bool) -> By
     event_line("BOOKMARK", &object)
 }
 
-/// The lines a watch at `sent` sends next: the changes it has not seen that match it, or a
-/// 410 ERROR if history no longer reaches back to it. Returns the version it reached.
+/// The lines a watch at `sent` sends next, in chunks: the changes it has not seen that match
+/// it, or a 410 ERROR if history no longer reaches back to it. Returns the version it reached.
 fn pending_lines(store: &Store, filter: &Filter, sent: u64) -> Result<(Vec<Bytes>, u64), Bytes> {
     if sent < store.compacted {
         let status = Status::expired(format!(
@@ -116,7 +130,8 @@ fn pending_lines(store: &Store, filter: &Filter, sent: u64) -> Result<(Vec<Bytes
     let unseen = store
         .history
         .partition_point(|change| change.revision <= sent);
-    let lines = store
+    let mut chunks = Chunks::default();
+    let changes = store
         .history
         .range(unseen..)
         .filter(|change| change.resource == filter.resource)
@@ -131,10 +146,35 @@ fn pending_lines(store: &Store, filter: &Filter, sent: u64) -> Result<(Vec<Bytes
                 (_, true, false) => "DELETED",
                 (_, false, false) => return None,
             };
-            Some(event_line(kind, &change.object))
-        })
-        .collect();
-    Ok((lines, store.revision))
+            Some((kind, &change.object))
+        });
+    for (kind, object) in changes {
+        chunks.push(kind, object);
+    }
+    Ok((chunks.done(), store.revision))
+}
+
+/// Watch event lines gathered into chunks of about [`CHUNK`] bytes.
+#[derive(Default)]
+struct Chunks {
+    done: Vec<Bytes>,
+    open: Vec<u8>,
+}
+
+impl Chunks {
+    fn push(&mut self, kind: &str, object: &Value) {
+        push_event_line(&mut self.open, kind, object);
+        if self.open.len() >= CHUNK {
+            self.done.push(Bytes::from(std::mem::take(&mut self.open)));
+        }
+    }
+
+    fn done(mut self) -> Vec<Bytes> {
+        if !self.open.is_empty() {
+            self.done.push(Bytes::from(self.open));
+        }
+        self.done
+    }
 }
 
 async fn stream_watch(shared: Arc<Shared>, request: WatchRequest, lines: mpsc::Sender<Bytes>) {
@@ -155,8 +195,12 @@ async fn stream_watch(shared: Arc<Shared>, request: WatchRequest, lines: mpsc::S
                 let store = shared.store();
                 (store.matching(&request.filter), store.revision)
             };
-            for object in objects {
-                if lines.send(event_line("ADDED", &object)).await.is_err() {
+            let mut chunks = Chunks::default();
+            for object in &objects {
+                chunks.push("ADDED", object);
+            }
+            for chunk in chunks.done() {
+                if lines.send(chunk).await.is_err() {
                     return;
                 }
             }

@@ -20,7 +20,11 @@ use kube::{
     config::{KubeConfigOptions, Kubeconfig},
 };
 use lbagent::allocator::controller::WRITE_CONCURRENCY;
-use lbagent_tests::{TempDir, apiserver::ApiServer, wait_until};
+use lbagent_tests::{
+    TempDir,
+    apiserver::{ApiServer, RequestRecord},
+    wait_until,
+};
 use serde_json::{Value, json};
 
 const SERVICES: usize = 10_000;
@@ -56,6 +60,11 @@ fn main() -> Result<()> {
     if !ready {
         bail!("the allocator did not take up the pools:\n{}", first.log());
     }
+    // For reading the allocator's log (ALLOCATOR_BENCH_LOG) against the breakdown.
+    eprintln!(
+        "creating the Services from {}",
+        k8s_openapi::jiff::Timestamp::now()
+    );
     let started = Instant::now();
     for i in 0..SERVICES {
         server.apply(service(&name(i)));
@@ -74,6 +83,10 @@ fn main() -> Result<()> {
         );
     }
     check_distinct(&server)?;
+    eprintln!(
+        "{}",
+        breakdown(&server.request_log(), started, created, assigned)
+    );
     let peak_rss_kb = first.peak_rss_kb()?;
     first.stop();
 
@@ -179,6 +192,58 @@ fn main() -> Result<()> {
     Ok(())
 }
 
+/// Where the allocator's time went, from the API server's request log: when its Service
+/// status writes, Event records and pool status writes were answered, relative to the first
+/// creation. Printed to stderr beside the table, so a slow run can be read without a profiler.
+fn breakdown(
+    log: &[RequestRecord],
+    started: Instant,
+    created: Duration,
+    assigned: Duration,
+) -> String {
+    let after = |r: &RequestRecord| r.at.saturating_duration_since(started).as_secs_f64();
+    let span = |what: &str, rs: &[&RequestRecord]| match (rs.first(), rs.last()) {
+        (Some(first), Some(last)) => format!(
+            "  {what}: {} (first answered at {:.3} s, last at {:.3} s)",
+            rs.len(),
+            after(first),
+            after(last)
+        ),
+        _ => format!("  {what}: 0"),
+    };
+    let log: Vec<&RequestRecord> = log.iter().filter(|r| r.at >= started).collect();
+    let of = |f: &dyn Fn(&RequestRecord) -> bool| -> Vec<&RequestRecord> {
+        log.iter().copied().filter(|r| f(r)).collect()
+    };
+    let patches = of(&|r| {
+        r.method == "PATCH" && r.path.contains("/services/") && r.path.ends_with("/status")
+    });
+    let last_patch = patches.last().map_or(started, |r| r.at);
+    let events = of(&|r| r.method == "POST" && r.path.ends_with("/events"));
+    let events_before = events.iter().filter(|r| r.at <= last_patch).count();
+    let pools = of(&|r| r.method == "PATCH" && r.path.contains("/addresspools/"));
+    let rereads = of(&|r| r.method == "GET" && r.path.contains("/services/"));
+    let conflicts = patches.iter().filter(|r| r.status == 409).count();
+    [
+        format!(
+            "where the allocator's {:.2} s went (request log, from the first creation):",
+            assigned.as_secs_f64()
+        ),
+        format!(
+            "  creating the {SERVICES} in the API server: {:.3} s",
+            created.as_secs_f64()
+        ),
+        span("Service status patches", &patches),
+        format!("    of which 409 Conflict: {conflicts}"),
+        span("Service re-reads", &rereads),
+        span("Event records", &events),
+        format!("    of which answered before the last status patch: {events_before}"),
+        span("AddressPool status patches", &pools),
+        format!("  requests answered in all: {}", log.len()),
+    ]
+    .join("\n")
+}
+
 fn poll(deadline: Duration, mut done: impl FnMut() -> bool) -> bool {
     let until = Instant::now() + deadline;
     while Instant::now() < until {
@@ -279,7 +344,10 @@ impl Allocator {
             .arg("--kubeconfig")
             .arg(kubeconfig)
             .args(["--lease-namespace", "lbagent", "--identity", identity])
-            .env("LBAGENT_LOG", "warn")
+            .env(
+                "LBAGENT_LOG",
+                std::env::var("ALLOCATOR_BENCH_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .stdout(file.try_clone()?)
             .stderr(file)
             .spawn()
