@@ -111,6 +111,18 @@ impl NetNs {
         ns
     }
 
+    /// A namespace whose one interface is `eth0` (a veth, its peer `eth0peer` left inside),
+    /// up with `address`, as a node's uplink.
+    pub fn with_eth0(prefix: &str, address: &str) -> Self {
+        let ns = Self::new(prefix);
+        ns.ip(&[
+            "link", "add", "eth0", "type", "veth", "peer", "name", "eth0peer",
+        ]);
+        ns.ip(&["addr", "add", address, "dev", "eth0"]);
+        ns.ip(&["link", "set", "eth0", "up"]);
+        ns
+    }
+
     /// The pids of the processes named `comm` (as /proc shows it) that live in this namespace.
     pub fn processes(&self, comm: &str) -> Vec<u32> {
         use std::os::unix::fs::MetadataExt as _;
@@ -274,6 +286,12 @@ impl PinRoot {
         let mut found = Vec::new();
         walk(&self.path, &mut found);
         found
+    }
+
+    /// Fails, naming what is left, unless the root is gone (everything in it unpinned).
+    #[track_caller]
+    pub fn assert_removed(&self) {
+        assert!(!self.path.exists(), "pins left: {:?}", self.pinned_files());
     }
 }
 
@@ -506,6 +524,16 @@ impl Agent {
 
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Fails, showing the log, unless `needle` appears in it within `timeout`.
+    #[track_caller]
+    pub fn expect_log(&self, needle: &str, timeout: std::time::Duration) {
+        assert!(
+            wait_until(timeout, || self.log().contains(needle)),
+            "no {needle:?} in the log within {timeout:?}:\n{}",
+            self.log()
+        );
     }
 }
 

@@ -16,12 +16,7 @@ struct Node {
 
 impl Node {
     fn new() -> Self {
-        let ns = NetNs::new("lbt-addr");
-        ns.ip(&[
-            "link", "add", "eth0", "type", "veth", "peer", "name", "eth0peer",
-        ]);
-        ns.ip(&["addr", "add", "10.77.0.1/24", "dev", "eth0"]);
-        ns.ip(&["link", "set", "eth0", "up"]);
+        let ns = NetNs::with_eth0("lbt-addr", "10.77.0.1/24");
         let dir = TempDir::new("lbt-addr");
         let node = Self { ns, dir };
         node.write_config("services.yaml", "");
@@ -286,13 +281,7 @@ fn a_broken_services_file_keeps_the_last_good_state_and_bad_entries_are_skipped(
     node.expect(&[&format!("{V4}/32")], &agent);
 
     node.services("services: [ {name: web, addresses: [");
-    assert!(
-        wait_until(Duration::from_secs(2), || agent
-            .log()
-            .contains("keeping the last good state")),
-        "{}",
-        agent.log()
-    );
+    agent.expect_log("keeping the last good state", Duration::from_secs(2));
     // Decided: the last good state stays.
     assert_eq!(node.kube_lb0(), BTreeSet::from([format!("{V4}/32")]));
 
@@ -326,12 +315,9 @@ fn ipv6_on_a_node_without_ipv6_is_skipped_and_ipv4_still_served() {
     ));
     let agent = node.start();
     node.expect(&[&format!("{V4}/32")], &agent);
-    assert!(
-        wait_until(Duration::from_secs(1), || agent
-            .log()
-            .contains("IPv6 address skipped: this node has no IPv6")),
-        "{}",
-        agent.log()
+    agent.expect_log(
+        "IPv6 address skipped: this node has no IPv6",
+        Duration::from_secs(1),
     );
     let status = node.status();
     let v6 = status["addresses"]

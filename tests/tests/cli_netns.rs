@@ -166,11 +166,7 @@ fn traffic_to_vips_is_counted_by_lbagent_and_bpftool_and_detach_leaves_nothing()
     let detach = lbagent(&pair.node, &pins, &["detach", "eth0"]).assert_ok();
     assert!(detach.stdout.contains("maps removed"), "{}", detach.stdout);
     assert_eq!(xdp_on(&pair.node, "eth0"), None);
-    assert!(
-        !pins.path().exists(),
-        "pins left: {:?}",
-        pins.pinned_files()
-    );
+    pins.assert_removed();
     assert!(
         !bpftool_programs().contains(&attached.id),
         "program {} is still loaded",
@@ -224,11 +220,7 @@ fn an_interface_without_native_xdp_falls_back_to_generic_mode_with_a_log_line() 
     let refused = lbagent(&node, &pins, &["attach", "ifb0", "--mode", "driver"]);
     refused.assert_one_line_error("driver-mode XDP refused on ifb0");
     assert_eq!(xdp_on(&node, "ifb0"), None);
-    assert!(
-        !pins.path().exists(),
-        "pins left: {:?}",
-        pins.pinned_files()
-    );
+    pins.assert_removed();
 }
 
 /// Two namespaces share bpffs and, here, a pin root; their interfaces have the same ifindex.
@@ -257,11 +249,7 @@ fn namespaces_with_equal_ifindexes_keep_separate_links() {
 
     lbagent(&b.node, &pins, &["detach", "--all"]).assert_ok();
     assert_eq!(xdp_on(&b.node, "eth0"), None);
-    assert!(
-        !pins.path().exists(),
-        "pins left: {:?}",
-        pins.pinned_files()
-    );
+    pins.assert_removed();
 }
 
 #[test]
@@ -270,11 +258,7 @@ fn unknown_interface_is_one_error_line_and_changes_nothing() {
     let pins = PinRoot::new();
     lbagent(&node, &pins, &["attach", "nope0"]).assert_one_line_error("\"nope0\" does not exist");
     lbagent(&node, &pins, &["detach", "nope0"]).assert_one_line_error("\"nope0\" does not exist");
-    assert!(
-        !pins.path().exists(),
-        "pins left: {:?}",
-        pins.pinned_files()
-    );
+    pins.assert_removed();
 }
 
 #[test]
@@ -346,11 +330,7 @@ fn a_foreign_xdp_program_is_reported_and_left_alone() {
         Some(foreign),
         "the foreign program must stay"
     );
-    assert!(
-        !pins.path().exists(),
-        "pins left: {:?}",
-        pins.pinned_files()
-    );
+    pins.assert_removed();
 }
 
 #[test]

@@ -57,7 +57,10 @@ impl Node {
 
     /// Waits for the first reconcile to fill the policy maps.
     fn wait_policy(&self) {
-        wait_logged(&self.agent, "updating the dataplane's policy maps");
+        self.agent.expect_log(
+            "updating the dataplane's policy maps",
+            Duration::from_secs(5),
+        );
     }
 
     fn drops(&self) -> serde_json::Value {
@@ -160,11 +163,7 @@ fn served_ports_pass_others_are_dropped_and_source_ranges_follow_the_file() {
     );
     lbagent_tests::lbagent_cleanup(&pair.node, &dir.path().join("lbagent.yaml"));
     assert_eq!(lbagent_tests::xdp_on(&pair.node, "eth0"), None);
-    assert!(
-        !pins.path().exists(),
-        "pins left: {:?}",
-        pins.pinned_files()
-    );
+    pins.assert_removed();
 }
 
 /// 300 pings at 10 ms while the agent is SIGKILLed, as a crash or an OOM kill would, and a
@@ -259,12 +258,9 @@ fn a_pinned_map_with_another_layout_is_replaced_not_reused() {
         );
     });
     let _servers = node.servers();
-    assert!(
-        wait_until(Duration::from_secs(5), || node.agent.log().contains(
-            "pinned map has another layout; replacing the dataplane's pins"
-        )),
-        "{}",
-        node.agent.log()
+    node.agent.expect_log(
+        "pinned map has another layout; replacing the dataplane's pins",
+        Duration::from_secs(5),
     );
     assert!(
         wait_until(Duration::from_secs(5), || tcp_ok(
@@ -339,23 +335,14 @@ fn add_eth1(pair: &Pair) -> u32 {
     links[0]["ifindex"].as_u64().unwrap() as u32
 }
 
-/// Waits until `agent` has logged `needle`; fails with its log.
-fn wait_logged(agent: &Agent, needle: &str) {
-    assert!(
-        wait_until(Duration::from_secs(5), || agent.log().contains(needle)),
-        "{needle:?} not logged:\n{}",
-        agent.log()
-    );
-}
-
 #[test]
 fn listed_interfaces_get_the_program_when_they_appear_and_lose_their_pins_when_they_vanish() {
     let node = Node::start_with(&web_on_8080(), ", interfaces: [eth0, eth1]", |_| {});
     let _servers = node.servers();
     node.wait_policy();
-    wait_logged(
-        &node.agent,
+    node.agent.expect_log(
         "interface not present; it gets the XDP program when it appears iface=eth1",
+        Duration::from_secs(5),
     );
     assert!(lbagent_tests::xdp_on(&node.pair.node, "eth0").is_some());
 
@@ -368,9 +355,9 @@ fn listed_interfaces_get_the_program_when_they_appear_and_lose_their_pins_when_t
         "via",
         "10.201.0.2",
     ]);
-    wait_logged(
-        &node.agent,
+    node.agent.expect_log(
         "interface appeared: XDP program attached iface=eth1",
+        Duration::from_secs(5),
     );
     let program = lbagent_tests::xdp_on(&node.pair.node, "eth1").expect("attached to eth1");
     assert_eq!(program.name, "lbagent_xdp");
@@ -398,9 +385,9 @@ fn listed_interfaces_get_the_program_when_they_appear_and_lose_their_pins_when_t
 
     // eth1 vanishes: its pins go, eth0 keeps its program and the policy.
     node.pair.node.ip(&["link", "del", "eth1"]);
-    wait_logged(
-        &node.agent,
+    node.agent.expect_log(
         "interface vanished: its XDP link pins are removed iface=eth1",
+        Duration::from_secs(5),
     );
     assert!(
         !pin("/xdp_ns") && !pin("/tc_ns"),
@@ -445,9 +432,9 @@ fn an_interface_that_gains_a_default_route_gets_the_program() {
         "metric",
         "300",
     ]);
-    wait_logged(
-        &node.agent,
+    node.agent.expect_log(
         "interface appeared: XDP program attached iface=eth2",
+        Duration::from_secs(5),
     );
     assert_eq!(lbagent_tests::xdp_on(&node.pair.node, "eth1"), None);
 
@@ -462,9 +449,9 @@ fn an_interface_that_gains_a_default_route_gets_the_program() {
         "metric",
         "200",
     ]);
-    wait_logged(
-        &node.agent,
+    node.agent.expect_log(
         "interface appeared: XDP program attached iface=eth1",
+        Duration::from_secs(5),
     );
     assert!(lbagent_tests::xdp_on(&node.pair.node, "eth1").is_some());
     assert!(lbagent_tests::xdp_on(&node.pair.node, "eth0").is_some());
@@ -581,7 +568,8 @@ fn an_interface_that_refuses_the_program_is_named_with_the_fallback_and_the_rest
     node.pair.node.ip(&["link", "add", "ifb9", "type", "ifb"]);
     node.pair.node.ip(&["link", "set", "ifb9", "up"]);
     node.wait_policy();
-    wait_logged(&node.agent, "driver-mode XDP refused on ifb9");
+    node.agent
+        .expect_log("driver-mode XDP refused on ifb9", Duration::from_secs(5));
     let log = node.agent.log();
     let line = log
         .lines()
@@ -732,7 +720,10 @@ fn an_upgrade_adopts_the_links_of_the_older_layout_without_a_gap_and_retires_its
         &dir.path().join("lbagent.yaml"),
         dir.path().join("agent.log"),
     );
-    wait_logged(&agent, "adopting lbagent's link from another map layout");
+    agent.expect_log(
+        "adopting lbagent's link from another map layout",
+        Duration::from_secs(5),
+    );
     let output = pings.join().unwrap();
     let summary = String::from_utf8_lossy(&output.stdout);
     assert!(

@@ -911,12 +911,7 @@ fn the_daemonsets_capabilities_are_enough_to_run_and_clean_up() {
     let cleanup = Objects::load(&deploy_dir().join("cleanup"));
     let loaded = configmap_config(&objects);
 
-    let ns = NetNs::new("lbt-deploy");
-    ns.ip(&[
-        "link", "add", "eth0", "type", "veth", "peer", "name", "eth0peer",
-    ]);
-    ns.ip(&["addr", "add", "10.78.0.1/24", "dev", "eth0"]);
-    ns.ip(&["link", "set", "eth0", "up"]);
+    let ns = NetNs::with_eth0("lbt-deploy", "10.78.0.1/24");
     ns.ip(&["link", "set", "eth0peer", "up"]);
     ns.ip(&["route", "add", "default", "via", "10.78.0.2"]);
     let pins = PinRoot::new();

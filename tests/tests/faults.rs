@@ -20,13 +20,8 @@ struct Node {
 
 impl Node {
     fn new(services_path: &str) -> Self {
-        let ns = NetNs::new("lbt-fault");
+        let ns = NetNs::with_eth0("lbt-fault", "10.77.0.1/24");
         ns.exec("sysctl", &["-qw", "net.ipv6.conf.all.accept_dad=0"]);
-        ns.ip(&[
-            "link", "add", "eth0", "type", "veth", "peer", "name", "eth0peer",
-        ]);
-        ns.ip(&["addr", "add", "10.77.0.1/24", "dev", "eth0"]);
-        ns.ip(&["link", "set", "eth0", "up"]);
         let dir = TempDir::new("lbt-fault");
         dir.write(
             "lbagent.yaml",

@@ -12,17 +12,6 @@ use lbagent_tests::{
 
 const VIP4: &str = "203.0.113.10";
 
-/// Waits up to `seconds` until `agent` has logged `needle`; fails with its log.
-fn wait_logged(agent: &Agent, seconds: u64, needle: &str) {
-    assert!(
-        wait_until(Duration::from_secs(seconds), || agent
-            .log()
-            .contains(needle)),
-        "{needle:?} not logged:\n{}",
-        agent.log()
-    );
-}
-
 /// A node namespace with an eth0 on 10.77.0.0/24 and a directory for the agent's files.
 struct Node {
     ns: NetNs,
@@ -32,12 +21,7 @@ struct Node {
 impl Node {
     /// `extra`: more top-level sections of lbagent.yaml, each line ending in `\n`.
     fn new(extra: &str) -> Self {
-        let ns = NetNs::new("lbt-health");
-        ns.ip(&[
-            "link", "add", "eth0", "type", "veth", "peer", "name", "eth0peer",
-        ]);
-        ns.ip(&["addr", "add", "10.77.0.1/24", "dev", "eth0"]);
-        ns.ip(&["link", "set", "eth0", "up"]);
+        let ns = NetNs::with_eth0("lbt-health", "10.77.0.1/24");
         let dir = TempDir::new("lbt-health");
         dir.write(
             "lbagent.yaml",
@@ -111,7 +95,10 @@ fn pins_removed_under_a_running_agent_come_back_with_the_same_links_and_maps() {
         &format!("services:\n- {{name: web, addresses: [{VIP4}], ports: [{{port: 8080}}]}}\n"),
         "",
     );
-    wait_logged(&node.agent, 10, "updating the dataplane's policy maps");
+    node.agent.expect_log(
+        "updating the dataplane's policy maps",
+        Duration::from_secs(10),
+    );
     let program = xdp_on(&node.pair.node, "eth0").expect("attached");
     ping(&node, 5);
     assert_eq!(packets(&node), 5);
@@ -141,7 +128,10 @@ fn pins_removed_under_a_running_agent_come_back_with_the_same_links_and_maps() {
     ping(&node, 3);
     assert_eq!(packets(&node), 8);
     // And the agent is their one writer again: a second is refused.
-    wait_logged(&node.agent, 5, "took the writer's lock on the new one");
+    node.agent.expect_log(
+        "took the writer's lock on the new one",
+        Duration::from_secs(5),
+    );
     lbagent(&node.pair.node, &node.pins, &["vip", "add", "203.0.113.99"])
         .assert_one_line_error("another lbagent process is changing the maps");
 
@@ -252,7 +242,7 @@ fn another_process_on_birds_control_socket_is_named_in_one_error() {
     // Once it lets go, BIRD starts; the error was said once.
     drop(listener);
     std::fs::remove_file(&socket).expect("remove the socket file");
-    wait_logged(&agent, 60, "BIRD started");
+    agent.expect_log("BIRD started", Duration::from_secs(60));
     let log = agent.log();
     assert_eq!(
         log.lines()

@@ -579,6 +579,22 @@ struct Cluster {
     refusing: bool,
 }
 
+/// The segment's nodes `alive`, as the election sees them.
+fn view(alive: &[usize]) -> Vec<lbagent::election::NodeView> {
+    alive
+        .iter()
+        .map(|i| lbagent::election::NodeView {
+            name: Segment::name(*i),
+            subnets: vec![
+                "10.201.0.0/24".parse().unwrap(),
+                "fd00:201::/64".parse().unwrap(),
+            ],
+            excluded: false,
+            alive: true,
+        })
+        .collect()
+}
+
 impl Cluster {
     fn new() -> Self {
         Self::start(false)
@@ -683,20 +699,8 @@ impl Cluster {
 
     /// The node the election picks among `alive` for `address`, by index.
     fn owner(&self, address: &str, alive: &[usize]) -> usize {
-        use lbagent::election::{Endpoints, NodeView, owner};
-        let view: Vec<NodeView> = alive
-            .iter()
-            .map(|i| NodeView {
-                name: Segment::name(*i),
-                subnets: vec![
-                    "10.201.0.0/24".parse().unwrap(),
-                    "fd00:201::/64".parse().unwrap(),
-                ],
-                excluded: false,
-                alive: true,
-            })
-            .collect();
-        let name = owner(address.parse().unwrap(), &view, Endpoints::Anywhere)
+        use lbagent::election::{Endpoints, owner};
+        let name = owner(address.parse().unwrap(), &view(alive), Endpoints::Anywhere)
             .expect("an owner")
             .name
             .clone();
@@ -705,20 +709,8 @@ impl Cluster {
 
     /// The election's candidates among `alive` for `address`, in order.
     fn candidates(&self, address: &str, alive: &[usize]) -> Vec<String> {
-        use lbagent::election::{Endpoints, NodeView, candidates};
-        let view: Vec<NodeView> = alive
-            .iter()
-            .map(|i| NodeView {
-                name: Segment::name(*i),
-                subnets: vec![
-                    "10.201.0.0/24".parse().unwrap(),
-                    "fd00:201::/64".parse().unwrap(),
-                ],
-                excluded: false,
-                alive: true,
-            })
-            .collect();
-        candidates(address.parse().unwrap(), &view, Endpoints::Anywhere)
+        use lbagent::election::{Endpoints, candidates};
+        candidates(address.parse().unwrap(), &view(alive), Endpoints::Anywhere)
             .iter()
             .map(|n| n.name.clone())
             .collect()

@@ -101,6 +101,29 @@ impl Node {
         assert_eq!(agent.exited(), None, "lbagent exited:\n{}", agent.log());
     }
 
+    /// Waits until each interface holds the program in the mode named (`Some("")`: in any
+    /// mode) or, for `None`, holds none.
+    fn wait_xdp(&self, wanted: &[(&str, Option<&str>)]) {
+        let holds = || {
+            wanted.iter().all(
+                |(interface, mode)| match (xdp_on(&self.ns, interface), mode) {
+                    (None, None) => true,
+                    (Some(xdp), Some(mode)) => mode.is_empty() || xdp.mode == *mode,
+                    _ => false,
+                },
+            )
+        };
+        assert!(
+            wait_until(Duration::from_secs(10), holds),
+            "wanted {wanted:?}, have {:?}\n{}",
+            wanted
+                .iter()
+                .map(|(interface, _)| xdp_on(&self.ns, interface))
+                .collect::<Vec<_>>(),
+            self.log()
+        );
+    }
+
     fn link_exists(&self, name: &str) -> bool {
         self.ns
             .exec("ip", &["link", "show", "dev", name])
@@ -224,24 +247,12 @@ fn the_dataplane_is_attached_changed_moved_and_detached_live() {
     };
 
     node.config("live-a", "services.yaml", &dataplane(&pins, "driver"));
-    assert!(
-        wait_until(Duration::from_secs(10), || xdp_on(&node.ns, "eth0")
-            .is_some_and(|x| x.mode == "driver")),
-        "{:?}\n{}",
-        xdp_on(&node.ns, "eth0"),
-        node.log()
-    );
+    node.wait_xdp(&[("eth0", Some("driver"))]);
     // The policy maps are filled: the address is in the dataplane.
     node.wait_counted(&pins);
 
     node.config("live-a", "services.yaml", &dataplane(&pins, "generic"));
-    assert!(
-        wait_until(Duration::from_secs(10), || xdp_on(&node.ns, "eth0")
-            .is_some_and(|x| x.mode == "generic")),
-        "{:?}\n{}",
-        xdp_on(&node.ns, "eth0"),
-        node.log()
-    );
+    node.wait_xdp(&[("eth0", Some("generic"))]);
 
     // Another interface joins the list, then leaves it: the program follows the list.
     node.ns.ip(&[
@@ -257,23 +268,9 @@ fn the_dataplane_is_attached_changed_moved_and_detached_live() {
             pins.path().display()
         ),
     );
-    assert!(
-        wait_until(Duration::from_secs(10), || xdp_on(&node.ns, "lbx0")
-            .is_some()
-            && xdp_on(&node.ns, "eth0").is_some()),
-        "{:?}\n{}",
-        xdp_on(&node.ns, "lbx0"),
-        node.log()
-    );
+    node.wait_xdp(&[("lbx0", Some("")), ("eth0", Some(""))]);
     node.config("live-a", "services.yaml", &dataplane(&pins, "generic"));
-    assert!(
-        wait_until(Duration::from_secs(10), || xdp_on(&node.ns, "lbx0")
-            .is_none()
-            && xdp_on(&node.ns, "eth0").is_some()),
-        "{:?}\n{}",
-        xdp_on(&node.ns, "lbx0"),
-        node.log()
-    );
+    node.wait_xdp(&[("lbx0", None), ("eth0", Some(""))]);
 
     node.config("live-a", "services.yaml", &dataplane(&moved, "generic"));
     assert!(

@@ -211,13 +211,7 @@ fn measure(objects: &Objects, compare: Option<&Path>) -> Result<()> {
                 times[3].push(run(other, XDP_PROGRAM, frame, REPEAT)?.1);
             }
         }
-        let cost = |i: usize| -> Vec<f64> {
-            times[i]
-                .iter()
-                .zip(&times[0])
-                .map(|(t, base)| t - base)
-                .collect()
-        };
+        let cost = |i: usize| paired_differences(&times[i], &times[0]);
         let (floor, mut ours) = (cost(1), cost(2));
         let non_lb = label.starts_with("non-LB");
         let limit = if non_lb {
@@ -421,13 +415,7 @@ fn live_frames(ebpf: &mut Ebpf, refs: &mut Ebpf) -> Result<()> {
         }
     }
     let generator = quantile(&mut times[0].clone(), 0.5);
-    let receiver = |i: usize| -> Vec<f64> {
-        times[i]
-            .iter()
-            .zip(&times[0])
-            .map(|(with, alone)| with - alone)
-            .collect()
-    };
+    let receiver = |i: usize| paired_differences(&times[i], &times[0]);
     let (mut trivial, mut ours, mut nftables, mut nft_xdp_pass) =
         (receiver(1), receiver(2), receiver(3), receiver(4));
     let ratio = |nft: &[f64]| -> f64 {
@@ -769,4 +757,13 @@ fn interquartile_mean(values: &[f64]) -> f64 {
 pub(crate) fn quantile(values: &mut [f64], q: f64) -> f64 {
     values.sort_by(f64::total_cmp);
     values[((values.len() - 1) as f64 * q).round() as usize]
+}
+
+/// Each round's figure less the baseline's of the same round.
+fn paired_differences(times: &[f64], baseline: &[f64]) -> Vec<f64> {
+    times
+        .iter()
+        .zip(baseline)
+        .map(|(with, alone)| with - alone)
+        .collect()
 }

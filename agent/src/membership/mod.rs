@@ -32,7 +32,10 @@ use tokio::{
 use tracing::{debug, info, warn};
 
 use self::kubernetes::NodeFacts;
-use crate::dataplane::{Lease, NeighbourMaps, PinLayout};
+use crate::{
+    dataplane::{Lease, NeighbourMaps, PinLayout},
+    files::{JsonFileError, read_json, write_json},
+};
 
 /// Probe timing. A dead member is first probed within about one period (each member probes
 /// one other per period); unanswered directly within `PROBE_RTT` and indirectly by the end
@@ -66,21 +69,10 @@ pub enum MembershipError {
     },
     #[error("membership socket: {0}")]
     Socket(std::io::Error),
-    #[error("writing the member list {}: {source}", path.display())]
-    Write {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("reading the member list {}: {source}", path.display())]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("the member list {} does not parse: {source}", path.display())]
-    Parse {
-        path: PathBuf,
-        source: serde_json::Error,
-    },
+    #[error("the member list {0}")]
+    File(#[from] JsonFileError),
+    #[error("no member list at {}", .0.display())]
+    Missing(PathBuf),
 }
 
 /// A member's identity: its node name and address, and a generation that a restarted (or
@@ -140,28 +132,11 @@ impl Members {
 
     /// Reads a list `lbagent membership` wrote.
     pub fn read(path: &Path) -> Result<Self, MembershipError> {
-        let text = std::fs::read(path).map_err(|source| MembershipError::Read {
-            path: path.to_owned(),
-            source,
-        })?;
-        serde_json::from_slice(&text).map_err(|source| MembershipError::Parse {
-            path: path.to_owned(),
-            source,
-        })
+        read_json(path)?.ok_or_else(|| MembershipError::Missing(path.to_owned()))
     }
 
     fn write(&self, path: &Path) -> Result<(), MembershipError> {
-        let err = |source| MembershipError::Write {
-            path: path.to_owned(),
-            source,
-        };
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir).map_err(err)?;
-        }
-        let temporary = path.with_extension("json.tmp");
-        let text = serde_json::to_vec_pretty(self).map_err(|e| err(std::io::Error::other(e)))?;
-        std::fs::write(&temporary, text).map_err(err)?;
-        std::fs::rename(&temporary, path).map_err(err)
+        Ok(write_json(path, self)?)
     }
 }
 

@@ -13,18 +13,20 @@ use rtnetlink::{
     packet_core::NetlinkPayload,
     packet_route::{
         RouteNetlinkMessage,
-        address::{AddressAttribute, AddressFlags, AddressHeaderFlags, AddressMessage},
+        address::{AddressAttribute, AddressMessage},
         link::{InfoKind, LinkAttribute, LinkFlags, LinkMessage},
     },
 };
 use tokio::sync::mpsc;
-use tracing::{debug, warn};
+use tracing::warn;
 
+pub mod netlink;
 mod pass;
 pub mod plan;
 
 pub use self::pass::AddressReport;
 use self::{
+    netlink::{add_address, remove_address},
     pass::Expected,
     plan::{LinkState, Observed, Plan, RenamedLink},
 };
@@ -181,10 +183,7 @@ impl AddressSink {
             .execute()
             .try_collect()
             .await
-            .map_err(|source| AddressError::Dump {
-                what: "links",
-                source: Box::new(source),
-            })?;
+            .map_err(dump_failed("links"))?;
         let mut observed = Observed {
             ipv6: node_has_ipv6(),
             ..Observed::default()
@@ -212,14 +211,10 @@ impl AddressSink {
         }
         let link = observed.link;
         let mut addresses = self.handle.address().get().execute();
-        while let Some(message) =
-            addresses
-                .try_next()
-                .await
-                .map_err(|source| AddressError::Dump {
-                    what: "addresses",
-                    source: Box::new(source),
-                })?
+        while let Some(message) = addresses
+            .try_next()
+            .await
+            .map_err(dump_failed("addresses"))?
         {
             let Some(net) = address_of(&message) else {
                 continue;
@@ -251,10 +246,7 @@ impl AddressSink {
             .execute()
             .try_collect()
             .await
-            .map_err(|source| AddressError::Dump {
-                what: "addresses",
-                source: Box::new(source),
-            })?;
+            .map_err(dump_failed("addresses"))?;
         let mut candidates: Vec<(u32, std::net::Ipv4Addr)> = messages
             .iter()
             .filter(|m| Some(m.header.index) != lb)
@@ -448,71 +440,35 @@ impl AddressSink {
         match links.try_next().await {
             Ok(link) => Ok(link),
             Err(err) if errno(&err) == Some(libc::ENODEV) => Ok(None),
-            Err(source) => Err(AddressError::Dump {
-                what: "links",
-                source: Box::new(source),
-            }),
+            Err(source) => Err(dump_failed("links")(source)),
         }
     }
 
     async fn add(&self, index: u32, net: IpNet) -> Result<Change, AddressError> {
-        let mut request = self
-            .handle
-            .address()
-            .add(index, net.addr(), net.prefix_len());
-        // rtnetlink's builder makes a /32 its own broadcast address, which installs a
-        // `broadcast` route for the VIP beside its `local` one. A VIP is a host, never a
-        // broadcast address.
-        request
-            .message_mut()
-            .attributes
-            .retain(|attr| !matches!(attr, AddressAttribute::Broadcast(_)));
-        if net.addr().is_ipv6() {
-            // The address is ours alone: duplicate address detection would only delay it.
-            let message = request.message_mut();
-            message.header.flags |= AddressHeaderFlags::Nodad;
-            message
-                .attributes
-                .push(AddressAttribute::Flags(AddressFlags::Nodad));
-        }
-        match request.execute().await {
-            Ok(()) => Ok(Change::Added),
-            // Already there (someone was faster): the goal is met.
-            Err(err) if errno(&err) == Some(libc::EEXIST) => Ok(Change::Added),
-            Err(source) => Err(AddressError::Address {
-                verb: "adding",
-                prefix: net,
-                interface: self.interface.clone(),
-                source: Box::new(source),
-            }),
-        }
+        add_address(&self.handle, index, net)
+            .await
+            .map(|()| Change::Added)
+            .map_err(|source| self.address_error("adding", net, source))
     }
 
     async fn remove(&self, index: u32, net: IpNet) -> Result<Change, AddressError> {
-        let mut message = AddressMessage::default();
-        message.header.index = index;
-        message.header.prefix_len = net.prefix_len();
-        message.header.family = match net {
-            IpNet::V4(_) => rtnetlink::packet_route::AddressFamily::Inet,
-            IpNet::V6(_) => rtnetlink::packet_route::AddressFamily::Inet6,
-        };
-        message.attributes.push(AddressAttribute::Local(net.addr()));
-        message
-            .attributes
-            .push(AddressAttribute::Address(net.addr()));
-        match self.handle.address().del(message).execute().await {
-            Ok(()) => Ok(Change::Removed),
-            // Already gone: the goal is met.
-            Err(err) if errno(&err) == Some(libc::EADDRNOTAVAIL) => {
-                debug!(%net, "address was already gone");
-                Ok(Change::Removed)
-            }
-            Err(source) => Err(AddressError::Address {
-                verb: "removing",
-                prefix: net,
-                interface: self.interface.clone(),
-                source: Box::new(source),
-            }),
+        remove_address(&self.handle, index, net)
+            .await
+            .map(|()| Change::Removed)
+            .map_err(|source| self.address_error("removing", net, source))
+    }
+
+    fn address_error(
+        &self,
+        verb: &'static str,
+        prefix: IpNet,
+        source: rtnetlink::Error,
+    ) -> AddressError {
+        AddressError::Address {
+            verb,
+            prefix,
+            interface: self.interface.clone(),
+            source: Box::new(source),
         }
     }
 }
@@ -520,6 +476,13 @@ impl AddressSink {
 enum Change {
     Added,
     Removed,
+}
+
+fn dump_failed(what: &'static str) -> impl FnOnce(rtnetlink::Error) -> AddressError {
+    move |source| AddressError::Dump {
+        what,
+        source: Box::new(source),
+    }
 }
 
 fn link_alias(link: &LinkMessage) -> Option<&str> {

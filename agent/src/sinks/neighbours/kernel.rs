@@ -22,14 +22,14 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use rtnetlink::packet_route::address::{
-    AddressAttribute, AddressFlags, AddressHeaderFlags, AddressMessage,
-};
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
 use super::plan::{KernelInterface, Link};
-use crate::sinks::errno;
+use crate::{
+    files::{JsonFileError, read_json, write_json},
+    sinks::addresses::netlink::{add_address, remove_address},
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum KernelError {
@@ -38,11 +38,8 @@ pub enum KernelError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("{} does not parse: {source}", path.display())]
-    Parse {
-        path: PathBuf,
-        source: serde_json::Error,
-    },
+    #[error("the kernel responder's state {0}")]
+    State(#[from] JsonFileError),
     #[error("netlink: {0}")]
     Netlink(std::io::Error),
     #[error("{verb} {address} on {interface}: {source}")]
@@ -81,38 +78,23 @@ pub fn state_path(members_file: &Path) -> PathBuf {
 
 impl State {
     pub fn load(path: &Path) -> Result<Self, KernelError> {
-        match std::fs::read(path) {
-            Ok(text) => serde_json::from_slice(&text).map_err(|source| KernelError::Parse {
-                path: path.to_owned(),
-                source,
-            }),
-            Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok(Self::default()),
-            Err(source) => Err(KernelError::File {
-                path: path.to_owned(),
-                source,
-            }),
-        }
+        Ok(read_json(path)?.unwrap_or_default())
     }
 
     /// Written whole and renamed into place; removed when empty.
     fn store(&self, path: &Path) -> Result<(), KernelError> {
-        let err = |source| KernelError::File {
-            path: path.to_owned(),
-            source,
-        };
-        if self.interfaces.is_empty() {
-            return match std::fs::remove_file(path) {
-                Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(err(e)),
-                _ => Ok(()),
-            };
+        if !self.interfaces.is_empty() {
+            return Ok(write_json(path, self)?);
         }
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir).map_err(err)?;
+        match std::fs::remove_file(path) {
+            Err(source) if source.kind() != std::io::ErrorKind::NotFound => {
+                Err(KernelError::File {
+                    path: path.to_owned(),
+                    source,
+                })
+            }
+            _ => Ok(()),
         }
-        let temporary = path.with_extension("json.tmp");
-        let text = serde_json::to_vec_pretty(self).map_err(|e| err(std::io::Error::other(e)))?;
-        std::fs::write(&temporary, text).map_err(err)?;
-        std::fs::rename(&temporary, path).map_err(err)
     }
 }
 
@@ -243,30 +225,9 @@ impl KernelResponder {
     }
 
     async fn add(&self, ifindex: u32, name: &str, address: IpAddr) -> Result<(), KernelError> {
-        let prefix = if address.is_ipv4() { 32 } else { 128 };
-        let mut request = self.handle.address().add(ifindex, address, prefix);
-        // A host address, never a broadcast one (rtnetlink's builder would make it its own).
-        request
-            .message_mut()
-            .attributes
-            .retain(|attr| !matches!(attr, AddressAttribute::Broadcast(_)));
-        if address.is_ipv6() {
-            let message = request.message_mut();
-            message.header.flags |= AddressHeaderFlags::Nodad;
-            message
-                .attributes
-                .push(AddressAttribute::Flags(AddressFlags::Nodad));
-        }
-        match request.execute().await {
-            Ok(()) => Ok(()),
-            Err(err) if errno(&err) == Some(libc::EEXIST) => Ok(()),
-            Err(source) => Err(KernelError::Address {
-                verb: "adding",
-                address,
-                interface: name.to_owned(),
-                source: Box::new(source),
-            }),
-        }
+        add_address(&self.handle, ifindex, address.into())
+            .await
+            .map_err(|source| address_error("adding", address, name, source))
     }
 
     async fn remove(&self, ifindex: u32, name: &str, address: IpAddr) -> Result<(), KernelError> {
@@ -320,24 +281,22 @@ async fn remove(
     name: &str,
     address: IpAddr,
 ) -> Result<(), KernelError> {
-    let mut message = AddressMessage::default();
-    message.header.index = ifindex;
-    message.header.prefix_len = if address.is_ipv4() { 32 } else { 128 };
-    message.header.family = match address {
-        IpAddr::V4(_) => rtnetlink::packet_route::AddressFamily::Inet,
-        IpAddr::V6(_) => rtnetlink::packet_route::AddressFamily::Inet6,
-    };
-    message.attributes.push(AddressAttribute::Local(address));
-    message.attributes.push(AddressAttribute::Address(address));
-    match handle.address().del(message).execute().await {
-        Ok(()) => Ok(()),
-        Err(err) if errno(&err) == Some(libc::EADDRNOTAVAIL) => Ok(()),
-        Err(source) => Err(KernelError::Address {
-            verb: "removing",
-            address,
-            interface: name.to_owned(),
-            source: Box::new(source),
-        }),
+    remove_address(handle, ifindex, address.into())
+        .await
+        .map_err(|source| address_error("removing", address, name, source))
+}
+
+fn address_error(
+    verb: &'static str,
+    address: IpAddr,
+    interface: &str,
+    source: rtnetlink::Error,
+) -> KernelError {
+    KernelError::Address {
+        verb,
+        address,
+        interface: interface.to_owned(),
+        source: Box::new(source),
     }
 }
 
