@@ -22,6 +22,9 @@ const ROUNDS: usize = 7;
 /// measurement must not pay for it.
 const SETTLE: Duration = Duration::from_millis(700);
 const RESYNCS: usize = 10;
+/// The environment deploy/daemonset.yaml gives the agent's container, which the bench starts
+/// the agent with: the figures are those of the agent as deployed.
+const ARENA_MAX: &str = "glibc.malloc.arena_max=1";
 
 pub fn addresses() -> Result<()> {
     cmd::require_root("bench addresses")?;
@@ -185,7 +188,7 @@ pub fn addresses() -> Result<()> {
         mb(rss.iter().map(|r| r.file_kb).collect())
     );
     println!(
-        "| threads of the agent (they, not the CPU count, set the malloc arenas) | {} | | |",
+        "| threads of the agent (malloc arenas: one, `GLIBC_TUNABLES={ARENA_MAX}` as deploy/daemonset.yaml sets) | {} | | |",
         rss.iter().map(|r| r.threads).max().unwrap_or(0)
     );
     Ok(())
@@ -245,6 +248,8 @@ impl Agent {
             .arg(lbagent)
             .args(["--log-format", "json", "run", "--config"])
             .arg(config)
+            // As the DaemonSet runs it (deploy/daemonset.yaml): one malloc arena.
+            .env("GLIBC_TUNABLES", ARENA_MAX)
             .current_dir(config.parent().unwrap_or(Path::new(".")))
             .stderr(file)
             .stdout(Stdio::null())
