@@ -16,7 +16,7 @@ use std::{
 use lbagent::allocator::API_ACCESS;
 use lbagent_tests::{
     Agent, TempDir, addresses_on,
-    apiserver::{ApiServer, merge_patch},
+    apiserver::{ApiServer, ingress, merge_patch},
     lbagent_bin, require_root,
     routers::{FRR_ROUTER, Fabric, Frr, next_hops},
     wait_until,
@@ -207,15 +207,6 @@ fn service(name: &str, extra: Value) -> Value {
     });
     merge_patch(&mut service, &extra);
     service
-}
-
-fn ingress(service: &Value) -> Vec<String> {
-    service["status"]["loadBalancer"]["ingress"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|i| i["ip"].as_str().map(str::to_owned))
-        .collect()
 }
 
 #[test]

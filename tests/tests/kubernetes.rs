@@ -73,6 +73,16 @@ impl Cluster {
         addresses_on(&self.ns, "kube-lb0")
     }
 
+    /// Waits until kube-lb0 holds `address` (among others).
+    fn wait_holding(&self, address: &str, within: Duration) {
+        assert!(
+            wait_until(within, || self.held().contains(address)),
+            "want {address} among {:?}\n{}",
+            self.held(),
+            self.agent.log()
+        );
+    }
+
     fn wait_held(&self, expected: &[&str]) {
         let expected: BTreeSet<String> = expected.iter().map(|a| format!("{a}/32")).collect();
         assert!(
@@ -455,14 +465,7 @@ fn two_hundred_thousand_services_and_a_megabyte_annotation_keep_memory_bounded()
     cluster.server.compact();
     cluster.server.drop_watches();
     cluster.apply_service("relisted", &["203.0.113.53"], json!({}));
-    assert!(
-        wait_until(Duration::from_secs(600), || cluster
-            .held()
-            .contains("203.0.113.53/32")),
-        "{:?}\n{}",
-        cluster.held(),
-        cluster.agent.log()
-    );
+    cluster.wait_holding("203.0.113.53/32", Duration::from_secs(600));
     let peak = memory_kb(pid, "VmHWM");
     assert!(
         peak < before + 64 * 1024,
@@ -562,14 +565,7 @@ fn past_the_load_balancer_limit_the_last_state_stays_and_memory_stops_growing() 
     cluster
         .server
         .apply(service("again", &["203.0.113.53"], json!({})));
-    assert!(
-        wait_until(Duration::from_secs(600), || cluster
-            .held()
-            .contains("203.0.113.53/32")),
-        "{:?}\n{}",
-        cluster.held(),
-        cluster.agent.log()
-    );
+    cluster.wait_holding("203.0.113.53/32", Duration::from_secs(600));
     // A relist it starts itself ("listing them again"), or one the API server's compacted
     // history forces: either way it counts them anew.
     assert!(log_has("LoadBalancer Services are within the limit again"));

@@ -38,6 +38,16 @@ use tokio::{
 };
 
 pub use self::http::merge_patch;
+
+/// The addresses a Service's status gives it.
+pub fn ingress(service: &Value) -> Vec<String> {
+    service["status"]["loadBalancer"]["ingress"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|i| i["ip"].as_str().map(str::to_owned))
+        .collect()
+}
 use crate::NetNs;
 use store::Store;
 

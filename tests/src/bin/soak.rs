@@ -36,7 +36,7 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use lbagent_tests::{
     Agent, NetNs, PinRoot, Servers, TempDir, addresses_on,
-    apiserver::ApiServer,
+    apiserver::{ApiServer, ingress},
     in_netns, kill_child, lbagent, lbagent_bin, memory_kb,
     routers::{FRR_ROUTER, Fabric, Frr, gateways},
     wait_until,
@@ -993,16 +993,6 @@ fn names(line: &str, key: &str) -> bool {
             .next()
             .is_some_and(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.')
     })
-}
-
-/// The addresses of a Service's status.
-fn ingress(service: &Value) -> Vec<String> {
-    service["status"]["loadBalancer"]["ingress"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|i| i["ip"].as_str().map(str::to_owned))
-        .collect()
 }
 
 /// As `tcp_ok` probes, saying which step failed: connect, or the server's "ok" within 1 s.
