@@ -62,9 +62,11 @@ fn main() -> Result<()> {
         restart = restart.or(assigning.restart);
         let floor = runtime.block_on(floor(dir.path(), round))?;
         eprintln!(
-            "round {}: allocator {:.2} s, floor {:.2} s, ratio {:.2}, peak RSS {:.1} MB",
+            "round {}: allocator {:.2} s (CPU {:.2} s), floor {:.2} s, ratio {:.2}, peak RSS \
+             {:.1} MB",
             round + 1,
             assigning.assigned.as_secs_f64(),
+            assigning.cpu.as_secs_f64(),
             floor.assign.as_secs_f64(),
             assigning.assigned.as_secs_f64() / floor.assign.as_secs_f64(),
             assigning.peak_rss_kb as f64 / 1024.0
@@ -91,6 +93,7 @@ fn main() -> Result<()> {
     let floor_assign = of(&|(_, f)| f.assign.as_secs_f64());
     let ratio = of(&|(a, f)| a.assigned.as_secs_f64() / f.assign.as_secs_f64());
     let created = of(&|(a, _)| a.created.as_secs_f64());
+    let cpu = of(&|(a, _)| a.cpu.as_secs_f64());
     let rss = of(&|(a, _)| a.peak_rss_kb as f64 / 1024.0);
     let floor_list = of(&|(_, f)| f.list.as_secs_f64());
     let (restart_ready, restart_writes) = restart;
@@ -100,6 +103,7 @@ fn main() -> Result<()> {
          | {SERVICES} Services created at once, until every one has its address \
          (floor: the same {SERVICES} status patches, {WRITE_CONCURRENCY} in flight) | {} | {} | {} | <= 1.5 |\n\
          | of which creating the {SERVICES} in the API server (the bench's own work) | {} | | | |\n\
+         | the allocator's CPU time meanwhile | {} | | | |\n\
          | peak RSS, {SERVICES} Services and 3 pools | {} | | | <= 60 MB |\n\
          | restart with {SERVICES} assigned: writes to them (first round) | {restart_writes} | | | 0 |\n\
          | restart: process start until it assigns a new Service (first round; floor: list \
@@ -108,6 +112,7 @@ fn main() -> Result<()> {
         shown(floor_assign, " s"),
         shown(ratio, ""),
         shown(created, " s"),
+        shown(cpu, " s"),
         shown(rss, " MB"),
         restart_ready.as_secs_f64(),
         shown(floor_list, " s"),
@@ -121,6 +126,8 @@ fn main() -> Result<()> {
 struct Assigning {
     assigned: Duration,
     created: Duration,
+    /// The allocator's CPU time from the first creation until every Service had its address.
+    cpu: Duration,
     peak_rss_kb: u64,
     /// When asked for: the time until a restarted allocator assigns, and its writes to the
     /// Services already assigned.
@@ -148,6 +155,7 @@ fn assign(lbagent: &Path, dir: &Path, round: usize, with_restart: bool) -> Resul
         round + 1,
         k8s_openapi::jiff::Timestamp::now()
     );
+    let cpu_before = first.cpu()?;
     let started = Instant::now();
     for i in 0..SERVICES {
         server.apply(service(&name(i)));
@@ -171,11 +179,13 @@ fn assign(lbagent: &Path, dir: &Path, round: usize, with_restart: bool) -> Resul
         breakdown(&server.request_log(), started, created, assigned)
     );
     let peak_rss_kb = first.peak_rss_kb()?;
+    let cpu = first.cpu()?.saturating_sub(cpu_before);
     first.stop();
     if !with_restart {
         return Ok(Assigning {
             assigned,
             created,
+            cpu,
             peak_rss_kb,
             restart: None,
         });
@@ -203,6 +213,7 @@ fn assign(lbagent: &Path, dir: &Path, round: usize, with_restart: bool) -> Resul
     Ok(Assigning {
         assigned,
         created,
+        cpu,
         peak_rss_kb,
         restart: Some((restart_ready, restart_writes)),
     })
@@ -432,6 +443,28 @@ impl Allocator {
 
     fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The CPU time it has used (user and system).
+    fn cpu(&self) -> Result<Duration> {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id()))?;
+        // The fields after the command's closing parenthesis; utime and stime are the 12th
+        // and 13th of them, in clock ticks.
+        let fields: Vec<&str> = stat
+            .rsplit_once(')')
+            .map(|(_, rest)| rest.split_whitespace().collect())
+            .unwrap_or_default();
+        let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<u64>().ok());
+        let (Some(user), Some(system)) = (ticks(11), ticks(12)) else {
+            bail!("cannot read the CPU time from {stat}");
+        };
+        let per_second = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+            .ok()
+            .flatten()
+            .unwrap_or(100) as u64;
+        Ok(Duration::from_secs_f64(
+            (user + system) as f64 / per_second as f64,
+        ))
     }
 
     fn peak_rss_kb(&self) -> Result<u64> {
