@@ -708,8 +708,22 @@ impl Controller {
         let class = self.settings.load_balancer_class.clone();
         match written {
             Written::Done(service) => {
-                self.services
-                    .insert_newer(SeenService::new(&service, class.as_deref()));
+                let version = service.resource_version().unwrap_or_default();
+                match self.services.objects.get_mut(&service_cache_key(&key)) {
+                    // A write lands only on the version it was decided on, so the Service asks
+                    // for what the cache says: only the version and the addresses moved.
+                    Some(seen)
+                        if seen.version().is_some_and(|held| {
+                            version.parse::<u64>().is_ok_and(|new| held <= new)
+                        }) =>
+                    {
+                        seen.addresses = request::status_addresses(&service);
+                        seen.version = version;
+                    }
+                    _ => self
+                        .services
+                        .insert_newer(SeenService::new(&service, class.as_deref())),
+                }
                 // Decided anew while it was written: told once that write ends.
                 if !self.dirty.contains(&key) {
                     self.tell(&key);

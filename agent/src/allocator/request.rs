@@ -2,7 +2,7 @@
 
 use std::{collections::BTreeMap, fmt, net::IpAddr};
 
-use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::core::v1::{Service, ServiceSpec};
 
 use super::pool::Family;
 
@@ -96,8 +96,14 @@ pub fn status_addresses(service: &Service) -> Vec<IpAddr> {
 
 /// What `service` (one of ours) asks for.
 pub fn read(service: &Service) -> Request {
-    let spec = service.spec.clone().unwrap_or_default();
-    let annotations = service.metadata.annotations.clone().unwrap_or_default();
+    let no_spec = ServiceSpec::default();
+    let spec = service.spec.as_ref().unwrap_or(&no_spec);
+    let no_annotations = BTreeMap::new();
+    let annotations = service
+        .metadata
+        .annotations
+        .as_ref()
+        .unwrap_or(&no_annotations);
     let mut invalid = None;
     let mut families = Vec::new();
     for (index, family) in spec.ip_families.iter().flatten().enumerate() {
