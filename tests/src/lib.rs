@@ -872,8 +872,9 @@ pub fn metric(text: &str, sample: &str) -> Option<f64> {
 pub struct ServedNode {
     pub pair: Pair,
     pub pins: PinRoot,
-    pub dir: TempDir,
     pub agent: Agent,
+    /// After the agent, so it is removed once the agent has stopped writing into it.
+    pub dir: TempDir,
 }
 
 impl ServedNode {

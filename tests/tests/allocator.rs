@@ -980,6 +980,29 @@ fn more_events_at_once_than_a_thousand_are_all_recorded() {
         allocator.log()
     );
     cluster.wait_pool("p", |s| s["ipv4"]["inUse"] == SERVICES, &allocator);
+    // The Events trail the addresses: while status writes are to be made, at most 128 are
+    // fed each second.
+    let log = cluster.server.request_log();
+    let patches: Vec<_> = log
+        .iter()
+        .filter(|r| r.method == "PATCH" && r.path.contains("/services/") && r.status == 200)
+        .map(|r| r.at)
+        .collect();
+    let (Some(first), Some(last)) = (patches.iter().min(), patches.iter().max()) else {
+        panic!("no status patch in the request log");
+    };
+    let early = log
+        .iter()
+        .filter(|r| r.method == "POST" && r.path.ends_with("/events") && r.at < *last)
+        .count();
+    let allowed = 128 * (1 + (*last - *first).as_secs() as usize);
+    assert!(
+        early <= allowed,
+        "{early} Events recorded before the last of the {} status patches, over {:?} \
+         (at most {allowed})",
+        patches.len(),
+        *last - *first
+    );
     cluster.assert_api_access();
 }
 

@@ -567,7 +567,6 @@ const L2_VIP6: &str = "fd00:201::100";
 struct Cluster {
     segment: Segment,
     client: NetNs,
-    dir: TempDir,
     pins: Vec<PinRoot>,
     members: Vec<Member>,
     agents: Vec<Option<lbagent_tests::Agent>>,
@@ -577,6 +576,9 @@ struct Cluster {
     server: Option<ApiServer>,
     /// Every node's eth0 refuses the program (see [`Cluster::refusing`]).
     refusing: bool,
+    /// Last, so it is removed after the agents stop: an agent still running wrote its status
+    /// file into it again, and the directory was left behind in /tmp.
+    dir: TempDir,
 }
 
 /// The segment's nodes `alive`, as the election sees them.

@@ -45,6 +45,12 @@ pub const WRITE_CONCURRENCY: usize = 16;
 /// Watch events decided in one batch.
 const BATCH: usize = 512;
 const RETRY_AFTER: Duration = Duration::from_secs(1);
+/// Events the controller lets wait in the queue; the rest wait as the keys of Services to
+/// tell (a key is a fraction of a waiting Event) and are told from the books when fed.
+const EVENTS_WAITING: usize = 128;
+/// While status writes are to be made, Events are fed this often (they go to the same API
+/// server, and an address matters before the Event that tells of it).
+const TELL_WHILE_WRITING_EVERY: Duration = Duration::from_secs(1);
 /// A pool's status is written at most this often: every assignment changes its use, and
 /// three status writes after each handful of Services held up the Services' own.
 const POOL_STATUS_EVERY: Duration = Duration::from_secs(1);
@@ -219,6 +225,15 @@ impl<K: Cached> Cache<K> {
         }
         self.objects.insert(key, object);
     }
+
+    /// Whether the cache holds `key` at `version` or newer.
+    fn holds(&self, key: &str, version: Option<&str>) -> bool {
+        let version = version.and_then(|v| v.parse::<u64>().ok());
+        matches!(
+            (self.objects.get(key).and_then(Cached::version), version),
+            (Some(held), Some(new)) if held >= new
+        )
+    }
 }
 
 fn service_cache_key(key: &ServiceKey) -> String {
@@ -255,6 +270,10 @@ pub struct Controller {
     released: BTreeSet<ServiceKey>,
     /// A digest of the last outcome told per Service, so each outcome is told once.
     told: HashMap<ServiceKey, u64>,
+    /// Services whose status shows their outcome, to be told (an Event and a log line).
+    untold: BTreeSet<ServiceKey>,
+    /// When Events are next fed while status writes are to be made.
+    tell_due: Option<Instant>,
     /// Services whose write failed, written again at `retry_at`.
     waiting: BTreeSet<ServiceKey>,
     /// Services with a status write under way.
@@ -288,6 +307,8 @@ impl Controller {
             dirty: BTreeSet::new(),
             released: BTreeSet::new(),
             told: HashMap::new(),
+            untold: BTreeSet::new(),
+            tell_due: None,
             waiting: BTreeSet::new(),
             writing: HashSet::new(),
             retry_at: None,
@@ -308,6 +329,8 @@ impl Controller {
         loop {
             let retry = self.retry_at;
             let pools_due = self.pools_due;
+            let tell_due = self.tell_due;
+            let writing = !writes.is_empty() || !self.dirty.is_empty();
             tokio::select! {
                 change = changes.next() => {
                     let Some(first) = change else {
@@ -336,8 +359,19 @@ impl Controller {
                 () = sleep_until(pools_due), if pools_due.is_some() => {
                     self.pools_due = None;
                 }
+                () = self.events.sent(), if !writing && !self.untold.is_empty() => {}
+                () = sleep_until(tell_due), if tell_due.is_some() => {
+                    self.tell_due = None;
+                    self.tell_some();
+                }
             }
             self.start_writes(&mut writes);
+            if writes.is_empty() && self.dirty.is_empty() {
+                self.tell_due = None;
+                self.tell_some();
+            } else if !self.untold.is_empty() && self.tell_due.is_none() {
+                self.tell_due = Some(Instant::now() + TELL_WHILE_WRITING_EVERY);
+            }
             // The pools' use is written once the Services' writes settle, and at most every
             // POOL_STATUS_EVERY.
             if writes.is_empty() {
@@ -385,6 +419,20 @@ impl Controller {
     fn apply(&mut self, change: Change) -> Option<Vec<String>> {
         match change {
             Change::Service(event) => {
+                // The echo of the allocator's own status write, already taken from the write's
+                // answer: 10,000 assignments come back as 10,000 watch events.
+                if let watcher::Event::Apply(service) = event.as_ref()
+                    && self.services.holds(
+                        &format!(
+                            "{}/{}",
+                            service.metadata.namespace.as_deref().unwrap_or_default(),
+                            service.metadata.name.as_deref().unwrap_or_default()
+                        ),
+                        service.metadata.resource_version.as_deref(),
+                    )
+                {
+                    return Some(Vec::new());
+                }
                 let class = self.settings.load_balancer_class.as_deref();
                 self.services
                     .apply(map_event(*event, |s| SeenService::new(&s, class)))
@@ -557,8 +605,24 @@ impl Controller {
         self.events.push(seen.reference(), event);
     }
 
-    /// Tells a Service's outcome once its status shows it.
+    /// Tells a Service's outcome once its status shows it, when Events are next fed.
     fn tell(&mut self, key: &ServiceKey) {
+        self.untold.insert(key.clone());
+    }
+
+    /// Tells Services' outcomes while fewer than [`EVENTS_WAITING`] Events wait; one whose
+    /// status is being written again is told when that write ends.
+    fn tell_some(&mut self) {
+        while self.events.waiting() < EVENTS_WAITING
+            && let Some(key) = self.untold.pop_first()
+        {
+            if !self.dirty.contains(&key) && !self.writing.contains(&key) {
+                self.tell_now(&key);
+            }
+        }
+    }
+
+    fn tell_now(&mut self, key: &ServiceKey) {
         let Some(outcome) = self.books.as_ref().and_then(|b| b.outcome(key)).cloned() else {
             if self.released.remove(key) {
                 self.told.remove(key);

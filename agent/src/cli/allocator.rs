@@ -111,10 +111,11 @@ pub fn run(args: Args, log_format: Option<LogFormat>, out: &mut impl Write) -> R
     }
 }
 
-/// Two threads: deciding and encoding 10,000 status writes is work, not only waiting.
+/// One thread: the allocator waits on the API server far more than it works, and on two
+/// threads its tasks woke each other across them (`cargo xtask bench allocator`: 10,000
+/// Services took about 1.6 times as long as on one, beside the same API server).
 fn runtime() -> Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+    tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("starting the async runtime")

@@ -37,6 +37,16 @@ const POOLS: [(&str, &str); 3] = [
 const PAGE: u32 = 500;
 const DEADLINE: Duration = Duration::from_secs(300);
 
+/// Rounds of the allocator and the floor, alternating; the table gives the median round
+/// (one round is a few seconds, and one alone moved by half from run to run).
+const ROUNDS: usize = 5;
+
+/// The allocator's log filter unless `ALLOCATOR_BENCH_LOG` says otherwise: the Deployment's
+/// (no `LBAGENT_LOG`, so the allocator's default, `info`: a line per assignment).
+fn log_filter() -> String {
+    std::env::var("ALLOCATOR_BENCH_LOG").unwrap_or_else(|_| "info".into())
+}
+
 fn main() -> Result<()> {
     let lbagent = PathBuf::from(
         std::env::args()
@@ -44,12 +54,91 @@ fn main() -> Result<()> {
             .context("usage: allocator_bench LBAGENT_BINARY")?,
     );
     let dir = TempDir::new("lb-bench-alloc");
+    let runtime = tokio::runtime::Runtime::new()?;
+    let mut rounds = Vec::new();
+    let mut restart = None;
+    for round in 0..ROUNDS {
+        let assigning = assign(&lbagent, dir.path(), round, restart.is_none())?;
+        restart = restart.or(assigning.restart);
+        let floor = runtime.block_on(floor(dir.path(), round))?;
+        eprintln!(
+            "round {}: allocator {:.2} s (CPU {:.2} s), floor {:.2} s, ratio {:.2}, peak RSS \
+             {:.1} MB",
+            round + 1,
+            assigning.assigned.as_secs_f64(),
+            assigning.cpu.as_secs_f64(),
+            floor.assign.as_secs_f64(),
+            assigning.assigned.as_secs_f64() / floor.assign.as_secs_f64(),
+            assigning.peak_rss_kb as f64 / 1024.0
+        );
+        rounds.push((assigning, floor));
+    }
+    let Some(restart) = restart else {
+        bail!("no round measured a restart");
+    };
+    let median = |values: Vec<f64>| -> (f64, f64, f64) {
+        let mut values = values;
+        values.sort_by(f64::total_cmp);
+        (
+            values[values.len() / 2],
+            values[0],
+            values[values.len() - 1],
+        )
+    };
+    let shown = |(median, low, high): (f64, f64, f64), unit: &str| {
+        format!("{median:.2}{unit} ({low:.2}-{high:.2})")
+    };
+    let of = |f: &dyn Fn(&(Assigning, Floor)) -> f64| median(rounds.iter().map(f).collect());
+    let assigned = of(&|(a, _)| a.assigned.as_secs_f64());
+    let floor_assign = of(&|(_, f)| f.assign.as_secs_f64());
+    let ratio = of(&|(a, f)| a.assigned.as_secs_f64() / f.assign.as_secs_f64());
+    let created = of(&|(a, _)| a.created.as_secs_f64());
+    let cpu = of(&|(a, _)| a.cpu.as_secs_f64());
+    let rss = of(&|(a, _)| a.peak_rss_kb as f64 / 1024.0);
+    let floor_list = of(&|(_, f)| f.list.as_secs_f64());
+    let (restart_ready, restart_writes) = restart;
+    println!(
+        "| measure (median of {ROUNDS} rounds, lowest-highest) | lbagent allocator | floor (bare kube-rs client) | ratio | target |\n\
+         | --- | ---: | ---: | ---: | --- |\n\
+         | {SERVICES} Services created at once, until every one has its address \
+         (floor: the same {SERVICES} status patches, {WRITE_CONCURRENCY} in flight) | {} | {} | {} | <= 1.5 |\n\
+         | of which creating the {SERVICES} in the API server (the bench's own work) | {} | | | |\n\
+         | the allocator's CPU time meanwhile | {} | | | |\n\
+         | peak RSS, {SERVICES} Services and 3 pools | {} | | | <= 60 MB |\n\
+         | restart with {SERVICES} assigned: writes to them (first round) | {restart_writes} | | | 0 |\n\
+         | restart: process start until it assigns a new Service (first round; floor: list \
+         {SERVICES} Services in pages of {PAGE}, median) | {:.2} s | {} | {:.2} | |",
+        shown(assigned, " s"),
+        shown(floor_assign, " s"),
+        shown(ratio, ""),
+        shown(created, " s"),
+        shown(cpu, " s"),
+        shown(rss, " MB"),
+        restart_ready.as_secs_f64(),
+        shown(floor_list, " s"),
+        restart_ready.as_secs_f64() / floor_list.0,
+    );
+    eprintln!("allocator's log filter: {}", log_filter());
+    Ok(())
+}
 
-    // --- the allocator: 10,000 Services created at once ---
+/// One round of the allocator: 10,000 Services created at once.
+struct Assigning {
+    assigned: Duration,
+    created: Duration,
+    /// The allocator's CPU time from the first creation until every Service had its address.
+    cpu: Duration,
+    peak_rss_kb: u64,
+    /// When asked for: the time until a restarted allocator assigns, and its writes to the
+    /// Services already assigned.
+    restart: Option<(Duration, usize)>,
+}
+
+fn assign(lbagent: &Path, dir: &Path, round: usize, with_restart: bool) -> Result<Assigning> {
     let server = cluster();
-    let kubeconfig = dir.path().join("kubeconfig");
+    let kubeconfig = dir.join(format!("kubeconfig-{round}"));
     server.write_kubeconfig(&kubeconfig);
-    let mut first = Allocator::start(&lbagent, &kubeconfig, "bench-1", dir.path())?;
+    let mut first = Allocator::start(lbagent, &kubeconfig, &format!("bench-{round}-a"), dir)?;
     let ready = wait_until(DEADLINE, || {
         POOLS.iter().all(|(name, _)| {
             server
@@ -62,9 +151,11 @@ fn main() -> Result<()> {
     }
     // For reading the allocator's log (ALLOCATOR_BENCH_LOG) against the breakdown.
     eprintln!(
-        "creating the Services from {}",
+        "round {}: creating the Services from {}",
+        round + 1,
         k8s_openapi::jiff::Timestamp::now()
     );
+    let cpu_before = first.cpu()?;
     let started = Instant::now();
     for i in 0..SERVICES {
         server.apply(service(&name(i)));
@@ -88,12 +179,22 @@ fn main() -> Result<()> {
         breakdown(&server.request_log(), started, created, assigned)
     );
     let peak_rss_kb = first.peak_rss_kb()?;
+    let cpu = first.cpu()?.saturating_sub(cpu_before);
     first.stop();
+    if !with_restart {
+        return Ok(Assigning {
+            assigned,
+            created,
+            cpu,
+            peak_rss_kb,
+            restart: None,
+        });
+    }
 
     // --- a restart with all of them assigned ---
     let before = server.request_log().len();
     let started = Instant::now();
-    let second = Allocator::start(&lbagent, &kubeconfig, "bench-2", dir.path())?;
+    let second = Allocator::start(lbagent, &kubeconfig, &format!("bench-{round}-b"), dir)?;
     server.apply(service("trigger"));
     let trigger = || {
         server
@@ -109,87 +210,75 @@ fn main() -> Result<()> {
         .filter(|r| r.method != "GET" && r.path.contains("/services/"))
         .filter(|r| !r.path.contains("/services/trigger"))
         .count();
-    drop(second);
+    Ok(Assigning {
+        assigned,
+        created,
+        cpu,
+        peak_rss_kb,
+        restart: Some((restart_ready, restart_writes)),
+    })
+}
 
-    // --- the floor: a bare kube-rs client, the same patches at the same concurrency ---
-    let runtime = tokio::runtime::Runtime::new()?;
+/// One round of the floor: a bare kube-rs client, the same patches at the same concurrency.
+struct Floor {
+    assign: Duration,
+    /// What a restarted allocator must at least do: list every Service, in pages.
+    list: Duration,
+}
+
+async fn floor(dir: &Path, round: usize) -> Result<Floor> {
     let floor_server = cluster();
-    let floor_kubeconfig = dir.path().join("floor.kubeconfig");
+    let floor_kubeconfig = dir.join(format!("floor-{round}.kubeconfig"));
     floor_server.write_kubeconfig(&floor_kubeconfig);
     for i in 0..SERVICES {
         floor_server.apply(service(&name(i)));
     }
-    let (floor_assign, floor_list) = runtime.block_on(async {
-        let client = client(&floor_kubeconfig).await?;
-        let api = Api::<Service>::namespaced(client.clone(), "default");
-        let versions: Vec<(String, String)> = api
-            .list(&ListParams::default())
-            .await?
-            .items
-            .iter()
-            .map(|s| (s.name_any(), s.resource_version().unwrap_or_default()))
-            .collect();
-        let started = Instant::now();
-        futures::stream::iter(versions.into_iter().enumerate())
-            .map(|(i, (name, version))| {
-                let api = api.clone();
-                async move {
-                    let patch = json!({
-                        "metadata": {"resourceVersion": version},
-                        "status": {"loadBalancer": {"ingress": [
-                            {"ip": address(i), "ipMode": "VIP"}]}},
-                    });
-                    api.patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch))
-                        .await
-                }
-            })
-            .buffer_unordered(WRITE_CONCURRENCY)
-            .try_collect::<Vec<_>>()
-            .await?;
-        let floor_assign = started.elapsed();
-        // What a restarted allocator must at least do: list every Service, in pages.
-        let started = Instant::now();
-        let mut listed = 0;
-        let mut params = ListParams::default().limit(PAGE);
-        loop {
-            let page = api.list(&params).await?;
-            listed += page.items.len();
-            match page.metadata.continue_.filter(|c| !c.is_empty()) {
-                Some(token) => params = params.continue_token(&token),
-                None => break,
+    let client = client(&floor_kubeconfig).await?;
+    let api = Api::<Service>::namespaced(client.clone(), "default");
+    let versions: Vec<(String, String)> = api
+        .list(&ListParams::default())
+        .await?
+        .items
+        .iter()
+        .map(|s| (s.name_any(), s.resource_version().unwrap_or_default()))
+        .collect();
+    let started = Instant::now();
+    futures::stream::iter(versions.into_iter().enumerate())
+        .map(|(i, (name, version))| {
+            let api = api.clone();
+            async move {
+                let patch = json!({
+                    "metadata": {"resourceVersion": version},
+                    "status": {"loadBalancer": {"ingress": [
+                        {"ip": address(i), "ipMode": "VIP"}]}},
+                });
+                api.patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch))
+                    .await
             }
+        })
+        .buffer_unordered(WRITE_CONCURRENCY)
+        .try_collect::<Vec<_>>()
+        .await?;
+    let assign = started.elapsed();
+    let started = Instant::now();
+    let mut listed = 0;
+    let mut params = ListParams::default().limit(PAGE);
+    loop {
+        let page = api.list(&params).await?;
+        listed += page.items.len();
+        match page.metadata.continue_.filter(|c| !c.is_empty()) {
+            Some(token) => params = params.continue_token(&token),
+            None => break,
         }
-        if listed < SERVICES {
-            bail!("listed {listed} Services");
-        }
-        anyhow::Ok((floor_assign, started.elapsed()))
-    })?;
+    }
+    let list = started.elapsed();
+    if listed < SERVICES {
+        bail!("listed {listed} Services");
+    }
     if StatusWrites::default().count(&floor_server) < SERVICES {
         bail!("the floor's patches did not all land");
     }
-
-    let seconds = |d: Duration| format!("{:.2} s", d.as_secs_f64());
-    let ratio = |a: Duration, b: Duration| format!("{:.2}", a.as_secs_f64() / b.as_secs_f64());
-    println!(
-        "| measure | lbagent allocator | floor (bare kube-rs client) | ratio | target |\n\
-         | --- | ---: | ---: | ---: | --- |\n\
-         | {SERVICES} Services created at once, until every one has its address \
-         (floor: the same {SERVICES} status patches, {WRITE_CONCURRENCY} in flight) | {} | {} | {} | <= 1.5 |\n\
-         | of which creating the {SERVICES} in the API server (the bench's own work) | {} | | | |\n\
-         | peak RSS, {SERVICES} Services and 3 pools | {:.1} MB | | | <= 60 MB |\n\
-         | restart with {SERVICES} assigned: writes to them | {restart_writes} | | | 0 |\n\
-         | restart: process start until it assigns a new Service (floor: list {SERVICES} \
-         Services in pages of {PAGE}) | {} | {} | {} | |",
-        seconds(assigned),
-        seconds(floor_assign),
-        ratio(assigned, floor_assign),
-        seconds(created),
-        peak_rss_kb as f64 / 1024.0,
-        seconds(restart_ready),
-        seconds(floor_list),
-        ratio(restart_ready, floor_list),
-    );
-    Ok(())
+    Ok(Floor { assign, list })
 }
 
 /// Where the allocator's time went, from the API server's request log: when its Service
@@ -344,10 +433,7 @@ impl Allocator {
             .arg("--kubeconfig")
             .arg(kubeconfig)
             .args(["--lease-namespace", "lbagent", "--identity", identity])
-            .env(
-                "LBAGENT_LOG",
-                std::env::var("ALLOCATOR_BENCH_LOG").unwrap_or_else(|_| "warn".into()),
-            )
+            .env("LBAGENT_LOG", log_filter())
             .stdout(file.try_clone()?)
             .stderr(file)
             .spawn()
@@ -357,6 +443,28 @@ impl Allocator {
 
     fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The CPU time it has used (user and system).
+    fn cpu(&self) -> Result<Duration> {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id()))?;
+        // The fields after the command's closing parenthesis; utime and stime are the 12th
+        // and 13th of them, in clock ticks.
+        let fields: Vec<&str> = stat
+            .rsplit_once(')')
+            .map(|(_, rest)| rest.split_whitespace().collect())
+            .unwrap_or_default();
+        let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<u64>().ok());
+        let (Some(user), Some(system)) = (ticks(11), ticks(12)) else {
+            bail!("cannot read the CPU time from {stat}");
+        };
+        let per_second = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+            .ok()
+            .flatten()
+            .unwrap_or(100) as u64;
+        Ok(Duration::from_secs_f64(
+            (user + system) as f64 / per_second as f64,
+        ))
     }
 
     fn peak_rss_kb(&self) -> Result<u64> {

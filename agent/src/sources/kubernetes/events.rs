@@ -5,10 +5,14 @@
 //! 10,000 Events, a few at a time, without holding up the caller. What was replaced is counted
 //! in the log.
 //!
-//! The node agent's Kubernetes source and the allocator both record through it.
+//! The node agent's Kubernetes source and the allocator both record through it. The allocator
+//! feeds it a few at a time ([`EventQueue::waiting`], [`EventQueue::sent`]) and keeps the rest
+//! as the keys of what it has to tell.
 
 use std::{
-    collections::{HashMap, VecDeque},
+    collections::{HashMap, HashSet, VecDeque},
+    fmt,
+    hash::Hash,
     sync::{Arc, Mutex, PoisonError},
 };
 
@@ -16,7 +20,7 @@ use futures::StreamExt as _;
 use k8s_openapi::api::core::v1::ObjectReference;
 use kube::{
     Client,
-    runtime::events::{Event, Recorder, Reporter},
+    runtime::events::{Event, EventType, Recorder, Reporter},
 };
 use tokio::{sync::Notify, task::JoinHandle};
 use tracing::{info, warn};
@@ -40,17 +44,17 @@ pub enum Replace {
 }
 
 /// What waits for each object, objects in the order they first had something waiting.
-struct Pending<T> {
-    order: VecDeque<String>,
-    /// Per object, its waiting items in the order they were said, each with what it replaces.
-    waiting: HashMap<String, Vec<(String, T)>>,
+struct Pending<O, T> {
+    order: VecDeque<O>,
+    /// Per object, its waiting items in the order they were said.
+    waiting: HashMap<O, Vec<T>>,
     len: usize,
     /// Replaced before they were recorded, since the last report.
     superseded: u64,
     backlog_noticed: bool,
 }
 
-impl<T> Default for Pending<T> {
+impl<O, T> Default for Pending<O, T> {
     fn default() -> Self {
         Self {
             order: VecDeque::new(),
@@ -62,22 +66,22 @@ impl<T> Default for Pending<T> {
     }
 }
 
-impl<T> Pending<T> {
-    /// Queues `item` for `object`: a waiting item of the same `topic` leaves, and `item` goes
-    /// after the object's others. The object keeps its place, so a busy one is not starved.
-    fn push(&mut self, object: String, topic: String, item: T) {
+impl<O: Clone + Eq + Hash, T> Pending<O, T> {
+    /// Queues `item` for `object`: a waiting item it `replaces` leaves, and `item` goes after
+    /// the object's others. The object keeps its place, so a busy one is not starved.
+    fn push(&mut self, object: O, item: T, replaces: impl Fn(&T, &T) -> bool) {
         match self.waiting.get_mut(&object) {
             Some(items) => {
-                if let Some(at) = items.iter().position(|(t, _)| *t == topic) {
+                if let Some(at) = items.iter().position(|old| replaces(&item, old)) {
                     items.remove(at);
                     self.superseded += 1;
                     self.len -= 1;
                 }
-                items.push((topic, item));
+                items.push(item);
             }
             None => {
                 self.order.push_back(object.clone());
-                self.waiting.insert(object, vec![(topic, item)]);
+                self.waiting.insert(object, vec![item]);
             }
         }
         self.len += 1;
@@ -85,7 +89,7 @@ impl<T> Pending<T> {
 
     /// The waiting items of the oldest objects, whole objects, about `most` items (at least
     /// one object if any waits).
-    fn take(&mut self, most: usize) -> Vec<Vec<T>> {
+    fn take(&mut self, most: usize) -> Vec<(O, Vec<T>)> {
         let mut taken = Vec::new();
         let mut count = 0;
         while count < most
@@ -93,22 +97,137 @@ impl<T> Pending<T> {
         {
             let items = self.waiting.remove(&object).unwrap_or_default();
             count += items.len();
-            taken.push(items.into_iter().map(|(_, item)| item).collect());
+            taken.push((object, items));
         }
         self.len -= count;
         taken
     }
 }
 
+/// The object an Event is about, as the queue keeps it: its Events share it, and the few
+/// texts every object repeats (apiVersion, kind, namespace) are shared between objects.
+/// 10,000 Events waiting as kube's `ObjectReference` and `Event` took about 9 MB.
+#[derive(Debug, PartialEq, Eq, Hash)]
+struct Regarding {
+    api_version: Option<Arc<str>>,
+    kind: Option<Arc<str>>,
+    namespace: Option<Arc<str>>,
+    name: Option<Box<str>>,
+    uid: Option<Box<str>>,
+    field_path: Option<Box<str>>,
+}
+
+/// One waiting Event, without its object.
+struct Waiting {
+    type_: EventType,
+    reason: Arc<str>,
+    action: Arc<str>,
+    note: Option<Box<str>>,
+    /// The object's resourceVersion when it was said.
+    version: Option<Box<str>>,
+    secondary: Option<Box<ObjectReference>>,
+}
+
+/// The texts waiting Events repeat, each kept once.
+#[derive(Default)]
+struct Texts(HashSet<Arc<str>>);
+
+impl Texts {
+    fn get(&mut self, text: &str) -> Arc<str> {
+        if let Some(known) = self.0.get(text) {
+            return known.clone();
+        }
+        let text: Arc<str> = text.into();
+        self.0.insert(text.clone());
+        text
+    }
+}
+
+impl Regarding {
+    fn new(reference: ObjectReference, texts: &mut Texts) -> (Self, Option<Box<str>>) {
+        let regarding = Self {
+            api_version: reference.api_version.as_deref().map(|t| texts.get(t)),
+            kind: reference.kind.as_deref().map(|t| texts.get(t)),
+            namespace: reference.namespace.as_deref().map(|t| texts.get(t)),
+            name: reference.name.map(String::into_boxed_str),
+            uid: reference.uid.map(String::into_boxed_str),
+            field_path: reference.field_path.map(String::into_boxed_str),
+        };
+        (
+            regarding,
+            reference.resource_version.map(String::into_boxed_str),
+        )
+    }
+
+    fn reference(&self, version: Option<&str>) -> ObjectReference {
+        ObjectReference {
+            api_version: self.api_version.as_deref().map(Into::into),
+            kind: self.kind.as_deref().map(Into::into),
+            namespace: self.namespace.as_deref().map(Into::into),
+            name: self.name.as_deref().map(Into::into),
+            uid: self.uid.as_deref().map(Into::into),
+            field_path: self.field_path.as_deref().map(Into::into),
+            resource_version: version.map(Into::into),
+        }
+    }
+}
+
+impl fmt::Display for Regarding {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}/{}",
+            self.namespace.as_deref().unwrap_or_default(),
+            self.name.as_deref().unwrap_or_default()
+        )
+    }
+}
+
+impl Waiting {
+    fn new(event: Event, version: Option<Box<str>>, texts: &mut Texts) -> Self {
+        Self {
+            type_: event.type_,
+            reason: texts.get(&event.reason),
+            action: texts.get(&event.action),
+            note: event.note.map(String::into_boxed_str),
+            version,
+            secondary: event.secondary.map(Box::new),
+        }
+    }
+
+    /// Whether a newer `self` replaces the waiting `other`.
+    fn replaces(&self, other: &Self, replace: Replace) -> bool {
+        self.reason == other.reason && (replace == Replace::SameReason || self.note == other.note)
+    }
+
+    fn event(&self) -> Event {
+        Event {
+            type_: self.type_,
+            reason: self.reason.as_ref().into(),
+            note: self.note.as_deref().map(Into::into),
+            action: self.action.as_ref().into(),
+            secondary: self.secondary.as_deref().cloned(),
+        }
+    }
+}
+
+#[derive(Default)]
+struct Queue {
+    pending: Pending<Arc<Regarding>, Waiting>,
+    texts: Texts,
+}
+
 #[derive(Default)]
 struct Shared {
-    pending: Mutex<Pending<(ObjectReference, Event)>>,
+    queue: Mutex<Queue>,
     ready: Notify,
+    /// A batch was recorded.
+    sent: Notify,
 }
 
 impl Shared {
-    fn lock(&self) -> std::sync::MutexGuard<'_, Pending<(ObjectReference, Event)>> {
-        self.pending.lock().unwrap_or_else(PoisonError::into_inner)
+    fn lock(&self) -> std::sync::MutexGuard<'_, Queue> {
+        self.queue.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
 
@@ -131,24 +250,27 @@ impl EventQueue {
         }
     }
 
+    /// How many Events wait to be recorded.
+    pub fn waiting(&self) -> usize {
+        self.shared.lock().pending.len
+    }
+
+    /// Resolves once a batch has been recorded since the last call (at once if one has).
+    pub async fn sent(&self) {
+        self.shared.sent.notified().await;
+    }
+
     /// Queues `event` on the object `reference` names, in place of a waiting one it
     /// replaces.
     pub fn push(&self, reference: ObjectReference, event: Event) {
-        let object = format!(
-            "{}/{}",
-            reference.namespace.as_deref().unwrap_or_default(),
-            reference.name.as_deref().unwrap_or_default()
-        );
-        let topic = match self.replace {
-            Replace::SameReason => event.reason.clone(),
-            Replace::SameNote => format!(
-                "{}\n{}",
-                event.reason,
-                event.note.as_deref().unwrap_or_default()
-            ),
-        };
-        let mut pending = self.shared.lock();
-        pending.push(object, topic, (reference, event));
+        let mut queue = self.shared.lock();
+        let Queue { pending, texts } = &mut *queue;
+        let (regarding, version) = Regarding::new(reference, texts);
+        let waiting = Waiting::new(event, version, texts);
+        let replace = self.replace;
+        pending.push(Arc::new(regarding), waiting, |new, old| {
+            new.replaces(old, replace)
+        });
         if pending.len >= BACKLOG_NOTICE && !pending.backlog_noticed {
             pending.backlog_noticed = true;
             info!(
@@ -157,7 +279,7 @@ impl EventQueue {
                  replaces one that waits"
             );
         }
-        drop(pending);
+        drop(queue);
         self.shared.ready.notify_one();
     }
 }
@@ -170,9 +292,18 @@ impl Drop for EventQueue {
 
 async fn publish(shared: Arc<Shared>, client: Client, reporter: Reporter) {
     loop {
+        if shared.lock().pending.len == 0 {
+            shared.ready.notified().await;
+            continue;
+        }
         let batch = {
-            let mut pending = shared.lock();
-            let batch = pending.take(PUBLISH_BATCH);
+            let mut queue = shared.lock();
+            let batch = queue.pending.take(PUBLISH_BATCH);
+            if queue.pending.len == 0 {
+                // Namespaces and reasons of objects long gone are not kept.
+                queue.texts = Texts::default();
+            }
+            let pending = &mut queue.pending;
             if pending.len == 0 {
                 pending.backlog_noticed = false;
                 if pending.superseded > 0 {
@@ -186,10 +317,6 @@ async fn publish(shared: Arc<Shared>, client: Client, reporter: Reporter) {
             }
             batch
         };
-        if batch.is_empty() {
-            shared.ready.notified().await;
-            continue;
-        }
         // A recorder per batch: kube's keeps every Event it sent for minutes and walks them
         // all on each one it sends (10,000 Events made that most of the allocator's CPU). Its
         // cache only folds repeats into a series, and the queue already keeps one per topic.
@@ -198,15 +325,13 @@ async fn publish(shared: Arc<Shared>, client: Client, reporter: Reporter) {
             .for_each_concurrent(PUBLISH_CONCURRENCY, |events| {
                 let recorder = &recorder;
                 async move {
-                    for (reference, event) in events {
-                        if let Err(err) = recorder.publish(&event, &reference).await {
+                    let (regarding, events) = events;
+                    for waiting in events {
+                        let reference = regarding.reference(waiting.version.as_deref());
+                        if let Err(err) = recorder.publish(&waiting.event(), &reference).await {
                             warn!(
-                                object = %format!(
-                                    "{}/{}",
-                                    reference.namespace.unwrap_or_default(),
-                                    reference.name.unwrap_or_default()
-                                ),
-                                reason = %event.reason,
+                                object = %regarding,
+                                reason = %waiting.reason,
                                 %err,
                                 "cannot record an Event"
                             );
@@ -215,6 +340,7 @@ async fn publish(shared: Arc<Shared>, client: Client, reporter: Reporter) {
                 }
             })
             .await;
+        shared.sent.notify_one();
     }
 }
 
@@ -225,24 +351,98 @@ mod tests {
     #[test]
     fn a_newer_item_replaces_the_waiting_one_of_its_topic_and_its_object_keeps_its_place() {
         let mut pending = Pending::default();
+        let same_topic = |new: &(&str, i32), old: &(&str, i32)| new.0 == old.0;
         for i in 0..5000 {
-            pending.push(format!("default/s{i}"), "AddressAssigned".into(), i);
+            pending.push(format!("default/s{i}"), ("AddressAssigned", i), same_topic);
         }
-        pending.push("default/s0".into(), "AllocationFailed".into(), -1);
-        pending.push("default/s0".into(), "AddressAssigned".into(), 10_000);
+        pending.push("default/s0".into(), ("AllocationFailed", -1), same_topic);
+        pending.push("default/s0".into(), ("AddressAssigned", 10_000), same_topic);
         assert_eq!(pending.len, 5001, "nothing dropped beyond the replaced one");
         assert_eq!(pending.superseded, 1);
-        let first = pending.take(3);
+        let numbers = |taken: Vec<(String, Vec<(&str, i32)>)>| -> Vec<Vec<i32>> {
+            taken
+                .into_iter()
+                .map(|(_, items)| items.into_iter().map(|(_, n)| n).collect())
+                .collect()
+        };
+        let first = numbers(pending.take(3));
         assert_eq!(
             first,
             [vec![-1, 10_000], vec![1]],
             "the busy object keeps its place; its items go in the order they were said, \
              the replacement last"
         );
-        let rest = pending.take(usize::MAX);
+        let rest = numbers(pending.take(usize::MAX));
         assert_eq!(rest.len(), 4998);
         assert_eq!(rest.last(), Some(&vec![4999]));
         assert_eq!(pending.len, 0);
         assert!(pending.waiting.is_empty());
+    }
+
+    fn reference(name: &str, version: &str) -> ObjectReference {
+        ObjectReference {
+            api_version: Some("v1".into()),
+            kind: Some("Service".into()),
+            namespace: Some("default".into()),
+            name: Some(name.into()),
+            uid: Some(format!("uid-{name}")),
+            resource_version: Some(version.into()),
+            field_path: None,
+        }
+    }
+
+    fn event(reason: &str, note: &str) -> Event {
+        Event {
+            type_: EventType::Normal,
+            reason: reason.into(),
+            note: Some(note.into()),
+            action: "Allocate".into(),
+            secondary: Some(reference("other", "7")),
+        }
+    }
+
+    #[test]
+    fn a_waiting_event_is_sent_as_it_was_said_and_shares_the_texts_it_repeats() {
+        let mut texts = Texts::default();
+        let note = "Assigned 192.0.2.1 from pool a";
+        let (one, version) = Regarding::new(reference("one", "41"), &mut texts);
+        let waiting = Waiting::new(event("AddressAssigned", note), version, &mut texts);
+        assert_eq!(
+            one.reference(waiting.version.as_deref()),
+            reference("one", "41")
+        );
+        let sent = waiting.event();
+        assert_eq!(sent.type_, EventType::Normal);
+        assert_eq!(sent.reason, "AddressAssigned");
+        assert_eq!(sent.note.as_deref(), Some(note));
+        assert_eq!(sent.action, "Allocate");
+        assert_eq!(sent.secondary, Some(reference("other", "7")));
+        let (two, _) = Regarding::new(reference("two", "42"), &mut texts);
+        assert!(
+            Arc::ptr_eq(
+                one.namespace.as_ref().unwrap(),
+                two.namespace.as_ref().unwrap()
+            ),
+            "one namespace text for both objects"
+        );
+        assert_eq!(
+            texts.0.len(),
+            5,
+            "v1, Service, default, the reason, the action"
+        );
+    }
+
+    #[test]
+    fn a_newer_event_replaces_by_reason_or_by_reason_and_note() {
+        let mut texts = Texts::default();
+        let mut waiting = |reason, note| Waiting::new(event(reason, note), None, &mut texts);
+        let first = waiting("Announced", "added 192.0.2.1");
+        let same = waiting("Announced", "added 192.0.2.1");
+        let other_note = waiting("Announced", "added 192.0.2.2");
+        let other_reason = waiting("Withdrawn", "added 192.0.2.1");
+        assert!(other_note.replaces(&first, Replace::SameReason));
+        assert!(!other_note.replaces(&first, Replace::SameNote));
+        assert!(same.replaces(&first, Replace::SameNote));
+        assert!(!other_reason.replaces(&first, Replace::SameReason));
     }
 }
