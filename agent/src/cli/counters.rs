@@ -2,7 +2,7 @@
 
 use std::{
     io::Write,
-    time::{Duration, Instant},
+    time::{Duration, Instant, SystemTime},
 };
 
 use anyhow::Result;
@@ -52,19 +52,29 @@ fn watch(pins: &PinLayout, out: &mut impl Write, args: &Args) -> Result<()> {
     let mut before: Option<(Instant, Vec<VipCounters>)> = None;
     let mut refreshes = 0;
     loop {
-        let now = table.counters()?;
+        // Taken before the read: every packet counted by then is in it. A loaded machine
+        // stretches the time between reads, so the rates divide by the time measured here,
+        // and a JSON line says what that was.
         let read_at = Instant::now();
+        let read_at_wall = SystemTime::now();
+        let now = table.counters()?;
+        let elapsed = before.as_ref().map(|(at, _)| read_at - *at);
         let rows = rates::rows(
             before.as_ref().map(|(_, counters)| counters.as_slice()),
             &now,
-            before
-                .as_ref()
-                .map_or(Duration::ZERO, |(at, _)| read_at - *at),
+            elapsed.unwrap_or_default(),
             args.sort,
         );
         match args.output {
             Output::Json => {
-                serde_json::to_writer(&mut *out, &serde_json::json!({ "vips": rows }))?;
+                serde_json::to_writer(
+                    &mut *out,
+                    &serde_json::json!({
+                        "read_at": humantime::format_rfc3339_micros(read_at_wall).to_string(),
+                        "elapsed_s": elapsed.map(|e| e.as_secs_f64()),
+                        "vips": rows,
+                    }),
+                )?;
                 writeln!(out)?;
             }
             Output::Table => {
@@ -90,7 +100,8 @@ fn watch(pins: &PinLayout, out: &mut impl Write, args: &Args) -> Result<()> {
             return Ok(());
         }
         before = Some((read_at, now));
-        std::thread::sleep(args.interval);
+        // Reads keep to the interval's beat: the time spent reading and writing is not added.
+        std::thread::sleep((read_at + args.interval).saturating_duration_since(Instant::now()));
     }
 }
 

@@ -63,20 +63,23 @@ pub enum FileError {
     Parse { path: PathBuf, reason: String },
 }
 
+/// The file with each entry as `E`: straight into [`RawService`] first, and through
+/// `serde_json::Value` when that fails, so that one bad entry is rejected on its own.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct RawFile {
+#[serde(bound = "E: Deserialize<'de>")]
+struct RawFile<E> {
     #[serde(deserialize_with = "at_most_max_services")]
-    services: Vec<serde_json::Value>,
+    services: Vec<E>,
 }
 
 /// The entries, refused as soon as there are more than [`MAX_SERVICES`].
-fn at_most_max_services<'de, D: Deserializer<'de>>(
+fn at_most_max_services<'de, D: Deserializer<'de>, E: Deserialize<'de>>(
     deserializer: D,
-) -> Result<Vec<serde_json::Value>, D::Error> {
-    struct Entries;
-    impl<'de> serde::de::Visitor<'de> for Entries {
-        type Value = Vec<serde_json::Value>;
+) -> Result<Vec<E>, D::Error> {
+    struct Entries<E>(std::marker::PhantomData<E>);
+    impl<'de, E: Deserialize<'de>> serde::de::Visitor<'de> for Entries<E> {
+        type Value = Vec<E>;
 
         fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
             f.write_str("a list of services")
@@ -98,21 +101,91 @@ fn at_most_max_services<'de, D: Deserializer<'de>>(
             Ok(entries)
         }
     }
-    deserializer.deserialize_seq(Entries)
+    deserializer.deserialize_seq(Entries(std::marker::PhantomData))
 }
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 struct RawService {
-    name: String,
+    name: Text,
     #[serde(default)]
-    addresses: Vec<String>,
+    addresses: Vec<Text>,
     #[serde(default)]
     ports: Vec<RawPort>,
     #[serde(default)]
-    source_ranges: Vec<String>,
-    external_traffic_policy: Option<String>,
+    source_ranges: Vec<Text>,
+    external_traffic_policy: Option<Text>,
     bgp: Option<RawBgpAttributes>,
+}
+
+/// A string, as `serde_json::Value` would have it: read straight from YAML, a plain `80` or
+/// `true` would be taken as text, and the direct path must accept no entry that the path
+/// through `Value` rejects.
+#[derive(Clone, Default, PartialEq, Eq)]
+struct Text(String);
+
+impl std::fmt::Debug for Text {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl std::ops::Deref for Text {
+    type Target = str;
+
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl<'de> Deserialize<'de> for Text {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = Text;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a string")
+            }
+
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Text, E> {
+                Ok(Text(v.to_owned()))
+            }
+
+            fn visit_string<E: serde::de::Error>(self, v: String) -> Result<Text, E> {
+                Ok(Text(v))
+            }
+        }
+        deserializer.deserialize_any(Visitor)
+    }
+}
+
+/// An integer, as `serde_json::Value` would have it (a quoted `"80"` is text).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Integer(i64);
+
+impl<'de> Deserialize<'de> for Integer {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = Integer;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("an integer")
+            }
+
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Integer, E> {
+                Ok(Integer(v))
+            }
+
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Integer, E> {
+                i64::try_from(v)
+                    .map(Integer)
+                    .map_err(|_| E::invalid_value(serde::de::Unexpected::Unsigned(v), &self))
+            }
+        }
+        deserializer.deserialize_any(Visitor)
+    }
 }
 
 /// As written: the routing section's allow-list decides what is kept.
@@ -137,8 +210,8 @@ fn text(value: &serde_json::Value) -> String {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawPort {
-    port: i64,
-    protocol: Option<String>,
+    port: Integer,
+    protocol: Option<Text>,
 }
 
 /// Parses a services file. `Err` only when the file as a whole is unusable.
@@ -159,20 +232,42 @@ pub fn parse(text: &str, path: &Path) -> Result<SourceUpdate, FileError> {
             text.len()
         )));
     }
-    let raw: RawFile = yaml::from_str(text, LIMITS).map_err(|err| parse_error(err.to_string()))?;
+    // Most files have every entry well formed: read them straight into `RawService`. When
+    // one is not, read the file again with each entry as a `serde_json::Value`, so that the
+    // error names that entry and the others are still served. (YAML parsing is most of the
+    // time either way; the detour through `Value` adds about a tenth.)
+    let entries: Vec<(String, Result<RawService, String>)> =
+        match yaml::from_str::<RawFile<RawService>>(text, LIMITS) {
+            Ok(raw) => raw
+                .services
+                .into_iter()
+                .map(|service| (service.name.0.clone(), Ok(service)))
+                .collect(),
+            Err(_) => {
+                let raw: RawFile<serde_json::Value> =
+                    yaml::from_str(text, LIMITS).map_err(|err| parse_error(err.to_string()))?;
+                raw.services
+                    .into_iter()
+                    .enumerate()
+                    .map(|(index, value)| {
+                        let fallback_name = value
+                            .get("name")
+                            .and_then(serde_json::Value::as_str)
+                            .map_or_else(|| format!("services[{index}]"), str::to_owned);
+                        let result = serde_json::from_value::<RawService>(value)
+                            .map_err(|err| format!("services[{index}]: {err}"));
+                        (fallback_name, result)
+                    })
+                    .collect()
+            }
+        };
 
     let mut services = Vec::new();
     let mut rejected = Vec::new();
     let mut attribute_requests = BTreeMap::new();
     let mut names = BTreeSet::new();
-    for (index, value) in raw.services.into_iter().enumerate() {
-        let fallback_name = value
-            .get("name")
-            .and_then(serde_json::Value::as_str)
-            .map_or_else(|| format!("services[{index}]"), str::to_owned);
-        let result = serde_json::from_value::<RawService>(value)
-            .map_err(|err| format!("services[{index}]: {err}"))
-            .and_then(|raw| validate(raw, index));
+    for (index, (fallback_name, raw)) in entries.into_iter().enumerate() {
+        let result = raw.and_then(|raw| validate(raw, index));
         match result {
             Ok((service, _)) if !names.insert(service.name.clone()) => rejected.push(Rejected {
                 service: service.name.clone(),
@@ -202,11 +297,11 @@ pub fn parse(text: &str, path: &Path) -> Result<SourceUpdate, FileError> {
 }
 
 fn validate(raw: RawService, index: usize) -> Result<(Service, AttributeRequest), String> {
-    let at = |field: &str| format!("services[{index}] {:?}: {field}", raw.name);
-    if raw.name.trim().is_empty() || raw.name.chars().any(char::is_control) {
+    let name = raw.name.0;
+    let at = |field: &str| format!("services[{index}] {name:?}: {field}");
+    if name.trim().is_empty() || name.chars().any(char::is_control) {
         return Err(format!(
-            "services[{index}]: name {:?} must be a non-empty printable name",
-            raw.name
+            "services[{index}]: name {name:?} must be a non-empty printable name"
         ));
     }
     let mut addresses: Vec<IpAddr> = Vec::new();
@@ -220,8 +315,8 @@ fn validate(raw: RawService, index: usize) -> Result<(Service, AttributeRequest)
     let mut ports = Vec::new();
     for (i, port) in raw.ports.iter().enumerate() {
         let field = at(&format!("ports[{i}]"));
-        let number = desired::port_number(port.port)
-            .ok_or_else(|| format!("{field}: port {} is not allowed (1-65535)", port.port))?;
+        let number = desired::port_number(port.port.0)
+            .ok_or_else(|| format!("{field}: port {} is not allowed (1-65535)", port.port.0))?;
         let protocol = Protocol::parse(port.protocol.as_deref()).ok_or_else(|| {
             format!(
                 "{field}: protocol {:?} is not allowed (TCP, UDP or SCTP)",
@@ -255,7 +350,7 @@ fn validate(raw: RawService, index: usize) -> Result<(Service, AttributeRequest)
     };
     let mut request = AttributeRequest::default();
     if let Some(bgp) = &raw.bgp {
-        let field = |f: &str| format!("services[{index}] {:?}: bgp.{f}", raw.name);
+        let field = |f: &str| format!("services[{index}] {name:?}: bgp.{f}");
         for (i, value) in bgp.communities.iter().enumerate() {
             request
                 .communities
@@ -273,7 +368,7 @@ fn validate(raw: RawService, index: usize) -> Result<(Service, AttributeRequest)
     }
     Ok((
         Service {
-            name: raw.name,
+            name,
             addresses,
             ports,
             source_ranges,
@@ -489,6 +584,80 @@ mod tests {
                 .reason
                 .starts_with("services[1] \"bad-address\": addresses[0]: ")
         );
+    }
+
+    /// An entry read straight into `RawService` and one read through `serde_json::Value`,
+    /// validated; `None` when the direct read fails (`parse` then takes the other path).
+    type Validated = Result<(Service, AttributeRequest), String>;
+
+    fn both_paths(entry: &str) -> (Option<Validated>, Validated) {
+        let text = format!("services:\n- {entry}\n");
+        let direct = yaml::from_str::<RawFile<RawService>>(&text, LIMITS)
+            .ok()
+            .map(|file| validate(file.services.into_iter().next().unwrap(), 0));
+        let through_value = yaml::from_str::<RawFile<serde_json::Value>>(&text, LIMITS)
+            .map_err(|err| err.to_string())
+            .and_then(|file| {
+                serde_json::from_value::<RawService>(file.services.into_iter().next().unwrap())
+                    .map_err(|err| err.to_string())
+            })
+            .and_then(|raw| validate(raw, 0));
+        (direct, through_value)
+    }
+
+    #[test]
+    fn the_direct_read_accepts_only_what_the_read_through_value_accepts() {
+        let accepted = [
+            "{name: web, addresses: [203.0.113.1, \"2001:db8::1\"], ports: [{port: 80, protocol: UDP}, {port: 443}], sourceRanges: [10.0.0.0/8], externalTrafficPolicy: Local, bgp: {communities: [\"64512:1\", 64512], largeCommunities: [\"1:2:3\"], asPathPrepend: 2}}",
+            "{name: \"123\", addresses: [], ports: [], bgp: {asPathPrepend: ~}}",
+            "{name: a, externalTrafficPolicy: ~, bgp: ~, ports: [{port: 80, protocol: ~}]}",
+            "{name: !!str 123}",
+            "{name: a, ports: [{port: 0x50}]}",
+        ];
+        let refused_by_value = [
+            "{name: 123}",
+            "{name: true}",
+            "{name: yes}",
+            "{name: ~}",
+            "{name: 1.5}",
+            "{name: .inf}",
+            "{name: [a]}",
+            "{name: a, addresses: ~}",
+            "{name: a, addresses: }",
+            "{name: a, addresses: [~]}",
+            "{name: a, addresses: [1]}",
+            "{name: a, addresses: 203.0.113.1}",
+            "{name: a, ports: [{port: \"80\"}]}",
+            "{name: a, ports: [{port: 80.0}]}",
+            "{name: a, ports: [{port: 99999999999999999999}]}",
+            "{name: a, ports: [{port: -1}]}",
+            "{name: a, ports: [{port: 80, protocol: 6}]}",
+            "{name: a, ports: ~}",
+            "{name: a, ports: [80]}",
+            "{name: a, sourceRanges: [10.0.0.0/8, 8]}",
+            "{name: a, externalTrafficPolicy: 1}",
+            "{name: a, externalTrafficPolicy: true}",
+            "{name: a, bgp: {communities: ~}}",
+            "{name: a, bgp: 5}",
+            "{name: a, unknown: 1}",
+            "{name: a, name: b}",
+            "a",
+            "~",
+            "[a]",
+        ];
+        for entry in accepted {
+            let (direct, through_value) = both_paths(entry);
+            assert!(through_value.is_ok(), "{entry}: {through_value:?}");
+            assert_eq!(direct, Some(through_value), "{entry}");
+        }
+        for entry in refused_by_value {
+            let (direct, through_value) = both_paths(entry);
+            assert!(through_value.is_err(), "{entry}: {through_value:?}");
+            // Refused directly, or (when only validation refuses it) for the same reason.
+            if let Some(direct) = direct {
+                assert_eq!(direct, through_value, "{entry}");
+            }
+        }
     }
 
     #[test]
