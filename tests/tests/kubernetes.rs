@@ -36,6 +36,27 @@ impl Cluster {
         cluster
     }
 
+    /// Makes every open watch end and the version it stood at too old, so the agent's
+    /// watcher gets 410 Gone and lists again. A write the agent does not watch comes first: a
+    /// watch from the newest version is not too old, and a full run once compacted before
+    /// the agent's first Event moved the revision on, so nothing relisted.
+    fn expire_watches(&self) {
+        self.server
+            .apply(json!({"apiVersion": "v1", "kind": "Namespace",
+            "metadata": {"name": "unwatched"}}));
+        self.server.compact();
+        self.server.drop_watches();
+    }
+
+    /// How many lists of Services (not watches) the server has answered.
+    fn service_lists(&self) -> usize {
+        self.server
+            .request_log()
+            .iter()
+            .filter(|r| r.path.ends_with("/services") && !r.is_watch())
+            .count()
+    }
+
     /// Creates or replaces Service `name` in namespace `shop` (see [`service`]).
     fn apply_service(&self, name: &str, ips: &[&str], patch: Value) {
         self.server.apply(service(name, ips, patch));
@@ -366,27 +387,12 @@ fn a_relist_that_fails_half_way_withdraws_nothing() {
         cluster.agent.log()
     );
     let monitor = Monitor::start(&cluster.ns);
-    let lists = |server: &ApiServer| {
-        server
-            .request_log()
-            .iter()
-            .filter(|r| r.path.ends_with("/services") && !r.is_watch())
-            .count()
-    };
-    let before = lists(&cluster.server);
+    let before = cluster.service_lists();
     cluster.server.fail_list_after_pages(1);
-    // A write the agent does not watch first, so that compacting expires the version its
-    // watch stands at: a watch from the newest version is not too old, and a full run once
-    // compacted before the agent's first Event moved the revision on, so nothing relisted.
-    cluster
-        .server
-        .apply(json!({"apiVersion": "v1", "kind": "Namespace",
-        "metadata": {"name": "unwatched"}}));
-    cluster.server.compact();
-    cluster.server.drop_watches();
+    cluster.expire_watches();
     // The watcher relists: page one, a failed page two, then a whole list again.
     assert!(
-        wait_until(Duration::from_secs(20), || lists(&cluster.server)
+        wait_until(Duration::from_secs(20), || cluster.service_lists()
             >= before + 3),
         "{:#?}",
         cluster.server.request_log()
@@ -468,11 +474,15 @@ fn two_hundred_thousand_services_and_a_megabyte_annotation_keep_memory_bounded()
         cluster.held(),
         cluster.agent.log()
     );
-    // And once more from a full list of them all, as after a 410 Gone.
-    cluster.server.compact();
-    cluster.server.drop_watches();
+    // And once more from a full list of them all, after a 410 Gone.
+    let listed = cluster.service_lists();
+    cluster.expire_watches();
     cluster.apply_service("relisted", &["203.0.113.53"], json!({}));
     cluster.wait_holding("203.0.113.53/32", Duration::from_secs(600));
+    assert!(
+        cluster.service_lists() > listed,
+        "the agent did not list the Services again"
+    );
     let peak = memory_kb(pid, "VmHWM");
     assert!(
         peak < before + 64 * 1024,
