@@ -122,7 +122,7 @@ trait Cached {
 
 impl Cached for SeenService {
     fn key(&self) -> String {
-        format!("{}/{}", self.namespace, self.name)
+        cache_key(&self.namespace, &self.name)
     }
 
     fn version(&self) -> Option<u64> {
@@ -236,8 +236,13 @@ impl<K: Cached> Cache<K> {
     }
 }
 
+/// How the Service cache keys a Service.
+fn cache_key(namespace: &str, name: &str) -> String {
+    format!("{namespace}/{name}")
+}
+
 fn service_cache_key(key: &ServiceKey) -> String {
-    format!("{}/{}", key.namespace, key.name)
+    cache_key(&key.namespace, &key.name)
 }
 
 fn changes(client: &Client) -> BoxStream<'static, Result<Change, watcher::Error>> {
@@ -423,10 +428,9 @@ impl Controller {
                 // answer: 10,000 assignments come back as 10,000 watch events.
                 if let watcher::Event::Apply(service) = event.as_ref()
                     && self.services.holds(
-                        &format!(
-                            "{}/{}",
+                        &cache_key(
                             service.metadata.namespace.as_deref().unwrap_or_default(),
-                            service.metadata.name.as_deref().unwrap_or_default()
+                            service.metadata.name.as_deref().unwrap_or_default(),
                         ),
                         service.metadata.resource_version.as_deref(),
                     )
