@@ -630,16 +630,18 @@ fn a_write_over_a_change_it_has_not_seen_gets_409_and_is_decided_again() {
     cluster.service("web", json!({}));
     cluster.wait_addresses("web", &["192.0.2.0"], &allocator);
     let status_path = "/api/v1/namespaces/default/services/web/status";
-    let calls: Vec<(String, String, u16)> = cluster
-        .server
-        .request_log()
-        .into_iter()
-        .filter(|r| {
-            r.path
-                .starts_with("/api/v1/namespaces/default/services/web")
-        })
-        .map(|r| (r.method, r.path, r.status))
-        .collect();
+    let calls = || -> Vec<(String, String, u16)> {
+        cluster
+            .server
+            .request_log()
+            .into_iter()
+            .filter(|r| {
+                r.path
+                    .starts_with("/api/v1/namespaces/default/services/web")
+            })
+            .map(|r| (r.method, r.path, r.status))
+            .collect()
+    };
     let expected = [
         ("PATCH".to_owned(), status_path.to_owned(), 409),
         (
@@ -649,7 +651,9 @@ fn a_write_over_a_change_it_has_not_seen_gets_409_and_is_decided_again() {
         ),
         ("PATCH".to_owned(), status_path.to_owned(), 200),
     ];
-    assert_eq!(calls, expected, "{}", allocator.log());
+    // The server logs a request once it has answered, after the write shows.
+    wait_until(WAIT, || calls().len() >= expected.len());
+    assert_eq!(calls(), expected, "{}", allocator.log());
     let web = cluster
         .server
         .get("v1", "Service", Some("default"), "web")

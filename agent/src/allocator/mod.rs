@@ -7,6 +7,7 @@ pub mod controller;
 pub mod lease;
 pub mod pool;
 pub mod request;
+pub mod service;
 
 use std::{path::PathBuf, time::Duration};
 

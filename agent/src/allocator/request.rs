@@ -2,9 +2,10 @@
 
 use std::{collections::BTreeMap, fmt, net::IpAddr};
 
-use k8s_openapi::api::core::v1::{Service, ServiceSpec};
-
-use super::pool::Family;
+use super::{
+    pool::Family,
+    service::{Service, ServiceSpec},
+};
 
 /// Names the pool a Service draws from (automatic pools are skipped).
 pub const POOL_ANNOTATION: &str = "lbagent.io/pool";
