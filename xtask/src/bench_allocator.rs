@@ -1,6 +1,6 @@
 //! `cargo xtask bench allocator`: `lbagent allocator` with 10,000 Services and three pools
 //! against the in-process API server, beside a floor a bare kube-rs client sets in the same
-//! run, in five alternating rounds. The measuring lives in tests/src/bin/allocator_bench.rs, beside the API server it
+//! run, in nine alternating rounds. The measuring lives in tests/src/bin/allocator_bench.rs, beside the API server it
 //! drives; this builds both in release mode and runs it.
 
 use std::{path::PathBuf, process::Command};
