@@ -341,7 +341,7 @@ impl Controller {
             let retry = self.retry_at;
             let pools_due = self.pools_due;
             let tell_due = self.tell_due;
-            let writing = !writes.is_empty() || !self.dirty.is_empty();
+            let writing = self.writes_pending(&writes);
             tokio::select! {
                 change = changes.next() => {
                     let Some(first) = change else {
@@ -377,7 +377,7 @@ impl Controller {
                 }
             }
             self.start_writes(&mut writes);
-            if writes.is_empty() && self.dirty.is_empty() {
+            if !self.writes_pending(&writes) {
                 self.tell_due = None;
                 self.tell_some();
             } else if !self.untold.is_empty() && self.tell_due.is_none() {
@@ -619,6 +619,11 @@ impl Controller {
             secondary: None,
         };
         self.events.push(seen.reference(), event);
+    }
+
+    /// Whether status writes are under way or to be made.
+    fn writes_pending(&self, writes: &FuturesUnordered<StatusWrite>) -> bool {
+        !writes.is_empty() || !self.dirty.is_empty()
     }
 
     /// Tells a Service's outcome once its status shows it, when Events are next fed.

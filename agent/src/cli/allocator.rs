@@ -111,9 +111,9 @@ pub fn run(args: Args, log_format: Option<LogFormat>, out: &mut impl Write) -> R
     }
 }
 
-/// One thread: the allocator waits on the API server far more than it works, and on two
-/// threads its tasks woke each other across them (`cargo xtask bench allocator`: 10,000
-/// Services took about 1.6 times as long as on one, beside the same API server).
+/// One thread: on two, the allocator's tasks woke each other across the two cores it shares
+/// with the API server (`cargo xtask bench allocator`: 10,000 Services took about 1.6 times
+/// as long as on one, beside the same API server).
 fn runtime() -> Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()

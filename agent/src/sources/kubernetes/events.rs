@@ -298,13 +298,11 @@ async fn publish(shared: Arc<Shared>, client: Client, reporter: Reporter) {
         }
         let batch = {
             let mut queue = shared.lock();
-            let batch = queue.pending.take(PUBLISH_BATCH);
-            if queue.pending.len == 0 {
-                // Namespaces and reasons of objects long gone are not kept.
-                queue.texts = Texts::default();
-            }
-            let pending = &mut queue.pending;
+            let Queue { pending, texts } = &mut *queue;
+            let batch = pending.take(PUBLISH_BATCH);
             if pending.len == 0 {
+                // Namespaces and reasons of objects long gone are not kept.
+                *texts = Texts::default();
                 pending.backlog_noticed = false;
                 if pending.superseded > 0 {
                     info!(
